@@ -1,0 +1,14 @@
+//! Plain-Rust references of every GPU kernel: slow, obvious, and the truth the WGSL kernels are
+//! tested against (llm.c style). Shapes are row-major and written beside every argument.
+
+pub mod activation;
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod matmul;
+pub mod nf4;
+pub mod norm;
+pub mod pool;
+pub mod reduce;
+pub mod rope;

@@ -1,0 +1,4 @@
+//! The training loop's pieces: loss normalisation, optimizer, schedule, clipping, checkpoints,
+//! and metrics (metrics.jsonl and TensorBoard event files).
+
+pub mod tensorboard;
