@@ -467,6 +467,17 @@ fn golden_outputs_have_consistent_shapes() {
     let init = St::open(g.join("lora/adapter_init/adapter_model.safetensors"));
     let step3 = St::open(g.join("lora/adapter_step3/adapter_model.safetensors"));
     assert_eq!(init.names(), step3.names());
+    let after_step1 = St::open(g.join("lora/replay_after_step1.safetensors"));
+    assert_eq!(after_step1.names(), init.names());
+    let peft_logits = St::open(g.join("lora/peft_logits_mmiu.safetensors"));
+    let mmiu_ids = St::open(g.join("collate_mmiu.safetensors")).shape("input_ids");
+    for tag in ["init", "step3"] {
+        assert_eq!(
+            peft_logits.shape(&format!("{tag}.mmiu.logits")),
+            [mmiu_ids[0], mmiu_ids[1], 576]
+        );
+        assert_eq!(peft_logits.shape(&format!("{tag}.mmiu.loss")), [1]);
+    }
     // 4 text layers x 7 + 2 vision layers x 6 linears, A and B each, plus the two modules_to_save copies.
     assert_eq!(init.names().len(), 40 * 2 + 2);
     assert!(init.names().contains("base_model.model.lm_head.weight"));
@@ -613,4 +624,72 @@ fn nf4_fixtures_have_the_bitsandbytes_layout() {
         !saved.names().iter().any(|n| n.starts_with("lm_head")),
         "lm_head is tied and not quantized"
     );
+}
+
+/// The hf-hub crate's offline cache reader resolves the fixture repos (refs/main -> snapshot -> blob).
+#[test]
+fn hf_hub_crate_reads_the_fixture_cache() {
+    let cache = hf_hub::Cache::new(hub());
+    let model = cache.model("runner-test/tiny-gemma-3".to_string());
+    let config = model
+        .get("config.json")
+        .expect("config.json through hf-hub");
+    assert_eq!(read_json(&config)["model_type"], "gemma3");
+    assert!(model.get("model.safetensors").is_some());
+    let mmiu = cache.dataset("FanqingM/MMIU-Benchmark".to_string());
+    for file in [
+        "all.parquet",
+        "Low-level-semantic.zip",
+        "2D-spatial.zip",
+        "Discrete-temporal.zip",
+    ] {
+        assert!(mmiu.get(file).is_some(), "{file}");
+    }
+    let llava = cache.dataset("HuggingFaceH4/llava-instruct-mix-vsft".to_string());
+    assert!(llava.get("data/train-00000-of-00001.parquet").is_some());
+    assert!(llava.get("data/test-00000-of-00001.parquet").is_some());
+    assert!(mmiu.get("no-such-file.zip").is_none());
+}
+
+/// pixel_values of the collated batches are the per-image resized bytes of images.safetensors, normalised
+/// as the processor does: (u8 / 255 - 0.5) / 0.5, channels first, images in batch order.
+#[test]
+fn collated_pixels_are_the_resized_images_normalised() {
+    let images = St::open(fixtures().join("golden/images.safetensors"));
+    let info = read_json(&fixtures().join("golden/collate.json"));
+    for name in ["llava", "mmiu"] {
+        let batch = St::open(fixtures().join(format!("golden/collate_{name}.safetensors")));
+        let pixels = batch.f32s("pixel_values");
+        let split = info[name]["split"].as_str().unwrap();
+        let counts = info[name]["n_images_per_example"].as_array().unwrap();
+        let mut image_index = 0;
+        for (row, count) in info[name]["rows"].as_array().unwrap().iter().zip(counts) {
+            for i in 0..count.as_u64().unwrap() {
+                let key = format!("{name}.{split}.{}.{i}.resized", row.as_u64().unwrap());
+                assert_eq!(images.shape(&key), [56, 56, 3], "{key}");
+                let st = images.st();
+                let resized = st.tensor(&key).unwrap();
+                let base = image_index * 3 * 56 * 56;
+                for c in 0..3 {
+                    for y in 0..56 {
+                        for x in 0..56 {
+                            let u = resized.data()[(y * 56 + x) * 3 + c] as f32;
+                            let want = (u * (1.0 / 255.0) - 0.5) / 0.5;
+                            let got = pixels[base + (c * 56 + y) * 56 + x];
+                            assert!(
+                                (got - want).abs() < 1e-6,
+                                "{key} c{c} y{y} x{x}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+                image_index += 1;
+            }
+        }
+        assert_eq!(
+            image_index * 3 * 56 * 56,
+            pixels.len(),
+            "{name}: every image accounted for"
+        );
+    }
 }
