@@ -464,6 +464,21 @@ fn golden_outputs_have_consistent_shapes() {
         assert!(loss.is_finite() && loss > 1.0, "{name}: loss {loss}");
     }
 
+    let hub_layout = St::open(g.join("forward_hub_layout.safetensors"));
+    let mmiu_shape = St::open(g.join("collate_mmiu.safetensors")).shape("input_ids");
+    assert_eq!(
+        hub_layout.shape("mmiu.logits"),
+        [mmiu_shape[0], mmiu_shape[1], 576]
+    );
+    for key in [
+        "llava.loss",
+        "mmiu.loss",
+        "llava.lora_init_loss",
+        "mmiu.lora_init_loss",
+    ] {
+        assert_eq!(hub_layout.shape(key), [1], "{key}");
+    }
+
     let init = St::open(g.join("lora/adapter_init/adapter_model.safetensors"));
     let step3 = St::open(g.join("lora/adapter_step3/adapter_model.safetensors"));
     assert_eq!(init.names(), step3.names());
