@@ -5,6 +5,10 @@ use anyhow::{ensure, Result};
 
 use super::{DType, GpuTensor};
 
+pub mod matmul;
+
+pub use matmul::MatmulOpts;
+
 /// (rows, cols) of a tensor seen as [everything but the last dimension, last dimension].
 pub(crate) fn rows_cols(t: &GpuTensor) -> (usize, usize) {
     let cols = t.shape().last().copied().unwrap_or(1);
