@@ -6,8 +6,10 @@ use anyhow::{ensure, Result};
 use super::{DType, GpuTensor};
 
 pub mod matmul;
+pub mod nf4;
 
 pub use matmul::MatmulOpts;
+pub use nf4::{DoubleQuant, Nf4Weight};
 
 /// (rows, cols) of a tensor seen as [everything but the last dimension, last dimension].
 pub(crate) fn rows_cols(t: &GpuTensor) -> (usize, usize) {
