@@ -7,6 +7,7 @@ use super::{DType, GpuTensor};
 
 pub mod matmul;
 pub mod nf4;
+pub mod norm;
 
 pub use matmul::MatmulOpts;
 pub use nf4::{DoubleQuant, Nf4Weight};
