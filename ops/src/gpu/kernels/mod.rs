@@ -5,6 +5,7 @@ use anyhow::{ensure, Result};
 
 use super::{DType, GpuTensor};
 
+pub mod activation;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;
