@@ -9,9 +9,11 @@ pub mod activation;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;
+pub mod rope;
 
 pub use matmul::MatmulOpts;
 pub use nf4::{DoubleQuant, Nf4Weight};
+pub use rope::RopeTables;
 
 /// (rows, cols) of a tensor seen as [everything but the last dimension, last dimension].
 pub(crate) fn rows_cols(t: &GpuTensor) -> (usize, usize) {
