@@ -6,6 +6,7 @@ use anyhow::{ensure, Result};
 use super::{DType, GpuTensor};
 
 pub mod activation;
+pub mod cast;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;
