@@ -7,6 +7,7 @@ use super::{DType, GpuTensor};
 
 pub mod activation;
 pub mod cast;
+pub mod embedding;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;
