@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;
+pub mod reduce;
 pub mod rope;
 
 pub use matmul::MatmulOpts;
