@@ -6,6 +6,7 @@ use anyhow::{ensure, Result};
 use super::{DType, GpuTensor};
 
 pub mod activation;
+pub mod adamw;
 pub mod cast;
 pub mod embedding;
 pub mod matmul;
@@ -14,6 +15,7 @@ pub mod norm;
 pub mod reduce;
 pub mod rope;
 
+pub use adamw::AdamWStep;
 pub use matmul::MatmulOpts;
 pub use nf4::{DoubleQuant, Nf4Weight};
 pub use rope::RopeTables;
