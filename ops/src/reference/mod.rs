@@ -7,6 +7,7 @@ pub mod attention;
 pub mod cast;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod lora;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;

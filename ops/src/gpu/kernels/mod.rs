@@ -9,6 +9,7 @@ pub mod activation;
 pub mod adamw;
 pub mod cast;
 pub mod embedding;
+pub mod lora;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;
@@ -16,6 +17,7 @@ pub mod reduce;
 pub mod rope;
 
 pub use adamw::AdamWStep;
+pub use lora::Lora;
 pub use matmul::MatmulOpts;
 pub use nf4::{DoubleQuant, Nf4Weight};
 pub use rope::RopeTables;
