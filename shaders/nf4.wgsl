@@ -135,18 +135,16 @@ fn double_quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let end = min(start + p.blocksize, p.n);
     var am = 0.0;
     for (var i = start; i < end; i++) { am = max(am, abs(dq_in[i] - offset)); }
-    let full = end - start == p.blocksize;
-    let recip = 1.0 / max(am, 1e-38);
-    if (!full) { am = max(am, 1e-38); }
+    // bitsandbytes' CPU kernel: reciprocal scaling for every block; a zero block (0/0) stores
+    // absmax 0 and code 0.
+    let recip = 1.0 / am;
     dq_nested[block] = am;
     for (var w = start; w < end; w += 4u) {
         var word = 0u;
         for (var j = 0u; j < 4u; j++) {
             let e = w + j;
-            if (e < end) {
-                let c = dq_in[e] - offset;
-                var s: f32;
-                if (full) { s = c * recip; } else { s = c / am; }
+            if (e < end && am > 0.0) {
+                let s = (dq_in[e] - offset) * recip;
                 word |= dynamic_code(clamp(s, -1.0, 1.0)) << (8u * j);
             }
         }

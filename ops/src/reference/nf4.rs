@@ -193,16 +193,32 @@ pub fn dequantize_nf4(packed: &[u8], absmax: &[f32], n: usize, blocksize: usize)
 
 /// Double quant of absmax: returns (q8 [len], nested_absmax [ceil(len/nested_blocksize)],
 /// offset = mean(absmax)). 8-bit codes index [`dynamic_map_signed`].
+///
+/// This follows bitsandbytes' native CPU `quantize_blockwise` (what `quantize_4bit` calls for
+/// the statistics on CPU): every block, partial or not, is scaled by the f32 reciprocal of its
+/// absmax, and a block whose absmax is 0 (e.g. a weight with a single 64-block, where
+/// absmax − offset = 0) stores nested absmax 0 and codes 0 (its 0/0).
 pub fn double_quantize(absmax: &[f32], nested_blocksize: usize) -> (Vec<u8>, Vec<f32>, f32) {
     assert!(!absmax.is_empty(), "double quantization of an empty absmax");
     let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len() as f64) as f32;
     let centered: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
-    let (scaled, nested) = scale_blocks(&centered, nested_blocksize);
     let bounds = midpoints(&dynamic_map_signed());
-    let q8 = scaled
-        .iter()
-        .map(|&s| bucketize(s, &bounds) as u8)
-        .collect();
+    let mut q8 = Vec::with_capacity(centered.len());
+    let mut nested = Vec::with_capacity(centered.len().div_ceil(nested_blocksize));
+    for block in centered.chunks(nested_blocksize) {
+        let am = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        nested.push(am);
+        if am == 0.0 {
+            q8.extend(std::iter::repeat_n(0u8, block.len()));
+            continue;
+        }
+        let recip = 1.0 / am;
+        q8.extend(
+            block
+                .iter()
+                .map(|&v| bucketize((v * recip).clamp(-1.0, 1.0), &bounds) as u8),
+        );
+    }
     (q8, nested, offset)
 }
 

@@ -569,4 +569,147 @@ mod tests {
     fn fused_nf4_matmul_other_tiling() {
         fused_sweep(other_tiling_gpu());
     }
+
+    /// Golden bytes from bitsandbytes 0.50.2 on CPU (tests/fixtures/golden/nf4, branch
+    /// `fixtures`): `quantize_4bit(w, blocksize=64, compress_statistics=True/False, "nf4")`.
+    #[test]
+    fn reference_and_kernels_match_bitsandbytes_golden_bytes() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/golden/nf4/nf4_tensors.safetensors"
+        );
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let f32s = |name: &str| -> Vec<f32> {
+            bytemuck::pod_collect_to_vec(st.tensor(name).unwrap().data())
+        };
+        let u8s = |name: &str| -> Vec<u8> { st.tensor(name).unwrap().data().to_vec() };
+        let mut prefixes: Vec<String> = st
+            .names()
+            .iter()
+            .filter_map(|n| n.strip_suffix(".source").map(str::to_string))
+            .collect();
+        prefixes.sort();
+        assert_eq!(prefixes.len(), 6);
+        let gpu = test_gpu();
+        for pre in &prefixes {
+            let source = f32s(&format!("{pre}.source"));
+            let shape = st
+                .tensor(&format!("{pre}.source"))
+                .unwrap()
+                .shape()
+                .to_vec();
+            let (rows, cols) = (shape[0], shape[1]);
+            assert_eq!(
+                f32s(&format!("{pre}.quant_map")),
+                reference::NF4_CODE.to_vec(),
+                "{pre}: quant_map"
+            );
+            assert_eq!(
+                f32s(&format!("{pre}.nested_quant_map")),
+                reference::dynamic_map_signed().to_vec(),
+                "{pre}: nested_quant_map"
+            );
+
+            // Plain NF4: bytes and absmax exact, from the reference and from the GPU kernel.
+            let (packed, absmax) = reference::quantize_nf4(&source, 64);
+            assert_eq!(
+                packed,
+                u8s(&format!("{pre}.plain_packed")),
+                "{pre}: reference packed bytes"
+            );
+            assert_eq!(
+                absmax,
+                f32s(&format!("{pre}.plain_absmax")),
+                "{pre}: reference absmax"
+            );
+            let gsrc = gpu.upload_f32(&[rows, cols], &source).unwrap();
+            let mut rec = Recorder::new(gpu);
+            let w = gpu.nf4_quantize(&mut rec, &gsrc, 64).unwrap();
+            rec.submit();
+            assert_eq!(
+                gpu.read_u8(&w.packed).unwrap(),
+                packed,
+                "{pre}: kernel packed bytes"
+            );
+            assert_eq!(
+                gpu.read_f32(&w.absmax).unwrap(),
+                absmax,
+                "{pre}: kernel absmax"
+            );
+            let plain_deq = reference::dequantize_nf4(&packed, &absmax, rows * cols, 64);
+            assert!(
+                rel_frobenius(&plain_deq, &f32s(&format!("{pre}.plain_dequantized"))) <= 1e-6,
+                "{pre}: plain dequant"
+            );
+
+            // Double quant: codes within one step, nested absmax and offset within 1e-6 relative.
+            let (q8, nested, offset) = reference::double_quantize(&absmax, 256);
+            let want_q8 = u8s(&format!("{pre}.absmax"));
+            for (i, (&a, &b)) in q8.iter().zip(&want_q8).enumerate() {
+                assert!(
+                    (a as i32 - b as i32).abs() <= 1,
+                    "{pre}: q8[{i}] {a} vs bitsandbytes {b}"
+                );
+            }
+            let want_offset = f32s(&format!("{pre}.offset"))[0];
+            assert!(
+                (offset - want_offset).abs() <= 1e-6 * want_offset.abs(),
+                "{pre}: offset {offset} vs {want_offset}"
+            );
+            let want_nested = f32s(&format!("{pre}.nested_absmax"));
+            for (a, b) in nested.iter().zip(&want_nested) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1e-30),
+                    "{pre}: nested absmax {a} vs {b}"
+                );
+            }
+            let mut rec = Recorder::new(gpu);
+            let dq = gpu.nf4_double_quantize(&mut rec, &w.absmax, 256).unwrap();
+            rec.submit();
+            for (i, (&a, &b)) in gpu
+                .read_u8(&dq.codes)
+                .unwrap()
+                .iter()
+                .zip(&want_q8)
+                .enumerate()
+            {
+                assert!(
+                    (a as i32 - b as i32).abs() <= 1,
+                    "{pre}: kernel q8[{i}] {a} vs bitsandbytes {b}"
+                );
+            }
+
+            // Dequantizing bitsandbytes' own bytes (double quant) reproduces its weights.
+            let want_deq = f32s(&format!("{pre}.dequantized"));
+            let golden_packed = u8s(&format!("{pre}.packed"));
+            let abs_ref = reference::dequantize_absmax(&want_q8, &want_nested, want_offset, 256);
+            let deq_ref = reference::dequantize_nf4(&golden_packed, &abs_ref, rows * cols, 64);
+            assert!(
+                rel_frobenius(&deq_ref, &want_deq) <= 1e-6,
+                "{pre}: reference dequant"
+            );
+            let mut rec = Recorder::new(gpu);
+            let gw = gpu
+                .upload_nf4_double_quant(
+                    &mut rec,
+                    &golden_packed,
+                    &want_q8,
+                    &want_nested,
+                    want_offset,
+                    256,
+                    [rows, cols],
+                    64,
+                )
+                .unwrap();
+            let out = gpu.empty(&[rows, cols], DType::F32).unwrap();
+            gpu.poison(&out);
+            gpu.nf4_dequantize(&mut rec, &gw, &out).unwrap();
+            rec.submit();
+            assert!(
+                rel_frobenius(&gpu.read_f32(&out).unwrap(), &want_deq) <= 1e-6,
+                "{pre}: kernel dequant"
+            );
+        }
+    }
 }
