@@ -85,6 +85,167 @@ pub(crate) fn register_tile() -> (u32, u32) {
     })
 }
 
+/// WGSL of a fully unrolled register-blocked kernel `matmul_register_unrolled` for one tile
+/// shape and transpose pair: every accumulator is its own variable and every vector component
+/// a constant swizzle, so the driver keeps them in registers (llvmpipe spills a dynamically
+/// indexed private array to memory, which cost 50x in measurements). Appended to the matmul
+/// module source (it uses the prelude's a4/a1/b4/b1 and the body's Params/store/a_index/b_index).
+#[allow(clippy::needless_range_loop)] // kk names generated variables and indexes `comp`
+pub(crate) fn unrolled_register_kernel(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
+    use std::fmt::Write as _;
+    let comp = ["x", "y", "z", "w"];
+    let tn4 = tn / 4;
+    let mut s = String::new();
+    let _ = writeln!(s, "\n@compute @workgroup_size(WG_X, WG_Y, 1)");
+    let _ = writeln!(
+        s,
+        "fn matmul_register_unrolled(@builtin(global_invocation_id) gid: vec3<u32>) {{"
+    );
+    let _ = writeln!(
+        s,
+        "    let n0 = gid.x * {tn}u;\n    let m0 = gid.y * {tm}u;"
+    );
+    let _ = writeln!(s, "    if (m0 >= p.m || n0 >= p.n) {{ return; }}");
+    let _ = writeln!(s, "    let a_base = p.a_off + gid.z * p.a_batch;\n    let b_base = p.b_off + gid.z * p.b_batch;\n    let c_base = p.c_off + gid.z * p.c_batch;");
+    for i in 0..tm {
+        for j in 0..tn4 {
+            let _ = writeln!(s, "    var c_{i}_{j} = vec4<f32>(0.0);");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "    let k4 = p.k & ~3u;\n    for (var k = 0u; k < k4; k += 4u) {{"
+    );
+    // a_i = op(A)[m0 + i, k .. k + 4]
+    if trans_a {
+        for q in 0..tm / 4 {
+            for kk in 0..4 {
+                let _ = writeln!(
+                    s,
+                    "        let t_{q}_{kk} = a4(a_base + (k + {kk}u) * p.lda + m0 + {}u);",
+                    4 * q
+                );
+            }
+        }
+        for i in 0..tm {
+            let (q, c) = (i / 4, comp[(i % 4) as usize]);
+            let _ = writeln!(s, "        let a_{i} = vec4<f32>(t_{q}_0.{c}, t_{q}_1.{c}, t_{q}_2.{c}, t_{q}_3.{c});");
+        }
+    } else {
+        for i in 0..tm {
+            let _ = writeln!(
+                s,
+                "        let a_{i} = a4(a_base + (m0 + {i}u) * p.lda + k);"
+            );
+        }
+    }
+    // b_kk_j = op(B)[k + kk, n0 + 4j .. n0 + 4j + 4]
+    if trans_b {
+        for jj in 0..tn {
+            let _ = writeln!(
+                s,
+                "        let u_{jj} = b4(b_base + (n0 + {jj}u) * p.ldb + k);"
+            );
+        }
+        for kk in 0..4 {
+            let c = comp[kk];
+            for j in 0..tn4 {
+                let _ = writeln!(
+                    s,
+                    "        let b_{kk}_{j} = vec4<f32>(u_{}.{c}, u_{}.{c}, u_{}.{c}, u_{}.{c});",
+                    4 * j,
+                    4 * j + 1,
+                    4 * j + 2,
+                    4 * j + 3
+                );
+            }
+        }
+    } else {
+        for kk in 0..4 {
+            for j in 0..tn4 {
+                let _ = writeln!(
+                    s,
+                    "        let b_{kk}_{j} = b4(b_base + (k + {kk}u) * p.ldb + n0 + {}u);",
+                    4 * j
+                );
+            }
+        }
+    }
+    for kk in 0..4 {
+        for i in 0..tm {
+            for j in 0..tn4 {
+                let _ = writeln!(
+                    s,
+                    "        c_{i}_{j} = fma(vec4<f32>(a_{i}.{}), b_{kk}_{j}, c_{i}_{j});",
+                    comp[kk]
+                );
+            }
+        }
+    }
+    let _ = writeln!(s, "    }}\n    for (var k = k4; k < p.k; k++) {{");
+    for j in 0..tn4 {
+        let e = |d: u32| format!("b1(b_base + b_index(k, n0 + {}u))", 4 * j + d);
+        let _ = writeln!(
+            s,
+            "        let r_{j} = vec4<f32>({}, {}, {}, {});",
+            e(0),
+            e(1),
+            e(2),
+            e(3)
+        );
+    }
+    for i in 0..tm {
+        let _ = writeln!(
+            s,
+            "        let s_{i} = vec4<f32>(a1(a_base + a_index(m0 + {i}u, k)));"
+        );
+        for j in 0..tn4 {
+            let _ = writeln!(s, "        c_{i}_{j} = fma(s_{i}, r_{j}, c_{i}_{j});");
+        }
+    }
+    let _ = writeln!(s, "    }}");
+    for i in 0..tm {
+        let _ = writeln!(s, "    if (m0 + {i}u < p.m) {{");
+        for j in 0..tn4 {
+            for (d, c) in comp.iter().enumerate() {
+                let n = 4 * j + d as u32;
+                let _ = writeln!(s, "        if (n0 + {n}u < p.n) {{ store(m0 + {i}u, n0 + {n}u, c_base, c_{i}_{j}.{c}); }}");
+            }
+        }
+        let _ = writeln!(s, "    }}");
+    }
+    let _ = writeln!(s, "}}");
+    s
+}
+
+/// The module source with the unrolled register kernel for this variant appended (cached).
+fn unrolled_source(
+    base: &ShaderSource,
+    tm: u32,
+    tn: u32,
+    trans_a: bool,
+    trans_b: bool,
+) -> &'static ShaderSource {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static CACHE: OnceLock<Mutex<HashMap<String, &'static ShaderSource>>> = OnceLock::new();
+    let name = format!(
+        "{}+reg{tm}x{tn}{}{}",
+        base.name,
+        if trans_a { "T" } else { "N" },
+        if trans_b { "T" } else { "N" }
+    );
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+    cache.entry(name.clone()).or_insert_with(|| {
+        let source = format!(
+            "{}{}",
+            base.source,
+            unrolled_register_kernel(tm, tn, trans_a, trans_b)
+        );
+        Box::leak(Box::new(ShaderSource { name, source }))
+    })
+}
+
 /// One sub-problem over single buffers (what one dispatch computes).
 pub(crate) struct Gemm {
     pub a: BufView,
@@ -313,16 +474,17 @@ impl Gpu {
             Tiling::Register => {
                 let (tm, tn) = register_tile();
                 let (wx, wy) = (8u32, 8u32);
-                constants.extend([
-                    ("TM", tm as f64),
-                    ("TN", tn as f64),
-                    ("WG_X", wx as f64),
-                    ("WG_Y", wy as f64),
-                ]);
-                (
-                    "matmul_register",
-                    [p.n.div_ceil(tn * wx), p.m.div_ceil(tm * wy), g.batch],
-                )
+                constants.extend([("WG_X", wx as f64), ("WG_Y", wy as f64)]);
+                let source = unrolled_source(shader_for(vec4), tm, tn, g.trans_a, g.trans_b);
+                let kernel = self.kernel(source, "matmul_register_unrolled", &constants);
+                let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
+                let mut buffers = vec![g.a, g.b, g.c, bias];
+                if let Some((absmax, _)) = nf4 {
+                    buffers.push(absmax);
+                }
+                let groups = [p.n.div_ceil(tn * wx), p.m.div_ceil(tm * wy), g.batch];
+                rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
+                return;
             }
             Tiling::Workgroup => {
                 let (bm, bn, bk, wtm, wtn) = (64u32, 64u32, 16u32, 4u32, 4u32);
