@@ -74,6 +74,17 @@ impl SafetensorsSet {
         )
     }
 
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let mut set = SafetensorsSet {
+            files: Vec::new(),
+            tensors: BTreeMap::new(),
+            source: path.to_path_buf(),
+        };
+        set.add_file(path)?;
+        Ok(set)
+    }
+
     fn open_index(index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index)
             .with_context(|| format!("reading {}", index.display()))?;
