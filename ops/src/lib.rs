@@ -6,6 +6,7 @@
 pub mod artifact;
 pub mod gpu;
 pub mod hub;
+pub mod model;
 pub mod params;
 pub mod reference;
 pub mod train;
