@@ -5,6 +5,7 @@
 
 pub mod artifact;
 pub mod hub;
+pub mod model;
 pub mod params;
 pub mod reference;
 pub mod train;
