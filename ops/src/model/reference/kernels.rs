@@ -1,0 +1,353 @@
+//! The dense building blocks of the model reference: matmuls, Gemma RMSNorm, LayerNorm,
+//! gelu_pytorch_tanh and rotate-half RoPE, each a forward/backward pair on row-major f32 buffers.
+//!
+//! Dot products accumulate in f64 so the reference is closer to exact than any f32 kernel it is
+//! compared with (transformers itself runs these in f32). Only what the model needs is here; the
+//! GPU kernels' own references live in `crate::reference`.
+
+/// `y [m, n] = x [m, k] · wᵀ` with `w [n, k]` (an `nn.Linear` weight `[out, in]`).
+pub fn matmul_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    let mut y = vec![0.0f32; m * n];
+    for (xi, yi) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+        for (wj, yij) in w.chunks_exact(k).zip(yi.iter_mut()) {
+            *yij = dot(xi, wj) as f32;
+        }
+    }
+    y
+}
+
+/// `y [m, n] = x [m, k] · w` with `w [k, n]` (a raw Parameter used without transpose, and the
+/// input gradient of a Linear: `dx [m, in] = dy [m, out] · W [out, in]`).
+pub fn matmul_xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), k * n);
+    let mut acc = vec![0.0f64; n];
+    let mut y = vec![0.0f32; m * n];
+    for (xi, yi) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for (&xv, wrow) in xi.iter().zip(w.chunks_exact(n)) {
+            let xv = xv as f64;
+            for (a, &wv) in acc.iter_mut().zip(wrow) {
+                *a += xv * wv as f64;
+            }
+        }
+        for (o, a) in yi.iter_mut().zip(&acc) {
+            *o = *a as f32;
+        }
+    }
+    y
+}
+
+/// Weight gradient `dw [n, k] += dyᵀ · x` for `dy [m, n]`, `x [m, k]`, scaled by `scale`.
+pub fn accumulate_dyt_x(
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    scale: f32,
+) {
+    debug_assert_eq!(dw.len(), n * k);
+    debug_assert_eq!(dy.len(), m * n);
+    debug_assert_eq!(x.len(), m * k);
+    let mut acc = vec![0.0f64; n * k];
+    for (dyi, xi) in dy.chunks_exact(n).zip(x.chunks_exact(k)) {
+        for (&g, arow) in dyi.iter().zip(acc.chunks_exact_mut(k)) {
+            if g == 0.0 {
+                continue;
+            }
+            let g = g as f64;
+            for (a, &xv) in arow.iter_mut().zip(xi) {
+                *a += g * xv as f64;
+            }
+        }
+    }
+    for (d, a) in dw.iter_mut().zip(acc) {
+        *d += (a * scale as f64) as f32;
+    }
+}
+
+/// Column sums `db [n] += Σ_rows dy [m, n]` (a bias gradient).
+pub fn column_sums(dy: &[f32], n: usize) -> Vec<f64> {
+    let mut s = vec![0.0f64; n];
+    for row in dy.chunks_exact(n) {
+        for (a, &v) in s.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    s
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// Gemma RMSNorm over rows of `dim`: `y = x / sqrt(mean(x²) + eps) · (1 + w)`.
+/// Returns `(y [rows, dim], rstd [rows])`; `rstd` is what the backward needs besides `x`.
+pub fn gemma_rmsnorm_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let dim = w.len();
+    let mut y = vec![0.0f32; x.len()];
+    let mut rstd = Vec::with_capacity(x.len() / dim);
+    for (xi, yi) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
+        let ms = xi.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+        let r = 1.0 / (ms + eps as f64).sqrt();
+        for ((o, &v), &wv) in yi.iter_mut().zip(xi).zip(w) {
+            *o = (v as f64 * r * (1.0 + wv as f64)) as f32;
+        }
+        rstd.push(r as f32);
+    }
+    (y, rstd)
+}
+
+/// Input gradient of [`gemma_rmsnorm_forward`] (the weight is frozen everywhere in LoRA training):
+/// with `g = dy · (1 + w)`, `dx = r·g − r³·x·mean(g·x)`.
+pub fn gemma_rmsnorm_backward(x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32]) -> Vec<f32> {
+    let dim = w.len();
+    let mut dx = vec![0.0f32; x.len()];
+    for (((xi, dyi), dxi), &r) in x
+        .chunks_exact(dim)
+        .zip(dy.chunks_exact(dim))
+        .zip(dx.chunks_exact_mut(dim))
+        .zip(rstd)
+    {
+        let r = r as f64;
+        let gx: f64 = xi
+            .iter()
+            .zip(dyi)
+            .zip(w)
+            .map(|((&xv, &g), &wv)| g as f64 * (1.0 + wv as f64) * xv as f64)
+            .sum::<f64>()
+            / dim as f64;
+        for (((o, &xv), &g), &wv) in dxi.iter_mut().zip(xi).zip(dyi).zip(w) {
+            let g = g as f64 * (1.0 + wv as f64);
+            *o = (r * g - r * r * r * xv as f64 * gx) as f32;
+        }
+    }
+    dx
+}
+
+/// LayerNorm over rows of `w.len()`: `y = (x − mean)/sqrt(var + eps) · w + b` (biased variance).
+/// Returns `(y, rstd [rows])`.
+pub fn layernorm_forward(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let dim = w.len();
+    let mut y = vec![0.0f32; x.len()];
+    let mut rstd = Vec::with_capacity(x.len() / dim);
+    for (xi, yi) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
+        let mean = xi.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+        let var = xi.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+        let r = 1.0 / (var + eps as f64).sqrt();
+        for (((o, &v), &wv), &bv) in yi.iter_mut().zip(xi).zip(w).zip(b) {
+            *o = ((v as f64 - mean) * r * wv as f64 + bv as f64) as f32;
+        }
+        rstd.push(r as f32);
+    }
+    (y, rstd)
+}
+
+/// Input gradient of [`layernorm_forward`] (frozen weight and bias):
+/// with `x̂ = (x − mean)·r` and `g = dy·w`, `dx = r·(g − mean(g) − x̂·mean(g·x̂))`.
+pub fn layernorm_backward(x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32]) -> Vec<f32> {
+    let dim = w.len();
+    let mut dx = vec![0.0f32; x.len()];
+    for (((xi, dyi), dxi), &r) in x
+        .chunks_exact(dim)
+        .zip(dy.chunks_exact(dim))
+        .zip(dx.chunks_exact_mut(dim))
+        .zip(rstd)
+    {
+        let r = r as f64;
+        let mean = xi.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+        let (mut mg, mut mgx) = (0.0f64, 0.0f64);
+        for ((&xv, &g), &wv) in xi.iter().zip(dyi).zip(w) {
+            let g = g as f64 * wv as f64;
+            mg += g;
+            mgx += g * (xv as f64 - mean) * r;
+        }
+        mg /= dim as f64;
+        mgx /= dim as f64;
+        for (((o, &xv), &g), &wv) in dxi.iter_mut().zip(xi).zip(dyi).zip(w) {
+            let g = g as f64 * wv as f64;
+            let xhat = (xv as f64 - mean) * r;
+            *o = (r * (g - mg - xhat * mgx)) as f32;
+        }
+    }
+    dx
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_COEF: f64 = 0.044_715;
+
+/// gelu_pytorch_tanh: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+pub fn gelu_tanh(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x)).tanh())) as f32
+}
+
+/// d gelu_tanh / dx.
+pub fn gelu_tanh_grad(x: f32) -> f32 {
+    let x = x as f64;
+    let u = SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x);
+    let t = u.tanh();
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x);
+    (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du) as f32
+}
+
+/// RoPE tables as transformers builds them in f32: `inv_freq[i] = 1 / base^(2i/d) / factor`,
+/// `angle = pos · inv_freq`, `emb = cat(angle, angle)`. Returns `(cos, sin)`, each
+/// `[seq, head_dim]`, for positions `0..seq`.
+pub fn rope_tables(
+    base: f64,
+    linear_factor: f64,
+    head_dim: usize,
+    seq: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / head_dim as f32;
+            (1.0f32 / (base as f32).powf(exponent)) / linear_factor as f32
+        })
+        .collect();
+    let mut cos = vec![0.0f32; seq * head_dim];
+    let mut sin = vec![0.0f32; seq * head_dim];
+    for pos in 0..seq {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let angle = (pos as f32 * f) as f64;
+            let (s, c) = angle.sin_cos();
+            for j in [i, i + half] {
+                cos[pos * head_dim + j] = c as f32;
+                sin[pos * head_dim + j] = s as f32;
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotate-half RoPE in place on `x [batch, seq, heads, head_dim]` with position = index in `seq`:
+/// `x·cos + rotate_half(x)·sin`, `rotate_half(x) = cat(−x₂, x₁)`. `inverse` applies the
+/// transpose rotation (`sin → −sin`), which is the backward of the forward.
+pub fn rope_apply(
+    x: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    inverse: bool,
+) {
+    let half = head_dim / 2;
+    let sign = if inverse { -1.0f32 } else { 1.0 };
+    for (row, chunk) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+        let pos = row % seq;
+        let (c, s) = (
+            &cos[pos * head_dim..][..head_dim],
+            &sin[pos * head_dim..][..head_dim],
+        );
+        for v in chunk.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (x1, x2) = (v[i], v[i + half]);
+                v[i] = x1 * c[i] - sign * x2 * s[i];
+                v[i + half] = x2 * c[i + half] + sign * x1 * s[i + half];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numeric_grad(f: impl Fn(&[f32]) -> f64, x: &[f32], i: usize) -> f64 {
+        let h = 1e-3f32;
+        let (mut a, mut b) = (x.to_vec(), x.to_vec());
+        a[i] += h;
+        b[i] -= h;
+        (f(&a) - f(&b)) / (2.0 * h as f64)
+    }
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn norm_backwards_match_finite_differences() {
+        let dim = 7;
+        let x = pseudo_random(3 * dim, 1);
+        let w = pseudo_random(dim, 2);
+        let b = pseudo_random(dim, 3);
+        let dy = pseudo_random(3 * dim, 4);
+        let loss_rms = |x: &[f32]| {
+            let (y, _) = gemma_rmsnorm_forward(x, &w, 1e-6);
+            y.iter()
+                .zip(&dy)
+                .map(|(a, b)| (*a * *b) as f64)
+                .sum::<f64>()
+        };
+        let (_, r) = gemma_rmsnorm_forward(&x, &w, 1e-6);
+        let dx = gemma_rmsnorm_backward(&x, &w, &r, &dy);
+        for (i, &d) in dx.iter().enumerate() {
+            assert!(
+                (d as f64 - numeric_grad(loss_rms, &x, i)).abs() < 2e-3,
+                "rms {i}"
+            );
+        }
+        let loss_ln = |x: &[f32]| {
+            let (y, _) = layernorm_forward(x, &w, &b, 1e-6);
+            y.iter()
+                .zip(&dy)
+                .map(|(a, b)| (*a * *b) as f64)
+                .sum::<f64>()
+        };
+        let (_, r) = layernorm_forward(&x, &w, &b, 1e-6);
+        let dx = layernorm_backward(&x, &w, &r, &dy);
+        for (i, &d) in dx.iter().enumerate() {
+            assert!(
+                (d as f64 - numeric_grad(loss_ln, &x, i)).abs() < 2e-3,
+                "ln {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_grad_matches_finite_differences() {
+        for &x in &[-3.1f32, -0.7, 0.0, 0.4, 2.2] {
+            let h = 1e-3f64;
+            let num = (gelu_tanh((x as f64 + h) as f32) as f64
+                - gelu_tanh((x as f64 - h) as f32) as f64)
+                / (2.0 * h);
+            assert!((gelu_tanh_grad(x) as f64 - num).abs() < 1e-3, "{x}");
+        }
+        // Hand value: gelu_tanh(1) = 0.5·(1 + tanh(0.7978846·1.044715)) = 0.8411920.
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_inverse_undoes_forward_and_rotates_pairs() {
+        let (seq, heads, hd) = (5, 2, 6);
+        let (cos, sin) = rope_tables(10_000.0, 1.0, hd, seq);
+        let x = pseudo_random(seq * heads * hd, 9);
+        let mut y = x.clone();
+        rope_apply(&mut y, &cos, &sin, seq, heads, hd, false);
+        // Position 0 is the identity; position 1, pair 0 rotates by exactly 1 radian.
+        assert_eq!(&y[..heads * hd], &x[..heads * hd]);
+        let (x1, x2) = (x[heads * hd], x[heads * hd + 3]);
+        assert!((y[heads * hd] - (x1 * 1f32.cos() - x2 * 1f32.sin())).abs() < 1e-6);
+        rope_apply(&mut y, &cos, &sin, seq, heads, hd, true);
+        for (a, b) in y.iter().zip(&x) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The plain-Rust Gemma 3 reference (`ops::model::reference`) against the golden fixtures made by
+//! transformers 5.24 / PEFT 0.21.2 (tools/fixtures/make.py, tolerances from MANIFEST.md).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ops::model::config::ModelConfig;
+use ops::model::reference::lora::{Adapter, AdapterGrads, LoraCall};
+use ops::model::reference::loss::LossNormalization;
+use ops::model::reference::{Batch, Gemma3Reference};
+use ops::model::safetensors_io::{Dtype, SafetensorsSet};
+use ops::model::Weights;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn golden(rel: &str) -> PathBuf {
+    fixtures().join("golden").join(rel)
+}
+
+fn tiny() -> PathBuf {
+    let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");
+    let commit = std::fs::read_to_string(hub.join("refs/main")).unwrap();
+    hub.join("snapshots").join(commit.trim())
+}
+
+fn model_from(dir: &Path, config_dir: &Path) -> Gemma3Reference {
+    let config = ModelConfig::from_file(&config_dir.join("config.json")).unwrap();
+    let weights = Weights::open(dir, &config).unwrap();
+    Gemma3Reference::from_weights(&config, &weights).unwrap()
+}
+
+fn tensors(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let set = SafetensorsSet::open_file(path).unwrap();
+    set.tensors()
+        .map(|t| {
+            (
+                t.key.clone(),
+                (t.dtype, t.shape.clone(), set.bytes(t).to_vec()),
+            )
+        })
+        .collect()
+}
+
+fn f32s(t: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, key: &str) -> Vec<f32> {
+    let (dtype, _, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
+    ops::model::safetensors_io::to_f32(*dtype, bytes).unwrap()
+}
+
+fn i64s(t: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, key: &str) -> (Vec<usize>, Vec<i64>) {
+    let (dtype, shape, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
+    assert_eq!(*dtype, Dtype::I64, "{key}");
+    let v = bytes
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (shape.clone(), v)
+}
+
+fn batch(name: &str) -> Batch {
+    let t = tensors(&golden(&format!("collate_{name}.safetensors")));
+    let (shape, input_ids) = i64s(&t, "input_ids");
+    let pixel_shape = t["pixel_values"].1.clone();
+    Batch {
+        batch: shape[0],
+        seq: shape[1],
+        input_ids,
+        attention_mask: i64s(&t, "attention_mask").1,
+        token_type_ids: i64s(&t, "token_type_ids").1,
+        labels: Some(i64s(&t, "labels").1),
+        pixel_values: f32s(&t, "pixel_values"),
+        images: pixel_shape[0],
+    }
+}
+
+fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn rel(got: f64, want: f64) -> f64 {
+    (got - want).abs() / want.abs()
+}
+
+fn base_call() -> LoraCall<'static> {
+    LoraCall {
+        adapter: None,
+        training: false,
+        call: 0,
+    }
+}
+
+fn token_mean(model: &Gemma3Reference, b: &Batch) -> LossNormalization {
+    let labels = Gemma3Reference::shifted_labels(b, true).unwrap();
+    let _ = model;
+    LossNormalization::TokenMean {
+        num_items: ops::model::reference::loss::count_label_tokens(&labels),
+    }
+}
+
+fn check_forward(name: &str) {
+    let model = model_from(&tiny(), &tiny());
+    let b = batch(name);
+    let want = tensors(&golden(&format!("forward_{name}.safetensors")));
+    let (out, _) = model.forward(&b, &base_call()).unwrap();
+    let e_vision = rel_frobenius(
+        &out.vision_last_hidden_state,
+        &f32s(&want, "vision_last_hidden_state"),
+    );
+    let e_feat = rel_frobenius(&out.image_features, &f32s(&want, "image_features"));
+    let mut e_hidden = Vec::new();
+    for (i, h) in out.hidden_states.iter().enumerate() {
+        e_hidden.push(rel_frobenius(
+            h,
+            &f32s(&want, &format!("hidden_states.{i}")),
+        ));
+    }
+    let e_logits = rel_frobenius(&out.logits, &f32s(&want, "logits"));
+    let loss = model
+        .loss(&b, &base_call(), token_mean(&model, &b))
+        .unwrap()
+        .loss;
+    let e_loss = rel(loss, f32s(&want, "loss")[0] as f64);
+    eprintln!(
+        "{name}: vision {e_vision:.2e}, features {e_feat:.2e}, hidden {e_hidden:?}, logits {e_logits:.2e}, loss {loss} ({e_loss:.2e})"
+    );
+    assert!(
+        e_vision <= 1e-4 && e_feat <= 1e-4,
+        "{name}: vision {e_vision}, features {e_feat}"
+    );
+    assert!(
+        e_hidden.iter().all(|&e| e <= 1e-4),
+        "{name}: hidden {e_hidden:?}"
+    );
+    assert!(e_logits <= 1e-4, "{name}: logits {e_logits}");
+    assert!(e_loss <= 1e-5, "{name}: loss {e_loss}");
+}
+
+#[test]
+fn forward_matches_transformers_llava() {
+    check_forward("llava");
+}
+
+#[test]
+fn forward_matches_transformers_mmiu() {
+    check_forward("mmiu");
+}
+
+fn check_grads(name: &str) {
+    let model = model_from(&tiny(), &tiny());
+    let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    assert_eq!(adapter.pairs.len(), 40);
+    let b = batch(name);
+    let want = tensors(&golden(&format!("lora/grads_step0_{name}.safetensors")));
+    let call = LoraCall {
+        adapter: Some(&adapter),
+        training: true,
+        call: 0,
+    };
+    let mut grads = AdapterGrads::zeros_like(&adapter);
+    let out = model
+        .forward_backward(&b, &call, token_mean(&model, &b), &mut grads)
+        .unwrap();
+    let e_loss = rel(out.loss, f32s(&want, "loss")[0] as f64);
+    let by_key = grads.by_peft_key();
+    assert_eq!(
+        by_key.len() + 1,
+        want.len(),
+        "every golden gradient has a counterpart"
+    );
+    let mut worst = (0.0f64, String::new());
+    for (key, got) in &by_key {
+        let e = rel_frobenius(got, &f32s(&want, key));
+        if e > worst.0 {
+            worst = (e, key.clone());
+        }
+    }
+    eprintln!(
+        "{name}: loss {} ({e_loss:.2e}), worst gradient {:.2e} at {}",
+        out.loss, worst.0, worst.1
+    );
+    assert!(e_loss <= 1e-4, "{name}: loss {e_loss}");
+    assert!(
+        worst.0 <= 1e-3,
+        "{name}: gradient {} off by {}",
+        worst.1,
+        worst.0
+    );
+}
+
+#[test]
+fn lora_gradients_match_peft_llava() {
+    check_grads("llava");
+}
+
+#[test]
+fn lora_gradients_match_peft_mmiu() {
+    check_grads("mmiu");
+}
