@@ -204,3 +204,86 @@ fn lora_gradients_match_peft_llava() {
 fn lora_gradients_match_peft_mmiu() {
     check_grads("mmiu");
 }
+
+fn adapter_call(adapter: &Adapter, training: bool) -> LoraCall<'_> {
+    LoraCall {
+        adapter: Some(adapter),
+        training,
+        call: 0,
+    }
+}
+
+/// Logits (mmiu) and losses (both batches, base and with `adapter_init`) of a model against a
+/// golden file holding `mmiu.logits`, `{llava,mmiu}.loss`, `{llava,mmiu}.lora_init_loss`.
+fn check_model_outputs(model: &Gemma3Reference, golden_file: &str, logits_tol: f64, loss_tol: f64) {
+    let want = tensors(&golden(golden_file));
+    let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    let b = batch("mmiu");
+    let (out, _) = model.forward(&b, &base_call()).unwrap();
+    let e_logits = rel_frobenius(&out.logits, &f32s(&want, "mmiu.logits"));
+    eprintln!("{golden_file}: mmiu logits {e_logits:.2e}");
+    assert!(e_logits <= logits_tol, "{golden_file}: logits {e_logits}");
+    for name in ["llava", "mmiu"] {
+        let b = batch(name);
+        let norm = token_mean(model, &b);
+        let base = model.loss(&b, &base_call(), norm).unwrap().loss;
+        let lora = model
+            .loss(&b, &adapter_call(&adapter, true), norm)
+            .unwrap()
+            .loss;
+        let e_base = rel(base, f32s(&want, &format!("{name}.loss"))[0] as f64);
+        let e_lora = rel(
+            lora,
+            f32s(&want, &format!("{name}.lora_init_loss"))[0] as f64,
+        );
+        eprintln!("{golden_file}: {name} loss {base} ({e_base:.2e}), with adapter_init {lora} ({e_lora:.2e})");
+        assert!(
+            e_base <= loss_tol && e_lora <= loss_tol,
+            "{golden_file} {name}: {e_base} {e_lora}"
+        );
+    }
+}
+
+#[test]
+fn nf4_base_matches_bitsandbytes_round_trip() {
+    // transformers' own 4-bit save of the tiny model (every Linear but lm_head, vision included),
+    // dequantized as bitsandbytes does (double quant, blocksize 64).
+    let dir = golden("nf4/transformers-4bit-u8-f32");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(&dir, &config).unwrap();
+    assert!(weights.is_nf4("model.vision_tower.encoder.layers.0.mlp.fc1.weight"));
+    let model = Gemma3Reference::from_weights(&config, &weights).unwrap();
+    check_model_outputs(&model, "nf4/nf4_model_outputs.safetensors", 1e-3, 1e-3);
+}
+
+#[test]
+fn hub_layout_bf16_checkpoint_matches_transformers() {
+    let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3-hub-layout");
+    let commit = std::fs::read_to_string(hub.join("refs/main")).unwrap();
+    let dir = hub.join("snapshots").join(commit.trim());
+    let model = model_from(&dir, &dir);
+    check_model_outputs(&model, "forward_hub_layout.safetensors", 1e-4, 1e-4);
+}
+
+#[test]
+fn peft_adapter_logits_match_init_and_trained() {
+    let model = model_from(&tiny(), &tiny());
+    let want = tensors(&golden("lora/peft_logits_mmiu.safetensors"));
+    let b = batch("mmiu");
+    for (tag, dir) in [
+        ("init", "lora/adapter_init"),
+        ("step3", "lora/adapter_step3"),
+    ] {
+        let adapter = Adapter::load(&golden(dir)).unwrap();
+        let call = adapter_call(&adapter, false);
+        let (out, _) = model.forward(&b, &call).unwrap();
+        let e = rel_frobenius(&out.logits, &f32s(&want, &format!("{tag}.mmiu.logits")));
+        let loss = model.loss(&b, &call, token_mean(&model, &b)).unwrap().loss;
+        let e_loss = rel(loss, f32s(&want, &format!("{tag}.mmiu.loss"))[0] as f64);
+        eprintln!("peft {tag}: logits {e:.2e}, loss {loss} ({e_loss:.2e})");
+        assert!(
+            e <= 1e-4 && e_loss <= 1e-5,
+            "{tag}: logits {e}, loss {e_loss}"
+        );
+    }
+}
