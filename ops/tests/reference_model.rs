@@ -287,3 +287,115 @@ fn peft_adapter_logits_match_init_and_trained() {
         );
     }
 }
+
+fn replay_batch(t: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, i: usize) -> Batch {
+    let (shape, input_ids) = i64s(t, &format!("mb{i}.input_ids"));
+    Batch {
+        batch: shape[0],
+        seq: shape[1],
+        input_ids,
+        attention_mask: i64s(t, &format!("mb{i}.attention_mask")).1,
+        token_type_ids: i64s(t, &format!("mb{i}.token_type_ids")).1,
+        labels: Some(i64s(t, &format!("mb{i}.labels")).1),
+        pixel_values: f32s(t, &format!("mb{i}.pixel_values")),
+        images: t[&format!("mb{i}.pixel_values")].1[0],
+    }
+}
+
+fn adapter_errors(
+    adapter: &Adapter,
+    want: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
+) -> (f64, String) {
+    let got = adapter.by_peft_key();
+    assert_eq!(got.len(), want.len());
+    let mut worst = (0.0, String::new());
+    for (key, v) in got {
+        let e = rel_frobenius(v, &f32s(want, &key));
+        if e > worst.0 {
+            worst = (e, key);
+        }
+    }
+    worst
+}
+
+#[test]
+fn three_adamw_steps_replay_sft_trainer() {
+    use ops::model::reference::train::{linear_lr, train_step, AdamWConfig, AdamWState};
+    let model = model_from(&tiny(), &tiny());
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("lora/train.json")).unwrap()).unwrap();
+    let args = &info["args"];
+    let order: Vec<Vec<i64>> =
+        serde_json::from_value(info["micro_batch_rows_in_order"].clone()).unwrap();
+    // Collated by tools/refmodel/replay_batches.py with the guide's collate_fn, in recorded order.
+    let data = tensors(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/replay_batches.safetensors")
+            .as_path(),
+    );
+    let optimizer = AdamWConfig {
+        beta1: args["adam_beta1"].as_f64().unwrap(),
+        beta2: args["adam_beta2"].as_f64().unwrap(),
+        eps: args["adam_epsilon"].as_f64().unwrap(),
+        weight_decay: args["weight_decay"].as_f64().unwrap(),
+    };
+    let (lr0, max_norm) = (
+        args["learning_rate"].as_f64().unwrap(),
+        args["max_grad_norm"].as_f64().unwrap(),
+    );
+    let steps = info["replay"]["steps"].as_array().unwrap();
+    let mut adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    let mut state = AdamWState::default();
+    for (s, step) in steps.iter().enumerate() {
+        let rows: Vec<Vec<i64>> = serde_json::from_value(step["micro_batches"].clone()).unwrap();
+        let batches: Vec<Batch> = rows
+            .iter()
+            .map(|r| replay_batch(&data, order.iter().position(|o| o == r).unwrap()))
+            .collect();
+        let lr = linear_lr(lr0, s, steps.len(), 0);
+        let report = train_step(
+            &model,
+            &mut adapter,
+            &batches,
+            &mut state,
+            &optimizer,
+            lr,
+            Some(max_norm),
+        )
+        .unwrap();
+        let e_loss = rel(report.loss, step["loss"].as_f64().unwrap());
+        let e_norm = rel(
+            report.grad_norm_pre_clip,
+            step["grad_norm_pre_clip"].as_f64().unwrap(),
+        );
+        eprintln!(
+            "step {}: items {}, loss {} ({e_loss:.2e}), grad norm {} ({e_norm:.2e}), lr {lr}",
+            s + 1,
+            report.num_items_in_batch,
+            report.loss,
+            report.grad_norm_pre_clip
+        );
+        assert_eq!(
+            report.num_items_in_batch as u64,
+            step["num_items_in_batch"].as_u64().unwrap()
+        );
+        assert!((lr - step["learning_rate_used"].as_f64().unwrap()).abs() < 1e-12);
+        assert!(
+            e_loss <= 1e-4 && e_norm <= 1e-4,
+            "step {}: loss {e_loss}, norm {e_norm}",
+            s + 1
+        );
+        if s == 0 {
+            let (e, key) = adapter_errors(
+                &adapter,
+                &tensors(&golden("lora/replay_after_step1.safetensors")),
+            );
+            eprintln!("after step 1: worst {e:.2e} at {key}");
+            assert!(e <= 1e-4, "after step 1: {key} off by {e}");
+        }
+    }
+    let want = tensors(&golden("lora/adapter_step3/adapter_model.safetensors"));
+    let (e, key) = adapter_errors(&adapter, &want);
+    eprintln!("after step 3 vs SFTTrainer: worst {e:.2e} at {key}");
+    assert!(e <= 1e-3, "{key} off by {e}");
+}

@@ -17,6 +17,7 @@ pub mod lora;
 pub mod loss;
 pub mod projector;
 pub mod siglip;
+pub mod train;
 
 use anyhow::{bail, ensure, Context, Result};
 
