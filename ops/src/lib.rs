@@ -4,6 +4,7 @@
 //! and calls a domain module (`data/`, `hub/`, `gpu/`, `model/`, `train/`).
 
 pub mod artifact;
+pub mod gpu;
 pub mod hub;
 pub mod model;
 pub mod params;

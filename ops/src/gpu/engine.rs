@@ -1,0 +1,627 @@
+//! Device setup, the buffer pool and the pipeline cache.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// How kernels with a tiled inner loop (matmul, fused NF4 matmul) are shaped on this adapter.
+///
+/// llvmpipe (lavapipe) loads storage and workgroup memory one lane at a time, so there the
+/// fastest kernels keep a large block of outputs in registers and use no workgroup memory;
+/// real GPUs want workgroup-tiled kernels. See `/work/shared/spec/lavapipe.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tiling {
+    /// Large register block per invocation, no workgroup memory (CPU adapters).
+    Register,
+    /// Tiles staged in workgroup memory, small register block per invocation (GPUs).
+    Workgroup,
+}
+
+impl std::str::FromStr for Tiling {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "register" => Ok(Tiling::Register),
+            "workgroup" => Ok(Tiling::Workgroup),
+            _ => bail!("unknown tiling `{s}`: expected `register` or `workgroup`"),
+        }
+    }
+}
+
+/// Options for [`Gpu::new`]. Every field falls back to an environment variable, then a default.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// Adapter name substring (case-insensitive) or index in the enumeration `runner gpu`
+    /// prints. Env: `RUNNER_ADAPTER`. Default: discrete > integrated > virtual > CPU.
+    pub adapter: Option<String>,
+    /// Lowers the largest storage binding (bytes) below the adapter's limit, so that chunked
+    /// tensors can be tested on small data. Env: `RUNNER_GPU_MAX_BINDING`.
+    pub max_binding_bytes: Option<u64>,
+    /// Forces a kernel tiling strategy (tests exercise both on one adapter).
+    /// Env: `RUNNER_GPU_TILING` = `register` | `workgroup`. Default: by adapter type.
+    pub tiling: Option<Tiling>,
+}
+
+/// The process-wide engine: instance, adapter, device, queue, pools and caches.
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    adapter_info: wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: wgpu::Limits,
+    max_binding_bytes: u64,
+    tiling: Tiling,
+    all_adapters: Vec<wgpu::AdapterInfo>,
+    pub(crate) pool: Arc<Mutex<BufferPool>>,
+    modules: Mutex<HashMap<String, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
+}
+
+/// A compiled compute pipeline and its (auto-derived) bind group layout.
+pub struct Kernel {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+    /// `shader:entry` for labels and timing tables.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    shader: String,
+    entry: String,
+    /// Overridable constants as (name, f64 bits): tile shapes are part of the key.
+    constants: Vec<(String, u64)>,
+}
+
+/// A WGSL module: a cache name (unique per distinct source text) and the source.
+pub struct ShaderSource {
+    pub name: String,
+    pub source: String,
+}
+
+impl ShaderSource {
+    /// A whole `.wgsl` file as one module.
+    pub fn plain(name: &str, source: &str) -> ShaderSource {
+        ShaderSource {
+            name: name.to_string(),
+            source: source.to_string(),
+        }
+    }
+
+    /// A file with alternative preludes: the text before the first `//== prelude` line, then
+    /// the section `//== prelude <which>`, then the section after `//== body`. Lets one file
+    /// hold binding variants (e.g. vec4 vs scalar views) that WGSL cannot select itself.
+    pub fn with_prelude(name: &str, source: &str, which: &str) -> ShaderSource {
+        let mut header = String::new();
+        let mut chosen = String::new();
+        let mut body = String::new();
+        let mut section: Option<String> = None; // None = header, Some("body"), Some(prelude name)
+        for line in source.lines() {
+            if let Some(rest) = line.strip_prefix("//== prelude ") {
+                section = Some(rest.trim().to_string());
+                continue;
+            }
+            if line.trim() == "//== body" {
+                section = Some("\u{0}body".to_string());
+                continue;
+            }
+            let target = match section.as_deref() {
+                None => &mut header,
+                Some("\u{0}body") => &mut body,
+                Some(p) if p == which => &mut chosen,
+                Some(_) => continue,
+            };
+            target.push_str(line);
+            target.push('\n');
+        }
+        assert!(!chosen.is_empty(), "shader {name} has no prelude `{which}`");
+        ShaderSource {
+            name: format!("{name}+{which}"),
+            source: header + &chosen + &body,
+        }
+    }
+}
+
+static SELECTED_ADAPTER: Mutex<Option<String>> = Mutex::new(None);
+static GLOBAL: OnceLock<Gpu> = OnceLock::new();
+static GLOBAL_INIT: Mutex<()> = Mutex::new(());
+
+/// Chooses the adapter the process-wide [`Gpu::get`] will open (the CLI's `--adapter`).
+/// Must be called before the first `Gpu::get()`; takes precedence over `RUNNER_ADAPTER`.
+pub fn select_adapter(spec: &str) -> Result<()> {
+    if GLOBAL.get().is_some() {
+        bail!("the GPU is already initialised; choose the adapter before any GPU work");
+    }
+    *SELECTED_ADAPTER.lock().unwrap() = Some(spec.to_string());
+    Ok(())
+}
+
+/// Adapter, backend, features and limits of the process-wide GPU, plus every adapter found
+/// (what `runner gpu` prints).
+pub fn describe() -> Result<String> {
+    Ok(Gpu::get()?.describe())
+}
+
+const INSTALL_HINT: &str =
+    "no usable GPU adapter. To run on the CPU install Mesa's lavapipe Vulkan \
+driver: on Debian/Ubuntu `apt-get install mesa-vulkan-drivers libvulkan1` (Fedora: \
+`dnf install mesa-vulkan-drivers`); on a GPU install its Vulkan (or Metal/DX12) driver";
+
+impl Gpu {
+    /// The process-wide engine, created on first use (adapter from [`select_adapter`], else
+    /// `RUNNER_ADAPTER`, else the preference order).
+    pub fn get() -> Result<&'static Gpu> {
+        if let Some(g) = GLOBAL.get() {
+            return Ok(g);
+        }
+        let _guard = GLOBAL_INIT.lock().unwrap();
+        if let Some(g) = GLOBAL.get() {
+            return Ok(g);
+        }
+        let opts = GpuOptions {
+            adapter: SELECTED_ADAPTER.lock().unwrap().clone(),
+            ..Default::default()
+        };
+        let gpu = Gpu::new(opts)?;
+        let _ = GLOBAL.set(gpu);
+        Ok(GLOBAL.get().expect("just set"))
+    }
+
+    /// A separate engine (tests use this to lower limits or force a tiling; production code
+    /// uses [`Gpu::get`]).
+    pub fn new(opts: GpuOptions) -> Result<Gpu> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()),
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+        if adapters.is_empty() {
+            bail!("{INSTALL_HINT}. wgpu found no adapter on any backend.");
+        }
+        let spec = opts
+            .adapter
+            .clone()
+            .or_else(|| std::env::var("RUNNER_ADAPTER").ok());
+        let index = match spec.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            Some(spec) => choose_adapter(&infos, spec)?,
+            None => preferred_adapter(&infos),
+        };
+        let adapter = &adapters[index];
+        let info = infos[index].clone();
+        let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("runner"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .with_context(|| {
+            format!(
+                "opening device on adapter `{}` ({:?})",
+                info.name, info.backend
+            )
+        })?;
+
+        let env_binding = std::env::var("RUNNER_GPU_MAX_BINDING")
+            .ok()
+            .map(|v| {
+                v.parse::<u64>()
+                    .context("RUNNER_GPU_MAX_BINDING must be a byte count")
+            })
+            .transpose()?;
+        let adapter_max = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let mut max_binding_bytes = adapter_max;
+        if let Some(lower) = opts.max_binding_bytes.or(env_binding) {
+            if lower < 256 {
+                bail!("max binding override {lower} is below 256 bytes");
+            }
+            max_binding_bytes = max_binding_bytes.min(lower);
+        }
+        // Bindings must be a multiple of 4 bytes; keep chunks aligned to 256 (offset alignment).
+        max_binding_bytes &= !255;
+
+        let env_tiling = std::env::var("RUNNER_GPU_TILING")
+            .ok()
+            .map(|v| v.parse::<Tiling>())
+            .transpose()?;
+        let tiling = opts
+            .tiling
+            .or(env_tiling)
+            .unwrap_or(match info.device_type {
+                wgpu::DeviceType::Cpu => Tiling::Register,
+                _ => Tiling::Workgroup,
+            });
+
+        Ok(Gpu {
+            device,
+            queue,
+            adapter_info: info,
+            features,
+            limits,
+            max_binding_bytes,
+            tiling,
+            all_adapters: infos,
+            pool: Arc::new(Mutex::new(BufferPool::default())),
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.adapter_info
+    }
+    /// The optional features actually enabled on the device.
+    pub fn features(&self) -> wgpu::Features {
+        self.features
+    }
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+    /// Largest storage binding a kernel may see (bytes, multiple of 256); tensors above it are chunked.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.max_binding_bytes
+    }
+    pub fn tiling(&self) -> Tiling {
+        self.tiling
+    }
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+    /// Bytes held by the pool for reuse (not in use by any tensor).
+    pub fn pooled_bytes(&self) -> u64 {
+        self.pool.lock().unwrap().free_bytes
+    }
+
+    /// Human-readable adapter, backend, features and limits.
+    pub fn describe(&self) -> String {
+        let i = &self.adapter_info;
+        let l = &self.limits;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "adapter:  {} ({:?}, {:?} backend)",
+            i.name, i.device_type, i.backend
+        );
+        let _ = writeln!(s, "driver:   {} {}", i.driver, i.driver_info);
+        let _ = writeln!(s, "features: {:?}", self.features);
+        let _ = writeln!(s, "tiling:   {:?}", self.tiling);
+        let _ = writeln!(s, "limits:");
+        for (name, v) in [
+            ("max_buffer_size", l.max_buffer_size),
+            (
+                "max_storage_buffer_binding_size",
+                l.max_storage_buffer_binding_size,
+            ),
+            (
+                "max_storage_buffers_per_shader_stage",
+                l.max_storage_buffers_per_shader_stage as u64,
+            ),
+            (
+                "max_compute_workgroup_storage_size",
+                l.max_compute_workgroup_storage_size as u64,
+            ),
+            (
+                "max_compute_invocations_per_workgroup",
+                l.max_compute_invocations_per_workgroup as u64,
+            ),
+            (
+                "max_compute_workgroup_size_x",
+                l.max_compute_workgroup_size_x as u64,
+            ),
+            (
+                "max_compute_workgroups_per_dimension",
+                l.max_compute_workgroups_per_dimension as u64,
+            ),
+            ("subgroup_min_size", i.subgroup_min_size as u64),
+            ("subgroup_max_size", i.subgroup_max_size as u64),
+        ] {
+            let _ = writeln!(s, "  {name:<40} {v}");
+        }
+        if self.max_binding_bytes < l.max_storage_buffer_binding_size.min(l.max_buffer_size) {
+            let _ = writeln!(
+                s,
+                "  (binding size lowered to {} bytes by option)",
+                self.max_binding_bytes
+            );
+        }
+        let _ = writeln!(
+            s,
+            "adapters found (select with --adapter / RUNNER_ADAPTER, by index or name):"
+        );
+        for (k, a) in self.all_adapters.iter().enumerate() {
+            let mark = if a.name == i.name && a.backend == i.backend {
+                "*"
+            } else {
+                " "
+            };
+            let _ = writeln!(
+                s,
+                " {mark}{k}: {} ({:?}, {:?})",
+                a.name, a.device_type, a.backend
+            );
+        }
+        s
+    }
+
+    /// The compiled pipeline for `entry` of `shader` with the given overridable constants
+    /// (cached: keyed by shader name, entry and constants).
+    pub fn kernel(
+        &self,
+        shader: &ShaderSource,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Arc<Kernel> {
+        let key = PipelineKey {
+            shader: shader.name.clone(),
+            entry: entry.to_string(),
+            constants: constants
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_bits()))
+                .collect(),
+        };
+        if let Some(k) = self.pipelines.lock().unwrap().get(&key) {
+            return k.clone();
+        }
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            modules
+                .entry(shader.name.clone())
+                .or_insert_with(|| {
+                    Arc::new(
+                        self.device
+                            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                                label: Some(&shader.name),
+                                source: wgpu::ShaderSource::Wgsl(shader.source.as_str().into()),
+                            }),
+                    )
+                })
+                .clone()
+        };
+        let name = format!("{}:{entry}", shader.name);
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&name),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    // Kernels initialise the workgroup memory they read; zeroing costs a pass on lavapipe.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        let layout = pipeline.get_bind_group_layout(0);
+        let kernel = Arc::new(Kernel {
+            pipeline,
+            layout,
+            name,
+        });
+        self.pipelines.lock().unwrap().insert(key, kernel.clone());
+        kernel
+    }
+
+    /// A storage buffer of at least `bytes` from the pool (contents undefined).
+    pub(crate) fn alloc_storage(&self, bytes: u64) -> Arc<PooledBuffer> {
+        self.alloc(bytes, STORAGE_USAGE)
+    }
+
+    pub(crate) fn alloc(&self, bytes: u64, usage: wgpu::BufferUsages) -> Arc<PooledBuffer> {
+        let bytes = bytes.max(16);
+        let bucket = bucket_size(bytes).min(self.limits.max_buffer_size.max(bytes));
+        let reused = self.pool.lock().unwrap().take(bucket, usage);
+        let buffer = reused.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("pooled"),
+                size: bucket,
+                usage,
+                mapped_at_creation: false,
+            })
+        });
+        Arc::new(PooledBuffer {
+            buffer: Some(buffer),
+            capacity: bucket,
+            usage,
+            pool: self.pool.clone(),
+        })
+    }
+
+    /// Waits for all submitted work.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        Ok(())
+    }
+}
+
+pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+fn choose_adapter(infos: &[wgpu::AdapterInfo], spec: &str) -> Result<usize> {
+    let list = || {
+        infos
+            .iter()
+            .enumerate()
+            .map(|(k, a)| format!("  {k}: {} ({:?}, {:?})", a.name, a.device_type, a.backend))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if let Ok(k) = spec.parse::<usize>() {
+        if k < infos.len() {
+            return Ok(k);
+        }
+        bail!(
+            "adapter index {k} is out of range; adapters found:\n{}",
+            list()
+        );
+    }
+    let needle = spec.to_lowercase();
+    let matches: Vec<usize> = (0..infos.len())
+        .filter(|&k| infos[k].name.to_lowercase().contains(&needle))
+        .collect();
+    match matches.as_slice() {
+        [] => bail!(
+            "no adapter name contains `{spec}`; adapters found:\n{}",
+            list()
+        ),
+        // Same device on several backends: prefer the native one.
+        many => Ok(*many
+            .iter()
+            .min_by_key(|&&k| backend_rank(infos[k].backend))
+            .expect("non-empty")),
+    }
+}
+
+fn backend_rank(b: wgpu::Backend) -> u32 {
+    match b {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        wgpu::Backend::Gl => 1,
+        _ => 2,
+    }
+}
+
+fn preferred_adapter(infos: &[wgpu::AdapterInfo]) -> usize {
+    let type_rank = |t: wgpu::DeviceType| match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    (0..infos.len())
+        .min_by_key(|&k| {
+            (
+                type_rank(infos[k].device_type),
+                backend_rank(infos[k].backend),
+                k,
+            )
+        })
+        .expect("at least one adapter")
+}
+
+/// Rounds an allocation up so that buffers of similar sizes are shared across steps:
+/// multiples of 256 bytes up to 64 KiB, then four size classes per power of two (≤ 19% waste).
+fn bucket_size(bytes: u64) -> u64 {
+    if bytes <= 65536 {
+        return bytes.div_ceil(256) * 256;
+    }
+    let top = 63 - bytes.leading_zeros() as u64; // 2^top <= bytes
+    let step = 1u64 << (top - 2);
+    bytes.div_ceil(step) * step
+}
+
+/// Free buffers by (usage, size class).
+#[derive(Default)]
+pub(crate) struct BufferPool {
+    free: HashMap<(u32, u64), Vec<wgpu::Buffer>>,
+    free_bytes: u64,
+}
+
+impl BufferPool {
+    fn take(&mut self, bucket: u64, usage: wgpu::BufferUsages) -> Option<wgpu::Buffer> {
+        let b = self.free.get_mut(&(usage.bits(), bucket))?.pop()?;
+        self.free_bytes -= bucket;
+        Some(b)
+    }
+}
+
+/// A buffer on loan from the pool; returned to it when the last reference drops. Recorders
+/// hold a reference to every buffer they bind until their submission, so a buffer is never
+/// handed out again while recorded work that uses it is pending.
+pub struct PooledBuffer {
+    buffer: Option<wgpu::Buffer>,
+    capacity: u64,
+    usage: wgpu::BufferUsages,
+    pool: Arc<Mutex<BufferPool>>,
+}
+
+impl PooledBuffer {
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("live buffer")
+    }
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.buffer.take() {
+            let mut pool = self.pool.lock().unwrap();
+            pool.free_bytes += self.capacity;
+            pool.free
+                .entry((self.usage.bits(), self.capacity))
+                .or_default()
+                .push(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_round_up_with_bounded_waste() {
+        assert_eq!(bucket_size(1), 256);
+        assert_eq!(bucket_size(65536), 65536);
+        for bytes in [65537u64, 100_000, 1 << 20, (1 << 20) + 1, 123_456_789] {
+            let b = bucket_size(bytes);
+            assert!(
+                b >= bytes && (b as f64) < bytes as f64 * 1.26,
+                "{bytes} -> {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn adapter_choice_by_index_and_name() {
+        let mk = |name: &str, t, b| wgpu::AdapterInfo {
+            name: name.into(),
+            ..wgpu::AdapterInfo::new(t, b)
+        };
+        let infos = vec![
+            mk("llvmpipe", wgpu::DeviceType::Cpu, wgpu::Backend::Gl),
+            mk("llvmpipe", wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan),
+            mk(
+                "Intel UHD",
+                wgpu::DeviceType::IntegratedGpu,
+                wgpu::Backend::Vulkan,
+            ),
+            mk(
+                "NVIDIA RTX",
+                wgpu::DeviceType::DiscreteGpu,
+                wgpu::Backend::Vulkan,
+            ),
+        ];
+        assert_eq!(preferred_adapter(&infos), 3);
+        assert_eq!(preferred_adapter(&infos[..3]), 2);
+        assert_eq!(preferred_adapter(&infos[..2]), 1);
+        assert_eq!(choose_adapter(&infos, "LLVM").unwrap(), 1);
+        assert_eq!(choose_adapter(&infos, "0").unwrap(), 0);
+        let err = choose_adapter(&infos, "radeon").unwrap_err().to_string();
+        assert!(err.contains("NVIDIA RTX") && err.contains("3:"), "{err}");
+        assert!(choose_adapter(&infos, "9").is_err());
+    }
+}

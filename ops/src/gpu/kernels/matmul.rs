@@ -1,0 +1,580 @@
+//! Matrix multiply: `C = alpha · op(A) · op(B) + beta · C + bias`, batched, over chunked operands.
+
+use std::sync::OnceLock;
+
+use anyhow::{bail, ensure, Result};
+use bytemuck::{Pod, Zeroable};
+
+use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, ShaderSource, Tiling};
+
+const SOURCE: &str = include_str!("../../../../shaders/matmul.wgsl");
+
+fn shader(vec4: bool) -> &'static ShaderSource {
+    static V4: OnceLock<ShaderSource> = OnceLock::new();
+    static S: OnceLock<ShaderSource> = OnceLock::new();
+    if vec4 {
+        V4.get_or_init(|| ShaderSource::with_prelude("matmul", SOURCE, "vec4"))
+    } else {
+        S.get_or_init(|| ShaderSource::with_prelude("matmul", SOURCE, "scalar"))
+    }
+}
+
+/// Options of [`Gpu::matmul`]. `Default`: plain `C = A·B`.
+#[derive(Clone, Copy)]
+pub struct MatmulOpts<'a> {
+    /// A stored [K, M] (or [batch, K, M]): computes Aᵀ·B.
+    pub trans_a: bool,
+    /// B stored [N, K]: computes A·Bᵀ (a linear layer `x·Wᵀ` with W [out, in]).
+    pub trans_b: bool,
+    pub alpha: f32,
+    /// Accumulate epilogue: `C = ... + beta·C` (0 overwrites without reading C).
+    pub beta: f32,
+    /// Bias epilogue: a [N] f32 vector added to every row.
+    pub bias: Option<&'a GpuTensor>,
+}
+
+impl Default for MatmulOpts<'_> {
+    fn default() -> Self {
+        MatmulOpts {
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+            bias: None,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+pub(crate) struct GemmParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub has_bias: u32,
+    pub a_off: u32,
+    pub lda: u32,
+    pub a_batch: u32,
+    pub b_off: u32,
+    pub ldb: u32,
+    pub b_batch: u32,
+    pub c_off: u32,
+    pub ldc: u32,
+    pub c_batch: u32,
+    pub bias_off: u32,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+/// Tile shape of the register kernel (outputs per invocation); env `RUNNER_MATMUL_TILE=TMxTN`
+/// overrides it for benchmarking.
+pub(crate) fn register_tile() -> (u32, u32) {
+    static T: OnceLock<(u32, u32)> = OnceLock::new();
+    *T.get_or_init(|| {
+        if let Ok(v) = std::env::var("RUNNER_MATMUL_TILE") {
+            if let Some((a, b)) = v.split_once('x') {
+                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+                    if a % 4 == 0 && b % 4 == 0 && (4..=16).contains(&a) && (4..=16).contains(&b) {
+                        return (a, b);
+                    }
+                }
+            }
+            eprintln!("ignoring RUNNER_MATMUL_TILE={v}: expected TMxTN, multiples of 4 in 4..=16");
+        }
+        (8, 16)
+    })
+}
+
+/// One sub-problem over single buffers (what one dispatch computes).
+pub(crate) struct Gemm {
+    pub a: BufView,
+    pub b: BufView,
+    pub c: BufView,
+    pub bias: Option<BufView>,
+    pub params: GemmParams,
+    pub batch: u32,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// Contiguous extents of the stored A and B (must be multiples of 4 for the vec4 variant).
+    pub a_contig: u32,
+    pub b_contig: u32,
+}
+
+impl Gpu {
+    /// Records `C = alpha · op(A) · op(B) + beta · C + bias`.
+    ///
+    /// Shapes: A [M,K] (`trans_a`: [K,M]), B [K,N] (`trans_b`: [N,K]), C [M,N]; or batched with
+    /// a leading batch dimension on C and on A and/or B (a 2-D operand is shared by every batch).
+    /// 2-D operands may be chunked (larger than one binding): the product is split at chunk
+    /// boundaries into one dispatch per block, accumulating over K blocks.
+    pub fn matmul(
+        &self,
+        rec: &mut Recorder,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        c: &GpuTensor,
+        opts: MatmulOpts,
+    ) -> Result<()> {
+        for (name, t) in [("A", a), ("B", b), ("C", c)] {
+            ensure!(
+                t.dtype() == DType::F32,
+                "matmul: {name} must be f32, is {:?}",
+                t.dtype()
+            );
+        }
+        let dims = |t: &GpuTensor, name: &str| -> Result<(usize, usize, usize)> {
+            match *t.shape() {
+                [r, c] => Ok((1, r, c)),
+                [z, r, c] => Ok((z, r, c)),
+                ref s => bail!("matmul: {name} must be 2-D or 3-D, got {s:?}"),
+            }
+        };
+        let (za, ra, ca) = dims(a, "A")?;
+        let (zb, rb, cb) = dims(b, "B")?;
+        let (zc, m, n) = dims(c, "C")?;
+        let (am, k) = if opts.trans_a { (ca, ra) } else { (ra, ca) };
+        let (bk, bn) = if opts.trans_b { (cb, rb) } else { (rb, cb) };
+        ensure!(
+            am == m && bk == k && bn == n,
+            "matmul shapes disagree: A {:?}{}, B {:?}{}, C {:?}",
+            a.shape(),
+            if opts.trans_a { "ᵀ" } else { "" },
+            b.shape(),
+            if opts.trans_b { "ᵀ" } else { "" },
+            c.shape()
+        );
+        let batched = c.shape().len() == 3;
+        if batched {
+            ensure!(
+                (a.shape().len() == 2 || za == zc) && (b.shape().len() == 2 || zb == zc),
+                "matmul: batch sizes disagree: A {:?}, B {:?}, C {:?}",
+                a.shape(),
+                b.shape(),
+                c.shape()
+            );
+            ensure!(
+                !a.is_chunked() && !b.is_chunked() && !c.is_chunked(),
+                "matmul: batched operands cannot be chunked"
+            );
+        } else {
+            ensure!(
+                a.shape().len() == 2 && b.shape().len() == 2,
+                "matmul: 3-D operands need a 3-D C"
+            );
+        }
+        if let Some(bias) = opts.bias {
+            ensure!(
+                bias.dtype() == DType::F32 && bias.numel() == n && !bias.is_chunked(),
+                "matmul: bias must be an unchunked f32 [{n}], got {:?}",
+                bias.shape()
+            );
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let lda = ca as u32;
+        let ldb = cb as u32;
+        let a_batch = if a.shape().len() == 3 {
+            (ra * ca) as u32
+        } else {
+            0
+        };
+        let b_batch = if b.shape().len() == 3 {
+            (rb * cb) as u32
+        } else {
+            0
+        };
+        let c_batch = (m * n) as u32;
+
+        // Split points of M, N and K at every chunk boundary of the operands.
+        let bounds = |t: &GpuTensor| t.chunks().iter().map(|ch| ch.first_row).collect::<Vec<_>>();
+        let mut ms = vec![0, m];
+        let mut ns = vec![0, n];
+        let mut ks = vec![0, k];
+        if opts.trans_a {
+            ks.extend(bounds(a))
+        } else {
+            ms.extend(bounds(a))
+        }
+        if opts.trans_b {
+            ns.extend(bounds(b))
+        } else {
+            ks.extend(bounds(b))
+        }
+        ms.extend(bounds(c));
+        for v in [&mut ms, &mut ns, &mut ks] {
+            v.sort_unstable();
+            v.dedup();
+        }
+        // Locates the chunk holding `row` and the element offset of (row, col) inside it.
+        let locate = |t: &GpuTensor, row: usize, col: usize| -> (BufView, u32) {
+            let ch = t
+                .chunks()
+                .iter()
+                .rev()
+                .find(|ch| ch.first_row <= row)
+                .expect("row inside tensor");
+            (ch.view(), ((row - ch.first_row) * t.row_len() + col) as u32)
+        };
+        let bias_view = match opts.bias {
+            Some(bias) => Some(bias.view()?),
+            None => None,
+        };
+        for mw in ms.windows(2) {
+            for nw in ns.windows(2) {
+                let k_blocks: Vec<_> = if k == 0 {
+                    vec![[0, 0]]
+                } else {
+                    ks.windows(2).map(|w| [w[0], w[1]]).collect()
+                };
+                for (kb, kw) in k_blocks.iter().enumerate() {
+                    let (m0, m1, n0, n1, k0, k1) = (mw[0], mw[1], nw[0], nw[1], kw[0], kw[1]);
+                    let (av, a_off) = if opts.trans_a {
+                        locate(a, k0, m0)
+                    } else {
+                        locate(a, m0, k0)
+                    };
+                    let (bv, b_off) = if opts.trans_b {
+                        locate(b, n0, k0)
+                    } else {
+                        locate(b, k0, n0)
+                    };
+                    let (cv, c_off) = locate(c, m0, n0);
+                    let first = kb == 0;
+                    let params = GemmParams {
+                        m: (m1 - m0) as u32,
+                        n: (n1 - n0) as u32,
+                        k: (k1 - k0) as u32,
+                        has_bias: (first && opts.bias.is_some()) as u32,
+                        a_off,
+                        lda,
+                        a_batch,
+                        b_off,
+                        ldb,
+                        b_batch,
+                        c_off,
+                        ldc: n as u32,
+                        c_batch,
+                        bias_off: n0 as u32,
+                        alpha: opts.alpha,
+                        beta: if first { opts.beta } else { 1.0 },
+                    };
+                    let a_contig = if opts.trans_a { params.m } else { params.k };
+                    let b_contig = if opts.trans_b { params.k } else { params.n };
+                    self.record_gemm(
+                        rec,
+                        Gemm {
+                            a: av,
+                            b: bv,
+                            c: cv,
+                            bias: bias_view.clone(),
+                            params,
+                            batch: zc as u32,
+                            trans_a: opts.trans_a,
+                            trans_b: opts.trans_b,
+                            a_contig,
+                            b_contig,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Dispatches one GEMM over single buffers, choosing the kernel for this adapter.
+    pub(crate) fn record_gemm(&self, rec: &mut Recorder, g: Gemm) {
+        self.record_gemm_with(rec, g, shader, None);
+    }
+
+    /// As [`Gpu::record_gemm`] with the shader variant chosen by `shader_for(vec4)`; `nf4`
+    /// (absmax view, blocksize) binds the NF4 scales at binding 5.
+    pub(crate) fn record_gemm_with(
+        &self,
+        rec: &mut Recorder,
+        g: Gemm,
+        shader_for: fn(bool) -> &'static ShaderSource,
+        nf4: Option<(BufView, usize)>,
+    ) {
+        let p = &g.params;
+        let vec4 = [
+            p.a_off, p.lda, p.a_batch, g.a_contig, p.b_off, p.ldb, p.b_batch, g.b_contig,
+        ]
+        .iter()
+        .all(|v| v % 4 == 0);
+        let mut constants = vec![
+            ("TRANS_A", g.trans_a as u32 as f64),
+            ("TRANS_B", g.trans_b as u32 as f64),
+        ];
+        if let Some((_, blocksize)) = &nf4 {
+            constants.push(("NF4_BLOCK", *blocksize as f64));
+        }
+        let (entry, groups) = match self.tiling() {
+            Tiling::Register => {
+                let (tm, tn) = register_tile();
+                let (wx, wy) = (8u32, 8u32);
+                constants.extend([
+                    ("TM", tm as f64),
+                    ("TN", tn as f64),
+                    ("WG_X", wx as f64),
+                    ("WG_Y", wy as f64),
+                ]);
+                (
+                    "matmul_register",
+                    [p.n.div_ceil(tn * wx), p.m.div_ceil(tm * wy), g.batch],
+                )
+            }
+            Tiling::Workgroup => {
+                let (bm, bn, bk, wtm, wtn) = (64u32, 64u32, 16u32, 4u32, 4u32);
+                constants.extend([
+                    ("BM", bm as f64),
+                    ("BN", bn as f64),
+                    ("BK", bk as f64),
+                    ("WTM", wtm as f64),
+                    ("WTN", wtn as f64),
+                    ("WGT_X", (bn / wtn) as f64),
+                    ("WGT_Y", (bm / wtm) as f64),
+                ]);
+                (
+                    "matmul_workgroup",
+                    [p.n.div_ceil(bn), p.m.div_ceil(bm), g.batch],
+                )
+            }
+        };
+        let kernel = self.kernel(shader_for(vec4), entry, &constants);
+        let bias = g.bias.unwrap_or_else(|| self.dummy_buffer());
+        let mut buffers = vec![g.a, g.b, g.c, bias];
+        if let Some((absmax, _)) = nf4 {
+            buffers.push(absmax);
+        }
+        rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
+    }
+
+    /// A small buffer bound where a kernel's optional input is absent.
+    pub(crate) fn dummy_buffer(&self) -> BufView {
+        let buffer = self.alloc_storage(16);
+        BufView {
+            buffer,
+            offset: 0,
+            size: 16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::testing::{
+        other_tiling_gpu, rel_frobenius, test_gpu, tiny_binding_gpu, TestRng,
+    };
+    use crate::reference::matmul as reference;
+
+    struct Case {
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        beta: f32,
+        bias: bool,
+        batched_b: bool,
+    }
+
+    fn run_case(gpu: &Gpu, c: &Case, rng: &mut TestRng, seed: u64) {
+        let shape = |z: usize, r: usize, cc: usize, batched: bool| {
+            if batched {
+                vec![z, r, cc]
+            } else {
+                vec![r, cc]
+            }
+        };
+        let a_dims = if c.trans_a { (c.k, c.m) } else { (c.m, c.k) };
+        let b_dims = if c.trans_b { (c.n, c.k) } else { (c.k, c.n) };
+        let batched = c.batch > 1;
+        let a_shape = shape(c.batch, a_dims.0, a_dims.1, batched);
+        let b_shape = shape(c.batch, b_dims.0, b_dims.1, batched && c.batched_b);
+        let c_shape = shape(c.batch, c.m, c.n, batched);
+        let a: Vec<f32> = rng.vec_normal(a_shape.iter().product());
+        let b: Vec<f32> = rng.vec_normal(b_shape.iter().product());
+        let c0: Vec<f32> = rng.vec_normal(c_shape.iter().product());
+        let bias: Vec<f32> = rng.vec_normal(c.n);
+        let alpha = rng.uniform(0.5, 2.0);
+
+        let ga = gpu.upload_f32(&a_shape, &a).unwrap();
+        let gb = gpu.upload_f32(&b_shape, &b).unwrap();
+        let gc = if c.beta != 0.0 {
+            gpu.upload_f32(&c_shape, &c0).unwrap()
+        } else {
+            let t = gpu.empty(&c_shape, DType::F32).unwrap();
+            gpu.poison(&t);
+            t
+        };
+        let gbias = gpu.upload_f32(&[c.n], &bias).unwrap();
+        let mut rec = Recorder::new(gpu);
+        let opts = MatmulOpts {
+            trans_a: c.trans_a,
+            trans_b: c.trans_b,
+            alpha,
+            beta: c.beta,
+            bias: c.bias.then_some(&gbias),
+        };
+        gpu.matmul(&mut rec, &ga, &gb, &gc, opts).unwrap();
+        rec.submit();
+        let got = gpu.read_f32(&gc).unwrap();
+
+        let mut want = c0.clone();
+        let g = reference::Gemm {
+            trans_a: c.trans_a,
+            trans_b: c.trans_b,
+            alpha,
+            beta: c.beta,
+        };
+        reference::matmul_batched(
+            &a,
+            &b,
+            &mut want,
+            c.batch,
+            c.m,
+            c.n,
+            c.k,
+            g,
+            c.bias.then_some(&bias[..]),
+        );
+        let err = rel_frobenius(&got, &want);
+        assert!(
+            err < 1e-5,
+            "seed {seed}: {}x{}x{} batch {} ta {} tb {} beta {} bias {}: rel err {err}",
+            c.m,
+            c.n,
+            c.k,
+            c.batch,
+            c.trans_a,
+            c.trans_b,
+            c.beta,
+            c.bias
+        );
+    }
+
+    fn sweep(gpu: &Gpu) {
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        // Odd sizes (never multiples of a tile) and aligned sizes (vec4 variant).
+        for &(m, n, k) in &[
+            (37, 29, 23),
+            (70, 45, 33),
+            (64, 48, 40),
+            (5, 3, 2),
+            (1, 131, 9),
+        ] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let beta = if rng.unit() < 0.5 {
+                        0.0
+                    } else {
+                        rng.uniform(0.5, 1.5)
+                    };
+                    let bias = rng.unit() < 0.5;
+                    let case = Case {
+                        batch: 1,
+                        m,
+                        n,
+                        k,
+                        trans_a: ta,
+                        trans_b: tb,
+                        beta,
+                        bias,
+                        batched_b: true,
+                    };
+                    run_case(gpu, &case, &mut rng, seed);
+                }
+            }
+        }
+        for batched_b in [true, false] {
+            let case = Case {
+                batch: 3,
+                m: 19,
+                n: 21,
+                k: 12,
+                trans_a: false,
+                trans_b: true,
+                beta: 0.0,
+                bias: true,
+                batched_b,
+            };
+            run_case(gpu, &case, &mut rng, seed);
+            let case = Case {
+                batch: 2,
+                m: 16,
+                n: 8,
+                k: 17,
+                trans_a: true,
+                trans_b: false,
+                beta: 1.0,
+                bias: false,
+                batched_b,
+            };
+            run_case(gpu, &case, &mut rng, seed);
+        }
+    }
+
+    #[test]
+    fn matmul_matches_reference_default_tiling() {
+        sweep(test_gpu());
+    }
+
+    #[test]
+    fn matmul_matches_reference_other_tiling() {
+        sweep(other_tiling_gpu());
+    }
+
+    #[test]
+    fn matmul_over_chunked_operands() {
+        // 4 KiB bindings: every operand below spans several chunks, in M, N and K.
+        let gpu = tiny_binding_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let case = Case {
+                    batch: 1,
+                    m: 45,
+                    n: 51,
+                    k: 67,
+                    trans_a: ta,
+                    trans_b: tb,
+                    beta: 0.0,
+                    bias: true,
+                    batched_b: false,
+                };
+                run_case(gpu, &case, &mut rng, seed);
+                let case = Case {
+                    batch: 1,
+                    m: 40,
+                    n: 36,
+                    k: 64,
+                    trans_a: ta,
+                    trans_b: tb,
+                    beta: 0.7,
+                    bias: false,
+                    batched_b: false,
+                };
+                run_case(gpu, &case, &mut rng, seed);
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_rejects_bad_shapes() {
+        let gpu = test_gpu();
+        let a = gpu.empty(&[3, 4], DType::F32).unwrap();
+        let b = gpu.empty(&[5, 6], DType::F32).unwrap();
+        let c = gpu.empty(&[3, 6], DType::F32).unwrap();
+        let mut rec = Recorder::new(gpu);
+        let err = gpu
+            .matmul(&mut rec, &a, &b, &c, MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("disagree"), "{err}");
+    }
+}

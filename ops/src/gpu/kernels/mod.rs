@@ -1,0 +1,76 @@
+//! Kernel families: one module per `shaders/<family>.wgsl`. Each wrapper is a method on
+//! [`super::Gpu`] that records into a [`super::Recorder`].
+
+use anyhow::{ensure, Result};
+
+use super::{DType, GpuTensor};
+
+pub mod activation;
+pub mod adamw;
+pub mod cast;
+pub mod embedding;
+pub mod lora;
+pub mod matmul;
+pub mod nf4;
+pub mod norm;
+pub mod reduce;
+pub mod rope;
+
+pub use adamw::AdamWStep;
+pub use lora::Lora;
+pub use matmul::MatmulOpts;
+pub use nf4::{DoubleQuant, Nf4Weight};
+pub use rope::RopeTables;
+
+/// (rows, cols) of a tensor seen as [everything but the last dimension, last dimension].
+pub(crate) fn rows_cols(t: &GpuTensor) -> (usize, usize) {
+    let cols = t.shape().last().copied().unwrap_or(1);
+    (t.numel() / cols.max(1), cols)
+}
+
+/// Checks dtype and element count, naming the argument in the error.
+pub(crate) fn check(op: &str, name: &str, t: &GpuTensor, dtype: DType, numel: usize) -> Result<()> {
+    ensure!(
+        t.dtype() == dtype && t.numel() == numel,
+        "{op}: `{name}` must be {dtype:?} with {numel} elements, got {:?} {:?}",
+        t.dtype(),
+        t.shape()
+    );
+    Ok(())
+}
+
+/// Dispatches an elementwise kernel (256 invocations per workgroup, one element each) once per
+/// chunk. All `tensors` must have the same shape and dtype, hence the same chunking; `params`
+/// gets the chunk's element count.
+pub(crate) fn elementwise<P: bytemuck::Pod>(
+    gpu: &super::Gpu,
+    rec: &mut super::Recorder,
+    kernel: &super::Kernel,
+    tensors: &[&GpuTensor],
+    params: impl Fn(u32) -> P,
+) -> Result<()> {
+    let first = tensors[0];
+    for t in tensors {
+        ensure!(
+            t.shape() == first.shape() && t.dtype() == first.dtype(),
+            "{}: operands differ: {:?} {:?} vs {:?} {:?}",
+            kernel.name,
+            t.shape(),
+            t.dtype(),
+            first.shape(),
+            first.dtype()
+        );
+    }
+    for (c, chunk) in first.chunks().iter().enumerate() {
+        let n = chunk.rows * first.row_len();
+        let views: Vec<_> = tensors.iter().map(|t| t.chunks()[c].view()).collect();
+        let p = params(n as u32);
+        rec.dispatch(
+            kernel,
+            bytemuck::bytes_of(&p),
+            &views,
+            super::groups_1d(gpu, n.div_ceil(256) as u32),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! Reductions to a scalar (sum, max, global L2 norm over many tensors) and gradient clipping.
+//! Results stay on the GPU as [1] tensors; read them back once per step.
+
+use std::sync::OnceLock;
+
+use anyhow::{ensure, Result};
+use bytemuck::{Pod, Zeroable};
+
+use super::check;
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+
+const SOURCE: &str = include_str!("../../../../shaders/reduce.wgsl");
+/// Elements per partial-reduction workgroup (WG · ITEMS in the shader).
+const SEG: usize = 256 * 16;
+
+fn shader() -> &'static ShaderSource {
+    static S: OnceLock<ShaderSource> = OnceLock::new();
+    S.get_or_init(|| ShaderSource::plain("reduce", SOURCE))
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ReduceParams {
+    n: u32,
+    mode: u32,
+    out_index: u32,
+    max_norm: f32,
+}
+
+const SUM: u32 = 0;
+const MAX: u32 = 1;
+const SUMSQ: u32 = 2;
+const SQRT_SUM: u32 = 3;
+
+impl Gpu {
+    fn reduce_many(
+        &self,
+        rec: &mut Recorder,
+        tensors: &[&GpuTensor],
+        partial_mode: u32,
+        finish_mode: u32,
+        out: &GpuTensor,
+    ) -> Result<()> {
+        check("reduce", "out", out, DType::F32, 1)?;
+        let total_partials: usize = tensors
+            .iter()
+            .flat_map(|t| {
+                t.chunks()
+                    .iter()
+                    .map(|c| (c.rows * t.row_len()).div_ceil(SEG))
+            })
+            .sum();
+        let partials = self.empty(&[total_partials.max(1)], DType::F32)?;
+        let partial = self.kernel(shader(), "partial", &[]);
+        let mut at = 0usize;
+        for t in tensors {
+            ensure!(
+                t.dtype() == DType::F32,
+                "reduce: tensors must be f32, got {:?}",
+                t.dtype()
+            );
+            for c in t.chunks() {
+                let n = c.rows * t.row_len();
+                let groups = n.div_ceil(SEG);
+                let p = ReduceParams {
+                    n: n as u32,
+                    mode: partial_mode,
+                    out_index: at as u32,
+                    max_norm: 0.0,
+                };
+                rec.dispatch(
+                    &partial,
+                    bytemuck::bytes_of(&p),
+                    &[c.view(), partials.view()?],
+                    groups_1d(self, groups as u32),
+                );
+                at += groups;
+            }
+        }
+        let finish = self.kernel(shader(), "finish", &[]);
+        let p = ReduceParams {
+            n: at as u32,
+            mode: finish_mode,
+            out_index: 0,
+            max_norm: 0.0,
+        };
+        rec.dispatch(
+            &finish,
+            bytemuck::bytes_of(&p),
+            &[partials.view()?, out.view()?],
+            [1, 1, 1],
+        );
+        Ok(())
+    }
+
+    /// out[0] = Σ x.
+    pub fn sum(&self, rec: &mut Recorder, x: &GpuTensor, out: &GpuTensor) -> Result<()> {
+        self.reduce_many(rec, &[x], SUM, SUM, out)
+    }
+
+    /// out[0] = max x (−inf for an empty tensor).
+    pub fn max(&self, rec: &mut Recorder, x: &GpuTensor, out: &GpuTensor) -> Result<()> {
+        self.reduce_many(rec, &[x], MAX, MAX, out)
+    }
+
+    /// out[0] = sqrt(Σ over all tensors of Σ x²): the total gradient norm.
+    pub fn global_l2_norm(
+        &self,
+        rec: &mut Recorder,
+        tensors: &[&GpuTensor],
+        out: &GpuTensor,
+    ) -> Result<()> {
+        self.reduce_many(rec, tensors, SUMSQ, SQRT_SUM, out)
+    }
+
+    /// Multiplies every tensor in place by min(1, max_norm / (norm[0] + 1e-6)), torch's
+    /// `clip_grad_norm_`, with the norm read on the GPU.
+    pub fn clip_by_norm(
+        &self,
+        rec: &mut Recorder,
+        tensors: &[&GpuTensor],
+        norm: &GpuTensor,
+        max_norm: f32,
+    ) -> Result<()> {
+        check("clip_by_norm", "norm", norm, DType::F32, 1)?;
+        let k = self.kernel(shader(), "clip_scale", &[]);
+        for t in tensors {
+            ensure!(t.dtype() == DType::F32, "clip_by_norm: tensors must be f32");
+            for c in t.chunks() {
+                let n = c.rows * t.row_len();
+                let p = ReduceParams {
+                    n: n as u32,
+                    mode: 0,
+                    out_index: 0,
+                    max_norm,
+                };
+                rec.dispatch(
+                    &k,
+                    bytemuck::bytes_of(&p),
+                    &[c.view(), norm.view()?],
+                    groups_1d(self, n.div_ceil(256) as u32),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::testing::{rel_frobenius, test_gpu, tiny_binding_gpu, TestRng};
+    use crate::reference::reduce as reference;
+
+    fn check_gpu(gpu: &Gpu) {
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let shapes: [&[usize]; 3] = [&[3001], &[67, 45], &[5]];
+        let hosts: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|s| rng.vec_normal(s.iter().product()))
+            .collect();
+        let tensors: Vec<GpuTensor> = shapes
+            .iter()
+            .zip(&hosts)
+            .map(|(s, h)| gpu.upload_f32(s, h).unwrap())
+            .collect();
+        let outs: Vec<GpuTensor> = (0..3)
+            .map(|_| {
+                let t = gpu.empty(&[1], DType::F32).unwrap();
+                gpu.poison(&t);
+                t
+            })
+            .collect();
+        let mut rec = Recorder::new(gpu);
+        gpu.sum(&mut rec, &tensors[1], &outs[0]).unwrap();
+        gpu.max(&mut rec, &tensors[0], &outs[1]).unwrap();
+        let refs: Vec<&GpuTensor> = tensors.iter().collect();
+        gpu.global_l2_norm(&mut rec, &refs, &outs[2]).unwrap();
+        let max_norm = 10.0;
+        gpu.clip_by_norm(&mut rec, &refs, &outs[2], max_norm)
+            .unwrap();
+        rec.submit();
+        let host_refs: Vec<&[f32]> = hosts.iter().map(|h| &h[..]).collect();
+        let norm = reference::global_l2_norm(&host_refs);
+        let got = |i: usize| gpu.read_f32(&outs[i]).unwrap()[0];
+        let rel = |a: f32, b: f32| ((a - b) / b).abs();
+        assert!(
+            rel(got(0), reference::sum(&hosts[1])) < 1e-4,
+            "seed {seed}: sum {} vs {}",
+            got(0),
+            reference::sum(&hosts[1])
+        );
+        assert_eq!(got(1), reference::max(&hosts[0]), "seed {seed}: max");
+        assert!(
+            rel(got(2), norm) < 1e-5,
+            "seed {seed}: norm {} vs {norm}",
+            got(2)
+        );
+        let coef = reference::clip_coefficient(norm, max_norm);
+        assert!(coef < 1.0, "the test must actually clip");
+        for (t, h) in tensors.iter().zip(&hosts) {
+            let want: Vec<f32> = h.iter().map(|v| v * coef).collect();
+            let err = rel_frobenius(&gpu.read_f32(t).unwrap(), &want);
+            assert!(err < 1e-5, "seed {seed}: clipped tensor rel err {err}");
+        }
+    }
+
+    #[test]
+    fn reductions_and_clipping_match_reference() {
+        check_gpu(test_gpu());
+    }
+
+    #[test]
+    fn reductions_over_chunked_tensors() {
+        check_gpu(tiny_binding_gpu());
+    }
+}

@@ -1,0 +1,283 @@
+//! Recording many kernel dispatches into one command encoder and submitting once.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+
+use super::engine::{Gpu, Kernel, PooledBuffer};
+use super::tensor::BufView;
+
+/// Most dispatches a timed recorder measures (two timestamps each; wgpu caps a query set at 4096).
+const MAX_TIMED: u32 = 2048;
+
+/// Collects dispatches for one submit. Kernel wrappers take `&mut Recorder`; nothing runs
+/// until [`Recorder::submit`]. Every bound buffer is kept alive (and out of the pool) until then.
+pub struct Recorder<'g> {
+    gpu: &'g Gpu,
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    keep: Vec<Arc<PooledBuffer>>,
+    timing: Option<Timing>,
+    dispatches: usize,
+}
+
+struct Timing {
+    queries: wgpu::QuerySet,
+    labels: Vec<String>,
+}
+
+/// GPU time of one timed dispatch.
+#[derive(Debug, Clone)]
+pub struct KernelTime {
+    pub name: String,
+    pub seconds: f64,
+}
+
+impl<'g> Recorder<'g> {
+    pub fn new(gpu: &'g Gpu) -> Self {
+        let encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("runner step"),
+            });
+        Recorder {
+            gpu,
+            encoder: Some(encoder),
+            pass: None,
+            keep: Vec::new(),
+            timing: None,
+            dispatches: 0,
+        }
+    }
+
+    /// A recorder that measures each dispatch with timestamp queries (when the adapter has
+    /// them; otherwise it records untimed and [`Recorder::submit_timed`] returns `None`).
+    /// Each timed dispatch gets its own compute pass, which adds overhead: benchmarks only.
+    pub fn timed(gpu: &'g Gpu) -> Self {
+        let mut r = Recorder::new(gpu);
+        if gpu.has_timestamps() {
+            let queries = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("kernel timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: MAX_TIMED * 2,
+            });
+            r.timing = Some(Timing {
+                queries,
+                labels: Vec::new(),
+            });
+        }
+        r
+    }
+
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    /// Dispatches recorded so far.
+    pub fn dispatch_count(&self) -> usize {
+        self.dispatches
+    }
+
+    /// Records one dispatch. Binding 0 is a uniform holding `params` (a `#[repr(C)]` Pod
+    /// struct matching the WGSL struct); `buffers` bind to 1, 2, ... in order.
+    pub fn dispatch(
+        &mut self,
+        kernel: &Kernel,
+        params: &[u8],
+        buffers: &[BufView],
+        groups: [u32; 3],
+    ) {
+        if groups.contains(&0) {
+            return;
+        }
+        let max = self.gpu.limits().max_compute_workgroups_per_dimension;
+        assert!(
+            groups.iter().all(|&g| g <= max),
+            "{}: workgroup grid {groups:?} exceeds {max} per dimension",
+            kernel.name
+        );
+        let uniform = self.gpu.alloc(
+            (params.len() as u64).max(16).next_multiple_of(16),
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
+        let mut padded = params.to_vec();
+        padded.resize(params.len().max(16).next_multiple_of(16), 0);
+        self.gpu.queue.write_buffer(uniform.buffer(), 0, &padded);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: uniform.buffer(),
+                offset: 0,
+                size: wgpu::BufferSize::new(padded.len() as u64),
+            }),
+        }];
+        for (k, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: k as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer.buffer(),
+                    offset: b.offset,
+                    size: wgpu::BufferSize::new(b.size.max(4)),
+                }),
+            });
+        }
+        let bind_group = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&kernel.name),
+                layout: &kernel.layout,
+                entries: &entries,
+            });
+        self.keep.push(uniform);
+        self.keep.extend(buffers.iter().map(|b| b.buffer.clone()));
+
+        let timed_index = match &mut self.timing {
+            Some(t) if (t.labels.len() as u32) < MAX_TIMED => {
+                t.labels.push(kernel.name.clone());
+                Some(t.labels.len() as u32 - 1)
+            }
+            _ => None,
+        };
+        if let Some(i) = timed_index {
+            self.pass = None;
+            let t = self.timing.as_ref().expect("timed");
+            let pass = self.encoder.as_mut().expect("open").begin_compute_pass(
+                &wgpu::ComputePassDescriptor {
+                    label: Some(&kernel.name),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &t.queries,
+                        beginning_of_pass_write_index: Some(2 * i),
+                        end_of_pass_write_index: Some(2 * i + 1),
+                    }),
+                },
+            );
+            self.pass = Some(pass.forget_lifetime());
+        } else if self.pass.is_none() {
+            let pass = self.encoder.as_mut().expect("open").begin_compute_pass(
+                &wgpu::ComputePassDescriptor {
+                    label: Some("kernels"),
+                    timestamp_writes: None,
+                },
+            );
+            self.pass = Some(pass.forget_lifetime());
+        }
+        let pass = self.pass.as_mut().expect("pass");
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        if timed_index.is_some() {
+            self.pass = None;
+        }
+        self.dispatches += 1;
+    }
+
+    /// Copies `src` into `dst` (byte ranges; sizes must match).
+    pub fn copy(&mut self, src: &BufView, dst: &BufView) {
+        assert_eq!(src.size, dst.size, "copy size mismatch");
+        self.pass = None;
+        self.encoder.as_mut().expect("open").copy_buffer_to_buffer(
+            src.buffer.buffer(),
+            src.offset,
+            dst.buffer.buffer(),
+            dst.offset,
+            src.size,
+        );
+        self.keep.push(src.buffer.clone());
+        self.keep.push(dst.buffer.clone());
+    }
+
+    /// Submits everything recorded (one queue submit). Does not wait.
+    pub fn submit(mut self) {
+        self.pass = None;
+        let enc = self.encoder.take().expect("open");
+        self.gpu.queue.submit([enc.finish()]);
+    }
+
+    /// Submits, waits, and returns each timed dispatch's GPU time (`None` without timestamps).
+    pub fn submit_timed(mut self) -> Result<Option<Vec<KernelTime>>> {
+        self.pass = None;
+        let mut enc = self.encoder.take().expect("open");
+        let Some(timing) = self.timing.take() else {
+            self.gpu.queue.submit([enc.finish()]);
+            self.gpu.wait()?;
+            return Ok(None);
+        };
+        let n = timing.labels.len() as u32 * 2;
+        if n == 0 {
+            self.gpu.queue.submit([enc.finish()]);
+            self.gpu.wait()?;
+            return Ok(Some(Vec::new()));
+        }
+        let bytes = n as u64 * 8;
+        let resolve = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        enc.resolve_query_set(&timing.queries, 0..n, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+        self.gpu.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.gpu.wait()?;
+        rx.recv()
+            .map_err(|_| anyhow!("timestamp readback dropped"))?
+            .map_err(|e| anyhow!("mapping timestamps: {e}"))?;
+        let view = readback
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| anyhow!("mapping timestamps: {e:?}"))?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&view[..]);
+        drop(view);
+        let period_ns = self.gpu.queue.get_timestamp_period() as f64;
+        Ok(Some(
+            timing
+                .labels
+                .into_iter()
+                .enumerate()
+                .map(|(i, name)| KernelTime {
+                    name,
+                    seconds: ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64
+                        * period_ns
+                        * 1e-9,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Submits and waits for completion (tests, and the end of a step before reading scalars).
+    pub fn submit_and_wait(self) -> Result<()> {
+        let gpu = self.gpu;
+        self.submit();
+        gpu.wait()
+    }
+}
+
+impl Drop for Recorder<'_> {
+    fn drop(&mut self) {
+        // An unsubmitted recorder is discarded; end the pass before the encoder goes.
+        self.pass = None;
+    }
+}
+
+/// Splits `n` workgroups over x and y so neither exceeds the per-dimension limit; kernels
+/// recover the linear workgroup index as `wid.x + wid.y * nwg.x`.
+pub fn groups_1d(gpu: &Gpu, n: u32) -> [u32; 3] {
+    let max = gpu.limits().max_compute_workgroups_per_dimension.max(1);
+    if n <= max {
+        [n, 1, 1]
+    } else {
+        let y = n.div_ceil(max);
+        [n.div_ceil(y), y, 1]
+    }
+}

@@ -1,0 +1,382 @@
+//! Tensors on the GPU: pooled buffers with a shape and a dtype, split into row chunks when
+//! larger than the adapter's largest storage binding.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+
+use super::engine::{Gpu, PooledBuffer};
+
+/// Element types. WGSL has no bf16 and no u8: both are stored packed in `array<u32>`
+/// (bf16: element 2i in the low half of word i, widened with `bitcast<f32>(h << 16)`;
+/// u8: byte 4i+j in bits 8j..8j+8 — the little-endian byte order of the host data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    Bf16,
+    U32,
+    U8,
+}
+
+impl DType {
+    pub fn bits(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 32,
+            DType::Bf16 => 16,
+            DType::U8 => 8,
+        }
+    }
+    /// Bytes for `n` elements, padded to whole u32 words.
+    pub fn bytes_for(self, n: usize) -> u64 {
+        ((n * self.bits()).div_ceil(32) * 4) as u64
+    }
+}
+
+/// A contiguous byte range of a pooled buffer, as a kernel binds it.
+#[derive(Clone)]
+pub struct BufView {
+    pub buffer: Arc<PooledBuffer>,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// One chunk of a tensor: rows `first_row .. first_row + rows` (a row is everything after
+/// the first dimension) in their own buffer.
+#[derive(Clone)]
+pub struct Chunk {
+    pub buffer: Arc<PooledBuffer>,
+    pub first_row: usize,
+    pub rows: usize,
+    /// Bytes of this chunk's data (≤ the engine's max binding).
+    pub bytes: u64,
+}
+
+impl Chunk {
+    pub fn view(&self) -> BufView {
+        BufView {
+            buffer: self.buffer.clone(),
+            offset: 0,
+            size: self.bytes,
+        }
+    }
+}
+
+/// A row-major tensor on the GPU. Cloning shares the buffers (a handle, not a copy).
+#[derive(Clone)]
+pub struct GpuTensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    row_len: usize,
+    chunks: Vec<Chunk>,
+}
+
+impl std::fmt::Debug for GpuTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GpuTensor({:?} {:?}, {} chunk(s))",
+            self.shape,
+            self.dtype,
+            self.chunks.len()
+        )
+    }
+}
+
+impl GpuTensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Size of the first dimension (1 for a scalar).
+    pub fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+    /// Elements per row (product of all dimensions after the first; 1 for 1-D tensors).
+    pub fn row_len(&self) -> usize {
+        self.row_len
+    }
+    pub fn chunks(&self) -> &[Chunk] {
+        &self.chunks
+    }
+    pub fn is_chunked(&self) -> bool {
+        self.chunks.len() > 1
+    }
+    /// The whole tensor as one binding; an error for chunked tensors (their kernels loop over
+    /// [`GpuTensor::chunks`]).
+    pub fn view(&self) -> Result<BufView> {
+        match self.chunks.as_slice() {
+            [c] => Ok(c.view()),
+            _ => bail!(
+                "tensor {:?} is split into {} chunks (larger than one storage binding) and this kernel \
+                 needs it whole",
+                self.shape,
+                self.chunks.len()
+            ),
+        }
+    }
+    /// The same buffers seen with another shape of the same element count (unchunked only,
+    /// or with the same row length).
+    pub fn reshape(&self, shape: &[usize]) -> Result<GpuTensor> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() {
+            bail!("cannot reshape {:?} to {shape:?}", self.shape);
+        }
+        let row_len: usize = shape.iter().skip(1).product();
+        if self.is_chunked() && row_len != self.row_len {
+            bail!(
+                "cannot reshape chunked tensor {:?} to {shape:?} (row length changes)",
+                self.shape
+            );
+        }
+        let mut t = self.clone();
+        t.shape = shape.to_vec();
+        t.row_len = row_len;
+        if !self.is_chunked() {
+            t.chunks[0].rows = shape.first().copied().unwrap_or(1);
+        }
+        Ok(t)
+    }
+}
+
+impl Gpu {
+    /// Rows per chunk for a tensor of this dtype and row length (whole u32 words per chunk).
+    fn rows_per_chunk(&self, dtype: DType, rows: usize, row_len: usize) -> Result<usize> {
+        let max = self.max_binding_bytes() as usize;
+        let row_bits = row_len * dtype.bits();
+        if row_bits == 0 {
+            return Ok(rows.max(1));
+        }
+        let mut per = (max * 8) / row_bits;
+        if per == 0 {
+            bail!(
+                "one row of {row_len} {dtype:?} elements is larger than the largest storage binding \
+                 ({max} bytes)"
+            );
+        }
+        if per >= rows {
+            return Ok(rows.max(1));
+        }
+        // Chunk boundaries must fall on u32 words so packed elements never straddle chunks.
+        while per > 0 && !(per * row_bits).is_multiple_of(32) {
+            per -= 1;
+        }
+        if per == 0 {
+            bail!("cannot split rows of {row_len} {dtype:?} elements on 32-bit boundaries");
+        }
+        Ok(per)
+    }
+
+    /// An uninitialised tensor (pooled buffers; contents are whatever was there).
+    pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<GpuTensor> {
+        let rows = shape.first().copied().unwrap_or(1);
+        let row_len: usize = shape.iter().skip(1).product();
+        let per = self.rows_per_chunk(dtype, rows, row_len)?;
+        let mut chunks = Vec::new();
+        let mut first = 0;
+        loop {
+            let n = per.min(rows - first);
+            let bytes = dtype.bytes_for(n * row_len).max(4);
+            chunks.push(Chunk {
+                buffer: self.alloc_storage(bytes),
+                first_row: first,
+                rows: n,
+                bytes,
+            });
+            first += n;
+            if first >= rows {
+                break;
+            }
+        }
+        Ok(GpuTensor {
+            shape: shape.to_vec(),
+            dtype,
+            row_len,
+            chunks,
+        })
+    }
+
+    fn upload_bytes(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<GpuTensor> {
+        let n: usize = shape.iter().product();
+        if bytes.len() != n * dtype.bits() / 8 {
+            bail!(
+                "upload of {shape:?} {dtype:?}: got {} bytes, expected {}",
+                bytes.len(),
+                n * dtype.bits() / 8
+            );
+        }
+        let t = self.empty(shape, dtype)?;
+        let row_bytes = t.row_len * dtype.bits() / 8;
+        for c in &t.chunks {
+            let src = &bytes[c.first_row * row_bytes..(c.first_row + c.rows) * row_bytes];
+            let mut padded;
+            let data = if src.len().is_multiple_of(4) {
+                src
+            } else {
+                padded = src.to_vec();
+                padded.resize(src.len().div_ceil(4) * 4, 0);
+                &padded[..]
+            };
+            if !data.is_empty() {
+                self.queue.write_buffer(c.buffer.buffer(), 0, data);
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn upload_f32(&self, shape: &[usize], data: &[f32]) -> Result<GpuTensor> {
+        self.upload_bytes(shape, DType::F32, bytemuck::cast_slice(data))
+    }
+    /// bf16 values given as their raw bits.
+    pub fn upload_bf16(&self, shape: &[usize], bits: &[u16]) -> Result<GpuTensor> {
+        self.upload_bytes(shape, DType::Bf16, bytemuck::cast_slice(bits))
+    }
+    pub fn upload_u32(&self, shape: &[usize], data: &[u32]) -> Result<GpuTensor> {
+        self.upload_bytes(shape, DType::U32, bytemuck::cast_slice(data))
+    }
+    pub fn upload_u8(&self, shape: &[usize], data: &[u8]) -> Result<GpuTensor> {
+        self.upload_bytes(shape, DType::U8, data)
+    }
+
+    /// Fills an f32 tensor with one value from the host (tests poison outputs with NaN).
+    pub fn fill_f32(&self, t: &GpuTensor, value: f32) -> Result<()> {
+        if t.dtype != DType::F32 {
+            bail!("fill_f32 on a {:?} tensor", t.dtype);
+        }
+        for c in &t.chunks {
+            let words = vec![value; (c.bytes / 4) as usize];
+            self.queue
+                .write_buffer(c.buffer.buffer(), 0, bytemuck::cast_slice(&words));
+        }
+        Ok(())
+    }
+
+    /// Poisons any tensor with all-ones bits (NaN for f32 and bf16, 0xFF.. for integers).
+    pub fn poison(&self, t: &GpuTensor) {
+        for c in &t.chunks {
+            let words = vec![0xFFFF_FFFFu32; (c.bytes / 4) as usize];
+            self.queue
+                .write_buffer(c.buffer.buffer(), 0, bytemuck::cast_slice(&words));
+        }
+    }
+
+    /// Copies a tensor's bytes to the host (submits and waits: tests and scalars only).
+    pub fn read_bytes(&self, t: &GpuTensor) -> Result<Vec<u8>> {
+        let total: u64 = t.chunks.iter().map(|c| c.bytes).sum();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: total.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut at = 0;
+        for c in &t.chunks {
+            enc.copy_buffer_to_buffer(c.buffer.buffer(), 0, &staging, at, c.bytes);
+            at += c.bytes;
+        }
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| anyhow!("GPU readback was dropped"))?
+            .map_err(|e| anyhow!("mapping GPU readback buffer: {e}"))?;
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| anyhow!("mapping GPU readback buffer: {e:?}"))?;
+        // Strip the per-chunk word padding so the bytes are the dense tensor.
+        let row_bytes_bits = t.row_len * t.dtype.bits();
+        let mut out = Vec::with_capacity(t.numel() * t.dtype.bits() / 8);
+        let mut at = 0usize;
+        for c in &t.chunks {
+            let data_bytes = c.rows * row_bytes_bits / 8;
+            out.extend_from_slice(&view[at..at + data_bytes]);
+            at += c.bytes as usize;
+        }
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Reads an f32 tensor (bf16 tensors are widened).
+    pub fn read_f32(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(t)?;
+        match t.dtype {
+            DType::F32 => Ok(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::Bf16 => Ok(bytemuck::pod_collect_to_vec::<u8, u16>(&bytes)
+                .into_iter()
+                .map(|h| f32::from_bits((h as u32) << 16))
+                .collect()),
+            d => bail!("read_f32 on a {d:?} tensor"),
+        }
+    }
+    /// Raw bf16 bits.
+    pub fn read_bf16(&self, t: &GpuTensor) -> Result<Vec<u16>> {
+        if t.dtype != DType::Bf16 {
+            bail!("read_bf16 on a {:?} tensor", t.dtype);
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(t)?))
+    }
+    pub fn read_u32(&self, t: &GpuTensor) -> Result<Vec<u32>> {
+        if t.dtype != DType::U32 {
+            bail!("read_u32 on a {:?} tensor", t.dtype);
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(t)?))
+    }
+    pub fn read_u8(&self, t: &GpuTensor) -> Result<Vec<u8>> {
+        if t.dtype != DType::U8 {
+            bail!("read_u8 on a {:?} tensor", t.dtype);
+        }
+        self.read_bytes(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::testing::{tiny_binding_gpu, TestRng};
+
+    #[test]
+    fn chunked_upload_read_roundtrip_every_dtype() {
+        let gpu = tiny_binding_gpu();
+        let mut rng = TestRng::new(TestRng::fresh_seed());
+        // 4 KiB bindings: 97 rows of 29 (116 B in f32, 58 B in bf16) need several chunks.
+        let shape = [97usize, 29];
+        let n = 97 * 29;
+        let f: Vec<f32> = rng.vec_normal(n);
+        let t = gpu.upload_f32(&shape, &f).unwrap();
+        assert!(t.chunks().len() > 1);
+        assert_eq!(gpu.read_f32(&t).unwrap(), f);
+
+        let h: Vec<u16> = (0..n).map(|_| rng.next_u64() as u16).collect();
+        let t = gpu.upload_bf16(&shape, &h).unwrap();
+        assert!(t.chunks().len() > 1);
+        for c in t.chunks() {
+            assert_eq!(
+                (c.first_row * 29 * 16) % 32,
+                0,
+                "bf16 chunks must start on whole words"
+            );
+        }
+        assert_eq!(gpu.read_bf16(&t).unwrap(), h);
+
+        let b: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
+        let t = gpu.upload_u8(&shape, &b).unwrap();
+        assert!(t.chunks().len() == 1 || t.chunks()[1].first_row.is_multiple_of(4));
+        assert_eq!(gpu.read_u8(&t).unwrap(), b);
+
+        let err = gpu.empty(&[2, 5000], DType::F32).unwrap_err().to_string();
+        assert!(
+            err.contains("larger than the largest storage binding"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,78 @@
+// GELU with the tanh approximation (gelu_pytorch_tanh) and the gated GeGLU product
+// out = gelu(gate) · up (Gemma's MLP), forward and backward. Elementwise over n values.
+
+struct Params {
+    n: u32,
+    accumulate: u32, // backward: 1 adds into the gradients instead of overwriting
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
+const COEF: f32 = 0.044715;
+
+fn idx(wid: vec3<u32>, nwg: vec3<u32>, lidx: u32) -> u32 { return (wid.x + wid.y * nwg.x) * 256u + lidx; }
+
+fn gelu(x: f32) -> f32 {
+    let inner = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+    return 0.5 * x * (1.0 + tanh(inner));
+}
+
+fn gelu_grad(x: f32) -> f32 {
+    let inner = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+    let t = tanh(inner);
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
+}
+
+@group(0) @binding(1) var<storage, read> in_a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out_a: array<f32>;
+
+@compute @workgroup_size(256)
+fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) l: u32) {
+    let i = idx(wid, nwg, l);
+    if (i >= p.n) { return; }
+    out_a[i] = gelu(in_a[i]);
+}
+
+// gelu_backward: in_a = x, in_b = dy, out_a = dx
+@group(0) @binding(3) var<storage, read> in_b: array<f32>;
+
+@compute @workgroup_size(256)
+fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) l: u32) {
+    let i = idx(wid, nwg, l);
+    if (i >= p.n) { return; }
+    var g = in_b[i] * gelu_grad(in_a[i]);
+    if (p.accumulate != 0u) { g += out_a[i]; }
+    out_a[i] = g;
+}
+
+// geglu_forward: in_a = gate, in_b = up, out_a = gelu(gate) · up
+@compute @workgroup_size(256)
+fn geglu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) l: u32) {
+    let i = idx(wid, nwg, l);
+    if (i >= p.n) { return; }
+    out_a[i] = gelu(in_a[i]) * in_b[i];
+}
+
+// geglu_backward: in_a = gate, in_b = up, in_c = dout -> out_a = dgate, out_b = dup
+@group(0) @binding(4) var<storage, read> in_c: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out_b: array<f32>;
+
+@compute @workgroup_size(256)
+fn geglu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) l: u32) {
+    let i = idx(wid, nwg, l);
+    if (i >= p.n) { return; }
+    let gate = in_a[i];
+    let d = in_c[i];
+    var dgate = d * in_b[i] * gelu_grad(gate);
+    var dup = d * gelu(gate);
+    if (p.accumulate != 0u) { dgate += out_a[i]; dup += out_b[i]; }
+    out_a[i] = dgate;
+    out_b[i] = dup;
+}

@@ -1,0 +1,48 @@
+// f32 ⇄ bf16 casts. bf16 is packed two per u32 (element 2i in the low half). f32 → bf16 rounds
+// to nearest even like torch; NaN becomes a quiet NaN. Offsets (elements) let one dispatch
+// cover a row range of chunked tensors; bf16 offsets are even (chunks hold whole words).
+
+struct Params {
+    n: u32,
+    src_off: u32,
+    dst_off: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+fn to_bf16(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { return ((b >> 16u) | 0x40u) & 0xffffu; }
+    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
+}
+
+@group(0) @binding(1) var<storage, read> f32_in: array<f32>;
+@group(0) @binding(2) var<storage, read_write> bf16_out: array<u32>;
+
+// One invocation per output word (two elements).
+@compute @workgroup_size(256)
+fn f32_to_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) l: u32) {
+    let w = (wid.x + wid.y * nwg.x) * 256u + l;
+    let e = 2u * w;
+    if (e >= p.n) { return; }
+    let lo = to_bf16(f32_in[p.src_off + e]);
+    var hi = 0u;
+    if (e + 1u < p.n) { hi = to_bf16(f32_in[p.src_off + e + 1u]); }
+    bf16_out[p.dst_off / 2u + w] = lo | (hi << 16u);
+}
+
+@group(0) @binding(1) var<storage, read> bf16_in: array<u32>;
+@group(0) @binding(2) var<storage, read_write> f32_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn bf16_to_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) l: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    if (i >= p.n) { return; }
+    let e = p.src_off + i;
+    let word = bf16_in[e >> 1u];
+    let h = select(word >> 16u, word & 0xffffu, (e & 1u) == 0u);
+    f32_out[p.dst_off + i] = bitcast<f32>(h << 16u);
+}

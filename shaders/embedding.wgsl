@@ -1,0 +1,87 @@
+// Embedding gather (forward) and scatter-add (backward) over a table that may be split into
+// row chunks: each dispatch covers one chunk (rows first .. first + rows) and touches only
+// tokens whose id falls in it. Ids at or beyond `vocab` produce NaN rows (loud, not silent).
+
+struct Params {
+    tokens: u32,
+    dim: u32,
+    first: u32,    // first table row in this chunk
+    rows: u32,     // table rows in this chunk
+    vocab: u32,
+    skip_id: u32,  // backward: this id gets no gradient (padding_idx); 0xFFFFFFFF for none
+    scale: f32,
+    round_bf16: u32, // forward: round the scaled value to bf16 (torch multiplies in bf16)
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+
+fn bf16_round(v: f32) -> f32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { return v; } // NaN stays NaN
+    let r = b + 0x7fffu + ((b >> 16u) & 1u);
+    return bitcast<f32>(r & 0xffff0000u);
+}
+
+fn gather_value(t: u32, j: u32, row_value: f32) -> f32 {
+    var v = row_value * p.scale;
+    if (p.round_bf16 != 0u) { v = bf16_round(v); }
+    return v;
+}
+
+@group(0) @binding(2) var<storage, read> table_f32: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(256)
+fn gather_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) l: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    if (i >= p.tokens * p.dim) { return; }
+    let t = i / p.dim;
+    let j = i % p.dim;
+    let id = ids[t];
+    if (id >= p.vocab) {
+        if (p.first == 0u) { out[i] = bitcast<f32>(0x7fc00000u); }
+        return;
+    }
+    if (id < p.first || id >= p.first + p.rows) { return; }
+    out[i] = gather_value(t, j, table_f32[(id - p.first) * p.dim + j]);
+}
+
+@group(0) @binding(2) var<storage, read> table_bf16: array<u32>;
+
+@compute @workgroup_size(256)
+fn gather_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) l: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    if (i >= p.tokens * p.dim) { return; }
+    let t = i / p.dim;
+    let j = i % p.dim;
+    let id = ids[t];
+    if (id >= p.vocab) {
+        if (p.first == 0u) { out[i] = bitcast<f32>(0x7fc00000u); }
+        return;
+    }
+    if (id < p.first || id >= p.first + p.rows) { return; }
+    let e = (id - p.first) * p.dim + j;
+    let word = table_bf16[e >> 1u];
+    let h = select(word >> 16u, word & 0xffffu, (e & 1u) == 0u);
+    out[i] = gather_value(t, j, bitcast<f32>(h << 16u));
+}
+
+// scatter_add: one invocation per column; walks all tokens, so no two invocations write the
+// same element (deterministic, no atomics).
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dtable: array<f32>;
+
+@compute @workgroup_size(64)
+fn scatter_add(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    if (j >= p.dim) { return; }
+    for (var t = 0u; t < p.tokens; t++) {
+        let id = ids[t];
+        if (id == p.skip_id || id < p.first || id >= p.first + p.rows) { continue; }
+        let e = (id - p.first) * p.dim + j;
+        dtable[e] = dtable[e] + dy[t * p.dim + j] * p.scale;
+    }
+}

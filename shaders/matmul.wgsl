@@ -1,0 +1,275 @@
+// Matrix multiply C = alpha · op(A) · op(B) + beta · C + bias, batched.
+//
+// op(A) is M×K (A stored [M,K], or [K,M] with TRANS_A), op(B) is K×N (B stored [K,N], or
+// [N,K] with TRANS_B). Offsets, leading dimensions and batch strides are in elements.
+//
+// The Rust wrapper prepends one of the two preludes below (split on the `//== prelude` lines):
+// `vec4` binds A and B as array<vec4<f32>> (offsets and leading dimensions multiples of 4 and
+// the contiguous dimensions multiples of 4), `scalar` binds them as array<f32>. llvmpipe loads
+// storage one lane at a time, so a vec4 load is 4x fewer load instructions there.
+//
+// The `nf4_*` preludes make B a bitsandbytes NF4 weight (packed nibbles + f32 absmax, binding
+// 5) dequantized inside the tile loop: the fused NF4 matmul is this same kernel.
+//
+// Two kernels: `matmul_register` (a TM×TN block of C per invocation held in registers, no
+// workgroup memory: fastest on CPU adapters) and `matmul_workgroup` (BM×BN tiles staged in
+// workgroup memory, WTM×WTN per invocation: GPUs). Rows/columns past M/N in a block read
+// whatever the bounds-checked loads return and are never stored.
+
+//== prelude vec4
+@group(0) @binding(1) var<storage, read> A: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> B: array<vec4<f32>>;
+fn a4(e: u32) -> vec4<f32> { return A[e >> 2u]; }
+fn a1(e: u32) -> f32 { return A[e >> 2u][e & 3u]; }
+fn b4(e: u32) -> vec4<f32> { return B[e >> 2u]; }
+fn b1(e: u32) -> f32 { return B[e >> 2u][e & 3u]; }
+//== prelude scalar
+@group(0) @binding(1) var<storage, read> A: array<f32>;
+@group(0) @binding(2) var<storage, read> B: array<f32>;
+fn a4(e: u32) -> vec4<f32> { return vec4<f32>(A[e], A[e + 1u], A[e + 2u], A[e + 3u]); }
+fn a1(e: u32) -> f32 { return A[e]; }
+fn b4(e: u32) -> vec4<f32> { return vec4<f32>(B[e], B[e + 1u], B[e + 2u], B[e + 3u]); }
+fn b1(e: u32) -> f32 { return B[e]; }
+//== prelude nf4_vec4
+@group(0) @binding(1) var<storage, read> A: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> Wq: array<u32>;
+@group(0) @binding(5) var<storage, read> Wabsmax: array<f32>;
+fn a4(e: u32) -> vec4<f32> { return A[e >> 2u]; }
+fn a1(e: u32) -> f32 { return A[e >> 2u][e & 3u]; }
+// NF4 weights (bitsandbytes layout): element e is byte e/2 (bytes little-endian in u32
+// words), high nibble for even e; value = code[nibble] * absmax[e / NF4_BLOCK].
+override NF4_BLOCK: u32 = 64u;
+var<private> NF4: array<f32, 16> = array<f32, 16>(
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
+fn b1(e: u32) -> f32 {
+    let byte = (Wq[e >> 3u] >> (((e >> 1u) & 3u) * 8u)) & 255u;
+    let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
+    return NF4[nib] * Wabsmax[e / NF4_BLOCK];
+}
+// Four consecutive weights from element e (e % 4 == 0): bytes e/2 and e/2 + 1 of one word.
+fn b4(e: u32) -> vec4<f32> {
+    let w = Wq[e >> 3u] >> ((e & 4u) * 4u);
+    let s = Wabsmax[e / NF4_BLOCK];
+    return vec4<f32>(NF4[(w >> 4u) & 15u], NF4[w & 15u], NF4[(w >> 12u) & 15u], NF4[(w >> 8u) & 15u]) * s;
+}
+//== prelude nf4_scalar
+@group(0) @binding(1) var<storage, read> A: array<f32>;
+@group(0) @binding(2) var<storage, read> Wq: array<u32>;
+@group(0) @binding(5) var<storage, read> Wabsmax: array<f32>;
+fn a4(e: u32) -> vec4<f32> { return vec4<f32>(A[e], A[e + 1u], A[e + 2u], A[e + 3u]); }
+fn a1(e: u32) -> f32 { return A[e]; }
+// NF4 weights (bitsandbytes layout): element e is byte e/2 (bytes little-endian in u32
+// words), high nibble for even e; value = code[nibble] * absmax[e / NF4_BLOCK].
+override NF4_BLOCK: u32 = 64u;
+var<private> NF4: array<f32, 16> = array<f32, 16>(
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
+fn b1(e: u32) -> f32 {
+    let byte = (Wq[e >> 3u] >> (((e >> 1u) & 3u) * 8u)) & 255u;
+    let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
+    return NF4[nib] * Wabsmax[e / NF4_BLOCK];
+}
+fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
+//== body
+struct Params {
+    m: u32, n: u32, k: u32, has_bias: u32,
+    a_off: u32, lda: u32, a_batch: u32, b_off: u32,
+    ldb: u32, b_batch: u32, c_off: u32, ldc: u32,
+    c_batch: u32, bias_off: u32, alpha: f32, beta: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(3) var<storage, read_write> C: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = false;
+
+// Register kernel shape: outputs per invocation (multiples of 4, at most 16) and workgroup.
+override TM: u32 = 8u;
+override TN: u32 = 8u;
+override WG_X: u32 = 8u;
+override WG_Y: u32 = 8u;
+
+fn a_index(m: u32, k: u32) -> u32 {
+    if (TRANS_A) { return k * p.lda + m; }
+    return m * p.lda + k;
+}
+
+fn b_index(k: u32, n: u32) -> u32 {
+    if (TRANS_B) { return n * p.ldb + k; }
+    return k * p.ldb + n;
+}
+
+fn store(m: u32, n: u32, c_base: u32, v: f32) {
+    let idx = c_base + m * p.ldc + n;
+    var r = p.alpha * v;
+    if (p.beta != 0.0) { r = r + p.beta * C[idx]; }
+    if (p.has_bias != 0u) { r = r + bias[p.bias_off + n]; }
+    C[idx] = r;
+}
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn matmul_register(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n0 = gid.x * TN;
+    let m0 = gid.y * TM;
+    if (m0 >= p.m || n0 >= p.n) { return; }
+    let a_base = p.a_off + gid.z * p.a_batch;
+    let b_base = p.b_off + gid.z * p.b_batch;
+    let c_base = p.c_off + gid.z * p.c_batch;
+    let tn4 = TN / 4u;
+
+    // acc[i * tn4 + j] holds C[m0 + i, n0 + 4j .. n0 + 4j + 4].
+    var acc: array<vec4<f32>, 64>;
+    for (var i = 0u; i < TM * tn4; i++) { acc[i] = vec4<f32>(0.0); }
+
+    let k4 = p.k & ~3u;
+    for (var k = 0u; k < k4; k += 4u) {
+        // av[i] = op(A)[m0 + i, k .. k + 4]
+        var av: array<vec4<f32>, 16>;
+        if (TRANS_A) {
+            for (var q = 0u; q < TM; q += 4u) {
+                for (var kk = 0u; kk < 4u; kk++) {
+                    let v = a4(a_base + (k + kk) * p.lda + m0 + q);
+                    av[q][kk] = v.x;
+                    av[q + 1u][kk] = v.y;
+                    av[q + 2u][kk] = v.z;
+                    av[q + 3u][kk] = v.w;
+                }
+            }
+        } else {
+            for (var i = 0u; i < TM; i++) { av[i] = a4(a_base + (m0 + i) * p.lda + k); }
+        }
+        // bv[kk * tn4 + j] = op(B)[k + kk, n0 + 4j .. n0 + 4j + 4]
+        var bv: array<vec4<f32>, 16>;
+        if (TRANS_B) {
+            for (var jj = 0u; jj < TN; jj++) {
+                let v = b4(b_base + (n0 + jj) * p.ldb + k);
+                let j = jj / 4u;
+                let c = jj % 4u;
+                bv[j][c] = v.x;
+                bv[tn4 + j][c] = v.y;
+                bv[2u * tn4 + j][c] = v.z;
+                bv[3u * tn4 + j][c] = v.w;
+            }
+        } else {
+            for (var kk = 0u; kk < 4u; kk++) {
+                for (var j = 0u; j < tn4; j++) {
+                    bv[kk * tn4 + j] = b4(b_base + (k + kk) * p.ldb + n0 + 4u * j);
+                }
+            }
+        }
+        for (var kk = 0u; kk < 4u; kk++) {
+            for (var i = 0u; i < TM; i++) {
+                let a = vec4<f32>(av[i][kk]);
+                for (var j = 0u; j < tn4; j++) {
+                    acc[i * tn4 + j] = fma(a, bv[kk * tn4 + j], acc[i * tn4 + j]);
+                }
+            }
+        }
+    }
+    // K not a multiple of 4 (scalar prelude, or TRANS_A where the contiguous dimension is M).
+    for (var k = k4; k < p.k; k++) {
+        var brow: array<vec4<f32>, 4>;
+        for (var j = 0u; j < tn4; j++) {
+            brow[j] = vec4<f32>(
+                b1(b_base + b_index(k, n0 + 4u * j)),
+                b1(b_base + b_index(k, n0 + 4u * j + 1u)),
+                b1(b_base + b_index(k, n0 + 4u * j + 2u)),
+                b1(b_base + b_index(k, n0 + 4u * j + 3u)));
+        }
+        for (var i = 0u; i < TM; i++) {
+            let a = vec4<f32>(a1(a_base + a_index(m0 + i, k)));
+            for (var j = 0u; j < tn4; j++) {
+                acc[i * tn4 + j] = fma(a, brow[j], acc[i * tn4 + j]);
+            }
+        }
+    }
+
+    for (var i = 0u; i < TM; i++) {
+        let m = m0 + i;
+        if (m >= p.m) { break; }
+        for (var j = 0u; j < TN; j++) {
+            let n = n0 + j;
+            if (n >= p.n) { break; }
+            store(m, n, c_base, acc[i * tn4 + j / 4u][j % 4u]);
+        }
+    }
+}
+
+// Workgroup-tiled kernel: a BM×BN tile per workgroup, BK deep slices staged in workgroup
+// memory, WTM×WTN outputs per invocation.
+override BM: u32 = 64u;
+override BN: u32 = 64u;
+override BK: u32 = 16u;
+override WTM: u32 = 4u;
+override WTN: u32 = 4u;
+override WGT_X: u32 = 16u; // BN / WTN
+override WGT_Y: u32 = 16u; // BM / WTM
+
+var<workgroup> tile_a: array<f32, BM * BK>; // [k][m]
+var<workgroup> tile_b: array<f32, BK * BN>; // [k][n]
+
+@compute @workgroup_size(WGT_X, WGT_Y, 1)
+fn matmul_workgroup(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) lindex: u32,
+) {
+    let m_tile = wid.y * BM;
+    let n_tile = wid.x * BN;
+    let a_base = p.a_off + wid.z * p.a_batch;
+    let b_base = p.b_off + wid.z * p.b_batch;
+    let c_base = p.c_off + wid.z * p.c_batch;
+    let threads = WGT_X * WGT_Y;
+
+    var acc: array<f32, 64>;
+    for (var i = 0u; i < WTM * WTN; i++) { acc[i] = 0.0; }
+
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        for (var e = lindex; e < BM * BK; e += threads) {
+            // Consecutive invocations walk the stored matrix's contiguous dimension.
+            var kk: u32; var mm: u32;
+            if (TRANS_A) { kk = e / BM; mm = e % BM; } else { mm = e / BK; kk = e % BK; }
+            let m = m_tile + mm;
+            let k = k0 + kk;
+            var v = 0.0;
+            if (m < p.m && k < p.k) { v = a1(a_base + a_index(m, k)); }
+            tile_a[kk * BM + mm] = v;
+        }
+        for (var e = lindex; e < BK * BN; e += threads) {
+            var kk: u32; var nn: u32;
+            if (TRANS_B) { nn = e / BK; kk = e % BK; } else { kk = e / BN; nn = e % BN; }
+            let n = n_tile + nn;
+            let k = k0 + kk;
+            var v = 0.0;
+            if (n < p.n && k < p.k) { v = b1(b_base + b_index(k, n)); }
+            tile_b[kk * BN + nn] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            for (var i = 0u; i < WTM; i++) {
+                let a = tile_a[kk * BM + lid.y * WTM + i];
+                for (var j = 0u; j < WTN; j++) {
+                    acc[i * WTN + j] = fma(a, tile_b[kk * BN + lid.x * WTN + j], acc[i * WTN + j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var i = 0u; i < WTM; i++) {
+        let m = m_tile + lid.y * WTM + i;
+        if (m >= p.m) { break; }
+        for (var j = 0u; j < WTN; j++) {
+            let n = n_tile + lid.x * WTN + j;
+            if (n >= p.n) { break; }
+            store(m, n, c_base, acc[i * WTN + j]);
+        }
+    }
+}

@@ -1,0 +1,174 @@
+// Row normalisations over the last dimension, f32.
+// Gemma RMSNorm: y = x · rsqrt(mean(x²) + eps) · (1 + w)   (Gemma3RMSNorm, computed in f32)
+// LayerNorm:     y = (x − mean) · rsqrt(var + eps) · w + b  (biased variance, as torch)
+// Forward kernels: one workgroup (64 invocations) per row, tree reductions in workgroup memory;
+// they save rstd (and mean) per row for backward. Weight-gradient kernels: one invocation per
+// column, summing over rows (deterministic, no atomics).
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    eps: f32,
+    accumulate: u32, // weight-gradient kernels: 1 adds into dw/db instead of overwriting
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+const WG: u32 = 64u;
+var<workgroup> red_a: array<f32, 64>;
+var<workgroup> red_b: array<f32, 64>;
+
+fn row_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.x + wid.y * nwg.x; }
+
+// Sums red_a and red_b over the workgroup; result in element 0 of each.
+fn reduce2(lid: u32) {
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s /= 2u) {
+        if (lid < s) {
+            red_a[lid] += red_a[lid + s];
+            red_b[lid] += red_b[lid + s];
+        }
+        workgroupBarrier();
+    }
+}
+
+// ---- forward: x [rows, cols], w [cols], (b [cols]) -> y [rows, cols], stats [rows] (or [rows, 2])
+@group(0) @binding(1) var<storage, read> fx: array<f32>;
+@group(0) @binding(2) var<storage, read> fw: array<f32>;
+@group(0) @binding(3) var<storage, read_write> fy: array<f32>;
+@group(0) @binding(4) var<storage, read_write> fstats: array<f32>;
+@group(0) @binding(5) var<storage, read> fb: array<f32>;
+
+@compute @workgroup_size(64)
+fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let row = row_id(wid, nwg);
+    if (row >= p.rows) { return; } // uniform per workgroup
+    let base = row * p.cols;
+    var ss = 0.0;
+    for (var j = lid; j < p.cols; j += WG) { let v = fx[base + j]; ss += v * v; }
+    red_a[lid] = ss;
+    red_b[lid] = 0.0;
+    reduce2(lid);
+    let rstd = inverseSqrt(red_a[0] / f32(p.cols) + p.eps);
+    for (var j = lid; j < p.cols; j += WG) {
+        fy[base + j] = fx[base + j] * rstd * (1.0 + fw[j]);
+    }
+    if (lid == 0u) { fstats[row] = rstd; }
+}
+
+@compute @workgroup_size(64)
+fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let row = row_id(wid, nwg);
+    if (row >= p.rows) { return; }
+    let base = row * p.cols;
+    var s = 0.0;
+    for (var j = lid; j < p.cols; j += WG) { s += fx[base + j]; }
+    red_a[lid] = s;
+    red_b[lid] = 0.0;
+    reduce2(lid);
+    let mean = red_a[0] / f32(p.cols);
+    workgroupBarrier();
+    var sq = 0.0;
+    for (var j = lid; j < p.cols; j += WG) { let d = fx[base + j] - mean; sq += d * d; }
+    red_a[lid] = sq;
+    red_b[lid] = 0.0;
+    reduce2(lid);
+    let rstd = inverseSqrt(red_a[0] / f32(p.cols) + p.eps);
+    for (var j = lid; j < p.cols; j += WG) {
+        fy[base + j] = (fx[base + j] - mean) * rstd * fw[j] + fb[j];
+    }
+    if (lid == 0u) { fstats[2u * row] = mean; fstats[2u * row + 1u] = rstd; }
+}
+
+// ---- backward dx: x, w, dy, stats -> dx [rows, cols]
+@group(0) @binding(1) var<storage, read> bx: array<f32>;
+@group(0) @binding(2) var<storage, read> bw: array<f32>;
+@group(0) @binding(3) var<storage, read> bdy: array<f32>;
+@group(0) @binding(4) var<storage, read> bstats: array<f32>;
+@group(0) @binding(5) var<storage, read_write> bdx: array<f32>;
+
+@compute @workgroup_size(64)
+fn rmsnorm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let row = row_id(wid, nwg);
+    if (row >= p.rows) { return; }
+    let base = row * p.cols;
+    let rstd = bstats[row];
+    // dx = rstd · (g − xhat · mean(g · xhat)), g = dy · (1 + w), xhat = x · rstd
+    var s = 0.0;
+    for (var j = lid; j < p.cols; j += WG) {
+        s += bdy[base + j] * (1.0 + bw[j]) * bx[base + j] * rstd;
+    }
+    red_a[lid] = s;
+    red_b[lid] = 0.0;
+    reduce2(lid);
+    let mean_gx = red_a[0] / f32(p.cols);
+    for (var j = lid; j < p.cols; j += WG) {
+        let xhat = bx[base + j] * rstd;
+        bdx[base + j] = rstd * (bdy[base + j] * (1.0 + bw[j]) - xhat * mean_gx);
+    }
+}
+
+@compute @workgroup_size(64)
+fn layernorm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let row = row_id(wid, nwg);
+    if (row >= p.rows) { return; }
+    let base = row * p.cols;
+    let mean = bstats[2u * row];
+    let rstd = bstats[2u * row + 1u];
+    // dx = rstd · (g − mean(g) − xhat · mean(g · xhat)), g = dy · w
+    var sg = 0.0;
+    var sgx = 0.0;
+    for (var j = lid; j < p.cols; j += WG) {
+        let g = bdy[base + j] * bw[j];
+        sg += g;
+        sgx += g * (bx[base + j] - mean) * rstd;
+    }
+    red_a[lid] = sg;
+    red_b[lid] = sgx;
+    reduce2(lid);
+    let mg = red_a[0] / f32(p.cols);
+    let mgx = red_b[0] / f32(p.cols);
+    for (var j = lid; j < p.cols; j += WG) {
+        let xhat = (bx[base + j] - mean) * rstd;
+        bdx[base + j] = rstd * (bdy[base + j] * bw[j] - mg - xhat * mgx);
+    }
+}
+
+// ---- backward dw (and db): one invocation per column
+@group(0) @binding(1) var<storage, read> gx: array<f32>;
+@group(0) @binding(2) var<storage, read> gdy: array<f32>;
+@group(0) @binding(3) var<storage, read> gstats: array<f32>;
+@group(0) @binding(4) var<storage, read_write> gdw: array<f32>;
+@group(0) @binding(5) var<storage, read_write> gdb: array<f32>;
+
+@compute @workgroup_size(64)
+fn rmsnorm_backward_dw(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    if (j >= p.cols) { return; }
+    var s = 0.0;
+    for (var r = 0u; r < p.rows; r++) {
+        s += gdy[r * p.cols + j] * gx[r * p.cols + j] * gstats[r];
+    }
+    if (p.accumulate != 0u) { s += gdw[j]; }
+    gdw[j] = s;
+}
+
+@compute @workgroup_size(64)
+fn layernorm_backward_dw(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    if (j >= p.cols) { return; }
+    var sw = 0.0;
+    var sb = 0.0;
+    for (var r = 0u; r < p.rows; r++) {
+        let dy = gdy[r * p.cols + j];
+        sw += dy * (gx[r * p.cols + j] - gstats[2u * r]) * gstats[2u * r + 1u];
+        sb += dy;
+    }
+    if (p.accumulate != 0u) { sw += gdw[j]; sb += gdb[j]; }
+    gdw[j] = sw;
+    gdb[j] = sb;
+}

@@ -1,0 +1,86 @@
+// Reductions to a scalar in two stages: `partial` (one workgroup per SEG elements writes one
+// partial result at partials[out_index + workgroup]) and `finish` (one workgroup folds
+// partials[0..count] into out[0]). Modes: 0 sum, 1 max, 2 sum of squares, 3 sqrt(sum) in
+// finish (the global L2 norm over many tensors: partial sums of squares of every tensor, then
+// one finish). `clip_scale` multiplies a tensor in place by min(1, max_norm / (norm + 1e-6)),
+// torch's clip_grad_norm_ coefficient, reading the norm from the GPU (no read-back).
+
+struct Params {
+    n: u32,
+    mode: u32,
+    out_index: u32,
+    max_norm: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+const WG: u32 = 256u;
+const ITEMS: u32 = 16u;
+var<workgroup> red: array<f32, 256>;
+
+fn combine(a: f32, b: f32) -> f32 {
+    if (p.mode == 1u) { return max(a, b); }
+    return a + b;
+}
+
+fn identity() -> f32 {
+    if (p.mode == 1u) { return bitcast<f32>(0xff800000u); } // -inf
+    return 0.0;
+}
+
+fn tree(lid: u32) {
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s /= 2u) {
+        if (lid < s) { red[lid] = combine(red[lid], red[lid + s]); }
+        workgroupBarrier();
+    }
+}
+
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> partials: array<f32>;
+
+@compute @workgroup_size(256)
+fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x + wid.y * nwg.x;
+    let start = g * WG * ITEMS;
+    var acc = identity();
+    for (var k = 0u; k < ITEMS; k++) {
+        let i = start + k * WG + lid;
+        if (i < p.n) {
+            let v = x[i];
+            if (p.mode == 2u) { acc += v * v; } else { acc = combine(acc, v); }
+        }
+    }
+    red[lid] = acc;
+    tree(lid);
+    if (lid == 0u) { partials[p.out_index + g] = red[0]; }
+}
+
+@group(0) @binding(1) var<storage, read> fin_in: array<f32>;
+@group(0) @binding(2) var<storage, read_write> fin_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn finish(@builtin(local_invocation_index) lid: u32) {
+    var acc = identity();
+    for (var i = lid; i < p.n; i += WG) { acc = combine(acc, fin_in[i]); }
+    red[lid] = acc;
+    tree(lid);
+    if (lid == 0u) {
+        var r = red[0];
+        if (p.mode == 3u) { r = sqrt(r); }
+        fin_out[0] = r;
+    }
+}
+
+@group(0) @binding(1) var<storage, read_write> clip_x: array<f32>;
+@group(0) @binding(2) var<storage, read> clip_norm: array<f32>;
+
+@compute @workgroup_size(256)
+fn clip_scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= p.n) { return; }
+    let coef = min(p.max_norm / (clip_norm[0] + 1e-6), 1.0);
+    clip_x[i] = clip_x[i] * coef;
+}
