@@ -11,9 +11,10 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::kernels::{accumulate_dyt_x, matmul_xw, matmul_xwt};
+use super::kernels::{matmul_xw, matmul_xwt};
 use crate::model::names::{EMBED_TOKENS, LM_HEAD};
 use crate::model::safetensors_io::SafetensorsSet;
+use crate::reference::lora::hash32;
 
 /// PEFT's prefix of every adapter key.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -36,7 +37,7 @@ pub struct LoraSettings {
     pub scaling: f32,
     /// `lora_dropout` probability on the LoRA input (training only).
     pub dropout: f32,
-    /// Seed of the dropout masks (see [`dropout_keep`]).
+    /// Seed of the dropout masks (see [`lora_dropout_seed`]).
     pub dropout_seed: u64,
 }
 
@@ -240,26 +241,18 @@ impl Adapter {
     }
 }
 
-/// The dropout mask element `i` of call `call` of a module: kept with probability `1 − p`.
-/// Counter-based (SplitMix64 of seed, module, call and element) so a GPU kernel can reproduce
-/// it without sharing RNG state.
-pub fn dropout_keep(seed: u64, module_id: u64, call: u64, i: u64, p: f32) -> bool {
-    let mut z = seed
-        ^ module_id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ call.wrapping_mul(0xD1B5_4A32_D192_ED03)
-        ^ i.wrapping_mul(0x94D0_49BB_1331_11EB);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    let u = (z >> 40) as f32 / (1u64 << 24) as f32;
-    u >= p
-}
-
-fn masked(x: &[f32], mask: Option<&[f32]>) -> Vec<f32> {
-    match mask {
-        Some(m) => x.iter().zip(m).map(|(a, b)| a * b).collect(),
-        None => x.to_vec(),
-    }
+/// The dropout seed of one LoRA module in one forward call: the GPU model must derive its
+/// per-call seeds the same way to reproduce the reference's masks (the mask itself is
+/// [`crate::reference::lora::dropout_keep`] of this seed and the element index of `x [rows, in]`).
+pub fn lora_dropout_seed(base_seed: u64, module: &str, call: u64) -> u32 {
+    // FNV-1a of the module path (stable across runs and platforms), folded with the call and seed.
+    let module_hash = module.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    });
+    let mut s = hash32(module_hash ^ base_seed as u32);
+    s = hash32(s ^ (base_seed >> 32) as u32);
+    s = hash32(s ^ call as u32);
+    hash32(s ^ (call >> 32) as u32)
 }
 
 /// A frozen `nn.Linear` (`weight [out, in]`, optional `bias [out]`) by canonical module path.
@@ -277,10 +270,11 @@ pub struct Linear {
 pub struct LinearCache {
     /// `[rows, in]` the input (needed for dA).
     pub x: Vec<f32>,
-    /// `[rows, in]` the dropout multiplier (0 or `1/(1-p)`), when dropout is active.
-    pub dropout_mask: Option<Vec<f32>>,
     /// `[rows, rank]` the LoRA intermediate `dropout(x)·Aᵀ`.
     pub xa: Vec<f32>,
+    /// Dropout probability and seed used (p = 0 outside training).
+    pub dropout: f32,
+    pub seed: u32,
 }
 
 /// Training-time context of a LoRA forward: dropout is applied only when `training`.
@@ -301,13 +295,6 @@ impl Linear {
             .map(|p| (p, adapter.settings))
     }
 
-    fn module_id(&self) -> u64 {
-        // FNV-1a of the module path: stable across runs and platforms.
-        self.module.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        })
-    }
-
     /// `x [rows, in]` -> `y [rows, out]`.
     pub fn forward(&self, x: &[f32], lora: &LoraCall) -> (Vec<f32>, LinearCache) {
         let rows = x.len() / self.in_features;
@@ -322,27 +309,25 @@ impl Linear {
             ..Default::default()
         };
         if let Some((pair, s)) = self.pair(lora) {
-            let dropout_mask = (lora.training && s.dropout > 0.0).then(|| {
-                let keep_scale = 1.0 / (1.0 - s.dropout);
-                let id = self.module_id();
-                (0..x.len() as u64)
-                    .map(|i| {
-                        if dropout_keep(s.dropout_seed, id, lora.call, i, s.dropout) {
-                            keep_scale
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect::<Vec<f32>>()
-            });
-            let lora_in = masked(x, dropout_mask.as_deref());
-            let xa = matmul_xwt(&lora_in, &pair.a, rows, self.in_features, pair.rank);
-            let xab = matmul_xwt(&xa, &pair.b, rows, pair.rank, self.out_features);
-            y.iter_mut()
-                .zip(&xab)
-                .for_each(|(o, v)| *o += s.scaling * v);
+            let p = if lora.training { s.dropout } else { 0.0 };
+            let seed = lora_dropout_seed(s.dropout_seed, &self.module, lora.call);
+            let (with_lora, xa) = crate::reference::lora::lora_forward(
+                x,
+                &pair.a,
+                &pair.b,
+                &y,
+                rows,
+                self.in_features,
+                self.out_features,
+                pair.rank,
+                s.scaling,
+                p,
+                seed,
+            );
+            y = with_lora;
             cache.xa = xa;
-            cache.dropout_mask = dropout_mask;
+            cache.dropout = p;
+            cache.seed = seed;
         }
         (y, cache)
     }
@@ -359,30 +344,155 @@ impl Linear {
         let rows = dy.len() / self.out_features;
         let mut dx = matmul_xw(dy, &self.weight, rows, self.out_features, self.in_features);
         if let Some((pair, s)) = self.pair(lora) {
-            // d(xa) [rows, rank] = s · dy · B
-            let mut dxa = matmul_xw(dy, &pair.b, rows, self.out_features, pair.rank);
-            dxa.iter_mut().for_each(|v| *v *= s.scaling);
+            let (da, db, dx_lora) = crate::reference::lora::lora_backward(
+                &cache.x,
+                &pair.a,
+                &pair.b,
+                &cache.xa,
+                dy,
+                rows,
+                self.in_features,
+                self.out_features,
+                pair.rank,
+                s.scaling,
+                cache.dropout,
+                cache.seed,
+            );
             if let Some(grads) = grads {
-                let (da, db) = grads
+                let (ga, gb) = grads
                     .pairs
                     .get_mut(&self.module)
                     .expect("AdapterGrads made from the same adapter");
-                accumulate_dyt_x(
-                    db,
-                    dy,
-                    &cache.xa,
-                    rows,
-                    pair.rank,
-                    self.out_features,
-                    s.scaling,
-                );
-                let lora_in = masked(&cache.x, cache.dropout_mask.as_deref());
-                accumulate_dyt_x(da, &dxa, &lora_in, rows, self.in_features, pair.rank, 1.0);
+                ga.iter_mut().zip(&da).for_each(|(g, d)| *g += d);
+                gb.iter_mut().zip(&db).for_each(|(g, d)| *g += d);
             }
-            let dx_lora = matmul_xw(&dxa, &pair.a, rows, pair.rank, self.in_features);
-            let dx_lora = masked(&dx_lora, cache.dropout_mask.as_deref());
             dx.iter_mut().zip(&dx_lora).for_each(|(o, v)| *o += v);
         }
         dx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linear_with_adapter(p: f32) -> (Linear, Adapter) {
+        let (inp, out, rank) = (5, 3, 2);
+        let vals = |n: usize, k: usize| {
+            (0..n)
+                .map(|i| ((i * 7 + k) % 11) as f32 * 0.1 - 0.5)
+                .collect::<Vec<f32>>()
+        };
+        let linear = Linear {
+            module: "m.q_proj".into(),
+            weight: vals(out * inp, 1),
+            bias: Some(vals(out, 2)),
+            in_features: inp,
+            out_features: out,
+        };
+        let mut pairs = BTreeMap::new();
+        pairs.insert(
+            "m.q_proj".to_string(),
+            LoraPair {
+                a: vals(rank * inp, 3),
+                b: vals(out * rank, 4),
+                rank,
+            },
+        );
+        let adapter = Adapter {
+            settings: LoraSettings {
+                dropout: p,
+                ..LoraSettings::new(rank, 4.0, true, p)
+            },
+            pairs,
+            lm_head: None,
+            embed_tokens: None,
+        };
+        (linear, adapter)
+    }
+
+    #[test]
+    fn rslora_scaling_and_dropout_only_in_training() {
+        assert_eq!(LoraSettings::new(16, 16.0, false, 0.0).scaling, 1.0);
+        assert_eq!(LoraSettings::new(4, 16.0, true, 0.0).scaling, 8.0);
+        let (linear, adapter) = linear_with_adapter(0.5);
+        let x: Vec<f32> = (0..4 * 5).map(|i| (i as f32 * 0.37).sin()).collect();
+        let call = |training, call| LoraCall {
+            adapter: Some(&adapter),
+            training,
+            call,
+        };
+        let (eval_a, _) = linear.forward(&x, &call(false, 0));
+        let (eval_b, _) = linear.forward(&x, &call(false, 1));
+        let (train_a, _) = linear.forward(&x, &call(true, 0));
+        let (train_b, _) = linear.forward(&x, &call(true, 1));
+        assert_eq!(eval_a, eval_b, "no dropout in eval mode");
+        assert_ne!(eval_a, train_a, "dropout acts in training");
+        assert_ne!(train_a, train_b, "each call draws its own mask");
+        assert_ne!(
+            lora_dropout_seed(0, "m.q_proj", 0),
+            lora_dropout_seed(0, "m.k_proj", 0),
+            "each module draws its own mask"
+        );
+    }
+
+    #[test]
+    fn linear_backward_with_dropout_matches_finite_differences() {
+        let (linear, adapter) = linear_with_adapter(0.3);
+        let x: Vec<f32> = (0..4 * 5).map(|i| (i as f32 * 0.37).sin()).collect();
+        let dy: Vec<f32> = (0..4 * 3).map(|i| (i as f32 * 0.91).cos()).collect();
+        let call = LoraCall {
+            adapter: Some(&adapter),
+            training: true,
+            call: 7,
+        };
+        let loss = |ad: &Adapter, x: &[f32]| {
+            let c = LoraCall {
+                adapter: Some(ad),
+                ..call
+            };
+            let (y, _) = linear.forward(x, &c);
+            y.iter()
+                .zip(&dy)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+        };
+        let (_, cache) = linear.forward(&x, &call);
+        let mut grads = AdapterGrads::zeros_like(&adapter);
+        let dx = linear.backward(&cache, &dy, &call, Some(&mut grads));
+        let (da, db) = &grads.pairs["m.q_proj"];
+        let h = 1e-3f32;
+        for i in 0..x.len() {
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp[i] += h;
+            xm[i] -= h;
+            let num = (loss(&adapter, &xp) - loss(&adapter, &xm)) / (2.0 * h as f64);
+            assert!(
+                (dx[i] as f64 - num).abs() < 1e-3,
+                "dx[{i}] {} vs {num}",
+                dx[i]
+            );
+        }
+        for (which, grad) in [(0, da), (1, db)] {
+            for (i, &g) in grad.iter().enumerate() {
+                let (mut ap, mut am) = (adapter.clone(), adapter.clone());
+                let bump = |ad: &mut Adapter, d: f32| {
+                    let p = ad.pairs.get_mut("m.q_proj").unwrap();
+                    if which == 0 {
+                        p.a[i] += d
+                    } else {
+                        p.b[i] += d
+                    }
+                };
+                bump(&mut ap, h);
+                bump(&mut am, -h);
+                let num = (loss(&ap, &x) - loss(&am, &x)) / (2.0 * h as f64);
+                assert!(
+                    (g as f64 - num).abs() < 1e-3,
+                    "d{which}[{i}] {} vs {num}",
+                    g
+                );
+            }
+        }
     }
 }
