@@ -73,31 +73,25 @@ pub struct SequenceContext<'a> {
 #[derive(Debug, Clone)]
 pub struct DecoderLayerCache {
     x: Vec<f32>,        // [tokens, hidden] layer input
-    rstd_in: Vec<f32>,  // [tokens]
     q_lin: LinearCache, // q/k/v share the input n1 but each keeps its own LoRA intermediate
     k_lin: LinearCache,
     v_lin: LinearCache,
-    q: Vec<f32>,      // [tokens, heads, head_dim] before q_norm
-    k: Vec<f32>,      // [tokens, kv_heads, head_dim] before k_norm
-    rstd_q: Vec<f32>, // [tokens·heads]
-    rstd_k: Vec<f32>, // [tokens·kv_heads]
-    q_rot: Vec<f32>,  // [tokens, heads, head_dim] attention input
-    k_rot: Vec<f32>,  // [tokens, kv_heads, head_dim]
-    v: Vec<f32>,      // [tokens, kv_heads, head_dim]
-    attn: Vec<f32>,   // [tokens, heads, head_dim] attention output
-    lse: Vec<f32>,    // [batch, heads, seq]
+    q: Vec<f32>,     // [tokens, heads, head_dim] before q_norm
+    k: Vec<f32>,     // [tokens, kv_heads, head_dim] before k_norm
+    q_rot: Vec<f32>, // [tokens, heads, head_dim] attention input
+    k_rot: Vec<f32>, // [tokens, kv_heads, head_dim]
+    v: Vec<f32>,     // [tokens, kv_heads, head_dim]
+    attn: Vec<f32>,  // [tokens, heads, head_dim] attention output
+    lse: Vec<f32>,   // [batch, heads, seq]
     o_lin: LinearCache,
     o: Vec<f32>, // [tokens, hidden] o_proj output
-    rstd_post_attn: Vec<f32>,
     h: Vec<f32>, // [tokens, hidden] after the attention residual
-    rstd_pre_ff: Vec<f32>,
     gate_lin: LinearCache,
     up_lin: LinearCache,
     gate: Vec<f32>, // [tokens, intermediate]
     up: Vec<f32>,   // [tokens, intermediate]
     down_lin: LinearCache,
     down: Vec<f32>, // [tokens, hidden] down_proj output
-    rstd_post_ff: Vec<f32>,
 }
 
 impl DecoderLayer {
@@ -136,12 +130,12 @@ impl DecoderLayer {
         lora: &LoraCall,
     ) -> Result<(Vec<f32>, DecoderLayerCache)> {
         let eps = dims.rms_eps;
-        let (n1, rstd_in) = gemma_rmsnorm_forward(x, &self.input_layernorm, eps);
+        let (n1, _) = gemma_rmsnorm_forward(x, &self.input_layernorm, eps);
         let (q, q_lin) = self.q_proj.forward(&n1, lora);
         let (k, k_lin) = self.k_proj.forward(&n1, lora);
         let (v, v_lin) = self.v_proj.forward(&n1, lora);
-        let (mut q_rot, rstd_q) = gemma_rmsnorm_forward(&q, &self.q_norm, eps);
-        let (mut k_rot, rstd_k) = gemma_rmsnorm_forward(&k, &self.k_norm, eps);
+        let (mut q_rot, _) = gemma_rmsnorm_forward(&q, &self.q_norm, eps);
+        let (mut k_rot, _) = gemma_rmsnorm_forward(&k, &self.k_norm, eps);
         let (cos, sin) = self.rope(dims, ctx.seq);
         rope_apply(
             &mut q_rot,
@@ -166,9 +160,9 @@ impl DecoderLayer {
             attention_forward(&q_rot, &k_rot, &v, &adims, &mask, dims.attn_scale)?;
         eager_fully_masked_rows(&mut attn, &v, &lse, &adims);
         let (o, o_lin) = self.o_proj.forward(&attn, lora);
-        let (p, rstd_post_attn) = gemma_rmsnorm_forward(&o, &self.post_attention_layernorm, eps);
+        let (p, _) = gemma_rmsnorm_forward(&o, &self.post_attention_layernorm, eps);
         let h: Vec<f32> = x.iter().zip(&p).map(|(a, b)| a + b).collect();
-        let (n2, rstd_pre_ff) = gemma_rmsnorm_forward(&h, &self.pre_feedforward_layernorm, eps);
+        let (n2, _) = gemma_rmsnorm_forward(&h, &self.pre_feedforward_layernorm, eps);
         let (gate, gate_lin) = self.gate_proj.forward(&n2, lora);
         let (up, up_lin) = self.up_proj.forward(&n2, lora);
         let act: Vec<f32> = gate
@@ -177,20 +171,17 @@ impl DecoderLayer {
             .map(|(&g, &u)| gelu_tanh(g) * u)
             .collect();
         let (down, down_lin) = self.down_proj.forward(&act, lora);
-        let (f, rstd_post_ff) = gemma_rmsnorm_forward(&down, &self.post_feedforward_layernorm, eps);
+        let (f, _) = gemma_rmsnorm_forward(&down, &self.post_feedforward_layernorm, eps);
         let out = h.iter().zip(&f).map(|(a, b)| a + b).collect();
         Ok((
             out,
             DecoderLayerCache {
                 x: x.to_vec(),
-                rstd_in,
                 q_lin,
                 k_lin,
                 v_lin,
                 q,
                 k,
-                rstd_q,
-                rstd_k,
                 q_rot,
                 k_rot,
                 v,
@@ -198,16 +189,13 @@ impl DecoderLayer {
                 lse,
                 o_lin,
                 o,
-                rstd_post_attn,
                 h,
-                rstd_pre_ff,
                 gate_lin,
                 up_lin,
                 gate,
                 up,
                 down_lin,
                 down,
-                rstd_post_ff,
             },
         ))
     }
@@ -227,7 +215,7 @@ impl DecoderLayer {
         let d_down = gemma_rmsnorm_backward(
             &c.down,
             &self.post_feedforward_layernorm,
-            &c.rstd_post_ff,
+            dims.rms_eps,
             d_out,
         );
         let d_act = self
@@ -247,15 +235,10 @@ impl DecoderLayer {
             .backward(&c.up_lin, &d_up, lora, grads.as_deref_mut());
         d_n2.iter_mut().zip(&d_n2_up).for_each(|(a, b)| *a += b);
         let d_h_ff =
-            gemma_rmsnorm_backward(&c.h, &self.pre_feedforward_layernorm, &c.rstd_pre_ff, &d_n2);
+            gemma_rmsnorm_backward(&c.h, &self.pre_feedforward_layernorm, dims.rms_eps, &d_n2);
         let d_h: Vec<f32> = d_out.iter().zip(&d_h_ff).map(|(a, b)| a + b).collect();
         // Attention branch: h = x + post_attn_norm(o_proj(attn))
-        let d_o = gemma_rmsnorm_backward(
-            &c.o,
-            &self.post_attention_layernorm,
-            &c.rstd_post_attn,
-            &d_h,
-        );
+        let d_o = gemma_rmsnorm_backward(&c.o, &self.post_attention_layernorm, dims.rms_eps, &d_h);
         let d_attn = self
             .o_proj
             .backward(&c.o_lin, &d_o, lora, grads.as_deref_mut());
@@ -290,8 +273,8 @@ impl DecoderLayer {
             dims.head_dim,
             true,
         );
-        let d_q = gemma_rmsnorm_backward(&c.q, &self.q_norm, &c.rstd_q, &d_qrot);
-        let d_k = gemma_rmsnorm_backward(&c.k, &self.k_norm, &c.rstd_k, &d_krot);
+        let d_q = gemma_rmsnorm_backward(&c.q, &self.q_norm, dims.rms_eps, &d_qrot);
+        let d_k = gemma_rmsnorm_backward(&c.k, &self.k_norm, dims.rms_eps, &d_krot);
         let mut d_n1 = self
             .q_proj
             .backward(&c.q_lin, &d_q, lora, grads.as_deref_mut());
@@ -302,7 +285,7 @@ impl DecoderLayer {
         for ((a, b), c2) in d_n1.iter_mut().zip(&d_n1_k).zip(&d_n1_v) {
             *a += b + c2;
         }
-        let d_x_attn = gemma_rmsnorm_backward(&c.x, &self.input_layernorm, &c.rstd_in, &d_n1);
+        let d_x_attn = gemma_rmsnorm_backward(&c.x, &self.input_layernorm, dims.rms_eps, &d_n1);
         Ok(d_h.iter().zip(&d_x_attn).map(|(a, b)| a + b).collect())
     }
 }

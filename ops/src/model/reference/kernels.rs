@@ -5,6 +5,8 @@
 //! compared with (transformers itself runs these in f32). Only what the model needs is here; the
 //! GPU kernels' own references live in `crate::reference`.
 
+use crate::reference::{norm, rope};
+
 /// `y [m, n] = x [m, k] · wᵀ` with `w [n, k]` (an `nn.Linear` weight `[out, in]`).
 pub fn matmul_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
@@ -85,150 +87,48 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
-/// Gemma RMSNorm over rows of `dim`: `y = x / sqrt(mean(x²) + eps) · (1 + w)`.
-/// Returns `(y [rows, dim], rstd [rows])`; `rstd` is what the backward needs besides `x`.
+/// Gemma RMSNorm over rows of `w.len()` (`y = x / sqrt(mean(x²) + eps) · (1 + w)`), the gpu
+/// helper's reference. Returns `(y [rows, dim], rstd [rows])`.
 pub fn gemma_rmsnorm_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let dim = w.len();
-    let mut y = vec![0.0f32; x.len()];
-    let mut rstd = Vec::with_capacity(x.len() / dim);
-    for (xi, yi) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
-        let ms = xi.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
-        let r = 1.0 / (ms + eps as f64).sqrt();
-        for ((o, &v), &wv) in yi.iter_mut().zip(xi).zip(w) {
-            *o = (v as f64 * r * (1.0 + wv as f64)) as f32;
-        }
-        rstd.push(r as f32);
-    }
-    (y, rstd)
+    norm::rmsnorm_forward(x, w, x.len() / dim, dim, eps)
 }
 
-/// Input gradient of [`gemma_rmsnorm_forward`] (the weight is frozen everywhere in LoRA training):
-/// with `g = dy · (1 + w)`, `dx = r·g − r³·x·mean(g·x)`.
-pub fn gemma_rmsnorm_backward(x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32]) -> Vec<f32> {
+/// Input gradient of [`gemma_rmsnorm_forward`] (the weight is frozen in LoRA training).
+pub fn gemma_rmsnorm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32]) -> Vec<f32> {
     let dim = w.len();
-    let mut dx = vec![0.0f32; x.len()];
-    for (((xi, dyi), dxi), &r) in x
-        .chunks_exact(dim)
-        .zip(dy.chunks_exact(dim))
-        .zip(dx.chunks_exact_mut(dim))
-        .zip(rstd)
-    {
-        let r = r as f64;
-        let gx: f64 = xi
-            .iter()
-            .zip(dyi)
-            .zip(w)
-            .map(|((&xv, &g), &wv)| g as f64 * (1.0 + wv as f64) * xv as f64)
-            .sum::<f64>()
-            / dim as f64;
-        for (((o, &xv), &g), &wv) in dxi.iter_mut().zip(xi).zip(dyi).zip(w) {
-            let g = g as f64 * (1.0 + wv as f64);
-            *o = (r * g - r * r * r * xv as f64 * gx) as f32;
-        }
-    }
-    dx
+    norm::rmsnorm_backward(x, w, dy, x.len() / dim, dim, eps).0
 }
 
-/// LayerNorm over rows of `w.len()`: `y = (x − mean)/sqrt(var + eps) · w + b` (biased variance).
-/// Returns `(y, rstd [rows])`.
-pub fn layernorm_forward(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+/// LayerNorm over rows of `w.len()` (biased variance), the gpu helper's reference.
+/// Returns `y [rows, dim]`.
+pub fn layernorm_forward(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
     let dim = w.len();
-    let mut y = vec![0.0f32; x.len()];
-    let mut rstd = Vec::with_capacity(x.len() / dim);
-    for (xi, yi) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
-        let mean = xi.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
-        let var = xi.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
-        let r = 1.0 / (var + eps as f64).sqrt();
-        for (((o, &v), &wv), &bv) in yi.iter_mut().zip(xi).zip(w).zip(b) {
-            *o = ((v as f64 - mean) * r * wv as f64 + bv as f64) as f32;
-        }
-        rstd.push(r as f32);
-    }
-    (y, rstd)
+    norm::layernorm_forward(x, w, b, x.len() / dim, dim, eps).0
 }
 
-/// Input gradient of [`layernorm_forward`] (frozen weight and bias):
-/// with `x̂ = (x − mean)·r` and `g = dy·w`, `dx = r·(g − mean(g) − x̂·mean(g·x̂))`.
-pub fn layernorm_backward(x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32]) -> Vec<f32> {
+/// Input gradient of [`layernorm_forward`] (frozen weight and bias).
+pub fn layernorm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32]) -> Vec<f32> {
     let dim = w.len();
-    let mut dx = vec![0.0f32; x.len()];
-    for (((xi, dyi), dxi), &r) in x
-        .chunks_exact(dim)
-        .zip(dy.chunks_exact(dim))
-        .zip(dx.chunks_exact_mut(dim))
-        .zip(rstd)
-    {
-        let r = r as f64;
-        let mean = xi.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
-        let (mut mg, mut mgx) = (0.0f64, 0.0f64);
-        for ((&xv, &g), &wv) in xi.iter().zip(dyi).zip(w) {
-            let g = g as f64 * wv as f64;
-            mg += g;
-            mgx += g * (xv as f64 - mean) * r;
-        }
-        mg /= dim as f64;
-        mgx /= dim as f64;
-        for (((o, &xv), &g), &wv) in dxi.iter_mut().zip(xi).zip(dyi).zip(w) {
-            let g = g as f64 * wv as f64;
-            let xhat = (xv as f64 - mean) * r;
-            *o = (r * (g - mg - xhat * mgx)) as f32;
-        }
-    }
-    dx
+    norm::layernorm_backward(x, w, dy, x.len() / dim, dim, eps).0
 }
 
-const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-const GELU_COEF: f64 = 0.044_715;
+pub use crate::reference::activation::{gelu as gelu_tanh, gelu_grad as gelu_tanh_grad};
 
-/// gelu_pytorch_tanh: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
-pub fn gelu_tanh(x: f32) -> f32 {
-    let x = x as f64;
-    (0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x)).tanh())) as f32
-}
-
-/// d gelu_tanh / dx.
-pub fn gelu_tanh_grad(x: f32) -> f32 {
-    let x = x as f64;
-    let u = SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x);
-    let t = u.tanh();
-    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x);
-    (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du) as f32
-}
-
-/// RoPE tables as transformers builds them in f32: `inv_freq[i] = 1 / base^(2i/d) / factor`,
-/// `angle = pos · inv_freq`, `emb = cat(angle, angle)`. Returns `(cos, sin)`, each
-/// `[seq, head_dim]`, for positions `0..seq`.
+/// RoPE tables of one layer for positions `0..seq` (`[seq, head_dim / 2]` each), transformers'
+/// f32 `inv_freq / factor` and `pos · inv_freq` (the gpu helper's reference).
 pub fn rope_tables(
     base: f64,
     linear_factor: f64,
     head_dim: usize,
     seq: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            let exponent = (2 * i) as f32 / head_dim as f32;
-            (1.0f32 / (base as f32).powf(exponent)) / linear_factor as f32
-        })
-        .collect();
-    let mut cos = vec![0.0f32; seq * head_dim];
-    let mut sin = vec![0.0f32; seq * head_dim];
-    for pos in 0..seq {
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let angle = (pos as f32 * f) as f64;
-            let (s, c) = angle.sin_cos();
-            for j in [i, i + half] {
-                cos[pos * head_dim + j] = c as f32;
-                sin[pos * head_dim + j] = s as f32;
-            }
-        }
-    }
-    (cos, sin)
+    let inv = rope::inv_freq(base as f32, head_dim, linear_factor as f32);
+    rope::cos_sin_tables(&inv, seq)
 }
 
-/// Rotate-half RoPE in place on `x [batch, seq, heads, head_dim]` with position = index in `seq`:
-/// `x·cos + rotate_half(x)·sin`, `rotate_half(x) = cat(−x₂, x₁)`. `inverse` applies the
-/// transpose rotation (`sin → −sin`), which is the backward of the forward.
+/// Rotate-half RoPE in place on `x [batch, seq, heads, head_dim]` with position = index in `seq`;
+/// `inverse` rotates by the negative angle (the backward).
 pub fn rope_apply(
     x: &mut [f32],
     cos: &[f32],
@@ -238,22 +138,10 @@ pub fn rope_apply(
     head_dim: usize,
     inverse: bool,
 ) {
-    let half = head_dim / 2;
-    let sign = if inverse { -1.0f32 } else { 1.0 };
-    for (row, chunk) in x.chunks_exact_mut(heads * head_dim).enumerate() {
-        let pos = row % seq;
-        let (c, s) = (
-            &cos[pos * head_dim..][..head_dim],
-            &sin[pos * head_dim..][..head_dim],
-        );
-        for v in chunk.chunks_exact_mut(head_dim) {
-            for i in 0..half {
-                let (x1, x2) = (v[i], v[i + half]);
-                v[i] = x1 * c[i] - sign * x2 * s[i];
-                v[i + half] = x2 * c[i + half] + sign * x1 * s[i + half];
-            }
-        }
-    }
+    let tokens = x.len() / (heads * head_dim);
+    let positions: Vec<u32> = (0..tokens).map(|t| (t % seq) as u32).collect();
+    let y = rope::rope(x, &positions, cos, sin, heads, head_dim, inverse);
+    x.copy_from_slice(&y);
 }
 
 #[cfg(test)]
@@ -296,8 +184,7 @@ mod tests {
                 .map(|(a, b)| (*a * *b) as f64)
                 .sum::<f64>()
         };
-        let (_, r) = gemma_rmsnorm_forward(&x, &w, 1e-6);
-        let dx = gemma_rmsnorm_backward(&x, &w, &r, &dy);
+        let dx = gemma_rmsnorm_backward(&x, &w, 1e-6, &dy);
         for (i, &d) in dx.iter().enumerate() {
             assert!(
                 (d as f64 - numeric_grad(loss_rms, &x, i)).abs() < 2e-3,
@@ -305,14 +192,13 @@ mod tests {
             );
         }
         let loss_ln = |x: &[f32]| {
-            let (y, _) = layernorm_forward(x, &w, &b, 1e-6);
+            let y = layernorm_forward(x, &w, &b, 1e-6);
             y.iter()
                 .zip(&dy)
                 .map(|(a, b)| (*a * *b) as f64)
                 .sum::<f64>()
         };
-        let (_, r) = layernorm_forward(&x, &w, &b, 1e-6);
-        let dx = layernorm_backward(&x, &w, &r, &dy);
+        let dx = layernorm_backward(&x, &w, 1e-6, &dy);
         for (i, &d) in dx.iter().enumerate() {
             assert!(
                 (d as f64 - numeric_grad(loss_ln, &x, i)).abs() < 2e-3,

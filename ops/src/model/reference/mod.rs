@@ -71,9 +71,8 @@ pub struct ForwardCache {
     vision: Option<VisionCache>,
     projector: Option<ProjectorCache>,
     layers: Vec<DecoderLayerCache>,
-    /// `[tokens, hidden]` input of the final norm and its rstd.
+    /// `[tokens, hidden]` input of the final norm.
     last: Vec<f32>,
-    rstd_final: Vec<f32>,
     /// `[tokens, hidden]` final-normed hidden states (the lm_head input).
     normed: Vec<f32>,
     image_groups: Vec<i32>,
@@ -379,7 +378,7 @@ impl Gemma3Reference {
                 hidden_states.push(x.clone());
             }
         }
-        let (normed, rstd_final) = gemma_rmsnorm_forward(&x, &self.final_norm, self.text.rms_eps);
+        let (normed, _) = gemma_rmsnorm_forward(&x, &self.final_norm, self.text.rms_eps);
         hidden_states.push(normed.clone());
         let logits = matmul_xwt(
             &normed,
@@ -400,7 +399,6 @@ impl Gemma3Reference {
                 projector: pcache,
                 layers: layer_caches,
                 last: x,
-                rstd_final,
                 normed,
                 image_groups,
                 key_padding,
@@ -483,7 +481,7 @@ impl Gemma3Reference {
             grads.lm_head.as_deref_mut(),
         )?;
         let mut d =
-            gemma_rmsnorm_backward(&cache.last, &self.final_norm, &cache.rstd_final, &d_normed);
+            gemma_rmsnorm_backward(&cache.last, &self.final_norm, self.text.rms_eps, &d_normed);
         let ctx = SequenceContext {
             batch: bsz,
             seq,

@@ -27,7 +27,6 @@ pub struct Projector {
 #[derive(Debug, Clone)]
 pub struct ProjectorCache {
     pooled: Vec<f32>, // [images, tokens, vision_hidden]
-    rstd: Vec<f32>,   // [images·tokens]
     images: usize,
 }
 
@@ -44,7 +43,7 @@ impl Projector {
     /// `vision [images, patches, vision_hidden]` -> `image_features [images, tokens, text_hidden]`.
     pub fn forward(&self, vision: &[f32], images: usize) -> Result<(Vec<f32>, ProjectorCache)> {
         let pooled = avg_pool2d_forward(vision, &self.pool_dims(images))?;
-        let (normed, rstd) = gemma_rmsnorm_forward(&pooled, &self.soft_emb_norm, self.eps);
+        let (normed, _) = gemma_rmsnorm_forward(&pooled, &self.soft_emb_norm, self.eps);
         let rows = normed.len() / self.vision_hidden;
         let out = matmul_xw(
             &normed,
@@ -53,14 +52,7 @@ impl Projector {
             self.vision_hidden,
             self.text_hidden,
         );
-        Ok((
-            out,
-            ProjectorCache {
-                pooled,
-                rstd,
-                images,
-            },
-        ))
+        Ok((out, ProjectorCache { pooled, images }))
     }
 
     /// `d_features [images, tokens, text_hidden]` -> `d_vision [images, patches, vision_hidden]`.
@@ -75,7 +67,7 @@ impl Projector {
             self.vision_hidden,
         );
         let d_pooled =
-            gemma_rmsnorm_backward(&cache.pooled, &self.soft_emb_norm, &cache.rstd, &d_normed);
+            gemma_rmsnorm_backward(&cache.pooled, &self.soft_emb_norm, self.eps, &d_normed);
         avg_pool2d_backward(&d_pooled, &self.pool_dims(cache.images))
     }
 }

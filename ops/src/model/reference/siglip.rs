@@ -81,7 +81,6 @@ pub struct VisionTower {
 #[derive(Debug, Clone)]
 pub struct EncoderLayerCache {
     x: Vec<f32>, // [tokens, hidden]
-    rstd1: Vec<f32>,
     q_lin: LinearCache,
     k_lin: LinearCache,
     v_lin: LinearCache,
@@ -92,7 +91,6 @@ pub struct EncoderLayerCache {
     lse: Vec<f32>,  // [images, heads, patches]
     o_lin: LinearCache,
     h: Vec<f32>, // [tokens, hidden]
-    rstd2: Vec<f32>,
     fc1_lin: LinearCache,
     f1: Vec<f32>, // [tokens, intermediate] fc1 output
     fc2_lin: LinearCache,
@@ -103,9 +101,8 @@ pub struct EncoderLayerCache {
 pub struct VisionCache {
     images: usize,
     layers: Vec<EncoderLayerCache>,
-    /// `[tokens, hidden]` input of post_layernorm and its rstd.
+    /// `[tokens, hidden]` input of post_layernorm.
     last: Vec<f32>,
-    rstd_post: Vec<f32>,
 }
 
 impl EncoderLayer {
@@ -133,8 +130,7 @@ impl EncoderLayer {
         lora: &LoraCall,
     ) -> Result<(Vec<f32>, EncoderLayerCache)> {
         let eps = dims.layer_norm_eps;
-        let (l1, rstd1) =
-            layernorm_forward(x, &self.layer_norm1_weight, &self.layer_norm1_bias, eps);
+        let l1 = layernorm_forward(x, &self.layer_norm1_weight, &self.layer_norm1_bias, eps);
         let (q, q_lin) = self.q_proj.forward(&l1, lora);
         let (k, k_lin) = self.k_proj.forward(&l1, lora);
         let (v, v_lin) = self.v_proj.forward(&l1, lora);
@@ -143,8 +139,7 @@ impl EncoderLayer {
         let (attn, lse) = attention_forward(&q, &k, &v, &adims, &mask, scale)?;
         let (o, o_lin) = self.out_proj.forward(&attn, lora);
         let h: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
-        let (l2, rstd2) =
-            layernorm_forward(&h, &self.layer_norm2_weight, &self.layer_norm2_bias, eps);
+        let l2 = layernorm_forward(&h, &self.layer_norm2_weight, &self.layer_norm2_bias, eps);
         let (f1, fc1_lin) = self.fc1.forward(&l2, lora);
         let g: Vec<f32> = f1.iter().map(|&v| gelu_tanh(v)).collect();
         let (f2, fc2_lin) = self.fc2.forward(&g, lora);
@@ -153,7 +148,6 @@ impl EncoderLayer {
             out,
             EncoderLayerCache {
                 x: x.to_vec(),
-                rstd1,
                 q_lin,
                 k_lin,
                 v_lin,
@@ -164,7 +158,6 @@ impl EncoderLayer {
                 lse,
                 o_lin,
                 h,
-                rstd2,
                 fc1_lin,
                 f1,
                 fc2_lin,
@@ -192,7 +185,8 @@ impl EncoderLayer {
         let d_l2 = self
             .fc1
             .backward(&c.fc1_lin, &d_f1, lora, grads.as_deref_mut());
-        let d_h_mlp = layernorm_backward(&c.h, &self.layer_norm2_weight, &c.rstd2, &d_l2);
+        let d_h_mlp =
+            layernorm_backward(&c.h, &self.layer_norm2_weight, dims.layer_norm_eps, &d_l2);
         let d_h: Vec<f32> = d_out.iter().zip(&d_h_mlp).map(|(a, b)| a + b).collect();
         let d_attn = self
             .out_proj
@@ -212,7 +206,8 @@ impl EncoderLayer {
         for ((a, b), c2) in d_l1.iter_mut().zip(&d_l1_k).zip(&d_l1_v) {
             *a += b + c2;
         }
-        let d_x_attn = layernorm_backward(&c.x, &self.layer_norm1_weight, &c.rstd1, &d_l1);
+        let d_x_attn =
+            layernorm_backward(&c.x, &self.layer_norm1_weight, dims.layer_norm_eps, &d_l1);
         Ok(d_h.iter().zip(&d_x_attn).map(|(a, b)| a + b).collect())
     }
 }
@@ -269,7 +264,7 @@ impl VisionTower {
             layers.push(cache);
             x = y;
         }
-        let (out, rstd_post) = layernorm_forward(
+        let out = layernorm_forward(
             &x,
             &self.post_layernorm_weight,
             &self.post_layernorm_bias,
@@ -281,7 +276,6 @@ impl VisionTower {
                 images,
                 layers,
                 last: x,
-                rstd_post,
             },
         ))
     }
@@ -298,7 +292,7 @@ impl VisionTower {
         let mut d = layernorm_backward(
             &cache.last,
             &self.post_layernorm_weight,
-            &cache.rstd_post,
+            self.dims.layer_norm_eps,
             d_out,
         );
         for (layer, c) in self.layers.iter().zip(&cache.layers).rev() {
