@@ -1,9 +1,8 @@
-//! The dense building blocks of the model reference: matmuls, Gemma RMSNorm, LayerNorm,
-//! gelu_pytorch_tanh and rotate-half RoPE, each a forward/backward pair on row-major f32 buffers.
-//!
-//! Dot products accumulate in f64 so the reference is closer to exact than any f32 kernel it is
-//! compared with (transformers itself runs these in f32). Only what the model needs is here; the
-//! GPU kernels' own references live in `crate::reference`.
+//! The dense building blocks of the model reference, shaped for the model's call sites:
+//! matmuls in the three orientations a Linear's forward/backward needs (f64 accumulation, so the
+//! oracle is closer to exact than the f32 kernels compared with it), and thin adapters over the
+//! gpu helper's kernel references (`crate::reference::{norm, activation, rope}`) for Gemma
+//! RMSNorm, LayerNorm, gelu_pytorch_tanh and rotate-half RoPE.
 
 use crate::reference::{norm, rope};
 

@@ -71,3 +71,38 @@ pub fn shift_labels(
 pub fn count_label_tokens(shifted: &[i32]) -> usize {
     shifted.iter().filter(|&&l| l != IGNORE_INDEX).count()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shift_and_normalisations() {
+        // 1 row, 5 tokens: position t predicts labels[t+1]; the last position predicts nothing.
+        let labels = [5, -100, 7, 8, 9];
+        let mask = [1, 1, 1, 1, 0];
+        assert_eq!(
+            shift_labels(&labels, &mask, 1, 5, false),
+            vec![-100, 7, 8, 9, -100]
+        );
+        assert_eq!(
+            shift_labels(&labels, &mask, 1, 5, true),
+            vec![-100, 7, 8, -100, -100]
+        );
+        assert_eq!(count_label_tokens(&[-100, 7, 8, -100]), 2);
+        // Token mean over 10 items of the accumulated batch; micro-batch mean of 4 tokens, GA 2.
+        assert_eq!(
+            LossNormalization::TokenMean { num_items: 10 }
+                .scale(4)
+                .unwrap(),
+            0.1
+        );
+        let mbm = LossNormalization::MicroBatchMean {
+            accumulation_steps: 2,
+        };
+        assert_eq!(mbm.scale(4).unwrap(), 0.125);
+        assert!(LossNormalization::TokenMean { num_items: 0 }
+            .scale(0)
+            .is_err());
+    }
+}
