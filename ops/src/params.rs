@@ -230,7 +230,11 @@ mod tests {
     fn unknown_key_suggests_nearest() {
         let e = Demo::from_table(&table("model = \"m\"\nlearning_rat = 1.0")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("learning_rat"));
-        assert!(e.message.contains("did you mean `learning_rate`"), "{}", e.message);
+        assert!(
+            e.message.contains("did you mean `learning_rate`"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
