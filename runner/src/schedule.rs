@@ -294,6 +294,25 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                     })
                     .collect();
                 let Some(inputs) = inputs else { continue };
+                // Two ops with the same key make the same output: the second waits for the
+                // first and reuses it instead of computing it again.
+                let twin = plan.steps.iter().find(|other| {
+                    other.step != i
+                        && other.key == planned.key
+                        && matches!(other.status, Status::WillRun { .. })
+                        && matches!(states[other.step], State::Running | State::Done(_))
+                });
+                if let Some(twin) = twin {
+                    if let State::Done(artifact) = &states[twin.step] {
+                        summary.reused += 1;
+                        say(format!(
+                            "reused {} ({}) {}: same output as `{}`",
+                            step.name, step.kind, planned.key, pipeline.steps[twin.step].name
+                        ));
+                        states[i] = State::Done(artifact.clone());
+                    }
+                    continue;
+                }
                 match step.device {
                     Device::Gpu if gpu_busy => continue,
                     Device::Gpu => gpu_busy = true,
