@@ -596,10 +596,7 @@ fn resolve_vars(
                 return done.clone().ok_or_else(String::new);
             }
             let Some(mut node) = self.raw.get(name).cloned() else {
-                return Err(format!(
-                    "undefined variable `${{vars.{name}}}`{}; define it under `[vars]`",
-                    suggestion(name, self.raw.keys().map(String::as_str))
-                ));
+                return Err(undefined_var(name, self.raw.keys()));
             };
             if let Some(start) = self.stack.iter().position(|n| n == name) {
                 let mut cycle: Vec<&str> = self.stack[start..].iter().map(String::as_str).collect();
@@ -655,6 +652,14 @@ fn dedup_into(diags: &mut Vec<Diagnostic>, new: Vec<Diagnostic>) {
     }
 }
 
+fn undefined_var<'a>(name: &str, defined: impl Iterator<Item = &'a String>) -> String {
+    let defined: Vec<&str> = defined.map(String::as_str).collect();
+    match ops::params::nearest(name, defined.iter().copied()) {
+        Some(near) => format!("undefined variable `${{vars.{name}}}`; did you mean `{near}`?"),
+        None => format!("undefined variable `${{vars.{name}}}`: define `{name}` under `[vars]`"),
+    }
+}
+
 /// Replaces `${vars.NAME}` in every string of `node` with resolved variables.
 fn interpolate(
     node: &mut Node,
@@ -663,12 +668,7 @@ fn interpolate(
     diags: &mut Vec<Diagnostic>,
 ) {
     let mut lookup = |name: &str| -> Result<toml::Value, String> {
-        vars.get(name).cloned().ok_or_else(|| {
-            format!(
-                "undefined variable `${{vars.{name}}}`{}; define it under `[vars]`",
-                suggestion(name, vars.keys().map(String::as_str))
-            )
-        })
+        vars.get(name).cloned().ok_or_else(|| undefined_var(name, vars.keys()))
     };
     interpolate_with(node, &mut lookup, file, diags);
 }
