@@ -668,7 +668,9 @@ fn interpolate(
     diags: &mut Vec<Diagnostic>,
 ) {
     let mut lookup = |name: &str| -> Result<toml::Value, String> {
-        vars.get(name).cloned().ok_or_else(|| undefined_var(name, vars.keys()))
+        vars.get(name)
+            .cloned()
+            .ok_or_else(|| undefined_var(name, vars.keys()))
     };
     interpolate_with(node, &mut lookup, file, diags);
 }
