@@ -1,4 +1,9 @@
+//! `runner`: see the README. The subcommands live in `runner::cli` (the spot for `runner gpu`
+//! is marked in its `Command` enum).
+
 fn main() {
-    eprintln!("runner: the CLI is being built (see issue 2)");
-    std::process::exit(2);
+    std::process::exit(runner::cli::main_with(
+        ops::Registry::builtin(),
+        std::env::args_os(),
+    ));
 }

@@ -1,0 +1,352 @@
+//! The command line: `runner validate|plan|graph|run|ops`.
+//!
+//! Exit codes: 0 success, 1 an op failed at run time, 2 an invalid recipe or usage.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ops::{ParamDefault, Registry};
+
+use crate::cache::Cache;
+use crate::diag::{suggestion, Diagnostic};
+use crate::graph::{self, Pipeline};
+use crate::recipe;
+use crate::schedule::{self, RunOptions, Selection, Status};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_OP_FAILED: i32 = 1;
+pub const EXIT_INVALID: i32 = 2;
+
+/// The environment variable that overrides the recipe's `cache_dir` (`--cache-dir` wins over it).
+pub const CACHE_ENV: &str = "RUNNER_CACHE";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "runner",
+    version,
+    about = "Fine-tune vision-language models from a declarative TOML recipe, on any GPU",
+    after_help = "Exit codes: 0 success, 1 an op failed, 2 invalid recipe or usage."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Parse and check a recipe (ops, params, ports, types, cycles); nothing runs.
+    Validate(RecipeArgs),
+    /// Show the ops in execution order, each `cached`, `will run` or `skipped`, with its cache key.
+    Plan(RunArgs),
+    /// Print the recipe's DAG as Graphviz DOT (`runner graph r.toml | dot -Tsvg > r.svg`).
+    Graph(RecipeArgs),
+    /// Run the recipe, reusing every cached op output.
+    Run(RunArgs),
+    /// List every op kind with its input ports, output type and params (with defaults).
+    Ops {
+        /// Show only this op kind.
+        kind: Option<String>,
+    },
+    // ─── LEAD: wire `runner gpu` here ───────────────────────────────────────────────────────
+    // Add the `Gpu` variant (it calls `ops::gpu::describe()`) once that function exists on
+    // main, and its arm in `dispatch` below.
+    // ─────────────────────────────────────────────────────────────────────────────────────────
+}
+
+#[derive(Args, Debug)]
+struct RecipeArgs {
+    /// The recipe file (TOML).
+    recipe: PathBuf,
+    /// Override a recipe value: `ops.NAME.PARAM=VALUE`, `vars.NAME=VALUE` or `recipe.KEY=VALUE`.
+    /// VALUE is a TOML value (`1e-4`, `true`, `[1, 2]`); anything else is taken as a string.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    recipe: RecipeArgs,
+    /// Rerun this op (and every op downstream of it) even if its output is cached. Repeatable.
+    #[arg(long, value_name = "OP")]
+    force: Vec<String>,
+    /// Run only this op and the ops it needs (repeatable); nothing downstream of it.
+    #[arg(long, value_name = "OP")]
+    only: Vec<String>,
+    /// The cache directory (default: `$RUNNER_CACHE`, else the recipe's `cache_dir`, else
+    /// `.runner-cache` beside the recipe).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// How many CPU ops may run at once (default: the number of cores). GPU ops always run one at a time.
+    #[arg(long, short, value_name = "N")]
+    jobs: Option<usize>,
+}
+
+/// Runs the CLI with `args` (the first item is the program name) against `registry`; returns
+/// the exit code. Tests call it with test-only ops registered.
+pub fn main_with<I, T>(registry: Registry, args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                EXIT_INVALID
+            } else {
+                EXIT_OK
+            };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match dispatch(&registry, cli.command) {
+        Ok(code) => code,
+        Err(diags) => {
+            for d in diags {
+                eprintln!("{d}");
+            }
+            EXIT_INVALID
+        }
+    }
+}
+
+type Outcome = Result<i32, Vec<Diagnostic>>;
+
+fn dispatch(registry: &Registry, command: Command) -> Outcome {
+    match command {
+        Command::Validate(args) => {
+            let pipeline = load(registry, &args)?;
+            println!(
+                "{}: ok: recipe `{}`, {} ops, {} edges",
+                pipeline.recipe.file.display,
+                pipeline.recipe.name,
+                pipeline.steps.len(),
+                pipeline.graph.edge_count()
+            );
+            Ok(EXIT_OK)
+        }
+        Command::Graph(args) => {
+            let pipeline = load(registry, &args)?;
+            print!("{}", graph::to_dot(&pipeline));
+            Ok(EXIT_OK)
+        }
+        Command::Plan(args) => plan_command(registry, &args),
+        Command::Run(args) => run_command(registry, &args),
+        Command::Ops { kind } => ops_command(registry, kind.as_deref()),
+    }
+}
+
+fn load(registry: &Registry, args: &RecipeArgs) -> Result<Pipeline, Vec<Diagnostic>> {
+    let recipe = recipe::load(&args.recipe, &args.set)?;
+    graph::build(recipe, registry)
+}
+
+/// `--cache-dir`, then `$RUNNER_CACHE`, then `[recipe] cache_dir`, then `.runner-cache` beside the recipe.
+fn cache_dir(pipeline: &Pipeline, args: &RunArgs) -> PathBuf {
+    if let Some(dir) = &args.cache_dir {
+        return dir.clone();
+    }
+    if let Some(dir) = std::env::var_os(CACHE_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = &pipeline.recipe.cache_dir {
+        return dir.clone();
+    }
+    pipeline.recipe.dir().join(".runner-cache")
+}
+
+fn selection(pipeline: &Pipeline, args: &RunArgs) -> Result<Selection, Vec<Diagnostic>> {
+    let names: Vec<&str> = pipeline.steps.iter().map(|s| s.name.as_str()).collect();
+    let mut diags = Vec::new();
+    let mut resolve = |flag: &str, wanted: &[String]| -> BTreeSet<usize> {
+        let mut out = BTreeSet::new();
+        for name in wanted {
+            match pipeline.index_of(name) {
+                Some(i) => {
+                    out.insert(i);
+                }
+                None => diags.push(Diagnostic {
+                    path: pipeline.recipe.file.display.clone(),
+                    position: None,
+                    message: format!(
+                        "`--{flag} {name}`: the recipe has no op `{name}`{}",
+                        suggestion(name, names.iter().copied())
+                    ),
+                }),
+            }
+        }
+        out
+    };
+    let force = resolve("force", &args.force);
+    let only = resolve("only", &args.only);
+    if diags.is_empty() {
+        Ok(Selection { force, only })
+    } else {
+        Err(diags)
+    }
+}
+
+fn plan_command(registry: &Registry, args: &RunArgs) -> Outcome {
+    let pipeline = load(registry, &args.recipe)?;
+    let selection = selection(&pipeline, args)?;
+    let cache = Cache::new(cache_dir(&pipeline, args));
+    let plan = schedule::plan(&pipeline, &cache, &selection)?;
+    println!(
+        "plan for `{}` ({}), cache {}",
+        pipeline.recipe.name,
+        pipeline.recipe.file.display,
+        cache.root().display()
+    );
+    let name_width = pipeline
+        .steps
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0);
+    let kind_width = pipeline
+        .steps
+        .iter()
+        .map(|s| s.kind.len())
+        .max()
+        .unwrap_or(0);
+    let (mut cached, mut will_run, mut skipped) = (0, 0, 0);
+    for (n, planned) in plan.steps.iter().enumerate() {
+        let step = &pipeline.steps[planned.step];
+        let status = match &planned.status {
+            Status::Cached => {
+                cached += 1;
+                "cached".to_string()
+            }
+            Status::WillRun { forced } => {
+                will_run += 1;
+                if *forced {
+                    "will run (forced)".to_string()
+                } else {
+                    "will run".to_string()
+                }
+            }
+            Status::Skipped(reason) => {
+                skipped += 1;
+                format!("skipped ({reason})")
+            }
+            Status::NotSelected => "not selected (--only)".to_string(),
+        };
+        println!(
+            "{:>3}. {:name_width$}  {:kind_width$}  {}  {status}",
+            n + 1,
+            step.name,
+            step.kind,
+            planned.key
+        );
+    }
+    println!("{cached} cached, {will_run} will run, {skipped} skipped");
+    Ok(EXIT_OK)
+}
+
+fn run_command(registry: &Registry, args: &RunArgs) -> Outcome {
+    let pipeline = load(registry, &args.recipe)?;
+    let selection = selection(&pipeline, args)?;
+    let cache = Cache::new(cache_dir(&pipeline, args));
+    let plan = schedule::plan(&pipeline, &cache, &selection)?;
+    if let Err(e) = cache.prepare() {
+        eprintln!("error: {e:#}");
+        return Ok(EXIT_OP_FAILED);
+    }
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "running `{}` ({}), cache {}",
+        pipeline.recipe.name,
+        pipeline.recipe.file.display,
+        cache.root().display()
+    );
+    let summary = schedule::execute(&pipeline, &plan, &cache, &RunOptions { jobs });
+    println!("{}", summary.line());
+    Ok(if summary.failed > 0 {
+        EXIT_OP_FAILED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn ops_command(registry: &Registry, kind: Option<&str>) -> Outcome {
+    let ops: Vec<_> = match kind {
+        Some(k) => match registry.get(k) {
+            Some(op) => vec![op.clone()],
+            None => {
+                return Err(vec![Diagnostic {
+                    path: "runner ops".into(),
+                    position: None,
+                    message: format!("unknown op kind `{k}`{}", suggestion(k, registry.kinds())),
+                }])
+            }
+        },
+        None => registry.iter().cloned().collect(),
+    };
+    if ops.is_empty() {
+        println!("no op kinds are registered in this build");
+    }
+    print!("{}", describe_ops(&ops));
+    Ok(EXIT_OK)
+}
+
+/// The `runner ops` listing, generated from the op definitions themselves.
+pub fn describe_ops(ops: &[std::sync::Arc<dyn ops::Op>]) -> String {
+    let mut out = String::new();
+    for (n, op) in ops.iter().enumerate() {
+        if n > 0 {
+            out.push('\n');
+        }
+        let device = match op.device() {
+            ops::Device::Cpu => "cpu",
+            ops::Device::Gpu => "gpu",
+        };
+        out.push_str(&format!("{} — {}\n", op.kind(), op.doc()));
+        out.push_str(&format!("  device: {device}, version: {}\n", op.version()));
+        let ports = op.inputs();
+        if ports.is_empty() {
+            out.push_str("  inputs: none\n");
+        } else {
+            out.push_str("  inputs:\n");
+            for p in ports {
+                let accepts: Vec<&str> = p.accepts.iter().map(|t| t.name()).collect();
+                let required = if p.required { "required" } else { "optional" };
+                out.push_str(&format!(
+                    "    {}: {} ({required}) — {}\n",
+                    p.name,
+                    accepts.join(" | "),
+                    p.doc
+                ));
+            }
+        }
+        // The output type can depend on params; it is shown when the defaults alone determine it.
+        match op.check(&toml::Table::new()) {
+            Ok(params) => out.push_str(&format!("  output: {}\n", op.output(&params))),
+            Err(_) => out.push_str("  output: depends on params (see above)\n"),
+        }
+        let specs = op.params();
+        if specs.is_empty() {
+            out.push_str("  params: none\n");
+        } else {
+            out.push_str("  params:\n");
+            let width = specs.iter().map(|s| s.name.len()).max().unwrap_or(0);
+            for s in specs {
+                let default = match &s.default {
+                    ParamDefault::Required => "required".to_string(),
+                    ParamDefault::Unset => "optional, unset".to_string(),
+                    ParamDefault::Value(v) => format!("default {v}"),
+                };
+                out.push_str(&format!(
+                    "    {:width$}  {} ({default}) — {}\n",
+                    s.name, s.ty, s.doc
+                ));
+            }
+        }
+    }
+    out
+}

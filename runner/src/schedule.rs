@@ -1,0 +1,441 @@
+//! Planning (keys, what is cached) and execution (ready set, CPU ops in parallel, GPU ops one
+//! at a time, progress, failure handling).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ops::{Artifact, Device, RunCtx};
+
+use crate::cache::{self, Cache};
+use crate::diag::Diagnostic;
+use crate::graph::Pipeline;
+
+/// What `run` will do with one op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Its output is in the cache and will be reused.
+    Cached,
+    /// It runs (`forced`: although its output is cached, because of `--force`).
+    WillRun { forced: bool },
+    /// It will not run: `Op::skip_reason`, or an input comes from a skipped op.
+    Skipped(String),
+    /// Outside `--only`.
+    NotSelected,
+}
+
+pub struct PlannedStep {
+    pub step: usize,
+    pub key: String,
+    pub status: Status,
+}
+
+/// The steps in execution order, with their keys and what will happen to each.
+pub struct Plan {
+    pub steps: Vec<PlannedStep>,
+}
+
+impl Plan {
+    pub fn get(&self, step: usize) -> &PlannedStep {
+        self.steps
+            .iter()
+            .find(|p| p.step == step)
+            .expect("every step is planned")
+    }
+}
+
+/// `--force` and `--only`, as step indices.
+#[derive(Debug, Default, Clone)]
+pub struct Selection {
+    pub force: BTreeSet<usize>,
+    pub only: BTreeSet<usize>,
+}
+
+/// Computes every key (in topological order: a key covers its inputs' keys) and the status of
+/// each op. Fails (exit 2) when an op's fingerprint cannot be taken, e.g. a local path is missing.
+pub fn plan(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    selection: &Selection,
+) -> Result<Plan, Vec<Diagnostic>> {
+    let info = pipeline.recipe.info();
+    let mut keys: Vec<Option<String>> = vec![None; pipeline.steps.len()];
+    let mut diags = Vec::new();
+    for &i in &pipeline.order {
+        let step = &pipeline.steps[i];
+        let fingerprint = match step.op.fingerprint(&step.params, &info) {
+            Ok(f) => f,
+            Err(e) => {
+                diags.push(pipeline.recipe.file.at(
+                    &pipeline.recipe.ops[i].header,
+                    format!("op `{}` ({}): {e:#}", step.name, step.kind),
+                ));
+                continue;
+            }
+        };
+        let Some(inputs) = step
+            .inputs
+            .iter()
+            .map(|(port, &from)| keys[from].clone().map(|k| (port.clone(), k)))
+            .collect::<Option<BTreeMap<String, String>>>()
+        else {
+            continue; // an input's fingerprint failed: already reported
+        };
+        keys[i] = Some(cache::key(&cache::KeyParts {
+            kind: step.kind,
+            version: step.op.version(),
+            params: &step.params,
+            inputs: &inputs,
+            fingerprint: fingerprint.as_deref(),
+        }));
+    }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+
+    let selected: BTreeSet<usize> = if selection.only.is_empty() {
+        (0..pipeline.steps.len()).collect()
+    } else {
+        selection
+            .only
+            .iter()
+            .flat_map(|&o| pipeline.ancestors(o))
+            .collect()
+    };
+    // A forced op's consumers rerun too: the point of forcing is that the old output is suspect.
+    let forced: BTreeSet<usize> = selection
+        .force
+        .iter()
+        .flat_map(|&f| pipeline.descendants(f))
+        .collect();
+
+    let mut statuses: Vec<Option<Status>> = vec![None; pipeline.steps.len()];
+    for &i in &pipeline.order {
+        let step = &pipeline.steps[i];
+        let key = keys[i].as_deref().expect("all keys computed");
+        let skipped_input = step
+            .inputs
+            .iter()
+            .find(|(_, &from)| matches!(statuses[from], Some(Status::Skipped(_))));
+        let status = if !selected.contains(&i) {
+            Status::NotSelected
+        } else if let Some(reason) = step.op.skip_reason(&step.params) {
+            Status::Skipped(reason)
+        } else if let Some((port, &from)) = skipped_input {
+            Status::Skipped(format!(
+                "input `{port}` comes from skipped op `{}`",
+                pipeline.steps[from].name
+            ))
+        } else if forced.contains(&i) {
+            Status::WillRun {
+                forced: cache.contains(key),
+            }
+        } else if cache.contains(key) {
+            Status::Cached
+        } else {
+            Status::WillRun { forced: false }
+        };
+        statuses[i] = Some(status);
+    }
+    Ok(Plan {
+        steps: pipeline
+            .order
+            .iter()
+            .map(|&i| PlannedStep {
+                step: i,
+                key: keys[i].clone().expect("computed"),
+                status: statuses[i].clone().expect("computed"),
+            })
+            .collect(),
+    })
+}
+
+/// What happened to each op in a run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub ran: usize,
+    pub reused: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    /// Ops that would have run but did not start because an op failed.
+    pub not_started: Vec<String>,
+}
+
+impl Summary {
+    /// The last line `runner run` prints.
+    pub fn line(&self) -> String {
+        format!(
+            "ran {}, reused {}, failed {}",
+            self.ran, self.reused, self.failed
+        )
+    }
+}
+
+pub struct RunOptions {
+    /// How many CPU ops may run at once.
+    pub jobs: usize,
+}
+
+/// Progress of one running op, drawn as an indicatif bar (on stderr, when it is a terminal);
+/// its `println` lines go to stdout, prefixed with the op's name.
+struct OpProgress {
+    bar: ProgressBar,
+    multi: MultiProgress,
+    name: String,
+}
+
+impl OpProgress {
+    fn spinner_style() -> ProgressStyle {
+        ProgressStyle::with_template("{spinner} {prefix:.bold} [{elapsed}] {msg}")
+            .expect("valid template")
+    }
+
+    fn bar_style() -> ProgressStyle {
+        ProgressStyle::with_template(
+            "{spinner} {prefix:.bold} [{elapsed}] {wide_bar} {pos}/{len} (eta {eta}) {msg}",
+        )
+        .expect("valid template")
+    }
+}
+
+impl ops::Progress for OpProgress {
+    fn set_length(&self, len: u64) {
+        self.bar.set_style(Self::bar_style());
+        self.bar.set_length(len);
+    }
+
+    fn inc(&self, delta: u64) {
+        self.bar.inc(delta);
+    }
+
+    fn message(&self, msg: String) {
+        self.bar.set_message(msg);
+    }
+
+    fn println(&self, line: String) {
+        self.multi.suspend(|| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "[{}] {line}", self.name);
+        });
+    }
+}
+
+#[derive(Clone)]
+enum State {
+    Waiting,
+    Running,
+    Done(Artifact),
+    Failed,
+    Inactive,
+}
+
+/// Runs the plan. Ops whose output is cached are reused; the others run as soon as their inputs
+/// exist, CPU ops up to `jobs` at once and GPU ops one at a time. After a failure no new op
+/// starts; running ones finish (and their outputs are kept).
+pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOptions) -> Summary {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let say = |line: String| {
+        multi.suspend(|| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        })
+    };
+    let info = pipeline.recipe.info();
+    let mut summary = Summary::default();
+    let mut states: Vec<State> = vec![State::Inactive; pipeline.steps.len()];
+
+    for planned in &plan.steps {
+        let step = &pipeline.steps[planned.step];
+        states[planned.step] = match &planned.status {
+            Status::Cached => {
+                summary.reused += 1;
+                say(format!(
+                    "reused {} ({}) {}",
+                    step.name, step.kind, planned.key
+                ));
+                State::Done(Artifact {
+                    ty: step.output,
+                    dir: cache.entry_dir(&planned.key),
+                    key: planned.key.clone(),
+                })
+            }
+            Status::WillRun { .. } => State::Waiting,
+            Status::Skipped(reason) => {
+                summary.skipped += 1;
+                say(format!("skipped {} ({}): {reason}", step.name, step.kind));
+                State::Inactive
+            }
+            Status::NotSelected => State::Inactive,
+        };
+    }
+
+    let (tx, rx) = mpsc::channel::<(usize, anyhow::Result<Artifact>, Duration)>();
+    let mut running_cpu = 0usize;
+    let mut gpu_busy = false;
+    let mut failing = false;
+    std::thread::scope(|scope| loop {
+        if !failing {
+            for planned in &plan.steps {
+                let i = planned.step;
+                let step = &pipeline.steps[i];
+                if !matches!(states[i], State::Waiting) {
+                    continue;
+                }
+                let inputs: Option<BTreeMap<String, Artifact>> = step
+                    .inputs
+                    .iter()
+                    .map(|(port, &from)| match &states[from] {
+                        State::Done(a) => Some((port.clone(), a.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                let Some(inputs) = inputs else { continue };
+                // Two ops with the same key make the same output: the second waits for the
+                // first and reuses it instead of computing it again.
+                let twin = plan.steps.iter().find(|other| {
+                    other.step != i
+                        && other.key == planned.key
+                        && matches!(other.status, Status::WillRun { .. })
+                        && matches!(states[other.step], State::Running | State::Done(_))
+                });
+                if let Some(twin) = twin {
+                    if let State::Done(artifact) = &states[twin.step] {
+                        summary.reused += 1;
+                        say(format!(
+                            "reused {} ({}) {}: same output as `{}`",
+                            step.name, step.kind, planned.key, pipeline.steps[twin.step].name
+                        ));
+                        states[i] = State::Done(artifact.clone());
+                    }
+                    continue;
+                }
+                match step.device {
+                    Device::Gpu if gpu_busy => continue,
+                    Device::Gpu => gpu_busy = true,
+                    Device::Cpu if running_cpu >= options.jobs.max(1) => continue,
+                    Device::Cpu => running_cpu += 1,
+                }
+                states[i] = State::Running;
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(OpProgress::spinner_style());
+                bar.set_prefix(format!("{} ({})", step.name, step.kind));
+                bar.enable_steady_tick(Duration::from_millis(120));
+                say(format!("start {} ({})", step.name, step.kind));
+                let progress = OpProgress {
+                    bar,
+                    multi: multi.clone(),
+                    name: step.name.clone(),
+                };
+                let tx = tx.clone();
+                let info = &info;
+                let key = planned.key.clone();
+                let replace = matches!(planned.status, Status::WillRun { forced: true });
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        run_one(pipeline, i, &key, replace, &inputs, info, cache, &progress)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        Err(anyhow::anyhow!("panicked: {}", panic_message(&panic)))
+                    });
+                    progress.bar.finish_and_clear();
+                    let _ = tx.send((i, result, started.elapsed()));
+                });
+            }
+        }
+        if running_cpu == 0 && !gpu_busy {
+            break;
+        }
+        let (i, result, elapsed) = rx.recv().expect("a running op always reports back");
+        let step = &pipeline.steps[i];
+        match step.device {
+            Device::Gpu => gpu_busy = false,
+            Device::Cpu => running_cpu -= 1,
+        }
+        match result {
+            Ok(artifact) => {
+                summary.ran += 1;
+                say(format!(
+                    "done {} ({}) in {:.2}s",
+                    step.name,
+                    step.kind,
+                    elapsed.as_secs_f64()
+                ));
+                states[i] = State::Done(artifact);
+            }
+            Err(e) => {
+                summary.failed += 1;
+                failing = true;
+                states[i] = State::Failed;
+                say(format!(
+                    "failed {} ({}) after {:.2}s",
+                    step.name,
+                    step.kind,
+                    elapsed.as_secs_f64()
+                ));
+                multi.suspend(|| {
+                    eprintln!("error: op `{}` ({}) failed: {e:#}", step.name, step.kind);
+                });
+            }
+        }
+    });
+
+    for planned in &plan.steps {
+        if matches!(states[planned.step], State::Waiting) {
+            summary
+                .not_started
+                .push(pipeline.steps[planned.step].name.clone());
+        }
+    }
+    if !summary.not_started.is_empty() {
+        say(format!(
+            "not started because an op failed: {} (fix the failure and run again; completed outputs are kept)",
+            summary.not_started.join(", ")
+        ));
+    }
+    summary
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    pipeline: &Pipeline,
+    i: usize,
+    key: &str,
+    replace: bool,
+    inputs: &BTreeMap<String, Artifact>,
+    info: &ops::RecipeInfo,
+    cache: &Cache,
+    progress: &OpProgress,
+) -> anyhow::Result<Artifact> {
+    let step = &pipeline.steps[i];
+    let pending = cache.begin(key)?;
+    let ctx = RunCtx {
+        name: &step.name,
+        params: &step.params,
+        inputs,
+        out_dir: pending.dir(),
+        recipe: info,
+        progress,
+    };
+    step.op.run(&ctx)?;
+    let dir = pending.publish(replace)?;
+    Ok(Artifact {
+        ty: step.output,
+        dir,
+        key: key.to_string(),
+    })
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The demo of the README: installs what the machine lacks, builds `runner` (release) and runs
+# recipes/demo.toml end to end (offline, tiny). Extra arguments go to `runner run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+recipe=recipes/demo.toml
+if [ ! -f "$recipe" ]; then
+    echo "tools/demo.sh: $recipe is missing from this checkout; the demo recipe has not been added yet" >&2
+    exit 1
+fi
+
+source tools/setup.sh
+ensure_rust
+ensure_c_toolchain
+ensure_vulkan
+
+cargo build --release -p runner
+cargo run --release -q -p runner -- run "$recipe" "$@"
