@@ -4,6 +4,7 @@
 //! and calls a domain module (`data/`, `hub/`, `gpu/`, `model/`, `train/`).
 
 pub mod artifact;
+pub mod data;
 pub mod hub;
 pub mod params;
 pub mod reference;
