@@ -6,9 +6,11 @@
 pub mod artifact;
 pub mod data;
 pub mod hub;
+pub mod load;
 pub mod params;
 pub mod reference;
 pub mod train;
+pub mod unzip;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -124,7 +126,11 @@ pub trait Op: Send + Sync {
     fn output(&self, params: &toml::Table) -> ArtifactType;
     /// Extra content the cache key must cover beyond params and inputs, e.g. a local file's
     /// size and modification time. Called at plan time; must be cheap.
-    fn fingerprint(&self, _params: &toml::Table, _recipe: &RecipeInfo) -> anyhow::Result<Option<String>> {
+    fn fingerprint(
+        &self,
+        _params: &toml::Table,
+        _recipe: &RecipeInfo,
+    ) -> anyhow::Result<Option<String>> {
         Ok(None)
     }
     /// `Some(reason)` when the op will not do anything with these params (e.g. `push` with
@@ -148,7 +154,10 @@ impl Registry {
 
     /// Every op the runner ships.
     pub fn builtin() -> Self {
-        Self::empty()
+        let mut registry = Self::empty();
+        registry.register(Arc::new(load::Load));
+        registry.register(Arc::new(unzip::Unzip));
+        registry
     }
 
     pub fn register(&mut self, op: Arc<dyn Op>) -> &mut Self {

@@ -539,7 +539,11 @@ mod tests {
                     .append_value("text");
                 items.append(true);
                 content.append(true);
-                let role = if turn.is_multiple_of(2) { "user" } else { "assistant" };
+                let role = if turn.is_multiple_of(2) {
+                    "user"
+                } else {
+                    "assistant"
+                };
                 msgs.field_builder::<StringBuilder>(1)
                     .unwrap()
                     .append_value(role);
@@ -592,7 +596,11 @@ mod tests {
             last.last().unwrap().get("text").unwrap().as_str(),
             Some(format!("t{r}.{r}").as_str())
         );
-        let role = if r.is_multiple_of(2) { "user" } else { "assistant" };
+        let role = if r.is_multiple_of(2) {
+            "user"
+        } else {
+            "assistant"
+        };
         assert_eq!(messages[r].get("role").unwrap().as_str(), Some(role));
         let images = row.field("images").unwrap().as_list().unwrap();
         assert_eq!(images.len(), 1);

@@ -600,3 +600,475 @@ struct LfsInfo {
     sha256: String,
     size: u64,
 }
+
+#[cfg(test)]
+pub(crate) mod test_server {
+    //! A minimal HTTP/1.1 server on 127.0.0.1 for tests: each connection gets one reply from
+    //! the handler and is closed. Raw sockets let a reply be cut off mid-body.
+    use std::collections::BTreeMap;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    pub struct Request {
+        pub path: String,
+        /// Lower-case header names.
+        pub headers: BTreeMap<String, String>,
+    }
+
+    pub struct Reply {
+        pub status: u16,
+        pub headers: Vec<(String, String)>,
+        pub body: Vec<u8>,
+        /// Send only this many body bytes (with the full Content-Length), then close.
+        pub cut_after: Option<usize>,
+    }
+
+    impl Reply {
+        pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
+            Self {
+                status,
+                headers: vec![],
+                body: body.into(),
+                cut_after: None,
+            }
+        }
+
+        pub fn header(mut self, name: &str, value: &str) -> Self {
+            self.headers.push((name.to_string(), value.to_string()));
+            self
+        }
+    }
+
+    pub struct Server {
+        pub endpoint: String,
+        /// Every request seen: (path, headers).
+        pub log: Arc<Mutex<Vec<Request>>>,
+    }
+
+    impl Server {
+        pub fn paths(&self) -> Vec<String> {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|r| r.path.clone())
+                .collect()
+        }
+    }
+
+    pub fn serve(handler: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let log: Arc<Mutex<Vec<Request>>> = Arc::default();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let mut headers = BTreeMap::new();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let request = Request { path, headers };
+                // How many earlier requests had this path (for fail-then-succeed replies).
+                let seen = log2
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|r: &&Request| r.path == request.path)
+                    .count();
+                let reply = handler(&request, seen);
+                log2.lock().unwrap().push(request);
+                let mut head = format!(
+                    "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    reply.status,
+                    reply.body.len()
+                );
+                for (k, v) in &reply.headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let send = reply.cut_after.unwrap_or(reply.body.len());
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&reply.body[..send]);
+                let _ = stream.flush();
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        Server { endpoint, log }
+    }
+
+    /// Serves `files` of one repo at `sha` as the Hub does: the revision API (blobs=true) and
+    /// resolve URLs with Range support. LFS entries (name ends `.parquet`/`.zip`) carry sha256.
+    pub fn repo_reply(
+        req: &Request,
+        kind_plural: &str,
+        repo_id: &str,
+        sha: &str,
+        files: &[(&str, &[u8])],
+    ) -> Option<Reply> {
+        use sha2::{Digest, Sha256};
+        let prefix = if kind_plural == "models" {
+            String::new()
+        } else {
+            format!("{kind_plural}/")
+        };
+        if req
+            .path
+            .starts_with(&format!("/api/{kind_plural}/{repo_id}/revision/"))
+        {
+            let siblings: Vec<serde_json::Value> = files
+                .iter()
+                .map(|(name, data)| {
+                    let lfs = name.ends_with(".parquet") || name.ends_with(".zip");
+                    let mut s = serde_json::json!({"rfilename": name, "size": data.len(), "blobId": &hex::encode(Sha256::digest([b"blob ", *data].concat()))[..40]});
+                    if lfs {
+                        s["lfs"] = serde_json::json!({"sha256": hex::encode(Sha256::digest(data)), "size": data.len(), "pointerSize": 130});
+                    }
+                    s
+                })
+                .collect();
+            return Some(Reply::new(
+                200,
+                serde_json::json!({"sha": sha, "siblings": siblings}).to_string(),
+            ));
+        }
+        let resolve = format!("/{prefix}{repo_id}/resolve/{sha}/");
+        let file = req.path.strip_prefix(&resolve)?;
+        let (_, data) = files.iter().find(|(n, _)| *n == file)?;
+        let start: usize = req
+            .headers
+            .get("range")
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.trim_end_matches('-').parse().ok())
+            .unwrap_or(0);
+        Some(if start > 0 {
+            Reply::new(206, data[start..].to_vec()).header(
+                "Content-Range",
+                &format!("bytes {start}-{}/{}", data.len() - 1, data.len()),
+            )
+        } else {
+            Reply::new(200, data.to_vec())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_server::{repo_reply, serve, Reply};
+    use super::*;
+    use crate::NoProgress;
+
+    const SHA: &str = "1111111111111111111111111111111111111111";
+
+    fn hub(endpoint: &str, cache: &Path, token: Option<&str>) -> Hub {
+        Hub::new(HubEnv {
+            cache_dir: cache.to_path_buf(),
+            endpoint: endpoint.to_string(),
+            token: token.map(str::to_string),
+            token_source: token.map(|_| "HF_TOKEN".to_string()),
+            offline: false,
+        })
+        .with_retry(RetryPolicy {
+            attempts: 3,
+            base_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(20),
+        })
+    }
+
+    const PARQUET: &[u8] = b"PAR1 pretend parquet bytes PAR1";
+    const README: &[u8] = b"---\nlicense: mit\n---\n";
+
+    #[test]
+    fn downloads_into_the_standard_layout_then_works_offline() {
+        let server = serve(|req, _| {
+            repo_reply(
+                req,
+                "datasets",
+                "org/ds",
+                SHA,
+                &[
+                    ("README.md", README),
+                    ("data/train-00000-of-00001.parquet", PARQUET),
+                ],
+            )
+            .unwrap_or_else(|| Reply::new(404, ""))
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let h = hub(&server.endpoint, cache.path(), None);
+        let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
+        assert_eq!(snap.sha, SHA);
+        assert_eq!(
+            snap.file_names(),
+            ["README.md", "data/train-00000-of-00001.parquet"]
+        );
+        let path = h
+            .fetch(&snap, "data/train-00000-of-00001.parquet", &NoProgress)
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), PARQUET);
+
+        let repo_dir = cache.path().join("datasets--org--ds");
+        assert_eq!(
+            std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+            SHA
+        );
+        let etag = hex::encode(Sha256::digest(PARQUET));
+        assert_eq!(
+            std::fs::read(repo_dir.join("blobs").join(&etag)).unwrap(),
+            PARQUET,
+            "blob named by the LFS sha256"
+        );
+        assert_eq!(
+            path,
+            repo_dir
+                .join("snapshots")
+                .join(SHA)
+                .join("data/train-00000-of-00001.parquet")
+        );
+        assert_eq!(
+            std::fs::read_link(&path).unwrap(),
+            PathBuf::from(format!("../../../blobs/{etag}"))
+        );
+
+        // A second fetch is served by the cache: no new resolve request.
+        let before = server.paths().len();
+        h.fetch(&snap, "data/train-00000-of-00001.parquet", &NoProgress)
+            .unwrap();
+        assert_eq!(server.paths().len(), before);
+
+        // Offline: the same cache answers without any server.
+        let offline = Hub::new(HubEnv::offline_at(cache.path()));
+        let snap = offline
+            .resolve("org/ds", RepoType::Dataset, "main")
+            .unwrap();
+        assert_eq!(snap.sha, SHA);
+        assert_eq!(
+            snap.file_names(),
+            ["data/train-00000-of-00001.parquet"],
+            "offline lists what is cached"
+        );
+        assert_eq!(
+            std::fs::read(
+                offline
+                    .fetch(&snap, "data/train-00000-of-00001.parquet", &NoProgress)
+                    .unwrap()
+            )
+            .unwrap(),
+            PARQUET
+        );
+        let err = format!(
+            "{:#}",
+            offline.fetch(&snap, "README.md", &NoProgress).unwrap_err()
+        );
+        assert!(
+            err.contains("README.md") && err.contains("HF_HUB_OFFLINE"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            offline
+                .resolve("org/other", RepoType::Dataset, "main")
+                .unwrap_err()
+        );
+        assert!(
+            err.contains("org/other") && err.contains("HF_HUB_OFFLINE"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn server_errors_are_retried_then_succeed() {
+        let server = serve(|req, seen| {
+            // The listing and the file each fail twice with 500 first.
+            if seen < 2 {
+                return Reply::new(500, "busy");
+            }
+            repo_reply(req, "datasets", "org/ds", SHA, &[("x.parquet", PARQUET)])
+                .unwrap_or_else(|| Reply::new(404, ""))
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let h = hub(&server.endpoint, cache.path(), None);
+        let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
+        let path = h.fetch(&snap, "x.parquet", &NoProgress).unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), PARQUET);
+        let paths = server.paths();
+        assert_eq!(paths.iter().filter(|p| p.contains("/api/")).count(), 3);
+        assert_eq!(paths.iter().filter(|p| p.contains("/resolve/")).count(), 3);
+    }
+
+    #[test]
+    fn persistent_failure_is_a_clear_error() {
+        let server = serve(|_, _| Reply::new(503, "down"));
+        let cache = tempfile::tempdir().unwrap();
+        let err = format!(
+            "{:#}",
+            hub(&server.endpoint, cache.path(), None)
+                .resolve("org/ds", RepoType::Dataset, "main")
+                .unwrap_err()
+        );
+        assert!(
+            err.contains("failed 3 times")
+                && err.contains("HTTP 503")
+                && err.contains("HF_HUB_OFFLINE"),
+            "{err}"
+        );
+        assert_eq!(server.paths().len(), 3);
+    }
+
+    #[test]
+    fn gated_repo_says_how_to_get_access() {
+        let server = serve(|req, _| {
+            if req.path.contains("/resolve/") {
+                return Reply::new(401, "")
+                    .header("X-Error-Code", "GatedRepo")
+                    .header(
+                        "X-Error-Message",
+                        "Access to model org/gated is restricted.",
+                    );
+            }
+            repo_reply(req, "models", "org/gated", SHA, &[("config.json", b"{}")])
+                .unwrap_or_else(|| Reply::new(404, ""))
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let h = hub(&server.endpoint, cache.path(), None);
+        let snap = h.resolve("org/gated", RepoType::Model, "main").unwrap();
+        let err = format!(
+            "{:#}",
+            h.fetch(&snap, "config.json", &NoProgress).unwrap_err()
+        );
+        assert!(
+            err.contains("Accept its license at")
+                && err.contains(&format!("{}/org/gated", server.endpoint)),
+            "{err}"
+        );
+        assert!(
+            err.contains("HF_TOKEN")
+                && err.contains("no token is set")
+                && err.contains("restricted"),
+            "{err}"
+        );
+        assert_eq!(
+            server
+                .paths()
+                .iter()
+                .filter(|p| p.contains("/resolve/"))
+                .count(),
+            1,
+            "401 is not retried"
+        );
+
+        // With a token it is sent as a bearer token, and the message names its source.
+        let h = hub(&server.endpoint, cache.path(), Some("hf_secret"));
+        let err = format!(
+            "{:#}",
+            h.fetch(&snap, "config.json", &NoProgress).unwrap_err()
+        );
+        assert!(
+            err.contains("the token in use (from HF_TOKEN) has no access"),
+            "{err}"
+        );
+        let log = server.log.lock().unwrap();
+        assert_eq!(
+            log.last()
+                .unwrap()
+                .headers
+                .get("authorization")
+                .map(String::as_str),
+            Some("Bearer hf_secret")
+        );
+    }
+
+    #[test]
+    fn dropped_download_leaves_no_complete_file_and_resumes() {
+        let big: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let big2 = big.clone();
+        // Always cut: every attempt fails.
+        let server = serve(move |req, _| {
+            let mut r = repo_reply(req, "datasets", "org/ds", SHA, &[("a.zip", &big2)])
+                .unwrap_or_else(|| Reply::new(404, ""));
+            if req.path.contains("/resolve/") {
+                r.cut_after = Some(r.body.len() / 3);
+            }
+            r
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let h = hub(&server.endpoint, cache.path(), None);
+        let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
+        let err = format!("{:#}", h.fetch(&snap, "a.zip", &NoProgress).unwrap_err());
+        assert!(
+            err.contains("a.zip") && err.contains("failed 3 times"),
+            "{err}"
+        );
+        let etag = hex::encode(Sha256::digest(&big));
+        let repo_dir = cache.path().join("datasets--org--ds");
+        assert!(
+            !repo_dir.join("blobs").join(&etag).exists(),
+            "no complete-looking blob"
+        );
+        assert!(
+            !repo_dir.join("snapshots").join(SHA).join("a.zip").exists(),
+            "no snapshot entry"
+        );
+
+        // Cut only the first transfer: the retry resumes with a Range request.
+        let big3 = big.clone();
+        let server = serve(move |req, seen| {
+            let mut r = repo_reply(req, "datasets", "org/ds", SHA, &[("a.zip", &big3)])
+                .unwrap_or_else(|| Reply::new(404, ""));
+            if req.path.contains("/resolve/") && seen == 0 {
+                r.cut_after = Some(r.body.len() / 3);
+            }
+            r
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let h = hub(&server.endpoint, cache.path(), None);
+        let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
+        let path = h.fetch(&snap, "a.zip", &NoProgress).unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), big);
+        let log = server.log.lock().unwrap();
+        let ranges: Vec<Option<&String>> = log
+            .iter()
+            .filter(|r| r.path.contains("/resolve/"))
+            .map(|r| r.headers.get("range"))
+            .collect();
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(ranges[0], None);
+        assert!(
+            ranges[1].is_some_and(|r| r.starts_with("bytes=") && r != "bytes=0-"),
+            "{ranges:?}"
+        );
+    }
+
+    #[test]
+    fn corrupted_content_is_rejected() {
+        let server = serve(|req, _| {
+            let mut r = repo_reply(req, "datasets", "org/ds", SHA, &[("x.parquet", PARQUET)])
+                .unwrap_or_else(|| Reply::new(404, ""));
+            if req.path.contains("/resolve/") {
+                r.body[3] ^= 1; // same size, different content
+            }
+            r
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let h = hub(&server.endpoint, cache.path(), None);
+        let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
+        let err = format!(
+            "{:#}",
+            h.fetch(&snap, "x.parquet", &NoProgress).unwrap_err()
+        );
+        assert!(err.contains("sha256") && err.contains("x.parquet"), "{err}");
+        assert!(!snap.dir().join("x.parquet").exists());
+    }
+}
