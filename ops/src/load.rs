@@ -467,6 +467,7 @@ mod tests {
     use parquet::arrow::ArrowWriter;
 
     use crate::data::dataset;
+    use crate::data::model_dir::ModelDir;
     use crate::hub::download::test_server::{repo_reply, serve, Reply};
     use crate::hub::download::RetryPolicy;
     use crate::unzip::{extract_all, locate_archives, select_archives};
@@ -791,5 +792,196 @@ mod tests {
             ),
             ArtifactType::Dataset
         );
+    }
+
+    fn fixture_hub() -> Hub {
+        let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf-cache/hub");
+        Hub::new(HubEnv::offline_at(cache))
+    }
+
+    fn fixture_json(name: &str) -> serde_json::Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/golden")
+            .join(name);
+        read_json(&path).unwrap()
+    }
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// The fixture cache (made by Python's datasets/huggingface_hub), HF_HUB_OFFLINE: llava's
+    /// images read back byte-exact (sha256 from golden/assets.json), and rows in the order
+    /// the golden templated texts were made from.
+    #[test]
+    fn fixture_llava_offline() {
+        let hub = fixture_hub();
+        let assets = fixture_json("assets.json");
+        let templated = fixture_json("templated.json");
+        for (split, rows) in [("train", 6), ("test", 2)] {
+            let p = params(&format!(
+                "dataset = \"HuggingFaceH4/llava-instruct-mix-vsft\"\nsplit = \"{split}\""
+            ));
+            let manifest = load_hub_dataset(
+                &hub,
+                "HuggingFaceH4/llava-instruct-mix-vsft",
+                &p,
+                &NoProgress,
+            )
+            .unwrap();
+            assert_eq!(
+                manifest.data_files,
+                [format!("data/{split}-00000-of-00001.parquet")]
+            );
+            assert_eq!(
+                manifest.revision.as_deref(),
+                assets["repos"]["llava"]["commit"].as_str()
+            );
+            let ds = dataset::Dataset::from_manifest(manifest).unwrap();
+            assert_eq!(ds.len(), rows);
+            for image in assets["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|i| i["dataset"] == "llava" && i["split"] == split)
+            {
+                let row = ds.row(image["row"].as_u64().unwrap() as usize).unwrap();
+                let images = row.field("images").unwrap().as_list().unwrap();
+                let item = &images[image["index"].as_u64().unwrap() as usize];
+                assert_eq!(item.get("path"), Some(&crate::data::value::Value::Null));
+                assert_eq!(
+                    sha256_hex(item.get("bytes").unwrap().as_bytes().unwrap()),
+                    image["sha256"].as_str().unwrap()
+                );
+            }
+            for golden in templated["llava"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["split"] == split)
+            {
+                let row = ds.row(golden["row"].as_u64().unwrap() as usize).unwrap();
+                let messages = row.field("messages").unwrap().as_list().unwrap();
+                for message in messages {
+                    for item in message.get("content").unwrap().as_list().unwrap() {
+                        if let Some(text) = item.get("text").and_then(|t| t.as_str()) {
+                            assert!(
+                                golden["text"].as_str().unwrap().contains(text.trim()),
+                                "row {}: {text:?}",
+                                row.index
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// MMIU from the fixture cache: split `test` from the card, 6 rows with 4,2,3,2,2,3
+    /// images, and every `input_image_path` present after unzip with the sha256 that
+    /// golden/assets.json records.
+    #[test]
+    fn fixture_mmiu_offline_load_and_unzip() {
+        let hub = fixture_hub();
+        let assets = fixture_json("assets.json");
+        let manifest = load_hub_dataset(
+            &hub,
+            "FanqingM/MMIU-Benchmark",
+            &params("dataset = \"FanqingM/MMIU-Benchmark\"\nsplit = \"test\""),
+            &NoProgress,
+        )
+        .unwrap();
+        let ds = dataset::Dataset::from_manifest(manifest.clone()).unwrap();
+        let rows: Vec<_> = ds.rows().collect::<Result<_>>().unwrap();
+        let counts: Vec<usize> = rows
+            .iter()
+            .map(|r| {
+                r.field("input_image_path")
+                    .unwrap()
+                    .as_list()
+                    .unwrap()
+                    .len()
+            })
+            .collect();
+        assert_eq!(counts, [4, 2, 3, 2, 2, 3]);
+        assert!(rows[0]
+            .field("context")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .ends_with('\n'));
+
+        let names = select_archives(&manifest.files, None).unwrap();
+        assert_eq!(
+            names,
+            [
+                "2D-spatial.zip",
+                "Discrete-temporal.zip",
+                "Low-level-semantic.zip"
+            ]
+        );
+        let paths = locate_archives(&manifest, &names, &hub, &NoProgress).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        extract_all(
+            &names.into_iter().zip(paths).collect::<Vec<_>>(),
+            out.path(),
+            1 << 30,
+            &NoProgress,
+        )
+        .unwrap();
+        let mut checked = 0;
+        for row in &rows {
+            for (index, path) in row
+                .field("input_image_path")
+                .unwrap()
+                .as_list()
+                .unwrap()
+                .iter()
+                .enumerate()
+            {
+                let path = path.as_str().unwrap();
+                let bytes = std::fs::read(out.path().join(path.trim_start_matches("./"))).unwrap();
+                let asset = assets["images"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|a| {
+                        a["dataset"] == "mmiu" && a["row"] == row.index && a["index"] == index
+                    })
+                    .unwrap();
+                assert_eq!(asset["path"].as_str(), Some(path));
+                assert_eq!(sha256_hex(&bytes), asset["sha256"].as_str().unwrap());
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 16);
+    }
+
+    #[test]
+    fn fixture_models_offline() {
+        let hub = fixture_hub();
+        let manifest = load_hub_model(
+            &hub,
+            "runner-test/tiny-gemma-3-hub-layout",
+            "main",
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(manifest
+            .files
+            .contains(&"model.safetensors.index.json".to_string()));
+        assert!(!manifest.files.contains(&"README.md".to_string()));
+        let model = ModelDir::new(manifest);
+        assert_eq!(model.safetensors().unwrap().len(), 3);
+        assert!(
+            model.file("tokenizer.json").is_some()
+                && model.file("preprocessor_config.json").is_some()
+        );
+        let manifest =
+            load_hub_model(&hub, "runner-test/tiny-gemma-3", "main", &NoProgress).unwrap();
+        let model = ModelDir::new(manifest);
+        assert!(model.file("chat_template.jinja").is_some());
+        assert_eq!(model.config().unwrap()["model_type"], "gemma3");
+        assert!(!model.safetensors().unwrap().is_empty());
     }
 }
