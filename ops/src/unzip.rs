@@ -57,6 +57,16 @@ pub struct ArchiveSummary {
     pub bytes: u64,
 }
 
+impl FilesManifest {
+    /// Reads `files.json` of a `files` artifact directory.
+    pub fn read(artifact_dir: &Path) -> Result<Self> {
+        let path = artifact_dir.join(FILES_MANIFEST);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
 pub struct Unzip;
 
 impl Op for Unzip {

@@ -19,6 +19,7 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
     ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
 };
+use parquet::file::metadata::PageIndexPolicy;
 use serde::{Deserialize, Serialize};
 
 use super::value::Value;
@@ -367,8 +368,12 @@ fn batch_row(batch: &RecordBatch, row: usize) -> Result<BTreeMap<String, Value>>
 
 fn open_parquet(path: &Path) -> Result<DataKind> {
     let file = File::open(path).context("opening")?;
-    let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-        .context("reading the parquet footer (not a parquet file, or truncated?)")?;
+    let metadata = ArrowReaderMetadata::load(
+        &file,
+        // The offset index, when the writer stored one, lets `row(i)` skip whole pages.
+        ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional),
+    )
+    .context("reading the parquet footer (not a parquet file, or truncated?)")?;
     let mut group_starts = vec![0usize];
     for group in metadata.metadata().row_groups() {
         let rows = usize::try_from(group.num_rows()).context("negative row count")?;
