@@ -4,12 +4,15 @@
 //! and calls a domain module (`data/`, `hub/`, `gpu/`, `model/`, `train/`).
 
 pub mod artifact;
+pub mod data;
 pub mod gpu;
 pub mod hub;
+pub mod load;
 pub mod model;
 pub mod params;
 pub mod reference;
 pub mod train;
+pub mod unzip;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -153,7 +156,10 @@ impl Registry {
 
     /// Every op the runner ships.
     pub fn builtin() -> Self {
-        Self::empty()
+        let mut registry = Self::empty();
+        registry.register(Arc::new(load::Load));
+        registry.register(Arc::new(unzip::Unzip));
+        registry
     }
 
     pub fn register(&mut self, op: Arc<dyn Op>) -> &mut Self {

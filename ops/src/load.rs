@@ -1,0 +1,987 @@
+//! Op `load`: a dataset or a model from the Hub (through the standard cache) or a local path.
+//! Writes `dataset.json` or `model.json` (see INTERFACES.md); files are never copied.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::data::data_files::{select_split, DataFilesSpec};
+use crate::data::dataset::{Dataset, DatasetManifest};
+use crate::data::model_dir::{self, ModelManifest, SAFETENSORS_INDEX};
+use crate::hub::cache::{HubEnv, RepoType};
+use crate::hub::download::{Hub, RepoSnapshot};
+use crate::params::{OpParams, ParamError, ParamSpec};
+use crate::{op_params, ArtifactType, Op, Port, Progress, RecipeInfo, RunCtx};
+
+op_params! {
+    pub struct LoadParams {
+        /// Hub dataset `org/name`. Exactly one of `dataset`, `model`, `path`.
+        dataset: Option<String> = None,
+        /// Hub model `org/name`: config.json, safetensors (single or sharded), tokenizer,
+        /// chat template, processor and generation configs — whatever the repo has.
+        model: Option<String> = None,
+        /// Local file or folder (relative to the recipe); a dataset unless `repo_type = "model"`.
+        path: Option<String> = None,
+        /// What `path` holds: "dataset" or "model" (default "dataset").
+        repo_type: Option<String> = None,
+        /// Branch, tag or commit sha of a Hub repo.
+        revision: String = "main".to_string(),
+        /// Dataset split (default: `train` when the dataset has one, else its only split).
+        split: Option<String> = None,
+        /// Dataset card config (`name` of `datasets.load_dataset`).
+        config: Option<String> = None,
+        /// Data files: a glob, a list of globs (read for the requested split), or a table
+        /// split → glob(s). Overrides the dataset card and the default file-name rules.
+        data_files: Option<toml::Value> = None,
+    }
+}
+
+/// What a `load` loads, from its params.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    HubDataset(String),
+    HubModel(String),
+    LocalDataset(String),
+    LocalModel(String),
+}
+
+impl LoadParams {
+    fn source(&self) -> Result<Source, ParamError> {
+        let given: Vec<&str> = [
+            self.dataset.as_ref().map(|_| "dataset"),
+            self.model.as_ref().map(|_| "model"),
+            self.path.as_ref().map(|_| "path"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if given.len() != 1 {
+            return Err(ParamError {
+                key: given.get(1).map(|s| s.to_string()),
+                message: format!(
+                    "set exactly one of `dataset`, `model`, `path` (got {})",
+                    if given.is_empty() {
+                        "none".to_string()
+                    } else {
+                        given.join(", ")
+                    }
+                ),
+            });
+        }
+        let repo_type = self.repo_type.as_deref();
+        if let Some(t) = repo_type {
+            if t != "dataset" && t != "model" {
+                return Err(ParamError {
+                    key: Some("repo_type".into()),
+                    message: format!("`repo_type` must be \"dataset\" or \"model\", got \"{t}\""),
+                });
+            }
+            if self.path.is_none() {
+                let implied = if self.dataset.is_some() {
+                    "dataset"
+                } else {
+                    "model"
+                };
+                if t != implied {
+                    return Err(ParamError {
+                        key: Some("repo_type".into()),
+                        message: format!("`repo_type = \"{t}\"` contradicts `{implied} = ...`"),
+                    });
+                }
+            }
+        }
+        let source = match (&self.dataset, &self.model, &self.path) {
+            (Some(d), _, _) => Source::HubDataset(d.clone()),
+            (_, Some(m), _) => Source::HubModel(m.clone()),
+            (_, _, Some(p)) if repo_type == Some("model") => Source::LocalModel(p.clone()),
+            (_, _, Some(p)) => Source::LocalDataset(p.clone()),
+            _ => unreachable!(),
+        };
+        if matches!(source, Source::HubModel(_) | Source::LocalModel(_)) {
+            for (key, set) in [
+                ("split", self.split.is_some()),
+                ("config", self.config.is_some()),
+                ("data_files", self.data_files.is_some()),
+            ] {
+                if set {
+                    return Err(ParamError {
+                        key: Some(key.into()),
+                        message: format!("`{key}` applies to datasets, not models"),
+                    });
+                }
+            }
+        }
+        if let Some(v) = &self.data_files {
+            DataFilesSpec::from_toml(v).map_err(|e| ParamError {
+                key: Some("data_files".into()),
+                message: format!("`data_files`: {e:#}"),
+            })?;
+        }
+        Ok(source)
+    }
+
+    fn data_files_spec(&self) -> Result<Option<DataFilesSpec>> {
+        self.data_files
+            .as_ref()
+            .map(DataFilesSpec::from_toml)
+            .transpose()
+    }
+}
+
+pub struct Load;
+
+impl Op for Load {
+    fn kind(&self) -> &'static str {
+        "load"
+    }
+
+    fn doc(&self) -> &'static str {
+        "Load a dataset or model from the Hub (HF cache reused; HF_HUB_OFFLINE honoured) or a local path"
+    }
+
+    fn inputs(&self) -> Vec<Port> {
+        vec![]
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        LoadParams::specs()
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError> {
+        LoadParams::from_table(params)?.source()?;
+        LoadParams::canonical(params)
+    }
+
+    fn output(&self, params: &toml::Table) -> ArtifactType {
+        let is_model = params.contains_key("model")
+            || params.get("repo_type").and_then(|v| v.as_str()) == Some("model");
+        if is_model {
+            ArtifactType::Model
+        } else {
+            ArtifactType::Dataset
+        }
+    }
+
+    /// The resolved commit of a Hub repo (so a moved branch invalidates the cache), or the
+    /// size and modification time of every local file.
+    fn fingerprint(&self, params: &toml::Table, recipe: &RecipeInfo) -> Result<Option<String>> {
+        let p = LoadParams::from_table(params)?;
+        let hub = || Hub::new(HubEnv::from_process_env());
+        Ok(Some(match p.source()? {
+            Source::HubDataset(id) => format!(
+                "commit {}",
+                hub().commit_sha(&id, RepoType::Dataset, &p.revision)?
+            ),
+            Source::HubModel(id) => format!(
+                "commit {}",
+                hub().commit_sha(&id, RepoType::Model, &p.revision)?
+            ),
+            Source::LocalDataset(path) | Source::LocalModel(path) => {
+                local_fingerprint(&recipe.resolve(path))?
+            }
+        }))
+    }
+
+    fn run(&self, ctx: &RunCtx) -> Result<()> {
+        let p = LoadParams::from_table(ctx.params)?;
+        let env = HubEnv::from_process_env();
+        match p.source()? {
+            Source::HubDataset(id) => {
+                let manifest = load_hub_dataset(&Hub::new(env), &id, &p, ctx.progress)?;
+                finish_dataset(manifest, ctx)
+            }
+            Source::LocalDataset(path) => {
+                let manifest = load_local_dataset(&ctx.recipe.resolve(path), &p)?;
+                finish_dataset(manifest, ctx)
+            }
+            Source::HubModel(id) => {
+                load_hub_model(&Hub::new(env), &id, &p.revision, ctx.progress)?.write(ctx.out_dir)
+            }
+            Source::LocalModel(path) => {
+                load_local_model(&ctx.recipe.resolve(path))?.write(ctx.out_dir)
+            }
+        }
+    }
+}
+
+/// Checks that the data files open (footers, JSON) before publishing, and says how many rows.
+fn finish_dataset(manifest: DatasetManifest, ctx: &RunCtx) -> Result<()> {
+    let dataset = Dataset::from_manifest(manifest.clone())?;
+    ctx.progress.println(format!(
+        "{}: {} rows from {} data file(s){}",
+        ctx.name,
+        dataset.len(),
+        manifest.data_files.len(),
+        manifest
+            .split
+            .as_ref()
+            .map(|s| format!(", split `{s}`"))
+            .unwrap_or_default()
+    ));
+    manifest.write(ctx.out_dir)
+}
+
+fn note(snapshot: &RepoSnapshot, progress: &dyn Progress) {
+    if let Some(note) = &snapshot.note {
+        progress.println(format!("warning: {note}"));
+    }
+}
+
+/// Resolves the split of a Hub dataset, downloads its data files (not its other files: the
+/// `unzip` op fetches archives it needs) and returns the manifest.
+pub fn load_hub_dataset(
+    hub: &Hub,
+    repo_id: &str,
+    p: &LoadParams,
+    progress: &dyn Progress,
+) -> Result<DatasetManifest> {
+    let snapshot = hub.resolve(repo_id, RepoType::Dataset, &p.revision)?;
+    note(&snapshot, progress);
+    let files = snapshot.file_names();
+    let readme = if files.iter().any(|f| f == "README.md") {
+        let path = hub.fetch(&snapshot, "README.md", progress)?;
+        Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )
+    } else {
+        None
+    };
+    let selection = select_split(
+        &files,
+        readme.as_deref(),
+        p.config.as_deref(),
+        p.split.as_deref(),
+        p.data_files_spec()?.as_ref(),
+    )
+    .with_context(|| format!("dataset `{repo_id}`"))?;
+    for file in &selection.data_files {
+        progress.message(format!("{repo_id}: {file}"));
+        hub.fetch(&snapshot, file, progress)?;
+    }
+    Ok(DatasetManifest {
+        repo_id: Some(repo_id.to_string()),
+        revision: Some(snapshot.sha.clone()),
+        root: snapshot.dir(),
+        split: Some(selection.split),
+        data_files: selection.data_files,
+        files,
+    })
+}
+
+/// A local data file, or a folder read with the same split rules as a Hub repo.
+pub fn load_local_dataset(path: &Path, p: &LoadParams) -> Result<DatasetManifest> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("dataset path {} not found", path.display()))?;
+    let path = path.canonicalize()?;
+    if meta.is_file() {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if p.data_files.is_some() || p.config.is_some() {
+            bail!(
+                "`data_files` and `config` apply to a dataset folder, not to the single file {}",
+                path.display()
+            );
+        }
+        return Ok(DatasetManifest {
+            repo_id: None,
+            revision: None,
+            root: path.parent().unwrap().to_path_buf(),
+            split: p.split.clone(),
+            data_files: vec![name.clone()],
+            files: vec![name],
+        });
+    }
+    let files = list_files(&path)?;
+    let readme = match std::fs::read_to_string(path.join("README.md")) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).context("reading README.md"),
+    };
+    let selection = select_split(
+        &files,
+        readme.as_deref(),
+        p.config.as_deref(),
+        p.split.as_deref(),
+        p.data_files_spec()?.as_ref(),
+    )
+    .with_context(|| format!("dataset folder {}", path.display()))?;
+    Ok(DatasetManifest {
+        repo_id: None,
+        revision: None,
+        root: path,
+        split: Some(selection.split),
+        data_files: selection.data_files,
+        files,
+    })
+}
+
+/// Downloads the model files a load takes (see [`model_dir::MODEL_FILES`]) and returns the manifest.
+pub fn load_hub_model(
+    hub: &Hub,
+    repo_id: &str,
+    revision: &str,
+    progress: &dyn Progress,
+) -> Result<ModelManifest> {
+    let snapshot = hub.resolve(repo_id, RepoType::Model, revision)?;
+    note(&snapshot, progress);
+    let files = snapshot.file_names();
+    if !files.iter().any(|f| f == "config.json") {
+        bail!(
+            "model `{repo_id}` at `{revision}` has no config.json{}",
+            if hub.env().offline {
+                " in the Hub cache (HF_HUB_OFFLINE is set)"
+            } else {
+                ""
+            }
+        );
+    }
+    let index = if files.iter().any(|f| f == SAFETENSORS_INDEX) {
+        let path = hub.fetch(&snapshot, SAFETENSORS_INDEX, progress)?;
+        Some(read_json(&path)?)
+    } else {
+        None
+    };
+    let selected = model_dir::select_model_files(&files, index.as_ref())
+        .with_context(|| format!("model `{repo_id}`"))?;
+    check_has_weights(&selected, &format!("model `{repo_id}`"))?;
+    for file in &selected {
+        progress.message(format!("{repo_id}: {file}"));
+        hub.fetch(&snapshot, file, progress)?;
+    }
+    Ok(ModelManifest {
+        repo_id: Some(repo_id.to_string()),
+        revision: Some(snapshot.sha.clone()),
+        root: snapshot.dir(),
+        files: selected,
+    })
+}
+
+pub fn load_local_model(path: &Path) -> Result<ModelManifest> {
+    let root = path
+        .canonicalize()
+        .with_context(|| format!("model folder {} not found", path.display()))?;
+    if !root.join("config.json").is_file() {
+        bail!("model folder {} has no config.json", root.display());
+    }
+    let files = list_files(&root)?;
+    let index = match root.join(SAFETENSORS_INDEX) {
+        p if p.is_file() => Some(read_json(&p)?),
+        _ => None,
+    };
+    let selected = model_dir::select_model_files(&files, index.as_ref())
+        .with_context(|| format!("model folder {}", root.display()))?;
+    check_has_weights(&selected, &format!("model folder {}", root.display()))?;
+    Ok(ModelManifest {
+        repo_id: None,
+        revision: None,
+        root,
+        files: selected,
+    })
+}
+
+fn check_has_weights(selected: &[String], what: &str) -> Result<()> {
+    if !selected.iter().any(|f| f.ends_with(".safetensors")) {
+        bail!("{what} has no safetensors weights (model.safetensors or model.safetensors.index.json); other formats are not read");
+    }
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Every file under `root`, relative with `/` separators, sorted.
+fn list_files(root: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let entry = entry?;
+            let child = rel.join(entry.file_name());
+            let meta = std::fs::metadata(entry.path())?;
+            if meta.is_dir() {
+                stack.push(child);
+            } else if meta.is_file() {
+                let parts: Vec<String> = child
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push(parts.join("/"));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A hash of every file's relative path, size and modification time under `path`.
+fn local_fingerprint(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{} not found", path.display()))?;
+    let (root, files) = if meta.is_file() {
+        (
+            path.parent().unwrap().to_path_buf(),
+            vec![path.file_name().unwrap().to_string_lossy().into_owned()],
+        )
+    } else {
+        (path.to_path_buf(), list_files(path)?)
+    };
+    let mut hasher = Sha256::new();
+    for rel in &files {
+        let meta = std::fs::metadata(root.join(rel))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        hasher.update(format!("{rel}\0{}\0{mtime}\n", meta.len()).as_bytes());
+    }
+    Ok(format!(
+        "local {} files {}",
+        files.len(),
+        hex::encode(hasher.finalize())
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use arrow_array::builder::{ListBuilder, StringBuilder};
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+    use arrow_schema::{Field, Schema};
+    use parquet::arrow::ArrowWriter;
+
+    use crate::data::dataset;
+    use crate::data::model_dir::ModelDir;
+    use crate::hub::download::test_server::{repo_reply, serve, Reply};
+    use crate::hub::download::RetryPolicy;
+    use crate::unzip::{extract_all, locate_archives, select_archives};
+    use crate::{Artifact, NoProgress};
+
+    const SHA: &str = "abcdefabcdefabcdefabcdefabcdefabcdefabcd";
+
+    /// Puts a file into a Hub cache the way huggingface_hub lays it out.
+    fn put(cache: &Path, repo_folder: &str, path: &str, bytes: &[u8]) {
+        let repo = cache.join(repo_folder);
+        let etag = hex::encode(Sha256::digest(bytes));
+        std::fs::create_dir_all(repo.join("blobs")).unwrap();
+        std::fs::write(repo.join("blobs").join(&etag), bytes).unwrap();
+        let pointer = repo.join("snapshots").join(SHA).join(path);
+        std::fs::create_dir_all(pointer.parent().unwrap()).unwrap();
+        let ups = "../".repeat(1 + path.split('/').count());
+        std::os::unix::fs::symlink(format!("{ups}blobs/{etag}"), &pointer).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), SHA).unwrap();
+    }
+
+    /// An MMIU-shaped all.parquet: `question`, `input_image_path` list<string>.
+    fn mmiu_parquet(rows: &[(&str, &[&str])]) -> Vec<u8> {
+        let questions: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0)));
+        let mut paths = ListBuilder::new(StringBuilder::new());
+        for (_, ps) in rows {
+            for p in *ps {
+                paths.values().append_value(p);
+            }
+            paths.append(true);
+        }
+        let paths: ArrayRef = Arc::new(paths.finish());
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("question", questions.data_type().clone(), false),
+            Field::new("input_image_path", paths.data_type().clone(), true),
+        ]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![questions, paths]).unwrap();
+        let mut out = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut out, schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        out
+    }
+
+    fn zip_bytes(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        for (name, data) in entries {
+            w.start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            w.write_all(data).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    fn params(toml_text: &str) -> LoadParams {
+        LoadParams::from_table(&toml_text.parse().unwrap()).unwrap()
+    }
+
+    const CARD: &[u8] = b"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n    path: all.parquet\n---\n";
+
+    #[test]
+    fn mmiu_shaped_hub_dataset_offline_then_unzip() {
+        let cache = tempfile::tempdir().unwrap();
+        let folder = "datasets--FanqingM--MMIU-Benchmark";
+        put(cache.path(), folder, "README.md", CARD);
+        put(
+            cache.path(),
+            folder,
+            "all.parquet",
+            &mmiu_parquet(&[
+                (
+                    "q0",
+                    &[
+                        "./Low-level-semantic/blink/b_0_0.jpg",
+                        "./Low-level-semantic/blink/b_0_1.jpg",
+                    ],
+                ),
+                ("q1", &[]),
+            ]),
+        );
+        put(
+            cache.path(),
+            folder,
+            "Low-level-semantic.zip",
+            &zip_bytes(&[("blink/b_0_0.jpg", b"jpg0"), ("blink/b_0_1.jpg", b"jpg1")]),
+        );
+        let hub = Hub::new(HubEnv::offline_at(cache.path()));
+
+        let manifest = load_hub_dataset(
+            &hub,
+            "FanqingM/MMIU-Benchmark",
+            &params(r#"dataset = "FanqingM/MMIU-Benchmark""#),
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(
+            manifest.split.as_deref(),
+            Some("test"),
+            "the card's only split"
+        );
+        assert_eq!(manifest.revision.as_deref(), Some(SHA));
+        assert_eq!(manifest.data_files, ["all.parquet"]);
+        assert_eq!(
+            manifest.files,
+            ["Low-level-semantic.zip", "README.md", "all.parquet"]
+        );
+        assert_eq!(
+            manifest.root,
+            cache.path().join(folder).join("snapshots").join(SHA)
+        );
+
+        let out = tempfile::tempdir().unwrap();
+        manifest.write(out.path()).unwrap();
+        let ds = dataset::open(out.path()).unwrap();
+        assert_eq!(ds.len(), 2);
+        let row = ds.row(0).unwrap();
+        let first_image = row.field("input_image_path").unwrap().as_list().unwrap()[0]
+            .as_str()
+            .unwrap()
+            .to_string();
+
+        // unzip: the archive comes from the same cache; `./X/...` paths resolve in its output.
+        let names = select_archives(&manifest.files, None).unwrap();
+        let paths = locate_archives(&manifest, &names, &hub, &NoProgress).unwrap();
+        let extracted = tempfile::tempdir().unwrap();
+        let listing = extract_all(
+            &names.into_iter().zip(paths).collect::<Vec<_>>(),
+            extracted.path(),
+            1 << 20,
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(listing.archives[0].files, 2);
+        assert_eq!(
+            std::fs::read(extracted.path().join(first_image.trim_start_matches("./"))).unwrap(),
+            b"jpg0"
+        );
+
+        let err = format!(
+            "{:#}",
+            load_hub_dataset(
+                &hub,
+                "FanqingM/MMIU-Benchmark",
+                &params("dataset = \"FanqingM/MMIU-Benchmark\"\nsplit = \"train\""),
+                &NoProgress
+            )
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("split `train` not found") && err.contains("`test`"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            load_hub_dataset(
+                &hub,
+                "org/absent",
+                &params(r#"dataset = "org/absent""#),
+                &NoProgress
+            )
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("org/absent") && err.contains("HF_HUB_OFFLINE"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hub_model_downloads_only_model_files() {
+        let index = br#"{"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#;
+        let files: Vec<(&'static str, &'static [u8])> = vec![
+            ("config.json", b"{\"model_type\": \"gemma3\"}"),
+            ("model.safetensors.index.json", index),
+            ("model-00001-of-00002.safetensors", b"shard1"),
+            ("model-00002-of-00002.safetensors", b"shard2"),
+            ("tokenizer.json", b"{}"),
+            ("chat_template.jinja", b"{{ x }}"),
+            ("pytorch_model.bin", b"pickle"),
+            ("original/consolidated.safetensors", b"dup"),
+        ];
+        let server = serve(move |req, _| {
+            repo_reply(req, "models", "org/m", SHA, &files).unwrap_or_else(|| Reply::new(404, ""))
+        });
+        let cache = tempfile::tempdir().unwrap();
+        let hub = Hub::new(HubEnv {
+            cache_dir: cache.path().to_path_buf(),
+            endpoint: server.endpoint.clone(),
+            token: None,
+            token_source: None,
+            offline: false,
+        })
+        .with_retry(RetryPolicy {
+            attempts: 2,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(1),
+        });
+        let manifest = load_hub_model(&hub, "org/m", "main", &NoProgress).unwrap();
+        assert_eq!(
+            manifest.files,
+            [
+                "config.json",
+                "model.safetensors.index.json",
+                "tokenizer.json",
+                "chat_template.jinja",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors"
+            ]
+        );
+        let fetched: Vec<String> = server
+            .paths()
+            .into_iter()
+            .filter(|p| p.contains("/resolve/"))
+            .collect();
+        assert_eq!(fetched.len(), 6, "{fetched:?}");
+        assert!(fetched
+            .iter()
+            .all(|p| !p.contains(".bin") && !p.contains("original")));
+        let out = tempfile::tempdir().unwrap();
+        manifest.write(out.path()).unwrap();
+        let model = model_dir::open(out.path()).unwrap();
+        assert_eq!(model.revision(), Some(SHA));
+        let shards = model.safetensors().unwrap();
+        assert_eq!(std::fs::read(&shards[1]).unwrap(), b"shard2");
+        assert_eq!(model.config().unwrap()["model_type"], "gemma3");
+    }
+
+    struct Captured(std::sync::Mutex<Vec<String>>);
+    impl Progress for Captured {
+        fn set_length(&self, _: u64) {}
+        fn inc(&self, _: u64) {}
+        fn message(&self, _: String) {}
+        fn println(&self, line: String) {
+            self.0.lock().unwrap().push(line);
+        }
+    }
+
+    #[test]
+    fn local_folder_through_the_op() {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join("data")).unwrap();
+        std::fs::write(
+            data.path().join("data/train-00000-of-00001.jsonl"),
+            "{\"q\": \"a\"}\n{\"q\": \"b\"}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            data.path().join("data/test-00000-of-00001.jsonl"),
+            "{\"q\": \"c\"}\n",
+        )
+        .unwrap();
+        let recipe_dir = tempfile::tempdir().unwrap();
+        let recipe = RecipeInfo {
+            name: "t".into(),
+            seed: 0,
+            path: recipe_dir.path().join("r.toml"),
+            output_dir: recipe_dir.path().join("out"),
+        };
+        let op = Load;
+        let table: toml::Table = format!("path = \"{}\"\nsplit = \"test\"", data.path().display())
+            .parse()
+            .unwrap();
+        let canonical = op.check(&table).unwrap();
+        assert_eq!(
+            canonical.get("revision").and_then(|v| v.as_str()),
+            Some("main")
+        );
+        assert_eq!(op.output(&canonical), ArtifactType::Dataset);
+        let fp1 = op.fingerprint(&canonical, &recipe).unwrap().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let inputs = BTreeMap::<String, Artifact>::new();
+        let progress = Captured(Default::default());
+        op.run(&RunCtx {
+            name: "raw",
+            params: &canonical,
+            inputs: &inputs,
+            out_dir: out.path(),
+            recipe: &recipe,
+            progress: &progress,
+        })
+        .unwrap();
+        let ds = dataset::open(out.path()).unwrap();
+        assert_eq!(ds.len(), 1);
+        assert_eq!(ds.row(0).unwrap().get("q").unwrap().as_str(), Some("c"));
+        assert!(
+            progress.0.lock().unwrap()[0].contains("1 rows"),
+            "{:?}",
+            progress.0.lock().unwrap()
+        );
+
+        // The fingerprint follows the data.
+        std::fs::write(
+            data.path().join("data/test-00000-of-00001.jsonl"),
+            "{\"q\": \"c\"}\n{\"q\": \"d\"}\n",
+        )
+        .unwrap();
+        assert_ne!(op.fingerprint(&canonical, &recipe).unwrap().unwrap(), fp1);
+    }
+
+    #[test]
+    fn param_checks() {
+        let op = Load;
+        let check = |s: &str| op.check(&s.parse::<toml::Table>().unwrap());
+        let err = check("dataset = \"a/b\"\nmodel = \"c/d\"").unwrap_err();
+        assert!(err.message.contains("exactly one"), "{}", err.message);
+        assert!(check("").unwrap_err().message.contains("got none"));
+        let err = check("model = \"a/b\"\nsplit = \"test\"").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("split"));
+        let err = check("path = \"x\"\nrepo_type = \"space\"").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("repo_type"));
+        let err = check("dataset = \"a/b\"\ndata_files = 3").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("data_files"));
+        let model = check("path = \"m\"\nrepo_type = \"model\"").unwrap();
+        assert_eq!(op.output(&model), ArtifactType::Model);
+        assert_eq!(
+            op.output(&check("model = \"a/b\"").unwrap()),
+            ArtifactType::Model
+        );
+        assert_eq!(
+            op.output(
+                &check("dataset = \"a/b\"\ndata_files = { test = \"x/*.parquet\" }").unwrap()
+            ),
+            ArtifactType::Dataset
+        );
+    }
+
+    fn fixture_hub() -> Hub {
+        let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf-cache/hub");
+        Hub::new(HubEnv::offline_at(cache))
+    }
+
+    fn fixture_json(name: &str) -> serde_json::Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/golden")
+            .join(name);
+        read_json(&path).unwrap()
+    }
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// The fixture cache (made by Python's datasets/huggingface_hub), HF_HUB_OFFLINE: llava's
+    /// images read back byte-exact (sha256 from golden/assets.json), and rows in the order
+    /// the golden templated texts were made from.
+    #[test]
+    fn fixture_llava_offline() {
+        let hub = fixture_hub();
+        let assets = fixture_json("assets.json");
+        let templated = fixture_json("templated.json");
+        for (split, rows) in [("train", 6), ("test", 2)] {
+            let p = params(&format!(
+                "dataset = \"HuggingFaceH4/llava-instruct-mix-vsft\"\nsplit = \"{split}\""
+            ));
+            let manifest = load_hub_dataset(
+                &hub,
+                "HuggingFaceH4/llava-instruct-mix-vsft",
+                &p,
+                &NoProgress,
+            )
+            .unwrap();
+            assert_eq!(
+                manifest.data_files,
+                [format!("data/{split}-00000-of-00001.parquet")]
+            );
+            assert_eq!(
+                manifest.revision.as_deref(),
+                assets["repos"]["llava"]["commit"].as_str()
+            );
+            let ds = dataset::Dataset::from_manifest(manifest).unwrap();
+            assert_eq!(ds.len(), rows);
+            for image in assets["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|i| i["dataset"] == "llava" && i["split"] == split)
+            {
+                let row = ds.row(image["row"].as_u64().unwrap() as usize).unwrap();
+                let images = row.field("images").unwrap().as_list().unwrap();
+                let item = &images[image["index"].as_u64().unwrap() as usize];
+                assert_eq!(item.get("path"), Some(&crate::data::value::Value::Null));
+                assert_eq!(
+                    sha256_hex(item.get("bytes").unwrap().as_bytes().unwrap()),
+                    image["sha256"].as_str().unwrap()
+                );
+            }
+            for golden in templated["llava"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["split"] == split)
+            {
+                let row = ds.row(golden["row"].as_u64().unwrap() as usize).unwrap();
+                let messages = row.field("messages").unwrap().as_list().unwrap();
+                for message in messages {
+                    for item in message.get("content").unwrap().as_list().unwrap() {
+                        if let Some(text) = item.get("text").and_then(|t| t.as_str()) {
+                            assert!(
+                                golden["text"].as_str().unwrap().contains(text.trim()),
+                                "row {}: {text:?}",
+                                row.index
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// MMIU from the fixture cache: split `test` from the card, 6 rows with 4,2,3,2,2,3
+    /// images, and every `input_image_path` present after unzip with the sha256 that
+    /// golden/assets.json records.
+    #[test]
+    fn fixture_mmiu_offline_load_and_unzip() {
+        let hub = fixture_hub();
+        let assets = fixture_json("assets.json");
+        let manifest = load_hub_dataset(
+            &hub,
+            "FanqingM/MMIU-Benchmark",
+            &params("dataset = \"FanqingM/MMIU-Benchmark\"\nsplit = \"test\""),
+            &NoProgress,
+        )
+        .unwrap();
+        let ds = dataset::Dataset::from_manifest(manifest.clone()).unwrap();
+        let rows: Vec<_> = ds.rows().collect::<Result<_>>().unwrap();
+        let counts: Vec<usize> = rows
+            .iter()
+            .map(|r| {
+                r.field("input_image_path")
+                    .unwrap()
+                    .as_list()
+                    .unwrap()
+                    .len()
+            })
+            .collect();
+        assert_eq!(counts, [4, 2, 3, 2, 2, 3]);
+        assert!(rows[0]
+            .field("context")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .ends_with('\n'));
+
+        let names = select_archives(&manifest.files, None).unwrap();
+        assert_eq!(
+            names,
+            [
+                "2D-spatial.zip",
+                "Discrete-temporal.zip",
+                "Low-level-semantic.zip"
+            ]
+        );
+        let paths = locate_archives(&manifest, &names, &hub, &NoProgress).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        extract_all(
+            &names.into_iter().zip(paths).collect::<Vec<_>>(),
+            out.path(),
+            1 << 30,
+            &NoProgress,
+        )
+        .unwrap();
+        let mut checked = 0;
+        for row in &rows {
+            for (index, path) in row
+                .field("input_image_path")
+                .unwrap()
+                .as_list()
+                .unwrap()
+                .iter()
+                .enumerate()
+            {
+                let path = path.as_str().unwrap();
+                let bytes = std::fs::read(out.path().join(path.trim_start_matches("./"))).unwrap();
+                let asset = assets["images"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|a| {
+                        a["dataset"] == "mmiu" && a["row"] == row.index && a["index"] == index
+                    })
+                    .unwrap();
+                assert_eq!(asset["path"].as_str(), Some(path));
+                assert_eq!(sha256_hex(&bytes), asset["sha256"].as_str().unwrap());
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 16);
+    }
+
+    #[test]
+    fn fixture_models_offline() {
+        let hub = fixture_hub();
+        let manifest = load_hub_model(
+            &hub,
+            "runner-test/tiny-gemma-3-hub-layout",
+            "main",
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(manifest
+            .files
+            .contains(&"model.safetensors.index.json".to_string()));
+        assert!(!manifest.files.contains(&"README.md".to_string()));
+        let model = ModelDir::new(manifest);
+        assert_eq!(model.safetensors().unwrap().len(), 3);
+        assert!(
+            model.file("tokenizer.json").is_some()
+                && model.file("preprocessor_config.json").is_some()
+        );
+        let manifest =
+            load_hub_model(&hub, "runner-test/tiny-gemma-3", "main", &NoProgress).unwrap();
+        let model = ModelDir::new(manifest);
+        assert!(model.file("chat_template.jinja").is_some());
+        assert_eq!(model.config().unwrap()["model_type"], "gemma3");
+        assert!(!model.safetensors().unwrap().is_empty());
+    }
+}
