@@ -8,6 +8,7 @@ pub mod gpu;
 pub mod hub;
 pub mod model;
 pub mod params;
+pub mod quantize;
 pub mod reference;
 pub mod train;
 
@@ -125,7 +126,11 @@ pub trait Op: Send + Sync {
     fn output(&self, params: &toml::Table) -> ArtifactType;
     /// Extra content the cache key must cover beyond params and inputs, e.g. a local file's
     /// size and modification time. Called at plan time; must be cheap.
-    fn fingerprint(&self, _params: &toml::Table, _recipe: &RecipeInfo) -> anyhow::Result<Option<String>> {
+    fn fingerprint(
+        &self,
+        _params: &toml::Table,
+        _recipe: &RecipeInfo,
+    ) -> anyhow::Result<Option<String>> {
         Ok(None)
     }
     /// `Some(reason)` when the op will not do anything with these params (e.g. `push` with
@@ -149,7 +154,9 @@ impl Registry {
 
     /// Every op the runner ships.
     pub fn builtin() -> Self {
-        Self::empty()
+        let mut r = Self::empty();
+        r.register(Arc::new(quantize::Quantize));
+        r
     }
 
     pub fn register(&mut self, op: Arc<dyn Op>) -> &mut Self {
