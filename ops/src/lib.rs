@@ -126,11 +126,7 @@ pub trait Op: Send + Sync {
     fn output(&self, params: &toml::Table) -> ArtifactType;
     /// Extra content the cache key must cover beyond params and inputs, e.g. a local file's
     /// size and modification time. Called at plan time; must be cheap.
-    fn fingerprint(
-        &self,
-        _params: &toml::Table,
-        _recipe: &RecipeInfo,
-    ) -> anyhow::Result<Option<String>> {
+    fn fingerprint(&self, _params: &toml::Table, _recipe: &RecipeInfo) -> anyhow::Result<Option<String>> {
         Ok(None)
     }
     /// `Some(reason)` when the op will not do anything with these params (e.g. `push` with
