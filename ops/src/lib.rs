@@ -10,6 +10,7 @@ pub mod hub;
 pub mod load;
 pub mod model;
 pub mod params;
+pub mod quantize;
 pub mod reference;
 pub mod train;
 pub mod unzip;
@@ -158,6 +159,7 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut registry = Self::empty();
         registry.register(Arc::new(load::Load));
+        registry.register(Arc::new(quantize::Quantize));
         registry.register(Arc::new(unzip::Unzip));
         registry
     }

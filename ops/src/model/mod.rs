@@ -5,6 +5,7 @@ pub mod bnb;
 pub mod config;
 pub mod memory;
 pub mod names;
+pub mod quantize;
 pub mod reference;
 pub mod safetensors_io;
 pub mod weights;
