@@ -49,6 +49,7 @@ fn main() {
             failure_stops_new_ops_and_exits_1,
         ),
         Trial::test("force_and_only", force_and_only),
+        Trial::test("plan_order_is_topological_then_file_order", plan_order),
         Trial::test(
             "skipped_ops_and_their_consumers",
             skipped_ops_and_their_consumers,
@@ -626,6 +627,47 @@ fn force_and_only() -> Result {
             .contains("`--force cc`: the recipe has no op `cc`; did you mean `c`?"),
         "{out:?}"
     );
+    Ok(())
+}
+
+fn plan_order() -> Result {
+    // Consumers written before their producers; `z` and `m` are independent sources.
+    let ws = Workspace::new(
+        r#"
+[ops.last]
+op = "concat"
+inputs = { a = "mid" }
+
+[ops.mid]
+op = "concat"
+inputs = { a = "z", b = "m" }
+
+[ops.z]
+op = "text"
+text = "z"
+
+[ops.m]
+op = "text"
+text = "m"
+"#,
+    );
+    let out = ws.run(&["plan", "recipe.toml"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let order: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(". "))
+        .map(|l| l.split_whitespace().nth(1).unwrap())
+        .collect();
+    assert_eq!(order, ["z", "m", "mid", "last"], "{out:?}");
+    let out = ws.run(&["run", "recipe.toml", "--jobs", "1"]);
+    let started: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("start "))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(started, ["z", "m", "mid", "last"], "{out:?}");
     Ok(())
 }
 
