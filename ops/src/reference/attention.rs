@@ -54,7 +54,7 @@ impl AttentionDims {
             "attention dims must all be positive, got {self:?}"
         );
         ensure!(
-            self.q_heads % self.kv_heads == 0,
+            self.q_heads.is_multiple_of(self.kv_heads),
             "q_heads ({}) must be a multiple of kv_heads ({})",
             self.q_heads,
             self.kv_heads

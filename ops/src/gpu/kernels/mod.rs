@@ -7,12 +7,15 @@ use super::{DType, GpuTensor};
 
 pub mod activation;
 pub mod adamw;
+pub mod attention;
 pub mod cast;
+pub mod cross_entropy;
 pub mod embedding;
 pub mod lora;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;
+pub mod pool;
 pub mod reduce;
 pub mod rope;
 

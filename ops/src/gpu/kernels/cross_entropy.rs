@@ -1,0 +1,431 @@
+//! Fused lm_head + cross-entropy over vocabulary chunks (`shaders/cross_entropy.wgsl`): the
+//! `[tokens, vocab]` logits never exist, only a `[tokens, vc]` block per chunk. Reference and
+//! semantics: [`crate::reference::cross_entropy`].
+//!
+//! ```ignore
+//! let labels = gpu.upload_labels(&labels, vocab)?;             // validated: -100 or < vocab
+//! let totals = gpu.empty(&[4], DType::U32)?;
+//! gpu.lm_head_cross_entropy(&mut rec, &CrossEntropyArgs { hidden: &h, weight: &w, labels: &labels,
+//!     grad_scale: 1.0 / num_items as f32, d_hidden: &dh, d_weight: Some(&dw), totals: &totals })?;
+//! rec.submit();
+//! let stats = gpu.read_cross_entropy_totals(&totals)?;        // loss sum, counted, correct
+//! ```
+//! The weight (and its gradient) may be split into storage chunks by the engine; the kernels walk
+//! them. f32 weights only; `hidden % 4 == 0`.
+
+use anyhow::{ensure, Result};
+use bytemuck::{Pod, Zeroable};
+
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::reference::cross_entropy::{CrossEntropyStats, IGNORE_INDEX};
+
+const SOURCE: &str = include_str!("../../../../shaders/cross_entropy.wgsl");
+
+/// Largest vocabulary block whose logits exist at once (also bounded by the storage binding).
+const MAX_VOCAB_BLOCK: usize = 8192;
+
+fn module(kernel: &str) -> ShaderSource {
+    let mut header = String::new();
+    let mut section = String::new();
+    let mut current: Option<&str> = None;
+    for line in SOURCE.lines() {
+        if let Some(name) = line.strip_prefix("//== kernel ") {
+            current = Some(name.trim());
+            continue;
+        }
+        let target = match current {
+            None => &mut header,
+            Some(name) if name == kernel => &mut section,
+            Some(_) => continue,
+        };
+        target.push_str(line);
+        target.push('\n');
+    }
+    assert!(
+        !section.is_empty(),
+        "shaders/cross_entropy.wgsl has no kernel `{kernel}`"
+    );
+    ShaderSource {
+        name: format!("cross_entropy+{kernel}"),
+        source: header + &section,
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    tokens: u32,
+    hidden: u32,
+    vc: u32,
+    ldg: u32,
+    w_row0: u32,
+    v0: u32,
+    first: u32,
+    scale: f32,
+}
+
+/// Everything one fused lm_head + cross-entropy call reads and writes.
+pub struct CrossEntropyArgs<'a> {
+    /// `[tokens, hidden]` f32, already shifted so row i predicts `labels[i]`.
+    pub hidden: &'a GpuTensor,
+    /// `[vocab, hidden]` f32 (tied embedding), possibly chunked.
+    pub weight: &'a GpuTensor,
+    /// `[tokens]` from [`Gpu::upload_labels`].
+    pub labels: &'a GpuTensor,
+    /// Gradients are of `grad_scale * loss_sum` (e.g. 1 / num_items_in_batch).
+    pub grad_scale: f32,
+    /// `[tokens, hidden]`, overwritten.
+    pub d_hidden: &'a GpuTensor,
+    /// `[vocab, hidden]`, accumulated into (chunked like `weight`); None when lm_head is frozen.
+    pub d_weight: Option<&'a GpuTensor>,
+    /// `[4]` u32: loss sum (f32 bits), counted rows, correct argmax rows, 0.
+    pub totals: &'a GpuTensor,
+}
+
+impl Gpu {
+    /// Uploads labels after checking each is [`IGNORE_INDEX`] or below `vocab`.
+    pub fn upload_labels(&self, labels: &[i32], vocab: usize) -> Result<GpuTensor> {
+        if let Some((row, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l != IGNORE_INDEX && (l < 0 || l as usize >= vocab))
+        {
+            anyhow::bail!("label {l} at row {row} is neither {IGNORE_INDEX} (ignored) nor below the vocabulary size {vocab}");
+        }
+        let words: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+        self.upload_u32(&[labels.len()], &words)
+    }
+
+    /// Reads the `[4]` totals written by [`Gpu::lm_head_cross_entropy`].
+    pub fn read_cross_entropy_totals(&self, totals: &GpuTensor) -> Result<CrossEntropyStats> {
+        let t = self.read_u32(totals)?;
+        ensure!(
+            t.len() >= 3,
+            "cross-entropy totals need 4 words, got {}",
+            t.len()
+        );
+        Ok(CrossEntropyStats {
+            loss_sum: f32::from_bits(t[0]) as f64,
+            counted: t[1] as u64,
+            correct: t[2] as u64,
+        })
+    }
+
+    /// Records the forward statistics and the gradients (see [`CrossEntropyArgs`]).
+    pub fn lm_head_cross_entropy(&self, rec: &mut Recorder, a: &CrossEntropyArgs) -> Result<()> {
+        let (tokens, hidden) = (a.hidden.rows(), a.hidden.row_len());
+        let vocab = a.weight.rows();
+        ensure!(
+            a.hidden.dtype() == DType::F32 && a.weight.dtype() == DType::F32,
+            "cross-entropy: hidden and weight must be f32"
+        );
+        ensure!(tokens > 0, "cross-entropy: no tokens");
+        ensure!(
+            hidden.is_multiple_of(4),
+            "cross-entropy: hidden size {hidden} must be a multiple of 4"
+        );
+        ensure!(
+            a.weight.row_len() == hidden,
+            "cross-entropy: weight rows have {} elements, hidden has {hidden}",
+            a.weight.row_len()
+        );
+        ensure!(
+            a.labels.numel() == tokens && a.labels.dtype() == DType::U32,
+            "cross-entropy: labels must be {tokens} u32 words (use upload_labels)"
+        );
+        ensure!(
+            a.d_hidden.numel() == tokens * hidden && a.d_hidden.dtype() == DType::F32,
+            "cross-entropy: d_hidden must be f32 [{tokens}, {hidden}]"
+        );
+        ensure!(
+            a.totals.numel() == 4 && a.totals.dtype() == DType::U32,
+            "cross-entropy: totals must be [4] u32"
+        );
+        if let Some(dw) = a.d_weight {
+            ensure!(
+                dw.dtype() == DType::F32 && dw.shape() == a.weight.shape(),
+                "cross-entropy: d_weight must be f32 shaped like weight"
+            );
+            let same = dw.chunks().len() == a.weight.chunks().len()
+                && dw
+                    .chunks()
+                    .iter()
+                    .zip(a.weight.chunks())
+                    .all(|(x, y)| x.first_row == y.first_row && x.rows == y.rows);
+            ensure!(
+                same,
+                "cross-entropy: d_weight is chunked differently from weight"
+            );
+        }
+        ensure!(
+            tokens * hidden < u32::MAX as usize && vocab < i32::MAX as usize,
+            "cross-entropy: sizes too large for 32-bit indexing"
+        );
+
+        let budget = (self.max_binding_bytes() as usize / (4 * tokens)) / 8 * 8;
+        ensure!(budget >= 8, "cross-entropy: {tokens} tokens are too many for one logits block within the storage binding");
+        let block = budget.min(MAX_VOCAB_BLOCK).min(vocab.next_multiple_of(8));
+        let ldg = block;
+        let logits = self.empty(&[tokens, ldg], DType::F32)?;
+        let state = self.empty(&[tokens, 8], DType::F32)?;
+        let (g, st) = (logits.view()?, state.view()?);
+        let (x, labels, dx) = (a.hidden.view()?, a.labels.view()?, a.d_hidden.view()?);
+
+        let k_logits = self.kernel(&module("logits"), "ce_logits", &[]);
+        let k_stats = self.kernel(&module("stats"), "ce_stats", &[]);
+        let k_finish = self.kernel(&module("finish"), "ce_finish", &[]);
+        let k_dlogits = self.kernel(&module("dlogits"), "ce_dlogits", &[]);
+        let k_dhidden = self.kernel(&module("dhidden"), "ce_dhidden", &[]);
+        let k_dweight = self.kernel(&module("dweight"), "ce_dweight", &[]);
+
+        // (storage chunk index, params) for every vocabulary block
+        let mut blocks = Vec::new();
+        for (ci, chunk) in a.weight.chunks().iter().enumerate() {
+            let mut r = 0;
+            while r < chunk.rows {
+                let vc = block.min(chunk.rows - r);
+                blocks.push((
+                    ci,
+                    Params {
+                        tokens: tokens as u32,
+                        hidden: hidden as u32,
+                        vc: vc as u32,
+                        ldg: ldg as u32,
+                        w_row0: r as u32,
+                        v0: (chunk.first_row + r) as u32,
+                        first: blocks.is_empty() as u32,
+                        scale: a.grad_scale,
+                    },
+                ));
+                r += vc;
+            }
+        }
+        let grid_8x8 = |cols: usize, rows: usize| {
+            [
+                cols.div_ceil(8).div_ceil(8) as u32,
+                rows.div_ceil(8).div_ceil(8) as u32,
+                1,
+            ]
+        };
+        let h4 = hidden / 4;
+        for (ci, p) in &blocks {
+            let w = a.weight.chunks()[*ci].view();
+            let bytes = bytemuck::bytes_of(p);
+            rec.dispatch(
+                &k_logits,
+                bytes,
+                &[x.clone(), w, g.clone()],
+                grid_8x8(p.vc as usize, tokens),
+            );
+            rec.dispatch(
+                &k_stats,
+                bytes,
+                &[g.clone(), labels.clone(), st.clone()],
+                groups_1d(self, tokens as u32),
+            );
+        }
+        let p0 = bytemuck::bytes_of(&blocks[0].1);
+        rec.dispatch(
+            &k_finish,
+            p0,
+            &[labels.clone(), st.clone(), a.totals.view()?],
+            [1, 1, 1],
+        );
+        for (ci, p) in &blocks {
+            let w = a.weight.chunks()[*ci].view();
+            let bytes = bytemuck::bytes_of(p);
+            rec.dispatch(
+                &k_logits,
+                bytes,
+                &[x.clone(), w.clone(), g.clone()],
+                grid_8x8(p.vc as usize, tokens),
+            );
+            let n = (tokens * p.vc as usize) as u32;
+            rec.dispatch(
+                &k_dlogits,
+                bytes,
+                &[labels.clone(), st.clone(), g.clone()],
+                groups_1d(self, n.div_ceil(64)),
+            );
+            rec.dispatch(
+                &k_dhidden,
+                bytes,
+                &[g.clone(), w, dx.clone()],
+                grid_8x8(h4.div_ceil(2) * 8, tokens),
+            );
+            if let Some(dw) = a.d_weight {
+                let dwv = dw.chunks()[*ci].view();
+                rec.dispatch(
+                    &k_dweight,
+                    bytes,
+                    &[g.clone(), x.clone(), dwv],
+                    grid_8x8(h4.div_ceil(2) * 8, p.vc as usize),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::testing::{rel_frobenius, test_gpu, tiny_binding_gpu, TestRng};
+    use crate::reference::cross_entropy::{lm_head_cross_entropy, CrossEntropyDims};
+
+    fn run(gpu: &Gpu, d: CrossEntropyDims, with_dw: bool, seed: u64) {
+        let mut rng = TestRng::new(seed);
+        let hidden = rng.vec_normal(d.tokens * d.hidden);
+        let weight = rng.vec_normal(d.vocab * d.hidden);
+        let labels: Vec<i32> = (0..d.tokens)
+            .map(|_| {
+                if rng.below(4) == 0 {
+                    IGNORE_INDEX
+                } else {
+                    rng.below(d.vocab) as i32
+                }
+            })
+            .collect();
+        let dw_start = rng.vec_normal(d.vocab * d.hidden);
+        let scale = 0.37;
+        let mut want_dw = dw_start.clone();
+        let (want, want_dh) = lm_head_cross_entropy(
+            &hidden,
+            &weight,
+            &labels,
+            &d,
+            scale,
+            with_dw.then_some(&mut want_dw[..]),
+        )
+        .unwrap();
+
+        let hg = gpu.upload_f32(&[d.tokens, d.hidden], &hidden).unwrap();
+        let wg = gpu.upload_f32(&[d.vocab, d.hidden], &weight).unwrap();
+        let dwg = gpu.upload_f32(&[d.vocab, d.hidden], &dw_start).unwrap();
+        let lg = gpu.upload_labels(&labels, d.vocab).unwrap();
+        let dh = gpu.empty(&[d.tokens, d.hidden], DType::F32).unwrap();
+        let totals = gpu.empty(&[4], DType::U32).unwrap();
+        gpu.poison(&dh);
+        gpu.poison(&totals);
+        let mut rec = Recorder::new(gpu);
+        let args = CrossEntropyArgs {
+            hidden: &hg,
+            weight: &wg,
+            labels: &lg,
+            grad_scale: scale,
+            d_hidden: &dh,
+            d_weight: with_dw.then_some(&dwg),
+            totals: &totals,
+        };
+        gpu.lm_head_cross_entropy(&mut rec, &args).unwrap();
+        rec.submit();
+        let got = gpu.read_cross_entropy_totals(&totals).unwrap();
+        let what = format!("seed {seed}: {d:?}, {} weight chunk(s)", wg.chunks().len());
+        assert_eq!(
+            (got.counted, got.correct),
+            (want.counted, want.correct),
+            "{what}"
+        );
+        let loss_err = (got.loss_sum - want.loss_sum).abs() / want.loss_sum.abs();
+        assert!(
+            loss_err < 1e-5,
+            "{what}: loss {} vs {}",
+            got.loss_sum,
+            want.loss_sum
+        );
+        let dh_err = rel_frobenius(&gpu.read_f32(&dh).unwrap(), &want_dh);
+        assert!(dh_err < 1e-5, "{what}: d_hidden rel error {dh_err}");
+        if with_dw {
+            let dw_err = rel_frobenius(&gpu.read_f32(&dwg).unwrap(), &want_dw);
+            assert!(dw_err < 1e-5, "{what}: d_weight rel error {dw_err}");
+        }
+    }
+
+    #[test]
+    fn matches_the_reference_with_odd_sizes() {
+        let seed = TestRng::fresh_seed();
+        run(
+            test_gpu(),
+            CrossEntropyDims {
+                tokens: 23,
+                hidden: 20,
+                vocab: 37,
+            },
+            true,
+            seed,
+        );
+        run(
+            test_gpu(),
+            CrossEntropyDims {
+                tokens: 9,
+                hidden: 12,
+                vocab: 19,
+            },
+            false,
+            seed,
+        );
+    }
+
+    #[test]
+    fn walks_chunked_weights_and_vocabulary_blocks() {
+        // 4 KiB bindings: the weight spans 3 storage chunks and each chunk several logits blocks
+        let gpu = tiny_binding_gpu();
+        let seed = TestRng::fresh_seed();
+        run(
+            gpu,
+            CrossEntropyDims {
+                tokens: 21,
+                hidden: 8,
+                vocab: 301,
+            },
+            true,
+            seed,
+        );
+    }
+
+    #[test]
+    fn handles_the_full_gemma_vocabulary() {
+        let seed = TestRng::fresh_seed();
+        run(
+            test_gpu(),
+            CrossEntropyDims {
+                tokens: 3,
+                hidden: 4,
+                vocab: 262_208,
+            },
+            true,
+            seed,
+        );
+    }
+
+    #[test]
+    fn argmax_ties_go_to_the_lowest_index_across_blocks() {
+        // rows 2 and 290 of the weight are equal and the largest: the tie spans two vocabulary blocks
+        let gpu = tiny_binding_gpu();
+        let (tokens, hidden, vocab) = (2, 4, 301);
+        let mut weight = vec![0.01f32; vocab * hidden];
+        for r in [2, 290] {
+            weight[r * hidden..][..hidden].copy_from_slice(&[1.0, 1.0, 1.0, 1.0]);
+        }
+        let hg = gpu.upload_f32(&[tokens, hidden], &[1.0; 8]).unwrap();
+        let wg = gpu.upload_f32(&[vocab, hidden], &weight).unwrap();
+        let lg = gpu.upload_labels(&[2, 290], vocab).unwrap();
+        let dh = gpu.empty(&[tokens, hidden], DType::F32).unwrap();
+        let totals = gpu.empty(&[4], DType::U32).unwrap();
+        let mut rec = Recorder::new(gpu);
+        let args = CrossEntropyArgs {
+            hidden: &hg,
+            weight: &wg,
+            labels: &lg,
+            grad_scale: 1.0,
+            d_hidden: &dh,
+            d_weight: None,
+            totals: &totals,
+        };
+        gpu.lm_head_cross_entropy(&mut rec, &args).unwrap();
+        rec.submit();
+        let got = gpu.read_cross_entropy_totals(&totals).unwrap();
+        assert_eq!((got.counted, got.correct), (2, 1));
+        assert!(gpu.upload_labels(&[0, 301], vocab).is_err());
+    }
+}
