@@ -6,7 +6,10 @@
 pub mod artifact;
 pub mod hub;
 pub mod params;
+pub mod publish;
+pub mod push;
 pub mod reference;
+pub mod save;
 pub mod train;
 
 use std::collections::BTreeMap;
@@ -147,7 +150,10 @@ impl Registry {
 
     /// Every op the runner ships.
     pub fn builtin() -> Self {
-        Self::empty()
+        let mut registry = Self::empty();
+        registry.register(Arc::new(save::SaveOp));
+        registry.register(Arc::new(push::PushOp));
+        registry
     }
 
     pub fn register(&mut self, op: Arc<dyn Op>) -> &mut Self {
