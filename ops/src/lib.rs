@@ -10,8 +10,11 @@ pub mod hub;
 pub mod load;
 pub mod model;
 pub mod params;
+pub mod publish;
+pub mod push;
 pub mod quantize;
 pub mod reference;
+pub mod save;
 pub mod train;
 pub mod unzip;
 
@@ -159,7 +162,9 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut registry = Self::empty();
         registry.register(Arc::new(load::Load));
+        registry.register(Arc::new(push::PushOp));
         registry.register(Arc::new(quantize::Quantize));
+        registry.register(Arc::new(save::SaveOp));
         registry.register(Arc::new(unzip::Unzip));
         registry
     }

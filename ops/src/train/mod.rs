@@ -2,3 +2,5 @@
 //! and metrics (metrics.jsonl and TensorBoard event files).
 
 pub mod tensorboard;
+pub mod adapter;
+pub mod metrics;
