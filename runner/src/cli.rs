@@ -30,6 +30,10 @@ pub const CACHE_ENV: &str = "RUNNER_CACHE";
     after_help = "Exit codes: 0 success, 1 an op failed, 2 invalid recipe or usage."
 )]
 struct Cli {
+    /// The GPU adapter to use, by name substring or index (`runner gpu` lists them);
+    /// default: `$RUNNER_ADAPTER`, else discrete > integrated > CPU.
+    #[arg(long, global = true, value_name = "NAME|INDEX")]
+    adapter: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,10 +53,8 @@ enum Command {
         /// Show only this op kind.
         kind: Option<String>,
     },
-    // ─── LEAD: wire `runner gpu` here ───────────────────────────────────────────────────────
-    // Add the `Gpu` variant (it calls `ops::gpu::describe()`) once that function exists on
-    // main, and its arm in `dispatch` below.
-    // ─────────────────────────────────────────────────────────────────────────────────────────
+    /// Show the GPU adapter the runner would use: backend, features and limits, and every adapter found.
+    Gpu,
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +105,12 @@ where
             return code;
         }
     };
+    if let Some(adapter) = &cli.adapter {
+        if let Err(e) = ops::gpu::select_adapter(adapter) {
+            eprintln!("runner: --adapter {adapter}: {e:#}");
+            return EXIT_INVALID;
+        }
+    }
     match dispatch(&registry, cli.command) {
         Ok(code) => code,
         Err(diags) => {
@@ -137,6 +145,16 @@ fn dispatch(registry: &Registry, command: Command) -> Outcome {
         Command::Plan(args) => plan_command(registry, &args),
         Command::Run(args) => run_command(registry, &args),
         Command::Ops { kind } => ops_command(registry, kind.as_deref()),
+        Command::Gpu => match ops::gpu::describe() {
+            Ok(text) => {
+                print!("{text}");
+                Ok(EXIT_OK)
+            }
+            Err(e) => {
+                eprintln!("runner gpu: {e:#}");
+                Ok(EXIT_OP_FAILED)
+            }
+        },
     }
 }
 

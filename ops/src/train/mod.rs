@@ -1,6 +1,6 @@
 //! The training loop's pieces: loss normalisation, optimizer, schedule, clipping, checkpoints,
 //! and metrics (metrics.jsonl and TensorBoard event files).
 
-pub mod tensorboard;
 pub mod adapter;
 pub mod metrics;
+pub mod tensorboard;
