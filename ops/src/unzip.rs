@@ -731,4 +731,66 @@ mod tests {
             .to_string()
             .contains("no .zip"));
     }
+
+    #[test]
+    fn op_extracts_a_local_dataset_and_writes_files_json() {
+        let data = tempfile::tempdir().unwrap();
+        make_zip(&data.path().join("A.zip"), &[("t/1.jpg", b"one")]);
+        make_zip(&data.path().join("B.zip"), &[("u/2.jpg", b"two")]);
+        let input = tempfile::tempdir().unwrap();
+        DatasetManifest {
+            repo_id: None,
+            revision: None,
+            root: data.path().to_path_buf(),
+            split: None,
+            data_files: vec![],
+            files: vec!["A.zip".into(), "B.zip".into(), "x.parquet".into()],
+        }
+        .write(input.path())
+        .unwrap();
+        let inputs = std::collections::BTreeMap::from([(
+            "archives".to_string(),
+            crate::Artifact {
+                ty: ArtifactType::Dataset,
+                dir: input.path().to_path_buf(),
+                key: "k".into(),
+            },
+        )]);
+        let params = Unzip
+            .check(&"archives = [\"B.zip\"]".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            params.get("max_total_bytes").and_then(|v| v.as_integer()),
+            Some(200 << 30)
+        );
+        let out = tempfile::tempdir().unwrap();
+        let recipe = crate::RecipeInfo {
+            name: "r".into(),
+            seed: 0,
+            path: "r.toml".into(),
+            output_dir: "o".into(),
+        };
+        Unzip
+            .run(&RunCtx {
+                name: "images",
+                params: &params,
+                inputs: &inputs,
+                out_dir: out.path(),
+                recipe: &recipe,
+                progress: &NoProgress,
+            })
+            .unwrap();
+        assert_eq!(tree(out.path()), ["B/u/2.jpg", "files.json"]);
+        let listing = FilesManifest::read(out.path()).unwrap();
+        assert_eq!(
+            listing.archives,
+            [ArchiveSummary {
+                archive: "B.zip".into(),
+                dir: "B".into(),
+                entries: 1,
+                files: 1,
+                bytes: 3
+            }]
+        );
+    }
 }
