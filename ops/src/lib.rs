@@ -4,11 +4,14 @@
 //! and calls a domain module (`data/`, `hub/`, `gpu/`, `model/`, `train/`).
 
 pub mod artifact;
+pub mod collate;
 pub mod data;
+pub mod format;
 pub mod hub;
 pub mod load;
 pub mod params;
 pub mod reference;
+pub mod template;
 pub mod train;
 pub mod unzip;
 
@@ -157,6 +160,9 @@ impl Registry {
         let mut registry = Self::empty();
         registry.register(Arc::new(load::Load));
         registry.register(Arc::new(unzip::Unzip));
+        registry.register(Arc::new(format::FormatOp));
+        registry.register(Arc::new(template::TemplateOp));
+        registry.register(Arc::new(collate::CollateOp));
         registry
     }
 
