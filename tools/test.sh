@@ -11,4 +11,4 @@ ensure_vulkan
 # Graphviz: the CLI tests check that `runner graph` output is accepted by `dot -Tsvg`.
 command -v dot >/dev/null 2>&1 || ensure_packages graphviz
 
-cargo test --workspace --release "$@"
+cargo test --workspace "$@"

@@ -4,7 +4,9 @@
 //! and calls a domain module (`data/`, `hub/`, `gpu/`, `model/`, `train/`).
 
 pub mod artifact;
+pub mod collate;
 pub mod data;
+pub mod format;
 pub mod gpu;
 pub mod hub;
 pub mod load;
@@ -15,6 +17,7 @@ pub mod push;
 pub mod quantize;
 pub mod reference;
 pub mod save;
+pub mod template;
 pub mod train;
 pub mod unzip;
 
@@ -166,6 +169,9 @@ impl Registry {
         registry.register(Arc::new(quantize::Quantize));
         registry.register(Arc::new(save::SaveOp));
         registry.register(Arc::new(unzip::Unzip));
+        registry.register(Arc::new(format::FormatOp));
+        registry.register(Arc::new(template::TemplateOp));
+        registry.register(Arc::new(collate::CollateOp));
         registry
     }
 

@@ -1,0 +1,131 @@
+//! `collate`: fixes how templated conversations become training batches (Gemma 3 processor
+//! semantics + the guide's label masking) and writes the `batches` descriptor; the batches
+//! themselves are produced lazily by `data::collate::BatchStream` while training runs.
+
+use anyhow::Result;
+
+use crate::data::collate::{prepare_batches, CollateOptions, PrepareSpec};
+use crate::params::OpParams;
+use crate::{op_params, ArtifactType, Op, ParamError, ParamSpec, Port, RunCtx};
+
+op_params! {
+    pub struct CollateParams {
+        /// Examples per batch (the guide: 8 for llava, 1 for MMIU).
+        batch_size: usize = 8,
+        /// Shuffle every epoch (seeded; the DataLoader of the Trainer shuffles).
+        shuffle: bool = true,
+        /// Shuffle seed; unset = the recipe's seed.
+        seed: Option<u64> = None,
+        /// Drop the last incomplete batch of an epoch.
+        drop_last: bool = false,
+        /// Let the tokenizer add its BOS as the guide does (with Gemma's template: a double BOS); false drops the duplicate.
+        add_special_tokens: bool = true,
+        /// Mask <start_of_image> in the labels, as the guide intends; false reproduces the guide's literal code (a no-op mask).
+        mask_boi: bool = true,
+        /// Train only on assistant turns (needs a template with {% generation %} blocks).
+        assistant_only_loss: bool = false,
+        /// Truncate sequences to this many tokens; an example whose cut falls inside an image block is dropped (or fails, per on_error).
+        max_length: Option<usize> = None,
+        /// An example that cannot be collated: "skip" (dropped, counted, reported) or "fail".
+        on_error: String = "skip".to_string(),
+    }
+}
+
+pub struct CollateOp;
+
+impl Op for CollateOp {
+    fn kind(&self) -> &'static str {
+        "collate"
+    }
+    fn doc(&self) -> &'static str {
+        "Templated conversations -> a lazy stream of batches (Gemma 3 processor: images resized/normalised, image tokens expanded, labels masked)"
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![
+            Port {
+                name: "templated",
+                accepts: &[ArtifactType::Templated],
+                required: true,
+                doc: "templated conversations",
+            },
+            Port {
+                name: "model",
+                accepts: &[ArtifactType::Model, ArtifactType::QuantizedModel],
+                required: true,
+                doc: "the model whose tokenizer and processor settings are used",
+            },
+        ]
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        CollateParams::specs()
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError> {
+        let p = CollateParams::from_table(params)?;
+        if p.batch_size == 0 {
+            return Err(ParamError {
+                key: Some("batch_size".into()),
+                message: "batch_size must be at least 1".into(),
+            });
+        }
+        if !matches!(p.on_error.as_str(), "skip" | "fail") {
+            return Err(ParamError {
+                key: Some("on_error".into()),
+                message: format!(
+                    "on_error must be \"skip\" or \"fail\", got {:?}",
+                    p.on_error
+                ),
+            });
+        }
+        if p.max_length == Some(0) {
+            return Err(ParamError {
+                key: Some("max_length".into()),
+                message: "max_length must be at least 1".into(),
+            });
+        }
+        CollateParams::canonical(params)
+    }
+    fn output(&self, _params: &toml::Table) -> ArtifactType {
+        ArtifactType::Batches
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<()> {
+        let p = CollateParams::from_table(ctx.params)?;
+        let model = crate::data::model_dir::open(&ctx.input("model")?.dir)?;
+        let templated = ctx.input("templated")?;
+        let spec = PrepareSpec {
+            options: CollateOptions {
+                add_special_tokens: p.add_special_tokens,
+                mask_boi: p.mask_boi,
+                assistant_only_loss: p.assistant_only_loss,
+                max_length: p.max_length,
+            },
+            batch_size: p.batch_size,
+            shuffle: p.shuffle,
+            seed: p.seed.unwrap_or(ctx.recipe.seed),
+            drop_last: p.drop_last,
+            fail_on_error: p.on_error == "fail",
+        };
+        let desc = prepare_batches(&templated.dir, model.root(), ctx.out_dir, &spec, &|n| {
+            ctx.progress.inc(n as u64)
+        })?;
+        if desc.dropped > 0 {
+            ctx.progress.println(format!(
+                "collate `{}`: dropped {} examples; first: {}",
+                ctx.name,
+                desc.dropped,
+                desc.dropped_examples.join("; ")
+            ));
+        }
+        if desc.batches_per_epoch == 0 {
+            anyhow::bail!(
+                "no batches: {} usable examples with batch_size {} (drop_last = {})",
+                desc.num_examples,
+                desc.batch_size,
+                desc.drop_last
+            );
+        }
+        Ok(())
+    }
+}

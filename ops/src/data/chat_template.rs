@@ -1,0 +1,553 @@
+//! Chat templates rendered with minijinja the way transformers renders them with Jinja2.
+//!
+//! transformers (`utils/chat_template_utils.py`, `_cached_compile_jinja_template`) uses an
+//! `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+//! extensions=[AssistantTracker, loopcontrols])` with a `tojson` filter that is `json.dumps`
+//! (no HTML escaping, `ensure_ascii=False`), globals `raise_exception`, `strftime_now`, `dict`,
+//! `namespace`, and renders with `messages`, `tools`, `documents`, `add_generation_prompt` and the
+//! tokenizer's special tokens (`bos_token`, ...) as variables. The processor's
+//! `apply_chat_template` passes `tokenizer.special_tokens_map` the same way. We mirror all of it.
+//!
+//! `{% generation %}...{% endgeneration %}` (TRL's training templates) is rewritten into marker
+//! characters so the assistant spans can be recovered for `assistant_only_loss`; the rewrite
+//! keeps trim/lstrip behaviour identical (a block tag stays at each end).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use minijinja::value::{Kwargs, Rest, Value};
+use minijinja::{Environment, Error, ErrorKind, State};
+
+/// Private-use characters marking generation spans in the raw render; stripped before output.
+const GEN_START: char = '\u{10FFFD}';
+const GEN_END: char = '\u{10FFFC}';
+
+/// A compiled chat template plus the variables transformers passes besides the messages.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// Special tokens (`bos_token`, `eos_token`, `boi_token`, ...) given to the template.
+    special_tokens: serde_json::Map<String, serde_json::Value>,
+    has_generation_tags: bool,
+}
+
+/// One rendered conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    /// Byte ranges of `text` inside `{% generation %}` blocks (empty if the template has none).
+    pub assistant_spans: Vec<(usize, usize)>,
+}
+
+impl ChatTemplate {
+    /// Loads the model's own template: `chat_template.jinja`, else `chat_template.json`
+    /// (`{"chat_template": ...}`), else `tokenizer_config.json`'s `chat_template` (a string, or the
+    /// list of named templates, where `default` is used). Special tokens come from
+    /// `tokenizer_config.json` and `special_tokens_map.json`.
+    pub fn from_model_dir(dir: &Path, override_path: Option<&Path>) -> Result<Self> {
+        let tokenizer_config = read_json_opt(&dir.join("tokenizer_config.json"))?;
+        let source = if let Some(p) = override_path {
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read chat template {}", p.display()))?
+        } else if dir.join("chat_template.jinja").is_file() {
+            std::fs::read_to_string(dir.join("chat_template.jinja"))?
+        } else if let Some(v) = read_json_opt(&dir.join("chat_template.json"))? {
+            template_from_json(v.get("chat_template")).with_context(|| {
+                format!(
+                    "{}: no usable `chat_template`",
+                    dir.join("chat_template.json").display()
+                )
+            })?
+        } else if let Some(t) = tokenizer_config
+            .as_ref()
+            .and_then(|c| template_from_json(c.get("chat_template")))
+        {
+            t
+        } else {
+            bail!(
+                "model folder {} has no chat template (looked for chat_template.jinja, chat_template.json and \
+                 tokenizer_config.json's chat_template); set `chat_template = \"path/to/template.jinja\"`",
+                dir.display()
+            );
+        };
+        let mut special = serde_json::Map::new();
+        for cfg in [
+            read_json_opt(&dir.join("special_tokens_map.json"))?,
+            tokenizer_config,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            collect_special_tokens(&cfg, &mut special);
+        }
+        Self::new(&source, special)
+    }
+
+    pub fn new(
+        source: &str,
+        special_tokens: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self> {
+        let has_generation_tags = source.contains("generation");
+        let source = rewrite_generation_tags(source);
+        let mut env = Environment::new();
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .keep_trailing_newline(false)
+                .build()
+                .expect("default delimiters are valid"),
+        );
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned("chat", source)
+            .map_err(|e| anyhow::anyhow!("chat template does not compile: {e:#}"))?;
+        Ok(Self {
+            env,
+            special_tokens,
+            has_generation_tags,
+        })
+    }
+
+    pub fn has_generation_tags(&self) -> bool {
+        self.has_generation_tags
+    }
+
+    /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`: the raw render
+    /// (no strip). `messages` is the JSON conversation (list of `{role, content}`).
+    pub fn render(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<Rendered> {
+        let mut ctx = self.special_tokens.clone();
+        ctx.insert("messages".into(), messages.clone());
+        ctx.insert("tools".into(), serde_json::Value::Null);
+        ctx.insert("documents".into(), serde_json::Value::Null);
+        ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .expect("template added in new()");
+        let raw = tmpl
+            .render(Value::from(minijinja::value::Serde(&ctx)))
+            .map_err(|e| {
+                let mut msg = format!("chat template: {e}");
+                if let Some(d) = e.detail() {
+                    if !msg.contains(d) {
+                        msg.push_str(&format!(": {d}"));
+                    }
+                }
+                anyhow::anyhow!(msg)
+            })?;
+        Ok(strip_markers(&raw))
+    }
+
+    /// The guide's `apply_chat_template(...).strip()`; spans are moved and clipped with the text.
+    pub fn render_stripped(&self, messages: &serde_json::Value) -> Result<Rendered> {
+        let r = self.render(messages, false)?;
+        Ok(python_strip(r))
+    }
+}
+
+fn template_from_json(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+        format!("{} is not valid JSON", path.display())
+    })?))
+}
+
+/// `special_tokens_map`: every `*_token` entry (string, or AddedToken `{content: ...}`), plus the
+/// named `extra_special_tokens` (Gemma 3: `boi_token`, `eoi_token`, `image_token`).
+fn collect_special_tokens(
+    cfg: &serde_json::Value,
+    out: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    let Some(obj) = cfg.as_object() else { return };
+    let token_text = |v: &serde_json::Value| -> Option<String> {
+        match v {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+            _ => None,
+        }
+    };
+    for (k, v) in obj {
+        if k.ends_with("_token") {
+            if let Some(t) = token_text(v) {
+                out.entry(k.clone()).or_insert(t.into());
+            }
+        }
+    }
+    if let Some(extra) = obj.get("extra_special_tokens").and_then(|e| e.as_object()) {
+        for (k, v) in extra {
+            if let Some(t) = token_text(v) {
+                out.entry(k.clone()).or_insert(t.into());
+            }
+        }
+    }
+}
+
+/// `{% generation %}` / `{% endgeneration %}` -> a block tag around a marker output, keeping the
+/// block-tag whitespace rules on both sides.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let Some(close_rel) = rest[open..].find("%}") else {
+            break;
+        };
+        let close = open + close_rel + 2;
+        let inner = rest[open + 2..close - 2]
+            .trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let (lead_ws, trail_ws) = (&rest[open..open + 3], &rest[close - 3..close]);
+        let open_tag = if lead_ws.ends_with('-') { "{%-" } else { "{%" };
+        let close_tag = if trail_ws.starts_with('-') {
+            "-%}"
+        } else {
+            "%}"
+        };
+        out.push_str(&rest[..open]);
+        match inner {
+            "generation" => out.push_str(&format!(
+                "{open_tag} if true {close_tag}{{{{ \"{GEN_START}\" }}}}{{% endif %}}"
+            )),
+            "endgeneration" => out.push_str(&format!(
+                "{{% if true %}}{{{{ \"{GEN_END}\" }}}}{open_tag} endif {close_tag}"
+            )),
+            _ => out.push_str(&rest[open..close]),
+        }
+        rest = &rest[close..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn strip_markers(raw: &str) -> Rendered {
+    let mut text = String::with_capacity(raw.len());
+    let mut spans = Vec::new();
+    let mut start = None;
+    for c in raw.chars() {
+        match c {
+            GEN_START => start = Some(text.len()),
+            GEN_END => {
+                if let Some(s) = start.take() {
+                    spans.push((s, text.len()));
+                }
+            }
+            _ => text.push(c),
+        }
+    }
+    Rendered {
+        text,
+        assistant_spans: spans,
+    }
+}
+
+/// Python's `str.strip()` (Unicode whitespace), moving spans with the text.
+pub fn python_strip(r: Rendered) -> Rendered {
+    let is_ws = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
+    let trimmed_start = r.text.len() - r.text.trim_start_matches(is_ws).len();
+    let text = r.text.trim_matches(is_ws).to_string();
+    let end = text.len();
+    let assistant_spans = r
+        .assistant_spans
+        .into_iter()
+        .map(|(s, e)| {
+            (
+                s.saturating_sub(trimmed_start).min(end),
+                e.saturating_sub(trimmed_start).min(end),
+            )
+        })
+        .filter(|(s, e)| s < e)
+        .collect();
+    Rendered {
+        text,
+        assistant_spans,
+    }
+}
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("template raised: {message}"),
+    ))
+}
+
+fn strftime_now(format: String) -> Result<String, Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: bad format {format:?}"),
+        )
+    })?;
+    Ok(out)
+}
+
+/// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
+/// sort_keys=False)` — Python's default separators `", "` / `": "`, no HTML escaping.
+fn tojson(_state: &State, value: Value, args: Rest<Value>, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<Value> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let separators: Option<Value> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let indent = indent.or_else(|| args.first().cloned());
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => Some(if let Some(s) = v.as_str() {
+            s.to_string()
+        } else {
+            " ".repeat(i64::try_from(v)?.max(0) as usize)
+        }),
+    };
+    let (item_sep, key_sep) = match separators {
+        Some(s) if !s.is_none() => {
+            let parts: Vec<Value> = s.try_iter()?.collect();
+            if parts.len() != 2 {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson separators must be a pair",
+                ));
+            }
+            (parts[0].to_string(), parts[1].to_string())
+        }
+        _ => (
+            if indent.is_some() {
+                ",".to_string()
+            } else {
+                ", ".to_string()
+            },
+            ": ".to_string(),
+        ),
+    };
+    let json: serde_json::Value = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    let opts = JsonOpts {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: sort_keys.unwrap_or(false),
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+    };
+    write_py_json(&json, &opts, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+struct JsonOpts {
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+fn write_py_json(v: &serde_json::Value, o: &JsonOpts, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, d: usize| {
+        if let Some(ind) = &o.indent {
+            out.push('\n');
+            for _ in 0..d {
+                out.push_str(ind);
+            }
+        }
+    };
+    match v {
+        J::Null => out.push_str("null"),
+        J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        J::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
+                out.push_str(&py_float_repr(f));
+            } else {
+                out.push_str(&n.to_string());
+            }
+        }
+        J::String(s) => write_py_str(s, o.ensure_ascii, out),
+        J::Array(items) => {
+            if items.is_empty() {
+                out.push_str("[]");
+                return;
+            }
+            out.push('[');
+            for (i, it) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&o.item_sep);
+                }
+                newline(out, depth + 1);
+                write_py_json(it, o, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        J::Object(map) => {
+            if map.is_empty() {
+                out.push_str("{}");
+                return;
+            }
+            let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+            if o.sort_keys {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, it)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&o.item_sep);
+                }
+                newline(out, depth + 1);
+                write_py_str(k, o.ensure_ascii, out);
+                out.push_str(&o.key_sep);
+                write_py_json(it, o, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+    }
+}
+
+/// Python's `repr(float)` for JSON: shortest round-trip digits, `1.0` not `1`, exponent form
+/// outside [1e-4, 1e16).
+fn py_float_repr(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    let a = f.abs();
+    if a != 0.0 && !(1e-4..1e16).contains(&a) {
+        let s = format!("{f:e}"); // e.g. 1e-5, 1.5e16
+        let (mant, exp) = s.split_once('e').expect("exponent form");
+        let exp: i32 = exp.parse().expect("exponent");
+        return format!("{mant}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let s = format!("{f}");
+    if s.contains('.') {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+fn write_py_str(s: &str, ensure_ascii: bool, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7e) => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tmpl(src: &str) -> ChatTemplate {
+        let mut sp = serde_json::Map::new();
+        sp.insert("bos_token".into(), "<bos>".into());
+        ChatTemplate::new(src, sp).unwrap()
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks_like_jinja() {
+        // Jinja2 with trim_blocks+lstrip_blocks renders this as "<bos>a\nb\n" (hand-checked).
+        let t =
+            tmpl("{{ bos_token }}\n  {% for m in messages %}\n{{ m.content }}\n  {% endfor %}\n");
+        let r = t
+            .render(
+                &json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
+                false,
+            )
+            .unwrap();
+        assert_eq!(r.text, "<bos>\na\nb\n");
+    }
+
+    #[test]
+    fn tojson_is_python_json_dumps() {
+        let t = tmpl("{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}");
+        let r = t
+            .render(&json!([{"b": 1.0, "a": "<é>", "c": [1, 2.5e-5]}]), false)
+            .unwrap();
+        assert_eq!(r.text, "[{\"b\": 1.0, \"a\": \"<é>\", \"c\": [1, 2.5e-05]}]|{\n  \"b\": 1.0,\n  \"a\": \"<é>\",\n  \"c\": [\n    1,\n    2.5e-05\n  ]\n}");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let t =
+            tmpl("{% if messages|length == 0 %}{{ raise_exception('no messages') }}{% endif %}");
+        let e = t.render(&json!([]), false).unwrap_err().to_string();
+        assert!(e.contains("no messages"), "{e}");
+    }
+
+    #[test]
+    fn loop_controls_and_python_methods() {
+        let t = tmpl("{% for m in messages %}{% if loop.index0 == 1 %}{% break %}{% endif %}{{ m.content.strip().upper() }}{% endfor %}");
+        let r = t
+            .render(&json!([{"content": " x "}, {"content": "y"}]), false)
+            .unwrap();
+        assert_eq!(r.text, "X");
+    }
+
+    #[test]
+    fn generation_spans_survive_strip() {
+        let t = tmpl("\n{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}");
+        let r = t
+            .render_stripped(
+                &json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans"}]),
+            )
+            .unwrap();
+        // Jinja2 (trim_blocks) drops the newline after `{% endif %}`: "\nqans" -> strip -> "qans".
+        assert_eq!(r.text, "qans");
+        assert_eq!(r.assistant_spans, vec![(1, 4)]);
+        assert!(t.has_generation_tags());
+        // Block tags on their own lines: the rewrite must keep lstrip/trim exactly as Jinja2
+        // renders the same template with `{% if true %}` in place of the generation tags
+        // ("q\nans\n", checked with jinja2 3.1.6).
+        let t = tmpl("{% for m in messages %}\n  {% if m.role == 'assistant' %}\n    {% generation %}\n{{ m.content }}\n    {% endgeneration %}\n  {% else %}\n{{ m.content }}\n  {% endif %}\n{% endfor %}");
+        let r = t
+            .render(
+                &json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans"}]),
+                false,
+            )
+            .unwrap();
+        assert_eq!(r.text, "q\nans\n");
+        assert_eq!(r.assistant_spans, vec![(2, 6)]);
+    }
+}

@@ -1,0 +1,535 @@
+//! Image decoding and the Gemma 3 image processor's pixel pipeline, reproducing what the guide
+//! runs in Python: `PIL.Image.open(...).convert("RGB")`, then transformers' PIL backend
+//! (`Gemma3ImageProcessorPil`): `Image.resize((W, H), BILINEAR)` on the 8-bit image, rescale by
+//! `rescale_factor` in f64 then cast to f32, `(x - mean) / std` in f32, channels-first.
+//!
+//! The resize is Pillow's `ImagingResample` (src/libImaging/Resample.c) transcribed: a separable
+//! convolution whose triangle filter support is widened by the downscale factor (so downscaling
+//! averages over the whole source footprint instead of sampling two pixels), with coefficients
+//! normalised per output pixel and then quantised to 22-bit fixed point, accumulated in i32 with a
+//! rounding bias and clipped to 8 bits after each pass. Because every step is integer arithmetic
+//! on the same coefficients, the output equals Pillow's byte for byte when the two passes run in
+//! Pillow's order (see [`vertical_first`] for Pillow 13's order rule and where it is inferred);
+//! the `image` crate's filters sample differently and do not match.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+/// An 8-bit RGB image, row-major, 3 bytes per pixel (what `convert("RGB")` yields).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    /// `[height, width, 3]`.
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
+        if data.len() != width * height * 3 {
+            bail!(
+                "RGB buffer of {} bytes does not hold {width}x{height}x3",
+                data.len()
+            );
+        }
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
+    }
+}
+
+/// Decodes an encoded image (JPEG, PNG, WebP, GIF, BMP, TIFF) and converts it to 8-bit RGB the
+/// way PIL's `convert("RGB")` does: alpha is dropped (not composited), grey is replicated,
+/// palettes are expanded, 16-bit samples keep their high byte, CMYK goes through Pillow's
+/// `cmyk2rgb`.
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
+    let format = image::guess_format(bytes).context("unrecognised image format")?;
+    if format == image::ImageFormat::Jpeg {
+        return decode_jpeg_rgb(bytes);
+    }
+    let decoded = image::load_from_memory_with_format(bytes, format)
+        .with_context(|| format!("cannot decode {format:?} image"))?;
+    Ok(dynamic_to_rgb(decoded))
+}
+
+/// Reads and decodes an image file.
+pub fn open_rgb(path: &Path) -> Result<RgbImage> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    decode_rgb(&bytes).with_context(|| format!("image {}", path.display()))
+}
+
+fn dynamic_to_rgb(img: image::DynamicImage) -> RgbImage {
+    use image::DynamicImage as D;
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let n = width * height;
+    let mut data = Vec::with_capacity(n * 3);
+    match img {
+        D::ImageRgb8(b) => data = b.into_raw(),
+        D::ImageRgba8(b) => {
+            for px in b.into_raw().chunks_exact(4) {
+                data.extend_from_slice(&px[..3]);
+            }
+        }
+        D::ImageLuma8(b) => {
+            for &l in b.as_raw() {
+                data.extend_from_slice(&[l, l, l]);
+            }
+        }
+        D::ImageLumaA8(b) => {
+            for px in b.as_raw().chunks_exact(2) {
+                data.extend_from_slice(&[px[0], px[0], px[0]]);
+            }
+        }
+        D::ImageRgb16(b) => data.extend(b.as_raw().iter().map(|&v| (v >> 8) as u8)),
+        D::ImageRgba16(b) => {
+            for px in b.as_raw().chunks_exact(4) {
+                data.extend(px[..3].iter().map(|&v| (v >> 8) as u8));
+            }
+        }
+        D::ImageLuma16(b) => {
+            for &l in b.as_raw() {
+                let l = (l >> 8) as u8;
+                data.extend_from_slice(&[l, l, l]);
+            }
+        }
+        D::ImageLumaA16(b) => {
+            for px in b.as_raw().chunks_exact(2) {
+                let l = (px[0] >> 8) as u8;
+                data.extend_from_slice(&[l, l, l]);
+            }
+        }
+        other => data = other.to_rgb8().into_raw(),
+    }
+    debug_assert_eq!(data.len(), n * 3);
+    RgbImage {
+        width,
+        height,
+        data,
+    }
+}
+
+/// JPEG through libjpeg-turbo's decoder (the `mozjpeg` crate vendors its C sources), which is
+/// what Pillow links: with the same defaults (integer slow DCT, fancy upsampling) the pixels are
+/// the same, where pure-Rust decoders round chroma upsampling and the IDCT differently (up to 3
+/// levels on 4:2:0 files). CMYK/YCCK files are read as CMYK and converted with Pillow's formula.
+fn decode_jpeg_rgb(bytes: &[u8]) -> Result<RgbImage> {
+    use mozjpeg::ColorSpace as Cs;
+    // Pillow refuses a truncated file ("image file is truncated"); libjpeg would pad it with grey.
+    let tail = &bytes[bytes.len().saturating_sub(64)..];
+    if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        bail!("corrupt JPEG: truncated (no end-of-image marker)");
+    }
+    let decoded = std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, bool, Vec<u8>)> {
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        let cmyk = matches!(d.color_space(), Cs::JCS_CMYK | Cs::JCS_YCCK);
+        let mut started = if cmyk {
+            d.to_colorspace(Cs::JCS_CMYK)?
+        } else {
+            d.rgb()?
+        };
+        let (w, h) = (started.width(), started.height());
+        let data = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok((w, h, cmyk, data))
+    });
+    let (width, height, cmyk, raw) = match decoded {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => bail!("corrupt JPEG: {e}"),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "decoder error".into());
+            bail!("corrupt JPEG: {msg}")
+        }
+    };
+    let n = width * height;
+    let data = if cmyk {
+        // Pillow reads CMYK JPEGs (written with an Adobe marker, as libjpeg requires for CMYK)
+        // with rawmode "CMYK;I", i.e. inverted, then `cmyk2rgb`: channel = clip(nk - nk*c/255)
+        // with nk = 255 - k. Inverting the raw samples first gives exactly that.
+        if raw.len() != n * 4 {
+            bail!("corrupt JPEG: CMYK buffer of unexpected size");
+        }
+        let mut out = Vec::with_capacity(n * 3);
+        for px in raw.chunks_exact(4) {
+            let nk = px[3] as i32; // 255 - (255 - raw k)
+            for &c in &px[..3] {
+                out.push((nk - muldiv255(255 - c as i32, nk)).clamp(0, 255) as u8);
+            }
+        }
+        out
+    } else {
+        raw
+    };
+    if data.len() != n * 3 {
+        bail!(
+            "corrupt JPEG: decoded {} bytes for {width}x{height}",
+            data.len()
+        );
+    }
+    Ok(RgbImage {
+        width,
+        height,
+        data,
+    })
+}
+
+/// Pillow's `MULDIV255`: a*b/255 rounded, in integer arithmetic.
+fn muldiv255(a: i32, b: i32) -> i32 {
+    let t = a * b + 128;
+    ((t >> 8) + t) >> 8
+}
+
+/// Pillow's `PRECISION_BITS` for 8-bit resampling: coefficients are fixed point with 22
+/// fractional bits (32 - 8 bits of sample - 2 bits of headroom).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Per output pixel: the first source index and the coefficients (fixed point), as Pillow's
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` make them for the bilinear (triangle) filter.
+struct Coeffs {
+    /// `[out_size]`: first source index of each output pixel's window.
+    start: Vec<usize>,
+    /// `[out_size]`: window length.
+    len: Vec<usize>,
+    /// `[out_size * ksize]`: fixed-point weights, zero past `len`.
+    weights: Vec<i32>,
+    ksize: usize,
+}
+
+fn bilinear_coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    const SUPPORT: f64 = 1.0;
+    // Pillow passes the box edges as C floats; for a full-image box they are exact integers.
+    let (in0, in1) = (0.0f32 as f64, in_size as f32 as f64);
+    let scale = (in1 - in0) / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = SUPPORT * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut start = Vec::with_capacity(out_size);
+    let mut len = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = in0 + (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C's `(int)` truncates toward zero; both values are >= -0.5 here, as in Pillow.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let n = xmax - xmin;
+        let mut ww = 0.0f64;
+        for (x, kx) in k.iter_mut().enumerate().take(n) {
+            let t = ((x + xmin) as f64 - center + 0.5) * ss;
+            let t = t.abs();
+            let w = if t < 1.0 { 1.0 - t } else { 0.0 };
+            *kx = w;
+            ww += w;
+        }
+        for x in 0..n {
+            let w = if ww != 0.0 { k[x] / ww } else { k[x] };
+            let fixed = w * (1u32 << PRECISION_BITS) as f64;
+            weights[xx * ksize + x] = if w < 0.0 {
+                (-0.5 + fixed) as i32
+            } else {
+                (0.5 + fixed) as i32
+            };
+        }
+        start.push(xmin);
+        len.push(n);
+    }
+    Coeffs {
+        start,
+        len,
+        weights,
+        ksize,
+    }
+}
+
+#[inline]
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Horizontal pass over rows `first..last` of `src` (`[h, w, 3]`) into `[last - first, out_w, 3]`.
+fn pass_horizontal(src: &[u8], w: usize, first: usize, last: usize, out_w: usize) -> Vec<u8> {
+    let ch = bilinear_coeffs(w, out_w);
+    let mut out = vec![0u8; (last - first) * out_w * 3];
+    let rows = &src[first * w * 3..last * w * 3];
+    for (in_row, out_row) in rows
+        .chunks_exact(w * 3)
+        .zip(out.chunks_exact_mut(out_w * 3))
+    {
+        for xx in 0..out_w {
+            let k = &ch.weights[xx * ch.ksize..xx * ch.ksize + ch.len[xx]];
+            let base = ch.start[xx] * 3;
+            let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+            for (x, &wt) in k.iter().enumerate() {
+                let p = &in_row[base + x * 3..base + x * 3 + 3];
+                acc[0] += p[0] as i32 * wt;
+                acc[1] += p[1] as i32 * wt;
+                acc[2] += p[2] as i32 * wt;
+            }
+            out_row[xx * 3] = clip8(acc[0]);
+            out_row[xx * 3 + 1] = clip8(acc[1]);
+            out_row[xx * 3 + 2] = clip8(acc[2]);
+        }
+    }
+    out
+}
+
+/// Vertical pass: `src` holds source rows `row0..` (`[rows, w, 3]`); coefficients are for the
+/// full source height `in_h`.
+fn pass_vertical(src: &[u8], w: usize, row0: usize, in_h: usize, out_h: usize) -> Vec<u8> {
+    let cv = bilinear_coeffs(in_h, out_h);
+    let stride = w * 3;
+    let mut out = vec![0u8; out_h * stride];
+    let mut acc = vec![0i32; stride];
+    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+        let k = &cv.weights[yy * cv.ksize..yy * cv.ksize + cv.len[yy]];
+        acc.fill(1 << (PRECISION_BITS - 1));
+        let y0 = cv.start[yy] - row0;
+        for (y, &wt) in k.iter().enumerate() {
+            let in_row = &src[(y0 + y) * stride..(y0 + y + 1) * stride];
+            for (a, &p) in acc.iter_mut().zip(in_row) {
+                *a += p as i32 * wt;
+            }
+        }
+        for (o, &a) in out_row.iter_mut().zip(acc.iter()) {
+            *o = clip8(a);
+        }
+    }
+    out
+}
+
+/// Whether Pillow runs the vertical pass first. Pillow 13 (`ImagingResampleInner` in 13.0.0's
+/// Resample.c, from python-pillow/Pillow#9549) does so when the height shrinks by more than
+/// twice as many pixels as the width:
+/// `horizontal_first = !((in_h - out_h) > 0 && (in_h - out_h) > (in_w - out_w) * 2)`.
+/// Each pass rounds to 8 bits, so the order changes results by up to one level; Pillow 12 and
+/// older always ran the horizontal pass first.
+fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    let dh = in_h as i64 - out_h as i64;
+    let dw = in_w as i64 - out_w as i64;
+    dh > 0 && dh > dw * 2
+}
+
+/// `Image.resize((out_w, out_h), Image.BILINEAR)` of Pillow on an RGB image.
+pub fn resize_bilinear_pil(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    assert!(out_w > 0 && out_h > 0, "resize to an empty image");
+    let (w, h) = (src.width, src.height);
+    if w == out_w && h == out_h {
+        return src.clone();
+    }
+    let need_h = w != out_w;
+    let need_v = h != out_h;
+    let data = if !need_v {
+        pass_horizontal(&src.data, w, 0, h, out_w)
+    } else if !need_h {
+        pass_vertical(&src.data, w, 0, h, out_h)
+    } else if vertical_first(w, h, out_w, out_h) {
+        let tmp = pass_vertical(&src.data, w, 0, h, out_h);
+        pass_horizontal(&tmp, w, 0, out_h, out_w)
+    } else {
+        // Only the source rows the vertical pass reads (Pillow's ybox_first..ybox_last).
+        let cv = bilinear_coeffs(h, out_h);
+        let (first, last) = (cv.start[0], cv.start[out_h - 1] + cv.len[out_h - 1]);
+        let tmp = pass_horizontal(&src.data, w, first, last, out_w);
+        pass_vertical(&tmp, out_w, first, h, out_h)
+    };
+    RgbImage {
+        width: out_w,
+        height: out_h,
+        data,
+    }
+}
+
+/// The image processor settings collate needs (from `preprocessor_config.json`, or the
+/// `image_processor` table of `processor_config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessorConfig {
+    pub height: usize,
+    pub width: usize,
+    /// PIL resample id; only 2 (BILINEAR) is implemented.
+    pub resample: u32,
+    pub do_resize: bool,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    pub do_pan_and_scan: bool,
+}
+
+impl ImageProcessorConfig {
+    /// Parses the JSON object holding the image processor's settings.
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let size = v
+            .get("size")
+            .context("image processor config has no `size`")?;
+        let dim = |k: &str| -> Result<usize> {
+            size.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .with_context(|| format!("image processor `size` has no integer `{k}` (only height/width sizes are supported)"))
+        };
+        let triple = |k: &str, default: f32| -> Result<[f32; 3]> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok([default; 3]),
+                Some(serde_json::Value::Number(n)) => {
+                    Ok([n.as_f64().unwrap_or(default as f64) as f32; 3])
+                }
+                Some(serde_json::Value::Array(a)) if a.len() == 3 => {
+                    let mut out = [0f32; 3];
+                    for (o, x) in out.iter_mut().zip(a) {
+                        *o = x
+                            .as_f64()
+                            .with_context(|| format!("`{k}` must hold numbers"))?
+                            as f32;
+                    }
+                    Ok(out)
+                }
+                Some(other) => {
+                    bail!("image processor `{k}` must be a number or 3 numbers, got {other}")
+                }
+            }
+        };
+        let flag = |k: &str, default: bool| v.get(k).and_then(|x| x.as_bool()).unwrap_or(default);
+        let cfg = Self {
+            height: dim("height")?,
+            width: dim("width")?,
+            resample: v.get("resample").and_then(|x| x.as_u64()).unwrap_or(2) as u32,
+            do_resize: flag("do_resize", true),
+            do_rescale: flag("do_rescale", true),
+            rescale_factor: v
+                .get("rescale_factor")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1.0 / 255.0),
+            do_normalize: flag("do_normalize", true),
+            // transformers' IMAGENET_STANDARD_MEAN/STD, the Gemma 3 image processor's defaults.
+            image_mean: triple("image_mean", 0.5)?,
+            image_std: triple("image_std", 0.5)?,
+            do_pan_and_scan: flag("do_pan_and_scan", false),
+        };
+        if cfg.resample != 2 {
+            bail!(
+                "image processor resample = {} is not supported (only 2, PIL BILINEAR)",
+                cfg.resample
+            );
+        }
+        if cfg.do_pan_and_scan {
+            bail!("image processor do_pan_and_scan = true is not supported");
+        }
+        if v.get("do_convert_rgb").and_then(|x| x.as_bool()) == Some(false) {
+            bail!("image processor do_convert_rgb = false is not supported (images are always RGB-converted)");
+        }
+        Ok(cfg)
+    }
+
+    pub fn out_size(&self) -> (usize, usize) {
+        (self.height, self.width)
+    }
+
+    /// Resizes an RGB image as the processor does (8-bit, before rescale/normalise).
+    pub fn resize(&self, img: &RgbImage) -> RgbImage {
+        if self.do_resize {
+            resize_bilinear_pil(img, self.width, self.height)
+        } else {
+            img.clone()
+        }
+    }
+
+    /// Writes the processed pixels channels-first into `out` (`[3, H, W]`), as numpy does:
+    /// `f32(f64(u8) * rescale_factor)`, then `(x - f32(mean)) / f32(std)` in f32.
+    pub fn normalize_into(&self, img: &RgbImage, out: &mut [f32]) {
+        let (h, w) = (img.height, img.width);
+        assert_eq!(out.len(), 3 * h * w, "pixel buffer is not [3, {h}, {w}]");
+        let lut: [[f32; 256]; 3] = std::array::from_fn(|c| {
+            std::array::from_fn(|v| {
+                let mut x = if self.do_rescale {
+                    (v as f64 * self.rescale_factor) as f32
+                } else {
+                    v as f32
+                };
+                if self.do_normalize {
+                    x = (x - self.image_mean[c]) / self.image_std[c];
+                }
+                x
+            })
+        });
+        let plane = h * w;
+        for (i, px) in img.data.chunks_exact(3).enumerate() {
+            out[i] = lut[0][px[0] as usize];
+            out[plane + i] = lut[1][px[1] as usize];
+            out[2 * plane + i] = lut[2][px[2] as usize];
+        }
+    }
+
+    /// Maps a processed value back to its 8-bit level (for comparisons before normalisation).
+    pub fn unnormalize(&self, channel: usize, x: f32) -> f64 {
+        let mut v = x as f64;
+        if self.do_normalize {
+            v = v * self.image_std[channel] as f64 + self.image_mean[channel] as f64;
+        }
+        if self.do_rescale {
+            v /= self.rescale_factor;
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hand-checked: downscaling 4 -> 2 widens the triangle to support 2; output 0 (center 1.0)
+    /// takes taps 0..3 (`(int)(1 - 2 + 0.5)` = 0, `(int)(1 + 2 + 0.5)` = 3) with triangle weights
+    /// 0.75, 0.75, 0.25 renormalised; output 1 (center 3.0) takes taps 1..4. An upscale by 2
+    /// weights 3/4, 1/4.
+    #[test]
+    fn coefficients_match_hand_computation() {
+        let c = bilinear_coeffs(4, 2);
+        assert_eq!(c.start, vec![0, 1]);
+        assert_eq!(c.len, vec![3, 3]);
+        let one = (1u32 << PRECISION_BITS) as f64;
+        let q = |w: f64| (0.5 + w * one) as i32;
+        // Output 0: center 1.0, taps at 0,1,2 -> triangle(|x+0.5-1|/2) = 0.75, 0.75, 0.25 -> /1.75.
+        assert_eq!(
+            &c.weights[..3],
+            &[q(0.75 / 1.75), q(0.75 / 1.75), q(0.25 / 1.75)]
+        );
+        let up = bilinear_coeffs(2, 4);
+        // Output 1: center 0.75 -> taps 0 (w 0.75) and 1 (w 0.25).
+        assert_eq!(up.start[1], 0);
+        assert_eq!(&up.weights[up.ksize..up.ksize + 2], &[q(0.75), q(0.25)]);
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let img = RgbImage::new(37, 23, [17u8, 200, 99].repeat(37 * 23)).unwrap();
+        for (w, h) in [(8, 8), (50, 41), (37, 5), (3, 23)] {
+            let out = resize_bilinear_pil(&img, w, h);
+            assert!(
+                out.data.chunks_exact(3).all(|p| p == [17, 200, 99]),
+                "{w}x{h}"
+            );
+        }
+    }
+
+    #[test]
+    fn cmyk_formula_is_pillows() {
+        // Pillow: nk = 255 - k; out = clip(nk - MULDIV255(c, nk)).
+        assert_eq!(muldiv255(255, 255), 255);
+        assert_eq!(muldiv255(128, 255), 128);
+        assert_eq!(muldiv255(100, 155), (100 * 155 + 127) / 255);
+    }
+}

@@ -1,0 +1,333 @@
+//! The whole chain load -> unzip -> format -> template -> collate -> BatchStream, offline
+//! (HF_HUB_OFFLINE=1) against the fixture Hub cache made by Python (tests/fixtures), compared
+//! with the guide's collate_fn outputs (tests/fixtures/golden): templated strings, input_ids,
+//! attention_mask, token_type_ids, labels exactly; pixel_values within one 8-bit level.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ops::data::collate::{BatchStream, StreamOptions};
+use ops::{Artifact, ArtifactType, NoProgress, Op, RecipeInfo, RunCtx};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn golden_json(name: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(repo().join("tests/fixtures/golden").join(name)).unwrap())
+        .unwrap()
+}
+
+struct Chain {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    recipe: RecipeInfo,
+}
+
+impl Chain {
+    fn new() -> Self {
+        // SAFETY: set before any op reads the environment; tests in this file set the same values.
+        unsafe {
+            std::env::set_var("HF_HUB_CACHE", repo().join("tests/fixtures/hf-cache/hub"));
+            std::env::set_var("HF_HUB_OFFLINE", "1");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let recipe = RecipeInfo {
+            name: "t".into(),
+            seed: 42,
+            path: root.join("r.toml"),
+            output_dir: root.join("out"),
+        };
+        Self {
+            _tmp: tmp,
+            root,
+            recipe,
+        }
+    }
+
+    fn run(
+        &self,
+        op: &dyn Op,
+        name: &str,
+        params: &str,
+        inputs: &[(&str, &Artifact)],
+    ) -> anyhow::Result<Artifact> {
+        let table: toml::Table = params.parse().unwrap();
+        let canonical = op.check(&table).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let out = self.root.join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        let inputs: BTreeMap<String, Artifact> = inputs
+            .iter()
+            .map(|(k, a)| (k.to_string(), (*a).clone()))
+            .collect();
+        op.run(&RunCtx {
+            name,
+            params: &canonical,
+            inputs: &inputs,
+            out_dir: &out,
+            recipe: &self.recipe,
+            progress: &NoProgress,
+        })?;
+        Ok(Artifact {
+            ty: op.output(&canonical),
+            dir: out,
+            key: name.into(),
+        })
+    }
+}
+
+fn tensor_i64(st: &safetensors::SafeTensors, name: &str) -> Vec<i64> {
+    let t = st.tensor(name).unwrap();
+    t.data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn tensor_f32(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+    let t = st.tensor(name).unwrap();
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn templated_texts(dir: &Path) -> Vec<(usize, String)> {
+    ops::data::collate::read_templated(dir)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.row, r.text))
+        .collect()
+}
+
+fn check_batch(kind: &str, batches: &Artifact, batch_size: usize) {
+    let golden_meta = &golden_json("collate.json")[kind];
+    let bytes =
+        std::fs::read(repo().join(format!("tests/fixtures/golden/collate_{kind}.safetensors")))
+            .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut stream = BatchStream::open(
+        &batches.dir,
+        StreamOptions {
+            workers: 2,
+            prefetch: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(stream.descriptor().batch_size, batch_size);
+    let b = stream.next().unwrap().unwrap();
+    let rows: Vec<usize> = golden_meta["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(b.rows, rows, "{kind}: batch rows");
+    let shape = golden_meta["shapes"]["input_ids"].as_array().unwrap();
+    assert_eq!(
+        (b.batch_size, b.seq_len),
+        (
+            shape[0].as_u64().unwrap() as usize,
+            shape[1].as_u64().unwrap() as usize
+        ),
+        "{kind}: [B, T]"
+    );
+    assert_eq!(
+        b.input_ids,
+        tensor_i64(&st, "input_ids"),
+        "{kind}: input_ids"
+    );
+    assert_eq!(
+        b.attention_mask,
+        tensor_i64(&st, "attention_mask"),
+        "{kind}: attention_mask"
+    );
+    assert_eq!(
+        b.token_type_ids,
+        tensor_i64(&st, "token_type_ids"),
+        "{kind}: token_type_ids"
+    );
+    assert_eq!(b.labels, tensor_i64(&st, "labels"), "{kind}: labels");
+    let per: Vec<usize> = golden_meta["n_images_per_example"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(b.images_per_sample, per, "{kind}: images per sample");
+    let want = tensor_f32(&st, "pixel_values");
+    assert_eq!(
+        b.pixel_values.len(),
+        want.len(),
+        "{kind}: pixel_values size"
+    );
+    // Compare 8-bit levels before normalisation: (p + 1) * 127.5.
+    let level = |p: f32| (p as f64 + 1.0) * 127.5;
+    let same = b
+        .pixel_values
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| (level(**a) - level(**b)).abs() < 0.01)
+        .count();
+    let within1 = b
+        .pixel_values
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| (level(**a) - level(**b)).abs() < 1.01)
+        .count();
+    let n = want.len() as f64;
+    eprintln!(
+        "{kind}: pixel_values same level {:.5}, within one level {:.5}",
+        same as f64 / n,
+        within1 as f64 / n
+    );
+    assert!(
+        same as f64 / n >= 0.999,
+        "{kind}: only {:.5} of pixel values at the same 8-bit level",
+        same as f64 / n
+    );
+    assert_eq!(
+        within1,
+        want.len(),
+        "{kind}: a pixel value is more than one level off"
+    );
+}
+
+#[test]
+fn llava_chain_matches_the_guides_collate_fn() {
+    let c = Chain::new();
+    let raw = c
+        .run(
+            &ops::load::Load,
+            "raw",
+            "dataset = \"HuggingFaceH4/llava-instruct-mix-vsft\"\nsplit = \"train\"",
+            &[],
+        )
+        .unwrap();
+    let model = c
+        .run(
+            &ops::load::Load,
+            "base",
+            "model = \"runner-test/tiny-gemma-3\"",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(model.ty, ArtifactType::Model);
+    let chats = c
+        .run(&ops::format::FormatOp, "chats", "", &[("rows", &raw)])
+        .unwrap();
+    let templated = c
+        .run(
+            &ops::template::TemplateOp,
+            "templated",
+            "",
+            &[("conversations", &chats), ("model", &model)],
+        )
+        .unwrap();
+    let golden = golden_json("templated.json");
+    let texts = templated_texts(&templated.dir);
+    for g in golden["llava"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["split"] == "train")
+    {
+        let row = g["row"].as_u64().unwrap() as usize;
+        let got = &texts.iter().find(|(r, _)| *r == row).unwrap().1;
+        assert_eq!(
+            got,
+            g["text"].as_str().unwrap(),
+            "llava row {row}: templated text"
+        );
+    }
+    let batches = c
+        .run(
+            &ops::collate::CollateOp,
+            "batches",
+            "batch_size = 2\nshuffle = false",
+            &[("templated", &templated), ("model", &model)],
+        )
+        .unwrap();
+    check_batch("llava", &batches, 2);
+}
+
+#[test]
+fn mmiu_chain_matches_the_guides_collate_fn() {
+    let c = Chain::new();
+    let raw = c
+        .run(
+            &ops::load::Load,
+            "raw",
+            "dataset = \"FanqingM/MMIU-Benchmark\"\nsplit = \"test\"",
+            &[],
+        )
+        .unwrap();
+    let images = c
+        .run(&ops::unzip::Unzip, "images", "", &[("archives", &raw)])
+        .unwrap();
+    let model = c
+        .run(
+            &ops::load::Load,
+            "base",
+            "model = \"runner-test/tiny-gemma-3\"",
+            &[],
+        )
+        .unwrap();
+    let chats = c
+        .run(
+            &ops::format::FormatOp,
+            "chats",
+            "system = \"{context}\"\nuser = { images = \"{input_image_path}\", text = \"{question}\" }\nassistant = \"{output}\"\non_error = \"fail\"",
+            &[("rows", &raw), ("files", &images)],
+        )
+        .unwrap();
+    let templated = c
+        .run(
+            &ops::template::TemplateOp,
+            "templated",
+            "",
+            &[("conversations", &chats), ("model", &model)],
+        )
+        .unwrap();
+    let golden = golden_json("templated.json");
+    let texts = templated_texts(&templated.dir);
+    assert_eq!(texts.len(), golden["mmiu"].as_array().unwrap().len());
+    for g in golden["mmiu"].as_array().unwrap() {
+        let row = g["row"].as_u64().unwrap() as usize;
+        assert_eq!(
+            &texts[row].1,
+            g["text"].as_str().unwrap(),
+            "mmiu row {row}: templated text"
+        );
+    }
+    let batches = c
+        .run(
+            &ops::collate::CollateOp,
+            "batches",
+            "batch_size = 2\nshuffle = false",
+            &[("templated", &templated), ("model", &model)],
+        )
+        .unwrap();
+    check_batch("mmiu", &batches, 2);
+
+    // The literal guide (boi masking a no-op) reproduces `labels_literal_guide`.
+    let literal = c
+        .run(
+            &ops::collate::CollateOp,
+            "literal",
+            "batch_size = 2\nshuffle = false\nmask_boi = false",
+            &[("templated", &templated), ("model", &model)],
+        )
+        .unwrap();
+    let b = BatchStream::open(&literal.dir, StreamOptions::default())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let bytes =
+        std::fs::read(repo().join("tests/fixtures/golden/collate_mmiu.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(b.labels, tensor_i64(&st, "labels_literal_guide"));
+}
