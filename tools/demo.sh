@@ -15,5 +15,9 @@ ensure_rust
 ensure_c_toolchain
 ensure_vulkan
 
+# The demo runs offline on the miniature Hub repos the project ships.
+export HF_HUB_CACHE="${HF_HUB_CACHE:-$PWD/tests/fixtures/hf-cache/hub}"
+export HF_HUB_OFFLINE=1
+
 cargo build --release -p runner
 cargo run --release -q -p runner -- run "$recipe" "$@"
