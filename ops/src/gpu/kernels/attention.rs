@@ -23,32 +23,9 @@ const ROWS: usize = 8;
 /// Largest head_dim the kernels hold (8 lanes × 8 vec4 slots).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// The common header plus the `//== kernel <name>` section of the shader file.
+/// The common header plus the `//== kernel <name>` section of shaders/attention.wgsl.
 fn module(kernel: &str) -> ShaderSource {
-    let mut header = String::new();
-    let mut section = String::new();
-    let mut current: Option<&str> = None;
-    for line in SOURCE.lines() {
-        if let Some(name) = line.strip_prefix("//== kernel ") {
-            current = Some(name.trim());
-            continue;
-        }
-        let target = match current {
-            None => &mut header,
-            Some(name) if name == kernel => &mut section,
-            Some(_) => continue,
-        };
-        target.push_str(line);
-        target.push('\n');
-    }
-    assert!(
-        !section.is_empty(),
-        "shaders/attention.wgsl has no kernel `{kernel}`"
-    );
-    ShaderSource {
-        name: format!("attention+{kernel}"),
-        source: header + &section,
-    }
+    super::shader_section("attention", SOURCE, kernel)
 }
 
 #[repr(C)]

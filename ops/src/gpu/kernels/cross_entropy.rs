@@ -24,31 +24,9 @@ const SOURCE: &str = include_str!("../../../../shaders/cross_entropy.wgsl");
 /// Largest vocabulary block whose logits exist at once (also bounded by the storage binding).
 const MAX_VOCAB_BLOCK: usize = 8192;
 
+/// The common header plus the `//== kernel <name>` section of shaders/cross_entropy.wgsl.
 fn module(kernel: &str) -> ShaderSource {
-    let mut header = String::new();
-    let mut section = String::new();
-    let mut current: Option<&str> = None;
-    for line in SOURCE.lines() {
-        if let Some(name) = line.strip_prefix("//== kernel ") {
-            current = Some(name.trim());
-            continue;
-        }
-        let target = match current {
-            None => &mut header,
-            Some(name) if name == kernel => &mut section,
-            Some(_) => continue,
-        };
-        target.push_str(line);
-        target.push('\n');
-    }
-    assert!(
-        !section.is_empty(),
-        "shaders/cross_entropy.wgsl has no kernel `{kernel}`"
-    );
-    ShaderSource {
-        name: format!("cross_entropy+{kernel}"),
-        source: header + &section,
-    }
+    super::shader_section("cross_entropy", SOURCE, kernel)
 }
 
 #[repr(C)]

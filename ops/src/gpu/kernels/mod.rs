@@ -77,3 +77,33 @@ pub(crate) fn elementwise<P: bytemuck::Pod>(
     }
     Ok(())
 }
+
+/// For shader files holding several kernels: the common header (everything before the first
+/// `//== kernel <name>` line) plus the named kernel's section, so each pipeline module holds
+/// only its own entry point.
+pub(crate) fn shader_section(family: &str, source: &str, kernel: &str) -> super::ShaderSource {
+    let mut header = String::new();
+    let mut section = String::new();
+    let mut current: Option<&str> = None;
+    for line in source.lines() {
+        if let Some(name) = line.strip_prefix("//== kernel ") {
+            current = Some(name.trim());
+            continue;
+        }
+        let target = match current {
+            None => &mut header,
+            Some(name) if name == kernel => &mut section,
+            Some(_) => continue,
+        };
+        target.push_str(line);
+        target.push('\n');
+    }
+    assert!(
+        !section.is_empty(),
+        "shaders/{family}.wgsl has no kernel `{kernel}`"
+    );
+    super::ShaderSource {
+        name: format!("{family}+{kernel}"),
+        source: header + &section,
+    }
+}
