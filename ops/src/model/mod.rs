@@ -3,6 +3,7 @@
 
 pub mod bnb;
 pub mod config;
+pub mod gpu;
 pub mod memory;
 pub mod names;
 pub mod quantize;

@@ -1,0 +1,372 @@
+//! A frozen `nn.Linear` on the GPU (dense f32 or NF4 base weight, optional bias) with an optional
+//! trainable PEFT LoRA pair: the GPU twin of [`crate::model::reference::lora::Linear`].
+//!
+//! `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`, `W [out, in]`, `A [r, in]`, `B [out, r]`. The backward
+//! accumulates `dA`, `dB` into the pair's gradient buffers and returns `dx` through the frozen
+//! weight and the LoRA branch. Dropout masks come from [`lora_dropout_seed`] of the module path
+//! and the call counter, so the GPU draws exactly the reference's masks.
+
+use anyhow::{ensure, Context, Result};
+
+use crate::gpu::{DType, Gpu, GpuTensor, Lora, MatmulOpts, Nf4Weight, Recorder};
+use crate::model::reference::lora::{lora_dropout_seed, LoraPair, LoraSettings};
+use crate::model::Weights;
+
+/// The frozen base weight of a linear layer.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    /// `[out, in]` f32.
+    Dense(GpuTensor),
+    /// bitsandbytes NF4 (absmax already dequantized to f32), dequantized inside the matmul tile loop.
+    Nf4(Nf4Weight),
+}
+
+/// A trainable LoRA pair with its gradient buffers (same shapes, f32).
+#[derive(Debug, Clone)]
+pub struct GpuLoraPair {
+    /// `[r, in]`.
+    pub a: GpuTensor,
+    /// `[out, r]`.
+    pub b: GpuTensor,
+    /// `[r, in]`, accumulated by every backward until the trainer zeroes it.
+    pub grad_a: GpuTensor,
+    /// `[out, r]`.
+    pub grad_b: GpuTensor,
+}
+
+impl GpuLoraPair {
+    /// Uploads a pair and allocates zeroed gradients.
+    pub fn upload(
+        gpu: &Gpu,
+        pair: &LoraPair,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<Self> {
+        let r = pair.rank;
+        ensure!(
+            pair.a.len() == r * in_features && pair.b.len() == out_features * r,
+            "LoRA pair of rank {r} does not fit a [{out_features}, {in_features}] linear"
+        );
+        let grad_a = gpu.empty(&[r, in_features], DType::F32)?;
+        let grad_b = gpu.empty(&[out_features, r], DType::F32)?;
+        gpu.fill_f32(&grad_a, 0.0)?;
+        gpu.fill_f32(&grad_b, 0.0)?;
+        Ok(Self {
+            a: gpu.upload_f32(&[r, in_features], &pair.a)?,
+            b: gpu.upload_f32(&[out_features, r], &pair.b)?,
+            grad_a,
+            grad_b,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.shape()[0]
+    }
+}
+
+/// How LoRA runs in one forward/backward: scaling, dropout (0 outside training) and the seeds.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraRun {
+    pub settings: LoraSettings,
+    /// Apply `settings.dropout` (training) or not (evaluation).
+    pub training: bool,
+    /// Distinguishes the dropout masks of successive micro-batches (see [`lora_dropout_seed`]).
+    pub call: u64,
+}
+
+/// What [`GpuLinear::forward`] keeps for the backward.
+#[derive(Debug, Clone)]
+pub struct GpuLinearCache {
+    /// `[rows, in]` the input.
+    pub x: GpuTensor,
+    /// `[rows, r]` `dropout(x)·Aᵀ` when the layer has a pair.
+    pub xa: Option<GpuTensor>,
+    pub dropout: f32,
+    pub seed: u32,
+}
+
+/// A frozen linear layer by canonical module path.
+#[derive(Debug, Clone)]
+pub struct GpuLinear {
+    pub module: String,
+    pub weight: BaseWeight,
+    /// `[out]` f32.
+    pub bias: Option<GpuTensor>,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub lora: Option<GpuLoraPair>,
+}
+
+impl GpuLinear {
+    /// Uploads `<module>.weight` (dense → f32, or NF4 as stored) and `<module>.bias` when asked.
+    pub fn from_weights(
+        gpu: &Gpu,
+        weights: &Weights,
+        module: &str,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let name = format!("{module}.weight");
+        let (weight, shape) = if weights.is_nf4(&name) {
+            let t = weights.nf4(&name)?;
+            let shape = [t.shape()[0], t.shape()[1]];
+            let absmax = t.absmax_f32();
+            let w = gpu
+                .upload_nf4(t.packed, &absmax, shape, t.state.blocksize)
+                .with_context(|| format!("uploading NF4 `{name}` from {}", t.file.display()))?;
+            (BaseWeight::Nf4(w), shape)
+        } else {
+            let t = weights.tensor(&name)?;
+            ensure!(
+                t.shape.len() == 2,
+                "`{name}` must be 2-D, has shape {:?}",
+                t.shape
+            );
+            let shape = [t.shape[0], t.shape[1]];
+            let host = t.to_f32()?;
+            (BaseWeight::Dense(gpu.upload_f32(&shape, &host)?), shape)
+        };
+        let bias = if with_bias {
+            let b = weights.to_f32(&format!("{module}.bias"))?;
+            ensure!(
+                b.len() == shape[0],
+                "`{module}.bias` has {} values, the weight has {} rows",
+                b.len(),
+                shape[0]
+            );
+            Some(gpu.upload_f32(&[shape[0]], &b)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            module: module.to_string(),
+            weight,
+            bias,
+            out_features: shape[0],
+            in_features: shape[1],
+            lora: None,
+        })
+    }
+
+    /// `x [rows, in]` (or `[.., in]`) → `y [rows, out]`.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        run: &LoraRun,
+    ) -> Result<(GpuTensor, GpuLinearCache)> {
+        let rows = x.numel() / self.in_features;
+        ensure!(
+            rows * self.in_features == x.numel(),
+            "{}: input {:?} is not a multiple of {} features",
+            self.module,
+            x.shape(),
+            self.in_features
+        );
+        let x2 = x.reshape(&[rows, self.in_features])?;
+        let y = gpu.empty(&[rows, self.out_features], DType::F32)?;
+        let opts = MatmulOpts {
+            trans_b: true,
+            bias: self.bias.as_ref(),
+            ..Default::default()
+        };
+        match &self.weight {
+            BaseWeight::Dense(w) => gpu.matmul(rec, &x2, w, &y, opts)?,
+            BaseWeight::Nf4(w) => gpu.matmul_nf4(rec, &x2, w, &y, opts)?,
+        }
+        let mut cache = GpuLinearCache {
+            x: x2.clone(),
+            xa: None,
+            dropout: 0.0,
+            seed: 0,
+        };
+        if let Some(pair) = &self.lora {
+            let p = if run.training {
+                run.settings.dropout
+            } else {
+                0.0
+            };
+            let seed = lora_dropout_seed(run.settings.dropout_seed, &self.module, run.call);
+            let xa = gpu.empty(&[rows, pair.rank()], DType::F32)?;
+            let lora = Lora {
+                a: &pair.a,
+                b: &pair.b,
+                scale: run.settings.scaling,
+                dropout: p,
+                seed,
+            };
+            gpu.lora_forward(rec, &x2, &lora, &y, &xa)?;
+            cache.xa = Some(xa);
+            cache.dropout = p;
+            cache.seed = seed;
+        }
+        Ok((y, cache))
+    }
+
+    /// Accumulates `dA`, `dB` (when the layer has a pair) and returns `dx [rows, in]` when
+    /// `need_dx` (the first layer of a frozen stack needs none).
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        cache: &GpuLinearCache,
+        dy: &GpuTensor,
+        run: &LoraRun,
+        need_dx: bool,
+    ) -> Result<Option<GpuTensor>> {
+        let rows = cache.x.rows();
+        ensure!(
+            dy.numel() == rows * self.out_features,
+            "{}: dy {:?} does not match [{rows}, {}]",
+            self.module,
+            dy.shape(),
+            self.out_features
+        );
+        let dy2 = dy.reshape(&[rows, self.out_features])?;
+        let dx = if need_dx {
+            let dx = gpu.empty(&[rows, self.in_features], DType::F32)?;
+            match &self.weight {
+                BaseWeight::Dense(w) => gpu.matmul(rec, &dy2, w, &dx, MatmulOpts::default())?,
+                BaseWeight::Nf4(w) => gpu.matmul_nf4(rec, &dy2, w, &dx, MatmulOpts::default())?,
+            }
+            Some(dx)
+        } else {
+            None
+        };
+        if let Some(pair) = &self.lora {
+            let xa = cache
+                .xa
+                .as_ref()
+                .context("LoRA backward without the forward's intermediate")?;
+            let lora = Lora {
+                a: &pair.a,
+                b: &pair.b,
+                scale: run.settings.scaling,
+                dropout: cache.dropout,
+                seed: cache.seed,
+            };
+            // lora_backward adds its dx contribution into `dx` when given.
+            gpu.lora_backward(
+                rec,
+                &cache.x,
+                &lora,
+                xa,
+                &dy2,
+                &pair.grad_a,
+                &pair.grad_b,
+                dx.as_ref(),
+                true,
+            )?;
+        }
+        Ok(dx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::testing::{rel_frobenius, test_gpu, TestRng};
+    use crate::model::reference::lora::{Adapter, AdapterGrads, Linear, LoraCall};
+    use std::collections::BTreeMap;
+
+    /// Dense and NF4 bases, with and without dropout, against the reference `Linear`.
+    #[test]
+    fn linear_with_lora_matches_reference() {
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        for &(rows, d_in, d_out, r, p, nf4, bias) in &[
+            (7usize, 40usize, 24usize, 4usize, 0.0f32, false, true),
+            (5, 64, 33, 3, 0.25, false, false),
+            (6, 64, 40, 2, 0.1, true, false),
+        ] {
+            let mut w = rng.vec_normal(d_out * d_in);
+            let b = bias.then(|| rng.vec_normal(d_out));
+            let mut rec = Recorder::new(gpu);
+            let weight = if nf4 {
+                // Quantize on the GPU, and give the reference the dequantized weight.
+                let dense = gpu.upload_f32(&[d_out, d_in], &w).unwrap();
+                let q = gpu.nf4_quantize(&mut rec, &dense, 64).unwrap();
+                let deq = gpu.empty(&[d_out, d_in], DType::F32).unwrap();
+                gpu.nf4_dequantize(&mut rec, &q, &deq).unwrap();
+                std::mem::replace(&mut rec, Recorder::new(gpu))
+                    .submit_and_wait()
+                    .unwrap();
+                w = gpu.read_f32(&deq).unwrap();
+                BaseWeight::Nf4(q)
+            } else {
+                BaseWeight::Dense(gpu.upload_f32(&[d_out, d_in], &w).unwrap())
+            };
+            let pair = LoraPair {
+                a: rng.vec_normal(r * d_in),
+                b: rng.vec_normal(d_out * r),
+                rank: r,
+            };
+            let module = "model.language_model.layers.0.self_attn.q_proj".to_string();
+            let settings = LoraSettings {
+                dropout_seed: 99,
+                ..LoraSettings::new(r, 8.0, false, p)
+            };
+            let adapter = Adapter {
+                settings,
+                pairs: BTreeMap::from([(module.clone(), pair.clone())]),
+                lm_head: None,
+                embed_tokens: None,
+            };
+            let reference = Linear {
+                module: module.clone(),
+                weight: w.clone(),
+                bias: b.clone(),
+                in_features: d_in,
+                out_features: d_out,
+            };
+            let linear = GpuLinear {
+                module: module.clone(),
+                weight,
+                bias: b.as_ref().map(|b| gpu.upload_f32(&[d_out], b).unwrap()),
+                in_features: d_in,
+                out_features: d_out,
+                lora: Some(GpuLoraPair::upload(gpu, &pair, d_in, d_out).unwrap()),
+            };
+            let x = rng.vec_normal(rows * d_in);
+            let dy = rng.vec_normal(rows * d_out);
+            let call = LoraCall {
+                adapter: Some(&adapter),
+                training: true,
+                call: 3,
+            };
+            let (y_ref, cache_ref) = reference.forward(&x, &call);
+            let mut grads = AdapterGrads::zeros_like(&adapter);
+            let dx_ref = reference.backward(&cache_ref, &dy, &call, Some(&mut grads));
+
+            let run = LoraRun {
+                settings,
+                training: true,
+                call: 3,
+            };
+            let xg = gpu.upload_f32(&[rows, d_in], &x).unwrap();
+            let dyg = gpu.upload_f32(&[rows, d_out], &dy).unwrap();
+            let (y, cache) = linear.forward(gpu, &mut rec, &xg, &run).unwrap();
+            let dx = linear
+                .backward(gpu, &mut rec, &cache, &dyg, &run, true)
+                .unwrap()
+                .unwrap();
+            rec.submit_and_wait().unwrap();
+            let pair_g = linear.lora.as_ref().unwrap();
+            let (ga, gb) = &grads.pairs[&module];
+            let tol = 1e-5;
+            for (what, got, want) in [
+                ("y", gpu.read_f32(&y).unwrap(), y_ref),
+                ("dx", gpu.read_f32(&dx).unwrap(), dx_ref),
+                ("dA", gpu.read_f32(&pair_g.grad_a).unwrap(), ga.clone()),
+                ("dB", gpu.read_f32(&pair_g.grad_b).unwrap(), gb.clone()),
+            ] {
+                let e = rel_frobenius(&got, &want);
+                assert!(
+                    e < tol,
+                    "{what} rows {rows} in {d_in} out {d_out} p {p} nf4 {nf4}: rel err {e} (seed {seed})"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! `Gemma3ForConditionalGeneration` on the GPU kernels: forward and the backward LoRA training
+//! needs, layer by layer the twin of [`crate::model::reference`] (which tests it).
+
+pub mod linear;
+
+pub use linear::{BaseWeight, GpuLinear, GpuLinearCache, GpuLoraPair, LoraRun};
