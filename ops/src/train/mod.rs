@@ -4,3 +4,4 @@
 pub mod adapter;
 pub mod metrics;
 pub mod tensorboard;
+pub mod model;
