@@ -34,12 +34,14 @@ pub enum ArtifactType {
     Saved,
     /// The receipt of a Hub upload (repo, commit).
     Receipt,
+    /// An evaluation: loss and accuracy of a model on batches, optionally logits.
+    Evaluation,
     /// Test-only ops use this for values with no meaning to the real ops.
     Blob,
 }
 
 impl ArtifactType {
-    pub const ALL: [ArtifactType; 11] = [
+    pub const ALL: [ArtifactType; 12] = [
         ArtifactType::Dataset,
         ArtifactType::Files,
         ArtifactType::Conversations,
@@ -50,6 +52,7 @@ impl ArtifactType {
         ArtifactType::Adapter,
         ArtifactType::Saved,
         ArtifactType::Receipt,
+        ArtifactType::Evaluation,
         ArtifactType::Blob,
     ];
 
@@ -65,6 +68,7 @@ impl ArtifactType {
             ArtifactType::Adapter => "adapter",
             ArtifactType::Saved => "saved",
             ArtifactType::Receipt => "receipt",
+            ArtifactType::Evaluation => "evaluation",
             ArtifactType::Blob => "blob",
         }
     }
