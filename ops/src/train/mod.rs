@@ -2,6 +2,12 @@
 //! and metrics (metrics.jsonl and TensorBoard event files).
 
 pub mod adapter;
+pub mod checkpoint;
+pub mod lora_init;
 pub mod metrics;
-pub mod tensorboard;
 pub mod model;
+pub mod optimizer;
+pub mod reference_model;
+pub mod schedule;
+pub mod tensorboard;
+pub mod trainer;
