@@ -10,6 +10,7 @@ pub mod format;
 pub mod gpu;
 pub mod hub;
 pub mod load;
+pub mod lora_train;
 pub mod model;
 pub mod params;
 pub mod publish;
@@ -172,6 +173,7 @@ impl Registry {
         registry.register(Arc::new(format::FormatOp));
         registry.register(Arc::new(template::TemplateOp));
         registry.register(Arc::new(collate::CollateOp));
+        registry.register(Arc::new(lora_train::LoraTrainOp::default()));
         registry
     }
 

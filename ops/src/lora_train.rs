@@ -1,0 +1,466 @@
+//! Op `lora-train`: LoRA SFT of the model on the batch stream, as TRL's SFTTrainer with a PEFT
+//! `LoraConfig` (parameter names are theirs). Output: the `adapter` artifact — the PEFT adapter
+//! files, `metrics.jsonl`, `trainer_state.json` and the TensorBoard run under `runs/`.
+//! Checkpoints go to `checkpoint_dir` (default `<output_dir>-checkpoints` beside the recipe's
+//! output folder), never into the artifact.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::gpu::Gpu;
+use crate::model::config::ModelConfig;
+use crate::model::reference::lora::Adapter;
+use crate::model::reference::Gemma3Reference;
+use crate::model::Weights;
+use crate::params::OpParams;
+use crate::train::lora_init::{load_adapter, new_adapter, LoraOptions, TargetSpec};
+use crate::train::model::TrainModel;
+use crate::train::optimizer::AdamWConfig;
+use crate::train::reference_model::ReferenceTrainModel;
+use crate::train::schedule::ScheduleKind;
+use crate::train::tensorboard::{default_run_dir, hostname};
+use crate::train::trainer::{
+    train, LossNormalizationKind, Resume, SaveStrategy, StreamSource, TrainConfig, TrainOutputs,
+};
+use crate::{op_params, ArtifactType, Device, Op, ParamError, ParamSpec, Port, RunCtx};
+
+/// A string or a list of strings (`target_modules`, `report_to`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `resume_from_checkpoint`: true (the newest checkpoint), false, or a checkpoint folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BoolOrPath {
+    Bool(bool),
+    Path(String),
+}
+
+op_params! {
+    pub struct LoraTrainParams {
+        /// LoRA rank (PEFT `r`).
+        r: usize = 8,
+        /// LoRA scaling numerator: scaling = lora_alpha / r (or / sqrt(r) with use_rslora).
+        lora_alpha: f64 = 8.0,
+        /// Dropout on the LoRA input while training (seeded).
+        lora_dropout: f64 = 0.0,
+        /// "all-linear" (every Linear but lm_head, vision tower included, as PEFT), a list of module names (suffixes), or a regex string matched against the whole module name.
+        target_modules: OneOrMany = OneOrMany::One("all-linear".to_string()),
+        /// Modules trained in full and saved whole: "lm_head", "embed_tokens" (two untied copies, as PEFT).
+        modules_to_save: Vec<String> = Vec::new(),
+        /// rsLoRA scaling lora_alpha / sqrt(r).
+        use_rslora: bool = false,
+        /// Only "none" (no bias is trained).
+        bias: String = "none".to_string(),
+        /// A PEFT adapter folder to start from instead of a fresh init (its adapter_config.json sets r, lora_alpha, target_modules, modules_to_save).
+        init_adapter: Option<String> = None,
+        /// Peak learning rate (SFTConfig default 2e-5).
+        learning_rate: f64 = 2e-5,
+        /// "linear", "cosine", "constant" or "constant_with_warmup" (transformers get_scheduler).
+        lr_scheduler_type: String = "linear".to_string(),
+        /// Warmup steps (>= 1), or a fraction of the run when below 1 (transformers 5).
+        warmup_steps: f64 = 0.0,
+        /// Warmup as a fraction of the run, ceil(total * ratio) (transformers 4); used when warmup_steps is 0.
+        warmup_ratio: f64 = 0.0,
+        /// AdamW decoupled weight decay.
+        weight_decay: f64 = 0.0,
+        adam_beta1: f64 = 0.9,
+        adam_beta2: f64 = 0.999,
+        adam_epsilon: f64 = 1e-8,
+        /// Global L2 gradient-norm clipping; 0 turns clipping off (the norm is still logged).
+        max_grad_norm: f64 = 1.0,
+        /// Micro-batches per optimizer step (the batch size is collate's batch_size).
+        gradient_accumulation_steps: usize = 1,
+        num_train_epochs: f64 = 3.0,
+        /// A positive value overrides num_train_epochs.
+        max_steps: i64 = -1,
+        /// Seeds the LoRA init and dropout; unset = the recipe's seed.
+        seed: Option<u64> = None,
+        /// Recompute each layer's activations in the backward instead of keeping them.
+        gradient_checkpointing: bool = false,
+        /// "token_mean" (loss over the label tokens of the whole accumulated batch, transformers 5.24) or "micro_batch_mean" (mean of micro-batch means, the guide-era stack).
+        loss_normalization: String = "token_mean".to_string(),
+        /// Log loss, grad_norm, learning_rate, mean_token_accuracy, num_tokens, epoch every this many steps.
+        logging_steps: u64 = 10,
+        /// "tensorboard" (or ["tensorboard"]) writes runs/<date>_<host>/events.out.tfevents.*; "none" does not.
+        report_to: OneOrMany = OneOrMany::One("tensorboard".to_string()),
+        /// "steps" (every save_steps and at the end), "epoch" or "no".
+        save_strategy: String = "steps".to_string(),
+        save_steps: u64 = 500,
+        /// Keep at most this many checkpoints (the oldest are deleted).
+        save_total_limit: Option<usize> = None,
+        /// true: continue from the newest checkpoint in checkpoint_dir; or the path of a checkpoint folder.
+        resume_from_checkpoint: BoolOrPath = BoolOrPath::Bool(false),
+        /// Where checkpoint-<step> folders go; default: `<output_dir>-checkpoints` beside the recipe's output_dir.
+        checkpoint_dir: Option<String> = None,
+    }
+}
+
+/// What [`build_model`] needs besides the weights and the adapter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelOptions {
+    pub gradient_checkpointing: bool,
+}
+
+/// Builds the trainable model from the frozen weights and the initial adapter.
+pub type ModelBuilder =
+    fn(&Gpu, &ModelConfig, &Weights, &Adapter, &ModelOptions) -> Result<Box<dyn TrainModel>>;
+
+/// THE place where the model the op trains is made. `Gemma3Gpu` (the GPU forward/backward,
+/// `Gemma3Gpu::from_weights(gpu, config, weights, Some(adapter), Gemma3GpuOptions { .. })`)
+/// belongs here; until it is wired, the forward/backward runs on the CPU reference behind GPU
+/// parameter buffers ([`ReferenceTrainModel`]): exact, but only fast enough for tiny models.
+pub fn build_model(
+    gpu: &Gpu,
+    config: &ModelConfig,
+    weights: &Weights,
+    adapter: &Adapter,
+    _opts: &ModelOptions,
+) -> Result<Box<dyn TrainModel>> {
+    let reference = Gemma3Reference::from_weights(config, weights)?;
+    Ok(Box::new(ReferenceTrainModel::new(
+        gpu,
+        reference,
+        adapter.clone(),
+    )?))
+}
+
+pub struct LoraTrainOp {
+    pub build: ModelBuilder,
+}
+
+impl Default for LoraTrainOp {
+    fn default() -> Self {
+        Self { build: build_model }
+    }
+}
+
+fn param_error(key: &str, message: String) -> ParamError {
+    ParamError {
+        key: Some(key.into()),
+        message,
+    }
+}
+
+/// Everything the params say, checked.
+struct Plan {
+    lora: Option<LoraOptionsNoSeed>,
+    train: TrainConfig,
+    tensorboard: bool,
+}
+
+struct LoraOptionsNoSeed {
+    r: usize,
+    lora_alpha: f64,
+    lora_dropout: f64,
+    target_modules: TargetSpec,
+    modules_to_save: Vec<String>,
+    use_rslora: bool,
+}
+
+fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<Plan, ParamError> {
+    if p.bias != "none" {
+        return Err(param_error(
+            "bias",
+            format!("bias = {:?} is not supported; only \"none\"", p.bias),
+        ));
+    }
+    if p.r == 0 {
+        return Err(param_error("r", "r must be at least 1".into()));
+    }
+    if !(0.0..1.0).contains(&p.lora_dropout) {
+        return Err(param_error(
+            "lora_dropout",
+            format!("lora_dropout must be in [0, 1), got {}", p.lora_dropout),
+        ));
+    }
+    if p.learning_rate.is_nan() || p.learning_rate <= 0.0 {
+        return Err(param_error(
+            "learning_rate",
+            "learning_rate must be positive".into(),
+        ));
+    }
+    for m in &p.modules_to_save {
+        if m != "lm_head" && m != "embed_tokens" {
+            return Err(param_error(
+                "modules_to_save",
+                format!("modules_to_save entry {m:?} is not supported; use \"lm_head\" and/or \"embed_tokens\""),
+            ));
+        }
+    }
+    let lr_scheduler_type = ScheduleKind::parse(&p.lr_scheduler_type)
+        .map_err(|e| param_error("lr_scheduler_type", format!("{e:#}")))?;
+    crate::train::schedule::warmup_steps(1, p.warmup_steps, p.warmup_ratio)
+        .map_err(|e| param_error("warmup_steps", format!("{e:#}")))?;
+    if p.gradient_accumulation_steps == 0 {
+        return Err(param_error(
+            "gradient_accumulation_steps",
+            "gradient_accumulation_steps must be at least 1".into(),
+        ));
+    }
+    if p.logging_steps == 0 {
+        return Err(param_error(
+            "logging_steps",
+            "logging_steps must be at least 1".into(),
+        ));
+    }
+    if p.max_steps <= 0 && (p.num_train_epochs.is_nan() || p.num_train_epochs <= 0.0) {
+        return Err(param_error(
+            "num_train_epochs",
+            "num_train_epochs must be positive (or set max_steps)".into(),
+        ));
+    }
+    let save_strategy = match p.save_strategy.as_str() {
+        "no" => SaveStrategy::No,
+        "epoch" => SaveStrategy::Epoch,
+        "steps" if p.save_steps > 0 => SaveStrategy::Steps(p.save_steps),
+        "steps" => {
+            return Err(param_error(
+                "save_steps",
+                "save_steps must be at least 1".into(),
+            ))
+        }
+        other => {
+            return Err(param_error(
+                "save_strategy",
+                format!("save_strategy must be \"steps\", \"epoch\" or \"no\", got {other:?}"),
+            ))
+        }
+    };
+    let loss_normalization = match p.loss_normalization.as_str() {
+        "token_mean" => LossNormalizationKind::TokenMean,
+        "micro_batch_mean" => LossNormalizationKind::MicroBatchMean,
+        other => return Err(param_error(
+            "loss_normalization",
+            format!(
+                "loss_normalization must be \"token_mean\" or \"micro_batch_mean\", got {other:?}"
+            ),
+        )),
+    };
+    let reports: Vec<String> = match &p.report_to {
+        OneOrMany::One(s) => vec![s.clone()],
+        OneOrMany::Many(v) => v.clone(),
+    };
+    let mut tensorboard = false;
+    for r in &reports {
+        match r.as_str() {
+            "tensorboard" => tensorboard = true,
+            "none" => {}
+            other => {
+                return Err(param_error(
+                    "report_to",
+                    format!(
+                        "report_to {other:?} is not supported; use \"tensorboard\" or \"none\""
+                    ),
+                ))
+            }
+        }
+    }
+    let target_modules = match &p.target_modules {
+        OneOrMany::One(s) if s == "all-linear" => TargetSpec::AllLinear,
+        OneOrMany::One(re) => {
+            regex::Regex::new(re).map_err(|e| {
+                param_error(
+                    "target_modules",
+                    format!(
+                        "target_modules {re:?} is neither \"all-linear\" nor a valid regex: {e}"
+                    ),
+                )
+            })?;
+            TargetSpec::Regex(re.clone())
+        }
+        OneOrMany::Many(v) if v.is_empty() => {
+            return Err(param_error(
+                "target_modules",
+                "target_modules is an empty list".into(),
+            ))
+        }
+        OneOrMany::Many(v) => TargetSpec::Names(v.clone()),
+    };
+    Ok(Plan {
+        lora: p.init_adapter.is_none().then(|| LoraOptionsNoSeed {
+            r: p.r,
+            lora_alpha: p.lora_alpha,
+            lora_dropout: p.lora_dropout,
+            target_modules,
+            modules_to_save: p.modules_to_save.clone(),
+            use_rslora: p.use_rslora,
+        }),
+        train: TrainConfig {
+            learning_rate: p.learning_rate,
+            lr_scheduler_type,
+            warmup_steps: p.warmup_steps,
+            warmup_ratio: p.warmup_ratio,
+            adamw: AdamWConfig {
+                beta1: p.adam_beta1,
+                beta2: p.adam_beta2,
+                eps: p.adam_epsilon,
+                weight_decay: p.weight_decay,
+            },
+            max_grad_norm: p.max_grad_norm,
+            gradient_accumulation_steps: p.gradient_accumulation_steps,
+            num_train_epochs: p.num_train_epochs,
+            max_steps: (p.max_steps > 0).then_some(p.max_steps as u64),
+            logging_steps: p.logging_steps,
+            save_strategy,
+            save_total_limit: p.save_total_limit,
+            loss_normalization,
+            seed: p.seed.unwrap_or(recipe_seed),
+        },
+        tensorboard,
+    })
+}
+
+/// `<output_dir>-checkpoints`, beside the recipe's output folder (never inside it).
+pub fn default_checkpoint_dir(output_dir: &Path) -> PathBuf {
+    let name = output_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    output_dir.with_file_name(format!("{name}-checkpoints"))
+}
+
+impl Op for LoraTrainOp {
+    fn kind(&self) -> &'static str {
+        "lora-train"
+    }
+    fn doc(&self) -> &'static str {
+        "LoRA SFT (TRL SFTTrainer + PEFT semantics): trains an adapter on the batch stream; writes the PEFT adapter, metrics.jsonl and TensorBoard logs"
+    }
+    fn inputs(&self) -> Vec<Port> {
+        vec![
+            Port {
+                name: "model",
+                accepts: &[ArtifactType::Model, ArtifactType::QuantizedModel],
+                required: true,
+                doc: "the frozen base model (bf16/f32, or NF4 for QLoRA)",
+            },
+            Port {
+                name: "batches",
+                accepts: &[ArtifactType::Batches],
+                required: true,
+                doc: "the training batches (collate)",
+            },
+        ]
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        LoraTrainParams::specs()
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn device(&self) -> Device {
+        Device::Gpu
+    }
+    fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError> {
+        let p = LoraTrainParams::from_table(params)?;
+        plan(&p, 0)?;
+        LoraTrainParams::canonical(params)
+    }
+    fn output(&self, _params: &toml::Table) -> ArtifactType {
+        ArtifactType::Adapter
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<()> {
+        let p = LoraTrainParams::from_table(ctx.params)?;
+        let plan = plan(&p, ctx.recipe.seed)?;
+        let seed = plan.train.seed;
+        let model_artifact = ctx.input("model")?;
+        let (root, manifest) = crate::model::artifact_model_root(&model_artifact.dir)?;
+        let config = ModelConfig::from_file(&root.join("config.json"))?;
+        let weights = Weights::open(&root, &config)?;
+        let (mut adapter_config, adapter) = match (&p.init_adapter, &plan.lora) {
+            (Some(path), _) => {
+                let dir = ctx.recipe.resolve(path);
+                ctx.progress.println(format!(
+                    "op `{}`: starting from the adapter {} (its adapter_config.json sets r, lora_alpha, target_modules, modules_to_save)",
+                    ctx.name,
+                    dir.display()
+                ));
+                load_adapter(&dir, &config, seed)
+                    .with_context(|| format!("init_adapter {}", dir.display()))?
+            }
+            (None, Some(l)) => new_adapter(
+                &config,
+                &weights,
+                &LoraOptions {
+                    r: l.r,
+                    lora_alpha: l.lora_alpha,
+                    lora_dropout: l.lora_dropout,
+                    target_modules: l.target_modules.clone(),
+                    modules_to_save: l.modules_to_save.clone(),
+                    use_rslora: l.use_rslora,
+                    seed,
+                },
+            )?,
+            (None, None) => unreachable!("plan keeps the LoRA options without init_adapter"),
+        };
+        adapter_config.base_model_name_or_path = Some(
+            manifest
+                .get("repo_id")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| root.display().to_string()),
+        );
+        adapter_config.inference_mode = true;
+
+        let data = StreamSource::open_dir(&ctx.input("batches")?.dir)?;
+        let gpu = Gpu::get()?;
+        let mut model = (self.build)(
+            gpu,
+            &config,
+            &weights,
+            &adapter,
+            &ModelOptions {
+                gradient_checkpointing: p.gradient_checkpointing,
+            },
+        )?;
+        let checkpoint_dir = match &p.checkpoint_dir {
+            Some(d) => ctx.recipe.resolve(d),
+            None => default_checkpoint_dir(&ctx.recipe.output_dir),
+        };
+        let tensorboard_dir = plan.tensorboard.then(|| {
+            use chrono::{Datelike, Timelike};
+            let now = chrono::Local::now();
+            ctx.out_dir.join(default_run_dir(
+                (
+                    now.month(),
+                    now.day(),
+                    now.hour(),
+                    now.minute(),
+                    now.second(),
+                ),
+                &hostname(),
+            ))
+        });
+        let resume = match &p.resume_from_checkpoint {
+            BoolOrPath::Bool(false) => Resume::No,
+            BoolOrPath::Bool(true) => Resume::Latest,
+            BoolOrPath::Path(path) => Resume::Path(ctx.recipe.resolve(path)),
+        };
+        let summary = train(
+            gpu,
+            model.as_mut(),
+            &data,
+            &plan.train,
+            &adapter_config,
+            &TrainOutputs {
+                out_dir: ctx.out_dir.to_path_buf(),
+                tensorboard_dir,
+                checkpoint_dir,
+            },
+            &resume,
+            ctx.progress,
+        )?;
+        ctx.progress.println(format!(
+            "op `{}`: {} steps ({:.2} epochs) in {:.1} s, train_loss {:.4}",
+            ctx.name, summary.global_step, summary.epoch, summary.seconds, summary.train_loss
+        ));
+        Ok(())
+    }
+}
