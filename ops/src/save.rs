@@ -198,6 +198,9 @@ fn link_or_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
     if let Some(parent) = to.parent() {
         fs::create_dir_all(parent)?;
     }
+    // The HF cache's snapshot files are relative symlinks into `blobs/`: `hard_link` would link
+    // the symlink itself, which dangles once moved. Link (or copy) what it points to.
+    let from = &fs::canonicalize(from).with_context(|| format!("reading {}", from.display()))?;
     if fs::hard_link(from, to).is_err() {
         fs::copy(from, to)
             .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
@@ -464,6 +467,47 @@ mod tests {
             recipe_path: Some(recipe),
             hub_repo: None,
         }
+    }
+
+    /// Regression: processor files of a model in the HF cache layout are relative symlinks into
+    /// `blobs/`; they were hard-linked as symlinks and dangled in the output folder.
+    #[cfg(unix)]
+    #[test]
+    fn processor_files_behind_hub_cache_symlinks_are_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (adapter_dir, mut model) = artifacts(tmp.path());
+        let snapshot = tmp.path().join("hub/snapshots/abc");
+        fs::create_dir_all(&snapshot).unwrap();
+        fs::create_dir_all(tmp.path().join("hub/blobs")).unwrap();
+        for f in fs::read_dir(&model.root).unwrap() {
+            let f = f.unwrap();
+            let blob = tmp.path().join("hub/blobs").join(f.file_name());
+            fs::copy(f.path(), &blob).unwrap();
+            std::os::unix::fs::symlink(
+                Path::new("../../blobs").join(f.file_name()),
+                snapshot.join(f.file_name()),
+            )
+            .unwrap();
+        }
+        model.root = snapshot;
+        let recipe = tmp.path().join("demo.toml");
+        fs::write(&recipe, "[recipe]\nname = \"tiny-demo\"\n").unwrap();
+        let out_dir = tmp.path().join("cache-out");
+        let output_dir = tmp.path().join("saved");
+        save(
+            &adapter_dir,
+            &model,
+            &out_dir,
+            &opts(output_dir.clone(), recipe),
+            &|_| {},
+        )
+        .unwrap();
+        let cache_copy = out_dir.join("tokenizer.json");
+        assert!(!fs::symlink_metadata(&cache_copy).unwrap().is_symlink());
+        assert_eq!(
+            fs::read(output_dir.join("tokenizer.json")).unwrap(),
+            b"{\"tokenizer\": true}"
+        );
     }
 
     #[test]
