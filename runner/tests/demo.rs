@@ -8,13 +8,15 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn run_demo(cache: &std::path::Path) -> (i32, String, String) {
+fn run_demo(work: &std::path::Path) -> (i32, String, String) {
     let root = repo_root();
     let out = Command::new(env!("CARGO_BIN_EXE_runner"))
         .arg("run")
         .arg(root.join("recipes/demo.toml"))
         .arg("--cache-dir")
-        .arg(cache)
+        .arg(work.join("cache"))
+        .arg("--set")
+        .arg(format!("recipe.output_dir={}", work.join("out").display()))
         .env("HF_HUB_CACHE", root.join("tests/fixtures/hf-cache/hub"))
         .env("HF_HUB_OFFLINE", "1")
         .env_remove("HF_HOME")
@@ -29,8 +31,8 @@ fn run_demo(cache: &std::path::Path) -> (i32, String, String) {
 
 #[test]
 fn demo_recipe_runs_offline_then_reuses_every_output() {
-    let cache = tempfile::tempdir().unwrap();
-    let (code, stdout, stderr) = run_demo(cache.path());
+    let work = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run_demo(work.path());
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     let ops_in_recipe = std::fs::read_to_string(repo_root().join("recipes/demo.toml"))
         .unwrap()
@@ -39,15 +41,33 @@ fn demo_recipe_runs_offline_then_reuses_every_output() {
         .count();
     assert_eq!(
         stdout.lines().last().unwrap(),
-        format!("ran {ops_in_recipe}, reused 0, failed 0")
+        format!("ran {}, reused 0, failed 0", ops_in_recipe - 1),
+        "every op but the disabled push runs"
     );
     assert!(stdout.contains("6 rows"), "{stdout}");
     assert!(stdout.contains("quantized 40 Linear weights"), "{stdout}");
+    let out = work.path().join("out");
+    assert!(
+        stdout.contains(&format!("adapter saved to {}", out.display())),
+        "{stdout}"
+    );
+    // The loss visibly falls: the last logged loss is well below the first.
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    assert!(losses.len() >= 3, "{losses:?}");
+    assert!(
+        losses.last().unwrap() < &(0.8 * losses[0]),
+        "the demo's loss does not fall: {losses:?}"
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
 
-    let (code, stdout, stderr) = run_demo(cache.path());
+    let (code, stdout, stderr) = run_demo(work.path());
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(
         stdout.lines().last().unwrap(),
-        format!("ran 0, reused {ops_in_recipe}, failed 0")
+        format!("ran 0, reused {}, failed 0", ops_in_recipe - 1)
     );
 }
