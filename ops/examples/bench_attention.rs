@@ -97,8 +97,22 @@ fn main() -> Result<()> {
 
     // The first use of a pipeline compiles it (seconds to minutes on llvmpipe): warm every
     // pipeline up on a tiny problem with the same constants before timing anything.
-    let seqs: &[usize] = if quick { &[16, 256] } else { &[16, 1024, 4096] };
-    for &seq in seqs {
+    // Env `RUNNER_BENCH_SEQS` (e.g. `1024`) and `RUNNER_BENCH_CE` (`TOKENSxHIDDENxVOCAB`)
+    // replace the default sizes: the full ones take hours on a 2-core lavapipe.
+    let env_list = |name: &str, sep: char| -> Option<Vec<usize>> {
+        let v = std::env::var(name).ok()?;
+        Some(
+            v.split(sep)
+                .map(|x| x.trim().parse().expect("a list of integers"))
+                .collect(),
+        )
+    };
+    let seqs: Vec<usize> = match env_list("RUNNER_BENCH_SEQS", ',') {
+        Some(v) => [16].into_iter().chain(v).collect(),
+        None if quick => vec![16, 256],
+        None => vec![16, 1024, 4096],
+    };
+    for &seq in &seqs {
         let warmup = seq == 16;
         let d = AttentionDims {
             batch: 1,
@@ -165,12 +179,12 @@ fn main() -> Result<()> {
         );
     }
 
-    let sizes: &[(usize, usize, usize)] = if quick {
-        &[(8, 8, 64), (64, 256, 16_384)]
-    } else {
-        &[(8, 8, 64), (512, 2560, 262_208)]
+    let sizes: Vec<(usize, usize, usize)> = match env_list("RUNNER_BENCH_CE", 'x') {
+        Some(v) => vec![(8, 8, 64), (v[0], v[1], v[2])],
+        None if quick => vec![(8, 8, 64), (64, 256, 16_384)],
+        None => vec![(8, 8, 64), (512, 2560, 262_208)],
     };
-    for &(tokens, hidden, vocab) in sizes {
+    for &(tokens, hidden, vocab) in &sizes {
         let warmup = tokens == 8;
         let fill = |shape: &[usize], salt: f32| -> Result<_> {
             let n: usize = shape.iter().product();

@@ -218,6 +218,211 @@ pub(crate) fn unrolled_register_kernel(tm: u32, tn: u32, trans_a: bool, trans_b:
     s
 }
 
+/// Rows (TM) and columns per lane (TN) of the subgroup kernel's tile: a subgroup of
+/// [`SUBGROUP_LANES`] lanes computes TM × (lanes · TN) outputs of C.
+const SUBGROUP_TILE: (u32, u32) = (64, 4);
+/// Lanes of the subgroup kernel (its workgroup is exactly one subgroup of this size).
+const SUBGROUP_LANES: u32 = 8;
+
+/// WGSL of `matmul_subgroup`, the kernel for CPU adapters that run a subgroup of
+/// [`SUBGROUP_LANES`] invocations as one SIMD vector (lavapipe). There a storage load costs a
+/// loop over the lanes, so loads are what to save: each lane loads only its own TN columns of
+/// op(B) and 1/8 of the TM rows of op(A), and the A values reach the other lanes by
+/// `subgroupBroadcast` (a register shuffle). Per 4 steps of K a lane issues TM/8 + TN vec4
+/// loads for 4·TM·TN FMAs (the plain register kernel: TM + TN loads for 4·TM·TN). Fully
+/// unrolled with one variable per accumulator, like [`unrolled_register_kernel`].
+///
+/// Lane `l` owns columns `n0 + 4l + 32j + c` (j < TN/4, c < 4). Without TRANS_A it loads rows
+/// `m0 + l + 8q` (4 consecutive k); with TRANS_A rows `m0 + 32q + 4l + c` (one k per load).
+pub(crate) fn subgroup_kernel(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
+    use std::fmt::Write as _;
+    let lanes = SUBGROUP_LANES;
+    let comp = ["x", "y", "z", "w"];
+    let mut s = String::new();
+    let w = &mut s;
+    let _ = writeln!(w, "\n@compute @workgroup_size({lanes}, 1, 1)");
+    let _ = writeln!(w, "fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{");
+    let _ = writeln!(
+        w,
+        "    let m0 = wid.y * {tm}u;\n    let n0 = wid.x * {}u;",
+        lanes * tn
+    );
+    let _ = writeln!(w, "    let a_base = p.a_off + wid.z * p.a_batch;\n    let b_base = p.b_off + wid.z * p.b_batch;\n    let c_base = p.c_off + wid.z * p.c_batch;");
+    let col = |j: u32| format!("n0 + lane * 4u + {}u", 32 * (j / 4) + j % 4);
+    // Rows a lane loads: q-th group.
+    let a_groups = if trans_a {
+        tm.div_ceil(4 * lanes)
+    } else {
+        tm.div_ceil(lanes)
+    };
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(w, "    var c{i}_{j} = 0.0;");
+        }
+    }
+    // The value op(A)[m0 + i, k + kk] as a broadcast from the lane that loaded it.
+    let a_value = |i: u32, kk: u32| -> String {
+        if trans_a {
+            let (q, l, c) = (i / (4 * lanes), (i % (4 * lanes)) / 4, i % 4);
+            format!("subgroupBroadcast(t{q}_{kk}.{}, {l}u)", comp[c as usize])
+        } else {
+            let (q, l) = (i / lanes, i % lanes);
+            format!("subgroupBroadcast(t{q}.{}, {l}u)", comp[kk as usize])
+        }
+    };
+    let _ = writeln!(
+        w,
+        "    let k4 = p.k & ~3u;\n    for (var k = 0u; k < k4; k += 4u) {{"
+    );
+    for q in 0..a_groups {
+        if trans_a {
+            for kk in 0..4 {
+                let _ = writeln!(
+                    w,
+                    "        let t{q}_{kk} = a4(a_base + (k + {kk}u) * p.lda + m0 + lane * 4u + {}u);",
+                    32 * q
+                );
+            }
+        } else {
+            let _ = writeln!(
+                w,
+                "        let t{q} = a4(a_base + (m0 + lane + {}u) * p.lda + k);",
+                lanes * q
+            );
+        }
+    }
+    // b{j}_{kk} = op(B)[k + kk, column j of this lane]
+    if trans_b {
+        for j in 0..tn {
+            let _ = writeln!(
+                w,
+                "        let u{j} = b4(b_base + ({}) * p.ldb + k);",
+                col(j)
+            );
+        }
+    } else {
+        for j4 in 0..tn / 4 {
+            for kk in 0..4 {
+                let _ = writeln!(
+                    w,
+                    "        let u{j4}_{kk} = b4(b_base + (k + {kk}u) * p.ldb + {});",
+                    col(4 * j4)
+                );
+            }
+        }
+    }
+    let b_value = |j: u32, kk: u32| -> String {
+        if trans_b {
+            format!("u{j}.{}", comp[kk as usize])
+        } else {
+            format!("u{}_{kk}.{}", j / 4, comp[(j % 4) as usize])
+        }
+    };
+    for kk in 0..4 {
+        for i in 0..tm {
+            let _ = writeln!(w, "        let s{i}_{kk} = {};", a_value(i, kk));
+            for j in 0..tn {
+                let _ = writeln!(
+                    w,
+                    "        c{i}_{j} = fma(s{i}_{kk}, {}, c{i}_{j});",
+                    b_value(j, kk)
+                );
+            }
+        }
+    }
+    let _ = writeln!(w, "    }}");
+    // K not a multiple of 4: one k per step, op(A) rows m0 + l + 8q loaded by lane l.
+    let _ = writeln!(w, "    for (var k = k4; k < p.k; k++) {{");
+    for q in 0..tm.div_ceil(lanes) {
+        let _ = writeln!(
+            w,
+            "        let r{q} = a1(a_base + a_index(m0 + lane + {}u, k));",
+            lanes * q
+        );
+    }
+    for j in 0..tn {
+        let _ = writeln!(w, "        let v{j} = b1(b_base + b_index(k, {}));", col(j));
+    }
+    for i in 0..tm {
+        let _ = writeln!(
+            w,
+            "        let s{i} = subgroupBroadcast(r{}, {}u);",
+            i / lanes,
+            i % lanes
+        );
+        for j in 0..tn {
+            let _ = writeln!(w, "        c{i}_{j} = fma(s{i}, v{j}, c{i}_{j});");
+        }
+    }
+    let _ = writeln!(w, "    }}");
+    for j in 0..tn {
+        let _ = writeln!(w, "    let col{j} = {};", col(j));
+    }
+    for i in 0..tm {
+        let _ = writeln!(w, "    if (m0 + {i}u < p.m) {{");
+        for j in 0..tn {
+            let _ = writeln!(
+                w,
+                "        if (col{j} < p.n) {{ store(m0 + {i}u, col{j}, c_base, c{i}_{j}); }}"
+            );
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    s
+}
+
+/// Whether this adapter runs [`subgroup_kernel`]: it needs subgroups of exactly
+/// [`SUBGROUP_LANES`] lanes (its workgroup must be one whole subgroup, and its broadcasts name
+/// lanes by constant index).
+fn subgroup_kernel_fits(gpu: &Gpu) -> bool {
+    if plain_register_kernel_forced() {
+        return false;
+    }
+    let info = gpu.adapter_info();
+    gpu.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size == SUBGROUP_LANES
+        && info.subgroup_max_size == SUBGROUP_LANES
+}
+
+/// Tests of the plain register kernel switch the subgroup kernel off on their own thread.
+#[cfg(test)]
+fn plain_register_kernel_forced() -> bool {
+    tests::PLAIN_REGISTER_KERNEL.with(|f| f.get())
+}
+#[cfg(not(test))]
+fn plain_register_kernel_forced() -> bool {
+    false
+}
+
+/// The module source with the subgroup kernel for this variant appended (cached).
+fn subgroup_source(
+    base: &ShaderSource,
+    tm: u32,
+    tn: u32,
+    trans_a: bool,
+    trans_b: bool,
+) -> &'static ShaderSource {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static CACHE: OnceLock<Mutex<HashMap<String, &'static ShaderSource>>> = OnceLock::new();
+    let name = format!(
+        "{}+sg{tm}x{tn}{}{}",
+        base.name,
+        if trans_a { "T" } else { "N" },
+        if trans_b { "T" } else { "N" }
+    );
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+    cache.entry(name.clone()).or_insert_with(|| {
+        let source = format!(
+            "{}{}",
+            base.source,
+            subgroup_kernel(tm, tn, trans_a, trans_b)
+        );
+        Box::leak(Box::new(ShaderSource { name, source }))
+    })
+}
+
 /// The module source with the unrolled register kernel for this variant appended (cached).
 fn unrolled_source(
     base: &ShaderSource,
@@ -471,6 +676,19 @@ impl Gpu {
             constants.push(("NF4_BLOCK", *blocksize as f64));
         }
         let (entry, groups) = match self.tiling() {
+            Tiling::Register if subgroup_kernel_fits(self) => {
+                let (tm, tn) = SUBGROUP_TILE;
+                let source = subgroup_source(shader_for(vec4), tm, tn, g.trans_a, g.trans_b);
+                let kernel = self.kernel(source, "matmul_subgroup", &constants);
+                let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
+                let mut buffers = vec![g.a, g.b, g.c, bias];
+                if let Some((absmax, _)) = nf4 {
+                    buffers.push(absmax);
+                }
+                let groups = [p.n.div_ceil(tn * SUBGROUP_LANES), p.m.div_ceil(tm), g.batch];
+                rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
+                return;
+            }
             Tiling::Register => {
                 let (tm, tn) = register_tile();
                 let (wx, wy) = (8u32, 8u32);
@@ -683,6 +901,23 @@ mod tests {
     #[test]
     fn matmul_matches_reference_default_tiling() {
         sweep(test_gpu());
+    }
+
+    thread_local! {
+        /// Set by a test to run the plain register kernel where the subgroup kernel would run.
+        pub(super) static PLAIN_REGISTER_KERNEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    #[test]
+    fn matmul_matches_reference_plain_register_kernel() {
+        let gpu = test_gpu();
+        if gpu.tiling() != Tiling::Register || !subgroup_kernel_fits(gpu) {
+            eprintln!("the default sweep already runs the plain kernel here");
+            return;
+        }
+        PLAIN_REGISTER_KERNEL.with(|f| f.set(true));
+        sweep(gpu);
+        PLAIN_REGISTER_KERNEL.with(|f| f.set(false));
     }
 
     #[test]
