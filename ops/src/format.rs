@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 use crate::data::conversation::{write_json, ImageRef, ImageSources};
+use crate::data::dataset::Row;
 use crate::data::format::{
     check_fields, format_row, read_for_check, reason_kind, verify_image, FormatReport, Mapping,
     PathRoots, TextTemplate, VerifyImages,
@@ -199,29 +200,40 @@ impl Op for FormatOp {
         let mut rows = dataset.rows();
         let mut first = true;
         loop {
-            let chunk: Vec<_> = rows.by_ref().take(256).collect::<Result<Vec<_>>>()?;
+            // A row that cannot be read (invalid JSON, non-UTF-8 bytes) is a bad row like any
+            // other: its error already names the row and the data file.
+            let chunk: Vec<Result<Row>> = rows.by_ref().take(256).collect();
             if chunk.is_empty() {
                 break;
             }
             if first {
-                check_fields(&mapping, &chunk[0])?;
+                check_fields(&mapping, chunk.iter().filter_map(|r| r.as_ref().ok()))?;
                 first = false;
             }
             let results: Vec<_> = chunk
                 .par_iter()
                 .map(|row| {
-                    let f = format_row(row, &mapping, &roots)?;
+                    // Err: the report line (naming row and data file) and the reason's kind.
+                    let row = row.as_ref().map_err(|e| {
+                        (format!("{e:#}"), reason_kind(&e.root_cause().to_string()))
+                    })?;
+                    let at = |why: String| {
+                        let kind = reason_kind(&why);
+                        (format!("row {} ({}): {why}", row.index, row.file), kind)
+                    };
+                    let f = format_row(row, &mapping, &roots).map_err(at)?;
                     for (i, r) in f.record.images.iter().enumerate() {
                         let bytes = match f.inline_images.iter().find(|(k, _)| *k == i) {
                             Some((_, b)) => Ok(b.clone()),
                             None => read_for_check(r, files_root.as_deref()),
                         };
-                        verify_image(bytes, verify).map_err(|e| format!("image {i}: {e}"))?;
+                        verify_image(bytes, verify)
+                            .map_err(|e| at(format!("image {i} ({}): {e}", r.describe())))?;
                     }
-                    Ok::<_, String>(f.record)
+                    Ok::<_, (String, &str)>(f.record)
                 })
                 .collect();
-            for (row, r) in chunk.iter().zip(results) {
+            for r in results {
                 report.rows += 1;
                 match r {
                     Ok(rec) => {
@@ -232,15 +244,14 @@ impl Op for FormatOp {
                         serde_json::to_writer(&mut out, &rec)?;
                         std::io::Write::write_all(&mut out, b"\n")?;
                     }
-                    Err(why) => {
-                        let line = format!("row {} ({}): {why}", row.index, row.file);
+                    Err((line, kind)) => {
                         if fail {
                             bail!("{line} (on_error = \"fail\"; set on_error = \"skip\" to skip such rows)");
                         }
                         report.skipped += 1;
                         *report
                             .skipped_by_reason
-                            .entry(reason_kind(&why).to_string())
+                            .entry(kind.to_string())
                             .or_default() += 1;
                         if report.skipped_examples.len() < p.report {
                             ctx.progress

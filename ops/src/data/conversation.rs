@@ -23,6 +23,16 @@ pub enum ImageRef {
     },
 }
 
+impl ImageRef {
+    /// A short name for messages: the file path, or where in the row the bytes are.
+    pub fn describe(&self) -> String {
+        match self {
+            ImageRef::File { path } => path.clone(),
+            ImageRef::Row { column, index, .. } => format!("bytes {index} of `{column}`"),
+        }
+    }
+}
+
 /// One line of `conversations.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConversationRecord {

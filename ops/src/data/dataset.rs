@@ -162,7 +162,7 @@ impl Dataset {
         let local = index - self.starts[k];
         let fields = file
             .row(local)
-            .with_context(|| format!("row {index} (row {local} of {})", file.rel))?;
+            .with_context(|| format!("row {index} ({})", file.rel))?;
         Ok(Row {
             index,
             file: file.rel.clone(),
@@ -177,7 +177,7 @@ impl Dataset {
             file.iter().enumerate().map(move |(local, fields)| {
                 let index = start + local;
                 fields
-                    .with_context(|| format!("row {index} (row {local} of {})", file.rel))
+                    .with_context(|| format!("row {index} ({})", file.rel))
                     .map(|fields| Row {
                         index,
                         file: file.rel.clone(),
@@ -420,6 +420,12 @@ fn index_json_lines(path: &Path) -> Result<DataKind> {
 }
 
 fn parse_json_object(bytes: &[u8]) -> Result<BTreeMap<String, Value>> {
+    if let Err(e) = std::str::from_utf8(bytes) {
+        bail!(
+            "not valid UTF-8 text (invalid byte at column {})",
+            e.valid_up_to() + 1
+        );
+    }
     let json: serde_json::Value = serde_json::from_slice(bytes).context("invalid JSON")?;
     json_object(json)
 }
@@ -723,7 +729,9 @@ mod tests {
         );
         let err = format!("{:#}", ds.row(2).unwrap_err());
         assert!(
-            err.contains("line 3") && err.contains("invalid JSON"),
+            err.contains("row 2 (bad.jsonl)")
+                && err.contains("line 3")
+                && err.contains("not valid UTF-8 text (invalid byte at column 8)"),
             "{err}"
         );
         let results: Vec<Result<Row>> = ds.rows().collect();

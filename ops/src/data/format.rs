@@ -424,13 +424,20 @@ pub fn reason_kind(reason: &str) -> &'static str {
         "missing field"
     } else if reason.contains("UTF-8") {
         "invalid text"
+    } else if reason.contains("invalid JSON") || reason.contains("expected a JSON object") {
+        "unreadable row"
     } else {
         "invalid row"
     }
 }
 
-/// Checks that a mapping's fields exist in a row's schema (first row), for an early clear error.
-pub fn check_fields(mapping: &Mapping, row: &Row) -> Result<()> {
+/// Checks that each field a mapping uses exists in at least one of `rows` (the first chunk),
+/// for an early clear error on a mistyped field. A field only some rows lack is a bad row,
+/// handled per `on_error` (JSON rows need not all have the same fields).
+pub fn check_fields<'a>(
+    mapping: &Mapping,
+    rows: impl Iterator<Item = &'a Row> + Clone,
+) -> Result<()> {
     let names: Vec<&str> = match mapping {
         Mapping::Build {
             system,
@@ -446,11 +453,16 @@ pub fn check_fields(mapping: &Mapping, row: &Row) -> Result<()> {
             .collect(),
         Mapping::PassThrough { messages, .. } => vec![messages.as_str()],
     };
+    let Some(first) = rows.clone().next() else {
+        return Ok(());
+    };
     for n in names {
-        if row.get(n).is_none() {
-            let have: Vec<&str> = row.fields.keys().map(String::as_str).collect();
+        if !rows.clone().any(|r| r.get(n).is_some()) {
+            let have: Vec<&str> = first.fields.keys().map(String::as_str).collect();
             bail!(
-                "the dataset has no field `{n}` (fields: {}); fix the format op's templates",
+                "the dataset has no field `{n}` (fields of row {} ({}): {}); fix the format op's templates",
+                first.index,
+                first.file,
                 have.join(", ")
             );
         }
