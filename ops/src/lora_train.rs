@@ -236,12 +236,14 @@ fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<Plan, ParamError> {
     let loss_normalization = match p.loss_normalization.as_str() {
         "token_mean" => LossNormalizationKind::TokenMean,
         "micro_batch_mean" => LossNormalizationKind::MicroBatchMean,
-        other => return Err(param_error(
-            "loss_normalization",
-            format!(
+        other => {
+            return Err(param_error(
+                "loss_normalization",
+                format!(
                 "loss_normalization must be \"token_mean\" or \"micro_batch_mean\", got {other:?}"
             ),
-        )),
+            ))
+        }
     };
     let reports: Vec<String> = match &p.report_to {
         OneOrMany::One(s) => vec![s.clone()],

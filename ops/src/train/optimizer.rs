@@ -72,18 +72,12 @@ impl GpuAdamW {
     pub fn new(gpu: &Gpu, params: &[Parameter], config: AdamWConfig) -> Result<Self> {
         let mut moments = BTreeMap::new();
         for p in params {
-            let zeros = |_: ()| -> Result<GpuTensor> {
-                let t = gpu.empty(p.value.shape(), DType::F32)?;
-                gpu.fill_f32(&t, 0.0)?;
-                Ok(t)
+            let m = Moments {
+                exp_avg: gpu.empty(p.value.shape(), DType::F32)?,
+                exp_avg_sq: gpu.empty(p.value.shape(), DType::F32)?,
             };
-            moments.insert(
-                p.key.clone(),
-                Moments {
-                    exp_avg: zeros(())?,
-                    exp_avg_sq: zeros(())?,
-                },
-            );
+            clear(gpu, &[&m.exp_avg, &m.exp_avg_sq]);
+            moments.insert(p.key.clone(), m);
         }
         Ok(Self {
             config,
@@ -168,6 +162,28 @@ impl GpuAdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// Zeroes every gradient on the GPU (`clear_buffer`, one submit): no host buffer of the
+/// gradients' size is made, which matters for the modules_to_save copies of a large vocabulary.
+pub fn zero_grads(gpu: &Gpu, params: &[Parameter]) {
+    let grads: Vec<&GpuTensor> = params.iter().map(|p| &p.grad).collect();
+    clear(gpu, &grads);
+}
+
+/// Sets tensors to zero bytes on the GPU (submitted at once).
+fn clear(gpu: &Gpu, tensors: &[&GpuTensor]) {
+    let mut enc = gpu
+        .device()
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("clear"),
+        });
+    for t in tensors {
+        for c in t.chunks() {
+            enc.clear_buffer(c.buffer.buffer(), 0, Some(c.bytes));
+        }
+    }
+    gpu.queue().submit([enc.finish()]);
 }
 
 /// Records the global L2 norm of every gradient into `norm` (`[1]` f32) and, with

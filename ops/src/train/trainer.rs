@@ -18,7 +18,7 @@ use super::adapter::{self, AdapterConfig, HostTensor};
 use super::checkpoint::{self, HostTensors, LogWindow, TrainerState};
 use super::metrics::{self, LogRecord, MetricsWriter};
 use super::model::{Parameter, TrainModel};
-use super::optimizer::{record_norm_and_clip, write_f32, AdamWConfig, GpuAdamW};
+use super::optimizer::{record_norm_and_clip, write_f32, zero_grads, AdamWConfig, GpuAdamW};
 use super::schedule::{warmup_steps, LrSchedule, ScheduleKind};
 use super::tensorboard::EventWriter;
 use crate::data::collate::{Batch, BatchStream, BatchesDescriptor, StreamOptions};
@@ -470,9 +470,7 @@ pub fn train(
             .device()
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = gpu.device().push_error_scope(wgpu::ErrorFilter::Validation);
-        for p in &params {
-            gpu.fill_f32(&p.grad, 0.0)?;
-        }
+        zero_grads(gpu, &params);
         let mut loss = 0.0f64;
         for (b, &counted) in micro.iter().zip(&counts) {
             let scale = match cfg.loss_normalization {
