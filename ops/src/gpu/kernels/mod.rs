@@ -5,6 +5,7 @@ use anyhow::{ensure, Result};
 
 use super::{DType, GpuTensor};
 
+pub mod accumulate;
 pub mod activation;
 pub mod adamw;
 pub mod attention;
@@ -15,6 +16,7 @@ pub mod lora;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;
+pub mod patch;
 pub mod pool;
 pub mod reduce;
 pub mod rope;

@@ -4,3 +4,5 @@
 pub mod linear;
 
 pub use linear::{BaseWeight, GpuLinear, GpuLinearCache, GpuLoraPair, LoraRun};
+pub mod projector;
+pub mod siglip;

@@ -1,0 +1,489 @@
+//! The SigLIP vision tower on the GPU (transformers `SiglipVisionTransformer` without head), the
+//! twin of [`crate::model::reference::siglip`]: forward, and the backward LoRA on its linears
+//! needs (no gradient to the pixels or the frozen patch/position embeddings).
+//!
+//! `x = unfold(pixels)·W_patchᵀ + b_patch + position_embedding`; per pre-LN layer
+//! `h = x + out_proj(attn(layer_norm1(x)))`, `out = h + fc2(gelu_tanh(fc1(layer_norm2(h))))`;
+//! then `post_layernorm`. Attention is full (no mask), scale `head_dim^-0.5`. Every linear is a
+//! [`GpuLinear`] so LoRA pairs attach by module path.
+
+use anyhow::{bail, ensure, Result};
+
+use super::linear::{GpuLinear, GpuLinearCache, LoraRun};
+use crate::gpu::kernels::attention::{AttentionGrads, AttentionMaskGpu};
+use crate::gpu::{DType, Gpu, GpuTensor, MatmulOpts, Recorder};
+use crate::model::config::ModelConfig;
+use crate::model::names::VISION;
+use crate::model::reference::siglip::VisionDims;
+use crate::model::Weights;
+use crate::reference::attention::{AttentionDims, AttentionMask};
+use crate::reference::patch::PatchDims;
+
+/// One encoder layer's frozen weights.
+pub struct GpuEncoderLayer {
+    /// `[hidden]` each.
+    layer_norm1_weight: GpuTensor,
+    layer_norm1_bias: GpuTensor,
+    layer_norm2_weight: GpuTensor,
+    layer_norm2_bias: GpuTensor,
+    /// `[hidden, hidden]` with bias.
+    q_proj: GpuLinear,
+    k_proj: GpuLinear,
+    v_proj: GpuLinear,
+    out_proj: GpuLinear,
+    /// `[intermediate, hidden]` and `[hidden, intermediate]`, with biases.
+    fc1: GpuLinear,
+    fc2: GpuLinear,
+}
+
+/// Activations one encoder layer keeps for the backward (the linears' caches hold their inputs:
+/// layer_norm1's output, the attention output, layer_norm2's output and the gelu output).
+struct GpuEncoderLayerCache {
+    /// `[tokens, hidden]` the layer input.
+    x: GpuTensor,
+    /// `[tokens, 2]` layer_norm1's (mean, rstd).
+    ln1_stats: GpuTensor,
+    q_lin: GpuLinearCache,
+    k_lin: GpuLinearCache,
+    v_lin: GpuLinearCache,
+    /// `[images, patches, heads, head_dim]` each.
+    q: GpuTensor,
+    k: GpuTensor,
+    v: GpuTensor,
+    /// `[images, heads, patches]`.
+    lse: GpuTensor,
+    o_lin: GpuLinearCache,
+    /// `[tokens, hidden]` the attention residual's output.
+    h: GpuTensor,
+    ln2_stats: GpuTensor,
+    fc1_lin: GpuLinearCache,
+    /// `[tokens, intermediate]` fc1's output (the gelu input).
+    f1: GpuTensor,
+    fc2_lin: GpuLinearCache,
+}
+
+/// What [`GpuVisionTower::forward`] keeps; empty when the tower has no LoRA pair (nothing to train).
+pub struct GpuVisionCache {
+    images: usize,
+    /// The attention mask (full attention) for `images`, reused by the backward.
+    mask: Option<AttentionMaskGpu>,
+    layers: Vec<GpuEncoderLayerCache>,
+    /// `[tokens, hidden]` input of post_layernorm and its (mean, rstd).
+    last: Option<(GpuTensor, GpuTensor)>,
+}
+
+/// The whole tower on the GPU.
+pub struct GpuVisionTower {
+    dims: VisionDims,
+    /// Conv weight `[hidden, channels, patch, patch]` seen as `[hidden, channels * patch²]`; bias `[hidden]`.
+    patch_weight: GpuTensor,
+    patch_bias: GpuTensor,
+    /// `[num_patches, hidden]`.
+    position_embedding: GpuTensor,
+    layers: Vec<GpuEncoderLayer>,
+    /// `[hidden]` each.
+    post_layernorm_weight: GpuTensor,
+    post_layernorm_bias: GpuTensor,
+}
+
+fn upload_vector(gpu: &Gpu, weights: &Weights, name: &str, len: usize) -> Result<GpuTensor> {
+    let v = weights.to_f32(name)?;
+    ensure!(
+        v.len() == len,
+        "`{name}` has {} values, the config implies {len}",
+        v.len()
+    );
+    gpu.upload_f32(&[len], &v)
+}
+
+impl GpuVisionTower {
+    /// Uploads the tower (linears dense or NF4 as stored; norms and embeddings as f32).
+    pub fn from_weights(gpu: &Gpu, config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        let Some(vc) = config.vision() else {
+            bail!("a text-only model has no vision tower");
+        };
+        if vc.hidden_act != "gelu_pytorch_tanh" {
+            bail!(
+                "vision hidden_act `{}` is not supported (gelu_pytorch_tanh)",
+                vc.hidden_act
+            );
+        }
+        let dims = VisionDims {
+            hidden: vc.hidden_size,
+            intermediate: vc.intermediate_size,
+            heads: vc.num_attention_heads,
+            channels: vc.num_channels,
+            image_size: vc.image_size(),
+            patch_size: vc.patch_size(),
+            layer_norm_eps: vc.layer_norm_eps as f32,
+        };
+        ensure!(
+            dims.heads > 0 && dims.hidden.is_multiple_of(dims.heads),
+            "vision hidden_size {} is not a multiple of num_attention_heads {}",
+            dims.hidden,
+            dims.heads
+        );
+        let h = dims.hidden;
+        let vec =
+            |name: &str, len: usize| upload_vector(gpu, weights, &format!("{VISION}{name}"), len);
+        let patch_name = format!("{VISION}embeddings.patch_embedding.weight");
+        let patch = weights.to_f32(&patch_name)?;
+        ensure!(
+            patch.len() == h * dims.patch_dim(),
+            "`{patch_name}` has {} values, expected [{h}, {}, {2}, {2}]",
+            patch.len(),
+            dims.channels,
+            dims.patch_size
+        );
+        let mut layers = Vec::with_capacity(vc.num_hidden_layers);
+        for l in 0..vc.num_hidden_layers {
+            let p = format!("encoder.layers.{l}.");
+            let lin =
+                |m: &str| GpuLinear::from_weights(gpu, weights, &format!("{VISION}{p}{m}"), true);
+            layers.push(GpuEncoderLayer {
+                layer_norm1_weight: vec(&format!("{p}layer_norm1.weight"), h)?,
+                layer_norm1_bias: vec(&format!("{p}layer_norm1.bias"), h)?,
+                layer_norm2_weight: vec(&format!("{p}layer_norm2.weight"), h)?,
+                layer_norm2_bias: vec(&format!("{p}layer_norm2.bias"), h)?,
+                q_proj: lin("self_attn.q_proj")?,
+                k_proj: lin("self_attn.k_proj")?,
+                v_proj: lin("self_attn.v_proj")?,
+                out_proj: lin("self_attn.out_proj")?,
+                fc1: lin("mlp.fc1")?,
+                fc2: lin("mlp.fc2")?,
+            });
+        }
+        Ok(Self {
+            dims,
+            patch_weight: gpu.upload_f32(&[h, dims.patch_dim()], &patch)?,
+            patch_bias: vec("embeddings.patch_embedding.bias", h)?,
+            position_embedding: {
+                let name = format!("{VISION}embeddings.position_embedding.weight");
+                let v = weights.to_f32(&name)?;
+                ensure!(
+                    v.len() == dims.num_patches() * h,
+                    "`{name}` has {} values, expected [{}, {h}]",
+                    v.len(),
+                    dims.num_patches()
+                );
+                gpu.upload_f32(&[dims.num_patches(), h], &v)?
+            },
+            layers,
+            post_layernorm_weight: vec("post_layernorm.weight", h)?,
+            post_layernorm_bias: vec("post_layernorm.bias", h)?,
+        })
+    }
+
+    pub fn dims(&self) -> &VisionDims {
+        &self.dims
+    }
+
+    /// Every linear (q, k, v, out_proj, fc1, fc2 of every layer), so the model can attach LoRA
+    /// pairs by [`GpuLinear::module`].
+    pub fn linears_mut(&mut self) -> Vec<&mut GpuLinear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.q_proj,
+                    &mut l.k_proj,
+                    &mut l.v_proj,
+                    &mut l.out_proj,
+                    &mut l.fc1,
+                    &mut l.fc2,
+                ]
+            })
+            .collect()
+    }
+
+    /// Every linear, read-only (for reading LoRA pairs and their gradients back).
+    pub fn linears(&self) -> Vec<&GpuLinear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2])
+            .collect()
+    }
+
+    pub fn has_lora(&self) -> bool {
+        self.linears().iter().any(|l| l.lora.is_some())
+    }
+
+    /// Index of the lowest layer with a LoRA pair: the backward stops there.
+    fn lowest_lora_layer(&self) -> Option<usize> {
+        self.layers.iter().position(|l| {
+            [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2]
+                .iter()
+                .any(|x| x.lora.is_some())
+        })
+    }
+
+    fn attention_dims(&self, images: usize) -> AttentionDims {
+        AttentionDims {
+            batch: images,
+            seq: self.dims.num_patches(),
+            q_heads: self.dims.heads,
+            kv_heads: self.dims.heads,
+            head_dim: self.dims.head_dim(),
+        }
+    }
+
+    fn attention_scale(&self) -> f32 {
+        (self.dims.head_dim() as f64).powf(-0.5) as f32
+    }
+
+    /// `pixels [images, channels, size, size]` -> `[images * patches, hidden]` after post_layernorm.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        pixels: &GpuTensor,
+        run: &LoraRun,
+    ) -> Result<(GpuTensor, GpuVisionCache)> {
+        let d = &self.dims;
+        let size = d.image_size;
+        ensure!(
+            pixels.numel() > 0 && pixels.numel().is_multiple_of(d.channels * size * size),
+            "pixel_values {:?} is not [images, {}, {size}, {size}]",
+            pixels.shape(),
+            d.channels
+        );
+        let images = pixels.numel() / (d.channels * size * size);
+        let tokens = images * d.num_patches();
+        let train = self.has_lora();
+
+        // Patch embedding: the stride-patch conv as unfolded patches · Wᵀ + b, plus positions.
+        let unfold = PatchDims {
+            images,
+            channels: d.channels,
+            image_size: size,
+            patch_size: d.patch_size,
+        };
+        let patches = gpu.empty(&[tokens, d.patch_dim()], DType::F32)?;
+        gpu.patch_unfold(rec, pixels, &unfold, &patches)?;
+        let mut x = gpu.empty(&[tokens, d.hidden], DType::F32)?;
+        gpu.matmul(
+            rec,
+            &patches,
+            &self.patch_weight,
+            &x,
+            MatmulOpts {
+                trans_b: true,
+                bias: Some(&self.patch_bias),
+                ..Default::default()
+            },
+        )?;
+        gpu.accumulate(rec, &x, &self.position_embedding)?;
+
+        let adims = self.attention_dims(images);
+        let mask = gpu.attention_mask(&adims, &AttentionMask::default())?;
+        let scale = self.attention_scale();
+        let eps = d.layer_norm_eps;
+        let mut caches = Vec::new();
+        for layer in &self.layers {
+            let ln1 = gpu.empty(&[tokens, d.hidden], DType::F32)?;
+            let ln1_stats = gpu.empty(&[tokens, 2], DType::F32)?;
+            gpu.layernorm_forward(
+                rec,
+                &x,
+                &layer.layer_norm1_weight,
+                &layer.layer_norm1_bias,
+                &ln1,
+                &ln1_stats,
+                eps,
+            )?;
+            let (q, q_lin) = layer.q_proj.forward(gpu, rec, &ln1, run)?;
+            let (k, k_lin) = layer.k_proj.forward(gpu, rec, &ln1, run)?;
+            let (v, v_lin) = layer.v_proj.forward(gpu, rec, &ln1, run)?;
+            let attn = gpu.empty(&[tokens, d.hidden], DType::F32)?;
+            let lse = gpu.empty(&[adims.lse_len()], DType::F32)?;
+            gpu.attention_forward(rec, &q, &k, &v, &mask, scale, &attn, &lse)?;
+            // h = x + out_proj(attn), accumulated into out_proj's fresh output.
+            let (h, o_lin) = layer.out_proj.forward(gpu, rec, &attn, run)?;
+            gpu.accumulate(rec, &h, &x)?;
+            let ln2 = gpu.empty(&[tokens, d.hidden], DType::F32)?;
+            let ln2_stats = gpu.empty(&[tokens, 2], DType::F32)?;
+            gpu.layernorm_forward(
+                rec,
+                &h,
+                &layer.layer_norm2_weight,
+                &layer.layer_norm2_bias,
+                &ln2,
+                &ln2_stats,
+                eps,
+            )?;
+            let (f1, fc1_lin) = layer.fc1.forward(gpu, rec, &ln2, run)?;
+            let g = gpu.empty(&[tokens, d.intermediate], DType::F32)?;
+            gpu.gelu_forward(rec, &f1, &g)?;
+            let (out, fc2_lin) = layer.fc2.forward(gpu, rec, &g, run)?;
+            gpu.accumulate(rec, &out, &h)?;
+            if train {
+                caches.push(GpuEncoderLayerCache {
+                    x,
+                    ln1_stats,
+                    q_lin,
+                    k_lin,
+                    v_lin,
+                    q,
+                    k,
+                    v,
+                    lse,
+                    o_lin,
+                    h,
+                    ln2_stats,
+                    fc1_lin,
+                    f1,
+                    fc2_lin,
+                });
+            }
+            x = out;
+        }
+        let y = gpu.empty(&[tokens, d.hidden], DType::F32)?;
+        let stats = gpu.empty(&[tokens, 2], DType::F32)?;
+        gpu.layernorm_forward(
+            rec,
+            &x,
+            &self.post_layernorm_weight,
+            &self.post_layernorm_bias,
+            &y,
+            &stats,
+            eps,
+        )?;
+        let cache = GpuVisionCache {
+            images,
+            mask: train.then_some(mask),
+            layers: caches,
+            last: train.then_some((x, stats)),
+        };
+        Ok((y, cache))
+    }
+
+    /// `d_out [images * patches, hidden]` (the gradient of the post_layernorm output):
+    /// accumulates the LoRA grads of the tower, down to the lowest layer that has a pair. Does
+    /// nothing when the tower has no LoRA pair.
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        cache: &GpuVisionCache,
+        d_out: &GpuTensor,
+        run: &LoraRun,
+    ) -> Result<()> {
+        let Some(lowest) = self.lowest_lora_layer() else {
+            return Ok(());
+        };
+        let (Some(mask), Some((last, last_stats))) = (&cache.mask, &cache.last) else {
+            bail!("vision backward: the forward ran without LoRA pairs and kept no activations");
+        };
+        ensure!(
+            cache.layers.len() == self.layers.len(),
+            "vision backward: the cache holds {} layers, the tower has {}",
+            cache.layers.len(),
+            self.layers.len()
+        );
+        let d = &self.dims;
+        let tokens = cache.images * d.num_patches();
+        ensure!(
+            d_out.numel() == tokens * d.hidden,
+            "vision backward: d_out {:?} is not [{tokens}, {}]",
+            d_out.shape(),
+            d.hidden
+        );
+        let scale = self.attention_scale();
+        let empty = || gpu.empty(&[tokens, d.hidden], DType::F32);
+        let d_out = d_out.reshape(&[tokens, d.hidden])?;
+        let mut grad = empty()?;
+        gpu.layernorm_backward(
+            rec,
+            last,
+            &self.post_layernorm_weight,
+            &d_out,
+            last_stats,
+            Some(&grad),
+            None,
+            false,
+        )?;
+        for (i, (layer, c)) in self
+            .layers
+            .iter()
+            .zip(&cache.layers)
+            .enumerate()
+            .skip(lowest)
+            .rev()
+        {
+            // MLP branch: out = h + fc2(gelu(fc1(ln2(h)))).
+            let d_g = layer
+                .fc2
+                .backward(gpu, rec, &c.fc2_lin, &grad, run, true)?
+                .expect("asked for dx");
+            let d_f1 = gpu.empty(&[tokens, d.intermediate], DType::F32)?;
+            gpu.gelu_backward(rec, &c.f1, &d_g, &d_f1, false)?;
+            let d_ln2 = layer
+                .fc1
+                .backward(gpu, rec, &c.fc1_lin, &d_f1, run, true)?
+                .expect("asked for dx");
+            let d_h = empty()?;
+            gpu.layernorm_backward(
+                rec,
+                &c.h,
+                &layer.layer_norm2_weight,
+                &d_ln2,
+                &c.ln2_stats,
+                Some(&d_h),
+                None,
+                false,
+            )?;
+            gpu.accumulate(rec, &d_h, &grad)?;
+            // Attention branch: h = x + out_proj(attn(ln1(x))).
+            let d_attn = layer
+                .out_proj
+                .backward(gpu, rec, &c.o_lin, &d_h, run, true)?
+                .expect("asked for dx");
+            let (dq, dk, dv) = (empty()?, empty()?, empty()?);
+            gpu.attention_backward(
+                rec,
+                &AttentionGrads {
+                    q: &c.q,
+                    k: &c.k,
+                    v: &c.v,
+                    out: &c.o_lin.x,
+                    lse: &c.lse,
+                    d_out: &d_attn,
+                },
+                mask,
+                scale,
+                &dq,
+                &dk,
+                &dv,
+            )?;
+            // Below the lowest LoRA layer nothing trains: its q/k/v need no input gradient.
+            let need_dx = i > lowest;
+            let d_ln1 = layer
+                .q_proj
+                .backward(gpu, rec, &c.q_lin, &dq, run, need_dx)?;
+            let d_ln1_k = layer
+                .k_proj
+                .backward(gpu, rec, &c.k_lin, &dk, run, need_dx)?;
+            let d_ln1_v = layer
+                .v_proj
+                .backward(gpu, rec, &c.v_lin, &dv, run, need_dx)?;
+            if let (Some(d_ln1), Some(d_k), Some(d_v)) = (d_ln1, d_ln1_k, d_ln1_v) {
+                gpu.accumulate(rec, &d_ln1, &d_k)?;
+                gpu.accumulate(rec, &d_ln1, &d_v)?;
+                let d_x = empty()?;
+                gpu.layernorm_backward(
+                    rec,
+                    &c.x,
+                    &layer.layer_norm1_weight,
+                    &d_ln1,
+                    &c.ln1_stats,
+                    Some(&d_x),
+                    None,
+                    false,
+                )?;
+                gpu.accumulate(rec, &d_x, &d_h)?;
+                grad = d_x;
+            }
+        }
+        Ok(())
+    }
+}
