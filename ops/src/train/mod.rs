@@ -3,5 +3,5 @@
 
 pub mod adapter;
 pub mod metrics;
-pub mod tensorboard;
 pub mod model;
+pub mod tensorboard;
