@@ -4,3 +4,4 @@
 pub mod linear;
 
 pub use linear::{BaseWeight, GpuLinear, GpuLinearCache, GpuLoraPair, LoraRun};
+pub mod decoder;
