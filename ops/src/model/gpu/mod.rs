@@ -5,3 +5,4 @@ pub mod linear;
 
 pub use linear::{BaseWeight, GpuLinear, GpuLinearCache, GpuLoraPair, LoraRun};
 pub mod decoder;
+pub mod model;
