@@ -96,11 +96,9 @@ fn text_only(mut b: Batch) -> Batch {
 }
 
 fn to_gpu_batch(b: &Batch) -> GpuBatch {
-    let side = if b.images > 0 {
-        ((b.pixel_values.len() / b.images / 3) as f64).sqrt() as usize
-    } else {
-        0
-    };
+    let side = (b.pixel_values.len() / 3)
+        .checked_div(b.images)
+        .map_or(0, |per_image| (per_image as f64).sqrt() as usize);
     GpuBatch {
         batch_size: b.batch,
         seq_len: b.seq,

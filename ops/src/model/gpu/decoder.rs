@@ -409,6 +409,7 @@ impl GpuDecoderLayer {
     }
 
     /// `d_out [tokens, hidden]` -> `dx [tokens, hidden]`, accumulating this layer's LoRA grads.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         gpu: &Gpu,
