@@ -6,6 +6,7 @@
 pub mod artifact;
 pub mod collate;
 pub mod data;
+pub mod eval;
 pub mod format;
 pub mod gpu;
 pub mod hub;
@@ -174,6 +175,7 @@ impl Registry {
         registry.register(Arc::new(template::TemplateOp));
         registry.register(Arc::new(collate::CollateOp));
         registry.register(Arc::new(lora_train::LoraTrainOp::default()));
+        registry.register(Arc::new(eval::EvalOp));
         registry
     }
 

@@ -11,14 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::gpu::Gpu;
 use crate::model::config::ModelConfig;
+use crate::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
 use crate::model::reference::lora::Adapter;
-use crate::model::reference::Gemma3Reference;
 use crate::model::Weights;
 use crate::params::OpParams;
 use crate::train::lora_init::{load_adapter, new_adapter, LoraOptions, TargetSpec};
 use crate::train::model::TrainModel;
 use crate::train::optimizer::AdamWConfig;
-use crate::train::reference_model::ReferenceTrainModel;
 use crate::train::schedule::ScheduleKind;
 use crate::train::tensorboard::{default_run_dir, hostname};
 use crate::train::trainer::{
@@ -112,22 +111,25 @@ pub struct ModelOptions {
 pub type ModelBuilder =
     fn(&Gpu, &ModelConfig, &Weights, &Adapter, &ModelOptions) -> Result<Box<dyn TrainModel>>;
 
-/// THE place where the model the op trains is made. `Gemma3Gpu` (the GPU forward/backward,
-/// `Gemma3Gpu::from_weights(gpu, config, weights, Some(adapter), Gemma3GpuOptions { .. })`)
-/// belongs here; until it is wired, the forward/backward runs on the CPU reference behind GPU
-/// parameter buffers ([`ReferenceTrainModel`]): exact, but only fast enough for tiny models.
+/// The model the op trains: [`Gemma3Gpu`], the forward and backward on the GPU kernels, with the
+/// adapter's LoRA pairs and modules_to_save copies attached. (Tests swap in other builders through
+/// [`LoraTrainOp::build`], e.g. the CPU reference behind GPU parameter buffers.)
 pub fn build_model(
     gpu: &Gpu,
     config: &ModelConfig,
     weights: &Weights,
     adapter: &Adapter,
-    _opts: &ModelOptions,
+    opts: &ModelOptions,
 ) -> Result<Box<dyn TrainModel>> {
-    let reference = Gemma3Reference::from_weights(config, weights)?;
-    Ok(Box::new(ReferenceTrainModel::new(
+    Ok(Box::new(Gemma3Gpu::from_weights(
         gpu,
-        reference,
-        adapter.clone(),
+        config,
+        weights,
+        Some(adapter),
+        Gemma3GpuOptions {
+            gradient_checkpointing: opts.gradient_checkpointing,
+            lora: Some(adapter.settings),
+        },
     )?))
 }
 

@@ -356,6 +356,52 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// transformers' eager attention on a query row that may see no key (e.g. a right-padding
+    /// token further than the sliding window from the last real token) averages `v` over the
+    /// whole sequence, where [`Gpu::attention_forward`] leaves 0 and lse = +inf: this writes the
+    /// eager value into exactly those rows of `out` (reference:
+    /// [`crate::model::reference::gemma3::eager_fully_masked_rows`]). The rows pass no gradient
+    /// either way. `v [batch, seq, kv_heads, head_dim]`, `lse`/`out` as the forward wrote them.
+    pub fn attention_eager_masked_rows(
+        &self,
+        rec: &mut Recorder,
+        v: &GpuTensor,
+        lse: &GpuTensor,
+        mask: &AttentionMaskGpu,
+        out: &GpuTensor,
+    ) -> Result<()> {
+        let d = mask.dims;
+        let params = Params {
+            batch: d.batch as u32,
+            seq: d.seq as u32,
+            q_heads: d.q_heads as u32,
+            kv_heads: d.kv_heads as u32,
+            head_dim: d.head_dim as u32,
+            causal: 0,
+            window: 0,
+            scale: 0.0,
+            q_blocks: 0,
+            k_blocks: 0,
+            q_ranges_off: 0,
+            k_ranges_off: 0,
+        };
+        let views = [
+            check_tensor("v", v, d.kv_len())?,
+            check_tensor("lse", lse, d.lse_len())?,
+            check_tensor("out", out, d.q_len())?,
+        ];
+        let kernel = self.kernel(&module("masked_rows"), "attention_masked_rows", &[]);
+        rec.dispatch(
+            &kernel,
+            bytemuck::bytes_of(&params),
+            &views,
+            groups_1d(self, d.q_len().div_ceil(64) as u32),
+        );
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,5 +679,57 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Right padding longer than the sliding window leaves padded queries with no visible key:
+    /// after the fix-up those rows hold the mean of V as transformers' eager attention gives.
+    #[test]
+    fn eager_masked_rows_match_the_reference() {
+        use crate::model::reference::gemma3::eager_fully_masked_rows;
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let dims = AttentionDims {
+            batch: 2,
+            seq: 19,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 12,
+        };
+        let mut pad = vec![1u32; dims.batch * dims.seq];
+        for t in 9 + rng.below(3)..dims.seq {
+            pad[dims.seq + t] = 0;
+        }
+        let mask = AttentionMask {
+            causal: true,
+            sliding_window: Some(4),
+            image_groups: None,
+            key_padding: Some(&pad),
+        };
+        let (q, k, v) = (
+            rng.vec_normal(dims.q_len()),
+            rng.vec_normal(dims.kv_len()),
+            rng.vec_normal(dims.kv_len()),
+        );
+        let (mut want, lse) = attention_forward(&q, &k, &v, &dims, &mask, 0.3).unwrap();
+        assert!(
+            lse.iter().any(|l| l.is_infinite()),
+            "some row is fully masked"
+        );
+        eager_fully_masked_rows(&mut want, &v, &lse, &dims);
+        let m = gpu.attention_mask(&dims, &mask).unwrap();
+        let up = |x: &[f32]| gpu.upload_f32(&[x.len()], x).unwrap();
+        let (qg, kg, vg) = (up(&q), up(&k), up(&v));
+        let out = gpu.empty(&[dims.q_len()], DType::F32).unwrap();
+        let lse_g = gpu.empty(&[dims.lse_len()], DType::F32).unwrap();
+        gpu.poison(&out);
+        let mut rec = Recorder::new(gpu);
+        gpu.attention_forward(&mut rec, &qg, &kg, &vg, &m, 0.3, &out, &lse_g)
+            .unwrap();
+        gpu.attention_eager_masked_rows(&mut rec, &vg, &lse_g, &m, &out)
+            .unwrap();
+        rec.submit_and_wait().unwrap();
+        let e = rel_frobenius(&gpu.read_f32(&out).unwrap(), &want);
+        assert!(e < 1e-5, "rel err {e} (seed {seed})");
     }
 }

@@ -4,5 +4,7 @@
 pub mod linear;
 
 pub use linear::{BaseWeight, GpuLinear, GpuLinearCache, GpuLoraPair, LoraRun};
+pub mod decoder;
+pub mod model;
 pub mod projector;
 pub mod siglip;

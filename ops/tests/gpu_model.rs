@@ -1,0 +1,402 @@
+//! The GPU model (`ops::model::gpu::model::Gemma3Gpu`) against the CPU reference
+//! (`ops::model::reference`, itself checked against the transformers/PEFT golden files in
+//! reference_model.rs) and against the golden files directly, on the tiny fixture model.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ops::data::collate::Batch as GpuBatch;
+use ops::gpu::testing::test_gpu;
+use ops::gpu::{Gpu, Recorder};
+use ops::model::config::ModelConfig;
+use ops::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
+use ops::model::reference::lora::{Adapter, AdapterGrads, LoraCall};
+use ops::model::reference::loss::{count_label_tokens, LossNormalization};
+use ops::model::reference::{Batch, Gemma3Reference};
+use ops::model::safetensors_io::{Dtype, SafetensorsSet};
+use ops::model::Weights;
+use ops::train::model::TrainModel;
+
+type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn golden(rel: &str) -> PathBuf {
+    fixtures().join("golden").join(rel)
+}
+
+fn tiny() -> PathBuf {
+    let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");
+    let commit = std::fs::read_to_string(hub.join("refs/main")).unwrap();
+    hub.join("snapshots").join(commit.trim())
+}
+
+fn load(dir: &Path) -> (ModelConfig, Weights) {
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(dir, &config).unwrap();
+    (config, weights)
+}
+
+fn tensors(path: &Path) -> Tensors {
+    let set = SafetensorsSet::open_file(path).unwrap();
+    set.tensors()
+        .map(|t| {
+            (
+                t.key.clone(),
+                (t.dtype, t.shape.clone(), set.bytes(t).to_vec()),
+            )
+        })
+        .collect()
+}
+
+fn f32s(t: &Tensors, key: &str) -> Vec<f32> {
+    let (dtype, _, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
+    ops::model::safetensors_io::to_f32(*dtype, bytes).unwrap()
+}
+
+fn i64s(t: &Tensors, key: &str) -> (Vec<usize>, Vec<i64>) {
+    let (dtype, shape, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
+    assert_eq!(*dtype, Dtype::I64, "{key}");
+    let v = bytes
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (shape.clone(), v)
+}
+
+/// A golden collated batch (reference layout).
+fn golden_batch(name: &str) -> Batch {
+    let t = tensors(&golden(&format!("collate_{name}.safetensors")));
+    let (shape, input_ids) = i64s(&t, "input_ids");
+    Batch {
+        batch: shape[0],
+        seq: shape[1],
+        input_ids,
+        attention_mask: i64s(&t, "attention_mask").1,
+        token_type_ids: i64s(&t, "token_type_ids").1,
+        labels: Some(i64s(&t, "labels").1),
+        pixel_values: f32s(&t, "pixel_values"),
+        images: t["pixel_values"].1[0],
+    }
+}
+
+/// The golden batch without its images: image soft tokens become "\n" (265) text tokens.
+fn text_only(mut b: Batch) -> Batch {
+    for id in b.input_ids.iter_mut() {
+        if *id == 572 {
+            *id = 265;
+        }
+    }
+    b.token_type_ids.iter_mut().for_each(|t| *t = 0);
+    b.pixel_values.clear();
+    b.images = 0;
+    b
+}
+
+fn to_gpu_batch(b: &Batch) -> GpuBatch {
+    let side = (b.pixel_values.len() / 3)
+        .checked_div(b.images)
+        .map_or(0, |per_image| (per_image as f64).sqrt() as usize);
+    GpuBatch {
+        batch_size: b.batch,
+        seq_len: b.seq,
+        input_ids: b.input_ids.clone(),
+        attention_mask: b.attention_mask.clone(),
+        token_type_ids: b.token_type_ids.clone(),
+        labels: b.labels.clone().unwrap(),
+        pixel_values: b.pixel_values.clone(),
+        num_images: b.images,
+        image_height: side,
+        image_width: side,
+        images_per_sample: Vec::new(),
+        rows: (0..b.batch).collect(),
+        epoch: 0,
+        index_in_epoch: 0,
+    }
+}
+
+fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn rel(got: f64, want: f64) -> f64 {
+    (got - want).abs() / want.abs()
+}
+
+/// The golden initial adapter without its vision-tower pairs (text-only GPU model).
+fn text_adapter() -> Adapter {
+    let mut a = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    a.pairs.retain(|m, _| m.contains("language_model"));
+    assert_eq!(a.pairs.len(), 28);
+    a
+}
+
+/// One micro-batch's loss and every trainable gradient from the GPU model.
+fn gpu_step(
+    gpu: &Gpu,
+    model: &mut Gemma3Gpu,
+    b: &Batch,
+    num_items: usize,
+    call: u64,
+) -> (f64, BTreeMap<String, Vec<f32>>) {
+    for p in model.parameters() {
+        gpu.fill_f32(&p.grad, 0.0).unwrap();
+    }
+    let mut rec = Recorder::new(gpu);
+    let totals = model
+        .accumulate(
+            gpu,
+            &mut rec,
+            &to_gpu_batch(b),
+            1.0 / num_items as f32,
+            call,
+        )
+        .unwrap();
+    rec.submit_and_wait().unwrap();
+    let stats = gpu.read_cross_entropy_totals(&totals).unwrap();
+    assert_eq!(stats.counted as usize, num_items);
+    let grads = model
+        .parameters()
+        .into_iter()
+        .map(|p| (p.key, gpu.read_f32(&p.grad).unwrap()))
+        .collect();
+    (stats.loss_sum / num_items as f64, grads)
+}
+
+#[test]
+fn text_only_logits_loss_and_gradients_match_reference() {
+    let gpu = test_gpu();
+    let (config, weights) = load(&tiny());
+    let reference = Gemma3Reference::from_weights(&config, &weights).unwrap();
+    let b = text_only(golden_batch("llava"));
+
+    // Base model logits (no adapter).
+    let t0 = std::time::Instant::now();
+    let base = Gemma3Gpu::from_weights(gpu, &config, &weights, None, Default::default()).unwrap();
+    let got = base.logits(gpu, &to_gpu_batch(&b)).unwrap();
+    let call = LoraCall {
+        adapter: None,
+        training: false,
+        call: 0,
+    };
+    let (want, _) = reference.forward(&b, &call).unwrap();
+    let e_logits = rel_frobenius(&got, &want.logits);
+    eprintln!("text-only base logits: {e_logits:.2e} ({:?})", t0.elapsed());
+    assert!(e_logits <= 1e-4, "logits {e_logits}");
+
+    // LoRA on the 28 text linears + lm_head/embed_tokens copies, with dropout to check the masks.
+    for dropout in [0.0f32, 0.15] {
+        let mut adapter = text_adapter();
+        adapter.settings.dropout = dropout;
+        adapter.settings.dropout_seed = 11;
+        let t0 = std::time::Instant::now();
+        let mut model = Gemma3Gpu::from_weights(
+            gpu,
+            &config,
+            &weights,
+            Some(&adapter),
+            Gemma3GpuOptions {
+                gradient_checkpointing: false,
+                lora: Some(adapter.settings),
+            },
+        )
+        .unwrap();
+        let labels = Gemma3Reference::shifted_labels(&b, true).unwrap();
+        let num_items = count_label_tokens(&labels);
+        let (loss, grads) = gpu_step(gpu, &mut model, &b, num_items, 3);
+        let gpu_time = t0.elapsed();
+        let call = LoraCall {
+            adapter: Some(&adapter),
+            training: true,
+            call: 3,
+        };
+        let mut want = AdapterGrads::zeros_like(&adapter);
+        let out = reference
+            .forward_backward(
+                &b,
+                &call,
+                LossNormalization::TokenMean { num_items },
+                &mut want,
+            )
+            .unwrap();
+        let e_loss = rel(loss, out.loss);
+        let want = want.by_peft_key();
+        assert_eq!(grads.len(), want.len(), "one gradient per adapter tensor");
+        let mut worst = (0.0f64, String::new());
+        for (key, w) in &want {
+            let e = rel_frobenius(&grads[key], w);
+            if e > worst.0 {
+                worst = (e, key.clone());
+            }
+        }
+        eprintln!(
+            "text-only dropout {dropout}: loss {loss} ({e_loss:.2e}), worst gradient {:.2e} at {} (GPU {gpu_time:?})",
+            worst.0, worst.1
+        );
+        assert!(e_loss <= 1e-5, "loss {e_loss}");
+        assert!(worst.0 <= 1e-3, "{} off by {}", worst.1, worst.0);
+    }
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let gpu = test_gpu();
+    let (config, weights) = load(&tiny());
+    let b = text_only(golden_batch("mmiu"));
+    let mut adapter = text_adapter();
+    adapter.settings.dropout = 0.1;
+    let labels = Gemma3Reference::shifted_labels(&b, true).unwrap();
+    let num_items = count_label_tokens(&labels);
+    let mut runs = Vec::new();
+    for checkpointing in [false, true] {
+        let mut model = Gemma3Gpu::from_weights(
+            gpu,
+            &config,
+            &weights,
+            Some(&adapter),
+            Gemma3GpuOptions {
+                gradient_checkpointing: checkpointing,
+                lora: Some(adapter.settings),
+            },
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        let (loss, grads) = gpu_step(gpu, &mut model, &b, num_items, 1);
+        let bytes = model.last_activation_bytes;
+        eprintln!(
+            "checkpointing {checkpointing}: loss {loss}, kept activations {} of {} bytes, {:?}",
+            bytes.kept,
+            bytes.full,
+            t0.elapsed()
+        );
+        runs.push((loss, grads, bytes));
+    }
+    let (l0, g0, b0) = &runs[0];
+    let (l1, g1, b1) = &runs[1];
+    assert_eq!(b0.full, b1.full);
+    assert_eq!(b0.kept, b0.full);
+    assert!(
+        b1.kept * 5 < b1.full,
+        "checkpointing keeps {} of {}",
+        b1.kept,
+        b1.full
+    );
+    assert!(rel(*l1, *l0) <= 1e-6, "loss {l0} vs {l1}");
+    for (key, g) in g0 {
+        let e = rel_frobenius(&g1[key], g);
+        assert!(e <= 1e-6, "{key}: {e}");
+    }
+}
+
+/// NF4 base (transformers' own 4-bit save of the fixture, every Linear but lm_head) against the
+/// reference on the same weights dequantized as bitsandbytes does.
+#[test]
+fn nf4_base_text_only_matches_reference_on_dequantized_weights() {
+    let gpu = test_gpu();
+    let (config, weights) = load(&golden("nf4/transformers-4bit-u8-f32"));
+    assert!(weights.is_nf4("model.language_model.layers.0.self_attn.q_proj.weight"));
+    let reference = Gemma3Reference::from_weights(&config, &weights).unwrap();
+    let b = text_only(golden_batch("mmiu"));
+    let adapter = text_adapter();
+    let mut model = Gemma3Gpu::from_weights(
+        gpu,
+        &config,
+        &weights,
+        Some(&adapter),
+        Gemma3GpuOptions::default(),
+    )
+    .unwrap();
+    let labels = Gemma3Reference::shifted_labels(&b, true).unwrap();
+    let num_items = count_label_tokens(&labels);
+    let (loss, grads) = gpu_step(gpu, &mut model, &b, num_items, 0);
+    let call = LoraCall {
+        adapter: Some(&adapter),
+        training: true,
+        call: 0,
+    };
+    let mut want = AdapterGrads::zeros_like(&adapter);
+    let out = reference
+        .forward_backward(
+            &b,
+            &call,
+            LossNormalization::TokenMean { num_items },
+            &mut want,
+        )
+        .unwrap();
+    let e_loss = rel(loss, out.loss);
+    let worst = want
+        .by_peft_key()
+        .iter()
+        .map(|(k, w)| (rel_frobenius(&grads[k], w), k.clone()))
+        .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a });
+    eprintln!(
+        "NF4 text-only: loss {loss} vs {} ({e_loss:.2e}), worst gradient {:.2e} at {}",
+        out.loss, worst.0, worst.1
+    );
+    assert!(e_loss <= 1e-4, "loss {e_loss}");
+    assert!(worst.0 <= 1e-3, "{} off by {}", worst.1, worst.0);
+}
+
+/// The whole multimodal model (SigLIP → projector → merged image features → decoder) against
+/// transformers and PEFT themselves: base logits of the mmiu batch (two images in one example,
+/// padding, a sliding window shorter than the sequence) ≤ 1e-4, and with the golden initial
+/// adapter (LoRA on all 40 linears, vision included, plus the lm_head / embed_tokens copies)
+/// the step-0 loss ≤ 1e-4 and every one of the 82 gradients ≤ 1e-3, for both guide batches.
+#[test]
+fn image_batches_match_transformers_and_peft_golden() {
+    let gpu = test_gpu();
+    let (config, weights) = load(&tiny());
+    let b = golden_batch("mmiu");
+    assert!(b.images >= 2);
+    let base = Gemma3Gpu::from_weights(gpu, &config, &weights, None, Default::default()).unwrap();
+    let got = base.logits(gpu, &to_gpu_batch(&b)).unwrap();
+    let want = tensors(&golden("forward_mmiu.safetensors"));
+    let e_logits = rel_frobenius(&got, &f32s(&want, "logits"));
+    eprintln!("mmiu base logits vs transformers: {e_logits:.2e}");
+    assert!(e_logits <= 1e-4, "logits {e_logits}");
+
+    let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    assert_eq!(adapter.pairs.len(), 40);
+    for name in ["mmiu", "llava"] {
+        let b = golden_batch(name);
+        let mut model = Gemma3Gpu::from_weights(
+            gpu,
+            &config,
+            &weights,
+            Some(&adapter),
+            Gemma3GpuOptions {
+                gradient_checkpointing: name == "llava",
+                lora: Some(adapter.settings),
+            },
+        )
+        .unwrap();
+        let labels = Gemma3Reference::shifted_labels(&b, true).unwrap();
+        let num_items = count_label_tokens(&labels);
+        let (loss, grads) = gpu_step(gpu, &mut model, &b, num_items, 0);
+        let want = tensors(&golden(&format!("lora/grads_step0_{name}.safetensors")));
+        let e_loss = rel(loss, f32s(&want, "loss")[0] as f64);
+        assert_eq!(grads.len(), 82, "one gradient per adapter tensor");
+        let mut worst = (0.0f64, String::new());
+        for (key, g) in &grads {
+            let e = rel_frobenius(g, &f32s(&want, key));
+            if e > worst.0 {
+                worst = (e, key.clone());
+            }
+        }
+        eprintln!(
+            "{name}: loss {loss} ({e_loss:.2e} vs PEFT), worst gradient {:.2e} at {}",
+            worst.0, worst.1
+        );
+        assert!(e_loss <= 1e-4, "{name} loss {e_loss}");
+        assert!(worst.0 <= 1e-3, "{name}: {} off by {}", worst.1, worst.0);
+    }
+}
