@@ -10,8 +10,11 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::Gpu;
-use crate::model::config::ModelConfig;
+use crate::model::config::{FloatDtype, ModelConfig};
 use crate::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
+use crate::model::memory::{
+    ActivationPlan, BaseFormat, DeviceLimits, LoraPlan, MemoryPlan, PlanOptions,
+};
 use crate::model::reference::lora::Adapter;
 use crate::model::Weights;
 use crate::params::OpParams;
@@ -98,6 +101,8 @@ op_params! {
         resume_from_checkpoint: BoolOrPath = BoolOrPath::Bool(false),
         /// Where checkpoint-<step> folders go; default: `<output_dir>-checkpoints` beside the recipe's output_dir.
         checkpoint_dir: Option<String> = None,
+        /// Device memory the run may use, in GiB (wgpu cannot query it): the op prints its memory plan and refuses to start when the plan exceeds this. Unset: only the adapter's buffer limits are checked.
+        device_memory_gib: Option<f64> = None,
     }
 }
 
@@ -131,6 +136,66 @@ pub fn build_model(
             lora: Some(adapter.settings),
         },
     )?))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// What the GPU model will hold: NF4 linears as stored (absmax widened to f32) or dense ones in
+/// f32, every other tensor in f32 (the kernels compute in f32), the LoRA pairs and
+/// modules_to_save copies with gradients and AdamW moments in f32, and the activations of one
+/// micro-batch (sequence length: `max_length` when collate truncates, else the mean example
+/// length — an estimate; one image per example).
+fn memory_plan(
+    config: &ModelConfig,
+    weights: &Weights,
+    adapter: &Adapter,
+    data: &StreamSource,
+    p: &LoraTrainParams,
+) -> Result<MemoryPlan> {
+    let nf4 = crate::model::names::expected_tensors(config)
+        .iter()
+        .any(|e| weights.is_nf4(&e.name));
+    let d = &data.descriptor;
+    let seq_len = d.options.max_length.unwrap_or_else(|| {
+        (d.total_tokens as usize)
+            .div_ceil(d.num_examples.max(1))
+            .max(1)
+    });
+    let mut modules_to_save = Vec::new();
+    if adapter.lm_head.is_some() {
+        modules_to_save.push("lm_head".to_string());
+    }
+    if adapter.embed_tokens.is_some() {
+        modules_to_save.push("embed_tokens".to_string());
+    }
+    MemoryPlan::build(
+        config,
+        &PlanOptions {
+            base: if nf4 {
+                BaseFormat::Nf4 {
+                    double_quant: false,
+                }
+            } else {
+                BaseFormat::Dense(FloatDtype::F32)
+            },
+            base_dtype: FloatDtype::F32,
+            lora: Some(LoraPlan {
+                r: adapter.pairs.values().map(|p| p.rank).max().unwrap_or(p.r),
+                modules_to_save,
+                modules_to_save_dtype: FloatDtype::F32,
+            }),
+            activations: Some(ActivationPlan {
+                batch: d.batch_size,
+                seq_len,
+                images_per_sample: 1,
+                gradient_checkpointing: p.gradient_checkpointing,
+                activation_dtype: FloatDtype::F32,
+                loss_chunk_tokens: 1024,
+            }),
+        },
+    )
 }
 
 pub struct LoraTrainOp {
@@ -415,6 +480,27 @@ impl Op for LoraTrainOp {
 
         let data = StreamSource::open_dir(&ctx.input("batches")?.dir)?;
         let gpu = Gpu::get()?;
+        let memory = memory_plan(&config, &weights, &adapter, &data, &p)?;
+        ctx.progress.println(format!(
+            "op `{}`: device memory plan: {:.1} MiB (weights {:.1}, trainable {:.1}, activations {:.1})",
+            ctx.name,
+            mib(memory.total()),
+            mib(memory.part_total("weights")),
+            mib(memory.part_total("trainable")),
+            mib(memory.part_total("activations")),
+        ));
+        let limits = gpu.limits();
+        memory
+            .check(&DeviceLimits {
+                max_buffer_size: limits.max_buffer_size,
+                max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+                memory_budget: p
+                    .device_memory_gib
+                    .map(|g| (g * (1u64 << 30) as f64) as u64),
+            })
+            .with_context(|| {
+                format!("op `{}`: the model does not fit the GPU adapter", ctx.name)
+            })?;
         let mut model = (self.build)(
             gpu,
             &config,

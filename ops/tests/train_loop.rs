@@ -38,10 +38,14 @@ fn golden(rel: &str) -> PathBuf {
     fixtures().join("golden").join(rel)
 }
 
-fn tiny_model() -> Gemma3Reference {
+fn tiny() -> PathBuf {
     let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");
     let commit = std::fs::read_to_string(hub.join("refs/main")).unwrap();
-    let dir = hub.join("snapshots").join(commit.trim());
+    hub.join("snapshots").join(commit.trim())
+}
+
+fn tiny_model() -> Gemma3Reference {
+    let dir = tiny();
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let weights = Weights::open(&dir, &config).unwrap();
     Gemma3Reference::from_weights(&config, &weights).unwrap()
@@ -186,13 +190,41 @@ fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
 #[test]
 fn three_steps_match_sft_trainer() {
     let gpu = test_gpu();
-    let (config, init) = init_adapter();
+    let (_, init) = init_adapter();
     let mut model = ReferenceTrainModel::new(gpu, tiny_model(), init).unwrap();
+    three_steps_match_sft_trainer_with(&mut model);
+}
+
+/// The same golden run with the model on the GPU kernels (what `lora-train` trains).
+#[test]
+fn three_steps_on_the_gpu_model_match_sft_trainer() {
+    let gpu = test_gpu();
+    let (_, init) = init_adapter();
+    let dir = tiny();
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(&dir, &config).unwrap();
+    let mut model = ops::model::gpu::model::Gemma3Gpu::from_weights(
+        gpu,
+        &config,
+        &weights,
+        Some(&init),
+        ops::model::gpu::model::Gemma3GpuOptions {
+            gradient_checkpointing: true,
+            lora: Some(init.settings),
+        },
+    )
+    .unwrap();
+    three_steps_match_sft_trainer_with(&mut model);
+}
+
+fn three_steps_match_sft_trainer_with(model: &mut dyn ops::train::model::TrainModel) {
+    let gpu = test_gpu();
+    let (config, _) = init_adapter();
     let root = tempfile::tempdir().unwrap();
     let out = outputs(root.path(), "run");
     let summary = train(
         gpu,
-        &mut model,
+        model,
         &golden_batches(),
         &golden_config(),
         &config,

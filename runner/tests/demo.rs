@@ -55,14 +55,18 @@ fn demo_recipe_runs_offline_then_reuses_every_output() {
     let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     assert!(losses.len() >= 3, "{losses:?}");
     assert!(
         losses.last().unwrap() < &(0.8 * losses[0]),
         "the demo's loss does not fall: {losses:?}"
     );
-    assert!(out.join("adapter_model.safetensors").exists());
+    assert_matches_peft_compat_golden(&out);
 
     let (code, stdout, stderr) = run_demo(work.path());
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -70,4 +74,42 @@ fn demo_recipe_runs_offline_then_reuses_every_output() {
         stdout.lines().last().unwrap(),
         format!("ran 0, reused {}, failed 0", ops_in_recipe - 1)
     );
+}
+
+/// The saved folder has exactly the layout PEFT loaded without a warning of its own and with
+/// logits within 3e-7 of ours (tests/fixtures/golden/peft_compat.json, made by
+/// tools/peft_compat/check.py from a demo run): tensor keys, shapes and dtypes, config keys.
+fn assert_matches_peft_compat_golden(out: &std::path::Path) {
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo_root().join("tests/fixtures/golden/peft_compat.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(golden["load_warnings"], serde_json::json!([]));
+    let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let got: serde_json::Map<String, serde_json::Value> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let dtype = format!("{:?}", v.dtype());
+            (k, serde_json::json!({"shape": v.shape(), "dtype": dtype}))
+        })
+        .collect();
+    assert_eq!(
+        serde_json::Value::Object(got),
+        golden["adapter_tensors"],
+        "adapter tensors differ from the layout PEFT loaded"
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    let mut keys: Vec<&String> = config.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        serde_json::json!(keys),
+        golden["adapter_config_keys"],
+        "adapter_config.json keys differ"
+    );
+    for (k, v) in golden["adapter_config"].as_object().unwrap() {
+        assert_eq!(&config[k], v, "adapter_config.json `{k}`");
+    }
 }
