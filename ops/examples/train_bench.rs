@@ -167,9 +167,10 @@ fn measure(
     let items = b.labels.iter().filter(|&&l| l != -100).count();
     let mut times = Vec::new();
     let mut kernels = None;
-    for step in 0..=steps {
-        // The last step of the run without checkpointing is timed per kernel (one recorder).
-        let timed = !checkpointing && step == steps;
+    // Step 0 warms up (pipelines, pool); without checkpointing one more step is timed per kernel.
+    let last = if checkpointing { steps } else { steps + 1 };
+    for step in 0..=last {
+        let timed = !checkpointing && step == last;
         let t0 = Instant::now();
         zero_grads(gpu, &params);
         let mut rec = if timed {

@@ -56,8 +56,7 @@ for checkpointing in (False, True):
     )
     model = get_peft_model(model, peft_config)
     if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model.enable_input_require_grads()
     model.train()
