@@ -29,10 +29,9 @@ const CONFIG: &str = include_str!("../../recipes/configs/bench-small-gemma-3.con
 /// Gemma RMSNorm weights 0 (they scale by 1 + w), SigLIP LayerNorm weights 1.
 fn write_random_model(config_json: &str, dir: &std::path::Path, seed: u64) -> anyhow::Result<()> {
     use ops::model::names::expected_tensors;
-    use rand::{RngExt, SeedableRng};
     let config = ModelConfig::from_json(config_json)?;
     std::fs::write(dir.join("config.json"), config_json)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = ops::gpu::testing::TestRng::new(seed);
     let mut tensors = Vec::new();
     for e in expected_tensors(&config)
         .into_iter()
@@ -46,13 +45,7 @@ fn write_random_model(config_json: &str, dir: &std::path::Path, seed: u64) -> an
         } else if e.name.ends_with("norm.weight") {
             vec![0.0; n]
         } else {
-            // Box-Muller: N(0, 0.02).
-            (0..n)
-                .map(|_| {
-                    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
-                    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * 0.02) as f32
-                })
-                .collect()
+            (0..n).map(|_| rng.normal() * 0.02).collect()
         };
         tensors.push((e.name, e.shape, values));
     }
