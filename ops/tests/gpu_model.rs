@@ -3,84 +3,18 @@
 //! reference_model.rs) and against the golden files directly, on the tiny fixture model.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use ops::data::collate::Batch as GpuBatch;
 use ops::gpu::testing::test_gpu;
 use ops::gpu::{Gpu, Recorder};
-use ops::model::config::ModelConfig;
 use ops::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
 use ops::model::reference::lora::{Adapter, AdapterGrads, LoraCall};
 use ops::model::reference::loss::{count_label_tokens, LossNormalization};
 use ops::model::reference::{Batch, Gemma3Reference};
-use ops::model::safetensors_io::{Dtype, SafetensorsSet};
-use ops::model::Weights;
 use ops::train::model::TrainModel;
 
-type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn golden(rel: &str) -> PathBuf {
-    fixtures().join("golden").join(rel)
-}
-
-fn tiny() -> PathBuf {
-    let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");
-    let commit = std::fs::read_to_string(hub.join("refs/main")).unwrap();
-    hub.join("snapshots").join(commit.trim())
-}
-
-fn load(dir: &Path) -> (ModelConfig, Weights) {
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = Weights::open(dir, &config).unwrap();
-    (config, weights)
-}
-
-fn tensors(path: &Path) -> Tensors {
-    let set = SafetensorsSet::open_file(path).unwrap();
-    set.tensors()
-        .map(|t| {
-            (
-                t.key.clone(),
-                (t.dtype, t.shape.clone(), set.bytes(t).to_vec()),
-            )
-        })
-        .collect()
-}
-
-fn f32s(t: &Tensors, key: &str) -> Vec<f32> {
-    let (dtype, _, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
-    ops::model::safetensors_io::to_f32(*dtype, bytes).unwrap()
-}
-
-fn i64s(t: &Tensors, key: &str) -> (Vec<usize>, Vec<i64>) {
-    let (dtype, shape, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
-    assert_eq!(*dtype, Dtype::I64, "{key}");
-    let v = bytes
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (shape.clone(), v)
-}
-
-/// A golden collated batch (reference layout).
-fn golden_batch(name: &str) -> Batch {
-    let t = tensors(&golden(&format!("collate_{name}.safetensors")));
-    let (shape, input_ids) = i64s(&t, "input_ids");
-    Batch {
-        batch: shape[0],
-        seq: shape[1],
-        input_ids,
-        attention_mask: i64s(&t, "attention_mask").1,
-        token_type_ids: i64s(&t, "token_type_ids").1,
-        labels: Some(i64s(&t, "labels").1),
-        pixel_values: f32s(&t, "pixel_values"),
-        images: t["pixel_values"].1[0],
-    }
-}
+mod common;
+use common::*;
 
 /// The golden batch without its images: image soft tokens become "\n" (265) text tokens.
 fn text_only(mut b: Batch) -> Batch {
@@ -115,21 +49,6 @@ fn to_gpu_batch(b: &Batch) -> GpuBatch {
         epoch: 0,
         index_in_epoch: 0,
     }
-}
-
-fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
-}
-
-fn rel(got: f64, want: f64) -> f64 {
-    (got - want).abs() / want.abs()
 }
 
 /// The golden initial adapter without its vision-tower pairs (text-only GPU model).

@@ -4,9 +4,8 @@
 //! LoRA grads ≤ 1e-3, the projector's d_vision_out ≤ 1e-4.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
-use ops::gpu::testing::{rel_frobenius, test_gpu, TestRng};
+use ops::gpu::testing::{test_gpu, TestRng};
 use ops::gpu::Recorder;
 use ops::model::config::ModelConfig;
 use ops::model::gpu::projector::GpuProjector;
@@ -17,9 +16,8 @@ use ops::model::reference::Gemma3Reference;
 use ops::model::safetensors_io::SafetensorsSet;
 use ops::model::Weights;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+mod common;
+use common::*;
 
 fn tiny() -> (ModelConfig, Weights) {
     let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");

@@ -17,9 +17,8 @@ use ops::train::metrics::{read_metrics, METRICS_FILE};
 use ops::train::reference_model::to_reference_batch;
 use ops::{Artifact, NoProgress, Op, RecipeInfo, RunCtx};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::*;
 
 struct Chain {
     _tmp: tempfile::TempDir,
@@ -73,16 +72,6 @@ impl Chain {
             key: name.into(),
         }
     }
-}
-
-fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
 }
 
 #[test]

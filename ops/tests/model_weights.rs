@@ -10,21 +10,8 @@ use ops::model::names::TensorKind;
 use ops::model::safetensors_io::{write_safetensors, Dtype, OutTensor, SafetensorsSet};
 use ops::model::Weights;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn snapshot(repo: &str) -> PathBuf {
-    let hub = fixtures()
-        .join("hf-cache/hub")
-        .join(format!("models--runner-test--{repo}"));
-    let commit = std::fs::read_to_string(hub.join("refs/main")).unwrap();
-    hub.join("snapshots").join(commit.trim())
-}
-
-fn tiny() -> PathBuf {
-    snapshot("tiny-gemma-3")
-}
+mod common;
+use common::*;
 
 fn hub_layout() -> PathBuf {
     snapshot("tiny-gemma-3-hub-layout")
@@ -38,13 +25,6 @@ fn open(dir: &Path) -> (ModelConfig, Weights) {
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let weights = Weights::open(dir, &config).unwrap();
     (config, weights)
-}
-
-fn rel_frobenius(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 #[test]

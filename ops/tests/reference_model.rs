@@ -1,92 +1,21 @@
 //! The plain-Rust Gemma 3 reference (`ops::model::reference`) against the golden fixtures made by
 //! transformers 5.24 / PEFT 0.21.2 (tools/fixtures/make.py, tolerances from MANIFEST.md).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ops::model::config::ModelConfig;
 use ops::model::reference::lora::{Adapter, AdapterGrads, LoraCall};
 use ops::model::reference::loss::LossNormalization;
 use ops::model::reference::{Batch, Gemma3Reference};
-use ops::model::safetensors_io::{Dtype, SafetensorsSet};
 use ops::model::Weights;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn golden(rel: &str) -> PathBuf {
-    fixtures().join("golden").join(rel)
-}
-
-fn tiny() -> PathBuf {
-    let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");
-    let commit = std::fs::read_to_string(hub.join("refs/main")).unwrap();
-    hub.join("snapshots").join(commit.trim())
-}
+mod common;
+use common::*;
 
 fn model_from(dir: &Path, config_dir: &Path) -> Gemma3Reference {
     let config = ModelConfig::from_file(&config_dir.join("config.json")).unwrap();
     let weights = Weights::open(dir, &config).unwrap();
     Gemma3Reference::from_weights(&config, &weights).unwrap()
-}
-
-fn tensors(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
-    let set = SafetensorsSet::open_file(path).unwrap();
-    set.tensors()
-        .map(|t| {
-            (
-                t.key.clone(),
-                (t.dtype, t.shape.clone(), set.bytes(t).to_vec()),
-            )
-        })
-        .collect()
-}
-
-fn f32s(t: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, key: &str) -> Vec<f32> {
-    let (dtype, _, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
-    ops::model::safetensors_io::to_f32(*dtype, bytes).unwrap()
-}
-
-fn i64s(t: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, key: &str) -> (Vec<usize>, Vec<i64>) {
-    let (dtype, shape, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
-    assert_eq!(*dtype, Dtype::I64, "{key}");
-    let v = bytes
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (shape.clone(), v)
-}
-
-fn batch(name: &str) -> Batch {
-    let t = tensors(&golden(&format!("collate_{name}.safetensors")));
-    let (shape, input_ids) = i64s(&t, "input_ids");
-    let pixel_shape = t["pixel_values"].1.clone();
-    Batch {
-        batch: shape[0],
-        seq: shape[1],
-        input_ids,
-        attention_mask: i64s(&t, "attention_mask").1,
-        token_type_ids: i64s(&t, "token_type_ids").1,
-        labels: Some(i64s(&t, "labels").1),
-        pixel_values: f32s(&t, "pixel_values"),
-        images: pixel_shape[0],
-    }
-}
-
-fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
-}
-
-fn rel(got: f64, want: f64) -> f64 {
-    (got - want).abs() / want.abs()
 }
 
 fn base_call() -> LoraCall<'static> {
@@ -107,7 +36,7 @@ fn token_mean(model: &Gemma3Reference, b: &Batch) -> LossNormalization {
 
 fn check_forward(name: &str) {
     let model = model_from(&tiny(), &tiny());
-    let b = batch(name);
+    let b = golden_batch(name);
     let want = tensors(&golden(&format!("forward_{name}.safetensors")));
     let (out, _) = model.forward(&b, &base_call()).unwrap();
     let e_vision = rel_frobenius(
@@ -157,7 +86,7 @@ fn check_grads(name: &str) {
     let model = model_from(&tiny(), &tiny());
     let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
     assert_eq!(adapter.pairs.len(), 40);
-    let b = batch(name);
+    let b = golden_batch(name);
     let want = tensors(&golden(&format!("lora/grads_step0_{name}.safetensors")));
     let call = LoraCall {
         adapter: Some(&adapter),
@@ -218,13 +147,13 @@ fn adapter_call(adapter: &Adapter, training: bool) -> LoraCall<'_> {
 fn check_model_outputs(model: &Gemma3Reference, golden_file: &str, logits_tol: f64, loss_tol: f64) {
     let want = tensors(&golden(golden_file));
     let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
-    let b = batch("mmiu");
+    let b = golden_batch("mmiu");
     let (out, _) = model.forward(&b, &base_call()).unwrap();
     let e_logits = rel_frobenius(&out.logits, &f32s(&want, "mmiu.logits"));
     eprintln!("{golden_file}: mmiu logits {e_logits:.2e}");
     assert!(e_logits <= logits_tol, "{golden_file}: logits {e_logits}");
     for name in ["llava", "mmiu"] {
-        let b = batch(name);
+        let b = golden_batch(name);
         let norm = token_mean(model, &b);
         let base = model.loss(&b, &base_call(), norm).unwrap().loss;
         let lora = model
@@ -269,7 +198,7 @@ fn hub_layout_bf16_checkpoint_matches_transformers() {
 fn peft_adapter_logits_match_init_and_trained() {
     let model = model_from(&tiny(), &tiny());
     let want = tensors(&golden("lora/peft_logits_mmiu.safetensors"));
-    let b = batch("mmiu");
+    let b = golden_batch("mmiu");
     for (tag, dir) in [
         ("init", "lora/adapter_init"),
         ("step3", "lora/adapter_step3"),
@@ -288,7 +217,7 @@ fn peft_adapter_logits_match_init_and_trained() {
     }
 }
 
-fn replay_batch(t: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, i: usize) -> Batch {
+fn replay_batch(t: &Tensors, i: usize) -> Batch {
     let (shape, input_ids) = i64s(t, &format!("mb{i}.input_ids"));
     Batch {
         batch: shape[0],
@@ -302,10 +231,7 @@ fn replay_batch(t: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, i: usize) ->
     }
 }
 
-fn adapter_errors(
-    adapter: &Adapter,
-    want: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
-) -> (f64, String) {
+fn adapter_errors(adapter: &Adapter, want: &Tensors) -> (f64, String) {
     let got = adapter.by_peft_key();
     assert_eq!(got.len(), want.len());
     let mut worst = (0.0, String::new());

@@ -4,8 +4,7 @@
 //! parts — accumulation and loss normalisation, clipping, AdamW on the GPU, the schedule, the
 //! logged metrics, checkpoints and resume — are what is tested.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ops::data::collate::Batch;
 use ops::gpu::testing::test_gpu;
@@ -13,7 +12,6 @@ use ops::gpu::{Gpu, GpuTensor, Recorder};
 use ops::model::config::ModelConfig;
 use ops::model::reference::lora::Adapter;
 use ops::model::reference::Gemma3Reference;
-use ops::model::safetensors_io::{Dtype, SafetensorsSet};
 use ops::model::Weights;
 use ops::train::adapter::{self, AdapterConfig};
 use ops::train::metrics::{read_metrics, LogRecord, METRICS_FILE};
@@ -28,54 +26,14 @@ use ops::train::trainer::{
 };
 use ops::NoProgress;
 
-type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn golden(rel: &str) -> PathBuf {
-    fixtures().join("golden").join(rel)
-}
-
-fn tiny() -> PathBuf {
-    let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");
-    let commit = std::fs::read_to_string(hub.join("refs/main")).unwrap();
-    hub.join("snapshots").join(commit.trim())
-}
+mod common;
+use common::*;
 
 fn tiny_model() -> Gemma3Reference {
     let dir = tiny();
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let weights = Weights::open(&dir, &config).unwrap();
     Gemma3Reference::from_weights(&config, &weights).unwrap()
-}
-
-fn tensors(path: &Path) -> Tensors {
-    let set = SafetensorsSet::open_file(path).unwrap();
-    set.tensors()
-        .map(|t| {
-            (
-                t.key.clone(),
-                (t.dtype, t.shape.clone(), set.bytes(t).to_vec()),
-            )
-        })
-        .collect()
-}
-
-fn f32s(t: &Tensors, key: &str) -> Vec<f32> {
-    let (dtype, _, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
-    ops::model::safetensors_io::to_f32(*dtype, bytes).unwrap()
-}
-
-fn i64s(t: &Tensors, key: &str) -> (Vec<usize>, Vec<i64>) {
-    let (dtype, shape, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
-    assert_eq!(*dtype, Dtype::I64, "{key}");
-    let v = bytes
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (shape.clone(), v)
 }
 
 fn golden_run() -> serde_json::Value {

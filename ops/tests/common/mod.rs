@@ -1,0 +1,106 @@
+//! Helpers shared by the ops integration tests: where the committed fixtures live, how to read
+//! the golden safetensors files, and the error measure every comparison uses.
+
+// Each test crate includes this module and uses a different subset of it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ops::model::config::ModelConfig;
+use ops::model::reference::Batch;
+use ops::model::safetensors_io::{Dtype, SafetensorsSet};
+use ops::model::Weights;
+
+#[allow(unused_imports)] // not every test crate compares tensors
+pub use ops::gpu::testing::rel_frobenius;
+
+/// A safetensors file held in memory: key → (dtype, shape, little-endian bytes).
+pub type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `tests/fixtures` (made by tools/fixtures/make.py; MANIFEST.md lists every file).
+pub fn fixtures() -> PathBuf {
+    repo().join("tests/fixtures")
+}
+
+/// A file under `tests/fixtures/golden`.
+pub fn golden(rel: &str) -> PathBuf {
+    fixtures().join("golden").join(rel)
+}
+
+/// The snapshot folder of the fixture model `runner-test/<name>` in the fixture HF cache.
+pub fn snapshot(name: &str) -> PathBuf {
+    let hub = fixtures()
+        .join("hf-cache/hub")
+        .join(format!("models--runner-test--{name}"));
+    let commit = std::fs::read_to_string(hub.join("refs/main")).unwrap();
+    hub.join("snapshots").join(commit.trim())
+}
+
+/// The tiny Gemma 3 fixture model's snapshot folder.
+pub fn tiny() -> PathBuf {
+    snapshot("tiny-gemma-3")
+}
+
+/// A model folder's config and weights.
+pub fn load(dir: &Path) -> (ModelConfig, Weights) {
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(dir, &config).unwrap();
+    (config, weights)
+}
+
+pub fn tensors(path: &Path) -> Tensors {
+    let set = SafetensorsSet::open_file(path).unwrap();
+    set.tensors()
+        .map(|t| {
+            (
+                t.key.clone(),
+                (t.dtype, t.shape.clone(), set.bytes(t).to_vec()),
+            )
+        })
+        .collect()
+}
+
+/// A tensor of any float dtype, widened to f32.
+pub fn f32s(t: &Tensors, key: &str) -> Vec<f32> {
+    let (dtype, _, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
+    ops::model::safetensors_io::to_f32(*dtype, bytes).unwrap()
+}
+
+/// An I64 tensor's shape and values.
+pub fn i64s(t: &Tensors, key: &str) -> (Vec<usize>, Vec<i64>) {
+    let (dtype, shape, bytes) = t.get(key).unwrap_or_else(|| panic!("no tensor {key}"));
+    assert_eq!(*dtype, Dtype::I64, "{key}");
+    let v = bytes
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (shape.clone(), v)
+}
+
+/// Relative error of a scalar.
+pub fn rel(got: f64, want: f64) -> f64 {
+    (got - want).abs() / want.abs()
+}
+
+/// A golden collated batch (`golden/collate_<name>.safetensors`, the guide's collate_fn output)
+/// in the reference model's layout.
+pub fn golden_batch(name: &str) -> Batch {
+    let t = tensors(&golden(&format!("collate_{name}.safetensors")));
+    let (shape, input_ids) = i64s(&t, "input_ids");
+    Batch {
+        batch: shape[0],
+        seq: shape[1],
+        input_ids,
+        attention_mask: i64s(&t, "attention_mask").1,
+        token_type_ids: i64s(&t, "token_type_ids").1,
+        labels: Some(i64s(&t, "labels").1),
+        pixel_values: f32s(&t, "pixel_values"),
+        images: t["pixel_values"].1[0],
+    }
+}
