@@ -19,6 +19,7 @@ use crate::model::reference::loss::shift_labels;
 use crate::model::{ModelConfig, Weights};
 use crate::params::OpParams;
 use crate::reference::cross_entropy::IGNORE_INDEX;
+use crate::train::adapter::HostTensor;
 use crate::{op_params, ArtifactType, Device, Op, ParamSpec, Port, RunCtx};
 
 /// The op's summary file.
@@ -114,7 +115,7 @@ impl Op for EvalOp {
         let limit = params.max_batches.unwrap_or(total).min(total);
         ctx.progress.set_length(limit as u64);
         let mut summary = EvalSummary::default();
-        let mut recorded: BTreeMap<String, Recorded> = BTreeMap::new();
+        let mut recorded: BTreeMap<String, HostTensor> = BTreeMap::new();
         for (i, batch) in stream.take(limit).enumerate() {
             let batch = batch?;
             let logits = model.logits(gpu, &batch)?;
@@ -210,7 +211,7 @@ impl EvalSummary {
 }
 
 fn record(
-    out: &mut BTreeMap<String, Recorded>,
+    out: &mut BTreeMap<String, HostTensor>,
     i: usize,
     batch: &crate::data::collate::Batch,
     logits: Vec<f32>,
@@ -220,11 +221,7 @@ fn record(
     let p = format!("batch.{i}.");
     out.insert(
         format!("{p}logits"),
-        Recorded::new(
-            safetensors::Dtype::F32,
-            vec![b, t, vocab],
-            bytemuck::cast_slice(&logits),
-        ),
+        HostTensor::from_f32(vec![b, t, vocab], &logits),
     );
     for (name, v) in [
         ("input_ids", &batch.input_ids),
@@ -232,51 +229,15 @@ fn record(
         ("token_type_ids", &batch.token_type_ids),
         ("labels", &batch.labels),
     ] {
-        out.insert(
-            format!("{p}{name}"),
-            Recorded::new(safetensors::Dtype::I64, vec![b, t], bytemuck::cast_slice(v)),
-        );
+        out.insert(format!("{p}{name}"), HostTensor::from_i64(vec![b, t], v));
     }
     if batch.num_images > 0 {
         out.insert(
             format!("{p}pixel_values"),
-            Recorded::new(
-                safetensors::Dtype::F32,
+            HostTensor::from_f32(
                 vec![batch.num_images, 3, batch.image_height, batch.image_width],
-                bytemuck::cast_slice(&batch.pixel_values),
+                &batch.pixel_values,
             ),
         );
-    }
-}
-
-/// A host tensor of any safetensors dtype (little-endian bytes), for the recorded file.
-struct Recorded {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-impl Recorded {
-    fn new(dtype: safetensors::Dtype, shape: Vec<usize>, bytes: &[u8]) -> Self {
-        Self {
-            dtype,
-            shape,
-            bytes: bytes.to_vec(),
-        }
-    }
-}
-
-impl safetensors::View for &Recorded {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
     }
 }

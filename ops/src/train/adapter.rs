@@ -430,12 +430,14 @@ pub fn python_json_dumps_indent2(v: &Value) -> String {
     out
 }
 
-/// Element types the adapter files use.
+/// Element types of host tensors: the float types adapter files use, and I64 for the token
+/// tensors recorded beside them (eval's logits file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32,
     BF16,
     F16,
+    I64,
 }
 
 impl DType {
@@ -443,6 +445,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
+            DType::I64 => 8,
         }
     }
 
@@ -451,9 +454,11 @@ impl DType {
             DType::F32 => safetensors::Dtype::F32,
             DType::BF16 => safetensors::Dtype::BF16,
             DType::F16 => safetensors::Dtype::F16,
+            DType::I64 => safetensors::Dtype::I64,
         }
     }
 
+    /// The float types an adapter file may hold; anything else (I64 included) is not a weight.
     fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
         match d {
             safetensors::Dtype::F32 => Some(DType::F32),
@@ -506,6 +511,20 @@ impl HostTensor {
         }
     }
 
+    pub fn from_i64(shape: Vec<usize>, data: &[i64]) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape {shape:?} does not hold {} values",
+            data.len()
+        );
+        Self {
+            dtype: DType::I64,
+            shape,
+            bytes: bytemuck::cast_slice(data).to_vec(),
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -527,6 +546,12 @@ impl HostTensor {
                 .bytes
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            // Exact for token ids and masks (|v| < 2^24).
+            DType::I64 => self
+                .bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
                 .collect(),
         }
     }
