@@ -1,38 +1,17 @@
 //! The README's first command runs `recipes/demo.toml`: this runs the real binary on it, offline,
 //! against the miniature Hub cache the project ships, and checks that a second run reuses it all.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn run_demo(work: &std::path::Path) -> (i32, String, String) {
-    let root = repo_root();
-    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
-        .arg("run")
-        .arg(root.join("recipes/demo.toml"))
-        .arg("--cache-dir")
-        .arg(work.join("cache"))
-        .arg("--set")
-        .arg(format!("recipe.output_dir={}", work.join("out").display()))
-        .env("HF_HUB_CACHE", root.join("tests/fixtures/hf-cache/hub"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env_remove("HF_HOME")
-        .output()
-        .expect("runner starts");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod offline_run;
+use offline_run::{repo_root, run_recipe, Outcome};
 
 #[test]
 fn demo_recipe_runs_offline_then_reuses_every_output() {
     let work = tempfile::tempdir().unwrap();
-    let (code, stdout, stderr) = run_demo(work.path());
+    let Outcome {
+        code,
+        stdout,
+        stderr,
+    } = run_recipe("demo.toml", work.path(), &[]);
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     let ops_in_recipe = std::fs::read_to_string(repo_root().join("recipes/demo.toml"))
         .unwrap()
@@ -68,7 +47,11 @@ fn demo_recipe_runs_offline_then_reuses_every_output() {
     );
     assert_matches_peft_compat_golden(&out);
 
-    let (code, stdout, stderr) = run_demo(work.path());
+    let Outcome {
+        code,
+        stdout,
+        stderr,
+    } = run_recipe("demo.toml", work.path(), &[]);
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(
         stdout.lines().last().unwrap(),

@@ -2,35 +2,19 @@
 //! against the miniature copies of both dataset repos and the tiny Gemma 3 model shipped in
 //! tests/fixtures/hf-cache: the real files, changing only the model, the sizes and the push.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod offline_run;
+use offline_run::{repo_root, run_recipe, Outcome};
 
-fn run_recipe(recipe: &str, work: &Path, extra: &[&str]) -> (i32, String, String) {
-    let root = repo_root();
-    let out_dir = work.join("out");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
-    cmd.arg("run")
-        .arg(root.join("recipes").join(recipe))
-        .arg("--cache-dir")
-        .arg(work.join("cache"))
-        .args(["--set", "vars.model=runner-test/tiny-gemma-3"])
-        .args(["--set", &format!("recipe.output_dir={}", out_dir.display())])
-        .args(["--set", "ops.push.enabled=false"])
-        .args(extra.iter().flat_map(|s| ["--set", s]))
-        .env("HF_HUB_CACHE", root.join("tests/fixtures/hf-cache/hub"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env_remove("HF_HOME")
-        .env_remove("HF_TOKEN");
-    let out = cmd.output().expect("runner starts");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// The guide's recipe with the tiny fixture model and push disabled, plus `extra` overrides.
+fn run_guide_recipe(recipe: &str, work: &Path, extra: &[&str]) -> Outcome {
+    let mut sets = vec![
+        "vars.model=runner-test/tiny-gemma-3",
+        "ops.push.enabled=false",
+    ];
+    sets.extend_from_slice(extra);
+    run_recipe(recipe, work, &sets)
 }
 
 fn ops_in(recipe: &str) -> usize {
@@ -69,7 +53,11 @@ fn assert_saved_adapter(out_dir: &Path) {
 #[test]
 fn mmiu_recipe_trains_offline_on_the_miniatures() {
     let work = tempfile::tempdir().unwrap();
-    let (code, stdout, stderr) = run_recipe("mmiu.toml", work.path(), &["ops.train.max_steps=2"]);
+    let Outcome {
+        code,
+        stdout,
+        stderr,
+    } = run_guide_recipe("mmiu.toml", work.path(), &["ops.train.max_steps=2"]);
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     let n = ops_in("mmiu.toml");
     assert_eq!(
@@ -83,7 +71,11 @@ fn mmiu_recipe_trains_offline_on_the_miniatures() {
 #[test]
 fn llava_recipe_trains_offline_on_the_miniatures() {
     let work = tempfile::tempdir().unwrap();
-    let (code, stdout, stderr) = run_recipe(
+    let Outcome {
+        code,
+        stdout,
+        stderr,
+    } = run_guide_recipe(
         "llava.toml",
         work.path(),
         &[
