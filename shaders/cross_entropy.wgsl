@@ -1,23 +1,22 @@
 // Fused lm_head + cross-entropy over vocabulary chunks. Reference: ops/src/reference/cross_entropy.rs.
 //
-// The wrapper walks the vocabulary in chunks of at most `vc` rows of W (inside the engine's
-// storage chunks of W), so only a [tokens, vc] block of logits ever exists (G, row stride ldg, a
-// multiple of 8). Per chunk, forward: ce_logits (G = X·W_cᵀ), ce_stats (merge the chunk into each
-// row's running max / sum-exp / argmax / label logit). Then ce_finish (per-row lse and the three
-// sums). Backward per chunk: ce_logits again, ce_dlogits (G = scale·(softmax − onehot), 0 on
-// ignored rows), ce_dhidden (dX (+)= G·W_c) and optionally ce_dweight (dW_c += Gᵀ·X).
+// The wrapper (ops/src/gpu/kernels/cross_entropy.rs) walks the vocabulary in blocks of at most
+// `vc` rows of W (inside the engine's storage chunks of W), so only a [tokens, vc] block of
+// logits ever exists (G, row stride ldg, a multiple of 8). The three products run on the matmul
+// kernels (shaders/matmul.wgsl); this file holds the softmax parts. Forward per block: G = X·W_cᵀ
+// (matmul), ce_stats (merge the block into each row's running max / sum-exp / argmax / label
+// logit). Then ce_finish (per-row lse and the three sums). Backward per block, last block first
+// (its logits are still in G): G = X·W_cᵀ again, ce_dlogits (G = scale·(softmax − onehot), 0 on
+// ignored rows), then the matmuls dX (+)= G·W_c and optionally dW_c += Gᵀ·X.
 //
-// X is [tokens, hidden], W and dW are [vocab rows of this storage chunk, hidden] (hidden % 4 == 0,
-// bound as vec4), LABELS [tokens] i32 (-100 = ignored). STATE is [tokens, 8] f32:
+// LABELS [tokens] i32 (-100 = ignored). STATE is [tokens, 8] f32:
 // (max, sum exp(z - max), label logit, best logit, best index (bits), lse, -, -).
-// The matmul kernels keep an 8×8 block per invocation in registers and use no workgroup memory
-// (llvmpipe loads storage one lane at a time; see /work/shared/spec/lavapipe.md).
 
 struct Params {
     tokens: u32, hidden: u32, vc: u32, ldg: u32,
     w_row0: u32,   // first W row of this vocabulary chunk, within the bound storage chunk
     v0: u32,       // global vocabulary index of that row
-    first: u32,    // 1 for the first vocabulary chunk (state starts fresh / dX is overwritten)
+    first: u32,    // 1 for the first vocabulary chunk (the state starts fresh)
     scale: f32,
 }
 
@@ -25,40 +24,6 @@ struct Params {
 
 const NEG: f32 = -3.0e38;
 const IGNORE: i32 = -100;
-
-//== kernel logits
-@group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> W: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> G: array<f32>;
-
-// Block: rows n0..n0+8 × vocab columns j0..j0+8 of G.
-@compute @workgroup_size(8, 8, 1)
-fn ce_logits(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let j0 = gid.x * 8u;
-    let n0 = gid.y * 8u;
-    if (j0 >= p.vc || n0 >= p.tokens) { return; }
-    let h4 = p.hidden / 4u;
-    var acc: array<f32, 64>;
-    for (var i = 0u; i < 64u; i++) { acc[i] = 0.0; }
-    for (var c = 0u; c < h4; c++) {
-        var xs: array<vec4<f32>, 8>;
-        var ws: array<vec4<f32>, 8>;
-        for (var r = 0u; r < 8u; r++) {
-            xs[r] = X[min(n0 + r, p.tokens - 1u) * h4 + c];
-            ws[r] = W[(p.w_row0 + min(j0 + r, p.vc - 1u)) * h4 + c];
-        }
-        for (var r = 0u; r < 8u; r++) {
-            for (var q = 0u; q < 8u; q++) {
-                acc[r * 8u + q] += dot(xs[r], ws[q]);
-            }
-        }
-    }
-    for (var r = 0u; r < 8u; r++) {
-        for (var q = 0u; q < 8u; q++) {
-            if (n0 + r < p.tokens && j0 + q < p.vc) { G[(n0 + r) * p.ldg + j0 + q] = acc[r * 8u + q]; }
-        }
-    }
-}
 
 //== kernel stats
 @group(0) @binding(1) var<storage, read> G: array<f32>;
@@ -207,95 +172,4 @@ fn ce_dlogits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         g *= p.scale;
     }
     G[at] = g;
-}
-
-//== kernel dhidden
-@group(0) @binding(1) var<storage, read> G: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> W: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> DX: array<vec4<f32>>;
-
-// Block: rows n0..n0+8 × hidden h0..h0+8 (two vec4) of dX (+)= G·W_c.
-@compute @workgroup_size(8, 8, 1)
-fn ce_dhidden(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c0 = gid.x * 2u;          // vec4 column of dX
-    let n0 = gid.y * 8u;
-    let h4 = p.hidden / 4u;
-    if (c0 >= h4 || n0 >= p.tokens) { return; }
-    let c1 = min(c0 + 1u, h4 - 1u);
-    var acc: array<vec4<f32>, 16>;   // [row][2]
-    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
-    let ldg4 = p.ldg / 4u;
-    for (var j4 = 0u; j4 < (p.vc + 3u) / 4u; j4++) {
-        var gs: array<vec4<f32>, 8>;
-        for (var r = 0u; r < 8u; r++) {
-            // columns past vc in the padded stride are masked: the W rows there are clamped
-            let g = G[min(n0 + r, p.tokens - 1u) * ldg4 + j4];
-            let col = j4 * 4u;
-            gs[r] = select(vec4<f32>(0.0), g, vec4<u32>(col, col + 1u, col + 2u, col + 3u) < vec4<u32>(p.vc));
-        }
-        for (var k = 0u; k < 4u; k++) {
-            let wr = (p.w_row0 + min(j4 * 4u + k, p.vc - 1u)) * h4;
-            let w0 = W[wr + c0];
-            let w1 = W[wr + c1];
-            for (var r = 0u; r < 8u; r++) {
-                acc[r * 2u] += gs[r][k] * w0;
-                acc[r * 2u + 1u] += gs[r][k] * w1;
-            }
-        }
-    }
-    for (var r = 0u; r < 8u; r++) {
-        let n = n0 + r;
-        if (n < p.tokens) {
-            for (var q = 0u; q < 2u; q++) {
-                let c = c0 + q;
-                if (c < h4) {
-                    var v = acc[r * 2u + q];
-                    if (p.first == 0u) { v += DX[n * h4 + c]; }
-                    DX[n * h4 + c] = v;
-                }
-            }
-        }
-    }
-}
-
-//== kernel dweight
-@group(0) @binding(1) var<storage, read> G: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> X: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> DW: array<vec4<f32>>;
-
-// Block: vocab rows j0..j0+8 × hidden h0..h0+8 (two vec4) of dW_c += Gᵀ·X.
-@compute @workgroup_size(8, 8, 1)
-fn ce_dweight(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c0 = gid.x * 2u;
-    let j0 = gid.y * 8u;
-    let h4 = p.hidden / 4u;
-    if (c0 >= h4 || j0 >= p.vc) { return; }
-    let c1 = min(c0 + 1u, h4 - 1u);
-    var acc: array<vec4<f32>, 16>;   // [vocab row][2]
-    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
-    let ldg4 = p.ldg / 4u;
-    for (var n = 0u; n < p.tokens; n++) {
-        let ga = G[n * ldg4 + j0 / 4u];
-        let gb = G[n * ldg4 + j0 / 4u + 1u];
-        let x0 = X[n * h4 + c0];
-        let x1 = X[n * h4 + c1];
-        for (var k = 0u; k < 4u; k++) {
-            acc[k * 2u] += ga[k] * x0;
-            acc[k * 2u + 1u] += ga[k] * x1;
-            acc[(k + 4u) * 2u] += gb[k] * x0;
-            acc[(k + 4u) * 2u + 1u] += gb[k] * x1;
-        }
-    }
-    for (var r = 0u; r < 8u; r++) {
-        let j = j0 + r;
-        if (j < p.vc) {
-            for (var q = 0u; q < 2u; q++) {
-                let c = c0 + q;
-                if (c < h4) {
-                    let at = (p.w_row0 + j) * h4 + c;
-                    DW[at] = DW[at] + acc[r * 2u + q];
-                }
-            }
-        }
-    }
 }

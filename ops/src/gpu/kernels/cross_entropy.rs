@@ -1,6 +1,10 @@
-//! Fused lm_head + cross-entropy over vocabulary chunks (`shaders/cross_entropy.wgsl`): the
-//! `[tokens, vocab]` logits never exist, only a `[tokens, vc]` block per chunk. Reference and
-//! semantics: [`crate::reference::cross_entropy`].
+//! Fused lm_head + cross-entropy over vocabulary chunks (`shaders/cross_entropy.wgsl` for the
+//! softmax parts, the matmul kernels for the three products): only a `[tokens, vc]` block of
+//! logits exists at a time, in a scratch of at most 32 MiB (and one storage binding) and at most
+//! 65536 vocabulary columns, so Gemma 3's 262208-row vocabulary takes at least 5 blocks (512
+//! tokens: 17 blocks of 16384). The backward recomputes each block's logits except the last
+//! forward block's, which it walks first. Reference and semantics:
+//! [`crate::reference::cross_entropy`].
 //!
 //! ```ignore
 //! let labels = gpu.upload_labels(&labels, vocab)?;             // validated: -100 or < vocab
@@ -16,13 +20,16 @@
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
+use super::matmul::{Gemm, GemmParams};
 use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
 use crate::reference::cross_entropy::{CrossEntropyStats, IGNORE_INDEX};
 
 const SOURCE: &str = include_str!("../../../../shaders/cross_entropy.wgsl");
 
-/// Largest vocabulary block whose logits exist at once (also bounded by the storage binding).
-const MAX_VOCAB_BLOCK: usize = 8192;
+/// Most vocabulary columns of the logits scratch (one block).
+const MAX_VOCAB_BLOCK: usize = 65536;
+/// Most bytes of the logits scratch `[tokens, block]` f32 (512 tokens: blocks of 16384 columns).
+const LOGITS_SCRATCH_BYTES: usize = 32 << 20;
 
 /// The common header plus the `//== kernel <name>` section of shaders/cross_entropy.wgsl.
 fn module(kernel: &str) -> ShaderSource {
@@ -140,7 +147,11 @@ impl Gpu {
             "cross-entropy: sizes too large for 32-bit indexing"
         );
 
-        let budget = (self.max_binding_bytes() as usize / (4 * tokens)) / 8 * 8;
+        // The logits scratch G [tokens, ldg]: at most LOGITS_SCRATCH_BYTES and one storage
+        // binding, at most MAX_VOCAB_BLOCK columns (so Gemma's 262208-row vocabulary always
+        // takes several blocks), ldg a multiple of 8 (vec4 loads in the matmuls).
+        let fit = (self.max_binding_bytes() as usize).min(LOGITS_SCRATCH_BYTES) / (4 * tokens);
+        let budget = fit / 8 * 8;
         ensure!(budget >= 8, "cross-entropy: {tokens} tokens are too many for one logits block within the storage binding");
         let block = budget.min(MAX_VOCAB_BLOCK).min(vocab.next_multiple_of(8));
         let ldg = block;
@@ -149,12 +160,9 @@ impl Gpu {
         let (g, st) = (logits.view()?, state.view()?);
         let (x, labels, dx) = (a.hidden.view()?, a.labels.view()?, a.d_hidden.view()?);
 
-        let k_logits = self.kernel(&module("logits"), "ce_logits", &[]);
         let k_stats = self.kernel(&module("stats"), "ce_stats", &[]);
         let k_finish = self.kernel(&module("finish"), "ce_finish", &[]);
         let k_dlogits = self.kernel(&module("dlogits"), "ce_dlogits", &[]);
-        let k_dhidden = self.kernel(&module("dhidden"), "ce_dhidden", &[]);
-        let k_dweight = self.kernel(&module("dweight"), "ce_dweight", &[]);
 
         // (storage chunk index, params) for every vocabulary block
         let mut blocks = Vec::new();
@@ -178,26 +186,38 @@ impl Gpu {
                 r += vc;
             }
         }
-        let grid_8x8 = |cols: usize, rows: usize| {
-            [
-                cols.div_ceil(8).div_ceil(8) as u32,
-                rows.div_ceil(8).div_ceil(8) as u32,
-                1,
-            ]
+        let (n, h) = (tokens as u32, hidden as u32);
+        // G[:, :vc] = X · W_cᵀ (W_c: rows w_row0.. of storage chunk ci)
+        let logits_gemm = |rec: &mut Recorder, ci: usize, p: &Params| {
+            let gemm = Gemm {
+                a: x.clone(),
+                b: a.weight.chunks()[ci].view(),
+                c: g.clone(),
+                bias: None,
+                params: GemmParams {
+                    m: n,
+                    n: p.vc,
+                    k: h,
+                    b_off: p.w_row0 * h,
+                    lda: h,
+                    ldb: h,
+                    ldc: p.ldg,
+                    alpha: 1.0,
+                    ..Default::default()
+                },
+                batch: 1,
+                trans_a: false,
+                trans_b: true,
+                a_contig: h,
+                b_contig: h,
+            };
+            self.record_gemm(rec, gemm);
         };
-        let h4 = hidden / 4;
         for (ci, p) in &blocks {
-            let w = a.weight.chunks()[*ci].view();
-            let bytes = bytemuck::bytes_of(p);
-            rec.dispatch(
-                &k_logits,
-                bytes,
-                &[x.clone(), w, g.clone()],
-                grid_8x8(p.vc as usize, tokens),
-            );
+            logits_gemm(rec, *ci, p);
             rec.dispatch(
                 &k_stats,
-                bytes,
+                bytemuck::bytes_of(p),
                 &[g.clone(), labels.clone(), st.clone()],
                 groups_1d(self, tokens as u32),
             );
@@ -209,35 +229,73 @@ impl Gpu {
             &[labels.clone(), st.clone(), a.totals.view()?],
             [1, 1, 1],
         );
-        for (ci, p) in &blocks {
+        // Backward from the last block: its logits are still in G.
+        for (i, (ci, p)) in blocks.iter().enumerate().rev() {
             let w = a.weight.chunks()[*ci].view();
-            let bytes = bytemuck::bytes_of(p);
-            rec.dispatch(
-                &k_logits,
-                bytes,
-                &[x.clone(), w.clone(), g.clone()],
-                grid_8x8(p.vc as usize, tokens),
-            );
-            let n = (tokens * p.vc as usize) as u32;
+            if i + 1 < blocks.len() {
+                logits_gemm(rec, *ci, p);
+            }
+            let elements = (tokens * p.vc as usize) as u32;
             rec.dispatch(
                 &k_dlogits,
-                bytes,
+                bytemuck::bytes_of(p),
                 &[labels.clone(), st.clone(), g.clone()],
-                groups_1d(self, n.div_ceil(64)),
+                groups_1d(self, elements.div_ceil(64)),
             );
-            rec.dispatch(
-                &k_dhidden,
-                bytes,
-                &[g.clone(), w, dx.clone()],
-                grid_8x8(h4.div_ceil(2) * 8, tokens),
+            // dX (+)= G[:, :vc] · W_c, overwriting on the first backward block
+            self.record_gemm(
+                rec,
+                Gemm {
+                    a: g.clone(),
+                    b: w,
+                    c: dx.clone(),
+                    bias: None,
+                    params: GemmParams {
+                        m: n,
+                        n: h,
+                        k: p.vc,
+                        lda: p.ldg,
+                        b_off: p.w_row0 * h,
+                        ldb: h,
+                        ldc: h,
+                        alpha: 1.0,
+                        beta: if i + 1 == blocks.len() { 0.0 } else { 1.0 },
+                        ..Default::default()
+                    },
+                    batch: 1,
+                    trans_a: false,
+                    trans_b: false,
+                    a_contig: p.vc,
+                    b_contig: h,
+                },
             );
+            // dW_c += G[:, :vc]ᵀ · X
             if let Some(dw) = a.d_weight {
-                let dwv = dw.chunks()[*ci].view();
-                rec.dispatch(
-                    &k_dweight,
-                    bytes,
-                    &[g.clone(), x.clone(), dwv],
-                    grid_8x8(h4.div_ceil(2) * 8, p.vc as usize),
+                self.record_gemm(
+                    rec,
+                    Gemm {
+                        a: g.clone(),
+                        b: x.clone(),
+                        c: dw.chunks()[*ci].view(),
+                        bias: None,
+                        params: GemmParams {
+                            m: p.vc,
+                            n: h,
+                            k: n,
+                            lda: p.ldg,
+                            ldb: h,
+                            c_off: p.w_row0 * h,
+                            ldc: h,
+                            alpha: 1.0,
+                            beta: 1.0,
+                            ..Default::default()
+                        },
+                        batch: 1,
+                        trans_a: true,
+                        trans_b: false,
+                        a_contig: p.vc,
+                        b_contig: h,
+                    },
                 );
             }
         }
