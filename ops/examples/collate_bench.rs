@@ -65,6 +65,105 @@ fn synthetic_jpeg(w: u32, h: u32, seed: u32) -> Vec<u8> {
     out
 }
 
+/// Where the time goes: every stage of making the batches, timed separately on one thread over
+/// the whole data set (ms per example). The pixel buffer's first touch (page faults) is timed
+/// apart from normalising into it; the 4 KiB-page row shows what the huge-page advice saves and
+/// is not part of the total.
+fn profile_stages(records: &[TemplatedRecord], files: &Path, model: &Path) -> Result<()> {
+    use ops::data::collate::zeroed_pixel_buffer;
+    use ops::data::image::{decode_rgb, resize_bilinear_pil_with, ResizeKernel};
+    let p = ops::data::processor::Processor::from_model_dir(model)?;
+    let opts = CollateOptions::default();
+    let (h, w) = p.image.out_size();
+    let plane = 3 * h * w;
+    let names = [
+        "read file",
+        "decode+RGB",
+        "resize",
+        "pixel buffer alloc+touch",
+        "rescale+normalise+CHW",
+        "tokenize",
+        "pad+labels",
+    ];
+    let mut stages = [0f64; 7];
+    let (mut resize_scalar, mut small_pages) = (0f64, 0f64);
+    let timed = |slot: &mut f64, t: Instant| *slot += t.elapsed().as_secs_f64();
+    for rec in records {
+        let n = rec.images.len() * plane;
+        let t = Instant::now();
+        let mut plain = vec![0f32; n];
+        plain.fill(1.0);
+        std::hint::black_box(&plain);
+        drop(plain);
+        timed(&mut small_pages, t);
+        let t = Instant::now();
+        let mut pixels = zeroed_pixel_buffer(n);
+        pixels.fill(1.0);
+        timed(&mut stages[3], t);
+        for (k, r) in rec.images.iter().enumerate() {
+            let ImageRef::File { path } = r else {
+                unreachable!("the bench writes files")
+            };
+            let t = Instant::now();
+            let bytes = std::fs::read(files.join(path))?;
+            timed(&mut stages[0], t);
+            let t = Instant::now();
+            let rgb = decode_rgb(&bytes)?;
+            timed(&mut stages[1], t);
+            let t = Instant::now();
+            let resized = p.image.resize(&rgb);
+            timed(&mut stages[2], t);
+            let t = Instant::now();
+            std::hint::black_box(resize_bilinear_pil_with(&rgb, w, h, ResizeKernel::Scalar));
+            timed(&mut resize_scalar, t);
+            let t = Instant::now();
+            p.image
+                .normalize_into(&resized, &mut pixels[k * plane..(k + 1) * plane]);
+            timed(&mut stages[4], t);
+        }
+        let t = Instant::now();
+        let tok = ops::data::collate::tokenize_example(
+            &p,
+            &rec.text,
+            &rec.assistant_spans,
+            rec.images.len(),
+            &opts,
+        )?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        timed(&mut stages[5], t);
+        let t = Instant::now();
+        let mut tok_no_images = tok.clone();
+        tok_no_images.images_kept = 0;
+        std::hint::black_box(ops::data::collate::collate(
+            &p,
+            &[tok_no_images],
+            &[Vec::new()],
+            &opts,
+        ));
+        timed(&mut stages[6], t);
+        std::hint::black_box(&pixels);
+    }
+    let n = records.len() as f64;
+    let total: f64 = stages.iter().sum();
+    println!(
+        "profile (1 thread, ms per example): total {:.1}",
+        1e3 * total / n
+    );
+    for (name, s) in names.iter().zip(stages) {
+        println!(
+            "  {name:<26} {:7.2} ms  {:5.1}%",
+            1e3 * s / n,
+            100.0 * s / total
+        );
+    }
+    println!(
+        "  (resize, scalar kernel    {:7.2} ms; pixel buffer with 4 KiB pages {:.2} ms)",
+        1e3 * resize_scalar / n,
+        1e3 * small_pages / n
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(40);
@@ -200,6 +299,7 @@ fn main() -> Result<()> {
         fail_on_error: true,
     };
     prepare_batches(&tdir, &model, &bdir, &spec, &|_| {})?;
+    profile_stages(&templated, &files, &model)?;
     let cores = std::thread::available_parallelism()
         .map(|c| c.get())
         .unwrap_or(1);
