@@ -18,11 +18,11 @@ op_params! {
         seed: Option<u64> = None,
         /// Drop the last incomplete batch of an epoch.
         drop_last: bool = false,
-        /// Let the tokenizer add its BOS as the guide does (with Gemma's template: a double BOS); false drops the duplicate.
+        /// Let the tokenizer add its BOS as the guide does (with Gemma's template: a double BOS); false drops the duplicate. Unset with `assistant_only_loss = true`, it becomes false, as TRL's collator passes add_special_tokens=False.
         add_special_tokens: bool = true,
         /// Mask <start_of_image> in the labels, as the guide intends; false reproduces the guide's literal code (a no-op mask).
         mask_boi: bool = true,
-        /// Train only on assistant turns (needs a template with {% generation %} blocks).
+        /// Train only on assistant turns, as TRL 1.16's SFTTrainer(assistant_only_loss=True): a token keeps its label when its text overlaps a {% generation %} block (render with the template op's `assistant_only_loss = true`).
         assistant_only_loss: bool = false,
         /// Truncate sequences to this many tokens; an example whose cut falls inside an image block is dropped (or fails, per on_error).
         max_length: Option<usize> = None,
@@ -60,10 +60,16 @@ impl Op for CollateOp {
         CollateParams::specs()
     }
     fn version(&self) -> u32 {
-        1
+        // 2: assistant tokens by span overlap (transformers' rule), add_special_tokens default.
+        2
     }
     fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError> {
         let p = CollateParams::from_table(params)?;
+        let mut table = params.clone();
+        if p.assistant_only_loss && !table.contains_key("add_special_tokens") {
+            table.insert("add_special_tokens".into(), toml::Value::Boolean(false));
+        }
+        let params = &table;
         if p.batch_size == 0 {
             return Err(ParamError {
                 key: Some("batch_size".into()),

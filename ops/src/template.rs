@@ -1,12 +1,14 @@
 //! `template`: renders the model's own chat template over each conversation, as the guide's
-//! `processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False).strip()`.
+//! `processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False).strip()`;
+//! with `assistant_only_loss`, as TRL 1.16's SFTTrainer renders for its vision collator (TRL's
+//! training template when the model's has no `{% generation %}` blocks, no `.strip()`).
 
 use std::io::{BufRead, Write};
 
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
-use crate::data::chat_template::{python_strip, ChatTemplate};
+use crate::data::chat_template::{python_strip, ChatTemplate, TemplateChoice};
 use crate::data::conversation::{write_json, ConversationRecord, TemplatedRecord};
 use crate::params::OpParams;
 use crate::{op_params, ArtifactType, Op, ParamError, ParamSpec, Port, RunCtx};
@@ -17,8 +19,10 @@ op_params! {
         chat_template: Option<String> = None,
         /// Append the generation prompt (`<start_of_turn>model\n` for Gemma); the guide trains with false.
         add_generation_prompt: bool = false,
-        /// Python `.strip()` the rendered text, as the guide does.
+        /// Python `.strip()` the rendered text, as the guide does. Unset with `assistant_only_loss = true`, it becomes false: TRL's collator does not strip (the final `<end_of_turn>\n` stays and is trained).
         strip: bool = true,
+        /// Render as TRL 1.16's SFTTrainer does for `assistant_only_loss`: the template itself if it has {% generation %} blocks, else TRL's training variant of it (bundled for Gemma 3: trl/chat_templates/gemma3_training.jinja), else an error. Pair it with the collate op's `assistant_only_loss`.
+        assistant_only_loss: bool = false,
     }
 }
 
@@ -51,10 +55,16 @@ impl Op for TemplateOp {
         TemplateParams::specs()
     }
     fn version(&self) -> u32 {
-        1
+        // 2: `assistant_only_loss`; `generation_tags` now means real {% generation %} markers.
+        2
     }
     fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError> {
-        TemplateParams::canonical(params)
+        let p = TemplateParams::from_table(params)?;
+        let mut table = params.clone();
+        if p.assistant_only_loss && !table.contains_key("strip") {
+            table.insert("strip".into(), toml::Value::Boolean(false));
+        }
+        TemplateParams::canonical(&table)
     }
     fn output(&self, _params: &toml::Table) -> ArtifactType {
         ArtifactType::Templated
@@ -81,7 +91,14 @@ impl Op for TemplateOp {
         let p = TemplateParams::from_table(ctx.params)?;
         let model = crate::data::model_dir::open(&ctx.input("model")?.dir)?;
         let override_path = p.chat_template.as_ref().map(|t| ctx.recipe.resolve(t));
-        let template = ChatTemplate::from_model_dir(model.root(), override_path.as_deref())?;
+        let (template, choice) = if p.assistant_only_loss {
+            ChatTemplate::for_assistant_only_loss(model.root(), override_path.as_deref())?
+        } else {
+            (
+                ChatTemplate::from_model_dir(model.root(), override_path.as_deref())?,
+                TemplateChoice::AsGiven,
+            )
+        };
         let conv_dir = &ctx.input("conversations")?.dir;
         let in_path = conv_dir.join("conversations.jsonl");
         let reader = std::io::BufReader::new(
@@ -144,7 +161,13 @@ impl Op for TemplateOp {
         .context("conversations artifact has no source.json")?;
         write_json(
             &ctx.out_dir.join("templated.json"),
-            &serde_json::json!({"count": count, "generation_tags": template.has_generation_tags()}),
+            &serde_json::json!({
+                "count": count,
+                "generation_tags": template.has_generation_tags(),
+                "template": choice.to_string(),
+                "assistant_only_loss": p.assistant_only_loss,
+                "strip": p.strip,
+            }),
         )?;
         Ok(())
     }

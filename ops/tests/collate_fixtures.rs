@@ -331,3 +331,256 @@ fn mmiu_chain_matches_the_guides_collate_fn() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(b.labels, tensor_i64(&st, "labels_literal_guide"));
 }
+
+// ---- assistant_only_loss against TRL 1.16 (tests/fixtures/trl/assistant_only_loss.json, made by
+// tools/fixtures/assistant_only_loss.py through SFTTrainer(assistant_only_loss=True).data_collator).
+
+fn trl_golden() -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(repo().join("tests/fixtures/trl/assistant_only_loss.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn flat_i64(rows: &serde_json::Value) -> Vec<i64> {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()))
+        .collect()
+}
+
+/// The templated artifact and the batch stream against TRL's batches of `kind`, every batch and
+/// every value exactly.
+fn check_against_trl(kind: &str, templated: &Artifact, batches: &Artifact) {
+    let golden = trl_golden();
+    let golden_batches = golden["batches"][kind].as_array().unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(templated.dir.join("templated.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["template"], "trl:gemma3_training.jinja", "{kind}");
+    assert_eq!(meta["strip"], false, "{kind}: TRL does not strip");
+    assert_eq!(meta["generation_tags"], true, "{kind}");
+    let records = ops::data::collate::read_templated(&templated.dir).unwrap();
+    for gb in golden_batches {
+        for (i, row) in gb["rows"].as_array().unwrap().iter().enumerate() {
+            let row = row.as_u64().unwrap() as usize;
+            let rec = records.iter().find(|r| r.row == row).unwrap();
+            assert_eq!(
+                rec.text,
+                gb["texts"][i].as_str().unwrap(),
+                "{kind} row {row}: text"
+            );
+            // transformers records character offsets; the runner byte offsets.
+            let chars = |byte: usize| rec.text[..byte].chars().count() as u64;
+            let spans: Vec<[u64; 2]> = rec
+                .assistant_spans
+                .iter()
+                .map(|&(s, e)| [chars(s), chars(e)])
+                .collect();
+            let want: Vec<[u64; 2]> =
+                serde_json::from_value(gb["generation_spans_chars"][i].clone()).unwrap();
+            assert_eq!(spans, want, "{kind} row {row}: generation spans");
+        }
+    }
+    let mut stream = BatchStream::open(
+        &batches.dir,
+        StreamOptions {
+            workers: 2,
+            prefetch: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut straddling = 0;
+    for gb in golden_batches {
+        let b = stream.next().unwrap().unwrap();
+        let rows: Vec<usize> = serde_json::from_value(gb["rows"].clone()).unwrap();
+        assert_eq!(b.rows, rows, "{kind}: batch rows");
+        let t = gb["input_ids"][0].as_array().unwrap().len();
+        assert_eq!(
+            (b.batch_size, b.seq_len),
+            (rows.len(), t),
+            "{kind} {rows:?}: [B, T]"
+        );
+        assert_eq!(
+            b.input_ids,
+            flat_i64(&gb["input_ids"]),
+            "{kind} {rows:?}: input_ids"
+        );
+        assert_eq!(
+            b.attention_mask,
+            flat_i64(&gb["attention_mask"]),
+            "{kind} {rows:?}: attention_mask"
+        );
+        assert_eq!(
+            b.token_type_ids,
+            flat_i64(&gb["token_type_ids"]),
+            "{kind} {rows:?}: token_type_ids"
+        );
+        assert_eq!(b.labels, flat_i64(&gb["labels"]), "{kind} {rows:?}: labels");
+        assert_eq!(
+            b.num_label_tokens() as u64,
+            gb["label_tokens"].as_u64().unwrap(),
+            "{kind} {rows:?}: label tokens"
+        );
+        let per: Vec<usize> = serde_json::from_value(gb["n_images_per_example"].clone()).unwrap();
+        assert_eq!(
+            b.images_per_sample, per,
+            "{kind} {rows:?}: images per sample"
+        );
+        straddling += gb["straddling_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().len())
+            .sum::<usize>();
+    }
+    assert!(stream.next().is_none(), "{kind}: more batches than TRL's");
+    eprintln!(
+        "{kind}: {} batches equal to TRL's, {straddling} straddling tokens",
+        golden_batches.len()
+    );
+}
+
+#[test]
+fn llava_assistant_only_loss_matches_trl() {
+    let c = Chain::new();
+    let raw = c
+        .run(
+            &ops::load::Load,
+            "raw",
+            "dataset = \"HuggingFaceH4/llava-instruct-mix-vsft\"\nsplit = \"train\"",
+            &[],
+        )
+        .unwrap();
+    let model = c
+        .run(
+            &ops::load::Load,
+            "base",
+            "model = \"runner-test/tiny-gemma-3\"",
+            &[],
+        )
+        .unwrap();
+    let chats = c
+        .run(&ops::format::FormatOp, "chats", "", &[("rows", &raw)])
+        .unwrap();
+    let templated = c
+        .run(
+            &ops::template::TemplateOp,
+            "templated",
+            "assistant_only_loss = true",
+            &[("conversations", &chats), ("model", &model)],
+        )
+        .unwrap();
+    let batches = c
+        .run(
+            &ops::collate::CollateOp,
+            "batches",
+            "batch_size = 3\nshuffle = false\nassistant_only_loss = true",
+            &[("templated", &templated), ("model", &model)],
+        )
+        .unwrap();
+    check_against_trl("llava", &templated, &batches);
+
+    // The guide's rendering (the model's template, no generation blocks) cannot say which tokens
+    // are the assistant's: a clear error that names the fix, not a batch of all -100 labels.
+    let plain = c
+        .run(
+            &ops::template::TemplateOp,
+            "plain",
+            "",
+            &[("conversations", &chats), ("model", &model)],
+        )
+        .unwrap();
+    let e = c
+        .run(
+            &ops::collate::CollateOp,
+            "plain_batches",
+            "assistant_only_loss = true",
+            &[("templated", &plain), ("model", &model)],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("set `assistant_only_loss = true` on the `template` op"),
+        "{e}"
+    );
+}
+
+#[test]
+fn mmiu_assistant_only_loss_matches_trl() {
+    let c = Chain::new();
+    let raw = c
+        .run(
+            &ops::load::Load,
+            "raw",
+            "dataset = \"FanqingM/MMIU-Benchmark\"\nsplit = \"test\"",
+            &[],
+        )
+        .unwrap();
+    let images = c
+        .run(&ops::unzip::Unzip, "images", "", &[("archives", &raw)])
+        .unwrap();
+    let model = c
+        .run(
+            &ops::load::Load,
+            "base",
+            "model = \"runner-test/tiny-gemma-3\"",
+            &[],
+        )
+        .unwrap();
+    let chats = c
+        .run(
+            &ops::format::FormatOp,
+            "chats",
+            "system = \"{context}\"\nuser = { images = \"{input_image_path}\", text = \"{question}\" }\nassistant = \"{output}\"\non_error = \"fail\"",
+            &[("rows", &raw), ("files", &images)],
+        )
+        .unwrap();
+    let templated = c
+        .run(
+            &ops::template::TemplateOp,
+            "templated",
+            "assistant_only_loss = true",
+            &[("conversations", &chats), ("model", &model)],
+        )
+        .unwrap();
+    let batches = c
+        .run(
+            &ops::collate::CollateOp,
+            "batches",
+            "batch_size = 2\nshuffle = false\nassistant_only_loss = true",
+            &[("templated", &templated), ("model", &model)],
+        )
+        .unwrap();
+    check_against_trl("mmiu", &templated, &batches);
+}
+
+#[test]
+fn assistant_only_loss_defaults_follow_trl_unless_set() {
+    let canonical = |op: &dyn Op, params: &str| op.check(&params.parse().unwrap()).unwrap();
+    let t = &ops::template::TemplateOp;
+    assert_eq!(canonical(t, "")["strip"], toml::Value::Boolean(true));
+    assert_eq!(
+        canonical(t, "assistant_only_loss = true")["strip"],
+        toml::Value::Boolean(false)
+    );
+    assert_eq!(
+        canonical(t, "assistant_only_loss = true\nstrip = true")["strip"],
+        toml::Value::Boolean(true)
+    );
+    let c = &ops::collate::CollateOp;
+    assert_eq!(
+        canonical(c, "")["add_special_tokens"],
+        toml::Value::Boolean(true)
+    );
+    assert_eq!(
+        canonical(c, "assistant_only_loss = true")["add_special_tokens"],
+        toml::Value::Boolean(false)
+    );
+    assert_eq!(
+        canonical(c, "assistant_only_loss = true\nadd_special_tokens = true")["add_special_tokens"],
+        toml::Value::Boolean(true)
+    );
+}

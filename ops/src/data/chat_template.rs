@@ -10,7 +10,17 @@
 //!
 //! `{% generation %}...{% endgeneration %}` (TRL's training templates) is rewritten into marker
 //! characters so the assistant spans can be recovered for `assistant_only_loss`; the rewrite
-//! keeps trim/lstrip behaviour identical (a block tag stays at each end).
+//! keeps trim/lstrip behaviour identical (a block tag stays at each end). The spans are what
+//! transformers' `AssistantTracker` records: the output of each generation block.
+//!
+//! `assistant_only_loss` picks its template as TRL 1.16's `SFTTrainer.__init__` does
+//! (`trl/trainer/sft_trainer.py`: `if args.assistant_only_loss and not
+//! has_generation_markers(processing_class.chat_template): self.chat_template =
+//! get_training_chat_template(processing_class)`): the model's template when it has generation
+//! markers, else TRL's training variant of it, found by comparing the whole template text with the
+//! templates TRL knows (`trl/chat_template_utils.py`, `get_training_chat_template`). The runner
+//! bundles TRL's Gemma 3 pair (`trl_templates/`, Apache-2.0); any other template without markers is
+//! an error that says how to supply one.
 
 use std::path::Path;
 
@@ -21,6 +31,45 @@ use minijinja::{Environment, Error, ErrorKind, State};
 /// Private-use characters marking generation spans in the raw render; stripped before output.
 const GEN_START: char = '\u{10FFFD}';
 const GEN_END: char = '\u{10FFFC}';
+
+/// TRL 1.16 `trl/chat_templates/gemma3.jinja`: the Gemma 3 template as google/gemma-3-*-it ship it.
+pub const TRL_GEMMA3_TEMPLATE: &str = include_str!("trl_templates/gemma3.jinja");
+/// TRL 1.16 `trl/chat_templates/gemma3_training.jinja`: the same with `{% generation %}` around
+/// each assistant turn's content and its `<end_of_turn>\n` (the `<start_of_turn>model\n` cue
+/// stays outside).
+pub const TRL_GEMMA3_TRAINING_TEMPLATE: &str = include_str!("trl_templates/gemma3_training.jinja");
+
+/// TRL's `has_generation_markers`: `re.search(r"\{%-?\s*generation\s*-?%\}", template)`.
+pub fn has_generation_markers(source: &str) -> bool {
+    static MARKER: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    MARKER
+        .get_or_init(|| regex::Regex::new(r"\{%-?\s*generation\s*-?%\}").expect("valid regex"))
+        .is_match(source)
+}
+
+/// TRL's `get_training_chat_template` for the templates the runner bundles: the training variant
+/// of a template that equals one TRL knows, compared as whole strings as TRL does.
+pub fn training_template_for(source: &str) -> Option<&'static str> {
+    (source == TRL_GEMMA3_TEMPLATE).then_some(TRL_GEMMA3_TRAINING_TEMPLATE)
+}
+
+/// Which template text a `template` op renders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateChoice {
+    /// The model's own template, or the one the recipe named.
+    AsGiven,
+    /// TRL's training variant swapped in for `assistant_only_loss` (its file name).
+    TrlTraining(&'static str),
+}
+
+impl std::fmt::Display for TemplateChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TemplateChoice::AsGiven => f.write_str("as given"),
+            TemplateChoice::TrlTraining(name) => write!(f, "trl:{name}"),
+        }
+    }
+}
 
 /// A compiled chat template plus the variables transformers passes besides the messages.
 pub struct ChatTemplate {
@@ -39,54 +88,45 @@ pub struct Rendered {
 }
 
 impl ChatTemplate {
-    /// Loads the model's own template: `chat_template.jinja`, else `chat_template.json`
-    /// (`{"chat_template": ...}`), else `tokenizer_config.json`'s `chat_template` (a string, or the
-    /// list of named templates, where `default` is used). Special tokens come from
-    /// `tokenizer_config.json` and `special_tokens_map.json`.
+    /// Loads the model's own template (see `template_source`), or the override file. Special
+    /// tokens come from `tokenizer_config.json` and `special_tokens_map.json`.
     pub fn from_model_dir(dir: &Path, override_path: Option<&Path>) -> Result<Self> {
-        let tokenizer_config = read_json_opt(&dir.join("tokenizer_config.json"))?;
-        let source = if let Some(p) = override_path {
-            std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read chat template {}", p.display()))?
-        } else if dir.join("chat_template.jinja").is_file() {
-            std::fs::read_to_string(dir.join("chat_template.jinja"))?
-        } else if let Some(v) = read_json_opt(&dir.join("chat_template.json"))? {
-            template_from_json(v.get("chat_template")).with_context(|| {
-                format!(
-                    "{}: no usable `chat_template`",
-                    dir.join("chat_template.json").display()
-                )
-            })?
-        } else if let Some(t) = tokenizer_config
-            .as_ref()
-            .and_then(|c| template_from_json(c.get("chat_template")))
-        {
-            t
+        let (source, _) = template_source(dir, override_path)?;
+        Self::new(&source, special_tokens(dir)?)
+    }
+
+    /// The template `assistant_only_loss` renders with, chosen as TRL's SFTTrainer chooses it:
+    /// the given template if it has `{% generation %}` markers, else TRL's training variant of it
+    /// (bundled: Gemma 3), else an error saying how to provide one.
+    pub fn for_assistant_only_loss(
+        dir: &Path,
+        override_path: Option<&Path>,
+    ) -> Result<(Self, TemplateChoice)> {
+        let (source, origin) = template_source(dir, override_path)?;
+        let (source, choice) = if has_generation_markers(&source) {
+            (source.as_str(), TemplateChoice::AsGiven)
+        } else if let Some(training) = training_template_for(&source) {
+            (
+                training,
+                TemplateChoice::TrlTraining("gemma3_training.jinja"),
+            )
         } else {
             bail!(
-                "model folder {} has no chat template (looked for chat_template.jinja, chat_template.json and \
-                 tokenizer_config.json's chat_template); set `chat_template = \"path/to/template.jinja\"`",
-                dir.display()
+                "assistant_only_loss needs a chat template with {{% generation %}}...{{% endgeneration %}} around \
+                 the assistant turns; {origin} has none and is not a template TRL ships a training variant of that \
+                 the runner bundles (Gemma 3's). Set the `template` op's `chat_template` to a copy of the template \
+                 with those markers around each assistant message (TRL's trl/chat_templates/*_training.jinja are \
+                 examples)"
             );
         };
-        let mut special = serde_json::Map::new();
-        for cfg in [
-            read_json_opt(&dir.join("special_tokens_map.json"))?,
-            tokenizer_config,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            collect_special_tokens(&cfg, &mut special);
-        }
-        Self::new(&source, special)
+        Ok((Self::new(source, special_tokens(dir)?)?, choice))
     }
 
     pub fn new(
         source: &str,
         special_tokens: serde_json::Map<String, serde_json::Value>,
     ) -> Result<Self> {
-        let has_generation_tags = source.contains("generation");
+        let has_generation_tags = has_generation_markers(source);
         let source = rewrite_generation_tags(source);
         let mut env = Environment::new();
         env.set_syntax(
@@ -152,6 +192,61 @@ impl ChatTemplate {
     }
 }
 
+/// The template text a model folder provides (or the override file), and where it came from:
+/// `chat_template.jinja`, else `chat_template.json` (`{"chat_template": ...}`), else
+/// `tokenizer_config.json`'s `chat_template` (a string, or the list of named templates, where
+/// `default` is used).
+fn template_source(dir: &Path, override_path: Option<&Path>) -> Result<(String, String)> {
+    if let Some(p) = override_path {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read chat template {}", p.display()))?;
+        return Ok((text, format!("the chat template {}", p.display())));
+    }
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let text = std::fs::read_to_string(&jinja)
+            .with_context(|| format!("cannot read {}", jinja.display()))?;
+        return Ok((text, format!("the model's {}", jinja.display())));
+    }
+    let json = dir.join("chat_template.json");
+    if let Some(v) = read_json_opt(&json)? {
+        let text = template_from_json(v.get("chat_template"))
+            .with_context(|| format!("{}: no usable `chat_template`", json.display()))?;
+        return Ok((text, format!("the model's {}", json.display())));
+    }
+    let tokenizer_config = dir.join("tokenizer_config.json");
+    if let Some(text) = read_json_opt(&tokenizer_config)?
+        .as_ref()
+        .and_then(|c| template_from_json(c.get("chat_template")))
+    {
+        return Ok((
+            text,
+            format!("the chat_template of {}", tokenizer_config.display()),
+        ));
+    }
+    bail!(
+        "model folder {} has no chat template (looked for chat_template.jinja, chat_template.json and \
+         tokenizer_config.json's chat_template); set `chat_template = \"path/to/template.jinja\"`",
+        dir.display()
+    );
+}
+
+/// The special tokens transformers passes to the template (`tokenizer.special_tokens_map`), from
+/// `special_tokens_map.json` and `tokenizer_config.json`.
+fn special_tokens(dir: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut special = serde_json::Map::new();
+    for cfg in [
+        read_json_opt(&dir.join("special_tokens_map.json"))?,
+        read_json_opt(&dir.join("tokenizer_config.json"))?,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        collect_special_tokens(&cfg, &mut special);
+    }
+    Ok(special)
+}
+
 fn template_from_json(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
@@ -203,8 +298,8 @@ fn collect_special_tokens(
     }
 }
 
-/// `{% generation %}` / `{% endgeneration %}` -> a block tag around a marker output, keeping the
-/// block-tag whitespace rules on both sides.
+/// `{% generation %}` / `{% endgeneration %}` -> a marker output between two block tags, keeping
+/// the tag's whitespace control (`{%-`, `-%}`) and the block-tag rules on both sides.
 fn rewrite_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
@@ -223,14 +318,19 @@ fn rewrite_generation_tags(source: &str) -> String {
             "%}"
         };
         out.push_str(&rest[..open]);
-        match inner {
-            "generation" => out.push_str(&format!(
-                "{open_tag} if true {close_tag}{{{{ \"{GEN_START}\" }}}}{{% endif %}}"
+        // `{%- generation -%}` -> `{%- if true %}{{ MARK }}{% endif -%}`: the first tag takes the
+        // left whitespace control and lstrip, the last the right one and trim_blocks, so the
+        // text around the marker is exactly what Jinja2 leaves around the original tag.
+        let marker = match inner {
+            "generation" => Some(GEN_START),
+            "endgeneration" => Some(GEN_END),
+            _ => None,
+        };
+        match marker {
+            Some(mark) => out.push_str(&format!(
+                "{open_tag} if true %}}{{{{ \"{mark}\" }}}}{{% endif {close_tag}"
             )),
-            "endgeneration" => out.push_str(&format!(
-                "{{% if true %}}{{{{ \"{GEN_END}\" }}}}{open_tag} endif {close_tag}"
-            )),
-            _ => out.push_str(&rest[open..close]),
+            None => out.push_str(&rest[open..close]),
         }
         rest = &rest[close..];
     }
@@ -523,6 +623,105 @@ mod tests {
             .render(&json!([{"content": " x "}, {"content": "y"}]), false)
             .unwrap();
         assert_eq!(r.text, "X");
+    }
+
+    #[test]
+    fn generation_markers_as_trl_detects_them() {
+        // The plain Gemma 3 template says `add_generation_prompt` but has no generation block.
+        assert!(!has_generation_markers(TRL_GEMMA3_TEMPLATE));
+        assert!(TRL_GEMMA3_TEMPLATE.contains("generation"));
+        assert!(has_generation_markers(TRL_GEMMA3_TRAINING_TEMPLATE));
+        for marked in [
+            "{% generation %}",
+            "{%- generation %}",
+            "{%- generation -%}",
+            "{%generation%}",
+        ] {
+            assert!(has_generation_markers(marked), "{marked}");
+        }
+        assert!(!has_generation_markers("{% endgeneration %}"));
+        assert!(!has_generation_markers("{{ generation }}"));
+        assert_eq!(
+            training_template_for(TRL_GEMMA3_TEMPLATE),
+            Some(TRL_GEMMA3_TRAINING_TEMPLATE)
+        );
+        // Whole-string equality, as TRL compares: one more newline and it is another template.
+        assert_eq!(
+            training_template_for(&format!("{TRL_GEMMA3_TEMPLATE}\n")),
+            None
+        );
+        let t = tmpl(TRL_GEMMA3_TEMPLATE);
+        assert!(!t.has_generation_tags());
+    }
+
+    #[test]
+    fn assistant_only_loss_swaps_in_trls_training_template_or_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"bos_token": "<bos>"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("chat_template.jinja"), TRL_GEMMA3_TEMPLATE).unwrap();
+        let (t, choice) = ChatTemplate::for_assistant_only_loss(dir.path(), None).unwrap();
+        assert_eq!(choice, TemplateChoice::TrlTraining("gemma3_training.jinja"));
+        let conv = json!([
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": " A cat. "}]}
+        ]);
+        let r = t.render(&conv, false).unwrap();
+        // Hand-written from gemma3_training.jinja: the block holds the trimmed content and its
+        // "<end_of_turn>\n"; the "<start_of_turn>model\n" cue stays outside.
+        let want = "<bos><start_of_turn>user\nBe brief.\n\n<start_of_image>What?<end_of_turn>\n<start_of_turn>model\nA cat.<end_of_turn>\n";
+        assert_eq!(r.text, want);
+        let start = want.find("A cat.").unwrap();
+        assert_eq!(r.assistant_spans, vec![(start, want.len())]);
+        // The plain template renders the same text.
+        let plain = ChatTemplate::from_model_dir(dir.path(), None).unwrap();
+        assert_eq!(plain.render(&conv, false).unwrap().text, want);
+
+        // A template with its own markers is used as it is.
+        let own = dir.path().join("own.jinja");
+        std::fs::write(
+            &own,
+            "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}",
+        )
+        .unwrap();
+        let (_, choice) = ChatTemplate::for_assistant_only_loss(dir.path(), Some(&own)).unwrap();
+        assert_eq!(choice, TemplateChoice::AsGiven);
+
+        // Any other template without markers: an error naming it and the fix.
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "{% for m in messages %}{{ m.content }}{% endfor %}",
+        )
+        .unwrap();
+        let e = ChatTemplate::for_assistant_only_loss(dir.path(), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("chat_template.jinja")
+                && e.contains("{% generation %}")
+                && e.contains("`chat_template`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn generation_tags_keep_their_whitespace_control() {
+        // Rendered by transformers 5.24 (`render_jinja_template(..., return_assistant_tokens_mask=True)`,
+        // jinja2 3.1.6): "q\n<a>ans\n    |\n  tail\n", generation span (5, 15).
+        let t = tmpl("{% for m in messages %}{% if m.role == 'assistant' %}\n  {{- '<a>' }}\n  {%- generation -%}\n    {{ m.content }}\n    {{ '|\n' }}\n  {%- endgeneration %}\n  tail\n{% else %}{{ m.content }}\n{% endif %}{% endfor %}");
+        let r = t
+            .render(
+                &json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans"}]),
+                false,
+            )
+            .unwrap();
+        assert_eq!(r.text, "q\n<a>ans\n    |\n  tail\n");
+        assert_eq!(r.assistant_spans, vec![(5, 15)]);
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //!
 //! Per batch (the guide): `processor(text=texts, images=images, padding=True)` with right
 //! padding, then `labels = input_ids` with pad, boi and image soft tokens set to -100.
+//!
+//! `assistant_only_loss` (TRL 1.16 `DataCollatorForVisionLanguageModeling`): additionally -100
+//! on every token outside the assistant mask that transformers' `processor.apply_chat_template(
+//! ..., return_assistant_tokens_mask=True)` computes (`processing_utils.py`,
+//! `_adjust_assistant_masks_indices`): the template's generation spans, shifted past the expanded
+//! image placeholders, keep every token whose offsets overlap them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +38,7 @@ pub struct CollateOptions {
     /// Mask `<start_of_image>` in the labels as the guide intends (`false` = the guide's literal
     /// code, whose boi masking is a no-op on current torch).
     pub mask_boi: bool,
-    /// Only tokens inside the template's `{% generation %}` blocks keep their labels.
+    /// Only tokens overlapping the template's `{% generation %}` blocks keep their labels.
     pub assistant_only_loss: bool,
     /// Truncate longer sequences to this many tokens (never inside an image block).
     pub max_length: Option<usize>,
@@ -101,10 +107,7 @@ pub fn tokenize_example(
     let (mut ids, offsets) =
         p.encode(&expanded, opts.add_special_tokens, opts.assistant_only_loss)?;
     let mut trainable: Vec<bool> = if opts.assistant_only_loss {
-        offsets
-            .iter()
-            .map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| s >= a && s < b))
-            .collect()
+        assistant_token_mask(&offsets, &spans)
     } else {
         vec![true; ids.len()]
     };
@@ -142,6 +145,20 @@ pub fn tokenize_example(
         trainable,
         images_kept,
     }))
+}
+
+/// transformers' assistant mask: token `[start, end)` is an assistant token when it overlaps a
+/// span `[a, b)`, `start < b && end > a` (`processing_utils.py`, `_adjust_assistant_masks_indices`:
+/// "Mask every token overlapping the span"). So a token that straddles a span boundary, such as
+/// a merged `"\nB"` whose `"\n"` ends the `<start_of_turn>model\n` cue, is kept; a token that
+/// only touches a span (ends where it starts) is not, nor is the tokenizer's added BOS (0..0).
+/// Offsets and spans must be in the same units (bytes here; transformers uses characters, which
+/// gives the same answer because both lie on character boundaries).
+pub fn assistant_token_mask(offsets: &[(usize, usize)], spans: &[(usize, usize)]) -> Vec<bool> {
+    offsets
+        .iter()
+        .map(|&(start, end)| spans.iter().any(|&(a, b)| start < b && end > a))
+        .collect()
 }
 
 /// A collated batch. Shapes: `[batch, seq_len]` row-major for the token tensors;
@@ -720,8 +737,10 @@ pub fn prepare_batches(
             .unwrap_or(false);
         if !has_spans {
             bail!(
-                "assistant_only_loss = true needs a chat template with {{% generation %}} blocks; the `template` op's \
-                 template has none (set its `chat_template` to such a template, e.g. TRL's gemma3_training.jinja)"
+                "assistant_only_loss = true needs templated text with assistant spans, but the `template` op's \
+                 template has no {{% generation %}} blocks: set `assistant_only_loss = true` on the `template` op \
+                 too (it swaps in TRL's training template, as SFTTrainer does), or give it a `chat_template` \
+                 with such blocks"
             );
         }
     }
@@ -832,4 +851,54 @@ pub fn prepare_batches(
 /// Loads all templated records of a `templated` artifact (small datasets, tests).
 pub fn read_templated(templated_dir: &Path) -> Result<Vec<TemplatedRecord>> {
     read_jsonl(&templated_dir.join("templated.jsonl"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assistant_mask_keeps_tokens_that_overlap_a_span() {
+        // "<start_of_turn>model\nB<end_of_turn>\n" as the fixture tokenizer splits it, byte offsets
+        // by hand: <start_of_turn> 0..15, "mo" 15..17, "d" 17..18, "el" 18..20, "\nB" 20..22,
+        // <end_of_turn> 22..35, "\n" 35..36. The generation block of TRL's Gemma 3 training
+        // template starts after "model\n": span 21..36. The added BOS is 0..0.
+        let offsets = [
+            (0, 0),
+            (0, 15),
+            (15, 17),
+            (17, 18),
+            (18, 20),
+            (20, 22),
+            (22, 35),
+            (35, 36),
+        ];
+        let spans = [(21, 36)];
+        assert_eq!(
+            assistant_token_mask(&offsets, &spans),
+            [false, false, false, false, false, true, true, true],
+            "\\nB straddles the span start and is kept, as transformers keeps it"
+        );
+        // A span from 0 still skips the zero-width BOS; a token ending where a span starts, or
+        // starting where it ends, is outside; an empty span at a token boundary keeps nothing
+        // (inside a token it keeps that token, by the same formula, as transformers does).
+        assert_eq!(
+            assistant_token_mask(&offsets, &[(0, 15)]),
+            [false, true, false, false, false, false, false, false]
+        );
+        assert_eq!(
+            assistant_token_mask(&offsets, &[(20, 22), (36, 40)]),
+            [false, false, false, false, false, true, false, false]
+        );
+        assert_eq!(assistant_token_mask(&offsets, &[(22, 22)]), [false; 8]);
+        assert_eq!(
+            assistant_token_mask(&offsets, &[(21, 21)]),
+            [false, false, false, false, false, true, false, false]
+        );
+        // A token covering a whole short span (span inside one token) is kept.
+        assert_eq!(
+            assistant_token_mask(&offsets, &[(16, 17)]),
+            [false, false, true, false, false, false, false, false]
+        );
+    }
 }
