@@ -413,3 +413,33 @@ fn attention_masked_rows(@builtin(workgroup_id) wid: vec3<u32>,
     }
     O[i] = sum / f32(p.seq);
 }
+
+// The `sg_*` sections hold only the bindings of the subgroup kernels for 8-lane CPU adapters
+// (lavapipe); their entry points are generated, fully unrolled, by
+// ops/src/gpu/kernels/attention.rs (`subgroup_forward` etc.), which documents them.
+//== kernel sg_forward
+@group(0) @binding(1) var<storage, read> Q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> K: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> V: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> MASK: array<i32>;
+@group(0) @binding(5) var<storage, read_write> O: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> LSE: array<f32>;
+
+//== kernel sg_dq
+@group(0) @binding(1) var<storage, read> Q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> K: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> V: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> DO: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> STATS: array<vec2<f32>>;
+@group(0) @binding(6) var<storage, read> MASK: array<i32>;
+@group(0) @binding(7) var<storage, read_write> DQ: array<vec4<f32>>;
+
+//== kernel sg_dkdv
+@group(0) @binding(1) var<storage, read> Q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> K: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> V: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> DO: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> STATS: array<vec2<f32>>;
+@group(0) @binding(6) var<storage, read> MASK: array<i32>;
+@group(0) @binding(7) var<storage, read_write> DK: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> DV: array<vec4<f32>>;

@@ -8,6 +8,11 @@
 //! ```
 //! The kernels use subgroup operations (a workgroup is one subgroup of 8 lanes that splits the
 //! head dimension), so the adapter needs `Features::SUBGROUP` with subgroups of at least 8.
+//! Two implementations: on adapters whose subgroups are exactly 8 lanes (lavapipe, where a
+//! storage load is a loop over the SIMD lanes) generated, fully unrolled kernels that load each
+//! K/V/Q/dO value once per subgroup and share it by `subgroupBroadcast`, with 16 rows per
+//! workgroup ([`subgroup_forward`], [`subgroup_dq`], [`subgroup_dkdv`]); elsewhere the general
+//! kernels of shaders/attention.wgsl.
 
 use anyhow::{bail, ensure, Result};
 use bytemuck::{Pod, Zeroable};
@@ -276,6 +281,22 @@ impl Gpu {
             check_tensor("out", out, d.q_len())?,
             check_tensor("lse", lse, d.lse_len())?,
         ];
+        if subgroup_kernels_fit(self) {
+            let (shape, _) = SubgroupShape::for_dims(&d);
+            let source = subgroup_module("sg_forward", &shape);
+            let kernel = self.kernel(source, "attention_sg_forward", &[]);
+            rec.dispatch(
+                &kernel,
+                bytemuck::bytes_of(&params),
+                &views,
+                [
+                    mask.q_blocks.div_ceil(shape.blocks as usize) as u32,
+                    (d.q_heads / shape.heads as usize) as u32,
+                    d.batch as u32,
+                ],
+            );
+            return Ok(());
+        }
         let kernel = self.kernel(&module("forward"), "attention_forward", &constants);
         rec.dispatch(
             &kernel,
@@ -330,26 +351,54 @@ impl Gpu {
             groups_1d(self, rows.div_ceil(64)),
         );
 
+        let dq_views = [
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            d_out.clone(),
+            stats.clone(),
+            maskv.clone(),
+            dq,
+        ];
+        let dkdv_views = [q, k, v, d_out, stats, maskv, dk, dv];
+        if subgroup_kernels_fit(self) {
+            let (rows, keys) = SubgroupShape::for_dims(&d);
+            let dq_kernel = self.kernel(subgroup_module("sg_dq", &rows), "attention_sg_dq", &[]);
+            rec.dispatch(
+                &dq_kernel,
+                bytes,
+                &dq_views,
+                [
+                    mask.q_blocks.div_ceil(rows.blocks as usize) as u32,
+                    (d.q_heads / rows.heads as usize) as u32,
+                    d.batch as u32,
+                ],
+            );
+            let dkdv = self.kernel(subgroup_module("sg_dkdv", &keys), "attention_sg_dkdv", &[]);
+            rec.dispatch(
+                &dkdv,
+                bytes,
+                &dkdv_views,
+                [
+                    mask.k_blocks.div_ceil(keys.blocks as usize) as u32,
+                    d.kv_heads as u32,
+                    d.batch as u32,
+                ],
+            );
+            return Ok(());
+        }
         let dq_kernel = self.kernel(&module("dq"), "attention_dq", &constants);
         rec.dispatch(
             &dq_kernel,
             bytes,
-            &[
-                q.clone(),
-                k.clone(),
-                v.clone(),
-                d_out.clone(),
-                stats.clone(),
-                maskv.clone(),
-                dq,
-            ],
+            &dq_views,
             [mask.q_blocks as u32, d.q_heads as u32, d.batch as u32],
         );
         let dkdv = self.kernel(&module("dkdv"), "attention_dkdv", &constants);
         rec.dispatch(
             &dkdv,
             bytes,
-            &[q, k, v, d_out, stats, maskv, dk, dv],
+            &dkdv_views,
             [mask.k_blocks as u32, d.kv_heads as u32, d.batch as u32],
         );
         Ok(())
@@ -400,6 +449,593 @@ impl Gpu {
         );
         Ok(())
     }
+}
+
+/// Lanes of the subgroup kernels: their workgroup is exactly one subgroup of this size.
+const SUBGROUP_LANES: u32 = 8;
+
+/// Tile shape of the generated subgroup kernels (see [`subgroup_forward`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct SubgroupShape {
+    /// vec4 chunks of a head_dim row each lane owns: ceil(head_dim / 32).
+    slots: u32,
+    /// Query heads per workgroup (forward, dQ); they share one kv head (GQA), so each streamed
+    /// K/V value serves all of them. 1 in dK/dV, which loops over the heads of its kv head.
+    heads: u32,
+    /// Mask blocks of [`ROWS`] rows per workgroup: query rows (forward, dQ) or key rows (dK/dV).
+    blocks: u32,
+    /// Keys (forward, dQ) or queries (dK/dV) each lane owns in one streamed block of
+    /// `8 · per_lane`.
+    per_lane: u32,
+}
+
+impl SubgroupShape {
+    /// The shapes for `dims`: forward/dQ and dK/dV. 16 rows per workgroup: two heads of one
+    /// GQA group × 8 queries, or 16 queries (16 keys in dK/dV); each loaded value of the
+    /// streamed block then feeds 16 rows' FMAs.
+    fn for_dims(d: &AttentionDims) -> (SubgroupShape, SubgroupShape) {
+        let slots = d.head_dim.div_ceil(4 * SUBGROUP_LANES as usize) as u32;
+        let heads = if (d.q_heads / d.kv_heads).is_multiple_of(2) {
+            2
+        } else {
+            1
+        };
+        let rows = SubgroupShape {
+            slots,
+            heads,
+            blocks: 2 / heads,
+            per_lane: 4,
+        };
+        let keys = SubgroupShape {
+            slots,
+            heads: 1,
+            blocks: 2,
+            per_lane: 2,
+        };
+        (rows, keys)
+    }
+
+    fn rows(&self) -> u32 {
+        self.heads * self.blocks * ROWS as u32
+    }
+}
+
+/// Whether this adapter runs the generated subgroup kernels: subgroups of exactly
+/// [`SUBGROUP_LANES`] lanes (a workgroup is one whole subgroup and broadcasts name lanes by
+/// constant index). That is lavapipe, whose SIMD lanes make a storage load a loop over lanes:
+/// these kernels load each value once per subgroup and share it by register broadcasts.
+fn subgroup_kernels_fit(gpu: &Gpu) -> bool {
+    if general_kernels_forced() {
+        return false;
+    }
+    let info = gpu.adapter_info();
+    gpu.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size == SUBGROUP_LANES
+        && info.subgroup_max_size == SUBGROUP_LANES
+}
+
+/// Tests of the general kernels switch the subgroup kernels off on their own thread.
+#[cfg(test)]
+fn general_kernels_forced() -> bool {
+    tests::GENERAL_KERNELS.with(|f| f.get())
+}
+#[cfg(not(test))]
+fn general_kernels_forced() -> bool {
+    false
+}
+
+macro_rules! w {
+    ($s:expr, $($t:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($s, $($t)*);
+    }};
+}
+
+/// `f(a, f(b, ...))` over `items` (one item: itself).
+fn fold(f: &str, items: &[String]) -> String {
+    let mut out = items[0].clone();
+    for x in &items[1..] {
+        out = format!("{f}({out}, {x})");
+    }
+    out
+}
+
+/// One product of the score phase: `acc{r}_{k} += held row r · streamed row k` over the head
+/// dimension, for every row r of the workgroup and every streamed row k of this lane.
+struct Product<'a> {
+    acc: &'a str,
+    /// WGSL load of chunk `c` of held row `r`.
+    held: &'a dyn Fn(u32, &str) -> String,
+    /// WGSL load of chunk `c` of this lane's streamed row `k`.
+    streamed: &'a dyn Fn(u32, &str) -> String,
+}
+
+/// The score phase. Each lane loads its own chunks (lane + 8s) of the held rows and, per chunk
+/// 8s + l, every lane loads that chunk of its own streamed rows while the held chunk comes from
+/// lane l by broadcast: every value is loaded once per subgroup and used for rows × per_lane
+/// dot products.
+fn emit_scores(w: &mut String, sh: &SubgroupShape, products: &[Product]) {
+    let rows = sh.rows();
+    for pr in products {
+        for r in 0..rows {
+            for k in 0..sh.per_lane {
+                w!(w, "        var {}{r}_{k} = 0.0;", pr.acc);
+            }
+        }
+    }
+    w!(w, "        for (var s = 0u; s < {}u; s++) {{", sh.slots);
+    w!(w, "            let own = min(lane + 8u * s, d4 - 1u);");
+    w!(w, "            let live = lane + 8u * s < d4;");
+    for (pi, pr) in products.iter().enumerate() {
+        for r in 0..rows {
+            w!(
+                w,
+                "            let hv{pi}_{r} = select(vec4<f32>(0.0), {}, live);",
+                (pr.held)(r, "own")
+            );
+        }
+    }
+    for l in 0..SUBGROUP_LANES {
+        w!(w, "            {{");
+        w!(w, "                let c = min(8u * s + {l}u, d4 - 1u);");
+        for (pi, pr) in products.iter().enumerate() {
+            for k in 0..sh.per_lane {
+                w!(
+                    w,
+                    "                let x{pi}_{k} = {};",
+                    (pr.streamed)(k, "c")
+                );
+            }
+        }
+        for (pi, pr) in products.iter().enumerate() {
+            for r in 0..rows {
+                w!(
+                    w,
+                    "                let y{pi}_{r} = subgroupBroadcast(hv{pi}_{r}, {l}u);"
+                );
+                for k in 0..sh.per_lane {
+                    w!(
+                        w,
+                        "                {a}{r}_{k} += dot(y{pi}_{r}, x{pi}_{k});",
+                        a = pr.acc
+                    );
+                }
+            }
+        }
+        w!(w, "            }}");
+    }
+    w!(w, "        }}");
+}
+
+/// One term of the accumulation phase: `target{r}_{s} += weight{r}_{k} · streamed row`, chunk
+/// lane + 8s, for every streamed row of the block.
+struct Term<'a> {
+    weight: &'a str,
+    target: &'a str,
+    /// WGSL load of chunk `c` of the streamed row at token `t`.
+    load: &'a dyn Fn(&str, &str) -> String,
+}
+
+/// The accumulation phase: streamed row 8k + j of the block (owned by lane j, whose weights
+/// reach every lane by broadcast); each lane loads its own chunks of it.
+fn emit_accumulate(w: &mut String, sh: &SubgroupShape, base: &str, terms: &[Term]) {
+    let rows = sh.rows();
+    for k in 0..sh.per_lane {
+        for j in 0..SUBGROUP_LANES {
+            w!(w, "        {{");
+            w!(
+                w,
+                "            let tv = min({base} + {}u, last);",
+                j + SUBGROUP_LANES * k
+            );
+            for (ti, t) in terms.iter().enumerate() {
+                for r in 0..rows {
+                    w!(
+                        w,
+                        "            let w{ti}_{r} = vec4<f32>(subgroupBroadcast({}{r}_{k}, {j}u));",
+                        t.weight
+                    );
+                }
+            }
+            for s in 0..sh.slots {
+                w!(w, "            {{");
+                w!(
+                    w,
+                    "                let c = min(lane + {}u, d4 - 1u);",
+                    8 * s
+                );
+                for (ti, t) in terms.iter().enumerate() {
+                    w!(w, "                let v{ti} = {};", (t.load)("tv", "c"));
+                    for r in 0..rows {
+                        w!(
+                            w,
+                            "                {g}{r}_{s} = fma(w{ti}_{r}, v{ti}, {g}{r}_{s});",
+                            g = t.target
+                        );
+                    }
+                }
+                w!(w, "            }}");
+            }
+            w!(w, "        }}");
+        }
+    }
+}
+
+/// `lo`, `hi`: the union of the visibility ranges of the workgroup's mask blocks `blk0 ..`
+/// (`which`: "q" for the key ranges of query blocks, "k" for the query ranges of key blocks).
+fn emit_range_union(w: &mut String, sh: &SubgroupShape, which: &str) {
+    w!(w, "    var lo = p.seq;\n    var hi = 0u;");
+    for x in 0..sh.blocks {
+        w!(w, "    {{");
+        w!(w, "        let at = p.{which}_ranges_off + (b * p.{which}_blocks + min(blk0 + {x}u, p.{which}_blocks - 1u)) * 2u;");
+        w!(
+            w,
+            "        let r_lo = u32(MASK[at]);\n        let r_hi = u32(MASK[at + 1u]);"
+        );
+        // an empty range must not widen the union
+        w!(
+            w,
+            "        if (r_lo < r_hi) {{ lo = min(lo, r_lo); hi = max(hi, r_hi); }}"
+        );
+        w!(w, "    }}");
+    }
+}
+
+/// Forward and dQ: the workgroup's query rows r = g · nq + i (head h0 + g, token t{i}), their
+/// visible key range [lo, hi), and this lane's keys of a block at k0.
+fn emit_query_rows_prologue(w: &mut String, sh: &SubgroupShape) {
+    let nq = sh.blocks * ROWS as u32;
+    w!(w, "    let b = wg.z;");
+    w!(w, "    let h0 = wg.y * {}u;", sh.heads);
+    w!(w, "    let kvh = h0 / (p.q_heads / p.kv_heads);");
+    w!(w, "    let d4 = p.head_dim / 4u;");
+    w!(w, "    let last = p.seq - 1u;");
+    w!(w, "    let blk0 = wg.x * {}u;", sh.blocks);
+    emit_range_union(w, sh, "q");
+    for i in 0..nq {
+        w!(w, "    let t{i} = blk0 * {}u + {i}u;", ROWS);
+        w!(w, "    let tc{i} = min(t{i}, last);");
+        w!(w, "    let qi{i} = token_info(b, t{i});");
+    }
+}
+
+fn emit_key_block_start(w: &mut String, sh: &SubgroupShape) {
+    w!(
+        w,
+        "    for (var k0 = lo; k0 < hi; k0 += {}u) {{",
+        SUBGROUP_LANES * sh.per_lane
+    );
+    for k in 0..sh.per_lane {
+        w!(
+            w,
+            "        let key{k} = k0 + lane + {}u;",
+            SUBGROUP_LANES * k
+        );
+        w!(w, "        let kc{k} = min(key{k}, last);");
+        w!(w, "        let ki{k} = token_info(b, key{k});");
+    }
+}
+
+/// The forward entry point `attention_sg_forward` (a flash-attention forward). A workgroup
+/// (one subgroup of 8 lanes) owns `rows` query rows; lane l holds the output accumulators of
+/// chunks l + 8s of every row. Keys stream in blocks of 8 · per_lane, lane j owning keys
+/// k0 + j + 8k: the scores S = Q·Kᵀ of its keys come from [`emit_scores`], the online softmax
+/// runs per lane on its keys (row max by subgroupMax, the row sum kept as per-lane partials
+/// until the end), and O += P·V by [`emit_accumulate`]. Everything is unrolled into named
+/// variables: llvmpipe turns dynamically indexed private arrays into per-lane gathers.
+fn subgroup_forward(sh: &SubgroupShape) -> String {
+    let rows = sh.rows();
+    let nq = sh.blocks * ROWS as u32;
+    let mut s = String::new();
+    let w = &mut s;
+    w!(w, "\n@compute @workgroup_size(8, 1, 1)");
+    w!(w, "fn attention_sg_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{");
+    emit_query_rows_prologue(w, sh);
+    for r in 0..rows {
+        w!(w, "    var m{r} = NEG;\n    var l{r} = 0.0;");
+        for s in 0..sh.slots {
+            w!(w, "    var a{r}_{s} = vec4<f32>(0.0);");
+        }
+    }
+    emit_key_block_start(w, sh);
+    let held = |r: u32, c: &str| format!("Q[q_index(b, tc{}, h0 + {}u, {c})]", r % nq, r / nq);
+    let streamed = |k: u32, c: &str| format!("K[kv_index(b, kc{k}, kvh, {c})]");
+    emit_scores(
+        w,
+        sh,
+        &[Product {
+            acc: "s",
+            held: &held,
+            streamed: &streamed,
+        }],
+    );
+    for r in 0..rows {
+        let i = r % nq;
+        let mut scores = vec![];
+        for k in 0..sh.per_lane {
+            w!(w, "        s{r}_{k} = select(NEG, s{r}_{k} * p.scale, allowed(qi{i}, ki{k}, t{i}, key{k}));");
+            scores.push(format!("s{r}_{k}"));
+        }
+        w!(
+            w,
+            "        let mn{r} = max(m{r}, subgroupMax({}));",
+            fold("max", &scores)
+        );
+        w!(
+            w,
+            "        let al{r} = exp(m{r} - mn{r});\n        m{r} = mn{r};"
+        );
+        let mut probs = vec![];
+        for k in 0..sh.per_lane {
+            w!(
+                w,
+                "        let p{r}_{k} = select(0.0, exp(s{r}_{k} - mn{r}), s{r}_{k} > 0.5 * NEG);"
+            );
+            probs.push(format!("p{r}_{k}"));
+        }
+        w!(w, "        l{r} = l{r} * al{r} + {};", probs.join(" + "));
+        for s in 0..sh.slots {
+            w!(w, "        a{r}_{s} = a{r}_{s} * al{r};");
+        }
+    }
+    let load_v = |t: &str, c: &str| format!("V[kv_index(b, {t}, kvh, {c})]");
+    emit_accumulate(
+        w,
+        sh,
+        "k0",
+        &[Term {
+            weight: "p",
+            target: "a",
+            load: &load_v,
+        }],
+    );
+    w!(w, "    }}");
+    for r in 0..rows {
+        let (g, i) = (r / nq, r % nq);
+        w!(w, "    {{");
+        w!(w, "        let lt = subgroupAdd(l{r});");
+        w!(w, "        if (t{i} < p.seq) {{");
+        w!(w, "            let inv = select(0.0, 1.0 / lt, lt > 0.0);");
+        for s in 0..sh.slots {
+            w!(w, "            if (lane + {}u < d4) {{ O[q_index(b, t{i}, h0 + {g}u, lane + {}u)] = a{r}_{s} * inv; }}", 8 * s, 8 * s);
+        }
+        w!(w, "            if (lane == 0u) {{ LSE[(b * p.q_heads + h0 + {g}u) * p.seq + t{i}] = select(pos_inf(), m{r} + log(lt), lt > 0.0); }}");
+        w!(w, "        }}");
+        w!(w, "    }}");
+    }
+    w!(w, "}}");
+    s
+}
+
+/// The dQ entry point `attention_sg_dq`: the forward's layout; per key block S = Q·Kᵀ and
+/// dP = dO·Vᵀ for this lane's keys, dS = P ⊙ (dP − delta), then dQ += dS·K.
+fn subgroup_dq(sh: &SubgroupShape) -> String {
+    let rows = sh.rows();
+    let nq = sh.blocks * ROWS as u32;
+    let mut s = String::new();
+    let w = &mut s;
+    w!(w, "\n@compute @workgroup_size(8, 1, 1)");
+    w!(w, "fn attention_sg_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{");
+    emit_query_rows_prologue(w, sh);
+    for r in 0..rows {
+        let (g, i) = (r / nq, r % nq);
+        w!(
+            w,
+            "    let st{r} = STATS[(b * p.q_heads + h0 + {g}u) * p.seq + tc{i}];"
+        );
+        for s in 0..sh.slots {
+            w!(w, "    var a{r}_{s} = vec4<f32>(0.0);");
+        }
+    }
+    emit_key_block_start(w, sh);
+    let q = |r: u32, c: &str| format!("Q[q_index(b, tc{}, h0 + {}u, {c})]", r % nq, r / nq);
+    let d_o = |r: u32, c: &str| format!("DO[q_index(b, tc{}, h0 + {}u, {c})]", r % nq, r / nq);
+    let k = |k: u32, c: &str| format!("K[kv_index(b, kc{k}, kvh, {c})]");
+    let v = |k: u32, c: &str| format!("V[kv_index(b, kc{k}, kvh, {c})]");
+    emit_scores(
+        w,
+        sh,
+        &[
+            Product {
+                acc: "s",
+                held: &q,
+                streamed: &k,
+            },
+            Product {
+                acc: "dp",
+                held: &d_o,
+                streamed: &v,
+            },
+        ],
+    );
+    for r in 0..rows {
+        let i = r % nq;
+        for k in 0..sh.per_lane {
+            w!(w, "        let p{r}_{k} = select(0.0, exp(s{r}_{k} * p.scale - st{r}.x), allowed(qi{i}, ki{k}, t{i}, key{k}));");
+            w!(
+                w,
+                "        let g{r}_{k} = p{r}_{k} * (dp{r}_{k} - st{r}.y);"
+            );
+        }
+    }
+    let load_k = |t: &str, c: &str| format!("K[kv_index(b, {t}, kvh, {c})]");
+    emit_accumulate(
+        w,
+        sh,
+        "k0",
+        &[Term {
+            weight: "g",
+            target: "a",
+            load: &load_k,
+        }],
+    );
+    w!(w, "    }}");
+    for r in 0..rows {
+        let (g, i) = (r / nq, r % nq);
+        w!(w, "    if (t{i} < p.seq) {{");
+        for s in 0..sh.slots {
+            w!(w, "        if (lane + {}u < d4) {{ DQ[q_index(b, t{i}, h0 + {g}u, lane + {}u)] = a{r}_{s} * p.scale; }}", 8 * s, 8 * s);
+        }
+        w!(w, "    }}");
+    }
+    w!(w, "}}");
+    s
+}
+
+/// The dK/dV entry point `attention_sg_dkdv`: a workgroup owns `rows` key rows of one kv head
+/// (lane l holding chunks l + 8s of their dK, dV) and streams, for every q head of the kv head,
+/// the queries that can see them, lane j owning queries i0 + j + 8k: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ,
+/// dSᵀ = Pᵀ ⊙ (dPᵀ − delta), then dV += Pᵀ·dO and dK += dSᵀ·Q. No atomics: each key row has
+/// one owner.
+fn subgroup_dkdv(sh: &SubgroupShape) -> String {
+    let rows = sh.rows();
+    let mut s = String::new();
+    let w = &mut s;
+    w!(w, "\n@compute @workgroup_size(8, 1, 1)");
+    w!(w, "fn attention_sg_dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{");
+    w!(
+        w,
+        "    let b = wg.z;\n    let kvh = wg.y;\n    let group = p.q_heads / p.kv_heads;"
+    );
+    w!(
+        w,
+        "    let d4 = p.head_dim / 4u;\n    let last = p.seq - 1u;"
+    );
+    w!(w, "    let blk0 = wg.x * {}u;", sh.blocks);
+    emit_range_union(w, sh, "k");
+    for r in 0..rows {
+        w!(w, "    let t{r} = blk0 * {}u + {r}u;", ROWS);
+        w!(w, "    let tc{r} = min(t{r}, last);");
+        w!(w, "    let ki{r} = token_info(b, t{r});");
+        for s in 0..sh.slots {
+            w!(
+                w,
+                "    var dk{r}_{s} = vec4<f32>(0.0);\n    var dv{r}_{s} = vec4<f32>(0.0);"
+            );
+        }
+    }
+    w!(
+        w,
+        "    for (var h = kvh * group; h < kvh * group + group; h++) {{"
+    );
+    w!(
+        w,
+        "    for (var i0 = lo; i0 < hi; i0 += {}u) {{",
+        SUBGROUP_LANES * sh.per_lane
+    );
+    for k in 0..sh.per_lane {
+        w!(
+            w,
+            "        let qn{k} = i0 + lane + {}u;",
+            SUBGROUP_LANES * k
+        );
+        w!(w, "        let qc{k} = min(qn{k}, last);");
+        w!(w, "        let qi{k} = token_info(b, qn{k});");
+        w!(
+            w,
+            "        let st{k} = STATS[(b * p.q_heads + h) * p.seq + qc{k}];"
+        );
+    }
+    let k_row = |r: u32, c: &str| format!("K[kv_index(b, tc{r}, kvh, {c})]");
+    let v_row = |r: u32, c: &str| format!("V[kv_index(b, tc{r}, kvh, {c})]");
+    let q = |k: u32, c: &str| format!("Q[q_index(b, qc{k}, h, {c})]");
+    let d_o = |k: u32, c: &str| format!("DO[q_index(b, qc{k}, h, {c})]");
+    emit_scores(
+        w,
+        sh,
+        &[
+            Product {
+                acc: "s",
+                held: &k_row,
+                streamed: &q,
+            },
+            Product {
+                acc: "dp",
+                held: &v_row,
+                streamed: &d_o,
+            },
+        ],
+    );
+    for r in 0..rows {
+        for k in 0..sh.per_lane {
+            w!(w, "        let p{r}_{k} = select(0.0, exp(s{r}_{k} * p.scale - st{k}.x), allowed(qi{k}, ki{r}, qn{k}, t{r}));");
+            w!(
+                w,
+                "        let g{r}_{k} = p{r}_{k} * (dp{r}_{k} - st{k}.y);"
+            );
+        }
+    }
+    let load_do = |t: &str, c: &str| format!("DO[q_index(b, {t}, h, {c})]");
+    let load_q = |t: &str, c: &str| format!("Q[q_index(b, {t}, h, {c})]");
+    emit_accumulate(
+        w,
+        sh,
+        "i0",
+        &[
+            Term {
+                weight: "p",
+                target: "dv",
+                load: &load_do,
+            },
+            Term {
+                weight: "g",
+                target: "dk",
+                load: &load_q,
+            },
+        ],
+    );
+    w!(w, "    }}\n    }}");
+    for r in 0..rows {
+        w!(w, "    if (t{r} < p.seq) {{");
+        for s in 0..sh.slots {
+            w!(w, "        if (lane + {}u < d4) {{", 8 * s);
+            w!(
+                w,
+                "            DK[kv_index(b, t{r}, kvh, lane + {}u)] = dk{r}_{s} * p.scale;",
+                8 * s
+            );
+            w!(
+                w,
+                "            DV[kv_index(b, t{r}, kvh, lane + {}u)] = dv{r}_{s};",
+                8 * s
+            );
+            w!(w, "        }}");
+        }
+        w!(w, "    }}");
+    }
+    w!(w, "}}");
+    s
+}
+
+/// The module of generated kernel `kernel` (`sg_forward`, `sg_dq`, `sg_dkdv`) for `shape`:
+/// the header and bindings of shaders/attention.wgsl plus the generated entry point (cached).
+fn subgroup_module(kernel: &str, shape: &SubgroupShape) -> &'static ShaderSource {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Cache = Mutex<HashMap<(String, SubgroupShape), &'static ShaderSource>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+    cache
+        .entry((kernel.to_string(), *shape))
+        .or_insert_with(|| {
+            let base = module(kernel);
+            let body = match kernel {
+                "sg_forward" => subgroup_forward(shape),
+                "sg_dq" => subgroup_dq(shape),
+                "sg_dkdv" => subgroup_dkdv(shape),
+                _ => unreachable!("no generated attention kernel {kernel}"),
+            };
+            let SubgroupShape {
+                slots,
+                heads,
+                blocks,
+                per_lane,
+            } = shape;
+            Box::leak(Box::new(ShaderSource {
+                name: format!("{}/s{slots}h{heads}b{blocks}k{per_lane}", base.name),
+                source: base.source + &body,
+            }))
+        })
 }
 
 #[cfg(test)]
@@ -531,6 +1167,24 @@ mod tests {
         }
     }
 
+    thread_local! {
+        /// Set by a test to run the general kernels where the subgroup kernels would run.
+        pub(super) static GENERAL_KERNELS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Both test sweeps with the general kernels, where the default runs the subgroup ones.
+    #[test]
+    fn general_kernels_match_the_reference() {
+        if !subgroup_kernels_fit(test_gpu()) {
+            eprintln!("the default tests already run the general kernels here");
+            return;
+        }
+        GENERAL_KERNELS.with(|f| f.set(true));
+        text_masks_match_the_reference();
+        vision_and_wide_heads_match_the_reference();
+        GENERAL_KERNELS.with(|f| f.set(false));
+    }
+
     #[test]
     fn text_masks_match_the_reference() {
         let gpu = test_gpu();
@@ -578,7 +1232,23 @@ mod tests {
                 scale: 0.25,
             },
         ];
-        for case in &cases {
+        // 4 and 3 q heads per kv head: the subgroup kernels pair heads of a group (several
+        // pairs per kv head), or take one head per workgroup when the group is odd
+        let grouped = |q_heads| Case {
+            dims: AttentionDims {
+                batch: 2,
+                seq: 21,
+                q_heads,
+                kv_heads: 1,
+                head_dim: 36,
+            },
+            causal: true,
+            window: Some(7),
+            images: true,
+            padding: Some(false),
+            scale: 0.2,
+        };
+        for case in cases.iter().chain(&[grouped(4), grouped(3)]) {
             run(gpu, case, &mut rng, seed);
         }
     }
