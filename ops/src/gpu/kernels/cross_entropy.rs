@@ -22,7 +22,7 @@ use crate::reference::cross_entropy::{CrossEntropyStats, IGNORE_INDEX};
 const SOURCE: &str = include_str!("../../../../shaders/cross_entropy.wgsl");
 
 /// Largest vocabulary block whose logits exist at once (also bounded by the storage binding).
-const MAX_VOCAB_BLOCK: usize = 8192;
+pub(crate) const MAX_VOCAB_BLOCK: usize = 8192;
 
 /// The common header plus the `//== kernel <name>` section of shaders/cross_entropy.wgsl.
 fn module(kernel: &str) -> ShaderSource {
