@@ -25,6 +25,8 @@ fn main() -> anyhow::Result<()> {
                 r: 16,
                 modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
                 modules_to_save_dtype: FloatDtype::BF16,
+                vision: true,
+                dropout: true,
             }),
             activations: Some(ActivationPlan {
                 batch: num(1, 1),
@@ -32,7 +34,7 @@ fn main() -> anyhow::Result<()> {
                 images_per_sample: num(3, 1),
                 gradient_checkpointing: checkpointing,
                 activation_dtype: FloatDtype::F32,
-                loss_chunk_tokens: 1024,
+                max_binding_bytes: 128 << 20,
             }),
         };
         let plan = MemoryPlan::build(&config, &opts)?;

@@ -153,6 +153,7 @@ fn memory_plan(
     adapter: &Adapter,
     data: &StreamSource,
     p: &LoraTrainParams,
+    max_binding_bytes: u64,
 ) -> Result<MemoryPlan> {
     let nf4 = crate::model::names::expected_tensors(config)
         .iter()
@@ -185,6 +186,8 @@ fn memory_plan(
                 r: adapter.pairs.values().map(|p| p.rank).max().unwrap_or(p.r),
                 modules_to_save,
                 modules_to_save_dtype: FloatDtype::F32,
+                vision: adapter.pairs.keys().any(|m| m.contains("vision_tower")),
+                dropout: adapter.settings.dropout > 0.0,
             }),
             activations: Some(ActivationPlan {
                 batch: d.batch_size,
@@ -192,7 +195,7 @@ fn memory_plan(
                 images_per_sample: 1,
                 gradient_checkpointing: p.gradient_checkpointing,
                 activation_dtype: FloatDtype::F32,
-                loss_chunk_tokens: 1024,
+                max_binding_bytes,
             }),
         },
     )
@@ -480,20 +483,30 @@ impl Op for LoraTrainOp {
 
         let data = StreamSource::open_dir(&ctx.input("batches")?.dir)?;
         let gpu = Gpu::get()?;
-        let memory = memory_plan(&config, &weights, &adapter, &data, &p)?;
+        // Before any weight is uploaded: a run whose activations cannot be bound fails here, not
+        // minutes into loading.
+        let memory = memory_plan(
+            &config,
+            &weights,
+            &adapter,
+            &data,
+            &p,
+            gpu.max_binding_bytes(),
+        )?;
         ctx.progress.println(format!(
             "op `{}`: device memory plan: {:.1} MiB (weights {:.1}, trainable {:.1}, activations {:.1})",
             ctx.name,
-            mib(memory.total()),
-            mib(memory.part_total("weights")),
-            mib(memory.part_total("trainable")),
-            mib(memory.part_total("activations")),
+            mib(memory.device_total()),
+            mib(memory.device_part_total("weights")),
+            mib(memory.device_part_total("trainable")),
+            mib(memory.device_part_total("activations")),
         ));
         let limits = gpu.limits();
         memory
             .check(&DeviceLimits {
                 max_buffer_size: limits.max_buffer_size,
-                max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+                // The engine's binding (RUNNER_GPU_MAX_BINDING may lower the adapter's).
+                max_storage_buffer_binding_size: gpu.max_binding_bytes(),
                 memory_budget: p
                     .device_memory_gib
                     .map(|g| (g * (1u64 << 30) as f64) as u64),

@@ -290,6 +290,23 @@ impl Gpu {
         self.pool.lock().unwrap().free_bytes
     }
 
+    /// Storage-buffer bytes on loan (live) and their high-water mark since the last
+    /// [`Gpu::reset_peak_storage`]; bucket capacities, i.e. what the device really holds for
+    /// tensors. Uniform parameter blocks (one small buffer per dispatch) are not counted.
+    pub fn storage_stats(&self) -> StorageStats {
+        let pool = self.pool.lock().unwrap();
+        StorageStats {
+            live: pool.live_storage,
+            peak: pool.peak_storage,
+        }
+    }
+
+    /// Starts a new high-water mark at the current live bytes.
+    pub fn reset_peak_storage(&self) {
+        let mut pool = self.pool.lock().unwrap();
+        pool.peak_storage = pool.live_storage;
+    }
+
     /// Human-readable adapter, backend, features and limits.
     pub fn describe(&self) -> String {
         let i = &self.adapter_info;
@@ -428,7 +445,14 @@ impl Gpu {
     pub(crate) fn alloc(&self, bytes: u64, usage: wgpu::BufferUsages) -> Arc<PooledBuffer> {
         let bytes = bytes.max(16);
         let bucket = bucket_size(bytes).min(self.limits.max_buffer_size.max(bytes));
-        let reused = self.pool.lock().unwrap().take(bucket, usage);
+        let reused = {
+            let mut pool = self.pool.lock().unwrap();
+            if usage.contains(wgpu::BufferUsages::STORAGE) {
+                pool.live_storage += bucket;
+                pool.peak_storage = pool.peak_storage.max(pool.live_storage);
+            }
+            pool.take(bucket, usage)
+        };
         let buffer = reused.unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("pooled"),
@@ -520,6 +544,12 @@ fn preferred_adapter(infos: &[wgpu::AdapterInfo]) -> usize {
         .expect("at least one adapter")
 }
 
+/// Device bytes the pool gives a request of `bytes` (what a buffer of that size really costs;
+/// the memory plan rounds with it).
+pub fn pooled_capacity(bytes: u64) -> u64 {
+    bucket_size(bytes.max(16))
+}
+
 /// Rounds an allocation up so that buffers of similar sizes are shared across steps:
 /// multiples of 256 bytes up to 64 KiB, then four size classes per power of two (≤ 19% waste).
 fn bucket_size(bytes: u64) -> u64 {
@@ -531,11 +561,20 @@ fn bucket_size(bytes: u64) -> u64 {
     bytes.div_ceil(step) * step
 }
 
-/// Free buffers by (usage, size class).
+/// Live storage bytes and their high-water mark (see [`Gpu::storage_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageStats {
+    pub live: u64,
+    pub peak: u64,
+}
+
+/// Free buffers by (usage, size class), and the storage bytes on loan.
 #[derive(Default)]
 pub(crate) struct BufferPool {
     free: HashMap<(u32, u64), Vec<wgpu::Buffer>>,
     free_bytes: u64,
+    live_storage: u64,
+    peak_storage: u64,
 }
 
 impl BufferPool {
@@ -570,6 +609,9 @@ impl Drop for PooledBuffer {
         if let Some(b) = self.buffer.take() {
             let mut pool = self.pool.lock().unwrap();
             pool.free_bytes += self.capacity;
+            if self.usage.contains(wgpu::BufferUsages::STORAGE) {
+                pool.live_storage -= self.capacity;
+            }
             pool.free
                 .entry((self.usage.bits(), self.capacity))
                 .or_default()

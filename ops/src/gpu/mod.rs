@@ -36,7 +36,8 @@ pub mod tensor;
 pub mod testing;
 
 pub use engine::{
-    describe, select_adapter, Gpu, GpuOptions, Kernel, PooledBuffer, ShaderSource, Tiling,
+    describe, select_adapter, Gpu, GpuOptions, Kernel, PooledBuffer, ShaderSource, StorageStats,
+    Tiling,
 };
 pub use kernels::*;
 pub use recorder::{groups_1d, KernelTime, Recorder};

@@ -5,16 +5,23 @@
 //! checkpointing) — printed as a table and refused with a clear error when it exceeds the
 //! adapter's limits.
 //!
-//! Activation figures model this runner's engine (explicit per-layer forward/backward, eager
-//! attention keeping the f32 probabilities, a chunked lm_head + loss so full logits never
-//! exist); they are an estimate of the buffers that engine keeps, not a measurement.
+//! Activation figures follow what `Gemma3Gpu::accumulate` (ops/src/model/gpu) allocates, buffer
+//! by buffer: flash attention (an lse per row, no probabilities), the fused lm_head +
+//! cross-entropy with a bounded logits block, the recorder keeping every bound buffer until its
+//! submit (no reuse within a step without checkpointing), the engine's pool size classes. The
+//! tiny-model test (ops/tests/memory_plan.rs) checks them against the engine's own count.
+//! Activations are bound whole by their kernels, so one larger than a storage binding is
+//! refused here, before anything is uploaded; only weights are split into chunks.
 
 use std::fmt::Write as _;
 
 use anyhow::{bail, Result};
 
 use super::config::{FloatDtype, ModelConfig};
-use super::names::{expected_tensors, ExpectedTensor, TensorKind, EMBED_TOKENS, LM_HEAD};
+use super::names::{expected_tensors, ExpectedTensor, TensorKind, EMBED_TOKENS, LM_HEAD, VISION};
+use crate::gpu::engine::pooled_capacity;
+use crate::gpu::kernels::attention::ROWS as ATTENTION_ROWS;
+use crate::gpu::kernels::cross_entropy::{LOGITS_SCRATCH_BYTES, MAX_VOCAB_BLOCK};
 
 /// How the frozen base's Linear weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,6 +40,10 @@ pub struct LoraPlan {
     pub modules_to_save: Vec<String>,
     /// dtype of the modules_to_save copies and their grads / AdamW states (TRL 0.21 keeps them bf16).
     pub modules_to_save_dtype: FloatDtype,
+    /// Pairs on the vision tower's linears too (PEFT `all-linear`), not only the text decoder's.
+    pub vision: bool,
+    /// LoRA dropout > 0: every LoRA forward and backward draws a dropped-out copy of its input.
+    pub dropout: bool,
 }
 
 /// One micro-batch's shape.
@@ -44,8 +55,9 @@ pub struct ActivationPlan {
     pub images_per_sample: usize,
     pub gradient_checkpointing: bool,
     pub activation_dtype: FloatDtype,
-    /// Tokens per lm_head + cross-entropy chunk (logits exist only for one chunk at a time).
-    pub loss_chunk_tokens: usize,
+    /// The engine's largest storage binding (`Gpu::max_binding_bytes`): sizes the fused
+    /// cross-entropy's logits block.
+    pub max_binding_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,22 +87,32 @@ pub struct PlanRow {
     pub item: String,
     pub dtype: &'static str,
     pub elements: u64,
+    /// Bytes of the data.
     pub bytes: u64,
+    /// What the GPU engine allocates for it (its buffer pool rounds each buffer up to a size
+    /// class, ≤ 25% more).
+    pub device_bytes: u64,
 }
 
-/// One buffer the engine must allocate; the largest decide whether chunking is needed.
+/// One buffer the engine must allocate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Buffer {
     pub name: String,
     pub bytes: u64,
     /// Bytes of one row: a chunked buffer is split between rows.
     pub row_bytes: u64,
+    /// Weights are split between rows into several bindings and their kernels loop over the
+    /// chunks; activations must fit one binding (their kernels bind them whole).
+    pub chunkable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryPlan {
     pub rows: Vec<PlanRow>,
-    pub largest_buffers: Vec<Buffer>,
+    /// Every distinct buffer, largest first.
+    pub buffers: Vec<Buffer>,
+    /// `(batch, seq_len, images_per_sample)` of the planned micro-batch (for error messages).
+    pub batch_shape: Option<(usize, usize, usize)>,
 }
 
 fn dtype_name(d: FloatDtype) -> &'static str {
@@ -155,18 +177,24 @@ impl MemoryPlan {
         let row_of =
             |e: &ExpectedTensor| -> u64 { e.shape.iter().skip(1).product::<usize>().max(1) as u64 };
 
-        // Frozen base.
+        // Frozen base (weights are split between rows into chunks when larger than a binding).
         match opts.base {
             BaseFormat::Nf4 { double_quant } => {
                 let (mut packed, mut state) = (0, 0);
+                let (mut packed_dev, mut state_dev) = (0, 0);
                 for e in &lin {
-                    let (p, s) = nf4_state_bytes(e.numel() as u64, double_quant);
+                    let n = e.numel() as u64;
+                    let (p, s) = nf4_state_bytes(n, double_quant);
                     packed += p;
                     state += s;
+                    packed_dev += pooled_capacity(p.next_multiple_of(4));
+                    // The GPU holds the absmax widened to f32 (`Gpu::upload_nf4`).
+                    state_dev += pooled_capacity(4 * n.div_ceil(64));
                     buffers.push(Buffer {
                         name: e.name.clone(),
                         bytes: p,
                         row_bytes: row_of(e).div_ceil(2),
+                        chunkable: true,
                     });
                 }
                 rows.push(PlanRow {
@@ -175,11 +203,12 @@ impl MemoryPlan {
                     dtype: "nf4",
                     elements: lin_elems,
                     bytes: packed,
+                    device_bytes: packed_dev,
                 });
                 rows.push(PlanRow {
                     part: "weights",
                     item: if double_quant {
-                        "NF4 state: absmax (u8) + nested absmax (f32) + offsets + code tables"
+                        "NF4 state: absmax (u8) + nested absmax (f32) + offsets + code tables (GPU: absmax f32)"
                             .into()
                     } else {
                         "NF4 state: absmax (f32) + code table".into()
@@ -187,14 +216,19 @@ impl MemoryPlan {
                     dtype: if double_quant { "u8/f32" } else { "f32" },
                     elements: lin_elems.div_ceil(64),
                     bytes: state,
+                    device_bytes: state_dev,
                 });
             }
             BaseFormat::Dense(d) => {
+                let mut dev = 0;
                 for e in &lin {
+                    let bytes = e.numel() as u64 * d.size() as u64;
+                    dev += pooled_capacity(bytes);
                     buffers.push(Buffer {
                         name: e.name.clone(),
-                        bytes: e.numel() as u64 * d.size() as u64,
+                        bytes,
                         row_bytes: row_of(e) * d.size() as u64,
+                        chunkable: true,
                     });
                 }
                 rows.push(PlanRow {
@@ -203,6 +237,7 @@ impl MemoryPlan {
                     dtype: dtype_name(d),
                     elements: lin_elems,
                     bytes: lin_elems * d.size() as u64,
+                    device_bytes: dev,
                 });
             }
         }
@@ -219,6 +254,7 @@ impl MemoryPlan {
                 name: e.name.clone(),
                 bytes: e.numel() as u64 * bd,
                 row_bytes: row_of(e) * bd,
+                chunkable: true,
             });
         }
         let embed = others
@@ -236,6 +272,7 @@ impl MemoryPlan {
             dtype: dtype_name(opts.base_dtype),
             elements: embed_elems,
             bytes: embed_elems * bd,
+            device_bytes: pooled_capacity(embed_elems * bd),
         });
         if let Some(head) = others.iter().find(|e| e.name == LM_HEAD) {
             let n = head.numel() as u64;
@@ -245,41 +282,55 @@ impl MemoryPlan {
                 dtype: dtype_name(opts.base_dtype),
                 elements: n,
                 bytes: n * bd,
+                device_bytes: pooled_capacity(n * bd),
             });
         }
-        let rest: u64 = others
+        let rest: Vec<&&ExpectedTensor> = others
             .iter()
             .filter(|e| e.name != EMBED_TOKENS && e.name != LM_HEAD)
-            .map(|e| e.numel() as u64)
-            .sum();
+            .collect();
+        let rest_elems: u64 = rest.iter().map(|e| e.numel() as u64).sum();
         rows.push(PlanRow {
             part: "weights",
             item: "norms, biases, patch/position embeddings, projector".into(),
             dtype: dtype_name(opts.base_dtype),
-            elements: rest,
-            bytes: rest * bd,
+            elements: rest_elems,
+            bytes: rest_elems * bd,
+            device_bytes: rest
+                .iter()
+                .map(|e| pooled_capacity(e.numel() as u64 * bd))
+                .sum(),
         });
 
         // Trainable parameters: LoRA A/B in f32 with f32 grads and AdamW m, v.
-        let mut lora_r = 0;
-        let mut lora_modules = 0;
         if let Some(lora) = &opts.lora {
-            lora_r = lora.r;
-            lora_modules = lin.len();
-            let params: u64 = lin
+            let targets: Vec<&&ExpectedTensor> = lin
+                .iter()
+                .filter(|e| lora.vision || !is_vision(&e.name))
+                .collect();
+            let params: u64 = targets
                 .iter()
                 .map(|e| (lora.r * (e.shape[0] + e.shape[1])) as u64)
+                .sum();
+            let device: u64 = targets
+                .iter()
+                .map(|e| {
+                    let (out, inp) = (e.shape[0] as u64, e.shape[1] as u64);
+                    let r = lora.r as u64;
+                    4 * (pooled_capacity(4 * r * inp) + pooled_capacity(4 * out * r))
+                })
                 .sum();
             rows.push(PlanRow {
                 part: "trainable",
                 item: format!(
                     "LoRA A+B, r={} on {} modules (params + grads + AdamW m, v)",
                     lora.r,
-                    lin.len()
+                    targets.len()
                 ),
                 dtype: "f32",
                 elements: params,
                 bytes: params * 4 * 4,
+                device_bytes: device,
             });
             for m in &lora.modules_to_save {
                 let n = match m.as_str() {
@@ -293,141 +344,34 @@ impl MemoryPlan {
                     dtype: dtype_name(d),
                     elements: n,
                     bytes: n * d.size() as u64 * 4,
+                    device_bytes: 4 * pooled_capacity(n * d.size() as u64),
                 });
                 buffers.push(Buffer {
                     name: format!("{m} (modules_to_save copy)"),
                     bytes: n * d.size() as u64,
                     row_bytes: config.text().hidden_size as u64 * d.size() as u64,
+                    chunkable: true,
                 });
             }
         }
 
-        // Activations of one micro-batch.
+        // Activations of one micro-batch, as `Gemma3Gpu::accumulate` allocates them.
+        let mut shape = None;
         if let Some(act) = &opts.activations {
-            let a = act.activation_dtype.size() as u64;
-            let t = config.text();
-            let tokens = (act.batch * act.seq_len) as u64;
-            let (h, i, hd) = (
-                t.hidden_size as u64,
-                t.intermediate_size as u64,
-                t.head_dim as u64,
-            );
-            let (nh, nkv) = (t.num_attention_heads as u64, t.num_key_value_heads as u64);
-            let r = lora_r as u64;
-            // Per token of one text layer: x, 4 norm outputs, q/k/v before and after norm+RoPE,
-            // attention output, o_proj out, residual h, gate, up, gelu(gate), product, down out,
-            // the LoRA x@A of its 7 Linears, and norm statistics.
-            let text_per_token =
-                8 * h + 2 * (nh * hd + 2 * nkv * hd) + nh * hd + 4 * i + 7 * r + 4 + nh + nkv;
-            let text_probs = act.batch as u64 * nh * (act.seq_len as u64).pow(2) * 4;
-            let text_layer = tokens * text_per_token * a + text_probs;
-            let layers = t.num_hidden_layers as u64;
-            let mut vision_layer = 0;
-            let mut vision_layers = 0;
-            let mut vision_tokens = 0;
-            if let (ModelConfig::ConditionalGeneration(g), Some(v)) = (config, config.vision()) {
-                let images = (act.batch * act.images_per_sample) as u64;
-                let p = v.num_patches() as u64;
-                vision_tokens = images * p;
-                let (vh, vi, vn) = (
-                    v.hidden_size as u64,
-                    v.intermediate_size as u64,
-                    v.num_attention_heads as u64,
-                );
-                // x, ln1, q, k, v, attention out, out_proj out, h, ln2, fc1, gelu, fc2, LoRA x@A (6), LN stats.
-                let per_patch = 9 * vh + 2 * vi + 6 * r + 4;
-                let probs = images * vn * p * p * 4;
-                vision_layer = vision_tokens * per_patch * a + probs;
-                vision_layers = v.num_hidden_layers as u64;
-                // Patch embedding in/out, post-LN, projector pooled / normed / projected.
-                let tpi = g.mm_tokens_per_image as u64;
-                let head = vision_tokens * (v.patch_dim() as u64 + 2 * vh) * a
-                    + images * tpi * (2 * vh + h) * a;
-                rows.push(PlanRow {
-                    part: "activations",
-                    item: format!("vision embeddings, post-LN, projector ({images} images)"),
-                    dtype: dtype_name(act.activation_dtype),
-                    elements: head / a,
-                    bytes: head,
-                });
-                buffers.push(Buffer {
-                    name: "vision attention probabilities (one layer)".into(),
-                    bytes: probs,
-                    row_bytes: p * 4,
-                });
-            }
-            let boundaries =
-                tokens * h * a * layers + vision_tokens * v_hidden(config) * a * vision_layers;
-            if act.gradient_checkpointing {
-                rows.push(PlanRow {
-                    part: "activations",
-                    item: format!(
-                        "checkpointed layer inputs ({layers} text + {vision_layers} vision layers)"
-                    ),
-                    dtype: dtype_name(act.activation_dtype),
-                    elements: boundaries / a,
-                    bytes: boundaries,
-                });
-                let one = text_layer.max(vision_layer);
-                rows.push(PlanRow {
-                    part: "activations",
-                    item: "one layer recomputed in backward (largest of text / vision)".into(),
-                    dtype: "mixed",
-                    elements: 0,
-                    bytes: one,
-                });
-            } else {
-                rows.push(PlanRow {
-                    part: "activations",
-                    item: format!(
-                        "{layers} text layers, all saved (incl. f32 attention probabilities)"
-                    ),
-                    dtype: "mixed",
-                    elements: 0,
-                    bytes: text_layer * layers,
-                });
-                if vision_layers > 0 {
-                    rows.push(PlanRow {
-                        part: "activations",
-                        item: format!("{vision_layers} vision layers, all saved (incl. f32 attention probabilities)"),
-                        dtype: "mixed",
-                        elements: 0,
-                        bytes: vision_layer * vision_layers,
-                    });
-                }
-            }
-            buffers.push(Buffer {
-                name: "text attention probabilities (one layer)".into(),
-                bytes: text_probs,
-                row_bytes: act.seq_len as u64 * 4,
-            });
-            let chunk = act.loss_chunk_tokens.min(act.batch * act.seq_len) as u64;
-            let vocab = t.vocab_size as u64;
-            let edge = 4 * tokens * h * a + 2 * chunk * vocab * 4;
-            rows.push(PlanRow {
-                part: "activations",
-                item: format!(
-                    "embeddings, final norm, hidden-state grads, lm_head+loss chunk of {chunk} tokens (f32 logits + grad)"
-                ),
-                dtype: "mixed",
-                elements: 0,
-                bytes: edge,
-            });
-            buffers.push(Buffer {
-                name: "logits chunk".into(),
-                bytes: chunk * vocab * 4,
-                row_bytes: vocab * 4,
-            });
-            let _ = lora_modules;
+            let (act_rows, act_buffers) = activation_rows(config, act, opts.lora.as_ref())?;
+            rows.extend(act_rows);
+            buffers.extend(act_buffers);
+            shape = Some((act.batch, act.seq_len, act.images_per_sample));
         }
         buffers.sort_by_key(|b| std::cmp::Reverse(b.bytes));
-        buffers.truncate(5);
         Ok(MemoryPlan {
             rows,
-            largest_buffers: buffers,
+            buffers,
+            batch_shape: shape,
         })
     }
 
+    /// Bytes of the data.
     pub fn total(&self) -> u64 {
         self.rows.iter().map(|r| r.bytes).sum()
     }
@@ -440,13 +384,40 @@ impl MemoryPlan {
             .sum()
     }
 
-    /// The plan as a plain-text table.
+    /// What the GPU engine holds at the step's peak (pool size classes included).
+    pub fn device_total(&self) -> u64 {
+        self.rows.iter().map(|r| r.device_bytes).sum()
+    }
+
+    pub fn device_part_total(&self, part: &str) -> u64 {
+        self.rows
+            .iter()
+            .filter(|r| r.part == part)
+            .map(|r| r.device_bytes)
+            .sum()
+    }
+
+    /// The plan as a plain-text table (data bytes, and what the engine allocates for them).
     pub fn table(&self) -> String {
         let mut s = String::new();
+        let line = |s: &mut String,
+                    part: &str,
+                    item: &str,
+                    dtype: &str,
+                    elems: &str,
+                    bytes: u64,
+                    device: u64| {
+            let _ = writeln!(
+                s,
+                "{part:<12} {item:<92} {dtype:>7} {elems:>15} {bytes:>16} {:>11} {:>11}",
+                human(bytes),
+                human(device)
+            );
+        };
         let _ = writeln!(
             s,
-            "{:<12} {:<86} {:>7} {:>15} {:>16} {:>11}",
-            "part", "item", "dtype", "elements", "bytes", ""
+            "{:<12} {:<92} {:>7} {:>15} {:>16} {:>11} {:>11}",
+            "part", "item", "dtype", "elements", "bytes", "", "on device"
         );
         for r in &self.rows {
             let elems = if r.elements == 0 {
@@ -454,61 +425,66 @@ impl MemoryPlan {
             } else {
                 r.elements.to_string()
             };
-            let _ = writeln!(
-                s,
-                "{:<12} {:<86} {:>7} {:>15} {:>16} {:>11}",
+            line(
+                &mut s,
                 r.part,
-                r.item,
+                &r.item,
                 r.dtype,
-                elems,
+                &elems,
                 r.bytes,
-                human(r.bytes)
+                r.device_bytes,
             );
         }
         for part in ["weights", "trainable", "activations"] {
             let t = self.part_total(part);
             if t > 0 {
-                let _ = writeln!(
-                    s,
-                    "{:<12} {:<86} {:>7} {:>15} {:>16} {:>11}",
+                line(
+                    &mut s,
                     part,
                     "subtotal",
                     "",
                     "",
                     t,
-                    human(t)
+                    self.device_part_total(part),
                 );
             }
         }
-        let _ = writeln!(
-            s,
-            "{:<12} {:<86} {:>7} {:>15} {:>16} {:>11}",
+        line(
+            &mut s,
             "total",
             "",
             "",
             "",
             self.total(),
-            human(self.total())
+            self.device_total(),
         );
-        if let Some(b) = self.largest_buffers.first() {
+        if let Some(b) = self.buffers.first() {
             let _ = writeln!(s, "largest buffer: {} ({})", b.name, human(b.bytes));
+        }
+        if let Some(b) = self.buffers.iter().find(|b| !b.chunkable) {
+            let _ = writeln!(
+                s,
+                "largest activation (must fit one storage binding): {} ({})",
+                b.name,
+                human(b.bytes)
+            );
         }
         s
     }
 
-    /// Refuses a plan the adapter cannot hold: over the memory budget, or a buffer whose single
-    /// row exceeds the binding/buffer limit (bigger buffers are split between rows into chunks).
-    /// Returns the buffers that will be chunked.
+    /// Refuses a plan the adapter cannot hold: over the memory budget, an activation larger
+    /// than one storage binding (their kernels bind them whole), or a weight whose single row
+    /// exceeds the binding (weights are split between rows into chunks). Returns the weights
+    /// that will be chunked, with their chunk counts. Call before anything is uploaded.
     pub fn check(&self, limits: &DeviceLimits) -> Result<Vec<(String, u64)>> {
         if let Some(budget) = limits.memory_budget {
-            if self.total() > budget {
+            let need = self.device_total();
+            if need > budget {
                 bail!(
-                    "the model needs {} ({} bytes) on the device but the memory budget is {} ({} bytes):\n{}\
+                    "the model needs {} ({need} bytes) on the device but the memory budget is {} ({budget} bytes):\n{}\
                      reduce the batch or sequence length, enable gradient checkpointing, use NF4, or raise the budget",
-                    human(self.total()),
-                    self.total(),
+                    human(need),
                     human(budget),
-                    budget,
                     self.table()
                 );
             }
@@ -516,8 +492,47 @@ impl MemoryPlan {
         let limit = limits
             .max_buffer_size
             .min(limits.max_storage_buffer_binding_size);
+        let too_big: Vec<&Buffer> = self
+            .buffers
+            .iter()
+            .filter(|b| !b.chunkable && b.bytes > limit)
+            .collect();
+        if let Some(b) = too_big.first() {
+            let shape = match self.batch_shape {
+                Some((batch, seq, images)) => format!(
+                    " (this plan: per-device batch size {batch}, sequence length {seq}, {images} image(s) per example)"
+                ),
+                None => String::new(),
+            };
+            let others = if too_big.len() > 1 {
+                format!(
+                    "; {} more activation buffer(s) are too large as well: {}",
+                    too_big.len() - 1,
+                    too_big[1..]
+                        .iter()
+                        .map(|b| format!("`{}` {}", b.name, human(b.bytes)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            } else {
+                String::new()
+            };
+            bail!(
+                "activation buffer `{}` needs {} ({} bytes) but one storage binding on this adapter holds at \
+                 most {} ({limit} bytes: max_buffer_size {}, max_storage_buffer_binding_size {}), and \
+                 activations are not split into chunks (only weights are){others}. Lower max_length, the \
+                 per-device batch size or the images per example{shape}, or use a GPU whose \
+                 max_storage_buffer_binding_size is larger",
+                b.name,
+                human(b.bytes),
+                b.bytes,
+                human(limit),
+                limits.max_buffer_size,
+                limits.max_storage_buffer_binding_size
+            );
+        }
         let mut chunked = Vec::new();
-        for b in &self.largest_buffers {
+        for b in self.buffers.iter().filter(|b| b.chunkable) {
             if b.bytes > limit {
                 if b.row_bytes > limit {
                     bail!(
@@ -540,8 +555,662 @@ impl MemoryPlan {
     }
 }
 
-fn v_hidden(config: &ModelConfig) -> u64 {
-    config.vision().map(|v| v.hidden_size as u64).unwrap_or(0)
+/// One device buffer a training step allocates: 4-byte elements (f32 or u32), `rows` × `cols`.
+/// Activations are never split into chunks: their kernels bind them whole.
+#[derive(Debug, Clone)]
+struct Alloc {
+    name: String,
+    rows: u64,
+    cols: u64,
+}
+
+impl Alloc {
+    fn bytes(&self) -> u64 {
+        (self.rows * self.cols * 4).max(4)
+    }
+    /// What the engine's pool really allocates for it.
+    fn device(&self) -> u64 {
+        pooled_capacity(self.bytes())
+    }
+}
+
+fn alloc(list: &mut Vec<Alloc>, name: &str, rows: u64, cols: u64) {
+    list.push(Alloc {
+        name: name.to_string(),
+        rows,
+        cols,
+    });
+}
+
+fn device_sum(list: &[Alloc]) -> u64 {
+    list.iter().map(Alloc::device).sum()
+}
+
+fn byte_sum(list: &[Alloc]) -> u64 {
+    list.iter().map(Alloc::bytes).sum()
+}
+
+/// The 16-byte buffer (a 256-byte pool class) each matmul dispatch without a bias binds in
+/// its place (`Gpu::dummy_buffer`); the recorder holds it like any other.
+fn matmul_placeholders(list: &mut Vec<Alloc>, matmuls: u64) {
+    for _ in 0..matmuls {
+        alloc(list, "matmul bias placeholder", 1, 4);
+    }
+}
+
+/// The forward allocations of a `GpuLinear` with a LoRA pair of rank `r` (none when 0): the
+/// output, `x·Aᵀ` (kept), with dropout the dropped-out input (a temporary), and the bias
+/// placeholders of its matmuls (the base one when it has no bias, two for the pair).
+#[allow(clippy::too_many_arguments)]
+fn linear_forward(
+    kept: &mut Vec<Alloc>,
+    temps: &mut Vec<Alloc>,
+    name: &str,
+    rows: u64,
+    (d_in, d_out): (u64, u64),
+    r: u64,
+    dropout: bool,
+    bias: bool,
+) {
+    alloc(kept, name, rows, d_out);
+    matmul_placeholders(temps, u64::from(!bias) + if r > 0 { 2 } else { 0 });
+    if r > 0 {
+        alloc(kept, &format!("{name} LoRA x·Aᵀ"), rows, r);
+        if dropout {
+            alloc(temps, &format!("{name} LoRA dropout(x)"), rows, d_in);
+        }
+    }
+}
+
+/// The backward allocations of a `GpuLinear`: `dx` when asked, and for the LoRA pair `dh`
+/// and with dropout the re-drawn dropout(x) and the dropped-out `dx` part.
+fn linear_backward(
+    list: &mut Vec<Alloc>,
+    name: &str,
+    rows: u64,
+    d_in: u64,
+    r: u64,
+    dropout: bool,
+    need_dx: bool,
+) {
+    if need_dx {
+        alloc(list, &format!("d {name} input"), rows, d_in);
+    }
+    // dx through the base weight; dB, dh, dA and (when asked) dx for the pair.
+    matmul_placeholders(
+        list,
+        u64::from(need_dx) + if r > 0 { 3 + u64::from(need_dx) } else { 0 },
+    );
+    if r > 0 {
+        alloc(list, &format!("{name} LoRA dh"), rows, r);
+        if dropout {
+            alloc(list, &format!("{name} LoRA dropout(x)"), rows, d_in);
+            if need_dx {
+                alloc(list, &format!("{name} LoRA dropout(dx)"), rows, d_in);
+            }
+        }
+    }
+}
+
+/// What `GpuDecoderLayer::forward` allocates: `(kept for the backward, temporaries)`.
+fn text_layer_forward(t: &TextShape) -> (Vec<Alloc>, Vec<Alloc>) {
+    let (mut kept, mut temps) = (Vec::new(), Vec::new());
+    let (n, h, q, kv, i, r, p) = (t.tokens, t.hidden, t.q, t.kv, t.inter, t.r, t.dropout);
+    alloc(&mut kept, "text input_layernorm out", n, h);
+    alloc(&mut kept, "text rstd", n, 1);
+    linear_forward(&mut kept, &mut temps, "text q_proj", n, (h, q), r, p, false);
+    linear_forward(
+        &mut kept,
+        &mut temps,
+        "text k_proj",
+        n,
+        (h, kv),
+        r,
+        p,
+        false,
+    );
+    linear_forward(
+        &mut kept,
+        &mut temps,
+        "text v_proj",
+        n,
+        (h, kv),
+        r,
+        p,
+        false,
+    );
+    alloc(&mut kept, "text q after q_norm + RoPE", n, q);
+    alloc(&mut kept, "text q_norm rstd", n * t.heads, 1);
+    alloc(&mut kept, "text k after k_norm + RoPE", n, kv);
+    alloc(&mut kept, "text k_norm rstd", n * t.kv_heads, 1);
+    alloc(&mut kept, "text attention output", n, q);
+    alloc(&mut kept, "text attention log-sum-exp", n * t.heads, 1);
+    linear_forward(&mut kept, &mut temps, "text o_proj", n, (q, h), r, p, false);
+    alloc(&mut kept, "text attention residual h", n, h);
+    alloc(&mut kept, "text rstd", n, 1);
+    alloc(&mut kept, "text pre_feedforward_layernorm out", n, h);
+    alloc(&mut kept, "text rstd", n, 1);
+    linear_forward(
+        &mut kept,
+        &mut temps,
+        "text MLP gate_proj",
+        n,
+        (h, i),
+        r,
+        p,
+        false,
+    );
+    linear_forward(
+        &mut kept,
+        &mut temps,
+        "text MLP up_proj",
+        n,
+        (h, i),
+        r,
+        p,
+        false,
+    );
+    alloc(&mut kept, "text MLP gelu(gate)·up", n, i);
+    linear_forward(
+        &mut kept,
+        &mut temps,
+        "text MLP down_proj",
+        n,
+        (i, h),
+        r,
+        p,
+        false,
+    );
+    alloc(&mut kept, "text rstd", n, 1);
+    // The layer output is the next layer's input (kept by that layer, or the final norm's).
+    alloc(&mut temps, "text layer output", n, h);
+    (kept, temps)
+}
+
+/// What `GpuDecoderLayer::backward` allocates.
+fn text_layer_backward(t: &TextShape) -> Vec<Alloc> {
+    let mut l = Vec::new();
+    let (n, h, q, kv, i, r, p) = (t.tokens, t.hidden, t.q, t.kv, t.inter, t.r, t.dropout);
+    alloc(&mut l, "text d down_proj out", n, h);
+    linear_backward(&mut l, "text MLP down_proj", n, i, r, p, true);
+    alloc(&mut l, "text MLP d gate", n, i);
+    alloc(&mut l, "text MLP d up", n, i);
+    linear_backward(&mut l, "text MLP gate_proj", n, h, r, p, true);
+    linear_backward(&mut l, "text MLP up_proj", n, h, r, p, true);
+    alloc(&mut l, "text d h", n, h);
+    alloc(&mut l, "text d o_proj out", n, h);
+    linear_backward(&mut l, "text o_proj", n, q, r, p, true);
+    alloc(&mut l, "text d q (attention)", n, q);
+    alloc(&mut l, "text d k (attention)", n, kv);
+    alloc(&mut l, "text d v (attention)", n, kv);
+    alloc(&mut l, "text attention backward row stats", n * t.heads, 2);
+    alloc(&mut l, "text d q before q_norm", n, q);
+    alloc(&mut l, "text d k before k_norm", n, kv);
+    for name in ["text q_proj", "text k_proj", "text v_proj"] {
+        linear_backward(&mut l, name, n, h, r, p, true);
+    }
+    alloc(&mut l, "text d layer input", n, h);
+    l
+}
+
+/// Shapes of one text layer's work.
+struct TextShape {
+    tokens: u64,
+    hidden: u64,
+    /// heads · head_dim, kv_heads · head_dim.
+    q: u64,
+    kv: u64,
+    inter: u64,
+    heads: u64,
+    kv_heads: u64,
+    r: u64,
+    dropout: bool,
+}
+
+/// Shapes of the SigLIP tower's work.
+struct VisionShape {
+    images: u64,
+    patches: u64,
+    patch_dim: u64,
+    hidden: u64,
+    inter: u64,
+    heads: u64,
+    layers: u64,
+    /// The projector's output rows per image and the text hidden size.
+    tokens_per_image: u64,
+    text_hidden: u64,
+    r: u64,
+    dropout: bool,
+}
+
+/// What the vision tower and projector forward allocate: `(kept for the backward, the rest)`
+/// (nothing is kept when the tower trains no LoRA pair).
+fn vision_forward(v: &VisionShape) -> (Vec<Alloc>, Vec<Alloc>) {
+    let (mut kept, mut temps) = (Vec::new(), Vec::new());
+    let (n, h, i, r, p) = (v.images * v.patches, v.hidden, v.inter, v.r, v.dropout);
+    alloc(&mut temps, "vision unfolded patches", n, v.patch_dim);
+    alloc(&mut kept, "vision embeddings", n, h);
+    alloc(
+        &mut kept,
+        "vision attention mask",
+        mask_words(v.images, v.patches),
+        1,
+    );
+    for _ in 0..v.layers {
+        alloc(&mut kept, "vision layer_norm1 out", n, h);
+        alloc(&mut kept, "vision layer_norm1 stats", n, 2);
+        linear_forward(
+            &mut kept,
+            &mut temps,
+            "vision q_proj",
+            n,
+            (h, h),
+            r,
+            p,
+            true,
+        );
+        linear_forward(
+            &mut kept,
+            &mut temps,
+            "vision k_proj",
+            n,
+            (h, h),
+            r,
+            p,
+            true,
+        );
+        linear_forward(
+            &mut kept,
+            &mut temps,
+            "vision v_proj",
+            n,
+            (h, h),
+            r,
+            p,
+            true,
+        );
+        alloc(&mut kept, "vision attention output", n, h);
+        alloc(&mut kept, "vision attention log-sum-exp", n * v.heads, 1);
+        linear_forward(
+            &mut kept,
+            &mut temps,
+            "vision out_proj",
+            n,
+            (h, h),
+            r,
+            p,
+            true,
+        );
+        alloc(&mut kept, "vision layer_norm2 out", n, h);
+        alloc(&mut kept, "vision layer_norm2 stats", n, 2);
+        linear_forward(
+            &mut kept,
+            &mut temps,
+            "vision MLP fc1",
+            n,
+            (h, i),
+            r,
+            p,
+            true,
+        );
+        alloc(&mut kept, "vision MLP gelu", n, i);
+        linear_forward(
+            &mut kept,
+            &mut temps,
+            "vision MLP fc2",
+            n,
+            (i, h),
+            r,
+            p,
+            true,
+        );
+    }
+    alloc(&mut temps, "vision post_layernorm out", n, h);
+    alloc(&mut kept, "vision post_layernorm stats", n, 2);
+    let rows = v.images * v.tokens_per_image;
+    alloc(&mut kept, "projector pooled", rows, h);
+    alloc(&mut temps, "projector normed", rows, h);
+    alloc(&mut kept, "projector rstd", rows, 1);
+    alloc(&mut temps, "projector features", rows, v.text_hidden);
+    matmul_placeholders(&mut temps, 1);
+    if r == 0 {
+        temps.append(&mut kept);
+    }
+    (kept, temps)
+}
+
+/// What the image path's backward allocates (the soft-token gradient rows, the projector and
+/// the tower down to its lowest layer, layer 0 with LoRA on every layer).
+fn vision_backward(v: &VisionShape) -> Vec<Alloc> {
+    let mut l = Vec::new();
+    if v.r == 0 {
+        return l;
+    }
+    let (n, h, i, r, p) = (v.images * v.patches, v.hidden, v.inter, v.r, v.dropout);
+    let rows = v.images * v.tokens_per_image;
+    alloc(&mut l, "image features gradient", rows, v.text_hidden);
+    alloc(&mut l, "projector d normed", rows, h);
+    matmul_placeholders(&mut l, 1);
+    alloc(&mut l, "projector d pooled", rows, h);
+    alloc(&mut l, "projector d vision output", n, h);
+    alloc(&mut l, "vision d post_layernorm input", n, h);
+    for layer in (0..v.layers).rev() {
+        linear_backward(&mut l, "vision MLP fc2", n, i, r, p, true);
+        alloc(&mut l, "vision MLP d fc1 out", n, i);
+        linear_backward(&mut l, "vision MLP fc1", n, h, r, p, true);
+        alloc(&mut l, "vision d h", n, h);
+        linear_backward(&mut l, "vision out_proj", n, h, r, p, true);
+        for name in ["vision d q", "vision d k", "vision d v"] {
+            alloc(&mut l, name, n, h);
+        }
+        alloc(
+            &mut l,
+            "vision attention backward row stats",
+            n * v.heads,
+            2,
+        );
+        let need_dx = layer > 0;
+        for name in ["vision q_proj", "vision k_proj", "vision v_proj"] {
+            linear_backward(&mut l, name, n, h, r, p, need_dx);
+        }
+        if need_dx {
+            alloc(&mut l, "vision d layer input", n, h);
+        }
+    }
+    l
+}
+
+/// u32 words of one uploaded attention mask (`gpu::kernels::attention::mask_words`): a word
+/// per token plus four per block of query rows.
+fn mask_words(batch: u64, seq: u64) -> u64 {
+    batch * seq + 4 * batch * seq.div_ceil(ATTENTION_ROWS as u64)
+}
+
+/// The fused lm_head + cross-entropy's own scratch (`gpu::kernels::cross_entropy`): a
+/// `[tokens, block]` logits block over one vocabulary chunk at a time and `[tokens, 8]` row
+/// state. The block is as wide as the binding and `LOGITS_SCRATCH_BYTES` allow, at most `MAX_VOCAB_BLOCK`; the kernel
+/// refuses a token count for which not even 8 columns fit. Mirrors the kernel's own sizing:
+/// keep in step with it.
+fn cross_entropy_scratch(
+    tokens: u64,
+    vocab: u64,
+    max_binding: u64,
+    d_weight: bool,
+) -> Result<Vec<Alloc>> {
+    // The same block width as the kernel (gpu::kernels::cross_entropy).
+    let scratch = max_binding.min(LOGITS_SCRATCH_BYTES as u64);
+    let budget = (scratch / (4 * tokens.max(1))) / 8 * 8;
+    if budget < 8 {
+        bail!(
+            "the fused cross-entropy needs at least 8 logits per token in one storage binding: \
+             {tokens} tokens per micro-batch need {} bytes, the scratch holds {scratch}; lower \
+             max_length or the per-device batch size",
+            tokens * 32
+        );
+    }
+    let block = budget
+        .min(MAX_VOCAB_BLOCK as u64)
+        .min(vocab.next_multiple_of(8));
+    let mut l = Vec::new();
+    alloc(&mut l, "cross-entropy logits block", tokens, block);
+    alloc(&mut l, "cross-entropy row state", tokens, 8);
+    // Its products run as matmuls: the logits of every block, recomputed in backward for all
+    // but the last, dH per block and (a trained lm_head) dW per block.
+    let blocks = vocab.div_ceil(block);
+    matmul_placeholders(
+        &mut l,
+        blocks + (blocks - 1) + blocks + if d_weight { blocks } else { 0 },
+    );
+    Ok(l)
+}
+
+fn is_vision(name: &str) -> bool {
+    name.starts_with(VISION)
+}
+
+fn ce_row(ce: &[Alloc]) -> PlanRow {
+    activation_row(
+        format!(
+            "fused lm_head + cross-entropy scratch ({} logits per token at a time)",
+            ce[0].cols
+        ),
+        ce,
+    )
+}
+
+fn activation_row(item: String, list: &[Alloc]) -> PlanRow {
+    PlanRow {
+        part: "activations",
+        item,
+        dtype: "f32",
+        elements: byte_sum(list) / 4,
+        bytes: byte_sum(list),
+        device_bytes: device_sum(list),
+    }
+}
+
+/// The activation rows and buffers of one micro-batch on `Gemma3Gpu`.
+///
+/// The engine returns a buffer to its pool only when nothing references it, and a `Recorder`
+/// references every buffer it bound until it is submitted. `Gemma3Gpu::accumulate` records
+/// the whole step into one recorder unless checkpointing, so without checkpointing every
+/// buffer of the step (each layer's forward, kept or not, and each layer's backward) is live at
+/// its end. With checkpointing it submits after each layer: the peak is the layer inputs plus
+/// the largest of three working sets (image path + layer 0's forward; the loss + the last
+/// layer's recomputed forward and backward; the image path's backward).
+fn activation_rows(
+    config: &ModelConfig,
+    act: &ActivationPlan,
+    lora: Option<&LoraPlan>,
+) -> Result<(Vec<PlanRow>, Vec<Buffer>)> {
+    let t = config.text();
+    let (b, s) = (act.batch as u64, act.seq_len as u64);
+    let tokens = b * s;
+    let hd = t.head_dim() as u64;
+    let r = lora.map_or(0, |l| l.r as u64);
+    let dropout = lora.is_some_and(|l| l.dropout);
+    let text = TextShape {
+        tokens,
+        hidden: t.hidden_size as u64,
+        q: t.num_attention_heads as u64 * hd,
+        kv: t.num_key_value_heads as u64 * hd,
+        inter: t.intermediate_size as u64,
+        heads: t.num_attention_heads as u64,
+        kv_heads: t.num_key_value_heads as u64,
+        r,
+        dropout,
+    };
+    let layers = t.num_hidden_layers as u64;
+    let h = text.hidden;
+    let embed_copy = lora.is_some_and(|l| l.modules_to_save.iter().any(|m| m == "embed_tokens"));
+
+    // Per-batch inputs: ids, positions, one mask per kind of attention window, RoPE tables per
+    // (base, scaling), labels, the loss totals, pixels; the embedding-gradient ids at the end.
+    let mut inputs = Vec::new();
+    alloc(&mut inputs, "input ids", tokens, 1);
+    alloc(&mut inputs, "positions", tokens, 1);
+    let mut windows = Vec::new();
+    let mut ropes = Vec::new();
+    for l in 0..t.num_hidden_layers {
+        let w = t.is_sliding(l);
+        if !windows.contains(&w) {
+            windows.push(w);
+            alloc(&mut inputs, "text attention mask", mask_words(b, s), 1);
+        }
+        let rope = t.rope(l);
+        let key = (rope.theta.to_bits(), rope.linear_factor.to_bits());
+        if !ropes.contains(&key) {
+            ropes.push(key);
+            alloc(&mut inputs, "RoPE cos table", s, hd / 2);
+            alloc(&mut inputs, "RoPE sin table", s, hd / 2);
+        }
+    }
+    alloc(&mut inputs, "labels", tokens, 1);
+    alloc(&mut inputs, "loss totals", 4, 1);
+    let vision = match (config, config.vision()) {
+        (ModelConfig::ConditionalGeneration(g), Some(v)) if act.images_per_sample > 0 => {
+            let images = b * act.images_per_sample as u64;
+            let side = v.image_size() as u64;
+            alloc(&mut inputs, "pixel values", images, 3 * side * side);
+            Some(VisionShape {
+                images,
+                patches: v.num_patches() as u64,
+                patch_dim: v.patch_dim() as u64,
+                hidden: v.hidden_size as u64,
+                inter: v.intermediate_size as u64,
+                heads: v.num_attention_heads as u64,
+                layers: v.num_hidden_layers as u64,
+                tokens_per_image: g.mm_tokens_per_image as u64,
+                text_hidden: h,
+                r: if lora.is_some_and(|l| l.vision) { r } else { 0 },
+                dropout,
+            })
+        }
+        _ => None,
+    };
+    let mut late_inputs = Vec::new();
+    if embed_copy {
+        alloc(&mut late_inputs, "embedding-gradient ids", tokens, 1);
+    }
+
+    let mut embeddings = Vec::new();
+    alloc(&mut embeddings, "text embeddings", tokens, h);
+    let (vision_kept, vision_temps) = vision.as_ref().map(vision_forward).unwrap_or_default();
+    let vision_back = vision.as_ref().map(vision_backward).unwrap_or_default();
+    let (layer_kept, layer_temps) = text_layer_forward(&text);
+    let layer_forward: Vec<Alloc> = layer_kept.iter().chain(&layer_temps).cloned().collect();
+    let layer_backward = text_layer_backward(&text);
+    // Final norm (its output and rstd), the loss's hidden-state gradient, the norm's backward.
+    let mut loss_locals = Vec::new();
+    alloc(&mut loss_locals, "final norm out", tokens, h);
+    alloc(&mut loss_locals, "final norm rstd", tokens, 1);
+    alloc(&mut loss_locals, "d final norm out", tokens, h);
+    let mut d_hidden = Vec::new();
+    alloc(&mut d_hidden, "d hidden states", tokens, h);
+    let head_trained = lora.is_some_and(|l| l.modules_to_save.iter().any(|m| m == "lm_head"));
+    let ce = cross_entropy_scratch(
+        tokens,
+        t.vocab_size as u64,
+        act.max_binding_bytes,
+        head_trained,
+    )?;
+
+    let mut rows = vec![activation_row(
+        "inputs: token ids, positions, attention masks, RoPE tables, labels, pixels".into(),
+        &inputs,
+    )];
+    let vision_layers = vision.as_ref().map_or(0, |v| v.layers);
+    if act.gradient_checkpointing {
+        let mut boundaries = Vec::new();
+        for _ in 0..layers {
+            alloc(&mut boundaries, "checkpointed layer input", tokens, h);
+        }
+        alloc(&mut boundaries, "last layer output", tokens, h);
+        // Besides the inputs and the image path's kept activations (live through the whole
+        // step), each phase's working set; the cross-entropy scratch only in the second.
+        let first = [&embeddings[..], &vision_temps, &layer_forward].concat();
+        let last = [
+            &boundaries[..],
+            &loss_locals,
+            &d_hidden,
+            &layer_forward,
+            &layer_backward,
+        ]
+        .concat();
+        let image_back = [
+            &boundaries[layers as usize..],
+            &loss_locals,
+            &d_hidden,
+            &vision_back,
+            &late_inputs,
+        ]
+        .concat();
+        let phases = [
+            ("embeddings, image path and layer 0's forward", first, false),
+            (
+                "the loss and the last layer recomputed + its backward",
+                last,
+                true,
+            ),
+            ("the image path's backward", image_back, false),
+        ];
+        let (name, work, with_ce) = phases
+            .iter()
+            .max_by_key(|(_, l, with_ce)| {
+                device_sum(l) + if *with_ce { device_sum(&ce) } else { 0 }
+            })
+            .expect("three phases");
+        if vision_layers > 0 {
+            rows.push(activation_row(
+                format!(
+                    "image path kept for the backward ({vision_layers} vision layers, projector)"
+                ),
+                &vision_kept,
+            ));
+        }
+        rows.push(activation_row(
+            format!("peak working set: {name} ({layers} checkpointed layer inputs included)"),
+            work,
+        ));
+        if *with_ce {
+            rows.push(ce_row(&ce));
+        }
+    } else {
+        if vision_layers > 0 {
+            rows.push(activation_row(
+                format!(
+                    "image path forward ({vision_layers} vision layers, projector), every buffer"
+                ),
+                &[&vision_kept[..], &vision_temps].concat(),
+            ));
+        }
+        rows.push(activation_row(
+            format!("embeddings + {layers} text layers forward, every buffer"),
+            &[
+                embeddings.clone(),
+                (0..layers).flat_map(|_| layer_forward.clone()).collect(),
+            ]
+            .concat(),
+        ));
+        rows.push(activation_row(
+            "final norm, its gradient and the hidden-state gradient".into(),
+            &[&loss_locals[..], &d_hidden, &late_inputs].concat(),
+        ));
+        rows.push(activation_row(
+            format!("{layers} text layers backward, every buffer (one recorder: none reused before the submit)"),
+            &(0..layers).flat_map(|_| layer_backward.clone()).collect::<Vec<_>>(),
+        ));
+        if !vision_back.is_empty() {
+            rows.push(activation_row(
+                "image path backward, every buffer".into(),
+                &vision_back,
+            ));
+        }
+        rows.push(ce_row(&ce));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut buffers: Vec<Buffer> = Vec::new();
+    for a in inputs
+        .iter()
+        .chain(&embeddings)
+        .chain(&vision_kept)
+        .chain(&vision_temps)
+        .chain(&vision_back)
+        .chain(&layer_forward)
+        .chain(&layer_backward)
+        .chain(&loss_locals)
+        .chain(&ce)
+    {
+        if seen.insert((a.name.clone(), a.rows, a.cols)) {
+            buffers.push(Buffer {
+                name: format!("{} [{}, {}] f32", a.name, a.rows, a.cols),
+                bytes: a.bytes(),
+                row_bytes: a.cols * 4,
+                chunkable: false,
+            });
+        }
+    }
+    Ok((rows, buffers))
 }
 
 #[cfg(test)]
@@ -557,6 +1226,8 @@ mod tests {
                 r: 16,
                 modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
                 modules_to_save_dtype: FloatDtype::BF16,
+                vision: true,
+                dropout: true,
             }),
             activations: Some(ActivationPlan {
                 batch: 1,
@@ -564,7 +1235,7 @@ mod tests {
                 images_per_sample: 1,
                 gradient_checkpointing: true,
                 activation_dtype: FloatDtype::F32,
-                loss_chunk_tokens: 1024,
+                max_binding_bytes: 128 << 20,
             }),
         }
     }
@@ -610,7 +1281,13 @@ mod tests {
         let with = MemoryPlan::build(&c, &opts).unwrap();
         opts.activations.as_mut().unwrap().gradient_checkpointing = false;
         let without = MemoryPlan::build(&c, &opts).unwrap();
-        assert!(without.part_total("activations") > 5 * with.part_total("activations"));
+        // Checkpointing keeps 34 layer inputs instead of every buffer of 34 layers' forward and
+        // backward (the image path is not checkpointed: it dominates both).
+        let (w, wo) = (
+            with.device_part_total("activations"),
+            without.device_part_total("activations"),
+        );
+        assert!(wo > 2 * w, "{wo} vs {w}");
         let limits = DeviceLimits {
             max_buffer_size: 1 << 30,
             max_storage_buffer_binding_size: 1 << 27,
@@ -630,16 +1307,76 @@ mod tests {
                 .any(|(n, k)| n.contains("embed_tokens") && *k == 11),
             "{chunked:?}"
         );
+        // Weights alone: rows wider than the binding cannot be chunked.
         let tiny = DeviceLimits {
             max_buffer_size: 1024,
             max_storage_buffer_binding_size: 1024,
             memory_budget: None,
         };
-        assert!(with
-            .check(&tiny)
+        let weights_only = MemoryPlan::build(
+            &c,
+            &PlanOptions {
+                activations: None,
+                ..guide_options()
+            },
+        )
+        .unwrap();
+        let e = weights_only.check(&tiny).unwrap_err().to_string();
+        assert!(e.contains("rows of"), "{e}");
+    }
+
+    /// Activations are bound whole: one larger than the binding is refused upfront, naming
+    /// the buffer, its size, the limit and what to lower. By hand: the text MLP's
+    /// [tokens, 10240] f32 passes 128 MiB above 3276 tokens (134,217,728 / 40,960).
+    #[test]
+    fn activation_over_one_binding_is_refused() {
+        let c = ModelConfig::from_json(GEMMA_3_4B_IT_CONFIG_JSON).unwrap();
+        let lavapipe = DeviceLimits {
+            max_buffer_size: 1 << 30,
+            max_storage_buffer_binding_size: 128 << 20,
+            memory_budget: None,
+        };
+        let plan_for = |batch: usize, seq_len: usize, images: usize| {
+            let mut o = guide_options();
+            let a = o.activations.as_mut().unwrap();
+            (a.batch, a.seq_len, a.images_per_sample) = (batch, seq_len, images);
+            MemoryPlan::build(&c, &o).unwrap()
+        };
+        // 3264 tokens: the MLP activations are 127.5 MiB; no other activation is larger.
+        plan_for(1, 3264, 1).check(&lavapipe).unwrap();
+        let e = plan_for(1, 3300, 1)
+            .check(&lavapipe)
             .unwrap_err()
-            .to_string()
-            .contains("rows of"));
+            .to_string();
+        assert!(
+            e.contains("text MLP gate_proj [3300, 10240] f32")
+                && e.contains("135168000 bytes")
+                && e.contains("(134217728 bytes")
+                && e.contains("Lower max_length")
+                && e.contains("sequence length 3300"),
+            "{e}"
+        );
+        // SigLIP at 896 px: [images·4096, 4304] f32 is 67.2 MiB per image; two do not fit.
+        plan_for(1, 1024, 1).check(&lavapipe).unwrap();
+        let e = plan_for(2, 1024, 1)
+            .check(&lavapipe)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vision MLP fc1 [8192, 4304] f32") && e.contains("141033472 bytes"),
+            "{e}"
+        );
+        // Artificially low limits: everything but the smallest buffers is refused.
+        let tiny = DeviceLimits {
+            max_buffer_size: 1024,
+            max_storage_buffer_binding_size: 1024,
+            memory_budget: None,
+        };
+        let e = plan_for(1, 16, 0).check(&tiny).unwrap_err().to_string();
+        assert!(
+            e.contains("one storage binding on this adapter holds at most 1.0 KiB (1024 bytes"),
+            "{e}"
+        );
     }
 
     /// transformers 5.24 + bitsandbytes 0.50.2 `get_memory_footprint(return_buffers=False)` for

@@ -24,7 +24,7 @@ const SOURCE: &str = include_str!("../../../../shaders/attention.wgsl");
 
 /// Rows (query rows in forward/dQ, key rows in dK/dV) owned by one workgroup, and the block
 /// granularity of the precomputed visibility ranges.
-const ROWS: usize = 8;
+pub(crate) const ROWS: usize = 8;
 /// Largest head_dim the kernels hold (8 lanes × 8 vec4 slots).
 pub const MAX_HEAD_DIM: usize = 256;
 

@@ -27,9 +27,9 @@ use crate::reference::cross_entropy::{CrossEntropyStats, IGNORE_INDEX};
 const SOURCE: &str = include_str!("../../../../shaders/cross_entropy.wgsl");
 
 /// Most vocabulary columns of the logits scratch (one block).
-const MAX_VOCAB_BLOCK: usize = 65536;
+pub(crate) const MAX_VOCAB_BLOCK: usize = 65536;
 /// Most bytes of the logits scratch `[tokens, block]` f32 (512 tokens: blocks of 16384 columns).
-const LOGITS_SCRATCH_BYTES: usize = 32 << 20;
+pub(crate) const LOGITS_SCRATCH_BYTES: usize = 32 << 20;
 
 /// The common header plus the `//== kernel <name>` section of shaders/cross_entropy.wgsl.
 fn module(kernel: &str) -> ShaderSource {
