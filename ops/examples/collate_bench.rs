@@ -19,6 +19,26 @@ use ops::data::collate::{
 use ops::data::conversation::{write_json, write_jsonl, ImageRef, ImageSources, TemplatedRecord};
 use serde_json::json;
 
+/// CPU seconds (user + system) this process has used so far (/proc counts in USER_HZ = 100 ticks).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// The 1-minute load average: the benchmark shares the machine, so note how busy it was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().next().unwrap_or("?").to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -303,9 +323,15 @@ fn main() -> Result<()> {
     let cores = std::thread::available_parallelism()
         .map(|c| c.get())
         .unwrap_or(1);
+    println!(
+        "{cores} cores, load average {}; each stream worker decodes and resizes its batch's images on the rayon pool ({} threads)",
+        load_average(),
+        rayon::current_num_threads()
+    );
     let mut rust_rates = Vec::new();
     for workers in [1, cores] {
         let t0 = Instant::now();
+        let cpu0 = cpu_seconds();
         let stream = BatchStream::open(
             &bdir,
             StreamOptions {
@@ -322,9 +348,10 @@ fn main() -> Result<()> {
             checksum += b.pixel_values[b.pixel_values.len() / 2] as f64;
         }
         let dt = t0.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu0;
         let rate = seen as f64 / dt;
         rust_rates.push((workers, rate));
-        println!("rust   workers={workers}: {rate:8.2} examples/s ({dt:.2} s, peak RSS {:.0} MiB, checksum {checksum:.3})", peak_rss_mib());
+        println!("rust   workers={workers}: {rate:8.2} examples/s ({dt:.2} s, CPU {cpu:.2} s = {:.2} cores busy, peak RSS {:.0} MiB, checksum {checksum:.3})", cpu / dt, peak_rss_mib());
     }
 
     let python = std::env::var("BENCH_PYTHON").unwrap_or_else(|_| "/work/venv/bin/python".into());
@@ -355,6 +382,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     print!("{stdout}");
+    println!("load average after the python run: {}", load_average());
     let py_rate: Option<f64> = stdout
         .lines()
         .find_map(|l| l.strip_prefix("RATE "))

@@ -6,10 +6,11 @@ the HF processor, over the same JPEG files and conversations.
 Per batch of 1 (the guide's MMIU setting) it opens each image and converts it to RGB (the guide's
 format_data), applies the chat template and .strip(), calls processor(text, images,
 padding=True, return_tensors="pt") and builds the labels exactly as the guide does. Prints
-examples/s ("RATE <x>") and peak RSS.
+examples/s ("RATE <x>"), the CPU time it used (how many cores it kept busy) and peak RSS.
 """
 import json, os, resource, sys, time
 
+import torch
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -37,13 +38,16 @@ def collate_fn(examples):
 examples = spec["examples"]
 collate_fn(examples[:1])  # warm-up (lazy imports)
 t0 = time.perf_counter()
+cpu0 = time.process_time()
 checksum = 0.0
 for e in examples:
     b = collate_fn([e])
     pv = b["pixel_values"].reshape(-1)
     checksum += float(pv[pv.numel() // 2])
 dt = time.perf_counter() - t0
+cpu = time.process_time() - cpu0
 rate = len(examples) / dt
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"python 1 process : {rate:8.2f} examples/s ({dt:.2f} s, peak RSS {peak:.0f} MiB, checksum {checksum:.3f})")
+threads = f"torch threads {torch.get_num_threads()}"
+print(f"python 1 process : {rate:8.2f} examples/s ({dt:.2f} s, CPU {cpu:.2f} s = {cpu / dt:.2f} cores busy, {threads}, peak RSS {peak:.0f} MiB, checksum {checksum:.3f})")
 print(f"RATE {rate}")

@@ -267,8 +267,9 @@ fn clip8(v: i32) -> u8 {
 pub enum ResizeKernel {
     /// Plain Rust, one sample at a time: Pillow's C loops transcribed.
     Scalar,
-    /// x86-64 SSE4.1 (horizontal: the 3 channels of a pixel in one vector) and AVX2 (vertical:
-    /// 16 samples of a row at once), detected at run time.
+    /// x86-64 AVX2 (horizontal: 3 channels of one pixel in 4 rows at once; vertical: 16
+    /// samples of a row at once), or SSE4.1 (horizontal, one row at a time), detected at run
+    /// time.
     Simd,
 }
 
@@ -354,7 +355,7 @@ mod simd {
     /// # Safety
     /// The CPU must support SSE4.1.
     #[target_feature(enable = "sse4.1")]
-    pub unsafe fn horizontal(rows: &[u8], w: usize, c: &Coeffs, out: &mut [u8]) {
+    pub unsafe fn horizontal_one_row(rows: &[u8], w: usize, c: &Coeffs, out: &mut [u8]) {
         let out_w = c.start.len();
         for (in_row, out_row) in rows
             .chunks_exact(w * 3)
@@ -382,6 +383,80 @@ mod simd {
                 out_px.copy_from_slice(&bytes[..3]);
             }
         }
+    }
+
+    /// `horizontal_scalar` on four rows at once: the four rows' pixels under the same tap share
+    /// its weight, so two 8-lane AVX2 accumulators hold 4 rows x (3 channels + a discarded lane
+    /// holding the next pixel's red), and the coefficient lookups are made once for four rows.
+    /// Rows past the last multiple of four, and windows touching the last column, go through
+    /// the one-row SSE4.1 path.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 (and so SSE4.1).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn horizontal(rows: &[u8], w: usize, c: &Coeffs, out: &mut [u8]) {
+        let out_w = c.start.len();
+        let (in_stride, out_stride) = (w * 3, out_w * 3);
+        let n_rows = rows.len() / in_stride;
+        let grouped = n_rows - n_rows % 4;
+        for (in_rows, out_rows) in rows[..grouped * in_stride]
+            .chunks_exact(4 * in_stride)
+            .zip(out.chunks_exact_mut(4 * out_stride))
+        {
+            let r = [0, 1, 2, 3].map(|i| in_rows.as_ptr().add(i * in_stride));
+            for xx in 0..out_w {
+                let (start, len) = (c.start[xx], c.len[xx]);
+                if start + len >= w {
+                    for i in 0..4 {
+                        let in_row = &in_rows[i * in_stride..(i + 1) * in_stride];
+                        let o = i * out_stride + xx * 3;
+                        horizontal_pixel_scalar(in_row, c, xx, &mut out_rows[o..o + 3]);
+                    }
+                    continue;
+                }
+                let k = &c.weights[xx * c.ksize..xx * c.ksize + len];
+                let mut acc01 = _mm256_set1_epi32(BIAS);
+                let mut acc23 = acc01;
+                let off = start * 3;
+                for (x, &wt) in k.iter().enumerate() {
+                    // Inside the row: 3(start + x) + 4 <= 3(start + len) + 1 <= 3w (checked above).
+                    let at = off + x * 3;
+                    let px = |i: usize| (r[i].add(at) as *const u32).read_unaligned() as u64;
+                    let p01 = _mm_cvtsi64_si128((px(0) | px(1) << 32) as i64);
+                    let p23 = _mm_cvtsi64_si128((px(2) | px(3) << 32) as i64);
+                    let wv = _mm256_set1_epi32(wt);
+                    acc01 =
+                        _mm256_add_epi32(acc01, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(p01), wv));
+                    acc23 =
+                        _mm256_add_epi32(acc23, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(p23), wv));
+                }
+                let acc01 = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(acc01);
+                let acc23 = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(acc23);
+                let w01 = _mm_packs_epi32(
+                    _mm256_castsi256_si128(acc01),
+                    _mm256_extracti128_si256::<1>(acc01),
+                );
+                let w23 = _mm_packs_epi32(
+                    _mm256_castsi256_si128(acc23),
+                    _mm256_extracti128_si256::<1>(acc23),
+                );
+                let mut bytes = [0u8; 16];
+                _mm_storeu_si128(
+                    bytes.as_mut_ptr() as *mut __m128i,
+                    _mm_packus_epi16(w01, w23),
+                );
+                for i in 0..4 {
+                    let o = i * out_stride + xx * 3;
+                    out_rows[o..o + 3].copy_from_slice(&bytes[i * 4..i * 4 + 3]);
+                }
+            }
+        }
+        horizontal_one_row(
+            &rows[grouped * in_stride..],
+            w,
+            c,
+            &mut out[grouped * out_stride..],
+        );
     }
 
     /// `vertical_scalar` on 16 samples of a row at a time (two 8-lane AVX2 accumulators).
@@ -442,10 +517,17 @@ fn pass_horizontal(
     let mut out = vec![0u8; (last - first) * out_w * 3];
     let rows = &src[first * w * 3..last * w * 3];
     #[cfg(target_arch = "x86_64")]
-    if kernel == ResizeKernel::Simd && std::arch::is_x86_feature_detected!("sse4.1") {
-        // SAFETY: SSE4.1 is present (checked just above).
-        unsafe { simd::horizontal(rows, w, &c, &mut out) };
-        return out;
+    if kernel == ResizeKernel::Simd {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked just above).
+            unsafe { simd::horizontal(rows, w, &c, &mut out) };
+            return out;
+        }
+        if std::arch::is_x86_feature_detected!("sse4.1") {
+            // SAFETY: SSE4.1 is present (checked just above).
+            unsafe { simd::horizontal_one_row(rows, w, &c, &mut out) };
+            return out;
+        }
     }
     let _ = kernel;
     horizontal_scalar(rows, w, &c, &mut out);
@@ -648,11 +730,13 @@ impl ImageProcessorConfig {
                 x
             })
         });
-        let plane = h * w;
-        for (i, px) in img.data.chunks_exact(3).enumerate() {
-            out[i] = lut[0][px[0] as usize];
-            out[plane + i] = lut[1][px[1] as usize];
-            out[2 * plane + i] = lut[2][px[2] as usize];
+        let (red, rest) = out.split_at_mut(h * w);
+        let (green, blue) = rest.split_at_mut(h * w);
+        // Zipped iterators: no index arithmetic or bounds checks in the per-pixel loop.
+        for (((px, r), g), b) in img.data.chunks_exact(3).zip(red).zip(green).zip(blue) {
+            *r = lut[0][px[0] as usize];
+            *g = lut[1][px[1] as usize];
+            *b = lut[2][px[2] as usize];
         }
     }
 
