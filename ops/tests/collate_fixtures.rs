@@ -75,6 +75,66 @@ impl Chain {
             key: name.into(),
         })
     }
+
+    /// The tiny model and the llava fixture rows as conversations (load → format), as the
+    /// guide's single-image case.
+    fn llava_chats(&self) -> (Artifact, Artifact) {
+        let c = self;
+        let raw = c
+            .run(
+                &ops::load::Load,
+                "raw",
+                "dataset = \"HuggingFaceH4/llava-instruct-mix-vsft\"\nsplit = \"train\"",
+                &[],
+            )
+            .unwrap();
+        let model = c
+            .run(
+                &ops::load::Load,
+                "base",
+                "model = \"runner-test/tiny-gemma-3\"",
+                &[],
+            )
+            .unwrap();
+        let chats = c
+            .run(&ops::format::FormatOp, "chats", "", &[("rows", &raw)])
+            .unwrap();
+        (model, chats)
+    }
+
+    /// The tiny model and the MMIU fixture rows as conversations (load → unzip → format), as
+    /// the guide's multi-image case.
+    fn mmiu_chats(&self) -> (Artifact, Artifact) {
+        let c = self;
+        let raw = c
+            .run(
+                &ops::load::Load,
+                "raw",
+                "dataset = \"FanqingM/MMIU-Benchmark\"\nsplit = \"test\"",
+                &[],
+            )
+            .unwrap();
+        let images = c
+            .run(&ops::unzip::Unzip, "images", "", &[("archives", &raw)])
+            .unwrap();
+        let model = c
+            .run(
+                &ops::load::Load,
+                "base",
+                "model = \"runner-test/tiny-gemma-3\"",
+                &[],
+            )
+            .unwrap();
+        let chats = c
+            .run(
+                &ops::format::FormatOp,
+                "chats",
+                "system = \"{context}\"\nuser = { images = \"{input_image_path}\", text = \"{question}\" }\nassistant = \"{output}\"\non_error = \"fail\"",
+                &[("rows", &raw), ("files", &images)],
+            )
+            .unwrap();
+        (model, chats)
+    }
 }
 
 fn tensor_i64(st: &safetensors::SafeTensors, name: &str) -> Vec<i64> {
@@ -198,26 +258,8 @@ fn check_batch(kind: &str, batches: &Artifact, batch_size: usize) {
 #[test]
 fn llava_chain_matches_the_guides_collate_fn() {
     let c = Chain::new();
-    let raw = c
-        .run(
-            &ops::load::Load,
-            "raw",
-            "dataset = \"HuggingFaceH4/llava-instruct-mix-vsft\"\nsplit = \"train\"",
-            &[],
-        )
-        .unwrap();
-    let model = c
-        .run(
-            &ops::load::Load,
-            "base",
-            "model = \"runner-test/tiny-gemma-3\"",
-            &[],
-        )
-        .unwrap();
+    let (model, chats) = c.llava_chats();
     assert_eq!(model.ty, ArtifactType::Model);
-    let chats = c
-        .run(&ops::format::FormatOp, "chats", "", &[("rows", &raw)])
-        .unwrap();
     let templated = c
         .run(
             &ops::template::TemplateOp,
@@ -256,33 +298,7 @@ fn llava_chain_matches_the_guides_collate_fn() {
 #[test]
 fn mmiu_chain_matches_the_guides_collate_fn() {
     let c = Chain::new();
-    let raw = c
-        .run(
-            &ops::load::Load,
-            "raw",
-            "dataset = \"FanqingM/MMIU-Benchmark\"\nsplit = \"test\"",
-            &[],
-        )
-        .unwrap();
-    let images = c
-        .run(&ops::unzip::Unzip, "images", "", &[("archives", &raw)])
-        .unwrap();
-    let model = c
-        .run(
-            &ops::load::Load,
-            "base",
-            "model = \"runner-test/tiny-gemma-3\"",
-            &[],
-        )
-        .unwrap();
-    let chats = c
-        .run(
-            &ops::format::FormatOp,
-            "chats",
-            "system = \"{context}\"\nuser = { images = \"{input_image_path}\", text = \"{question}\" }\nassistant = \"{output}\"\non_error = \"fail\"",
-            &[("rows", &raw), ("files", &images)],
-        )
-        .unwrap();
+    let (model, chats) = c.mmiu_chats();
     let templated = c
         .run(
             &ops::template::TemplateOp,
@@ -446,25 +462,7 @@ fn check_against_trl(kind: &str, templated: &Artifact, batches: &Artifact) {
 #[test]
 fn llava_assistant_only_loss_matches_trl() {
     let c = Chain::new();
-    let raw = c
-        .run(
-            &ops::load::Load,
-            "raw",
-            "dataset = \"HuggingFaceH4/llava-instruct-mix-vsft\"\nsplit = \"train\"",
-            &[],
-        )
-        .unwrap();
-    let model = c
-        .run(
-            &ops::load::Load,
-            "base",
-            "model = \"runner-test/tiny-gemma-3\"",
-            &[],
-        )
-        .unwrap();
-    let chats = c
-        .run(&ops::format::FormatOp, "chats", "", &[("rows", &raw)])
-        .unwrap();
+    let (model, chats) = c.llava_chats();
     let templated = c
         .run(
             &ops::template::TemplateOp,
@@ -511,33 +509,7 @@ fn llava_assistant_only_loss_matches_trl() {
 #[test]
 fn mmiu_assistant_only_loss_matches_trl() {
     let c = Chain::new();
-    let raw = c
-        .run(
-            &ops::load::Load,
-            "raw",
-            "dataset = \"FanqingM/MMIU-Benchmark\"\nsplit = \"test\"",
-            &[],
-        )
-        .unwrap();
-    let images = c
-        .run(&ops::unzip::Unzip, "images", "", &[("archives", &raw)])
-        .unwrap();
-    let model = c
-        .run(
-            &ops::load::Load,
-            "base",
-            "model = \"runner-test/tiny-gemma-3\"",
-            &[],
-        )
-        .unwrap();
-    let chats = c
-        .run(
-            &ops::format::FormatOp,
-            "chats",
-            "system = \"{context}\"\nuser = { images = \"{input_image_path}\", text = \"{question}\" }\nassistant = \"{output}\"\non_error = \"fail\"",
-            &[("rows", &raw), ("files", &images)],
-        )
-        .unwrap();
+    let (model, chats) = c.mmiu_chats();
     let templated = c
         .run(
             &ops::template::TemplateOp,

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use ops::data::collate::Batch as GpuBatch;
 use ops::gpu::testing::test_gpu;
 use ops::gpu::{Gpu, Recorder};
 use ops::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
@@ -27,28 +26,6 @@ fn text_only(mut b: Batch) -> Batch {
     b.pixel_values.clear();
     b.images = 0;
     b
-}
-
-fn to_gpu_batch(b: &Batch) -> GpuBatch {
-    let side = (b.pixel_values.len() / 3)
-        .checked_div(b.images)
-        .map_or(0, |per_image| (per_image as f64).sqrt() as usize);
-    GpuBatch {
-        batch_size: b.batch,
-        seq_len: b.seq,
-        input_ids: b.input_ids.clone(),
-        attention_mask: b.attention_mask.clone(),
-        token_type_ids: b.token_type_ids.clone(),
-        labels: b.labels.clone().unwrap(),
-        pixel_values: b.pixel_values.clone(),
-        num_images: b.images,
-        image_height: side,
-        image_width: side,
-        images_per_sample: Vec::new(),
-        rows: (0..b.batch).collect(),
-        epoch: 0,
-        index_in_epoch: 0,
-    }
 }
 
 /// The golden initial adapter without its vision-tower pairs (text-only GPU model).

@@ -3,40 +3,16 @@
 //! (fresh pool), for one training step with and without gradient checkpointing and LoRA
 //! dropout, image batches (the guide's mmiu collate: SigLIP tower, projector, text stack).
 
-use ops::data::collate::Batch as GpuBatch;
 use ops::gpu::{Gpu, GpuOptions, Recorder};
 use ops::model::config::FloatDtype;
 use ops::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
 use ops::model::memory::{ActivationPlan, BaseFormat, LoraPlan, MemoryPlan, PlanOptions};
 use ops::model::reference::lora::{Adapter, LoraSettings};
-use ops::model::reference::Batch;
 use ops::train::model::TrainModel;
 use ops::train::optimizer::{AdamWConfig, GpuAdamW};
 
 mod common;
 use common::*;
-
-fn to_gpu_batch(b: &Batch) -> GpuBatch {
-    let side = (b.pixel_values.len() / 3)
-        .checked_div(b.images)
-        .map_or(0, |per_image| (per_image as f64).sqrt() as usize);
-    GpuBatch {
-        batch_size: b.batch,
-        seq_len: b.seq,
-        input_ids: b.input_ids.clone(),
-        attention_mask: b.attention_mask.clone(),
-        token_type_ids: b.token_type_ids.clone(),
-        labels: b.labels.clone().unwrap(),
-        pixel_values: b.pixel_values.clone(),
-        num_images: b.images,
-        image_height: side,
-        image_width: side,
-        images_per_sample: Vec::new(),
-        rows: (0..b.batch).collect(),
-        epoch: 0,
-        index_in_epoch: 0,
-    }
-}
 
 /// Plan vs measured, per part, for one configuration: `(plan, measured)` device bytes of
 /// weights + trainable (after the model and AdamW are set up) and of the step's activations

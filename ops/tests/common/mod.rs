@@ -104,3 +104,27 @@ pub fn golden_batch(name: &str) -> Batch {
         images: t["pixel_values"].1[0],
     }
 }
+
+/// A reference-layout batch in the collate stream's layout (what `Gemma3Gpu` consumes): square
+/// images, one epoch, rows in order.
+pub fn to_gpu_batch(b: &Batch) -> ops::data::collate::Batch {
+    let side = (b.pixel_values.len() / 3)
+        .checked_div(b.images)
+        .map_or(0, |per_image| (per_image as f64).sqrt() as usize);
+    ops::data::collate::Batch {
+        batch_size: b.batch,
+        seq_len: b.seq,
+        input_ids: b.input_ids.clone(),
+        attention_mask: b.attention_mask.clone(),
+        token_type_ids: b.token_type_ids.clone(),
+        labels: b.labels.clone().unwrap(),
+        pixel_values: b.pixel_values.clone(),
+        num_images: b.images,
+        image_height: side,
+        image_width: side,
+        images_per_sample: Vec::new(),
+        rows: (0..b.batch).collect(),
+        epoch: 0,
+        index_in_epoch: 0,
+    }
+}
