@@ -306,16 +306,19 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::testing::{rel_frobenius, test_gpu, tiny_binding_gpu, TestRng};
+    use crate::gpu::testing::{
+        f32_sum_tolerance, rel_frobenius, test_gpu, tiny_binding_gpu, TestRng,
+    };
     use crate::reference::cross_entropy::{lm_head_cross_entropy, CrossEntropyDims};
 
     fn run(gpu: &Gpu, d: CrossEntropyDims, with_dw: bool, seed: u64) {
         let mut rng = TestRng::new(seed);
         let hidden = rng.vec_normal(d.tokens * d.hidden);
         let weight = rng.vec_normal(d.vocab * d.hidden);
+        // token 0 always counts: with every label ignored the loss is 0 and its relative error NaN
         let labels: Vec<i32> = (0..d.tokens)
-            .map(|_| {
-                if rng.below(4) == 0 {
+            .map(|t| {
+                if t > 0 && rng.below(4) == 0 {
                     IGNORE_INDEX
                 } else {
                     rng.below(d.vocab) as i32
@@ -369,11 +372,20 @@ mod tests {
             got.loss_sum,
             want.loss_sum
         );
+        // d_hidden sums over the vocabulary, d_weight over the tokens
         let dh_err = rel_frobenius(&gpu.read_f32(&dh).unwrap(), &want_dh);
-        assert!(dh_err < 1e-5, "{what}: d_hidden rel error {dh_err}");
+        let dh_tol = f32_sum_tolerance(d.vocab);
+        assert!(
+            dh_err < dh_tol,
+            "{what}: d_hidden rel error {dh_err} (allowed {dh_tol})"
+        );
         if with_dw {
             let dw_err = rel_frobenius(&gpu.read_f32(&dwg).unwrap(), &want_dw);
-            assert!(dw_err < 1e-5, "{what}: d_weight rel error {dw_err}");
+            let dw_tol = f32_sum_tolerance(d.tokens);
+            assert!(
+                dw_err < dw_tol,
+                "{what}: d_weight rel error {dw_err} (allowed {dw_tol})"
+            );
         }
     }
 
