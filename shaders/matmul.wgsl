@@ -8,6 +8,10 @@
 // the contiguous dimensions multiples of 4), `scalar` binds them as array<f32>. llvmpipe loads
 // storage one lane at a time, so a vec4 load is 4x fewer load instructions there.
 //
+// The `*_tex` preludes read A and B from linear textures instead (ops/src/gpu/staging.rs):
+// on lavapipe a texel fetch costs a tenth of a storage load, so the subgroup kernel stages its
+// operands there.
+//
 // The `nf4_*` preludes make B a bitsandbytes NF4 weight (packed nibbles + f32 absmax, binding
 // 5) dequantized inside the tile loop: the fused NF4 matmul is this same kernel.
 //
@@ -73,6 +77,81 @@ fn b1(e: u32) -> f32 {
     let byte = (Wq[e >> 3u] >> (((e >> 1u) & 3u) * 8u)) & 255u;
     let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
     return NF4[nib] * Wabsmax[e / NF4_BLOCK];
+}
+fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
+//== prelude vec4_tex
+@group(0) @binding(1) var A: texture_2d<f32>;
+@group(0) @binding(2) var B: texture_2d<f32>;
+// Linear textures (ops/src/gpu/staging.rs): texel t at (t % 4096, t / 4096), element e is
+// component e % 4 of texel e / 4.
+fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, vec2<u32>(t & 4095u, t >> 12u), 0); }
+fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B, vec2<u32>(t & 4095u, t >> 12u), 0); }
+fn a4(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
+fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
+fn b4(e: u32) -> vec4<f32> { return b_texel(e >> 2u); }
+fn b1(e: u32) -> f32 { return b_texel(e >> 2u)[e & 3u]; }
+//== prelude scalar_tex
+@group(0) @binding(1) var A: texture_2d<f32>;
+@group(0) @binding(2) var B: texture_2d<f32>;
+// Linear textures (ops/src/gpu/staging.rs): texel t at (t % 4096, t / 4096), element e is
+// component e % 4 of texel e / 4.
+fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, vec2<u32>(t & 4095u, t >> 12u), 0); }
+fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B, vec2<u32>(t & 4095u, t >> 12u), 0); }
+fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
+fn a4(e: u32) -> vec4<f32> { return vec4<f32>(a1(e), a1(e + 1u), a1(e + 2u), a1(e + 3u)); }
+fn b1(e: u32) -> f32 { return b_texel(e >> 2u)[e & 3u]; }
+fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
+//== prelude nf4_vec4_tex
+@group(0) @binding(1) var A: texture_2d<f32>;
+@group(0) @binding(2) var Wq: texture_2d<u32>;
+@group(0) @binding(5) var Wabsmax: texture_2d<f32>;
+// Linear textures (ops/src/gpu/staging.rs): texel t at (t % 4096, t / 4096), element e is
+// component e % 4 of texel e / 4.
+fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, vec2<u32>(t & 4095u, t >> 12u), 0); }
+fn a4(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
+fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
+// Word w of the packed NF4 weight (texel w / 4) and scale i of its absmax.
+fn wq_word(w: u32) -> u32 { return textureLoad(Wq, vec2<u32>((w >> 2u) & 4095u, w >> 14u), 0)[w & 3u]; }
+fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, vec2<u32>((i >> 2u) & 4095u, i >> 14u), 0)[i & 3u]; }
+override NF4_BLOCK: u32 = 64u;
+var<private> NF4: array<f32, 16> = array<f32, 16>(
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
+fn b1(e: u32) -> f32 {
+    let byte = (wq_word(e >> 3u) >> (((e >> 1u) & 3u) * 8u)) & 255u;
+    let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
+    return NF4[nib] * absmax(e / NF4_BLOCK);
+}
+// Four consecutive weights from element e (e % 4 == 0): bytes e/2 and e/2 + 1 of one word.
+fn b4(e: u32) -> vec4<f32> {
+    let w = wq_word(e >> 3u) >> ((e & 4u) * 4u);
+    let s = absmax(e / NF4_BLOCK);
+    return vec4<f32>(NF4[(w >> 4u) & 15u], NF4[w & 15u], NF4[(w >> 12u) & 15u], NF4[(w >> 8u) & 15u]) * s;
+}
+//== prelude nf4_scalar_tex
+@group(0) @binding(1) var A: texture_2d<f32>;
+@group(0) @binding(2) var Wq: texture_2d<u32>;
+@group(0) @binding(5) var Wabsmax: texture_2d<f32>;
+// Linear textures (ops/src/gpu/staging.rs): texel t at (t % 4096, t / 4096), element e is
+// component e % 4 of texel e / 4.
+fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, vec2<u32>(t & 4095u, t >> 12u), 0); }
+fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
+fn a4(e: u32) -> vec4<f32> { return vec4<f32>(a1(e), a1(e + 1u), a1(e + 2u), a1(e + 3u)); }
+// Word w of the packed NF4 weight (texel w / 4) and scale i of its absmax.
+fn wq_word(w: u32) -> u32 { return textureLoad(Wq, vec2<u32>((w >> 2u) & 4095u, w >> 14u), 0)[w & 3u]; }
+fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, vec2<u32>((i >> 2u) & 4095u, i >> 14u), 0)[i & 3u]; }
+override NF4_BLOCK: u32 = 64u;
+var<private> NF4: array<f32, 16> = array<f32, 16>(
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
+fn b1(e: u32) -> f32 {
+    let byte = (wq_word(e >> 3u) >> (((e >> 1u) & 3u) * 8u)) & 255u;
+    let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
+    return NF4[nib] * absmax(e / NF4_BLOCK);
 }
 fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
 //== body

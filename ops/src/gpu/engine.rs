@@ -55,6 +55,7 @@ pub struct Gpu {
     tiling: Tiling,
     all_adapters: Vec<wgpu::AdapterInfo>,
     pub(crate) pool: Arc<Mutex<BufferPool>>,
+    pub(crate) staging: Mutex<super::staging::StagingPool>,
     modules: Mutex<HashMap<String, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
 }
@@ -254,6 +255,7 @@ impl Gpu {
             tiling,
             all_adapters: infos,
             pool: Arc::new(Mutex::new(BufferPool::default())),
+            staging: Mutex::new(Default::default()),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
         })

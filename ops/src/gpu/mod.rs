@@ -32,6 +32,7 @@
 pub mod engine;
 pub mod kernels;
 pub mod recorder;
+pub mod staging;
 pub mod tensor;
 pub mod testing;
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 
 use super::engine::{Gpu, Kernel, PooledBuffer};
+use super::staging::{self, StageFormat, StagedTexture, StagingPool};
 use super::tensor::BufView;
 
 /// Most dispatches a timed recorder measures (two timestamps each; wgpu caps a query set at 4096).
@@ -17,8 +18,18 @@ pub struct Recorder<'g> {
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     keep: Vec<Arc<PooledBuffer>>,
+    /// Staging textures by slot (reused by later dispatches of this recorder: commands of one
+    /// encoder run in order) and those replaced in a slot; all go back to the pool at submit.
+    staged: Vec<Option<Arc<StagedTexture>>>,
+    staged_retired: Vec<Arc<StagedTexture>>,
     timing: Option<Timing>,
     dispatches: usize,
+}
+
+/// One binding of a dispatch: a storage buffer range or a staged texture.
+pub enum Bound<'a> {
+    Buffer(BufView),
+    Texture(&'a StagedTexture),
 }
 
 struct Timing {
@@ -45,6 +56,8 @@ impl<'g> Recorder<'g> {
             encoder: Some(encoder),
             pass: None,
             keep: Vec::new(),
+            staged: Vec::new(),
+            staged_retired: Vec::new(),
             timing: None,
             dispatches: 0,
         }
@@ -87,6 +100,65 @@ impl<'g> Recorder<'g> {
         buffers: &[BufView],
         groups: [u32; 3],
     ) {
+        let bound: Vec<Bound> = buffers.iter().cloned().map(Bound::Buffer).collect();
+        self.dispatch_bound(kernel, params, &bound, groups);
+    }
+
+    /// Copies `view` into the linear texture of staging slot `slot` (see [`staging`]) and
+    /// returns it for a [`Bound::Texture`] binding, or `None` when the range cannot be staged
+    /// (misaligned, or past the adapter's texture size): the caller binds the buffer instead.
+    /// Slots are per recorder: a later call with the same slot overwrites the texture, which is
+    /// safe because the dispatches recorded before it run first.
+    pub fn stage(
+        &mut self,
+        slot: usize,
+        view: &BufView,
+        format: StageFormat,
+    ) -> Option<Arc<StagedTexture>> {
+        let max_dim = self.gpu.limits().max_texture_dimension_2d;
+        if !staging::can_stage(view, max_dim) {
+            return None;
+        }
+        let rows = staging::rows_for(view.size);
+        if self.staged.len() <= slot {
+            self.staged.resize_with(slot + 1, || None);
+        }
+        let fits = self.staged[slot]
+            .as_ref()
+            .is_some_and(|t| t.fits(format, rows));
+        if !fits {
+            let fresh =
+                StagingPool::take(&self.gpu.staging, &self.gpu.device, format, rows, max_dim);
+            if let Some(old) = self.staged[slot].replace(fresh) {
+                self.staged_retired.push(old);
+            }
+        }
+        let texture = self.staged[slot].clone().expect("slot filled");
+        self.pass = None;
+        staging::record_copy(self.encoder.as_mut().expect("open"), view, &texture);
+        self.keep.push(view.buffer.clone());
+        Some(texture)
+    }
+
+    fn return_staged(&mut self) {
+        for t in self
+            .staged
+            .drain(..)
+            .flatten()
+            .chain(self.staged_retired.drain(..))
+        {
+            StagingPool::give_back(&self.gpu.staging, t);
+        }
+    }
+
+    /// [`Recorder::dispatch`] with buffers and staged textures: `bindings` bind to 1, 2, ...
+    pub fn dispatch_bound(
+        &mut self,
+        kernel: &Kernel,
+        params: &[u8],
+        bindings: &[Bound],
+        groups: [u32; 3],
+    ) {
         if groups.contains(&0) {
             return;
         }
@@ -111,14 +183,18 @@ impl<'g> Recorder<'g> {
                 size: wgpu::BufferSize::new(padded.len() as u64),
             }),
         }];
-        for (k, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: k as u32 + 1,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        for (k, b) in bindings.iter().enumerate() {
+            let resource = match b {
+                Bound::Buffer(b) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: b.buffer.buffer(),
                     offset: b.offset,
                     size: wgpu::BufferSize::new(b.size.max(4)),
                 }),
+                Bound::Texture(t) => wgpu::BindingResource::TextureView(&t.view),
+            };
+            entries.push(wgpu::BindGroupEntry {
+                binding: k as u32 + 1,
+                resource,
             });
         }
         let bind_group = self
@@ -130,7 +206,10 @@ impl<'g> Recorder<'g> {
                 entries: &entries,
             });
         self.keep.push(uniform);
-        self.keep.extend(buffers.iter().map(|b| b.buffer.clone()));
+        self.keep.extend(bindings.iter().filter_map(|b| match b {
+            Bound::Buffer(b) => Some(b.buffer.clone()),
+            Bound::Texture(_) => None,
+        }));
 
         let timed_index = match &mut self.timing {
             Some(t) if (t.labels.len() as u32) < MAX_TIMED => {
@@ -191,6 +270,8 @@ impl<'g> Recorder<'g> {
     pub fn submit(mut self) {
         self.pass = None;
         let enc = self.encoder.take().expect("open");
+        // Later submits are ordered after this one, so the pool may hand the staging textures
+        // out again as soon as this is queued (Drop returns them).
         self.gpu.queue.submit([enc.finish()]);
     }
 
@@ -267,6 +348,7 @@ impl Drop for Recorder<'_> {
     fn drop(&mut self) {
         // An unsubmitted recorder is discarded; end the pass before the encoder goes.
         self.pass = None;
+        self.return_staged();
     }
 }
 

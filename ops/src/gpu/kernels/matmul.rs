@@ -5,18 +5,43 @@ use std::sync::OnceLock;
 use anyhow::{bail, ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
+use crate::gpu::recorder::Bound;
+use crate::gpu::staging::{StageFormat, StagedTexture};
 use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, ShaderSource, Tiling};
 
 const SOURCE: &str = include_str!("../../../../shaders/matmul.wgsl");
 
-fn shader(vec4: bool) -> &'static ShaderSource {
-    static V4: OnceLock<ShaderSource> = OnceLock::new();
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    if vec4 {
-        V4.get_or_init(|| ShaderSource::with_prelude("matmul", SOURCE, "vec4"))
-    } else {
-        S.get_or_init(|| ShaderSource::with_prelude("matmul", SOURCE, "scalar"))
-    }
+/// The matmul module with A and B as vec4 or scalar views, bound as storage buffers or as
+/// staged linear textures (`textures`).
+fn shader(vec4: bool, textures: bool) -> &'static ShaderSource {
+    static CACHE: [OnceLock<ShaderSource>; 4] = [const { OnceLock::new() }; 4];
+    let prelude = match (vec4, textures) {
+        (true, false) => "vec4",
+        (false, false) => "scalar",
+        (true, true) => "vec4_tex",
+        (false, true) => "scalar_tex",
+    };
+    CACHE[vec4 as usize * 2 + textures as usize]
+        .get_or_init(|| ShaderSource::with_prelude("matmul", SOURCE, prelude))
+}
+
+/// Whether the subgroup kernel reads its operands from staged textures (see
+/// [`crate::gpu::staging`]); env `RUNNER_MATMUL_STAGE=0` binds the storage buffers instead.
+fn stage_operands() -> bool {
+    static S: OnceLock<bool> = OnceLock::new();
+    *S.get_or_init(|| std::env::var("RUNNER_MATMUL_STAGE").map_or(true, |v| v != "0"))
+        && !unstaged_forced()
+}
+
+/// Tests of the storage-buffer subgroup kernel (the fallback when staging is impossible)
+/// switch staging off on their own thread.
+#[cfg(test)]
+fn unstaged_forced() -> bool {
+    tests::UNSTAGED.with(|f| f.get())
+}
+#[cfg(not(test))]
+fn unstaged_forced() -> bool {
+    false
 }
 
 /// Options of [`Gpu::matmul`]. `Default`: plain `C = A·B`.
@@ -504,6 +529,28 @@ fn unrolled_source(
     })
 }
 
+/// Copies a GEMM's A, B (and NF4 absmax) into staging slots 0, 1 (and 2): f32 texels, the
+/// packed NF4 words as u32. `None` when any of them cannot be staged.
+fn stage_gemm_operands(
+    rec: &mut Recorder,
+    g: &Gemm,
+    nf4: Option<&(BufView, usize)>,
+) -> Option<Vec<std::sync::Arc<StagedTexture>>> {
+    let b_format = if nf4.is_some() {
+        StageFormat::U32
+    } else {
+        StageFormat::F32
+    };
+    let mut staged = vec![
+        rec.stage(0, &g.a, StageFormat::F32)?,
+        rec.stage(1, &g.b, b_format)?,
+    ];
+    if let Some((absmax, _)) = nf4 {
+        staged.push(rec.stage(2, absmax, StageFormat::F32)?);
+    }
+    Some(staged)
+}
+
 /// One sub-problem over single buffers (what one dispatch computes).
 pub(crate) struct Gemm {
     pub a: BufView,
@@ -706,13 +753,13 @@ impl Gpu {
         self.record_gemm_with(rec, g, shader, None);
     }
 
-    /// As [`Gpu::record_gemm`] with the shader variant chosen by `shader_for(vec4)`; `nf4`
-    /// (absmax view, blocksize) binds the NF4 scales at binding 5.
+    /// As [`Gpu::record_gemm`] with the shader variant chosen by `shader_for(vec4, textures)`;
+    /// `nf4` (absmax view, blocksize) binds the NF4 scales at binding 5.
     pub(crate) fn record_gemm_with(
         &self,
         rec: &mut Recorder,
         g: Gemm,
-        shader_for: fn(bool) -> &'static ShaderSource,
+        shader_for: fn(bool, bool) -> &'static ShaderSource,
         nf4: Option<(BufView, usize)>,
     ) {
         let p = &g.params;
@@ -731,14 +778,33 @@ impl Gpu {
         let (entry, groups) = match self.tiling() {
             Tiling::Register if subgroup_kernel_fits(self) => {
                 let (tm, tn) = subgroup_tile();
-                let source = subgroup_source(shader_for(vec4), tm, tn, g.trans_a, g.trans_b);
-                let kernel = self.kernel(source, "matmul_subgroup", &constants);
+                let groups = [p.n.div_ceil(tn * SUBGROUP_LANES), p.m.div_ceil(tm), g.batch];
                 let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
+                if let Some(staged) = stage_operands()
+                    .then(|| stage_gemm_operands(rec, &g, nf4.as_ref()))
+                    .flatten()
+                {
+                    let source =
+                        subgroup_source(shader_for(vec4, true), tm, tn, g.trans_a, g.trans_b);
+                    let kernel = self.kernel(source, "matmul_subgroup", &constants);
+                    let mut bindings = vec![
+                        Bound::Texture(&staged[0]),
+                        Bound::Texture(&staged[1]),
+                        Bound::Buffer(g.c),
+                        Bound::Buffer(bias),
+                    ];
+                    if let Some(absmax) = staged.get(2) {
+                        bindings.push(Bound::Texture(absmax));
+                    }
+                    rec.dispatch_bound(&kernel, bytemuck::bytes_of(p), &bindings, groups);
+                    return;
+                }
+                let source = subgroup_source(shader_for(vec4, false), tm, tn, g.trans_a, g.trans_b);
+                let kernel = self.kernel(source, "matmul_subgroup", &constants);
                 let mut buffers = vec![g.a, g.b, g.c, bias];
                 if let Some((absmax, _)) = nf4 {
                     buffers.push(absmax);
                 }
-                let groups = [p.n.div_ceil(tn * SUBGROUP_LANES), p.m.div_ceil(tm), g.batch];
                 rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
                 return;
             }
@@ -746,7 +812,7 @@ impl Gpu {
                 let (tm, tn) = register_tile();
                 let (wx, wy) = (8u32, 8u32);
                 constants.extend([("WG_X", wx as f64), ("WG_Y", wy as f64)]);
-                let source = unrolled_source(shader_for(vec4), tm, tn, g.trans_a, g.trans_b);
+                let source = unrolled_source(shader_for(vec4, false), tm, tn, g.trans_a, g.trans_b);
                 let kernel = self.kernel(source, "matmul_register_unrolled", &constants);
                 let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
                 let mut buffers = vec![g.a, g.b, g.c, bias];
@@ -774,7 +840,7 @@ impl Gpu {
                 )
             }
         };
-        let kernel = self.kernel(shader_for(vec4), entry, &constants);
+        let kernel = self.kernel(shader_for(vec4, false), entry, &constants);
         let bias = g.bias.unwrap_or_else(|| self.dummy_buffer());
         let mut buffers = vec![g.a, g.b, g.c, bias];
         if let Some((absmax, _)) = nf4 {
@@ -959,6 +1025,20 @@ mod tests {
     thread_local! {
         /// Set by a test to run the plain register kernel where the subgroup kernel would run.
         pub(super) static PLAIN_REGISTER_KERNEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Set by a test to bind storage buffers where the subgroup kernel would stage textures.
+        pub(super) static UNSTAGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    #[test]
+    fn matmul_matches_reference_unstaged_subgroup_kernel() {
+        let gpu = test_gpu();
+        if gpu.tiling() != Tiling::Register || !subgroup_kernel_fits(gpu) {
+            eprintln!("no subgroup kernel on this adapter");
+            return;
+        }
+        UNSTAGED.with(|f| f.set(true));
+        sweep(gpu);
+        UNSTAGED.with(|f| f.set(false));
     }
 
     #[test]

@@ -18,14 +18,18 @@ fn shader() -> &'static ShaderSource {
     S.get_or_init(|| ShaderSource::plain("nf4", SOURCE))
 }
 
-fn matmul_shader(vec4: bool) -> &'static ShaderSource {
-    static V4: OnceLock<ShaderSource> = OnceLock::new();
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    if vec4 {
-        V4.get_or_init(|| ShaderSource::with_prelude("matmul", MATMUL_SOURCE, "nf4_vec4"))
-    } else {
-        S.get_or_init(|| ShaderSource::with_prelude("matmul", MATMUL_SOURCE, "nf4_scalar"))
-    }
+/// The matmul module with B an NF4 weight, as vec4 or scalar views of storage buffers or of
+/// staged linear textures (`textures`).
+fn matmul_shader(vec4: bool, textures: bool) -> &'static ShaderSource {
+    static CACHE: [OnceLock<ShaderSource>; 4] = [const { OnceLock::new() }; 4];
+    let prelude = match (vec4, textures) {
+        (true, false) => "nf4_vec4",
+        (false, false) => "nf4_scalar",
+        (true, true) => "nf4_vec4_tex",
+        (false, true) => "nf4_scalar_tex",
+    };
+    CACHE[vec4 as usize * 2 + textures as usize]
+        .get_or_init(|| ShaderSource::with_prelude("matmul", MATMUL_SOURCE, prelude))
 }
 
 /// A frozen NF4 weight on the GPU. `shape` is the logical [out, in] f32 matrix (row-major,
