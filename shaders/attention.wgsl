@@ -416,29 +416,81 @@ fn attention_masked_rows(@builtin(workgroup_id) wid: vec3<u32>,
 
 // The `sg_*` sections hold only the bindings of the subgroup kernels for 8-lane CPU adapters
 // (lavapipe); their entry points are generated, fully unrolled, by
-// ops/src/gpu/kernels/attention.rs (`subgroup_forward` etc.), which documents them.
+// ops/src/gpu/kernels/attention.rs (`subgroup_forward` etc.), which documents them. They read
+// Q, K, V and dO through ld_q, ld_k, ld_v, ld_do: from storage buffers, or in the `*_tex`
+// sections from linear textures (ops/src/gpu/staging.rs: texel i at (i % 4096, i / 4096)),
+// where lavapipe fetches ten times faster than it loads storage.
 //== kernel sg_forward
 @group(0) @binding(1) var<storage, read> Q: array<vec4<f32>>;
+fn ld_q(i: u32) -> vec4<f32> { return Q[i]; }
 @group(0) @binding(2) var<storage, read> K: array<vec4<f32>>;
+fn ld_k(i: u32) -> vec4<f32> { return K[i]; }
 @group(0) @binding(3) var<storage, read> V: array<vec4<f32>>;
+fn ld_v(i: u32) -> vec4<f32> { return V[i]; }
 @group(0) @binding(4) var<storage, read> MASK: array<i32>;
 @group(0) @binding(5) var<storage, read_write> O: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> LSE: array<f32>;
 
 //== kernel sg_dq
 @group(0) @binding(1) var<storage, read> Q: array<vec4<f32>>;
+fn ld_q(i: u32) -> vec4<f32> { return Q[i]; }
 @group(0) @binding(2) var<storage, read> K: array<vec4<f32>>;
+fn ld_k(i: u32) -> vec4<f32> { return K[i]; }
 @group(0) @binding(3) var<storage, read> V: array<vec4<f32>>;
+fn ld_v(i: u32) -> vec4<f32> { return V[i]; }
 @group(0) @binding(4) var<storage, read> DO: array<vec4<f32>>;
+fn ld_do(i: u32) -> vec4<f32> { return DO[i]; }
 @group(0) @binding(5) var<storage, read> STATS: array<vec2<f32>>;
 @group(0) @binding(6) var<storage, read> MASK: array<i32>;
 @group(0) @binding(7) var<storage, read_write> DQ: array<vec4<f32>>;
 
 //== kernel sg_dkdv
 @group(0) @binding(1) var<storage, read> Q: array<vec4<f32>>;
+fn ld_q(i: u32) -> vec4<f32> { return Q[i]; }
 @group(0) @binding(2) var<storage, read> K: array<vec4<f32>>;
+fn ld_k(i: u32) -> vec4<f32> { return K[i]; }
 @group(0) @binding(3) var<storage, read> V: array<vec4<f32>>;
+fn ld_v(i: u32) -> vec4<f32> { return V[i]; }
 @group(0) @binding(4) var<storage, read> DO: array<vec4<f32>>;
+fn ld_do(i: u32) -> vec4<f32> { return DO[i]; }
+@group(0) @binding(5) var<storage, read> STATS: array<vec2<f32>>;
+@group(0) @binding(6) var<storage, read> MASK: array<i32>;
+@group(0) @binding(7) var<storage, read_write> DK: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> DV: array<vec4<f32>>;
+
+//== kernel sg_forward_tex
+@group(0) @binding(1) var Q: texture_2d<f32>;
+fn ld_q(i: u32) -> vec4<f32> { return textureLoad(Q, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(2) var K: texture_2d<f32>;
+fn ld_k(i: u32) -> vec4<f32> { return textureLoad(K, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(3) var V: texture_2d<f32>;
+fn ld_v(i: u32) -> vec4<f32> { return textureLoad(V, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(4) var<storage, read> MASK: array<i32>;
+@group(0) @binding(5) var<storage, read_write> O: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> LSE: array<f32>;
+
+//== kernel sg_dq_tex
+@group(0) @binding(1) var Q: texture_2d<f32>;
+fn ld_q(i: u32) -> vec4<f32> { return textureLoad(Q, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(2) var K: texture_2d<f32>;
+fn ld_k(i: u32) -> vec4<f32> { return textureLoad(K, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(3) var V: texture_2d<f32>;
+fn ld_v(i: u32) -> vec4<f32> { return textureLoad(V, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(4) var DO: texture_2d<f32>;
+fn ld_do(i: u32) -> vec4<f32> { return textureLoad(DO, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(5) var<storage, read> STATS: array<vec2<f32>>;
+@group(0) @binding(6) var<storage, read> MASK: array<i32>;
+@group(0) @binding(7) var<storage, read_write> DQ: array<vec4<f32>>;
+
+//== kernel sg_dkdv_tex
+@group(0) @binding(1) var Q: texture_2d<f32>;
+fn ld_q(i: u32) -> vec4<f32> { return textureLoad(Q, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(2) var K: texture_2d<f32>;
+fn ld_k(i: u32) -> vec4<f32> { return textureLoad(K, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(3) var V: texture_2d<f32>;
+fn ld_v(i: u32) -> vec4<f32> { return textureLoad(V, vec2<u32>(i & 4095u, i >> 12u), 0); }
+@group(0) @binding(4) var DO: texture_2d<f32>;
+fn ld_do(i: u32) -> vec4<f32> { return textureLoad(DO, vec2<u32>(i & 4095u, i >> 12u), 0); }
 @group(0) @binding(5) var<storage, read> STATS: array<vec2<f32>>;
 @group(0) @binding(6) var<storage, read> MASK: array<i32>;
 @group(0) @binding(7) var<storage, read_write> DK: array<vec4<f32>>;

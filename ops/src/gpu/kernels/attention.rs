@@ -17,6 +17,10 @@
 use anyhow::{bail, ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
+use std::sync::Arc;
+
+use crate::gpu::recorder::Bound;
+use crate::gpu::staging::{StageFormat, StagedTexture};
 use crate::gpu::{groups_1d, BufView, DType, Gpu, GpuTensor, Recorder, ShaderSource};
 use crate::reference::attention::{AttentionDims, AttentionMask};
 
@@ -283,18 +287,22 @@ impl Gpu {
         ];
         if subgroup_kernels_fit(self) {
             let (shape, _) = SubgroupShape::for_dims(&d);
-            let source = subgroup_module("sg_forward", &shape);
+            let groups = [
+                mask.q_blocks.div_ceil(shape.blocks as usize) as u32,
+                (d.q_heads / shape.heads as usize) as u32,
+                d.batch as u32,
+            ];
+            if let Some(staged) = stage_inputs(rec, &views[..3]) {
+                let source = subgroup_module("sg_forward", &shape, true);
+                let kernel = self.kernel(source, "attention_sg_forward", &[]);
+                let mut bindings: Vec<Bound> = staged.iter().map(|t| Bound::Texture(t)).collect();
+                bindings.extend(views[3..].iter().cloned().map(Bound::Buffer));
+                rec.dispatch_bound(&kernel, bytemuck::bytes_of(&params), &bindings, groups);
+                return Ok(());
+            }
+            let source = subgroup_module("sg_forward", &shape, false);
             let kernel = self.kernel(source, "attention_sg_forward", &[]);
-            rec.dispatch(
-                &kernel,
-                bytemuck::bytes_of(&params),
-                &views,
-                [
-                    mask.q_blocks.div_ceil(shape.blocks as usize) as u32,
-                    (d.q_heads / shape.heads as usize) as u32,
-                    d.batch as u32,
-                ],
-            );
+            rec.dispatch(&kernel, bytemuck::bytes_of(&params), &views, groups);
             return Ok(());
         }
         let kernel = self.kernel(&module("forward"), "attention_forward", &constants);
@@ -363,28 +371,41 @@ impl Gpu {
         let dkdv_views = [q, k, v, d_out, stats, maskv, dk, dv];
         if subgroup_kernels_fit(self) {
             let (rows, keys) = SubgroupShape::for_dims(&d);
-            let dq_kernel = self.kernel(subgroup_module("sg_dq", &rows), "attention_sg_dq", &[]);
-            rec.dispatch(
-                &dq_kernel,
-                bytes,
-                &dq_views,
-                [
-                    mask.q_blocks.div_ceil(rows.blocks as usize) as u32,
-                    (d.q_heads / rows.heads as usize) as u32,
-                    d.batch as u32,
-                ],
+            let dq_groups = [
+                mask.q_blocks.div_ceil(rows.blocks as usize) as u32,
+                (d.q_heads / rows.heads as usize) as u32,
+                d.batch as u32,
+            ];
+            let dkdv_groups = [
+                mask.k_blocks.div_ceil(keys.blocks as usize) as u32,
+                d.kv_heads as u32,
+                d.batch as u32,
+            ];
+            // Q, K, V, dO staged once serve both kernels.
+            let staged = stage_inputs(rec, &dq_views[..4]);
+            let textures = staged.is_some();
+            let bind = |views: &[BufView]| -> Vec<Bound> {
+                match &staged {
+                    Some(staged) => staged
+                        .iter()
+                        .map(|t| Bound::Texture(t))
+                        .chain(views[4..].iter().cloned().map(Bound::Buffer))
+                        .collect(),
+                    None => views.iter().cloned().map(Bound::Buffer).collect(),
+                }
+            };
+            let dq_kernel = self.kernel(
+                subgroup_module("sg_dq", &rows, textures),
+                "attention_sg_dq",
+                &[],
             );
-            let dkdv = self.kernel(subgroup_module("sg_dkdv", &keys), "attention_sg_dkdv", &[]);
-            rec.dispatch(
-                &dkdv,
-                bytes,
-                &dkdv_views,
-                [
-                    mask.k_blocks.div_ceil(keys.blocks as usize) as u32,
-                    d.kv_heads as u32,
-                    d.batch as u32,
-                ],
+            rec.dispatch_bound(&dq_kernel, bytes, &bind(&dq_views), dq_groups);
+            let dkdv = self.kernel(
+                subgroup_module("sg_dkdv", &keys, textures),
+                "attention_sg_dkdv",
+                &[],
             );
+            rec.dispatch_bound(&dkdv, bytes, &bind(&dkdv_views), dkdv_groups);
             return Ok(());
         }
         let dq_kernel = self.kernel(&module("dq"), "attention_dq", &constants);
@@ -498,6 +519,29 @@ impl SubgroupShape {
     fn rows(&self) -> u32 {
         self.heads * self.blocks * ROWS as u32
     }
+}
+
+/// Copies the streamed inputs (Q, K, V and, in backward, dO) into staging slots 0.. for the
+/// `*_tex` kernels; `None` when one cannot be staged (then every input stays a buffer).
+fn stage_inputs(rec: &mut Recorder, views: &[BufView]) -> Option<Vec<Arc<StagedTexture>>> {
+    if unstaged_forced() {
+        return None;
+    }
+    views
+        .iter()
+        .enumerate()
+        .map(|(slot, v)| rec.stage(slot, v, StageFormat::F32))
+        .collect()
+}
+
+/// Tests of the storage-buffer subgroup kernels switch staging off on their own thread.
+#[cfg(test)]
+fn unstaged_forced() -> bool {
+    tests::UNSTAGED.with(|f| f.get())
+}
+#[cfg(not(test))]
+fn unstaged_forced() -> bool {
+    false
 }
 
 /// Whether this adapter runs the generated subgroup kernels: subgroups of exactly
@@ -738,8 +782,8 @@ fn subgroup_forward(sh: &SubgroupShape) -> String {
         }
     }
     emit_key_block_start(w, sh);
-    let held = |r: u32, c: &str| format!("Q[q_index(b, tc{}, h0 + {}u, {c})]", r % nq, r / nq);
-    let streamed = |k: u32, c: &str| format!("K[kv_index(b, kc{k}, kvh, {c})]");
+    let held = |r: u32, c: &str| format!("ld_q(q_index(b, tc{}, h0 + {}u, {c}))", r % nq, r / nq);
+    let streamed = |k: u32, c: &str| format!("ld_k(kv_index(b, kc{k}, kvh, {c}))");
     emit_scores(
         w,
         sh,
@@ -778,7 +822,7 @@ fn subgroup_forward(sh: &SubgroupShape) -> String {
             w!(w, "        a{r}_{s} = a{r}_{s} * al{r};");
         }
     }
-    let load_v = |t: &str, c: &str| format!("V[kv_index(b, {t}, kvh, {c})]");
+    let load_v = |t: &str, c: &str| format!("ld_v(kv_index(b, {t}, kvh, {c}))");
     emit_accumulate(
         w,
         sh,
@@ -828,10 +872,10 @@ fn subgroup_dq(sh: &SubgroupShape) -> String {
         }
     }
     emit_key_block_start(w, sh);
-    let q = |r: u32, c: &str| format!("Q[q_index(b, tc{}, h0 + {}u, {c})]", r % nq, r / nq);
-    let d_o = |r: u32, c: &str| format!("DO[q_index(b, tc{}, h0 + {}u, {c})]", r % nq, r / nq);
-    let k = |k: u32, c: &str| format!("K[kv_index(b, kc{k}, kvh, {c})]");
-    let v = |k: u32, c: &str| format!("V[kv_index(b, kc{k}, kvh, {c})]");
+    let q = |r: u32, c: &str| format!("ld_q(q_index(b, tc{}, h0 + {}u, {c}))", r % nq, r / nq);
+    let d_o = |r: u32, c: &str| format!("ld_do(q_index(b, tc{}, h0 + {}u, {c}))", r % nq, r / nq);
+    let k = |k: u32, c: &str| format!("ld_k(kv_index(b, kc{k}, kvh, {c}))");
+    let v = |k: u32, c: &str| format!("ld_v(kv_index(b, kc{k}, kvh, {c}))");
     emit_scores(
         w,
         sh,
@@ -858,7 +902,7 @@ fn subgroup_dq(sh: &SubgroupShape) -> String {
             );
         }
     }
-    let load_k = |t: &str, c: &str| format!("K[kv_index(b, {t}, kvh, {c})]");
+    let load_k = |t: &str, c: &str| format!("ld_k(kv_index(b, {t}, kvh, {c}))");
     emit_accumulate(
         w,
         sh,
@@ -936,10 +980,10 @@ fn subgroup_dkdv(sh: &SubgroupShape) -> String {
             "        let st{k} = STATS[(b * p.q_heads + h) * p.seq + qc{k}];"
         );
     }
-    let k_row = |r: u32, c: &str| format!("K[kv_index(b, tc{r}, kvh, {c})]");
-    let v_row = |r: u32, c: &str| format!("V[kv_index(b, tc{r}, kvh, {c})]");
-    let q = |k: u32, c: &str| format!("Q[q_index(b, qc{k}, h, {c})]");
-    let d_o = |k: u32, c: &str| format!("DO[q_index(b, qc{k}, h, {c})]");
+    let k_row = |r: u32, c: &str| format!("ld_k(kv_index(b, tc{r}, kvh, {c}))");
+    let v_row = |r: u32, c: &str| format!("ld_v(kv_index(b, tc{r}, kvh, {c}))");
+    let q = |k: u32, c: &str| format!("ld_q(q_index(b, qc{k}, h, {c}))");
+    let d_o = |k: u32, c: &str| format!("ld_do(q_index(b, qc{k}, h, {c}))");
     emit_scores(
         w,
         sh,
@@ -965,8 +1009,8 @@ fn subgroup_dkdv(sh: &SubgroupShape) -> String {
             );
         }
     }
-    let load_do = |t: &str, c: &str| format!("DO[q_index(b, {t}, h, {c})]");
-    let load_q = |t: &str, c: &str| format!("Q[q_index(b, {t}, h, {c})]");
+    let load_do = |t: &str, c: &str| format!("ld_do(q_index(b, {t}, h, {c}))");
+    let load_q = |t: &str, c: &str| format!("ld_q(q_index(b, {t}, h, {c}))");
     emit_accumulate(
         w,
         sh,
@@ -1009,16 +1053,21 @@ fn subgroup_dkdv(sh: &SubgroupShape) -> String {
 
 /// The module of generated kernel `kernel` (`sg_forward`, `sg_dq`, `sg_dkdv`) for `shape`:
 /// the header and bindings of shaders/attention.wgsl plus the generated entry point (cached).
-fn subgroup_module(kernel: &str, shape: &SubgroupShape) -> &'static ShaderSource {
+/// `textures`: Q, K, V and dO are bound as staged linear textures (the `*_tex` sections).
+fn subgroup_module(kernel: &str, shape: &SubgroupShape, textures: bool) -> &'static ShaderSource {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    type Cache = Mutex<HashMap<(String, SubgroupShape), &'static ShaderSource>>;
+    type Cache = Mutex<HashMap<(String, SubgroupShape, bool), &'static ShaderSource>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
     cache
-        .entry((kernel.to_string(), *shape))
+        .entry((kernel.to_string(), *shape, textures))
         .or_insert_with(|| {
-            let base = module(kernel);
+            let base = if textures {
+                module(&format!("{kernel}_tex"))
+            } else {
+                module(kernel)
+            };
             let body = match kernel {
                 "sg_forward" => subgroup_forward(shape),
                 "sg_dq" => subgroup_dq(shape),
@@ -1170,6 +1219,22 @@ mod tests {
     thread_local! {
         /// Set by a test to run the general kernels where the subgroup kernels would run.
         pub(super) static GENERAL_KERNELS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Set by a test to bind storage buffers where the subgroup kernels would stage textures.
+        pub(super) static UNSTAGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Both test sweeps with the subgroup kernels reading storage buffers (the fallback when
+    /// staging is impossible), where the default stages Q, K, V and dO in textures.
+    #[test]
+    fn unstaged_subgroup_kernels_match_the_reference() {
+        if !subgroup_kernels_fit(test_gpu()) {
+            eprintln!("no subgroup kernels on this adapter");
+            return;
+        }
+        UNSTAGED.with(|f| f.set(true));
+        text_masks_match_the_reference();
+        vision_and_wide_heads_match_the_reference();
+        UNSTAGED.with(|f| f.set(false));
     }
 
     /// Both test sweeps with the general kernels, where the default runs the subgroup ones.
