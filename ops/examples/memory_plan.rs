@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
                 gradient_checkpointing: checkpointing,
                 activation_dtype: FloatDtype::F32,
                 max_binding_bytes: 128 << 20,
+                staged_operands: false,
             }),
         };
         let plan = MemoryPlan::build(&config, &opts)?;

@@ -154,6 +154,7 @@ fn memory_plan(
     data: &StreamSource,
     p: &LoraTrainParams,
     max_binding_bytes: u64,
+    staged_operands: bool,
 ) -> Result<MemoryPlan> {
     let nf4 = crate::model::names::expected_tensors(config)
         .iter()
@@ -196,6 +197,7 @@ fn memory_plan(
                 gradient_checkpointing: p.gradient_checkpointing,
                 activation_dtype: FloatDtype::F32,
                 max_binding_bytes,
+                staged_operands,
             }),
         },
     )
@@ -492,14 +494,16 @@ impl Op for LoraTrainOp {
             &data,
             &p,
             gpu.max_binding_bytes(),
+            gpu.stages_operands(),
         )?;
         ctx.progress.println(format!(
-            "op `{}`: device memory plan: {:.1} MiB (weights {:.1}, trainable {:.1}, activations {:.1})",
+            "op `{}`: device memory plan: {:.1} MiB (weights {:.1}, trainable {:.1}, activations {:.1}, staging {:.1})",
             ctx.name,
             mib(memory.device_total()),
             mib(memory.device_part_total("weights")),
             mib(memory.device_part_total("trainable")),
             mib(memory.device_part_total("activations")),
+            mib(memory.device_part_total("staging")),
         ));
         let limits = gpu.limits();
         memory
@@ -514,6 +518,7 @@ impl Op for LoraTrainOp {
             .with_context(|| {
                 format!("op `{}`: the model does not fit the GPU adapter", ctx.name)
             })?;
+        gpu.reserve_staging(memory.staging_reserve_bytes(gpu.max_binding_bytes()));
         let mut model = (self.build)(
             gpu,
             &config,

@@ -55,7 +55,7 @@ pub struct Gpu {
     tiling: Tiling,
     all_adapters: Vec<wgpu::AdapterInfo>,
     pub(crate) pool: Arc<Mutex<BufferPool>>,
-    pub(crate) staging: Mutex<super::staging::StagingPool>,
+    pub(crate) staging: Mutex<super::staging::StagingSlots>,
     modules: Mutex<HashMap<String, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
 }
@@ -297,9 +297,12 @@ impl Gpu {
     /// tensors. Uniform parameter blocks (one small buffer per dispatch) are not counted.
     pub fn storage_stats(&self) -> StorageStats {
         let pool = self.pool.lock().unwrap();
+        let staged = self.staging.lock().unwrap().bytes();
         StorageStats {
             live: pool.live_storage,
             peak: pool.peak_storage,
+            staging_live: staged.live,
+            staging_peak: staged.peak,
         }
     }
 
@@ -307,6 +310,7 @@ impl Gpu {
     pub fn reset_peak_storage(&self) {
         let mut pool = self.pool.lock().unwrap();
         pool.peak_storage = pool.live_storage;
+        self.staging.lock().unwrap().reset_peak();
     }
 
     /// Human-readable adapter, backend, features and limits.
@@ -568,6 +572,9 @@ fn bucket_size(bytes: u64) -> u64 {
 pub struct StorageStats {
     pub live: u64,
     pub peak: u64,
+    /// Textures that CPU adapters stage kernel operands in (`gpu::staging`), counted apart.
+    pub staging_live: u64,
+    pub staging_peak: u64,
 }
 
 /// Free buffers by (usage, size class), and the storage bytes on loan.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 
 use super::engine::{Gpu, Kernel, PooledBuffer};
-use super::staging::{self, StageFormat, StagedTexture, StagingPool};
+use super::staging::{self, StageFormat, StagedTexture};
 use super::tensor::BufView;
 
 /// Most dispatches a timed recorder measures (two timestamps each; wgpu caps a query set at 4096).
@@ -18,10 +18,8 @@ pub struct Recorder<'g> {
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     keep: Vec<Arc<PooledBuffer>>,
-    /// Staging textures by slot (reused by later dispatches of this recorder: commands of one
-    /// encoder run in order) and those replaced in a slot; all go back to the pool at submit.
-    staged: Vec<Option<Arc<StagedTexture>>>,
-    staged_retired: Vec<Arc<StagedTexture>>,
+    /// Staging textures this recorder bound, alive until its submit (a slot may grow meanwhile).
+    staged: Vec<Arc<StagedTexture>>,
     timing: Option<Timing>,
     dispatches: usize,
 }
@@ -57,7 +55,6 @@ impl<'g> Recorder<'g> {
             pass: None,
             keep: Vec::new(),
             staged: Vec::new(),
-            staged_retired: Vec::new(),
             timing: None,
             dispatches: 0,
         }
@@ -107,8 +104,8 @@ impl<'g> Recorder<'g> {
     /// Copies `view` into the linear texture of staging slot `slot` (see [`staging`]) and
     /// returns it for a [`Bound::Texture`] binding, or `None` when the range cannot be staged
     /// (misaligned, or past the adapter's texture size): the caller binds the buffer instead.
-    /// Slots are per recorder: a later call with the same slot overwrites the texture, which is
-    /// safe because the dispatches recorded before it run first.
+    /// A later stage into the same slot overwrites the texture, which is safe because the
+    /// dispatches recorded before it run first; one dispatch must use distinct slots.
     pub fn stage(
         &mut self,
         slot: usize,
@@ -120,35 +117,17 @@ impl<'g> Recorder<'g> {
             return None;
         }
         let rows = staging::rows_for(view.size);
-        if self.staged.len() <= slot {
-            self.staged.resize_with(slot + 1, || None);
-        }
-        let fits = self.staged[slot]
-            .as_ref()
-            .is_some_and(|t| t.fits(format, rows));
-        if !fits {
-            let fresh =
-                StagingPool::take(&self.gpu.staging, &self.gpu.device, format, rows, max_dim);
-            if let Some(old) = self.staged[slot].replace(fresh) {
-                self.staged_retired.push(old);
-            }
-        }
-        let texture = self.staged[slot].clone().expect("slot filled");
+        let texture =
+            self.gpu
+                .staging
+                .lock()
+                .unwrap()
+                .get(&self.gpu.device, slot, format, rows, max_dim);
         self.pass = None;
         staging::record_copy(self.encoder.as_mut().expect("open"), view, &texture);
         self.keep.push(view.buffer.clone());
+        self.staged.push(texture.clone());
         Some(texture)
-    }
-
-    fn return_staged(&mut self) {
-        for t in self
-            .staged
-            .drain(..)
-            .flatten()
-            .chain(self.staged_retired.drain(..))
-        {
-            StagingPool::give_back(&self.gpu.staging, t);
-        }
     }
 
     /// [`Recorder::dispatch`] with buffers and staged textures: `bindings` bind to 1, 2, ...
@@ -270,8 +249,6 @@ impl<'g> Recorder<'g> {
     pub fn submit(mut self) {
         self.pass = None;
         let enc = self.encoder.take().expect("open");
-        // Later submits are ordered after this one, so the pool may hand the staging textures
-        // out again as soon as this is queued (Drop returns them).
         self.gpu.queue.submit([enc.finish()]);
     }
 
@@ -348,7 +325,6 @@ impl Drop for Recorder<'_> {
     fn drop(&mut self) {
         // An unsubmitted recorder is discarded; end the pass before the encoder goes.
         self.pass = None;
-        self.return_staged();
     }
 }
 

@@ -9,10 +9,35 @@
 //! laid out row after row, [`STAGE_WIDTH`] texels of 16 bytes per row, so texel `t` sits at
 //! `(t % STAGE_WIDTH, t / STAGE_WIDTH)` and element `e` of an f32 (u32) range is component
 //! `e % 4` of texel `e / 4`. The copy is a plain buffer→texture copy (a memcpy on lavapipe).
+//! The textures are [`StagingSlots`]: a few per device, reused by every dispatch.
 
 use std::sync::{Arc, Mutex};
 
+use super::engine::Gpu;
 use super::tensor::BufView;
+
+impl Gpu {
+    /// Creates the staging textures for a run whose largest binding is `bytes` (see
+    /// [`StagingSlots::reserve`]); nothing on adapters that do not stage.
+    pub fn reserve_staging(&self, bytes: u64) {
+        if self.stages_operands() {
+            let max_dim = self.limits().max_texture_dimension_2d;
+            self.staging
+                .lock()
+                .unwrap()
+                .reserve(&self.device, bytes, max_dim);
+        }
+    }
+
+    /// Whether kernels stage their operands in textures on this adapter: the CPU adapters whose
+    /// 8-lane subgroups run the generated subgroup kernels (lavapipe).
+    pub fn stages_operands(&self) -> bool {
+        let info = self.adapter_info();
+        self.features().contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size == 8
+            && info.subgroup_max_size == 8
+    }
+}
 
 /// Texels per row of a linear texture (16 KiB-aligned rows: 64 KiB of data per row).
 pub const STAGE_WIDTH: u32 = 4096;
@@ -33,12 +58,13 @@ impl StageFormat {
     }
 }
 
-/// A linear texture (see the module docs).
+/// A linear texture (see the module docs). Dropping it gives its bytes back to the count.
 pub struct StagedTexture {
     pub(crate) texture: wgpu::Texture,
     pub(crate) view: wgpu::TextureView,
     format: StageFormat,
     rows: u32,
+    counter: Arc<Mutex<ByteCount>>,
 }
 
 impl StagedTexture {
@@ -47,17 +73,21 @@ impl StagedTexture {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.rows as u64 * STAGE_WIDTH as u64 * 16
+        texture_bytes(self.rows)
     }
 }
 
-/// Textures not bound by any open recorder, reused across steps (like the buffer pool).
-#[derive(Default)]
-pub struct StagingPool {
-    free: Vec<Arc<StagedTexture>>,
-    /// Bytes of every live staging texture, and the most ever live at once.
-    pub live_bytes: u64,
-    pub peak_bytes: u64,
+impl Drop for StagedTexture {
+    fn drop(&mut self) {
+        self.counter.lock().unwrap().live -= self.bytes();
+    }
+}
+
+/// Live and peak bytes of all staging textures.
+#[derive(Default, Clone, Copy)]
+pub struct ByteCount {
+    pub live: u64,
+    pub peak: u64,
 }
 
 /// Rows of a linear texture holding `bytes` (texels rounded up).
@@ -74,30 +104,52 @@ pub fn can_stage(view: &BufView, max_dimension: u32) -> bool {
         && rows_for(view.size) <= max_dimension
 }
 
-impl StagingPool {
-    /// A free texture of `format` with at least `rows` rows, or a new one (rows rounded up to
-    /// a power of two so steps of varying length settle on a few sizes). Free textures too
-    /// small for the request are released, so the pool does not grow without bound.
-    pub fn take(
-        pool: &Mutex<StagingPool>,
+/// Device bytes of a linear texture of `rows` rows.
+pub fn texture_bytes(rows: u32) -> u64 {
+    rows as u64 * STAGE_WIDTH as u64 * 16
+}
+
+/// Rows of the texture that holds `bytes`: whole texels and rows, rounded up to a power of two
+/// so that a slot settles on its final size after a few growths.
+pub fn texture_rows(bytes: u64) -> u32 {
+    rows_for(bytes).next_power_of_two()
+}
+
+/// The (slot, format) textures the kernels stage into: matmul A, B and the NF4 absmax (f32
+/// slots 0–2, the packed NF4 words in u32 slot 1), attention Q, K, V and dO (f32 slots 0–3).
+pub const STAGING_KEYS: [(usize, StageFormat); 5] = [
+    (0, StageFormat::F32),
+    (1, StageFormat::F32),
+    (1, StageFormat::U32),
+    (2, StageFormat::F32),
+    (3, StageFormat::F32),
+];
+pub const STAGING_TEXTURES: u64 = STAGING_KEYS.len() as u64;
+
+/// One texture per (slot, format), kept across steps. A slot is overwritten by each stage:
+/// safe because a queue runs commands in submission order and every dispatch is recorded
+/// right after the copies it reads. It only grows (to the next power of two of rows) when an
+/// operand does not fit; recorders that bound the old one keep it alive until they submit.
+#[derive(Default)]
+pub struct StagingSlots {
+    slots: std::collections::HashMap<(usize, u8), Arc<StagedTexture>>,
+    counter: Arc<Mutex<ByteCount>>,
+}
+
+impl StagingSlots {
+    /// The texture of `slot` for `format` with at least `rows` rows.
+    pub fn get(
+        &mut self,
         device: &wgpu::Device,
+        slot: usize,
         format: StageFormat,
         rows: u32,
         max_dimension: u32,
     ) -> Arc<StagedTexture> {
-        let mut p = pool.lock().unwrap();
-        if let Some(i) = p
-            .free
-            .iter()
-            .position(|t| t.fits(format, rows) && t.rows <= rows.saturating_mul(4))
-        {
-            return p.free.swap_remove(i);
+        let key = (slot, format as u8);
+        if let Some(t) = self.slots.get(&key).filter(|t| t.fits(format, rows)) {
+            return t.clone();
         }
-        let (keep, release): (Vec<_>, Vec<_>) = std::mem::take(&mut p.free)
-            .into_iter()
-            .partition(|t| t.format != format || t.rows > rows);
-        p.free = keep;
-        p.live_bytes -= release.iter().map(|t| t.bytes()).sum::<u64>();
         let rows = rows.next_power_of_two().min(max_dimension);
         let texture = device.create_texture(&wgpu::TextureDescriptor {
             label: Some("staged operand"),
@@ -114,20 +166,39 @@ impl StagingPool {
             view_formats: &[],
         });
         let view = texture.create_view(&Default::default());
-        let t = StagedTexture {
+        {
+            let mut c = self.counter.lock().unwrap();
+            c.live += texture_bytes(rows);
+            c.peak = c.peak.max(c.live);
+        }
+        let t = Arc::new(StagedTexture {
             texture,
             view,
             format,
             rows,
-        };
-        p.live_bytes += t.bytes();
-        p.peak_bytes = p.peak_bytes.max(p.live_bytes);
-        Arc::new(t)
+            counter: self.counter.clone(),
+        });
+        self.slots.insert(key, t.clone());
+        t
     }
 
-    /// Returns a texture no recorder binds any more.
-    pub fn give_back(pool: &Mutex<StagingPool>, t: Arc<StagedTexture>) {
-        pool.lock().unwrap().free.push(t);
+    /// Creates every slot at the size of a `bytes` binding up front, so that a run whose
+    /// largest binding is `bytes` never grows one (while a slot grows, the recorders that bound
+    /// the old texture keep it alive: both would count).
+    pub fn reserve(&mut self, device: &wgpu::Device, bytes: u64, max_dimension: u32) {
+        let rows = rows_for(bytes).min(max_dimension);
+        for (slot, format) in STAGING_KEYS {
+            self.get(device, slot, format, rows, max_dimension);
+        }
+    }
+
+    pub fn bytes(&self) -> ByteCount {
+        *self.counter.lock().unwrap()
+    }
+
+    pub fn reset_peak(&self) {
+        let mut c = self.counter.lock().unwrap();
+        c.peak = c.live;
     }
 }
 

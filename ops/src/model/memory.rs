@@ -22,6 +22,7 @@ use super::names::{expected_tensors, ExpectedTensor, TensorKind, EMBED_TOKENS, L
 use crate::gpu::engine::pooled_capacity;
 use crate::gpu::kernels::attention::ROWS as ATTENTION_ROWS;
 use crate::gpu::kernels::cross_entropy::{LOGITS_SCRATCH_BYTES, MAX_VOCAB_BLOCK};
+use crate::gpu::staging::{texture_bytes, texture_rows, STAGING_TEXTURES};
 
 /// How the frozen base's Linear weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,6 +59,8 @@ pub struct ActivationPlan {
     /// The engine's largest storage binding (`Gpu::max_binding_bytes`): sizes the fused
     /// cross-entropy's logits block.
     pub max_binding_bytes: u64,
+    /// The adapter stages kernel operands in textures (`Gpu::stages_operands`: CPU adapters).
+    pub staged_operands: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -364,11 +367,19 @@ impl MemoryPlan {
             shape = Some((act.batch, act.seq_len, act.images_per_sample));
         }
         buffers.sort_by_key(|b| std::cmp::Reverse(b.bytes));
+        if let Some(act) = opts.activations.as_ref().filter(|a| a.staged_operands) {
+            rows.push(staging_row(&buffers, act.max_binding_bytes));
+        }
         Ok(MemoryPlan {
             rows,
             buffers,
             batch_shape: shape,
         })
+    }
+
+    /// What to pass to `Gpu::reserve_staging` before the first step (the largest binding).
+    pub fn staging_reserve_bytes(&self, max_binding_bytes: u64) -> u64 {
+        largest_binding(&self.buffers, max_binding_bytes)
     }
 
     /// Bytes of the data.
@@ -435,7 +446,7 @@ impl MemoryPlan {
                 r.device_bytes,
             );
         }
-        for part in ["weights", "trainable", "activations"] {
+        for part in ["weights", "trainable", "activations", "staging"] {
             let t = self.part_total(part);
             if t > 0 {
                 line(
@@ -588,6 +599,32 @@ fn device_sum(list: &[Alloc]) -> u64 {
 
 fn byte_sum(list: &[Alloc]) -> u64 {
     list.iter().map(Alloc::bytes).sum()
+}
+
+/// The largest binding of the planned buffers: a whole chunk of a chunked one. Every range a
+/// kernel stages is one binding of a planned buffer.
+fn largest_binding(buffers: &[Buffer], max_binding_bytes: u64) -> u64 {
+    buffers
+        .iter()
+        .map(|b| b.bytes.min(max_binding_bytes))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The textures a CPU adapter stages kernel operands in (ops/src/gpu/staging.rs): lora-train
+/// reserves its [`STAGING_TEXTURES`] slots at the largest binding before the first step.
+fn staging_row(buffers: &[Buffer], max_binding_bytes: u64) -> PlanRow {
+    let texture = texture_bytes(texture_rows(largest_binding(buffers, max_binding_bytes)));
+    PlanRow {
+        part: "staging",
+        item: format!(
+            "operand staging textures (CPU adapters): {STAGING_TEXTURES} x the largest binding"
+        ),
+        dtype: "f32",
+        elements: STAGING_TEXTURES * texture / 4,
+        bytes: STAGING_TEXTURES * texture,
+        device_bytes: STAGING_TEXTURES * texture,
+    }
 }
 
 /// The 16-byte buffer (a 256-byte pool class) each matmul dispatch without a bias binds in
@@ -1236,6 +1273,7 @@ mod tests {
                 gradient_checkpointing: true,
                 activation_dtype: FloatDtype::F32,
                 max_binding_bytes: 128 << 20,
+                staged_operands: false,
             }),
         }
     }
