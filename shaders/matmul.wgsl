@@ -20,6 +20,23 @@
 // workgroup memory, WTM×WTN per invocation: GPUs). Rows/columns past M/N in a block read
 // whatever the bounds-checked loads return and are never stored.
 
+// bitsandbytes' NF4 code value of nibble n, as a select tree on its bits: a dynamically indexed
+// table becomes a per-lane gather on lavapipe, selects stay vector instructions.
+fn nf4_code(n: u32) -> f32 {
+    let b0 = (n & 1u) != 0u;
+    let b1 = (n & 2u) != 0u;
+    let b2 = (n & 4u) != 0u;
+    let lo = select(
+        select(select(-1.0, -0.6961928009986877, b0), select(-0.5250730514526367, -0.39491748809814453, b0), b1),
+        select(select(-0.28444138169288635, -0.18477343022823334, b0), select(-0.09105003625154495, 0.0, b0), b1),
+        b2);
+    let hi = select(
+        select(select(0.07958029955625534, 0.16093020141124725, b0), select(0.24611230194568634, 0.33791524171829224, b0), b1),
+        select(select(0.44070982933044434, 0.5626170039176941, b0), select(0.7229568362236023, 1.0, b0), b1),
+        b2);
+    return select(lo, hi, (n & 8u) != 0u);
+}
+
 //== prelude vec4
 @group(0) @binding(1) var<storage, read> A: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> B: array<vec4<f32>>;
@@ -43,21 +60,16 @@ fn a1(e: u32) -> f32 { return A[e >> 2u][e & 3u]; }
 // NF4 weights (bitsandbytes layout): element e is byte e/2 (bytes little-endian in u32
 // words), high nibble for even e; value = code[nibble] * absmax[e / NF4_BLOCK].
 override NF4_BLOCK: u32 = 64u;
-var<private> NF4: array<f32, 16> = array<f32, 16>(
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
 fn b1(e: u32) -> f32 {
     let byte = (Wq[e >> 3u] >> (((e >> 1u) & 3u) * 8u)) & 255u;
     let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
-    return NF4[nib] * Wabsmax[e / NF4_BLOCK];
+    return nf4_code(nib) * Wabsmax[e / NF4_BLOCK];
 }
 // Four consecutive weights from element e (e % 4 == 0): bytes e/2 and e/2 + 1 of one word.
 fn b4(e: u32) -> vec4<f32> {
     let w = Wq[e >> 3u] >> ((e & 4u) * 4u);
     let s = Wabsmax[e / NF4_BLOCK];
-    return vec4<f32>(NF4[(w >> 4u) & 15u], NF4[w & 15u], NF4[(w >> 12u) & 15u], NF4[(w >> 8u) & 15u]) * s;
+    return vec4<f32>(nf4_code((w >> 4u) & 15u), nf4_code(w & 15u), nf4_code((w >> 12u) & 15u), nf4_code((w >> 8u) & 15u)) * s;
 }
 //== prelude nf4_scalar
 @group(0) @binding(1) var<storage, read> A: array<f32>;
@@ -68,15 +80,10 @@ fn a1(e: u32) -> f32 { return A[e]; }
 // NF4 weights (bitsandbytes layout): element e is byte e/2 (bytes little-endian in u32
 // words), high nibble for even e; value = code[nibble] * absmax[e / NF4_BLOCK].
 override NF4_BLOCK: u32 = 64u;
-var<private> NF4: array<f32, 16> = array<f32, 16>(
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
 fn b1(e: u32) -> f32 {
     let byte = (Wq[e >> 3u] >> (((e >> 1u) & 3u) * 8u)) & 255u;
     let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
-    return NF4[nib] * Wabsmax[e / NF4_BLOCK];
+    return nf4_code(nib) * Wabsmax[e / NF4_BLOCK];
 }
 fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
 //== prelude vec4_tex
@@ -114,21 +121,16 @@ fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
 fn wq_word(w: u32) -> u32 { return textureLoad(Wq, vec2<u32>((w >> 2u) & 4095u, w >> 14u), 0)[w & 3u]; }
 fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, vec2<u32>((i >> 2u) & 4095u, i >> 14u), 0)[i & 3u]; }
 override NF4_BLOCK: u32 = 64u;
-var<private> NF4: array<f32, 16> = array<f32, 16>(
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
 fn b1(e: u32) -> f32 {
     let byte = (wq_word(e >> 3u) >> (((e >> 1u) & 3u) * 8u)) & 255u;
     let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
-    return NF4[nib] * absmax(e / NF4_BLOCK);
+    return nf4_code(nib) * absmax(e / NF4_BLOCK);
 }
 // Four consecutive weights from element e (e % 4 == 0): bytes e/2 and e/2 + 1 of one word.
 fn b4(e: u32) -> vec4<f32> {
     let w = wq_word(e >> 3u) >> ((e & 4u) * 4u);
     let s = absmax(e / NF4_BLOCK);
-    return vec4<f32>(NF4[(w >> 4u) & 15u], NF4[w & 15u], NF4[(w >> 12u) & 15u], NF4[(w >> 8u) & 15u]) * s;
+    return vec4<f32>(nf4_code((w >> 4u) & 15u), nf4_code(w & 15u), nf4_code((w >> 12u) & 15u), nf4_code((w >> 8u) & 15u)) * s;
 }
 //== prelude nf4_scalar_tex
 @group(0) @binding(1) var A: texture_2d<f32>;
@@ -143,15 +145,10 @@ fn a4(e: u32) -> vec4<f32> { return vec4<f32>(a1(e), a1(e + 1u), a1(e + 2u), a1(
 fn wq_word(w: u32) -> u32 { return textureLoad(Wq, vec2<u32>((w >> 2u) & 4095u, w >> 14u), 0)[w & 3u]; }
 fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, vec2<u32>((i >> 2u) & 4095u, i >> 14u), 0)[i & 3u]; }
 override NF4_BLOCK: u32 = 64u;
-var<private> NF4: array<f32, 16> = array<f32, 16>(
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
 fn b1(e: u32) -> f32 {
     let byte = (wq_word(e >> 3u) >> (((e >> 1u) & 3u) * 8u)) & 255u;
     let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
-    return NF4[nib] * absmax(e / NF4_BLOCK);
+    return nf4_code(nib) * absmax(e / NF4_BLOCK);
 }
 fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
 //== body

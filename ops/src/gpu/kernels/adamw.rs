@@ -5,15 +5,16 @@ use std::sync::OnceLock;
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use super::elementwise;
+use super::elementwise_vec4;
 use crate::gpu::{DType, Gpu, GpuTensor, Recorder, ShaderSource};
 pub use crate::reference::adamw::AdamWStep;
 
 const SOURCE: &str = include_str!("../../../../shaders/adamw.wgsl");
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("adamw", SOURCE))
+fn shader(vec4: bool) -> &'static ShaderSource {
+    static S: [OnceLock<ShaderSource>; 2] = [const { OnceLock::new() }; 2];
+    let kernel = if vec4 { "adamw4" } else { "adamw" };
+    S[vec4 as usize].get_or_init(|| super::shader_section("adamw", SOURCE, kernel))
 }
 
 #[repr(C)]
@@ -48,20 +49,20 @@ impl Gpu {
         );
         ensure!(step.step >= 1, "adamw: steps count from 1");
         let c = step.scalars();
-        let k = self.kernel(shader(), "adamw", &[]);
-        elementwise(self, rec, &k, &[param, grad, exp_avg, exp_avg_sq], |n| {
-            AdamParams {
-                n,
-                _pad: [0; 3],
-                decay_factor: c.decay_factor,
-                step_size: c.step_size,
-                bias_correction2_sqrt: c.bias_correction2_sqrt,
-                eps: c.eps,
-                beta2: c.beta2,
-                one_minus_beta1: c.one_minus_beta1,
-                one_minus_beta2: c.one_minus_beta2,
-                _pad2: 0.0,
-            }
+        let k = self.kernel(shader(false), "adamw", &[]);
+        let k4 = self.kernel(shader(true), "adamw4", &[]);
+        let tensors = [param, grad, exp_avg, exp_avg_sq];
+        elementwise_vec4(self, rec, &k, Some(&k4), &tensors, |n| AdamParams {
+            n,
+            _pad: [0; 3],
+            decay_factor: c.decay_factor,
+            step_size: c.step_size,
+            bias_correction2_sqrt: c.bias_correction2_sqrt,
+            eps: c.eps,
+            beta2: c.beta2,
+            one_minus_beta1: c.one_minus_beta1,
+            one_minus_beta2: c.one_minus_beta2,
+            _pad2: 0.0,
         })
     }
 }
@@ -72,11 +73,11 @@ mod tests {
     use crate::gpu::testing::{rel_frobenius, test_gpu, tiny_binding_gpu, TestRng};
     use crate::reference::adamw as reference;
 
-    fn check_gpu(gpu: &Gpu) {
+    /// `shape`: odd element counts run the scalar kernel, multiples of 4 the vec4 one.
+    fn check_gpu(gpu: &Gpu, shape: [usize; 2]) {
         let seed = TestRng::fresh_seed();
         let mut rng = TestRng::new(seed);
-        let shape = [37usize, 41];
-        let n = 37 * 41;
+        let n = shape[0] * shape[1];
         let mut p = rng.vec_normal(n);
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
         let (gp, gm, gv) = (
@@ -112,11 +113,15 @@ mod tests {
 
     #[test]
     fn adamw_matches_reference() {
-        check_gpu(test_gpu());
+        check_gpu(test_gpu(), [37, 41]);
+        check_gpu(test_gpu(), [36, 41]);
     }
 
     #[test]
     fn adamw_over_chunked_tensors() {
-        check_gpu(tiny_binding_gpu());
+        // 4 KiB chunks: rows of 41 give chunks of 24 rows (a multiple of 4 elements) and a last
+        // one of 13, so one tensor mixes both kernels
+        check_gpu(tiny_binding_gpu(), [37, 41]);
+        check_gpu(tiny_binding_gpu(), [36, 40]);
     }
 }

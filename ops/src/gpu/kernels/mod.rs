@@ -54,6 +54,20 @@ pub(crate) fn elementwise<P: bytemuck::Pod>(
     tensors: &[&GpuTensor],
     params: impl Fn(u32) -> P,
 ) -> Result<()> {
+    elementwise_vec4(gpu, rec, kernel, None, tensors, params)
+}
+
+/// [`elementwise`] that runs `kernel4` (four elements per invocation over vec4 views; its
+/// params get the chunk's vec4 count) on every chunk whose element count is a multiple of 4,
+/// and `kernel` on the others.
+pub(crate) fn elementwise_vec4<P: bytemuck::Pod>(
+    gpu: &super::Gpu,
+    rec: &mut super::Recorder,
+    kernel: &super::Kernel,
+    kernel4: Option<&super::Kernel>,
+    tensors: &[&GpuTensor],
+    params: impl Fn(u32) -> P,
+) -> Result<()> {
     let first = tensors[0];
     for t in tensors {
         ensure!(
@@ -69,12 +83,16 @@ pub(crate) fn elementwise<P: bytemuck::Pod>(
     for (c, chunk) in first.chunks().iter().enumerate() {
         let n = chunk.rows * first.row_len();
         let views: Vec<_> = tensors.iter().map(|t| t.chunks()[c].view()).collect();
-        let p = params(n as u32);
+        let (k, items) = match kernel4 {
+            Some(k4) if n.is_multiple_of(4) => (k4, n / 4),
+            _ => (kernel, n),
+        };
+        let p = params(items as u32);
         rec.dispatch(
-            kernel,
+            k,
             bytemuck::bytes_of(&p),
             &views,
-            super::groups_1d(gpu, n.div_ceil(256) as u32),
+            super::groups_1d(gpu, items.div_ceil(256) as u32),
         );
     }
     Ok(())
