@@ -84,3 +84,51 @@ fn clip_scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let coef = min(p.max_norm / (clip_norm[0] + 1e-6), 1.0);
     clip_x[i] = clip_x[i] * coef;
 }
+
+// The same kernels over a linear texture copy of x (ops/src/gpu/staging.rs: texel t at
+// (t % 4096, t / 4096), four elements each), for CPU adapters where a texel fetch costs a tenth
+// of a storage load. `partial_tex` covers SEG elements per workgroup as `partial` does (texels
+// past n hold whatever followed x in its buffer and are masked); `clip_scale4_tex` writes four
+// elements per invocation through a vec4 view (n a multiple of 4; p.n counts vec4s).
+@group(0) @binding(1) var<storage, read_write> tex_partials: array<f32>;
+@group(0) @binding(2) var xt: texture_2d<f32>;
+
+fn x_texel(t: u32) -> vec4<f32> { return textureLoad(xt, vec2<u32>(t & 4095u, t >> 12u), 0); }
+
+fn fold_element(acc: f32, v: f32, i: u32) -> f32 {
+    if (i >= p.n) { return acc; }
+    if (p.mode == 2u) { return acc + v * v; }
+    return combine(acc, v);
+}
+
+@compute @workgroup_size(256)
+fn partial_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x + wid.y * nwg.x;
+    let first = g * WG * (ITEMS / 4u);
+    var acc = identity();
+    for (var k = 0u; k < ITEMS / 4u; k++) {
+        let t = first + k * WG + lid;
+        let v = x_texel(t);
+        acc = fold_element(acc, v.x, 4u * t);
+        acc = fold_element(acc, v.y, 4u * t + 1u);
+        acc = fold_element(acc, v.z, 4u * t + 2u);
+        acc = fold_element(acc, v.w, 4u * t + 3u);
+    }
+    red[lid] = acc;
+    tree(lid);
+    if (lid == 0u) { tex_partials[p.out_index + g] = red[0]; }
+}
+
+@group(0) @binding(1) var<storage, read_write> clip_out4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> clip_norm4: array<f32>;
+@group(0) @binding(3) var clip_xt: texture_2d<f32>;
+
+@compute @workgroup_size(256)
+fn clip_scale4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= p.n) { return; }
+    let coef = min(p.max_norm / (clip_norm4[0] + 1e-6), 1.0);
+    clip_out4[i] = textureLoad(clip_xt, vec2<u32>(i & 4095u, i >> 12u), 0) * coef;
+}

@@ -33,10 +33,35 @@ impl Gpu {
     /// 8-lane subgroups run the generated subgroup kernels (lavapipe).
     pub fn stages_operands(&self) -> bool {
         let info = self.adapter_info();
-        self.features().contains(wgpu::Features::SUBGROUP)
+        !forced_off()
+            && self.features().contains(wgpu::Features::SUBGROUP)
             && info.subgroup_min_size == 8
             && info.subgroup_max_size == 8
     }
+}
+
+/// Tests of the storage-buffer paths (the fallback, and what GPUs run) switch staging off on
+/// their own thread with [`FORCE_UNSTAGED`].
+#[cfg(test)]
+pub(crate) fn forced_off() -> bool {
+    FORCE_UNSTAGED.with(|f| f.get())
+}
+#[cfg(not(test))]
+pub(crate) fn forced_off() -> bool {
+    false
+}
+
+#[cfg(test)]
+thread_local! {
+    pub(crate) static FORCE_UNSTAGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with staging switched off on this thread (tests).
+#[cfg(test)]
+pub(crate) fn without_staging(f: impl FnOnce()) {
+    FORCE_UNSTAGED.with(|c| c.set(true));
+    f();
+    FORCE_UNSTAGED.with(|c| c.set(false));
 }
 
 /// Texels per row of a linear texture (16 KiB-aligned rows: 64 KiB of data per row).

@@ -524,7 +524,7 @@ impl SubgroupShape {
 /// Copies the streamed inputs (Q, K, V and, in backward, dO) into staging slots 0.. for the
 /// `*_tex` kernels; `None` when one cannot be staged (then every input stays a buffer).
 fn stage_inputs(rec: &mut Recorder, views: &[BufView]) -> Option<Vec<Arc<StagedTexture>>> {
-    if unstaged_forced() {
+    if crate::gpu::staging::forced_off() {
         return None;
     }
     views
@@ -532,16 +532,6 @@ fn stage_inputs(rec: &mut Recorder, views: &[BufView]) -> Option<Vec<Arc<StagedT
         .enumerate()
         .map(|(slot, v)| rec.stage(slot, v, StageFormat::F32))
         .collect()
-}
-
-/// Tests of the storage-buffer subgroup kernels switch staging off on their own thread.
-#[cfg(test)]
-fn unstaged_forced() -> bool {
-    tests::UNSTAGED.with(|f| f.get())
-}
-#[cfg(not(test))]
-fn unstaged_forced() -> bool {
-    false
 }
 
 /// Whether this adapter runs the generated subgroup kernels: subgroups of exactly
@@ -1219,8 +1209,6 @@ mod tests {
     thread_local! {
         /// Set by a test to run the general kernels where the subgroup kernels would run.
         pub(super) static GENERAL_KERNELS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        /// Set by a test to bind storage buffers where the subgroup kernels would stage textures.
-        pub(super) static UNSTAGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     /// Both test sweeps with the subgroup kernels reading storage buffers (the fallback when
@@ -1231,10 +1219,10 @@ mod tests {
             eprintln!("no subgroup kernels on this adapter");
             return;
         }
-        UNSTAGED.with(|f| f.set(true));
-        text_masks_match_the_reference();
-        vision_and_wide_heads_match_the_reference();
-        UNSTAGED.with(|f| f.set(false));
+        crate::gpu::staging::without_staging(|| {
+            text_masks_match_the_reference();
+            vision_and_wide_heads_match_the_reference();
+        });
     }
 
     /// Both test sweeps with the general kernels, where the default runs the subgroup ones.

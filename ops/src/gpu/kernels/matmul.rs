@@ -30,18 +30,7 @@ fn shader(vec4: bool, textures: bool) -> &'static ShaderSource {
 fn stage_operands() -> bool {
     static S: OnceLock<bool> = OnceLock::new();
     *S.get_or_init(|| std::env::var("RUNNER_MATMUL_STAGE").map_or(true, |v| v != "0"))
-        && !unstaged_forced()
-}
-
-/// Tests of the storage-buffer subgroup kernel (the fallback when staging is impossible)
-/// switch staging off on their own thread.
-#[cfg(test)]
-fn unstaged_forced() -> bool {
-    tests::UNSTAGED.with(|f| f.get())
-}
-#[cfg(not(test))]
-fn unstaged_forced() -> bool {
-    false
+        && !crate::gpu::staging::forced_off()
 }
 
 /// Options of [`Gpu::matmul`]. `Default`: plain `C = A·B`.
@@ -1025,8 +1014,6 @@ mod tests {
     thread_local! {
         /// Set by a test to run the plain register kernel where the subgroup kernel would run.
         pub(super) static PLAIN_REGISTER_KERNEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        /// Set by a test to bind storage buffers where the subgroup kernel would stage textures.
-        pub(super) static UNSTAGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     #[test]
@@ -1036,9 +1023,7 @@ mod tests {
             eprintln!("no subgroup kernel on this adapter");
             return;
         }
-        UNSTAGED.with(|f| f.set(true));
-        sweep(gpu);
-        UNSTAGED.with(|f| f.set(false));
+        crate::gpu::staging::without_staging(|| sweep(gpu));
     }
 
     #[test]
