@@ -22,7 +22,10 @@
 //!   `RUNNER_GPU_MAX_BINDING` lowers the limit to test chunking on small data.
 //! - [`Recorder`]: `dispatch(kernel, params, buffers, groups)` with binding 0 = uniform params,
 //!   bindings 1.. = storage buffers; [`Recorder::timed`] + [`Recorder::submit_timed`] measure
-//!   every dispatch with timestamp queries.
+//!   every dispatch with timestamp queries. [`Recorder::stage`] copies a buffer range into a
+//!   linear texture and [`Recorder::dispatch_bound`] binds buffers and textures: on CPU
+//!   adapters ([`Gpu::stages_operands`]) load-bound kernels read their inputs that way
+//!   ([`staging`] says why).
 //! - Kernel families live in [`kernels`], one module per `shaders/<family>.wgsl`, each with a
 //!   plain-Rust reference in `crate::reference`.
 //! - Writing a kernel: WGSL with `@group(0) @binding(0) var<uniform> p: Params;` and storage
