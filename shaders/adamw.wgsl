@@ -33,6 +33,17 @@ fn update(param: f32, g: f32, m0: f32, v0: f32) -> Moments {
     return Moments(w - p.step_size * (m / denom), m, v);
 }
 
+// `update` on four elements.
+struct Moments4 { w: vec4<f32>, m: vec4<f32>, v: vec4<f32> }
+fn update4(w: vec4<f32>, g: vec4<f32>, m: vec4<f32>, v: vec4<f32>) -> Moments4 {
+    let r0 = update(w.x, g.x, m.x, v.x);
+    let r1 = update(w.y, g.y, m.y, v.y);
+    let r2 = update(w.z, g.z, m.z, v.z);
+    let r3 = update(w.w, g.w, m.w, v.w);
+    return Moments4(vec4<f32>(r0.w, r1.w, r2.w, r3.w), vec4<f32>(r0.m, r1.m, r2.m, r3.m),
+                    vec4<f32>(r0.v, r1.v, r2.v, r3.v));
+}
+
 // Two kernels (sections assembled by ops/src/gpu/kernels/adamw.rs): `adamw` one element per
 // invocation, `adamw4` four (vec4 views; n a multiple of 4): on lavapipe each storage access
 // is a loop over the SIMD lanes, so a vec4 access moves four elements for about the cost of one.
@@ -65,17 +76,10 @@ fn adamw4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(local_invocation_index) l: u32) {
     let i = (wid.x + wid.y * nwg.x) * 256u + l;
     if (i >= p.n) { return; }
-    let w = param[i];
-    let g = grad[i];
-    let m = exp_avg[i];
-    let v = exp_avg_sq[i];
-    let r0 = update(w.x, g.x, m.x, v.x);
-    let r1 = update(w.y, g.y, m.y, v.y);
-    let r2 = update(w.z, g.z, m.z, v.z);
-    let r3 = update(w.w, g.w, m.w, v.w);
-    param[i] = vec4<f32>(r0.w, r1.w, r2.w, r3.w);
-    exp_avg[i] = vec4<f32>(r0.m, r1.m, r2.m, r3.m);
-    exp_avg_sq[i] = vec4<f32>(r0.v, r1.v, r2.v, r3.v);
+    let r = update4(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
+    param[i] = r.w;
+    exp_avg[i] = r.m;
+    exp_avg_sq[i] = r.v;
 }
 
 //== kernel adamw4_tex
@@ -95,15 +99,13 @@ fn adamw4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let i = (wid.x + wid.y * nwg.x) * 256u + l;
     if (i >= p.n) { return; }
     let at = vec2<u32>(i & 4095u, i >> 12u);
-    let w = textureLoad(param_t, at, 0);
-    let g = textureLoad(grad_t, at, 0);
-    let m = textureLoad(exp_avg_t, at, 0);
-    let v = textureLoad(exp_avg_sq_t, at, 0);
-    let r0 = update(w.x, g.x, m.x, v.x);
-    let r1 = update(w.y, g.y, m.y, v.y);
-    let r2 = update(w.z, g.z, m.z, v.z);
-    let r3 = update(w.w, g.w, m.w, v.w);
-    param[i] = vec4<f32>(r0.w, r1.w, r2.w, r3.w);
-    exp_avg[i] = vec4<f32>(r0.m, r1.m, r2.m, r3.m);
-    exp_avg_sq[i] = vec4<f32>(r0.v, r1.v, r2.v, r3.v);
+    let r = update4(
+        textureLoad(param_t, at, 0),
+        textureLoad(grad_t, at, 0),
+        textureLoad(exp_avg_t, at, 0),
+        textureLoad(exp_avg_sq_t, at, 0),
+    );
+    param[i] = r.w;
+    exp_avg[i] = r.m;
+    exp_avg_sq[i] = r.v;
 }

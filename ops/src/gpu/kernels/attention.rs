@@ -1211,18 +1211,17 @@ mod tests {
         pub(super) static GENERAL_KERNELS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
-    /// Both test sweeps with the subgroup kernels reading storage buffers (the fallback when
-    /// staging is impossible), where the default stages Q, K, V and dO in textures.
+    /// The text-mask sweep with the subgroup kernels reading storage buffers (the fallback when
+    /// staging is impossible), where the default stages Q, K, V and dO in textures. The wide-head
+    /// sweep is left out: the two variants differ only in their binding sections, and the
+    /// head_dim-256 kernels cost minutes of compile with an empty Mesa cache (as on CI).
     #[test]
     fn unstaged_subgroup_kernels_match_the_reference() {
         if !subgroup_kernels_fit(test_gpu()) {
             eprintln!("no subgroup kernels on this adapter");
             return;
         }
-        crate::gpu::staging::without_staging(|| {
-            text_masks_match_the_reference();
-            vision_and_wide_heads_match_the_reference();
-        });
+        crate::gpu::staging::without_staging(text_masks_match_the_reference);
     }
 
     /// Both test sweeps with the general kernels, where the default runs the subgroup ones.
