@@ -102,8 +102,9 @@ impl<'g> Recorder<'g> {
     }
 
     /// Copies `view` into the linear texture of staging slot `slot` (see [`staging`]) and
-    /// returns it for a [`Bound::Texture`] binding, or `None` when the range cannot be staged
-    /// (misaligned, or past the adapter's texture size): the caller binds the buffer instead.
+    /// returns it for a [`Bound::Texture`] binding, or `None` when this adapter does not stage
+    /// ([`Gpu::stages_operands`]) or the range cannot be staged (misaligned, or past the
+    /// adapter's texture size): the caller binds the buffer instead.
     /// A later stage into the same slot overwrites the texture, which is safe because the
     /// dispatches recorded before it run first; one dispatch must use distinct slots.
     pub fn stage(
@@ -113,7 +114,7 @@ impl<'g> Recorder<'g> {
         format: StageFormat,
     ) -> Option<Arc<StagedTexture>> {
         let max_dim = self.gpu.limits().max_texture_dimension_2d;
-        if !staging::can_stage(view, max_dim) {
+        if !self.gpu.stages_operands() || !staging::can_stage(view, max_dim) {
             return None;
         }
         let rows = staging::rows_for(view.size);

@@ -5,10 +5,8 @@ use std::sync::OnceLock;
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use super::elementwise_vec4;
-use crate::gpu::recorder::Bound;
-use crate::gpu::staging::StageFormat;
-use crate::gpu::{groups_1d, BufView, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use super::{elementwise_vec4, Vec4Kernels};
+use crate::gpu::{DType, Gpu, GpuTensor, Recorder, ShaderSource};
 pub use crate::reference::adamw::AdamWStep;
 
 const SOURCE: &str = include_str!("../../../../shaders/adamw.wgsl");
@@ -66,53 +64,12 @@ impl Gpu {
             one_minus_beta2: c.one_minus_beta2,
             _pad2: 0.0,
         };
-        if !self.stages_operands() {
-            return elementwise_vec4(self, rec, &k, Some(&k4), &tensors, params);
-        }
-        // CPU adapters: chunks whose count is a multiple of 4 read param, grad and the moments
-        // from staged copies (slots 0–3) and write through vec4 views.
-        for t in &tensors {
-            ensure!(
-                t.shape() == param.shape() && t.dtype() == DType::F32,
-                "adamw: param, grad and moments must be f32 of one shape"
-            );
-        }
-        for (c, chunk) in param.chunks().iter().enumerate() {
-            let n = chunk.rows * param.row_len();
-            let views: Vec<BufView> = tensors.iter().map(|t| t.chunks()[c].view()).collect();
-            let staged: Option<Vec<_>> = if n.is_multiple_of(4) {
-                views
-                    .iter()
-                    .enumerate()
-                    .map(|(slot, v)| rec.stage(slot, v, StageFormat::F32))
-                    .collect()
-            } else {
-                None
-            };
-            match staged {
-                Some(staged) => {
-                    let mut bindings: Vec<Bound> = [0, 2, 3]
-                        .iter()
-                        .map(|&i| Bound::Buffer(views[i].clone()))
-                        .collect();
-                    bindings.extend(staged.iter().map(|t| Bound::Texture(t)));
-                    let groups = groups_1d(self, (n / 4).div_ceil(256) as u32);
-                    let p = params((n / 4) as u32);
-                    rec.dispatch_bound(&k4_tex, bytemuck::bytes_of(&p), &bindings, groups);
-                }
-                None => {
-                    let (kernel, items) = if n.is_multiple_of(4) {
-                        (&k4, n / 4)
-                    } else {
-                        (&k, n)
-                    };
-                    let groups = groups_1d(self, items.div_ceil(256) as u32);
-                    let p = params(items as u32);
-                    rec.dispatch(kernel, bytemuck::bytes_of(&p), &views, groups);
-                }
-            }
-        }
-        Ok(())
+        // the staged kernel writes param and the moments, and reads all four from textures
+        let kernels4 = Vec4Kernels {
+            plain: &k4,
+            staged: Some((&k4_tex, &[0, 2, 3])),
+        };
+        elementwise_vec4(self, rec, &k, Some(kernels4), &tensors, params)
     }
 }
 

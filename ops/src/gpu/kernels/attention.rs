@@ -292,17 +292,11 @@ impl Gpu {
                 (d.q_heads / shape.heads as usize) as u32,
                 d.batch as u32,
             ];
-            if let Some(staged) = stage_inputs(rec, &views[..3]) {
-                let source = subgroup_module("sg_forward", &shape, true);
-                let kernel = self.kernel(source, "attention_sg_forward", &[]);
-                let mut bindings: Vec<Bound> = staged.iter().map(|t| Bound::Texture(t)).collect();
-                bindings.extend(views[3..].iter().cloned().map(Bound::Buffer));
-                rec.dispatch_bound(&kernel, bytemuck::bytes_of(&params), &bindings, groups);
-                return Ok(());
-            }
-            let source = subgroup_module("sg_forward", &shape, false);
+            let staged = stage_inputs(rec, &views[..3]);
+            let source = subgroup_module("sg_forward", &shape, staged.is_some());
             let kernel = self.kernel(source, "attention_sg_forward", &[]);
-            rec.dispatch(&kernel, bytemuck::bytes_of(&params), &views, groups);
+            let bindings = bind_staged(&staged, &views);
+            rec.dispatch_bound(&kernel, bytemuck::bytes_of(&params), &bindings, groups);
             return Ok(());
         }
         let kernel = self.kernel(&module("forward"), "attention_forward", &constants);
@@ -384,28 +378,28 @@ impl Gpu {
             // Q, K, V, dO staged once serve both kernels.
             let staged = stage_inputs(rec, &dq_views[..4]);
             let textures = staged.is_some();
-            let bind = |views: &[BufView]| -> Vec<Bound> {
-                match &staged {
-                    Some(staged) => staged
-                        .iter()
-                        .map(|t| Bound::Texture(t))
-                        .chain(views[4..].iter().cloned().map(Bound::Buffer))
-                        .collect(),
-                    None => views.iter().cloned().map(Bound::Buffer).collect(),
-                }
-            };
             let dq_kernel = self.kernel(
                 subgroup_module("sg_dq", &rows, textures),
                 "attention_sg_dq",
                 &[],
             );
-            rec.dispatch_bound(&dq_kernel, bytes, &bind(&dq_views), dq_groups);
+            rec.dispatch_bound(
+                &dq_kernel,
+                bytes,
+                &bind_staged(&staged, &dq_views),
+                dq_groups,
+            );
             let dkdv = self.kernel(
                 subgroup_module("sg_dkdv", &keys, textures),
                 "attention_sg_dkdv",
                 &[],
             );
-            rec.dispatch_bound(&dkdv, bytes, &bind(&dkdv_views), dkdv_groups);
+            rec.dispatch_bound(
+                &dkdv,
+                bytes,
+                &bind_staged(&staged, &dkdv_views),
+                dkdv_groups,
+            );
             return Ok(());
         }
         let dq_kernel = self.kernel(&module("dq"), "attention_dq", &constants);
@@ -524,13 +518,24 @@ impl SubgroupShape {
 /// Copies the streamed inputs (Q, K, V and, in backward, dO) into staging slots 0.. for the
 /// `*_tex` kernels; `None` when one cannot be staged (then every input stays a buffer).
 fn stage_inputs(rec: &mut Recorder, views: &[BufView]) -> Option<Vec<Arc<StagedTexture>>> {
-    if crate::gpu::staging::forced_off() {
-        return None;
-    }
     views
         .iter()
         .enumerate()
         .map(|(slot, v)| rec.stage(slot, v, StageFormat::F32))
+        .collect()
+}
+
+/// A kernel's bindings: its first inputs as the `staged` textures when there are any, the
+/// rest (and everything otherwise) as the buffers of `views`.
+fn bind_staged<'a>(
+    staged: &'a Option<Vec<Arc<StagedTexture>>>,
+    views: &[BufView],
+) -> Vec<Bound<'a>> {
+    let textures = staged.as_deref().unwrap_or_default();
+    textures
+        .iter()
+        .map(|t| Bound::Texture(t))
+        .chain(views[textures.len()..].iter().cloned().map(Bound::Buffer))
         .collect()
 }
 

@@ -25,12 +25,12 @@ fn shader(vec4: bool, textures: bool) -> &'static ShaderSource {
         .get_or_init(|| ShaderSource::with_prelude("matmul", SOURCE, prelude))
 }
 
-/// Whether the subgroup kernel reads its operands from staged textures (see
-/// [`crate::gpu::staging`]); env `RUNNER_MATMUL_STAGE=0` binds the storage buffers instead.
+/// Whether the subgroup kernel may read its operands from staged textures (where the adapter
+/// stages: [`crate::gpu::staging`]); env `RUNNER_MATMUL_STAGE=0` binds the storage buffers
+/// instead, for benchmarking.
 fn stage_operands() -> bool {
     static S: OnceLock<bool> = OnceLock::new();
     *S.get_or_init(|| std::env::var("RUNNER_MATMUL_STAGE").map_or(true, |v| v != "0"))
-        && !crate::gpu::staging::forced_off()
 }
 
 /// Options of [`Gpu::matmul`]. `Default`: plain `C = A·B`.
@@ -769,32 +769,33 @@ impl Gpu {
                 let (tm, tn) = subgroup_tile();
                 let groups = [p.n.div_ceil(tn * SUBGROUP_LANES), p.m.div_ceil(tm), g.batch];
                 let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
-                if let Some(staged) = stage_operands()
+                let staged = stage_operands()
                     .then(|| stage_gemm_operands(rec, &g, nf4.as_ref()))
-                    .flatten()
-                {
-                    let source =
-                        subgroup_source(shader_for(vec4, true), tm, tn, g.trans_a, g.trans_b);
-                    let kernel = self.kernel(source, "matmul_subgroup", &constants);
-                    let mut bindings = vec![
-                        Bound::Texture(&staged[0]),
-                        Bound::Texture(&staged[1]),
-                        Bound::Buffer(g.c),
-                        Bound::Buffer(bias),
-                    ];
-                    if let Some(absmax) = staged.get(2) {
-                        bindings.push(Bound::Texture(absmax));
-                    }
-                    rec.dispatch_bound(&kernel, bytemuck::bytes_of(p), &bindings, groups);
-                    return;
-                }
-                let source = subgroup_source(shader_for(vec4, false), tm, tn, g.trans_a, g.trans_b);
+                    .flatten();
+                let source = subgroup_source(
+                    shader_for(vec4, staged.is_some()),
+                    tm,
+                    tn,
+                    g.trans_a,
+                    g.trans_b,
+                );
                 let kernel = self.kernel(source, "matmul_subgroup", &constants);
-                let mut buffers = vec![g.a, g.b, g.c, bias];
-                if let Some((absmax, _)) = nf4 {
-                    buffers.push(absmax);
-                }
-                rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
+                // A, B, C, bias, then the NF4 absmax; A, B and absmax as textures where staged
+                let (a, b, absmax) = match &staged {
+                    Some(s) => (
+                        Bound::Texture(&s[0]),
+                        Bound::Texture(&s[1]),
+                        s.get(2).map(|t| Bound::Texture(t)),
+                    ),
+                    None => (
+                        Bound::Buffer(g.a),
+                        Bound::Buffer(g.b),
+                        nf4.map(|(v, _)| Bound::Buffer(v)),
+                    ),
+                };
+                let mut bindings = vec![a, b, Bound::Buffer(g.c), Bound::Buffer(bias)];
+                bindings.extend(absmax);
+                rec.dispatch_bound(&kernel, bytemuck::bytes_of(p), &bindings, groups);
                 return;
             }
             Tiling::Register => {

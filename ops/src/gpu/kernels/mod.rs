@@ -3,6 +3,7 @@
 
 use anyhow::{ensure, Result};
 
+use super::recorder::Bound;
 use super::{DType, GpuTensor};
 
 pub mod accumulate;
@@ -57,14 +58,22 @@ pub(crate) fn elementwise<P: bytemuck::Pod>(
     elementwise_vec4(gpu, rec, kernel, None, tensors, params)
 }
 
-/// [`elementwise`] that runs `kernel4` (four elements per invocation over vec4 views; its
-/// params get the chunk's vec4 count) on every chunk whose element count is a multiple of 4,
-/// and `kernel` on the others.
+/// The four-elements-per-invocation kernels of an elementwise op (their params get the chunk's
+/// vec4 count): `plain` over vec4 views of every tensor, and `staged` for adapters that stage
+/// operands, reading every tensor from a staged copy (slots 0..) and binding the tensors
+/// `written` first as vec4 storage, then the textures in tensor order.
+pub(crate) struct Vec4Kernels<'a> {
+    pub plain: &'a super::Kernel,
+    pub staged: Option<(&'a super::Kernel, &'a [usize])>,
+}
+
+/// [`elementwise`] that runs `kernels4` on every chunk whose element count is a multiple of 4
+/// (the staged one where every tensor could be staged), and `kernel` on the others.
 pub(crate) fn elementwise_vec4<P: bytemuck::Pod>(
     gpu: &super::Gpu,
     rec: &mut super::Recorder,
     kernel: &super::Kernel,
-    kernel4: Option<&super::Kernel>,
+    kernels4: Option<Vec4Kernels>,
     tensors: &[&GpuTensor],
     params: impl Fn(u32) -> P,
 ) -> Result<()> {
@@ -83,17 +92,33 @@ pub(crate) fn elementwise_vec4<P: bytemuck::Pod>(
     for (c, chunk) in first.chunks().iter().enumerate() {
         let n = chunk.rows * first.row_len();
         let views: Vec<_> = tensors.iter().map(|t| t.chunks()[c].view()).collect();
-        let (k, items) = match kernel4 {
-            Some(k4) if n.is_multiple_of(4) => (k4, n / 4),
-            _ => (kernel, n),
+        let k4 = kernels4.as_ref().filter(|_| n.is_multiple_of(4));
+        let Some(k4) = k4 else {
+            let p = params(n as u32);
+            let groups = super::groups_1d(gpu, n.div_ceil(256) as u32);
+            rec.dispatch(kernel, bytemuck::bytes_of(&p), &views, groups);
+            continue;
         };
-        let p = params(items as u32);
-        rec.dispatch(
-            k,
-            bytemuck::bytes_of(&p),
-            &views,
-            super::groups_1d(gpu, items.div_ceil(256) as u32),
-        );
+        let p = params((n / 4) as u32);
+        let groups = super::groups_1d(gpu, (n / 4).div_ceil(256) as u32);
+        let staged: Option<Vec<_>> = k4.staged.and_then(|_| {
+            views
+                .iter()
+                .enumerate()
+                .map(|(slot, v)| rec.stage(slot, v, super::staging::StageFormat::F32))
+                .collect()
+        });
+        match (k4.staged, staged) {
+            (Some((k, written)), Some(staged)) => {
+                let bindings: Vec<Bound> = written
+                    .iter()
+                    .map(|&i| Bound::Buffer(views[i].clone()))
+                    .chain(staged.iter().map(|t| Bound::Texture(t)))
+                    .collect();
+                rec.dispatch_bound(k, bytemuck::bytes_of(&p), &bindings, groups);
+            }
+            _ => rec.dispatch(k4.plain, bytemuck::bytes_of(&p), &views, groups),
+        }
     }
     Ok(())
 }

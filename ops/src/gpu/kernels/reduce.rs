@@ -72,11 +72,7 @@ impl Gpu {
                     max_norm: 0.0,
                 };
                 let grid = groups_1d(self, groups as u32);
-                let staged = self
-                    .stages_operands()
-                    .then(|| rec.stage(0, &c.view(), StageFormat::F32))
-                    .flatten();
-                match staged {
+                match rec.stage(0, &c.view(), StageFormat::F32) {
                     Some(x) => rec.dispatch_bound(
                         &partial_tex,
                         bytemuck::bytes_of(&p),
@@ -152,7 +148,8 @@ impl Gpu {
                     max_norm,
                 };
                 // In place from a staged copy, four elements per invocation (CPU adapters).
-                let staged = (self.stages_operands() && n.is_multiple_of(4))
+                let staged = n
+                    .is_multiple_of(4)
                     .then(|| rec.stage(0, &c.view(), StageFormat::F32))
                     .flatten();
                 match staged {
