@@ -3,6 +3,8 @@
 // Reference: ops/src/reference/accumulate.rs. One dispatch per storage chunk of acc: element i of
 // the chunk adds ADDEND[(offset + i) % period], offset = the chunk's first element modulo period.
 
+#include "lib/dispatch"
+
 struct Params {
     n: u32,
     offset: u32,
@@ -17,7 +19,7 @@ struct Params {
 @compute @workgroup_size(256)
 fn accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) l: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     ACC[i] = ACC[i] + ADDEND[(p.offset + i) % p.period];
 }

@@ -1,6 +1,8 @@
 // GELU with the tanh approximation (gelu_pytorch_tanh) and the gated GeGLU product
 // out = gelu(gate) · up (Gemma's MLP), forward and backward. Elementwise over n values.
 
+#include "lib/dispatch"
+
 struct Params {
     n: u32,
     accumulate: u32, // backward: 1 adds into the gradients instead of overwriting
@@ -12,8 +14,6 @@ struct Params {
 
 const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
 const COEF: f32 = 0.044715;
-
-fn idx(wid: vec3<u32>, nwg: vec3<u32>, lidx: u32) -> u32 { return (wid.x + wid.y * nwg.x) * 256u + lidx; }
 
 fn gelu(x: f32) -> f32 {
     let inner = SQRT_2_OVER_PI * (x + COEF * x * x * x);
@@ -32,7 +32,7 @@ fn gelu_grad(x: f32) -> f32 {
 @compute @workgroup_size(256)
 fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) l: u32) {
-    let i = idx(wid, nwg, l);
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     out_a[i] = gelu(in_a[i]);
 }
@@ -43,7 +43,7 @@ fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @compute @workgroup_size(256)
 fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) l: u32) {
-    let i = idx(wid, nwg, l);
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     var g = in_b[i] * gelu_grad(in_a[i]);
     if (p.accumulate != 0u) { g += out_a[i]; }
@@ -54,7 +54,7 @@ fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 @compute @workgroup_size(256)
 fn geglu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) l: u32) {
-    let i = idx(wid, nwg, l);
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     out_a[i] = gelu(in_a[i]) * in_b[i];
 }
@@ -66,7 +66,7 @@ fn geglu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 @compute @workgroup_size(256)
 fn geglu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) l: u32) {
-    let i = idx(wid, nwg, l);
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     let gate = in_a[i];
     let d = in_c[i];

@@ -5,6 +5,9 @@
 // step_size = lr / (1 − β1^t) and bias_correction2_sqrt = sqrt(1 − β2^t) are computed on the host
 // in f64 (Python floats in torch) and passed as f32.
 
+#include "lib/dispatch"
+#include "lib/staging"
+
 struct Params {
     n: u32,
     _pad0: u32,
@@ -44,10 +47,13 @@ fn update4(w: vec4<f32>, g: vec4<f32>, m: vec4<f32>, v: vec4<f32>) -> Moments4 {
                     vec4<f32>(r0.v, r1.v, r2.v, r3.v));
 }
 
-// Two kernels (sections assembled by ops/src/gpu/kernels/adamw.rs): `adamw` one element per
-// invocation, `adamw4` four (vec4 views; n a multiple of 4): on lavapipe each storage access
-// is a loop over the SIMD lanes, so a vec4 access moves four elements for about the cost of one.
-//== kernel adamw
+// Three kernels: `adamw` one element per invocation, `adamw4` (VEC4) four (vec4 views; n a
+// multiple of 4): on lavapipe each storage access is a loop over the SIMD lanes, so a vec4
+// access moves four elements for about the cost of one; `adamw4_tex` (VEC4 and TEXTURES) reads
+// its inputs from staged linear textures.
+#feature VEC4 four elements per invocation over vec4 views
+#feature TEXTURES with VEC4: inputs read from staged linear textures
+#if !VEC4
 @group(0) @binding(1) var<storage, read_write> param: array<f32>;
 @group(0) @binding(2) var<storage, read> grad: array<f32>;
 @group(0) @binding(3) var<storage, read_write> exp_avg: array<f32>;
@@ -56,7 +62,7 @@ fn update4(w: vec4<f32>, g: vec4<f32>, m: vec4<f32>, v: vec4<f32>) -> Moments4 {
 @compute @workgroup_size(256)
 fn adamw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) l: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     let r = update(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
     param[i] = r.w;
@@ -64,7 +70,7 @@ fn adamw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     exp_avg_sq[i] = r.v;
 }
 
-//== kernel adamw4
+#elif !TEXTURES
 @group(0) @binding(1) var<storage, read_write> param: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> grad: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> exp_avg: array<vec4<f32>>;
@@ -74,7 +80,7 @@ fn adamw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
 @compute @workgroup_size(256)
 fn adamw4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) l: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     let r = update4(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
     param[i] = r.w;
@@ -82,7 +88,7 @@ fn adamw4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     exp_avg_sq[i] = r.v;
 }
 
-//== kernel adamw4_tex
+#else
 // adamw4 reading its inputs from linear texture copies (ops/src/gpu/staging.rs: texel i at
 // (i % 4096, i / 4096)) on CPU adapters, where a texel fetch costs a tenth of a storage load.
 @group(0) @binding(1) var<storage, read_write> param: array<vec4<f32>>;
@@ -96,9 +102,9 @@ fn adamw4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 @compute @workgroup_size(256)
 fn adamw4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) l: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
-    let at = vec2<u32>(i & 4095u, i >> 12u);
+    let at = stage_texel(i);
     let r = update4(
         textureLoad(param_t, at, 0),
         textureLoad(grad_t, at, 0),
@@ -109,3 +115,4 @@ fn adamw4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     exp_avg[i] = r.m;
     exp_avg_sq[i] = r.v;
 }
+#endif

@@ -2,6 +2,8 @@
 // to nearest even like torch; NaN becomes a quiet NaN. Offsets (elements) let one dispatch
 // cover a row range of chunked tensors; bf16 offsets are even (chunks hold whole words).
 
+#include "lib/dispatch"
+
 struct Params {
     n: u32,
     src_off: u32,
@@ -24,7 +26,7 @@ fn to_bf16(v: f32) -> u32 {
 @compute @workgroup_size(256)
 fn f32_to_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) l: u32) {
-    let w = (wid.x + wid.y * nwg.x) * 256u + l;
+    let w = flat_invocation(wid, nwg, l, 256u);
     let e = 2u * w;
     if (e >= p.n) { return; }
     let lo = to_bf16(f32_in[p.src_off + e]);
@@ -39,7 +41,7 @@ fn f32_to_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(256)
 fn bf16_to_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) l: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     let e = p.src_off + i;
     let word = bf16_in[e >> 1u];

@@ -2,6 +2,8 @@
 // row chunks: each dispatch covers one chunk (rows first .. first + rows) and touches only
 // tokens whose id falls in it. Ids at or beyond `vocab` produce NaN rows (loud, not silent).
 
+#include "lib/dispatch"
+
 struct Params {
     tokens: u32,
     dim: u32,
@@ -35,7 +37,7 @@ fn gather_value(t: u32, j: u32, row_value: f32) -> f32 {
 @compute @workgroup_size(256)
 fn gather_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) l: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.tokens * p.dim) { return; }
     let t = i / p.dim;
     let j = i % p.dim;
@@ -53,7 +55,7 @@ fn gather_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 @compute @workgroup_size(256)
 fn gather_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) l: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.tokens * p.dim) { return; }
     let t = i / p.dim;
     let j = i % p.dim;

@@ -3,6 +3,8 @@
 // ops/src/reference/lora.rs, so backward redraws exactly the forward's mask from the seed.
 // The LoRA products themselves run on the matmul kernel (see ops/src/gpu/kernels/lora.rs).
 
+#include "lib/dispatch"
+
 struct Params {
     n: u32,
     seed: u32,
@@ -31,7 +33,7 @@ fn hash32(v: u32) -> u32 {
 @compute @workgroup_size(256)
 fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) l: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     let u = f32(hash32(i ^ hash32(p.seed)) >> 8u) * (1.0 / 16777216.0);
     var v = 0.0;

@@ -3,155 +3,88 @@
 // op(A) is M×K (A stored [M,K], or [K,M] with TRANS_A), op(B) is K×N (B stored [K,N], or
 // [N,K] with TRANS_B). Offsets, leading dimensions and batch strides are in elements.
 //
-// The Rust wrapper prepends one of the two preludes below (split on the `//== prelude` lines):
-// `vec4` binds A and B as array<vec4<f32>> (offsets and leading dimensions multiples of 4 and
-// the contiguous dimensions multiples of 4), `scalar` binds them as array<f32>. llvmpipe loads
-// storage one lane at a time, so a vec4 load is 4x fewer load instructions there.
-//
-// The `*_tex` preludes read A and B from linear textures instead (ops/src/gpu/staging.rs):
-// on lavapipe a texel fetch costs a tenth of a storage load, so the subgroup kernel stages its
-// operands there.
-//
-// The `nf4_*` preludes make B a bitsandbytes NF4 weight (packed nibbles + f32 absmax, binding
-// 5) dequantized inside the tile loop: the fused NF4 matmul is this same kernel.
+// The kernels read A and B through a1/a4 and b1/b4 (one element, or four consecutive ones from
+// an element index that is a multiple of 4), defined by the features below. llvmpipe loads
+// storage one lane at a time, so a vec4 load is 4x fewer load instructions there; a texel
+// fetch costs a tenth of a storage load there, so the subgroup kernel stages its operands.
 //
 // Two kernels: `matmul_register` (a TM×TN block of C per invocation held in registers, no
 // workgroup memory: fastest on CPU adapters) and `matmul_workgroup` (BM×BN tiles staged in
 // workgroup memory, WTM×WTN per invocation: GPUs). Rows/columns past M/N in a block read
 // whatever the bounds-checked loads return and are never stored.
 
-// bitsandbytes' NF4 code value of nibble n, as a select tree on its bits: a dynamically indexed
-// table becomes a per-lane gather on lavapipe, selects stay vector instructions.
-fn nf4_code(n: u32) -> f32 {
-    let b0 = (n & 1u) != 0u;
-    let b1 = (n & 2u) != 0u;
-    let b2 = (n & 4u) != 0u;
-    let lo = select(
-        select(select(-1.0, -0.6961928009986877, b0), select(-0.5250730514526367, -0.39491748809814453, b0), b1),
-        select(select(-0.28444138169288635, -0.18477343022823334, b0), select(-0.09105003625154495, 0.0, b0), b1),
-        b2);
-    let hi = select(
-        select(select(0.07958029955625534, 0.16093020141124725, b0), select(0.24611230194568634, 0.33791524171829224, b0), b1),
-        select(select(0.44070982933044434, 0.5626170039176941, b0), select(0.7229568362236023, 1.0, b0), b1),
-        b2);
-    return select(lo, hi, (n & 8u) != 0u);
-}
+#feature VEC4 A and B bound as vec4 views (offsets, leading dimensions and contiguous dimensions multiples of 4)
+#feature TEXTURES A and B (the NF4 words and absmax) read from staged linear textures (ops/src/gpu/staging.rs)
+#feature NF4 B is a bitsandbytes NF4 weight (packed nibbles at binding 2, f32 absmax at binding 5) decoded in the tile loop: the fused NF4 matmul is this same kernel
+#if TEXTURES
+#include "lib/staging"
+#endif
 
-//== prelude vec4
+#if TEXTURES
+@group(0) @binding(1) var A: texture_2d<f32>;
+fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, stage_texel(t), 0); }
+fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
+#if VEC4
+fn a4(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
+#else
+fn a4(e: u32) -> vec4<f32> { return vec4<f32>(a1(e), a1(e + 1u), a1(e + 2u), a1(e + 3u)); }
+#endif
+#elif VEC4
 @group(0) @binding(1) var<storage, read> A: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> B: array<vec4<f32>>;
 fn a4(e: u32) -> vec4<f32> { return A[e >> 2u]; }
 fn a1(e: u32) -> f32 { return A[e >> 2u][e & 3u]; }
+#else
+@group(0) @binding(1) var<storage, read> A: array<f32>;
+fn a4(e: u32) -> vec4<f32> { return vec4<f32>(A[e], A[e + 1u], A[e + 2u], A[e + 3u]); }
+fn a1(e: u32) -> f32 { return A[e]; }
+#endif
+
+#if NF4
+#include "lib/nf4"
+// Element e of the NF4 weight (bitsandbytes layout) is byte e/2 (bytes little-endian in u32
+// words), high nibble for even e; value = code[nibble] * absmax[e / NF4_BLOCK].
+override NF4_BLOCK: u32 = 64u;
+#if TEXTURES
+@group(0) @binding(2) var Wq: texture_2d<u32>;
+@group(0) @binding(5) var Wabsmax: texture_2d<f32>;
+fn wq_word(w: u32) -> u32 { return textureLoad(Wq, stage_texel(w >> 2u), 0)[w & 3u]; }
+fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, stage_texel(i >> 2u), 0)[i & 3u]; }
+#else
+@group(0) @binding(2) var<storage, read> Wq: array<u32>;
+@group(0) @binding(5) var<storage, read> Wabsmax: array<f32>;
+fn wq_word(w: u32) -> u32 { return Wq[w]; }
+fn absmax(i: u32) -> f32 { return Wabsmax[i]; }
+#endif
+fn b1(e: u32) -> f32 {
+    let byte = (wq_word(e >> 3u) >> (((e >> 1u) & 3u) * 8u)) & 255u;
+    let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
+    return nf4_value(nib) * absmax(e / NF4_BLOCK);
+}
+#if VEC4
+// Four consecutive weights from element e (e % 4 == 0): bytes e/2 and e/2 + 1 of one word.
+fn b4(e: u32) -> vec4<f32> { return nf4_decode4(wq_word(e >> 3u) >> ((e & 4u) * 4u), absmax(e / NF4_BLOCK)); }
+#else
+fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
+#endif
+#elif TEXTURES
+@group(0) @binding(2) var B: texture_2d<f32>;
+fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B, stage_texel(t), 0); }
+fn b1(e: u32) -> f32 { return b_texel(e >> 2u)[e & 3u]; }
+#if VEC4
+fn b4(e: u32) -> vec4<f32> { return b_texel(e >> 2u); }
+#else
+fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
+#endif
+#elif VEC4
+@group(0) @binding(2) var<storage, read> B: array<vec4<f32>>;
 fn b4(e: u32) -> vec4<f32> { return B[e >> 2u]; }
 fn b1(e: u32) -> f32 { return B[e >> 2u][e & 3u]; }
-//== prelude scalar
-@group(0) @binding(1) var<storage, read> A: array<f32>;
+#else
 @group(0) @binding(2) var<storage, read> B: array<f32>;
-fn a4(e: u32) -> vec4<f32> { return vec4<f32>(A[e], A[e + 1u], A[e + 2u], A[e + 3u]); }
-fn a1(e: u32) -> f32 { return A[e]; }
 fn b4(e: u32) -> vec4<f32> { return vec4<f32>(B[e], B[e + 1u], B[e + 2u], B[e + 3u]); }
 fn b1(e: u32) -> f32 { return B[e]; }
-//== prelude nf4_vec4
-@group(0) @binding(1) var<storage, read> A: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> Wq: array<u32>;
-@group(0) @binding(5) var<storage, read> Wabsmax: array<f32>;
-fn a4(e: u32) -> vec4<f32> { return A[e >> 2u]; }
-fn a1(e: u32) -> f32 { return A[e >> 2u][e & 3u]; }
-// NF4 weights (bitsandbytes layout): element e is byte e/2 (bytes little-endian in u32
-// words), high nibble for even e; value = code[nibble] * absmax[e / NF4_BLOCK].
-override NF4_BLOCK: u32 = 64u;
-fn b1(e: u32) -> f32 {
-    let byte = (Wq[e >> 3u] >> (((e >> 1u) & 3u) * 8u)) & 255u;
-    let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
-    return nf4_code(nib) * Wabsmax[e / NF4_BLOCK];
-}
-// Four consecutive weights from element e (e % 4 == 0): bytes e/2 and e/2 + 1 of one word.
-fn b4(e: u32) -> vec4<f32> {
-    let w = Wq[e >> 3u] >> ((e & 4u) * 4u);
-    let s = Wabsmax[e / NF4_BLOCK];
-    return vec4<f32>(nf4_code((w >> 4u) & 15u), nf4_code(w & 15u), nf4_code((w >> 12u) & 15u), nf4_code((w >> 8u) & 15u)) * s;
-}
-//== prelude nf4_scalar
-@group(0) @binding(1) var<storage, read> A: array<f32>;
-@group(0) @binding(2) var<storage, read> Wq: array<u32>;
-@group(0) @binding(5) var<storage, read> Wabsmax: array<f32>;
-fn a4(e: u32) -> vec4<f32> { return vec4<f32>(A[e], A[e + 1u], A[e + 2u], A[e + 3u]); }
-fn a1(e: u32) -> f32 { return A[e]; }
-// NF4 weights (bitsandbytes layout): element e is byte e/2 (bytes little-endian in u32
-// words), high nibble for even e; value = code[nibble] * absmax[e / NF4_BLOCK].
-override NF4_BLOCK: u32 = 64u;
-fn b1(e: u32) -> f32 {
-    let byte = (Wq[e >> 3u] >> (((e >> 1u) & 3u) * 8u)) & 255u;
-    let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
-    return nf4_code(nib) * Wabsmax[e / NF4_BLOCK];
-}
-fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
-//== prelude vec4_tex
-@group(0) @binding(1) var A: texture_2d<f32>;
-@group(0) @binding(2) var B: texture_2d<f32>;
-// Linear textures (ops/src/gpu/staging.rs): texel t at (t % 4096, t / 4096), element e is
-// component e % 4 of texel e / 4.
-fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, vec2<u32>(t & 4095u, t >> 12u), 0); }
-fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B, vec2<u32>(t & 4095u, t >> 12u), 0); }
-fn a4(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
-fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
-fn b4(e: u32) -> vec4<f32> { return b_texel(e >> 2u); }
-fn b1(e: u32) -> f32 { return b_texel(e >> 2u)[e & 3u]; }
-//== prelude scalar_tex
-@group(0) @binding(1) var A: texture_2d<f32>;
-@group(0) @binding(2) var B: texture_2d<f32>;
-// Linear textures (ops/src/gpu/staging.rs): texel t at (t % 4096, t / 4096), element e is
-// component e % 4 of texel e / 4.
-fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, vec2<u32>(t & 4095u, t >> 12u), 0); }
-fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B, vec2<u32>(t & 4095u, t >> 12u), 0); }
-fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
-fn a4(e: u32) -> vec4<f32> { return vec4<f32>(a1(e), a1(e + 1u), a1(e + 2u), a1(e + 3u)); }
-fn b1(e: u32) -> f32 { return b_texel(e >> 2u)[e & 3u]; }
-fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
-//== prelude nf4_vec4_tex
-@group(0) @binding(1) var A: texture_2d<f32>;
-@group(0) @binding(2) var Wq: texture_2d<u32>;
-@group(0) @binding(5) var Wabsmax: texture_2d<f32>;
-// Linear textures (ops/src/gpu/staging.rs): texel t at (t % 4096, t / 4096), element e is
-// component e % 4 of texel e / 4.
-fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, vec2<u32>(t & 4095u, t >> 12u), 0); }
-fn a4(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
-fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
-// Word w of the packed NF4 weight (texel w / 4) and scale i of its absmax.
-fn wq_word(w: u32) -> u32 { return textureLoad(Wq, vec2<u32>((w >> 2u) & 4095u, w >> 14u), 0)[w & 3u]; }
-fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, vec2<u32>((i >> 2u) & 4095u, i >> 14u), 0)[i & 3u]; }
-override NF4_BLOCK: u32 = 64u;
-fn b1(e: u32) -> f32 {
-    let byte = (wq_word(e >> 3u) >> (((e >> 1u) & 3u) * 8u)) & 255u;
-    let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
-    return nf4_code(nib) * absmax(e / NF4_BLOCK);
-}
-// Four consecutive weights from element e (e % 4 == 0): bytes e/2 and e/2 + 1 of one word.
-fn b4(e: u32) -> vec4<f32> {
-    let w = wq_word(e >> 3u) >> ((e & 4u) * 4u);
-    let s = absmax(e / NF4_BLOCK);
-    return vec4<f32>(nf4_code((w >> 4u) & 15u), nf4_code(w & 15u), nf4_code((w >> 12u) & 15u), nf4_code((w >> 8u) & 15u)) * s;
-}
-//== prelude nf4_scalar_tex
-@group(0) @binding(1) var A: texture_2d<f32>;
-@group(0) @binding(2) var Wq: texture_2d<u32>;
-@group(0) @binding(5) var Wabsmax: texture_2d<f32>;
-// Linear textures (ops/src/gpu/staging.rs): texel t at (t % 4096, t / 4096), element e is
-// component e % 4 of texel e / 4.
-fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, vec2<u32>(t & 4095u, t >> 12u), 0); }
-fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
-fn a4(e: u32) -> vec4<f32> { return vec4<f32>(a1(e), a1(e + 1u), a1(e + 2u), a1(e + 3u)); }
-// Word w of the packed NF4 weight (texel w / 4) and scale i of its absmax.
-fn wq_word(w: u32) -> u32 { return textureLoad(Wq, vec2<u32>((w >> 2u) & 4095u, w >> 14u), 0)[w & 3u]; }
-fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, vec2<u32>((i >> 2u) & 4095u, i >> 14u), 0)[i & 3u]; }
-override NF4_BLOCK: u32 = 64u;
-fn b1(e: u32) -> f32 {
-    let byte = (wq_word(e >> 3u) >> (((e >> 1u) & 3u) * 8u)) & 255u;
-    let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
-    return nf4_code(nib) * absmax(e / NF4_BLOCK);
-}
-fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
-//== body
+#endif
+
 struct Params {
     m: u32, n: u32, k: u32, has_bias: u32,
     a_off: u32, lda: u32, a_batch: u32, b_off: u32,

@@ -4,6 +4,9 @@
 // two codes per byte with the first element in the high nibble, bytes little-endian in u32.
 // Double quantization of absmax: offset = mean, 8-bit signed dynamic map, nested blocks.
 
+#include "lib/dispatch"
+#include "gen/nf4_codes"
+
 struct Params {
     n: u32,          // elements (weights, or absmax entries for the double-quant kernels)
     blocksize: u32,  // 64 for weights, 256 for nested absmax
@@ -13,15 +16,8 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-var<private> NF4: array<f32, 16> = array<f32, 16>(
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
-
-fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lidx: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * 64u + lidx;
-}
+// bitsandbytes' code table (dynamically indexed here: the quantizer searches it)
+var<private> NF4: array<f32, 16> = NF4_CODES;
 
 fn nf4_code(s: f32) -> u32 {
     var q = 0u;
@@ -41,7 +37,7 @@ fn nf4_code(s: f32) -> u32 {
 @compute @workgroup_size(64)
 fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lidx: u32) {
-    let block = linear_id(wid, nwg, lidx);
+    let block = flat_invocation(wid, nwg, lidx, 64u);
     if (block >= p.n_blocks) { return; }
     let start = block * p.blocksize;
     let end = min(start + p.blocksize, p.n);
@@ -77,7 +73,7 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 @compute @workgroup_size(64)
 fn dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lidx: u32) {
-    let w = linear_id(wid, nwg, lidx);
+    let w = flat_invocation(wid, nwg, lidx, 64u);
     if (w * 8u >= p.n) { return; }
     let word = dpacked[w];
     for (var j = 0u; j < 8u; j++) {
@@ -128,7 +124,7 @@ fn dynamic_code(s: f32) -> u32 {
 @compute @workgroup_size(64)
 fn double_quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lidx: u32) {
-    let block = linear_id(wid, nwg, lidx);
+    let block = flat_invocation(wid, nwg, lidx, 64u);
     if (block >= p.n_blocks) { return; }
     let offset = dq_mean[0];
     let start = block * p.blocksize;
@@ -161,7 +157,7 @@ fn double_quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 @compute @workgroup_size(64)
 fn dequantize_absmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lidx: u32) {
-    let i = linear_id(wid, nwg, lidx);
+    let i = flat_invocation(wid, nwg, lidx, 64u);
     if (i >= p.n) { return; }
     let q = (da_codes[i / 4u] >> (8u * (i % 4u))) & 255u;
     da_out[i] = da_map[q] * da_nested[i / p.blocksize] + p.offset;

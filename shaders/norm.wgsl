@@ -5,6 +5,8 @@
 // they save rstd (and mean) per row for backward. Weight-gradient kernels: one invocation per
 // column, summing over rows (deterministic, no atomics).
 
+#include "lib/dispatch"
+
 struct Params {
     rows: u32,
     cols: u32,
@@ -17,8 +19,6 @@ struct Params {
 const WG: u32 = 64u;
 var<workgroup> red_a: array<f32, 64>;
 var<workgroup> red_b: array<f32, 64>;
-
-fn row_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.x + wid.y * nwg.x; }
 
 // Sums red_a and red_b over the workgroup; result in element 0 of each.
 fn reduce2(lid: u32) {
@@ -42,7 +42,7 @@ fn reduce2(lid: u32) {
 @compute @workgroup_size(64)
 fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
-    let row = row_id(wid, nwg);
+    let row = flat_workgroup(wid, nwg);
     if (row >= p.rows) { return; } // uniform per workgroup
     let base = row * p.cols;
     var ss = 0.0;
@@ -60,7 +60,7 @@ fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 @compute @workgroup_size(64)
 fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
-    let row = row_id(wid, nwg);
+    let row = flat_workgroup(wid, nwg);
     if (row >= p.rows) { return; }
     let base = row * p.cols;
     var s = 0.0;
@@ -92,7 +92,7 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 @compute @workgroup_size(64)
 fn rmsnorm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(local_invocation_index) lid: u32) {
-    let row = row_id(wid, nwg);
+    let row = flat_workgroup(wid, nwg);
     if (row >= p.rows) { return; }
     let base = row * p.cols;
     let rstd = bstats[row];
@@ -114,7 +114,7 @@ fn rmsnorm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
 @compute @workgroup_size(64)
 fn layernorm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_index) lid: u32) {
-    let row = row_id(wid, nwg);
+    let row = flat_workgroup(wid, nwg);
     if (row >= p.rows) { return; }
     let base = row * p.cols;
     let mean = bstats[2u * row];

@@ -3,6 +3,8 @@
 // (the conv weight's order, so the stride-`patch` conv is PATCHES · Wᵀ).
 // Reference: ops/src/reference/patch.rs. One invocation per output element.
 
+#include "lib/dispatch"
+
 struct Params {
     n: u32,
     channels: u32,
@@ -21,7 +23,7 @@ struct Params {
 @compute @workgroup_size(256)
 fn patch_unfold(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) l: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + l;
+    let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
     let area = p.patch_size * p.patch_size;
     let patch_dim = p.channels * area;

@@ -3,6 +3,8 @@
 // Y is [batch, out_side*out_side, channels], kernel = stride = k; grid rows/columns past
 // out_side*k (a remainder torch's AvgPool2d drops) get zero gradient.
 
+#include "lib/dispatch"
+
 struct Params {
     batch: u32, side: u32, channels: u32, kernel: u32,
     out_side: u32, inv_area: f32, _pad0: u32, _pad1: u32,
@@ -12,14 +14,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read> SRC: array<f32>;
 @group(0) @binding(2) var<storage, read_write> DST: array<f32>;
 
-fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 64u;
-}
-
 // One invocation per output element (b, pooled token, channel); SRC = X, DST = Y.
 @compute @workgroup_size(64, 1, 1)
 fn avg_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_id(gid, nwg);
+    let i = flat_global(gid, nwg, 64u);
     let tokens = p.out_side * p.out_side;
     if (i >= p.batch * tokens * p.channels) { return; }
     let ch = i % p.channels;
@@ -41,7 +39,7 @@ fn avg_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 // One invocation per input element (b, patch, channel); SRC = dY, DST = dX (overwritten).
 @compute @workgroup_size(64, 1, 1)
 fn avg_pool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_id(gid, nwg);
+    let i = flat_global(gid, nwg, 64u);
     let patches = p.side * p.side;
     if (i >= p.batch * patches * p.channels) { return; }
     let ch = i % p.channels;

@@ -5,6 +5,9 @@
 // one finish). `clip_scale` multiplies a tensor in place by min(1, max_norm / (norm + 1e-6)),
 // torch's clip_grad_norm_ coefficient, reading the norm from the GPU (no read-back).
 
+#include "lib/dispatch"
+#include "lib/staging"
+
 struct Params {
     n: u32,
     mode: u32,
@@ -42,7 +45,7 @@ fn tree(lid: u32) {
 @compute @workgroup_size(256)
 fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
-    let g = wid.x + wid.y * nwg.x;
+    let g = flat_workgroup(wid, nwg);
     let start = g * WG * ITEMS;
     var acc = identity();
     for (var k = 0u; k < ITEMS; k++) {
@@ -79,7 +82,7 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
 @compute @workgroup_size(256)
 fn clip_scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    let i = flat_invocation(wid, nwg, lid, WG);
     if (i >= p.n) { return; }
     let coef = min(p.max_norm / (clip_norm[0] + 1e-6), 1.0);
     clip_x[i] = clip_x[i] * coef;
@@ -93,7 +96,7 @@ fn clip_scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 @group(0) @binding(1) var<storage, read_write> tex_partials: array<f32>;
 @group(0) @binding(2) var xt: texture_2d<f32>;
 
-fn x_texel(t: u32) -> vec4<f32> { return textureLoad(xt, vec2<u32>(t & 4095u, t >> 12u), 0); }
+fn x_texel(t: u32) -> vec4<f32> { return textureLoad(xt, stage_texel(t), 0); }
 
 fn fold_element(acc: f32, v: f32, i: u32) -> f32 {
     if (i >= p.n) { return acc; }
@@ -104,7 +107,7 @@ fn fold_element(acc: f32, v: f32, i: u32) -> f32 {
 @compute @workgroup_size(256)
 fn partial_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
-    let g = wid.x + wid.y * nwg.x;
+    let g = flat_workgroup(wid, nwg);
     let first = g * WG * (ITEMS / 4u);
     var acc = identity();
     for (var k = 0u; k < ITEMS / 4u; k++) {
@@ -127,8 +130,8 @@ fn partial_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(256)
 fn clip_scale4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    let i = flat_invocation(wid, nwg, lid, WG);
     if (i >= p.n) { return; }
     let coef = min(p.max_norm / (clip_norm4[0] + 1e-6), 1.0);
-    clip_out4[i] = textureLoad(clip_xt, vec2<u32>(i & 4095u, i >> 12u), 0) * coef;
+    clip_out4[i] = textureLoad(clip_xt, stage_texel(i), 0) * coef;
 }

@@ -6,6 +6,8 @@
 // x, out: [tokens, heads, head_dim]; positions: [tokens] u32. In place is allowed (x == out
 // bound once) — each invocation reads its pair before writing it.
 
+#include "lib/dispatch"
+
 struct Params {
     rows: u32,      // tokens · heads
     heads: u32,
@@ -26,7 +28,7 @@ struct Params {
 @compute @workgroup_size(256)
 fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) l: u32) {
-    let id = (wid.x + wid.y * nwg.x) * 256u + l;
+    let id = flat_invocation(wid, nwg, l, 256u);
     if (id >= p.rows * p.half) { return; }
     let row = id / p.half;
     let i = id % p.half;

@@ -13,26 +13,8 @@ use std::time::Instant;
 use anyhow::Result;
 use ops::gpu::attention::AttentionGrads;
 use ops::gpu::cross_entropy::CrossEntropyArgs;
-use ops::gpu::{DType, Gpu, Recorder, ShaderSource};
+use ops::gpu::{DType, Gpu, Recorder, Shader};
 use ops::reference::attention::{AttentionDims, AttentionMask};
-
-const FMA_SHADER: &str = r#"
-@group(0) @binding(0) var<uniform> p: vec4<u32>;
-@group(0) @binding(1) var<storage, read_write> out: array<vec4<f32>>;
-@compute @workgroup_size(64, 1, 1)
-fn fma_peak(@builtin(global_invocation_id) gid: vec3<u32>) {
-    var a0 = vec4<f32>(f32(gid.x) * 1e-9);
-    var a1 = a0 + 1.0; var a2 = a0 + 2.0; var a3 = a0 + 3.0;
-    var a4 = a0 + 4.0; var a5 = a0 + 5.0; var a6 = a0 + 6.0; var a7 = a0 + 7.0;
-    let m = vec4<f32>(0.999999);
-    let c = vec4<f32>(1e-7);
-    for (var i = 0u; i < p.x; i++) {
-        a0 = fma(a0, m, c); a1 = fma(a1, m, c); a2 = fma(a2, m, c); a3 = fma(a3, m, c);
-        a4 = fma(a4, m, c); a5 = fma(a5, m, c); a6 = fma(a6, m, c); a7 = fma(a7, m, c);
-    }
-    out[gid.x] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7;
-}
-"#;
 
 /// Seconds of the best of `reps` runs of `record` (one submit each, waited).
 fn time_it(
@@ -55,11 +37,7 @@ fn fma_peak_gflops(gpu: &Gpu) -> Result<f64> {
     let threads = 64 * 256u32;
     let iters = 4096u32;
     let out = gpu.empty(&[threads as usize * 4], DType::F32)?;
-    let kernel = gpu.kernel(
-        &ShaderSource::plain("bench_fma_peak", FMA_SHADER),
-        "fma_peak",
-        &[],
-    );
+    let kernel = gpu.kernel(&Shader::compose("bench", &[])?, "fma_peak", &[])?;
     let params = [iters, 0, 0, 0];
     let secs = time_it(gpu, 3, |rec| {
         rec.dispatch(

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use bytemuck::{Pod, Zeroable};
 use ops::gpu::testing::TestRng;
-use ops::gpu::{groups_1d, DType, Gpu, MatmulOpts, Recorder, ShaderSource};
+use ops::gpu::{groups_1d, DType, Gpu, MatmulOpts, Recorder, Shader};
 use ops::reference::nf4 as nf4_ref;
 
 #[repr(C)]
@@ -49,8 +49,7 @@ fn time_it(
 }
 
 fn fma_peak(gpu: &Gpu, reps: usize) -> Result<f64> {
-    let source = ShaderSource::plain("bench", include_str!("../../shaders/bench.wgsl"));
-    let kernel = gpu.kernel(&source, "fma_peak", &[]);
+    let kernel = gpu.kernel(&Shader::compose("bench", &[])?, "fma_peak", &[])?;
     let invocations = 64 * 1024usize;
     let iters = 4096u32;
     let sink = gpu.empty(&[invocations], DType::F32)?;

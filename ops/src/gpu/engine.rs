@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::shader::Shader;
+
 /// How kernels with a tiled inner loop (matmul, fused NF4 matmul) are shaped on this adapter.
 ///
 /// llvmpipe (lavapipe) loads storage and workgroup memory one lane at a time, so there the
@@ -56,7 +58,7 @@ pub struct Gpu {
     all_adapters: Vec<wgpu::AdapterInfo>,
     pub(crate) pool: Arc<Mutex<BufferPool>>,
     pub(crate) staging: Mutex<super::staging::StagingSlots>,
-    modules: Mutex<HashMap<String, Arc<wgpu::ShaderModule>>>,
+    modules: Mutex<HashMap<u128, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
 }
 
@@ -70,59 +72,11 @@ pub struct Kernel {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PipelineKey {
-    shader: String,
+    /// The module's content hash ([`Shader::hash`]).
+    shader: u128,
     entry: String,
     /// Overridable constants as (name, f64 bits): tile shapes are part of the key.
     constants: Vec<(String, u64)>,
-}
-
-/// A WGSL module: a cache name (unique per distinct source text) and the source.
-pub struct ShaderSource {
-    pub name: String,
-    pub source: String,
-}
-
-impl ShaderSource {
-    /// A whole `.wgsl` file as one module.
-    pub fn plain(name: &str, source: &str) -> ShaderSource {
-        ShaderSource {
-            name: name.to_string(),
-            source: source.to_string(),
-        }
-    }
-
-    /// A file with alternative preludes: the text before the first `//== prelude` line, then
-    /// the section `//== prelude <which>`, then the section after `//== body`. Lets one file
-    /// hold binding variants (e.g. vec4 vs scalar views) that WGSL cannot select itself.
-    pub fn with_prelude(name: &str, source: &str, which: &str) -> ShaderSource {
-        let mut header = String::new();
-        let mut chosen = String::new();
-        let mut body = String::new();
-        let mut section: Option<String> = None; // None = header, Some("body"), Some(prelude name)
-        for line in source.lines() {
-            if let Some(rest) = line.strip_prefix("//== prelude ") {
-                section = Some(rest.trim().to_string());
-                continue;
-            }
-            if line.trim() == "//== body" {
-                section = Some("\u{0}body".to_string());
-                continue;
-            }
-            let target = match section.as_deref() {
-                None => &mut header,
-                Some("\u{0}body") => &mut body,
-                Some(p) if p == which => &mut chosen,
-                Some(_) => continue,
-            };
-            target.push_str(line);
-            target.push('\n');
-        }
-        assert!(!chosen.is_empty(), "shader {name} has no prelude `{which}`");
-        ShaderSource {
-            name: format!("{name}+{which}"),
-            source: header + &chosen + &body,
-        }
-    }
 }
 
 static SELECTED_ADAPTER: Mutex<Option<String>> = Mutex::new(None);
@@ -385,15 +339,17 @@ impl Gpu {
     }
 
     /// The compiled pipeline for `entry` of `shader` with the given overridable constants
-    /// (cached: keyed by shader name, entry and constants).
+    /// (cached: keyed by the module's content hash, the entry and the constants). An invalid
+    /// module or entry point is an error naming them (wgpu's validation, caught in an error
+    /// scope), not a panic; `shader::all_variants` is validated in the tests besides.
     pub fn kernel(
         &self,
-        shader: &ShaderSource,
+        shader: &Shader,
         entry: &str,
         constants: &[(&str, f64)],
-    ) -> Arc<Kernel> {
+    ) -> Result<Arc<Kernel>> {
         let key = PipelineKey {
-            shader: shader.name.clone(),
+            shader: shader.hash(),
             entry: entry.to_string(),
             constants: constants
                 .iter()
@@ -401,24 +357,25 @@ impl Gpu {
                 .collect(),
         };
         if let Some(k) = self.pipelines.lock().unwrap().get(&key) {
-            return k.clone();
+            return Ok(k.clone());
         }
+        let name = format!("{}:{entry}", shader.label());
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = {
             let mut modules = self.modules.lock().unwrap();
             modules
-                .entry(shader.name.clone())
+                .entry(shader.hash())
                 .or_insert_with(|| {
                     Arc::new(
                         self.device
                             .create_shader_module(wgpu::ShaderModuleDescriptor {
-                                label: Some(&shader.name),
-                                source: wgpu::ShaderSource::Wgsl(shader.source.as_str().into()),
+                                label: Some(shader.label()),
+                                source: wgpu::ShaderSource::Wgsl(shader.source().into()),
                             }),
                     )
                 })
                 .clone()
         };
-        let name = format!("{}:{entry}", shader.name);
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -433,6 +390,11 @@ impl Gpu {
                 },
                 cache: None,
             });
+        if let Some(error) = pollster::block_on(scope.pop()) {
+            // an invalid module stays invalid: drop it so the error repeats on every use
+            self.modules.lock().unwrap().remove(&shader.hash());
+            bail!("GPU kernel {name} is invalid: {error}");
+        }
         let layout = pipeline.get_bind_group_layout(0);
         let kernel = Arc::new(Kernel {
             pipeline,
@@ -440,7 +402,7 @@ impl Gpu {
             name,
         });
         self.pipelines.lock().unwrap().insert(key, kernel.clone());
-        kernel
+        Ok(kernel)
     }
 
     /// A storage buffer of at least `bytes` from the pool (contents undefined).

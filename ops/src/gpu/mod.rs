@@ -11,8 +11,8 @@
 //! rec.submit();                                            // one queue submit per step
 //! let loss = gpu.read_f32(&loss_scalar)?;                   // read back only scalars in hot loops
 //! ```
-//! - [`Gpu`]: instance/adapter/device/queue, [`Gpu::kernel`] (pipeline cache keyed by shader
-//!   name + entry + overridable constants), the buffer pool (dropping a [`GpuTensor`] returns its
+//! - [`Gpu`]: instance/adapter/device/queue, [`Gpu::kernel`] (pipeline cache keyed by the
+//!   module's content hash + entry + overridable constants), the buffer pool (dropping a [`GpuTensor`] returns its
 //!   buffers; a [`Recorder`] keeps what it bound alive until its submit), [`Gpu::tiling`] (tile
 //!   strategy chosen per adapter: register blocking on CPUs, workgroup tiles on GPUs).
 //! - [`GpuTensor`]: row-major, dtype f32 / bf16 (packed two per u32, low half first) / u32 / u8
@@ -26,23 +26,27 @@
 //!   linear texture and [`Recorder::dispatch_bound`] binds buffers and textures: on CPU
 //!   adapters ([`Gpu::stages_operands`]) load-bound kernels read their inputs that way
 //!   ([`staging`] says why).
-//! - Kernel families live in [`kernels`], one module per `shaders/<family>.wgsl`, each with a
-//!   plain-Rust reference in `crate::reference`.
+//! - Kernel families live in [`kernels`], one module per `shaders/<family>.wgsl` (or folder),
+//!   each with a plain-Rust reference in `crate::reference`; [`shader`] composes the WGSL
+//!   (`#include` of the shared `shaders/lib/` modules, `#if` on features) and lists every
+//!   variant for the naga validation test.
 //! - Writing a kernel: WGSL with `@group(0) @binding(0) var<uniform> p: Params;` and storage
 //!   buffers from binding 1, tile sizes as `override` constants; Rust: a `#[repr(C)]` Pod params
-//!   struct, `gpu.kernel(&SHADER, "entry", &[("TILE", 8.0)])`, `rec.dispatch(...)`.
+//!   struct, `gpu.kernel(&Shader::compose("family", &[])?, "entry", &[("TILE", 8.0)])?`,
+//!   `rec.dispatch(...)`, and the variant in the family's `variants()`.
 
 pub mod engine;
 pub mod kernels;
 pub mod recorder;
+pub mod shader;
 pub mod staging;
 pub mod tensor;
 pub mod testing;
 
 pub use engine::{
-    describe, select_adapter, Gpu, GpuOptions, Kernel, PooledBuffer, ShaderSource, StorageStats,
-    Tiling,
+    describe, select_adapter, Gpu, GpuOptions, Kernel, PooledBuffer, StorageStats, Tiling,
 };
 pub use kernels::*;
 pub use recorder::{groups_1d, KernelTime, Recorder};
+pub use shader::Shader;
 pub use tensor::{BufView, Chunk, DType, GpuTensor};

@@ -278,11 +278,13 @@ mod tests {
     use super::*;
     use crate::gpu::recorder::Bound;
     use crate::gpu::testing::{test_gpu, TestRng};
-    use crate::gpu::{BufView, DType, Recorder, ShaderSource};
+    use crate::gpu::{BufView, DType, Recorder, Shader};
 
     /// Reads every element of a staged linear texture back into a buffer through textureLoad,
-    /// addressed the way the kernels do.
+    /// addressed by the kernels' own `stage_texel` (shaders/lib/staging.wgsl): this ties the
+    /// WGSL address to [`STAGE_WIDTH`].
     const READBACK: &str = r#"
+#include "lib/staging"
 @group(0) @binding(0) var<uniform> p: vec4<u32>;
 @group(0) @binding(1) var T: texture_2d<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
@@ -291,7 +293,7 @@ fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {
     let e = gid.x + gid.y * 65535u * 64u;
     if (e >= p.x) { return; }
     let t = e >> 2u;
-    out[e] = textureLoad(T, vec2<u32>(t % 4096u, t / 4096u), 0)[e & 3u];
+    out[e] = textureLoad(T, stage_texel(t), 0)[e & 3u];
 }
 "#;
 
@@ -314,11 +316,13 @@ fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {
         };
         let out = gpu.empty(&[floats], DType::F32).unwrap();
         gpu.poison(&out);
-        let kernel = gpu.kernel(
-            &ShaderSource::plain("staging_readback", READBACK),
-            "readback",
-            &[],
-        );
+        let kernel = gpu
+            .kernel(
+                &Shader::inline("staging_readback", READBACK).unwrap(),
+                "readback",
+                &[],
+            )
+            .unwrap();
         let mut rec = Recorder::new(gpu);
         let staged = rec.stage(3, &view, StageFormat::F32).expect("stageable");
         let groups = (floats as u32).div_ceil(64);

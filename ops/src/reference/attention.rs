@@ -1,5 +1,5 @@
 //! Scaled dot-product attention with Gemma 3 / SigLIP masks: the truth the flash-style WGSL kernels
-//! (`shaders/attention.wgsl`) are tested against.
+//! (`shaders/attention/`) are tested against.
 //!
 //! Layout: q, out, d_out, dq are `[batch, seq, q_heads, head_dim]` and k, v, dk, dv are
 //! `[batch, seq, kv_heads, head_dim]` — exactly the row-major output of the q/k/v projections

@@ -1,4 +1,4 @@
-//! Fused lm_head + cross-entropy: the truth `shaders/cross_entropy.wgsl` is tested against.
+//! Fused lm_head + cross-entropy: the truth `shaders/cross_entropy/` is tested against.
 //!
 //! `hidden [tokens, hidden_size]` (the final-normed hidden states, already shifted by the caller so
 //! that row i predicts `labels[i]`), `weight [vocab, hidden_size]` (the tied embedding / lm_head),

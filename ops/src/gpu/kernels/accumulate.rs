@@ -2,18 +2,18 @@
 //! residual connections and the SigLIP position embedding. Reference:
 //! [`crate::reference::accumulate`].
 
-use std::sync::OnceLock;
-
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 
-const SOURCE: &str = include_str!("../../../../shaders/accumulate.wgsl");
+fn shader() -> Result<Shader> {
+    Shader::compose("accumulate", &[])
+}
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("accumulate", SOURCE))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(shader()?, vec!["accumulate"])])
 }
 
 #[repr(C)]
@@ -56,7 +56,7 @@ impl Gpu {
             "accumulate: {:?} is too large for 32-bit indexing",
             acc.shape()
         );
-        let kernel = self.kernel(shader(), "accumulate", &[]);
+        let kernel = self.kernel(&shader()?, "accumulate", &[])?;
         for (c, chunk) in acc.chunks().iter().enumerate() {
             let n = chunk.rows * acc.row_len();
             let (addend_view, period, offset) = if same_shape {

@@ -1,18 +1,26 @@
 //! GELU (tanh approximation) and GeGLU, forward and backward; elementwise, chunk-aware.
 
-use std::sync::OnceLock;
-
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::elementwise;
-use crate::gpu::{DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{DType, Gpu, GpuTensor, Recorder, Shader};
 
-const SOURCE: &str = include_str!("../../../../shaders/activation.wgsl");
+fn shader() -> Result<Shader> {
+    Shader::compose("activation", &[])
+}
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("activation", SOURCE))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(
+        shader()?,
+        vec![
+            "gelu_forward",
+            "gelu_backward",
+            "geglu_forward",
+            "geglu_backward",
+        ],
+    )])
 }
 
 #[repr(C)]
@@ -35,7 +43,7 @@ impl Gpu {
     /// `y = gelu_tanh(x)`.
     pub fn gelu_forward(&self, rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
         ensure!(x.dtype() == DType::F32, "gelu_forward: x must be f32");
-        let k = self.kernel(shader(), "gelu_forward", &[]);
+        let k = self.kernel(&shader()?, "gelu_forward", &[])?;
         elementwise(self, rec, &k, &[x, y], params(false))
     }
 
@@ -49,7 +57,7 @@ impl Gpu {
         accumulate: bool,
     ) -> Result<()> {
         ensure!(x.dtype() == DType::F32, "gelu_backward: x must be f32");
-        let k = self.kernel(shader(), "gelu_backward", &[]);
+        let k = self.kernel(&shader()?, "gelu_backward", &[])?;
         elementwise(self, rec, &k, &[x, dx, dy], params(accumulate))
     }
 
@@ -65,7 +73,7 @@ impl Gpu {
             gate.dtype() == DType::F32,
             "geglu_forward: gate must be f32"
         );
-        let k = self.kernel(shader(), "geglu_forward", &[]);
+        let k = self.kernel(&shader()?, "geglu_forward", &[])?;
         elementwise(self, rec, &k, &[gate, out, up], params(false))
     }
 
@@ -85,7 +93,7 @@ impl Gpu {
             gate.dtype() == DType::F32,
             "geglu_backward: gate must be f32"
         );
-        let k = self.kernel(shader(), "geglu_backward", &[]);
+        let k = self.kernel(&shader()?, "geglu_backward", &[])?;
         elementwise(
             self,
             rec,

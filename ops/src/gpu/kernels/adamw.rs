@@ -1,21 +1,25 @@
 //! AdamW in place (torch.optim.AdamW semantics, f32 states), chunk-aware.
 
-use std::sync::OnceLock;
-
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::{elementwise_vec4, Vec4Kernels};
-use crate::gpu::{DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{DType, Gpu, GpuTensor, Recorder, Shader};
 pub use crate::reference::adamw::AdamWStep;
 
-const SOURCE: &str = include_str!("../../../../shaders/adamw.wgsl");
+/// The three kernels of shaders/adamw.wgsl: (features, entry point).
+const KERNELS: [(&[&str], &str); 3] = [
+    (&[], "adamw"),
+    (&["VEC4"], "adamw4"),
+    (&["VEC4", "TEXTURES"], "adamw4_tex"),
+];
 
-const KERNELS: [&str; 3] = ["adamw", "adamw4", "adamw4_tex"];
-
-fn shader(kernel: usize) -> &'static ShaderSource {
-    static S: [OnceLock<ShaderSource>; 3] = [const { OnceLock::new() }; 3];
-    S[kernel].get_or_init(|| super::shader_section("adamw", SOURCE, KERNELS[kernel]))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    KERNELS
+        .iter()
+        .map(|(features, entry)| Ok((Shader::compose("adamw", features)?, vec![*entry])))
+        .collect()
 }
 
 #[repr(C)]
@@ -50,7 +54,10 @@ impl Gpu {
         );
         ensure!(step.step >= 1, "adamw: steps count from 1");
         let c = step.scalars();
-        let [k, k4, k4_tex] = [0, 1, 2].map(|i| self.kernel(shader(i), KERNELS[i], &[]));
+        let [k, k4, k4_tex] = KERNELS.map(|(features, entry)| {
+            Shader::compose("adamw", features).and_then(|s| self.kernel(&s, entry, &[]))
+        });
+        let (k, k4, k4_tex) = (k?, k4?, k4_tex?);
         let tensors = [param, grad, exp_avg, exp_avg_sq];
         let params = |n: u32| AdamParams {
             n,

@@ -1,4 +1,4 @@
-//! Flash-style attention on the GPU (`shaders/attention.wgsl`), forward and backward, with the
+//! Flash-style attention on the GPU (`shaders/attention/`), forward and backward, with the
 //! Gemma 3 / SigLIP masks. Reference and layouts: [`crate::reference::attention`].
 //!
 //! ```ignore
@@ -6,25 +6,24 @@
 //! gpu.attention_forward(&mut rec, &q, &k, &v, &mask, scale, &out, &lse)?;
 //! gpu.attention_backward(&mut rec, &AttentionGrads { q: &q, k: &k, v: &v, out: &out, lse: &lse, d_out: &d_out }, &mask, scale, &dq, &dk, &dv)?;
 //! ```
-//! The kernels use subgroup operations (a workgroup is one subgroup of 8 lanes that splits the
-//! head dimension), so the adapter needs `Features::SUBGROUP` with subgroups of at least 8.
+//! A workgroup is 8 lanes that split the head dimension; their partial dot products are summed
+//! by `subgroupAdd` where the adapter's subgroups are at least 8 lanes wide, and through
+//! workgroup memory otherwise (no SUBGROUP feature, or narrower subgroups).
 //! Two implementations: on adapters whose subgroups are exactly 8 lanes (lavapipe, where a
 //! storage load is a loop over the SIMD lanes) generated, fully unrolled kernels that load each
 //! K/V/Q/dO value once per subgroup and share it by `subgroupBroadcast`, with 16 rows per
 //! workgroup ([`subgroup_forward`], [`subgroup_dq`], [`subgroup_dkdv`]); elsewhere the general
-//! kernels of shaders/attention.wgsl.
+//! kernels of shaders/attention/.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use std::sync::Arc;
 
 use crate::gpu::recorder::Bound;
 use crate::gpu::staging::{StageFormat, StagedTexture};
-use crate::gpu::{groups_1d, BufView, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, BufView, DType, Gpu, GpuTensor, Recorder, Shader};
 use crate::reference::attention::{AttentionDims, AttentionMask};
-
-const SOURCE: &str = include_str!("../../../../shaders/attention.wgsl");
 
 /// Rows (query rows in forward/dQ, key rows in dK/dV) owned by one workgroup, and the block
 /// granularity of the precomputed visibility ranges.
@@ -32,9 +31,74 @@ pub(crate) const ROWS: usize = 8;
 /// Largest head_dim the kernels hold (8 lanes × 8 vec4 slots).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// The common header plus the `//== kernel <name>` section of shaders/attention.wgsl.
-fn module(kernel: &str) -> ShaderSource {
-    super::shader_section("attention", SOURCE, kernel)
+/// The module of general kernel `kernel`: shaders/attention/<kernel>.wgsl (which includes the
+/// common header), summing over lanes with subgroup operations where [`lane_features`] says so.
+fn module(kernel: &str, lane_features: &[&str]) -> Result<Shader> {
+    Shader::compose(&format!("attention/{kernel}"), lane_features)
+}
+
+/// How the general kernels finish their per-lane dot products: `SUBGROUPS` (subgroupAdd) where
+/// every subgroup holds the workgroup's [`ROWS`]-lane workgroup, i.e. the adapter has
+/// subgroups no narrower than 8 lanes; otherwise through workgroup memory.
+fn lane_features(gpu: &Gpu) -> &'static [&'static str] {
+    let min = gpu.adapter_info().subgroup_min_size;
+    if gpu.features().contains(wgpu::Features::SUBGROUP)
+        && (min == 0 || min >= SUBGROUP_LANES)
+        && !no_subgroups_forced()
+    {
+        &["SUBGROUPS"]
+    } else {
+        &[]
+    }
+}
+
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests):
+/// the general kernels (lane sums by subgroups or by workgroup memory), and the generated
+/// subgroup kernels for every head_dim up to
+/// [`MAX_HEAD_DIM`] in steps of one vec4 slot per lane, for even and odd GQA groups, reading
+/// storage buffers or textures.
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    let mut all = Vec::new();
+    for (kernel, entry) in [
+        ("forward", "attention_forward"),
+        ("delta", "attention_delta"),
+        ("dq", "attention_dq"),
+        ("dkdv", "attention_dkdv"),
+        ("masked_rows", "attention_masked_rows"),
+    ] {
+        for lanes in [&["SUBGROUPS"][..], &[]] {
+            all.push((module(kernel, lanes)?, vec![entry]));
+        }
+    }
+    for head_dim in (1..=MAX_HEAD_DIM / (4 * SUBGROUP_LANES as usize)).map(|s| s * 32) {
+        for q_heads in [1, 2] {
+            let dims = AttentionDims {
+                batch: 1,
+                seq: 1,
+                q_heads,
+                kv_heads: 1,
+                head_dim,
+            };
+            let (rows, keys) = SubgroupShape::for_dims(&dims);
+            for textures in [false, true] {
+                all.push((
+                    subgroup_module("sg_forward", &rows, textures)?,
+                    vec!["attention_sg_forward"],
+                ));
+                all.push((
+                    subgroup_module("sg_dq", &rows, textures)?,
+                    vec!["attention_sg_dq"],
+                ));
+                if q_heads == 1 {
+                    all.push((
+                        subgroup_module("sg_dkdv", &keys, textures)?,
+                        vec!["attention_sg_dkdv"],
+                    ));
+                }
+            }
+        }
+    }
+    Ok(all)
 }
 
 #[repr(C)]
@@ -216,19 +280,6 @@ impl Gpu {
         mask: &AttentionMaskGpu,
         scale: f32,
     ) -> Result<(Params, [(&'static str, f64); 2])> {
-        if !self.features().contains(wgpu::Features::SUBGROUP) {
-            bail!(
-                "the attention kernels need subgroup operations, which adapter {} lacks",
-                self.adapter_info().name
-            );
-        }
-        let min_subgroup = self.adapter_info().subgroup_min_size;
-        if min_subgroup != 0 && min_subgroup < 8 {
-            bail!(
-                "the attention kernels need subgroups of at least 8 lanes; adapter {} has {min_subgroup}",
-                self.adapter_info().name
-            );
-        }
         let d = mask.dims;
         ensure!(
             d.head_dim.is_multiple_of(4) && d.head_dim <= MAX_HEAD_DIM,
@@ -293,13 +344,17 @@ impl Gpu {
                 d.batch as u32,
             ];
             let staged = stage_inputs(rec, &views[..3]);
-            let source = subgroup_module("sg_forward", &shape, staged.is_some());
-            let kernel = self.kernel(source, "attention_sg_forward", &[]);
+            let source = subgroup_module("sg_forward", &shape, staged.is_some())?;
+            let kernel = self.kernel(&source, "attention_sg_forward", &[])?;
             let bindings = bind_staged(&staged, &views);
             rec.dispatch_bound(&kernel, bytemuck::bytes_of(&params), &bindings, groups);
             return Ok(());
         }
-        let kernel = self.kernel(&module("forward"), "attention_forward", &constants);
+        let kernel = self.kernel(
+            &module("forward", lane_features(self))?,
+            "attention_forward",
+            &constants,
+        )?;
         rec.dispatch(
             &kernel,
             bytemuck::bytes_of(&params),
@@ -344,7 +399,11 @@ impl Gpu {
         let maskv = mask.buffer.view()?;
         let bytes = bytemuck::bytes_of(&params);
 
-        let delta = self.kernel(&module("delta"), "attention_delta", &[]);
+        let delta = self.kernel(
+            &module("delta", lane_features(self))?,
+            "attention_delta",
+            &[],
+        )?;
         let rows = (d.batch * d.seq * d.q_heads) as u32;
         rec.dispatch(
             &delta,
@@ -379,10 +438,10 @@ impl Gpu {
             let staged = stage_inputs(rec, &dq_views[..4]);
             let textures = staged.is_some();
             let dq_kernel = self.kernel(
-                subgroup_module("sg_dq", &rows, textures),
+                &subgroup_module("sg_dq", &rows, textures)?,
                 "attention_sg_dq",
                 &[],
-            );
+            )?;
             rec.dispatch_bound(
                 &dq_kernel,
                 bytes,
@@ -390,10 +449,10 @@ impl Gpu {
                 dq_groups,
             );
             let dkdv = self.kernel(
-                subgroup_module("sg_dkdv", &keys, textures),
+                &subgroup_module("sg_dkdv", &keys, textures)?,
                 "attention_sg_dkdv",
                 &[],
-            );
+            )?;
             rec.dispatch_bound(
                 &dkdv,
                 bytes,
@@ -402,14 +461,22 @@ impl Gpu {
             );
             return Ok(());
         }
-        let dq_kernel = self.kernel(&module("dq"), "attention_dq", &constants);
+        let dq_kernel = self.kernel(
+            &module("dq", lane_features(self))?,
+            "attention_dq",
+            &constants,
+        )?;
         rec.dispatch(
             &dq_kernel,
             bytes,
             &dq_views,
             [mask.q_blocks as u32, d.q_heads as u32, d.batch as u32],
         );
-        let dkdv = self.kernel(&module("dkdv"), "attention_dkdv", &constants);
+        let dkdv = self.kernel(
+            &module("dkdv", lane_features(self))?,
+            "attention_dkdv",
+            &constants,
+        )?;
         rec.dispatch(
             &dkdv,
             bytes,
@@ -455,7 +522,11 @@ impl Gpu {
             check_tensor("lse", lse, d.lse_len())?,
             check_tensor("out", out, d.q_len())?,
         ];
-        let kernel = self.kernel(&module("masked_rows"), "attention_masked_rows", &[]);
+        let kernel = self.kernel(
+            &module("masked_rows", lane_features(self))?,
+            "attention_masked_rows",
+            &[],
+        )?;
         rec.dispatch(
             &kernel,
             bytemuck::bytes_of(&params),
@@ -560,6 +631,17 @@ fn general_kernels_forced() -> bool {
 }
 #[cfg(not(test))]
 fn general_kernels_forced() -> bool {
+    false
+}
+
+/// Tests of the workgroup-memory lane sums (adapters without usable subgroups) switch the
+/// subgroup ones off on their own thread.
+#[cfg(test)]
+fn no_subgroups_forced() -> bool {
+    tests::NO_SUBGROUPS.with(|f| f.get())
+}
+#[cfg(not(test))]
+fn no_subgroups_forced() -> bool {
     false
 }
 
@@ -1047,39 +1129,25 @@ fn subgroup_dkdv(sh: &SubgroupShape) -> String {
 }
 
 /// The module of generated kernel `kernel` (`sg_forward`, `sg_dq`, `sg_dkdv`) for `shape`:
-/// the header and bindings of shaders/attention.wgsl plus the generated entry point (cached).
-/// `textures`: Q, K, V and dO are bound as staged linear textures (the `*_tex` sections).
-fn subgroup_module(kernel: &str, shape: &SubgroupShape, textures: bool) -> &'static ShaderSource {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Cache = Mutex<HashMap<(String, SubgroupShape, bool), &'static ShaderSource>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
-    cache
-        .entry((kernel.to_string(), *shape, textures))
-        .or_insert_with(|| {
-            let base = if textures {
-                module(&format!("{kernel}_tex"))
-            } else {
-                module(kernel)
-            };
-            let body = match kernel {
-                "sg_forward" => subgroup_forward(shape),
-                "sg_dq" => subgroup_dq(shape),
-                "sg_dkdv" => subgroup_dkdv(shape),
-                _ => unreachable!("no generated attention kernel {kernel}"),
-            };
-            let SubgroupShape {
-                slots,
-                heads,
-                blocks,
-                per_lane,
-            } = shape;
-            Box::leak(Box::new(ShaderSource {
-                name: format!("{}/s{slots}h{heads}b{blocks}k{per_lane}", base.name),
-                source: base.source + &body,
-            }))
-        })
+/// its bindings (shaders/attention/<kernel>.wgsl, with the common header) plus the generated
+/// entry point. `textures`: Q, K, V and dO are bound as staged linear textures.
+fn subgroup_module(kernel: &str, shape: &SubgroupShape, textures: bool) -> Result<Shader> {
+    let features: &[&str] = if textures {
+        &["SUBGROUPS", "TEXTURES"]
+    } else {
+        &["SUBGROUPS"]
+    };
+    Shader::generated(
+        &format!("attention/{kernel}"),
+        features,
+        shape,
+        || match kernel {
+            "sg_forward" => subgroup_forward(shape),
+            "sg_dq" => subgroup_dq(shape),
+            "sg_dkdv" => subgroup_dkdv(shape),
+            _ => unreachable!("no generated attention kernel {kernel}"),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -1227,6 +1295,23 @@ mod tests {
             return;
         }
         crate::gpu::staging::without_staging(text_masks_match_the_reference);
+    }
+
+    thread_local! {
+        /// Set by a test to sum over lanes through workgroup memory where subgroups would.
+        pub(super) static NO_SUBGROUPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Both test sweeps with the general kernels summing over lanes through workgroup memory:
+    /// what adapters without subgroups (or with subgroups narrower than 8 lanes) run.
+    #[test]
+    fn general_kernels_without_subgroups_match_the_reference() {
+        GENERAL_KERNELS.with(|f| f.set(true));
+        NO_SUBGROUPS.with(|f| f.set(true));
+        text_masks_match_the_reference();
+        vision_and_wide_heads_match_the_reference();
+        NO_SUBGROUPS.with(|f| f.set(false));
+        GENERAL_KERNELS.with(|f| f.set(false));
     }
 
     /// Both test sweeps with the general kernels, where the default runs the subgroup ones.

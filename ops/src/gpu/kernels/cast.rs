@@ -1,17 +1,17 @@
 //! f32 ⇄ bf16 casts (round to nearest even), over chunked tensors.
 
-use std::sync::OnceLock;
-
 use anyhow::{bail, ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 
-const SOURCE: &str = include_str!("../../../../shaders/cast.wgsl");
+fn shader() -> Result<Shader> {
+    Shader::compose("cast", &[])
+}
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("cast", SOURCE))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(shader()?, vec!["f32_to_bf16", "bf16_to_f32"])])
 }
 
 #[repr(C)]
@@ -38,7 +38,7 @@ impl Gpu {
             (DType::Bf16, DType::F32) => "bf16_to_f32",
             (a, b) => bail!("cast: unsupported {a:?} → {b:?}"),
         };
-        let k = self.kernel(shader(), entry, &[]);
+        let k = self.kernel(&shader()?, entry, &[])?;
         let row_len = src.row_len();
         let mut cuts: Vec<usize> = src
             .chunks()

@@ -1,4 +1,4 @@
-//! Fused lm_head + cross-entropy over vocabulary chunks (`shaders/cross_entropy.wgsl` for the
+//! Fused lm_head + cross-entropy over vocabulary chunks (`shaders/cross_entropy/` for the
 //! softmax parts, the matmul kernels for the three products): only a `[tokens, vc]` block of
 //! logits exists at a time, in a scratch of at most 32 MiB (and one storage binding) and at most
 //! 65536 vocabulary columns, so Gemma 3's 262208-row vocabulary takes at least 5 blocks (512
@@ -21,19 +21,28 @@ use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::matmul::{Gemm, GemmParams};
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 use crate::reference::cross_entropy::{CrossEntropyStats, IGNORE_INDEX};
-
-const SOURCE: &str = include_str!("../../../../shaders/cross_entropy.wgsl");
 
 /// Most vocabulary columns of the logits scratch (one block).
 pub(crate) const MAX_VOCAB_BLOCK: usize = 65536;
 /// Most bytes of the logits scratch `[tokens, block]` f32 (512 tokens: blocks of 16384 columns).
 pub(crate) const LOGITS_SCRATCH_BYTES: usize = 32 << 20;
 
-/// The common header plus the `//== kernel <name>` section of shaders/cross_entropy.wgsl.
-fn module(kernel: &str) -> ShaderSource {
-    super::shader_section("cross_entropy", SOURCE, kernel)
+/// The module of kernel `kernel`: shaders/cross_entropy/<kernel>.wgsl (which includes the
+/// common header).
+fn module(kernel: &str) -> Result<Shader> {
+    Shader::compose(&format!("cross_entropy/{kernel}"), &[])
+}
+
+/// Every module and entry point this family dispatches besides the matmul's (validated by
+/// `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![
+        (module("stats")?, vec!["ce_stats"]),
+        (module("finish")?, vec!["ce_finish"]),
+        (module("dlogits")?, vec!["ce_dlogits"]),
+    ])
 }
 
 #[repr(C)]
@@ -160,9 +169,9 @@ impl Gpu {
         let (g, st) = (logits.view()?, state.view()?);
         let (x, labels, dx) = (a.hidden.view()?, a.labels.view()?, a.d_hidden.view()?);
 
-        let k_stats = self.kernel(&module("stats"), "ce_stats", &[]);
-        let k_finish = self.kernel(&module("finish"), "ce_finish", &[]);
-        let k_dlogits = self.kernel(&module("dlogits"), "ce_dlogits", &[]);
+        let k_stats = self.kernel(&module("stats")?, "ce_stats", &[])?;
+        let k_finish = self.kernel(&module("finish")?, "ce_finish", &[])?;
+        let k_dlogits = self.kernel(&module("dlogits")?, "ce_dlogits", &[])?;
 
         // (storage chunk index, params) for every vocabulary block
         let mut blocks = Vec::new();
@@ -211,10 +220,10 @@ impl Gpu {
                 a_contig: h,
                 b_contig: h,
             };
-            self.record_gemm(rec, gemm);
+            self.record_gemm(rec, gemm)
         };
         for (ci, p) in &blocks {
-            logits_gemm(rec, *ci, p);
+            logits_gemm(rec, *ci, p)?;
             rec.dispatch(
                 &k_stats,
                 bytemuck::bytes_of(p),
@@ -233,7 +242,7 @@ impl Gpu {
         for (i, (ci, p)) in blocks.iter().enumerate().rev() {
             let w = a.weight.chunks()[*ci].view();
             if i + 1 < blocks.len() {
-                logits_gemm(rec, *ci, p);
+                logits_gemm(rec, *ci, p)?;
             }
             let elements = (tokens * p.vc as usize) as u32;
             rec.dispatch(
@@ -268,7 +277,7 @@ impl Gpu {
                     a_contig: p.vc,
                     b_contig: h,
                 },
-            );
+            )?;
             // dW_c += G[:, :vc]ᵀ · X
             if let Some(dw) = a.d_weight {
                 self.record_gemm(
@@ -296,7 +305,7 @@ impl Gpu {
                         a_contig: p.vc,
                         b_contig: h,
                     },
-                );
+                )?;
             }
         }
         Ok(())

@@ -1,19 +1,22 @@
 //! Embedding gather (f32 or bf16 table, optional scale) and its scatter-add backward, over
 //! tables split into chunks (Gemma 3's 262k × 2560 table exceeds one binding).
 
-use std::sync::OnceLock;
-
 use anyhow::{bail, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::check;
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 
-const SOURCE: &str = include_str!("../../../../shaders/embedding.wgsl");
+fn shader() -> Result<Shader> {
+    Shader::compose("embedding", &[])
+}
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("embedding", SOURCE))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(
+        shader()?,
+        vec!["gather_f32", "gather_bf16", "scatter_add"],
+    )])
 }
 
 #[repr(C)]
@@ -57,7 +60,7 @@ impl Gpu {
             DType::Bf16 => "gather_bf16",
             d => bail!("embedding_gather: table dtype {d:?} (need f32 or bf16)"),
         };
-        let k = self.kernel(shader(), entry, &[]);
+        let k = self.kernel(&shader()?, entry, &[])?;
         for chunk in table.chunks() {
             let p = EmbParams {
                 tokens: tokens as u32,
@@ -106,7 +109,7 @@ impl Gpu {
         )?;
         check("embedding_scatter_add", "ids", ids, DType::U32, tokens)?;
         check("embedding_scatter_add", "dy", dy, DType::F32, tokens * dim)?;
-        let k = self.kernel(shader(), "scatter_add", &[]);
+        let k = self.kernel(&shader()?, "scatter_add", &[])?;
         for chunk in dtable.chunks() {
             let p = EmbParams {
                 tokens: tokens as u32,

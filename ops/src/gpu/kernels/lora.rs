@@ -2,19 +2,19 @@
 //! mask is a hash of (seed, element index), regenerated in backward instead of stored; the
 //! products run on the matmul kernel with its scale/accumulate epilogues.
 
-use std::sync::OnceLock;
-
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::{check, rows_cols};
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, MatmulOpts, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, MatmulOpts, Recorder, Shader};
 
-const SOURCE: &str = include_str!("../../../../shaders/lora.wgsl");
+fn shader() -> Result<Shader> {
+    Shader::compose("lora", &[])
+}
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("lora", SOURCE))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(shader()?, vec!["dropout"])])
 }
 
 #[repr(C)]
@@ -79,7 +79,7 @@ impl Gpu {
             inv_keep: 1.0 / (1.0 - p),
             _pad: [0; 3],
         };
-        let k = self.kernel(shader(), "dropout", &[]);
+        let k = self.kernel(&shader()?, "dropout", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&params),

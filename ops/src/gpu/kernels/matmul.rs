@@ -7,22 +7,48 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::recorder::Bound;
 use crate::gpu::staging::{StageFormat, StagedTexture};
-use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, ShaderSource, Tiling};
+use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, Shader, Tiling};
 
-const SOURCE: &str = include_str!("../../../../shaders/matmul.wgsl");
+/// The matmul module (`shaders/matmul.wgsl`): A and B as vec4 or scalar views, bound as storage
+/// buffers or as staged linear textures (`textures`), B an f32 matrix or an NF4 weight (`nf4`).
+pub(crate) fn shader(vec4: bool, textures: bool, nf4: bool) -> Result<Shader> {
+    Shader::compose("matmul", &features(vec4, textures, nf4))
+}
 
-/// The matmul module with A and B as vec4 or scalar views, bound as storage buffers or as
-/// staged linear textures (`textures`).
-fn shader(vec4: bool, textures: bool) -> &'static ShaderSource {
-    static CACHE: [OnceLock<ShaderSource>; 4] = [const { OnceLock::new() }; 4];
-    let prelude = match (vec4, textures) {
-        (true, false) => "vec4",
-        (false, false) => "scalar",
-        (true, true) => "vec4_tex",
-        (false, true) => "scalar_tex",
-    };
-    CACHE[vec4 as usize * 2 + textures as usize]
-        .get_or_init(|| ShaderSource::with_prelude("matmul", SOURCE, prelude))
+fn features(vec4: bool, textures: bool, nf4: bool) -> Vec<&'static str> {
+    [(vec4, "VEC4"), (textures, "TEXTURES"), (nf4, "NF4")]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+}
+
+/// Every module and entry point [`Gpu::record_gemm_with`] can dispatch (validated by
+/// `gpu::shader`'s tests): the workgroup and register kernels on storage buffers, the
+/// generated subgroup kernels at the configured tile on buffers or textures, and the unrolled
+/// register kernels, each for both operand widths and B as f32 or NF4.
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    let mut all = Vec::new();
+    for vec4 in [false, true] {
+        for nf4 in [false, true] {
+            all.push((
+                shader(vec4, false, nf4)?,
+                vec!["matmul_register", "matmul_workgroup"],
+            ));
+            for trans_a in [false, true] {
+                for trans_b in [false, true] {
+                    for textures in [false, true] {
+                        let (tm, tn) = subgroup_tile();
+                        let sg = subgroup_shader(vec4, textures, nf4, tm, tn, trans_a, trans_b)?;
+                        all.push((sg, vec!["matmul_subgroup"]));
+                    }
+                    let (tm, tn) = register_tile();
+                    let unrolled = unrolled_shader(vec4, nf4, tm, tn, trans_a, trans_b)?;
+                    all.push((unrolled, vec!["matmul_register_unrolled"]));
+                }
+            }
+        }
+    }
+    Ok(all)
 }
 
 /// Whether the subgroup kernel may read its operands from staged textures (where the adapter
@@ -103,7 +129,8 @@ pub(crate) fn register_tile() -> (u32, u32) {
 /// shape and transpose pair: every accumulator is its own variable and every vector component
 /// a constant swizzle, so the driver keeps them in registers (llvmpipe spills a dynamically
 /// indexed private array to memory, which cost 50x in measurements). Appended to the matmul
-/// module source (it uses the prelude's a4/a1/b4/b1 and the body's Params/store/a_index/b_index).
+/// module source (it uses the a4/a1/b4/b1 that the module's features define and its
+/// Params/store/a_index/b_index).
 #[allow(clippy::needless_range_loop)] // kk names generated variables and indexes `comp`
 pub(crate) fn unrolled_register_kernel(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
     use std::fmt::Write as _;
@@ -460,62 +487,41 @@ fn plain_register_kernel_forced() -> bool {
     false
 }
 
-/// The module source with the subgroup kernel for this variant appended (cached).
-fn subgroup_source(
-    base: &ShaderSource,
+/// The matmul module with the generated subgroup kernel for this variant appended.
+fn subgroup_shader(
+    vec4: bool,
+    textures: bool,
+    nf4: bool,
     tm: u32,
     tn: u32,
     trans_a: bool,
     trans_b: bool,
-) -> &'static ShaderSource {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    static CACHE: OnceLock<Mutex<HashMap<String, &'static ShaderSource>>> = OnceLock::new();
+) -> Result<Shader> {
     let k_inner = subgroup_k_inner();
-    let name = format!(
-        "{}+sg{tm}x{tn}{}{}{}",
-        base.name,
-        if trans_a { "T" } else { "N" },
-        if trans_b { "T" } else { "N" },
-        if k_inner { "k" } else { "" }
-    );
-    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
-    cache.entry(name.clone()).or_insert_with(|| {
-        let source = format!(
-            "{}{}",
-            base.source,
-            subgroup_kernel(tm, tn, trans_a, trans_b, k_inner)
-        );
-        Box::leak(Box::new(ShaderSource { name, source }))
-    })
+    Shader::generated(
+        "matmul",
+        &features(vec4, textures, nf4),
+        &("subgroup", tm, tn, trans_a, trans_b, k_inner),
+        || subgroup_kernel(tm, tn, trans_a, trans_b, k_inner),
+    )
 }
 
-/// The module source with the unrolled register kernel for this variant appended (cached).
-fn unrolled_source(
-    base: &ShaderSource,
+/// The matmul module (storage buffers) with the unrolled register kernel for this variant
+/// appended.
+fn unrolled_shader(
+    vec4: bool,
+    nf4: bool,
     tm: u32,
     tn: u32,
     trans_a: bool,
     trans_b: bool,
-) -> &'static ShaderSource {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    static CACHE: OnceLock<Mutex<HashMap<String, &'static ShaderSource>>> = OnceLock::new();
-    let name = format!(
-        "{}+reg{tm}x{tn}{}{}",
-        base.name,
-        if trans_a { "T" } else { "N" },
-        if trans_b { "T" } else { "N" }
-    );
-    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
-    cache.entry(name.clone()).or_insert_with(|| {
-        let source = format!(
-            "{}{}",
-            base.source,
-            unrolled_register_kernel(tm, tn, trans_a, trans_b)
-        );
-        Box::leak(Box::new(ShaderSource { name, source }))
-    })
+) -> Result<Shader> {
+    Shader::generated(
+        "matmul",
+        &features(vec4, false, nf4),
+        &("unrolled", tm, tn, trans_a, trans_b),
+        || unrolled_register_kernel(tm, tn, trans_a, trans_b),
+    )
 }
 
 /// Copies a GEMM's A, B (and NF4 absmax) into staging slots 0, 1 (and 2): f32 texels, the
@@ -730,7 +736,7 @@ impl Gpu {
                             a_contig,
                             b_contig,
                         },
-                    );
+                    )?;
                 }
             }
         }
@@ -738,19 +744,19 @@ impl Gpu {
     }
 
     /// Dispatches one GEMM over single buffers, choosing the kernel for this adapter.
-    pub(crate) fn record_gemm(&self, rec: &mut Recorder, g: Gemm) {
-        self.record_gemm_with(rec, g, shader, None);
+    pub(crate) fn record_gemm(&self, rec: &mut Recorder, g: Gemm) -> Result<()> {
+        self.record_gemm_with(rec, g, None)
     }
 
-    /// As [`Gpu::record_gemm`] with the shader variant chosen by `shader_for(vec4, textures)`;
-    /// `nf4` (absmax view, blocksize) binds the NF4 scales at binding 5.
+    /// As [`Gpu::record_gemm`]; with `nf4` (absmax view, blocksize) B is the packed NF4 weight
+    /// and the NF4 scales are bound at binding 5.
     pub(crate) fn record_gemm_with(
         &self,
         rec: &mut Recorder,
         g: Gemm,
-        shader_for: fn(bool, bool) -> &'static ShaderSource,
         nf4: Option<(BufView, usize)>,
-    ) {
+    ) -> Result<()> {
+        let is_nf4 = nf4.is_some();
         let p = &g.params;
         let vec4 = [
             p.a_off, p.lda, p.a_batch, g.a_contig, p.b_off, p.ldb, p.b_batch, g.b_contig,
@@ -772,14 +778,9 @@ impl Gpu {
                 let staged = stage_operands()
                     .then(|| stage_gemm_operands(rec, &g, nf4.as_ref()))
                     .flatten();
-                let source = subgroup_source(
-                    shader_for(vec4, staged.is_some()),
-                    tm,
-                    tn,
-                    g.trans_a,
-                    g.trans_b,
-                );
-                let kernel = self.kernel(source, "matmul_subgroup", &constants);
+                let source =
+                    subgroup_shader(vec4, staged.is_some(), is_nf4, tm, tn, g.trans_a, g.trans_b)?;
+                let kernel = self.kernel(&source, "matmul_subgroup", &constants)?;
                 // A, B, C, bias, then the NF4 absmax; A, B and absmax as textures where staged
                 let (a, b, absmax) = match &staged {
                     Some(s) => (
@@ -796,14 +797,14 @@ impl Gpu {
                 let mut bindings = vec![a, b, Bound::Buffer(g.c), Bound::Buffer(bias)];
                 bindings.extend(absmax);
                 rec.dispatch_bound(&kernel, bytemuck::bytes_of(p), &bindings, groups);
-                return;
+                return Ok(());
             }
             Tiling::Register => {
                 let (tm, tn) = register_tile();
                 let (wx, wy) = (8u32, 8u32);
                 constants.extend([("WG_X", wx as f64), ("WG_Y", wy as f64)]);
-                let source = unrolled_source(shader_for(vec4, false), tm, tn, g.trans_a, g.trans_b);
-                let kernel = self.kernel(source, "matmul_register_unrolled", &constants);
+                let source = unrolled_shader(vec4, is_nf4, tm, tn, g.trans_a, g.trans_b)?;
+                let kernel = self.kernel(&source, "matmul_register_unrolled", &constants)?;
                 let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
                 let mut buffers = vec![g.a, g.b, g.c, bias];
                 if let Some((absmax, _)) = nf4 {
@@ -811,7 +812,7 @@ impl Gpu {
                 }
                 let groups = [p.n.div_ceil(tn * wx), p.m.div_ceil(tm * wy), g.batch];
                 rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
-                return;
+                return Ok(());
             }
             Tiling::Workgroup => {
                 let (bm, bn, bk, wtm, wtn) = (64u32, 64u32, 16u32, 4u32, 4u32);
@@ -830,13 +831,14 @@ impl Gpu {
                 )
             }
         };
-        let kernel = self.kernel(shader_for(vec4, false), entry, &constants);
+        let kernel = self.kernel(&shader(vec4, false, is_nf4)?, entry, &constants)?;
         let bias = g.bias.unwrap_or_else(|| self.dummy_buffer());
         let mut buffers = vec![g.a, g.b, g.c, bias];
         if let Some((absmax, _)) = nf4 {
             buffers.push(absmax);
         }
         rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
+        Ok(())
     }
 
     /// A small buffer bound where a kernel's optional input is absent.

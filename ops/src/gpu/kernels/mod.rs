@@ -123,32 +123,31 @@ pub(crate) fn elementwise_vec4<P: bytemuck::Pod>(
     Ok(())
 }
 
-/// For shader files holding several kernels: the common header (everything before the first
-/// `//== kernel <name>` line) plus the named kernel's section, so each pipeline module holds
-/// only its own entry point.
-pub(crate) fn shader_section(family: &str, source: &str, kernel: &str) -> super::ShaderSource {
-    let mut header = String::new();
-    let mut section = String::new();
-    let mut current: Option<&str> = None;
-    for line in source.lines() {
-        if let Some(name) = line.strip_prefix("//== kernel ") {
-            current = Some(name.trim());
-            continue;
-        }
-        let target = match current {
-            None => &mut header,
-            Some(name) if name == kernel => &mut section,
-            Some(_) => continue,
-        };
-        target.push_str(line);
-        target.push('\n');
+/// A composed module and the entry points dispatched from it.
+pub(crate) type Variant = (super::Shader, Vec<&'static str>);
+
+/// Every module every family dispatches ([`super::shader::all_variants`]).
+pub(crate) fn shader_variants() -> Result<Vec<Variant>> {
+    let families: [fn() -> Result<Vec<Variant>>; 15] = [
+        accumulate::variants,
+        activation::variants,
+        adamw::variants,
+        attention::variants,
+        cast::variants,
+        cross_entropy::variants,
+        embedding::variants,
+        lora::variants,
+        matmul::variants,
+        nf4::variants,
+        norm::variants,
+        patch::variants,
+        pool::variants,
+        reduce::variants,
+        rope::variants,
+    ];
+    let mut all = Vec::new();
+    for family in families {
+        all.extend(family()?);
     }
-    assert!(
-        !section.is_empty(),
-        "shaders/{family}.wgsl has no kernel `{kernel}`"
-    );
-    super::ShaderSource {
-        name: format!("{family}+{kernel}"),
-        source: header + &section,
-    }
+    Ok(all)
 }

@@ -1,35 +1,29 @@
 //! NF4 weights (bitsandbytes layout): quantize, double-quantize absmax, dequantize, and the
 //! fused NF4 matmul (the matmul kernel with B decoded from nibbles inside the tile loop).
 
-use std::sync::OnceLock;
-
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::matmul::{Gemm, GemmParams};
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, MatmulOpts, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, MatmulOpts, Recorder, Shader};
 use crate::reference::nf4 as reference;
 
-const SOURCE: &str = include_str!("../../../../shaders/nf4.wgsl");
-const MATMUL_SOURCE: &str = include_str!("../../../../shaders/matmul.wgsl");
-
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("nf4", SOURCE))
+fn shader() -> Result<Shader> {
+    Shader::compose("nf4", &[])
 }
 
-/// The matmul module with B an NF4 weight, as vec4 or scalar views of storage buffers or of
-/// staged linear textures (`textures`).
-fn matmul_shader(vec4: bool, textures: bool) -> &'static ShaderSource {
-    static CACHE: [OnceLock<ShaderSource>; 4] = [const { OnceLock::new() }; 4];
-    let prelude = match (vec4, textures) {
-        (true, false) => "nf4_vec4",
-        (false, false) => "nf4_scalar",
-        (true, true) => "nf4_vec4_tex",
-        (false, true) => "nf4_scalar_tex",
-    };
-    CACHE[vec4 as usize * 2 + textures as usize]
-        .get_or_init(|| ShaderSource::with_prelude("matmul", MATMUL_SOURCE, prelude))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(
+        shader()?,
+        vec![
+            "quantize",
+            "dequantize",
+            "absmax_mean",
+            "double_quantize",
+            "dequantize_absmax",
+        ],
+    )])
 }
 
 /// A frozen NF4 weight on the GPU. `shape` is the logical [out, in] f32 matrix (row-major,
@@ -167,7 +161,7 @@ impl Gpu {
             n_blocks: blocks as u32,
             offset: 0.0,
         };
-        let k = self.kernel(shader(), "quantize", &[]);
+        let k = self.kernel(&shader()?, "quantize", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&params),
@@ -195,7 +189,7 @@ impl Gpu {
             n_blocks: 0,
             offset: 0.0,
         };
-        let k = self.kernel(shader(), "dequantize", &[]);
+        let k = self.kernel(&shader()?, "dequantize", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&params),
@@ -236,14 +230,14 @@ impl Gpu {
             n_blocks: blocks as u32,
             offset: 0.0,
         };
-        let k = self.kernel(shader(), "absmax_mean", &[]);
+        let k = self.kernel(&shader()?, "absmax_mean", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&params),
             &[absmax.view()?, offset.view()?],
             [1, 1, 1],
         );
-        let k = self.kernel(shader(), "double_quantize", &[]);
+        let k = self.kernel(&shader()?, "double_quantize", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&params),
@@ -284,7 +278,7 @@ impl Gpu {
             n_blocks: 0,
             offset,
         };
-        let k = self.kernel(shader(), "dequantize_absmax", &[]);
+        let k = self.kernel(&shader()?, "dequantize_absmax", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&params),
@@ -378,7 +372,7 @@ impl Gpu {
         };
         let absmax = w.absmax.view()?;
         let blocksize = w.blocksize;
-        self.record_gemm_with(rec, gemm, matmul_shader, Some((absmax, blocksize)));
+        self.record_gemm_with(rec, gemm, Some((absmax, blocksize)))?;
         Ok(())
     }
 }

@@ -1,18 +1,28 @@
 //! Gemma RMSNorm and LayerNorm over the last dimension, forward and backward (f32).
 
-use std::sync::OnceLock;
-
 use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 
 use super::{check, rows_cols};
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 
-const SOURCE: &str = include_str!("../../../../shaders/norm.wgsl");
+fn shader() -> Result<Shader> {
+    Shader::compose("norm", &[])
+}
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("norm", SOURCE))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(
+        shader()?,
+        vec![
+            "rmsnorm_forward",
+            "rmsnorm_backward_dx",
+            "rmsnorm_backward_dw",
+            "layernorm_forward",
+            "layernorm_backward_dx",
+            "layernorm_backward_dw",
+        ],
+    )])
 }
 
 #[repr(C)]
@@ -47,7 +57,7 @@ impl Gpu {
             eps,
             accumulate: 0,
         };
-        let k = self.kernel(shader(), "rmsnorm_forward", &[]);
+        let k = self.kernel(&shader()?, "rmsnorm_forward", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&p),
@@ -83,7 +93,7 @@ impl Gpu {
         };
         if let Some(dx) = dx {
             check("rmsnorm_backward", "dx", dx, DType::F32, rows * cols)?;
-            let k = self.kernel(shader(), "rmsnorm_backward_dx", &[]);
+            let k = self.kernel(&shader()?, "rmsnorm_backward_dx", &[])?;
             rec.dispatch(
                 &k,
                 bytemuck::bytes_of(&p),
@@ -93,7 +103,7 @@ impl Gpu {
         }
         if let Some(dw) = dw {
             check("rmsnorm_backward", "dw", dw, DType::F32, cols)?;
-            let k = self.kernel(shader(), "rmsnorm_backward_dw", &[]);
+            let k = self.kernel(&shader()?, "rmsnorm_backward_dw", &[])?;
             rec.dispatch(
                 &k,
                 bytemuck::bytes_of(&p),
@@ -128,7 +138,7 @@ impl Gpu {
             eps,
             accumulate: 0,
         };
-        let k = self.kernel(shader(), "layernorm_forward", &[]);
+        let k = self.kernel(&shader()?, "layernorm_forward", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&p),
@@ -163,7 +173,7 @@ impl Gpu {
         };
         if let Some(dx) = dx {
             check("layernorm_backward", "dx", dx, DType::F32, rows * cols)?;
-            let k = self.kernel(shader(), "layernorm_backward_dx", &[]);
+            let k = self.kernel(&shader()?, "layernorm_backward_dx", &[])?;
             rec.dispatch(
                 &k,
                 bytemuck::bytes_of(&p),
@@ -174,7 +184,7 @@ impl Gpu {
         if let Some((dw, db)) = dw_db {
             check("layernorm_backward", "dw", dw, DType::F32, cols)?;
             check("layernorm_backward", "db", db, DType::F32, cols)?;
-            let k = self.kernel(shader(), "layernorm_backward_dw", &[]);
+            let k = self.kernel(&shader()?, "layernorm_backward_dw", &[])?;
             rec.dispatch(
                 &k,
                 bytemuck::bytes_of(&p),

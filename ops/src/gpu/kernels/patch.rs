@@ -1,19 +1,19 @@
 //! SigLIP patch unfold (`shaders/patch.wgsl`): pixels to one row per patch, so the stride-`patch`
 //! convolution of the patch embedding is a matmul. Reference: [`crate::reference::patch`].
 
-use std::sync::OnceLock;
-
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 use crate::reference::patch::PatchDims;
 
-const SOURCE: &str = include_str!("../../../../shaders/patch.wgsl");
+fn shader() -> Result<Shader> {
+    Shader::compose("patch", &[])
+}
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("patch", SOURCE))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(shader()?, vec!["patch_unfold"])])
 }
 
 #[repr(C)]
@@ -62,7 +62,7 @@ impl Gpu {
             dims.pixels_len().max(dims.output_len()) < u32::MAX as usize,
             "patch unfold: {dims:?} is too large for 32-bit indexing"
         );
-        let kernel = self.kernel(shader(), "patch_unfold", &[]);
+        let kernel = self.kernel(&shader()?, "patch_unfold", &[])?;
         // The output is a permutation of (most of) the pixels, so it fits one binding whenever
         // the pixels do.
         let n = dims.output_len();

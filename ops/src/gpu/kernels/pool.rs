@@ -4,10 +4,20 @@
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 use crate::reference::pool::PoolDims;
 
-const SOURCE: &str = include_str!("../../../../shaders/pool.wgsl");
+fn shader() -> Result<Shader> {
+    Shader::compose("pool", &[])
+}
+
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(
+        shader()?,
+        vec!["avg_pool_forward", "avg_pool_backward"],
+    )])
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -65,11 +75,7 @@ impl Gpu {
         let p = params(dims)?;
         check("input", input, dims.input_len())?;
         check("output", output, dims.output_len()?)?;
-        let kernel = self.kernel(
-            &ShaderSource::plain("pool", SOURCE),
-            "avg_pool_forward",
-            &[],
-        );
+        let kernel = self.kernel(&shader()?, "avg_pool_forward", &[])?;
         let n = dims.output_len()? as u32;
         rec.dispatch(
             &kernel,
@@ -91,11 +97,7 @@ impl Gpu {
         let p = params(dims)?;
         check("d_output", d_output, dims.output_len()?)?;
         check("d_input", d_input, dims.input_len())?;
-        let kernel = self.kernel(
-            &ShaderSource::plain("pool", SOURCE),
-            "avg_pool_backward",
-            &[],
-        );
+        let kernel = self.kernel(&shader()?, "avg_pool_backward", &[])?;
         let n = dims.input_len() as u32;
         rec.dispatch(
             &kernel,

@@ -1,23 +1,33 @@
 //! Reductions to a scalar (sum, max, global L2 norm over many tensors) and gradient clipping.
 //! Results stay on the GPU as [1] tensors; read them back once per step.
 
-use std::sync::OnceLock;
-
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::check;
 use crate::gpu::recorder::Bound;
 use crate::gpu::staging::StageFormat;
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 
-const SOURCE: &str = include_str!("../../../../shaders/reduce.wgsl");
 /// Elements per partial-reduction workgroup (WG · ITEMS in the shader).
 const SEG: usize = 256 * 16;
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("reduce", SOURCE))
+fn shader() -> Result<Shader> {
+    Shader::compose("reduce", &[])
+}
+
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(
+        shader()?,
+        vec![
+            "partial",
+            "partial_tex",
+            "finish",
+            "clip_scale",
+            "clip_scale4_tex",
+        ],
+    )])
 }
 
 #[repr(C)]
@@ -53,8 +63,8 @@ impl Gpu {
             })
             .sum();
         let partials = self.empty(&[total_partials.max(1)], DType::F32)?;
-        let partial = self.kernel(shader(), "partial", &[]);
-        let partial_tex = self.kernel(shader(), "partial_tex", &[]);
+        let partial = self.kernel(&shader()?, "partial", &[])?;
+        let partial_tex = self.kernel(&shader()?, "partial_tex", &[])?;
         let mut at = 0usize;
         for t in tensors {
             ensure!(
@@ -89,7 +99,7 @@ impl Gpu {
                 at += groups;
             }
         }
-        let finish = self.kernel(shader(), "finish", &[]);
+        let finish = self.kernel(&shader()?, "finish", &[])?;
         let p = ReduceParams {
             n: at as u32,
             mode: finish_mode,
@@ -135,8 +145,8 @@ impl Gpu {
         max_norm: f32,
     ) -> Result<()> {
         check("clip_by_norm", "norm", norm, DType::F32, 1)?;
-        let k = self.kernel(shader(), "clip_scale", &[]);
-        let k4 = self.kernel(shader(), "clip_scale4_tex", &[]);
+        let k = self.kernel(&shader()?, "clip_scale", &[])?;
+        let k4 = self.kernel(&shader()?, "clip_scale4_tex", &[])?;
         for t in tensors {
             ensure!(t.dtype() == DType::F32, "clip_by_norm: tensors must be f32");
             for c in t.chunks() {

@@ -1,19 +1,19 @@
 //! Rotary position embedding (rotate-half), in place, forward and backward.
 
-use std::sync::OnceLock;
-
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::check;
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, ShaderSource};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 use crate::reference::rope as reference;
 
-const SOURCE: &str = include_str!("../../../../shaders/rope.wgsl");
+fn shader() -> Result<Shader> {
+    Shader::compose("rope", &[])
+}
 
-fn shader() -> &'static ShaderSource {
-    static S: OnceLock<ShaderSource> = OnceLock::new();
-    S.get_or_init(|| ShaderSource::plain("rope", SOURCE))
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(shader()?, vec!["rope"])])
 }
 
 #[repr(C)]
@@ -92,7 +92,7 @@ impl Gpu {
             direction: if backward { -1.0 } else { 1.0 },
             _pad: [0; 3],
         };
-        let k = self.kernel(shader(), "rope", &[]);
+        let k = self.kernel(&shader()?, "rope", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&p),
