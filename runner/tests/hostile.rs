@@ -482,6 +482,19 @@ fn extreme_params_are_refused_by_validate() {
             "names the recipe's line: {out:?}"
         );
     }
+    // Written in the recipe, an integer past 64 bits is a range error, not a type error.
+    let text = fs::read_to_string(recipe)
+        .unwrap()
+        .replace("\nr = 8\n", "\nr = 99999999999999999999\n");
+    fs::write(work.path().join("big.toml"), text).unwrap();
+    let out = runner(work.path(), &["validate", "big.toml"], &[]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("op `train`: integer 99999999999999999999 is out of range")
+            && !out.stderr.contains("i128"),
+        "{out:?}"
+    );
 }
 
 #[test]
