@@ -103,9 +103,10 @@ pub fn entry_ref(input: &std::path::Path, out_dir: &std::path::Path) -> PathBuf 
 
 /// Resolves a path recorded with [`entry_ref`] in the artifact at `own_dir`.
 pub fn resolve_entry_ref(own_dir: &std::path::Path, stored: &std::path::Path) -> PathBuf {
-    if stored.is_relative() {
-        own_dir.join(stored)
-    } else {
-        stored.to_path_buf()
+    // `../KEY` becomes `<cache>/KEY`, so messages name the entry by its own path.
+    match (stored.strip_prefix(".."), own_dir.parent()) {
+        (Ok(rest), Some(cache)) if stored.is_relative() => cache.join(rest),
+        _ if stored.is_relative() => own_dir.join(stored),
+        _ => stored.to_path_buf(),
     }
 }
