@@ -87,3 +87,26 @@ pub struct Artifact {
     pub dir: PathBuf,
     pub key: String,
 }
+
+/// How an op's output records another cache entry it reads later (`input`): as `../<key>`
+/// when the output is being written into the same cache (`out_dir` = `<cache>/.tmp/…`), so a
+/// cache folder that is moved or renamed keeps working; otherwise (library use, tests) as given.
+pub fn entry_ref(input: &std::path::Path, out_dir: &std::path::Path) -> PathBuf {
+    let cache = out_dir.parent().and_then(std::path::Path::parent);
+    match (input.parent(), cache, input.file_name()) {
+        (Some(parent), Some(cache), Some(name)) if parent == cache => {
+            std::path::Path::new("..").join(name)
+        }
+        _ => input.to_path_buf(),
+    }
+}
+
+/// Resolves a path recorded with [`entry_ref`] in the artifact at `own_dir`.
+pub fn resolve_entry_ref(own_dir: &std::path::Path, stored: &std::path::Path) -> PathBuf {
+    // `../KEY` becomes `<cache>/KEY`, so messages name the entry by its own path.
+    match (stored.strip_prefix(".."), own_dir.parent()) {
+        (Ok(rest), Some(cache)) if stored.is_relative() => cache.join(rest),
+        _ if stored.is_relative() => own_dir.join(stored),
+        _ => stored.to_path_buf(),
+    }
+}

@@ -31,6 +31,9 @@ op_params! {
     }
 }
 
+/// Far past any batch a device holds; larger values only overflow the stream's arithmetic.
+pub const MAX_BATCH_SIZE: usize = 1 << 16;
+
 pub struct CollateOp;
 
 impl Op for CollateOp {
@@ -61,7 +64,19 @@ impl Op for CollateOp {
     }
     fn version(&self) -> u32 {
         // 2: assistant tokens by span overlap (transformers' rule), add_special_tokens default.
-        2
+        // 3: rows longer than max_position_embeddings are bad rows.
+        3
+    }
+    fn fingerprint(
+        &self,
+        params: &toml::Table,
+        recipe: &crate::RecipeInfo,
+    ) -> anyhow::Result<Option<String>> {
+        // Without its own `seed` the op takes the recipe's, which is not among its params.
+        let p = CollateParams::from_table(params)?;
+        Ok(p.seed
+            .is_none()
+            .then(|| format!("recipe seed {}", recipe.seed)))
     }
     fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError> {
         let p = CollateParams::from_table(params)?;
@@ -70,10 +85,13 @@ impl Op for CollateOp {
             table.insert("add_special_tokens".into(), toml::Value::Boolean(false));
         }
         let params = &table;
-        if p.batch_size == 0 {
+        if !(1..=MAX_BATCH_SIZE).contains(&p.batch_size) {
             return Err(ParamError {
                 key: Some("batch_size".into()),
-                message: "batch_size must be at least 1".into(),
+                message: format!(
+                    "batch_size must be between 1 and {MAX_BATCH_SIZE}, got {}; use gradient_accumulation_steps on lora-train for larger effective batches",
+                    p.batch_size
+                ),
             });
         }
         if !matches!(p.on_error.as_str(), "skip" | "fail") {

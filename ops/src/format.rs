@@ -30,6 +30,8 @@ op_params! {
         verify_images: String = "decode".to_string(),
         /// How many skipped rows are reported by row, file and reason.
         report: usize = 10,
+        /// Read images a row names by an absolute path outside the dataset's folder and the `files` input (off: such a row is a bad row, skipped or failed per on_error).
+        allow_paths_outside: bool = false,
     }
 }
 
@@ -166,6 +168,15 @@ impl Op for FormatOp {
     fn version(&self) -> u32 {
         1
     }
+    fn fingerprint(
+        &self,
+        _params: &toml::Table,
+        _recipe: &crate::RecipeInfo,
+    ) -> Result<Option<String>> {
+        // Which images are refused as decompression bombs depends on the limit in force.
+        let limit = crate::data::image::max_image_pixels()?;
+        Ok(Some(format!("max image pixels {limit:?}")))
+    }
     fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError> {
         FormatParams::from_table(params)?.validate()?;
         FormatParams::canonical(params)
@@ -188,6 +199,7 @@ impl Op for FormatOp {
         let roots = PathRoots {
             files_root: files_root.clone(),
             dataset_root: dataset.root().to_path_buf(),
+            allow_outside: p.allow_paths_outside,
         };
         ctx.progress.set_length(dataset.len() as u64);
 
@@ -290,8 +302,9 @@ impl Op for FormatOp {
             ));
         }
         let sources = ImageSources {
-            dataset_dir: any_row_images.then(|| dataset_art.dir.clone()),
-            files_root,
+            dataset_dir: any_row_images
+                .then(|| crate::artifact::entry_ref(&dataset_art.dir, ctx.out_dir)),
+            files_root: files_root.map(|f| crate::artifact::entry_ref(&f, ctx.out_dir)),
         };
         out.into_inner()
             .map_err(|e| e.into_error())

@@ -30,6 +30,17 @@ use std::sync::Arc;
 pub use artifact::{Artifact, ArtifactType};
 pub use params::{OpParams, ParamDefault, ParamError, ParamSpec};
 
+/// Marks an error (as `anyhow` context) that is no fault of the recipe, e.g. the Hub unreachable
+/// while `Op::fingerprint` resolves a revision: the runner exits 1 (a run-time failure), not 2.
+#[derive(Debug)]
+pub struct RunTimeFailure(pub String);
+
+impl std::fmt::Display for RunTimeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// An input port of an op.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Port {
@@ -147,6 +158,17 @@ pub trait Op: Send + Sync {
     /// `Some(reason)` when the op will not do anything with these params (e.g. `push` with
     /// `enabled = false`); `runner plan` shows it as skipped.
     fn skip_reason(&self, _params: &toml::Table) -> Option<String> {
+        None
+    }
+    /// For an op that writes outside the cache (`save`'s output folder): `Some(reason)` when
+    /// what its cached output `entry` recorded writing is no longer there as written, so the op
+    /// runs again instead of being reused. Called at plan time on cached entries; must be cheap.
+    fn side_effects_missing(
+        &self,
+        _entry: &Path,
+        _params: &toml::Table,
+        _recipe: &RecipeInfo,
+    ) -> Option<String> {
         None
     }
     fn run(&self, ctx: &RunCtx) -> anyhow::Result<()>;

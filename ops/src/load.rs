@@ -34,6 +34,10 @@ op_params! {
         /// Data files: a glob, a list of globs (read for the requested split), or a table
         /// split → glob(s). Overrides the dataset card and the default file-name rules.
         data_files: Option<toml::Value> = None,
+        /// Hugging Face cache folder for a Hub `dataset`/`model` (relative to the recipe), instead of HF_HUB_CACHE / HF_HOME: `cache_dir` of `from_pretrained` and `load_dataset`.
+        cache_dir: Option<String> = None,
+        /// Never use the network for a Hub `dataset`/`model`, only the cache (`local_files_only` of `from_pretrained`; HF_HUB_OFFLINE=1 for this op alone).
+        local_files_only: bool = false,
     }
 }
 
@@ -112,6 +116,21 @@ impl LoadParams {
                 }
             }
         }
+        if matches!(source, Source::LocalDataset(_) | Source::LocalModel(_)) {
+            for (key, set) in [
+                ("cache_dir", self.cache_dir.is_some()),
+                ("local_files_only", self.local_files_only),
+            ] {
+                if set {
+                    return Err(ParamError {
+                        key: Some(key.into()),
+                        message: format!(
+                            "`{key}` applies to Hub datasets and models (`dataset`, `model`), not to `path`"
+                        ),
+                    });
+                }
+            }
+        }
         if let Some(v) = &self.data_files {
             DataFilesSpec::from_toml(v).map_err(|e| ParamError {
                 key: Some("data_files".into()),
@@ -119,6 +138,17 @@ impl LoadParams {
             })?;
         }
         Ok(source)
+    }
+
+    /// The process's Hugging Face environment with this op's `cache_dir` and
+    /// `local_files_only` on top.
+    fn hub_env(&self, recipe: &RecipeInfo) -> HubEnv {
+        let mut env = HubEnv::from_process_env();
+        if let Some(dir) = &self.cache_dir {
+            env.cache_dir = recipe.resolve(dir);
+        }
+        env.offline |= self.local_files_only;
+        env
     }
 
     fn data_files_spec(&self) -> Result<Option<DataFilesSpec>> {
@@ -171,7 +201,7 @@ impl Op for Load {
     /// size and modification time of every local file.
     fn fingerprint(&self, params: &toml::Table, recipe: &RecipeInfo) -> Result<Option<String>> {
         let p = LoadParams::from_table(params)?;
-        let hub = || Hub::new(HubEnv::from_process_env());
+        let hub = || Hub::new(p.hub_env(recipe));
         Ok(Some(match p.source()? {
             Source::HubDataset(id) => format!(
                 "commit {}",
@@ -189,7 +219,7 @@ impl Op for Load {
 
     fn run(&self, ctx: &RunCtx) -> Result<()> {
         let p = LoadParams::from_table(ctx.params)?;
-        let env = HubEnv::from_process_env();
+        let env = p.hub_env(ctx.recipe);
         match p.source()? {
             Source::HubDataset(id) => {
                 let manifest = load_hub_dataset(&Hub::new(env), &id, &p, ctx.progress)?;
@@ -596,7 +626,10 @@ mod tests {
         let listing = extract_all(
             &names.into_iter().zip(paths).collect::<Vec<_>>(),
             extracted.path(),
-            1 << 20,
+            &crate::unzip::Limits {
+                max_total_bytes: 1 << 20,
+                max_compression_ratio: 100.0,
+            },
             &NoProgress,
         )
         .unwrap();
@@ -925,7 +958,10 @@ mod tests {
         extract_all(
             &names.into_iter().zip(paths).collect::<Vec<_>>(),
             out.path(),
-            1 << 30,
+            &crate::unzip::Limits {
+                max_total_bytes: 1 << 30,
+                max_compression_ratio: 100.0,
+            },
             &NoProgress,
         )
         .unwrap();

@@ -236,6 +236,12 @@ struct LoraOptionsNoSeed {
     use_rslora: bool,
 }
 
+/// Far past any useful rank (at most the smaller side of a Linear; Gemma 3's is 640 to 5376):
+/// larger values would only abort on allocating the LoRA matrices.
+const MAX_LORA_R: usize = 1 << 16;
+/// Micro-batches per step beyond which the step counts overflow nothing useful.
+const MAX_ACCUMULATION: usize = 1 << 20;
+
 fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<Plan, ParamError> {
     if p.bias != "none" {
         return Err(param_error(
@@ -243,8 +249,78 @@ fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<Plan, ParamError> {
             format!("bias = {:?} is not supported; only \"none\"", p.bias),
         ));
     }
-    if p.r == 0 {
-        return Err(param_error("r", "r must be at least 1".into()));
+    if !(1..=MAX_LORA_R).contains(&p.r) {
+        return Err(param_error(
+            "r",
+            format!(
+                "r must be between 1 and {MAX_LORA_R}, got {} (the guide uses 16)",
+                p.r
+            ),
+        ));
+    }
+    let finite = |key: &str, v: f64, ok: bool, what: &str| {
+        if v.is_finite() && ok {
+            Ok(())
+        } else {
+            Err(param_error(key, format!("{key} must be {what}, got {v}")))
+        }
+    };
+    finite("lora_alpha", p.lora_alpha, true, "a finite number")?;
+    finite(
+        "learning_rate",
+        p.learning_rate,
+        p.learning_rate > 0.0,
+        "a positive finite number",
+    )?;
+    finite(
+        "weight_decay",
+        p.weight_decay,
+        p.weight_decay >= 0.0,
+        "a finite number of at least 0",
+    )?;
+    for (key, v) in [("adam_beta1", p.adam_beta1), ("adam_beta2", p.adam_beta2)] {
+        finite(key, v, (0.0..1.0).contains(&v), "in [0, 1)")?;
+    }
+    finite(
+        "adam_epsilon",
+        p.adam_epsilon,
+        p.adam_epsilon > 0.0,
+        "a positive finite number",
+    )?;
+    finite(
+        "max_grad_norm",
+        p.max_grad_norm,
+        p.max_grad_norm >= 0.0,
+        "a finite number of at least 0 (0 turns clipping off)",
+    )?;
+    finite(
+        "num_train_epochs",
+        p.num_train_epochs,
+        p.num_train_epochs <= 1e6,
+        "a finite number of at most 1e6",
+    )?;
+    for (key, v) in [
+        ("warmup_steps", p.warmup_steps),
+        ("warmup_ratio", p.warmup_ratio),
+    ] {
+        finite(key, v, v >= 0.0, "a finite number of at least 0")?;
+    }
+    if let Some(gib) = p.device_memory_gib {
+        finite(
+            "device_memory_gib",
+            gib,
+            gib > 0.0,
+            "a positive finite number",
+        )?;
+    }
+    if p.gradient_accumulation_steps > MAX_ACCUMULATION {
+        return Err(param_error(
+            "gradient_accumulation_steps",
+            format!(
+                "gradient_accumulation_steps must be at most {MAX_ACCUMULATION}, got {}",
+                p.gradient_accumulation_steps
+            ),
+        ));
     }
     if !(0.0..1.0).contains(&p.lora_dropout) {
         return Err(param_error(
@@ -391,6 +467,13 @@ fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<Plan, ParamError> {
     })
 }
 
+/// Creates `dir` if needed and proves a file can be created in it.
+fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    tempfile::tempfile_in(dir)?;
+    Ok(())
+}
+
 /// `<output_dir>-checkpoints`, beside the recipe's output folder (never inside it).
 pub fn default_checkpoint_dir(output_dir: &Path) -> PathBuf {
     let name = output_dir
@@ -429,6 +512,17 @@ impl Op for LoraTrainOp {
     fn version(&self) -> u32 {
         1
     }
+    fn fingerprint(
+        &self,
+        params: &toml::Table,
+        recipe: &crate::RecipeInfo,
+    ) -> anyhow::Result<Option<String>> {
+        // Without its own `seed` the op takes the recipe's, which is not among its params.
+        let p = LoraTrainParams::from_table(params)?;
+        Ok(p.seed
+            .is_none()
+            .then(|| format!("recipe seed {}", recipe.seed)))
+    }
     fn device(&self) -> Device {
         Device::Gpu
     }
@@ -444,6 +538,21 @@ impl Op for LoraTrainOp {
         let p = LoraTrainParams::from_table(ctx.params)?;
         let plan = plan(&p, ctx.recipe.seed)?;
         let seed = plan.train.seed;
+        let checkpoint_dir = match &p.checkpoint_dir {
+            Some(d) => ctx.recipe.resolve(d),
+            None => default_checkpoint_dir(&ctx.recipe.output_dir),
+        };
+        let resumes = !matches!(p.resume_from_checkpoint, BoolOrPath::Bool(false));
+        if plan.train.save_strategy != SaveStrategy::No || resumes {
+            // Found now, not after an hour of training when the first checkpoint is written.
+            check_writable(&checkpoint_dir).with_context(|| {
+                format!(
+                    "op `{}`: checkpoint_dir {} is not writable; set `checkpoint_dir` to a folder you can write, or save_strategy = \"no\"",
+                    ctx.name,
+                    checkpoint_dir.display()
+                )
+            })?;
+        }
         let model_artifact = ctx.input("model")?;
         let (root, manifest) = crate::model::artifact_model_root(&model_artifact.dir)?;
         let config = ModelConfig::from_file(&root.join("config.json"))?;
@@ -528,10 +637,6 @@ impl Op for LoraTrainOp {
                 gradient_checkpointing: p.gradient_checkpointing,
             },
         )?;
-        let checkpoint_dir = match &p.checkpoint_dir {
-            Some(d) => ctx.recipe.resolve(d),
-            None => default_checkpoint_dir(&ctx.recipe.output_dir),
-        };
         let tensorboard_dir = plan.tensorboard.then(|| {
             use chrono::{Datelike, Timelike};
             let now = chrono::Local::now();

@@ -142,6 +142,17 @@ pub fn push(
         )?;
         return Ok(());
     }
+    // huggingface_hub refuses every call in offline mode; an upload must not wait on timeouts.
+    if crate::hub::cache::HubEnv::from_vars(env).offline {
+        let var = if env("HF_HUB_OFFLINE").is_some_and(|v| !v.is_empty()) {
+            "HF_HUB_OFFLINE"
+        } else {
+            "TRANSFORMERS_OFFLINE"
+        };
+        anyhow::bail!(
+            "op `{op_name}`: {var} is set, so nothing is uploaded to the Hub; unset it to push, or set `enabled = false` in [ops.{op_name}]"
+        );
+    }
     let Some((token, source)) = upload::resolve_token_with(env)? else {
         anyhow::bail!(
             "op `{op_name}`: no Hugging Face token: set HF_TOKEN, or log in with `hf auth login` (which writes {}), or set `enabled = false` in [ops.{op_name}] to skip the upload",

@@ -10,7 +10,14 @@
 //!
 //! `output_dir` is built in a temporary folder beside it and renamed into place only when
 //! complete. An existing non-empty `output_dir` without the marker is refused unless
-//! `overwrite = true`.
+//! `overwrite = true`; even then nothing runner did not write is deleted: a foreign folder is
+//! moved aside (and the move printed), and files a user added to a folder runner wrote are
+//! carried over into the new one. An `output_dir` that holds the recipe, the cache or the
+//! current directory is refused outright.
+//!
+//! The folder is a side effect the cache does not hold: the cache key covers the resolved
+//! `output_dir`, the recipe's name and text, and a cached `save` whose folder was deleted or
+//! changed (a file missing or of another size) runs again.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,7 +28,7 @@ use serde_json::{json, Value};
 use crate::params::{OpParams, ParamError, ParamSpec};
 use crate::publish::{card, merge};
 use crate::train::{adapter, metrics};
-use crate::{op_params, ArtifactType, Op, Port, RunCtx};
+use crate::{op_params, ArtifactType, Op, Port, RecipeInfo, RunCtx};
 
 /// Marks a folder written by `save`, so a rerun may replace it.
 pub const MARKER_FILE: &str = ".runner-save.json";
@@ -111,7 +118,33 @@ impl Op for SaveOp {
         SaveParams::specs()
     }
     fn version(&self) -> u32 {
-        1
+        2
+    }
+    fn fingerprint(
+        &self,
+        params: &toml::Table,
+        recipe: &RecipeInfo,
+    ) -> anyhow::Result<Option<String>> {
+        let p = SaveParams::from_table(params)?;
+        // The folder's place, the card's name and the recipe copied into the folder are all
+        // part of what save writes.
+        let recipe_text = fs::read(&recipe.path).unwrap_or_default();
+        Ok(Some(
+            json!({
+                "output_dir": resolved_output_dir(&p, recipe),
+                "recipe_name": recipe.name,
+                "recipe_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&recipe_text)),
+            })
+            .to_string(),
+        ))
+    }
+    fn side_effects_missing(
+        &self,
+        entry: &Path,
+        _params: &toml::Table,
+        _recipe: &RecipeInfo,
+    ) -> Option<String> {
+        written_folder_problem(entry)
     }
     fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError> {
         let p = SaveParams::from_table(params)?;
@@ -126,10 +159,9 @@ impl Op for SaveOp {
     }
     fn run(&self, ctx: &RunCtx) -> anyhow::Result<()> {
         let p = SaveParams::from_table(ctx.params)?;
-        let output_dir = match &p.output_dir {
-            Some(d) => ctx.recipe.resolve(d),
-            None => ctx.recipe.output_dir.clone(),
-        };
+        let output_dir = resolved_output_dir(&p, ctx.recipe);
+        let mut protected = vec![ctx.recipe.path.clone(), ctx.out_dir.to_path_buf()];
+        protected.extend(std::env::current_dir().ok());
         let adapter_dir = ctx.input("adapter")?.dir.clone();
         let model = read_model_json(&ctx.input("model")?.dir)?;
         let opts = SaveOptions {
@@ -141,6 +173,7 @@ impl Op for SaveOp {
             recipe_name: ctx.recipe.name.clone(),
             recipe_path: Some(ctx.recipe.path.clone()),
             hub_repo: None,
+            protected,
         };
         let report = save(&adapter_dir, &model, ctx.out_dir, &opts, &|line| {
             ctx.progress.println(line)
@@ -166,6 +199,85 @@ pub struct SaveOptions {
     pub recipe_path: Option<PathBuf>,
     /// The Hub repo the card's quick start should name.
     pub hub_repo: Option<String>,
+    /// Paths `output_dir` must not be or contain (the recipe, the cache, the current
+    /// directory): replacing `output_dir` would delete them.
+    pub protected: Vec<PathBuf>,
+}
+
+fn resolved_output_dir(p: &SaveParams, recipe: &RecipeInfo) -> PathBuf {
+    let dir = match &p.output_dir {
+        Some(d) => recipe.resolve(d),
+        None => recipe.output_dir.clone(),
+    };
+    normalize(&dir)
+}
+
+/// The absolute path with `.` and `..` removed lexically (the folder may not exist yet), then
+/// through any symlinks of the longest part that exists.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    let mut existing = out.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return out,
+        }
+    }
+    let mut real = fs::canonicalize(&existing).unwrap_or(existing);
+    real.extend(rest.iter().rev());
+    real
+}
+
+/// Refuses an `output_dir` that is, or is an ancestor of, a protected path.
+fn check_not_protected(dir: &Path, protected: &[PathBuf]) -> anyhow::Result<()> {
+    let dir = normalize(dir);
+    for p in protected {
+        let p = normalize(p);
+        if p.starts_with(&dir) {
+            bail!(
+                "output_dir {} holds {}; replacing it would delete it. Choose an output_dir outside the recipe's folder tree (e.g. a new subfolder), the cache and the current directory",
+                dir.display(),
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Why the folder a cached `save` output (`entry`) wrote is no longer as written, if it is not.
+fn written_folder_problem(entry: &Path) -> Option<String> {
+    let saved: Value = serde_json::from_slice(&fs::read(entry.join(SAVED_JSON)).ok()?).ok()?;
+    let dir = PathBuf::from(saved["output_dir"].as_str()?);
+    if !dir.join(MARKER_FILE).is_file() {
+        return Some(format!("its output folder {} is gone", dir.display()));
+    }
+    let sizes = saved["sizes"].as_object()?;
+    for (rel, size) in sizes {
+        match fs::metadata(dir.join(rel)) {
+            Ok(m) if Some(m.len()) == size.as_u64() => {}
+            Ok(_) => return Some(format!("{} was changed", dir.join(rel).display())),
+            Err(_) => return Some(format!("{} is missing", dir.join(rel).display())),
+        }
+    }
+    None
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -233,6 +345,7 @@ pub fn save(
     opts: &SaveOptions,
     log: &dyn Fn(String),
 ) -> anyhow::Result<SaveReport> {
+    check_not_protected(&opts.output_dir, &opts.protected)?;
     check_output_dir(&opts.output_dir, opts.overwrite)?;
     let (mut config, _) = adapter::inspect_adapter(adapter_dir)?;
     let base_name = model
@@ -354,12 +467,18 @@ pub fn save(
         serde_json::to_string_pretty(&marker)? + "\n",
     )?;
     let staged = staging.keep();
-    replace_dir(&staged, &opts.output_dir)?;
+    replace_dir(&staged, &opts.output_dir, log)?;
 
+    let mut sizes = serde_json::Map::new();
+    for rel in files.iter().map(String::as_str).chain([MARKER_FILE]) {
+        let len = fs::metadata(opts.output_dir.join(rel))?.len();
+        sizes.insert(rel.to_string(), len.into());
+    }
     let saved = json!({
         "output_dir": fs::canonicalize(&opts.output_dir).unwrap_or(opts.output_dir.clone()),
         "base_model": base_name,
         "files": files,
+        "sizes": sizes,
         "merged": merged.as_ref().map(|m| json!({"dir": opts.output_dir.join(MERGED_DIR), "files": m.files})),
     });
     fs::write(
@@ -373,17 +492,25 @@ pub fn save(
     })
 }
 
-/// Puts `staged` at `target`, replacing a previous folder: the old one is moved aside first and
-/// removed only after the new one is in place (restored if the rename fails).
-fn replace_dir(staged: &Path, target: &Path) -> anyhow::Result<()> {
+/// Puts `staged` at `target`, replacing a previous folder: the old one is moved aside first
+/// (restored if the rename fails). Only what runner wrote into it (the files its marker lists)
+/// is deleted: files added to it since are moved into the new folder, and a folder without a
+/// marker (replaced through `overwrite = true`) is kept aside whole, under a name printed.
+fn replace_dir(staged: &Path, target: &Path, log: &dyn Fn(String)) -> anyhow::Result<()> {
     if !target.exists() {
         return fs::rename(staged, target)
             .with_context(|| format!("renaming {} to {}", staged.display(), target.display()));
     }
-    let aside = staged.with_file_name(format!(
-        "{}.old",
-        staged.file_name().unwrap().to_string_lossy()
-    ));
+    let ours: Option<Vec<String>> = fs::read(target.join(MARKER_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|m| serde_json::from_value(m["files"].clone()).ok());
+    let leaf = target.file_name().unwrap_or_default().to_string_lossy();
+    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
+    let aside = target.with_file_name(match ours {
+        Some(_) => format!(".{leaf}.runner-replaced-{stamp}"),
+        None => format!("{leaf}.before-runner-{stamp}"),
+    });
     fs::rename(target, &aside)
         .with_context(|| format!("moving the previous {} aside", target.display()))?;
     if let Err(e) = fs::rename(staged, target) {
@@ -391,8 +518,68 @@ fn replace_dir(staged: &Path, target: &Path) -> anyhow::Result<()> {
         return Err(e)
             .with_context(|| format!("renaming {} to {}", staged.display(), target.display()));
     }
-    fs::remove_dir_all(&aside)
-        .with_context(|| format!("removing the previous folder {}", aside.display()))
+    let Some(ours) = ours else {
+        log(format!(
+            "overwrite = true: the previous {} (not written by runner) was moved to {}",
+            target.display(),
+            aside.display()
+        ));
+        return Ok(());
+    };
+    let mut kept = Vec::new();
+    for (path, rel) in files_under(&aside)? {
+        let written =
+            rel == MARKER_FILE || ours.contains(&rel) || rel.starts_with(&format!("{MERGED_DIR}/"));
+        if written {
+            continue;
+        }
+        let dest = target.join(&rel);
+        if dest.exists() {
+            kept.push(rel);
+            continue;
+        }
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::rename(&path, &dest)
+            .with_context(|| format!("moving {} into the new {}", rel, target.display()))?;
+    }
+    if kept.is_empty() {
+        fs::remove_dir_all(&aside)
+            .with_context(|| format!("removing the previous folder {}", aside.display()))
+    } else {
+        log(format!(
+            "kept the previous {} as {}: it holds files runner did not write that the new folder also has ({})",
+            target.display(),
+            aside.display(),
+            kept.join(", ")
+        ));
+        Ok(())
+    }
+}
+
+/// Every file and symlink under `dir` (symlinks not followed), with its `/`-separated relative
+/// path.
+fn files_under(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, rel)) = stack.pop() {
+        for e in fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            if e.file_type()?.is_dir() {
+                stack.push((e.path(), rel));
+            } else {
+                out.push((e.path(), rel));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The folder a `saved` artifact holds for upload (every file except `saved.json`).
@@ -466,6 +653,7 @@ mod tests {
             recipe_name: "tiny-demo".into(),
             recipe_path: Some(recipe),
             hub_repo: None,
+            protected: vec![],
         }
     }
 
@@ -566,7 +754,8 @@ mod tests {
             .collect();
         assert_eq!(siblings, vec![std::ffi::OsString::from("tiny-demo")]);
 
-        // A rerun replaces our own folder; a folder that is not ours is refused unless overwrite.
+        // A rerun replaces our own folder, keeping what a user added to it; a folder that is
+        // not ours is refused unless overwrite, and then moved aside, never deleted.
         fs::write(output_dir.join("stale.txt"), b"old").unwrap();
         save(
             &adapter_dir,
@@ -576,7 +765,7 @@ mod tests {
             &|_| {},
         )
         .unwrap();
-        assert!(!output_dir.join("stale.txt").exists());
+        assert_eq!(fs::read(output_dir.join("stale.txt")).unwrap(), b"old");
         let foreign = tmp.path().join("foreign");
         fs::create_dir_all(&foreign).unwrap();
         fs::write(foreign.join("notes.txt"), b"mine").unwrap();
@@ -592,10 +781,56 @@ mod tests {
         assert_eq!(fs::read(foreign.join("notes.txt")).unwrap(), b"mine");
         let mut o = opts(foreign.clone(), recipe);
         o.overwrite = true;
-        save(&adapter_dir, &model, &tmp.path().join("c4"), &o, &|_| {}).unwrap();
+        let lines = std::sync::Mutex::new(Vec::new());
+        save(&adapter_dir, &model, &tmp.path().join("c4"), &o, &|l| {
+            lines.lock().unwrap().push(l)
+        })
+        .unwrap();
         assert!(
             !foreign.join("notes.txt").exists() && foreign.join(adapter::WEIGHTS_FILE).exists()
         );
+        let aside: Vec<PathBuf> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("foreign.before-runner-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(fs::read(aside[0].join("notes.txt")).unwrap(), b"mine");
+        let lines = lines.into_inner().unwrap();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&*aside[0].to_string_lossy())),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn refuses_an_output_dir_holding_the_recipe_the_cache_or_the_cwd() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (adapter_dir, model) = artifacts(tmp.path());
+        let recipe = tmp.path().join("project/r.toml");
+        fs::create_dir_all(recipe.parent().unwrap()).unwrap();
+        fs::write(&recipe, "[recipe]\n").unwrap();
+        let cache_out = tmp.path().join("project/.runner-cache/.tmp/k.1.0");
+        fs::create_dir_all(&cache_out).unwrap();
+        for dir in [
+            tmp.path().join("project"),
+            tmp.path().join("project/sub/../"),
+            tmp.path().join("project/.runner-cache"),
+            tmp.path().to_path_buf(),
+        ] {
+            let mut o = opts(dir.clone(), recipe.clone());
+            o.overwrite = true;
+            o.protected = vec![recipe.clone(), cache_out.clone()];
+            let err = save(&adapter_dir, &model, &tmp.path().join("c"), &o, &|_| {}).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("replacing it would delete it"),
+                "{}: {err:#}",
+                dir.display()
+            );
+            assert!(recipe.is_file() && cache_out.is_dir());
+        }
     }
 
     #[test]

@@ -34,6 +34,8 @@ op_params! {
         archives: Option<Vec<String>> = None,
         /// Refuse to extract more than this many bytes in all (zip-bomb guard); default 200 GiB.
         max_total_bytes: u64 = 200 << 30,
+        /// Refuse an archive whose entries declare more than this many times its own size, once they pass 16 MiB (zip-bomb guard: images barely compress; a deflate bomb reaches 1000).
+        max_compression_ratio: f64 = 100.0,
     }
 }
 
@@ -103,6 +105,15 @@ impl Op for Unzip {
                 message: format!("invalid pattern `{pattern}`: {e}"),
             })?;
         }
+        if !(p.max_compression_ratio.is_finite() && p.max_compression_ratio >= 1.0) {
+            return Err(ParamError {
+                key: Some("max_compression_ratio".into()),
+                message: format!(
+                    "`max_compression_ratio` must be a finite number of at least 1, got {}",
+                    p.max_compression_ratio
+                ),
+            });
+        }
         UnzipParams::canonical(params)
     }
 
@@ -114,10 +125,20 @@ impl Op for Unzip {
         let p = UnzipParams::from_table(ctx.params)?;
         let dataset = DatasetManifest::read(&ctx.input("archives")?.dir)?;
         let names = select_archives(&dataset.files, p.archives.as_deref())?;
-        let hub = Hub::new(HubEnv::from_process_env());
+        let mut env = HubEnv::from_process_env();
+        // A Hub dataset's root is `<hub cache>/datasets--…/snapshots/<sha>`: archives it lacks
+        // come into the cache `load` used (its `cache_dir` or the environment's).
+        if let (Some(_), Some(cache)) = (&dataset.repo_id, dataset.root.ancestors().nth(3)) {
+            env.cache_dir = cache.to_path_buf();
+        }
+        let hub = Hub::new(env);
         let paths = locate_archives(&dataset, &names, &hub, ctx.progress)?;
         let archives: Vec<(String, PathBuf)> = names.into_iter().zip(paths).collect();
-        let manifest = extract_all(&archives, ctx.out_dir, p.max_total_bytes, ctx.progress)?;
+        let limits = Limits {
+            max_total_bytes: p.max_total_bytes,
+            max_compression_ratio: p.max_compression_ratio,
+        };
+        let manifest = extract_all(&archives, ctx.out_dir, &limits, ctx.progress)?;
         let path = ctx.out_dir.join(FILES_MANIFEST);
         std::fs::write(&path, serde_json::to_string_pretty(&manifest)?)
             .with_context(|| format!("writing {}", path.display()))
@@ -162,6 +183,15 @@ pub fn select_archives(files: &[String], patterns: Option<&[String]>) -> Result<
     if selected.is_empty() {
         bail!("the dataset has no .zip archives to extract");
     }
+    for name in &selected {
+        let dir = archive_dir(name);
+        if dir.is_empty() || dir.ends_with('/') || dir == FILES_MANIFEST {
+            bail!(
+                "archive `{name}` has no usable name to extract into (it would land in the output's root); \
+                 rename it, or leave it out with `archives`"
+            );
+        }
+    }
     // Two archives with the same stem would extract into the same folder.
     let mut dirs = BTreeSet::new();
     for name in &selected {
@@ -190,6 +220,10 @@ pub fn locate_archives(
     progress: &dyn Progress,
 ) -> Result<Vec<PathBuf>> {
     match (&dataset.repo_id, &dataset.revision) {
+        // Archives already in the snapshot are read there, without asking the Hub.
+        (Some(_), Some(_)) if names.iter().all(|n| dataset.root.join(n).is_file()) => {
+            Ok(names.iter().map(|n| dataset.root.join(n)).collect())
+        }
         (Some(repo_id), Some(sha)) => {
             let snapshot = hub.resolve(repo_id, RepoType::Dataset, sha)?;
             names
@@ -222,18 +256,46 @@ struct PlannedEntry {
     size: u64,
 }
 
+/// The zip-bomb guards.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_total_bytes: u64,
+    pub max_compression_ratio: f64,
+}
+
+/// Below this many declared bytes an archive's compression ratio is not checked (a small text
+/// file compresses far better than images, and cannot hurt).
+const RATIO_FLOOR_BYTES: u64 = 16 << 20;
+
 /// Checks every archive's entries, then extracts all archives in parallel into
 /// `out_dir/<archive dir>/`.
 pub fn extract_all(
     archives: &[(String, PathBuf)],
     out_dir: &Path,
-    max_total_bytes: u64,
+    limits: &Limits,
     progress: &dyn Progress,
 ) -> Result<FilesManifest> {
+    let max_total_bytes = limits.max_total_bytes;
     let plans: Vec<(usize, Vec<PlannedEntry>)> = archives
         .par_iter()
         .map(|(name, path)| plan_archive(name, path))
         .collect::<Result<_>>()?;
+    for ((name, path), (_, entries)) in archives.iter().zip(&plans) {
+        let declared: u64 = entries.iter().map(|e| e.size).fold(0, u64::saturating_add);
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("archive `{name}`: reading {}", path.display()))?
+            .len()
+            .max(1);
+        let ratio = declared as f64 / size as f64;
+        if declared > RATIO_FLOOR_BYTES && ratio > limits.max_compression_ratio {
+            bail!(
+                "archive `{name}` ({size} bytes) declares {declared} uncompressed bytes, {ratio:.0} times its size, \
+                 more than max_compression_ratio = {} (zip bomb?); raise `max_compression_ratio` if this is expected",
+                limits.max_compression_ratio
+            );
+        }
+    }
+    check_collisions(archives, &plans)?;
     let declared: u64 = plans
         .iter()
         .flat_map(|(_, entries)| entries)
@@ -289,6 +351,54 @@ pub fn extract_all(
         return Err(e);
     }
     Ok(FilesManifest { archives: out })
+}
+
+/// Refuses two entries (of one archive or of two: `a.zip` and a nested `a/b.zip` share `a/b/`)
+/// that would write the same file, or a file where another entry needs a folder: extraction
+/// would silently overwrite one, or fail halfway with an unclear error.
+fn check_collisions(
+    archives: &[(String, PathBuf)],
+    plans: &[(usize, Vec<PlannedEntry>)],
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    // Output path -> (archive, entry) that makes it a file or, through its descendants, a folder.
+    let mut files: BTreeMap<PathBuf, (&str, String)> = BTreeMap::new();
+    let mut dirs: BTreeMap<PathBuf, (&str, String)> = BTreeMap::new();
+    for ((name, _), (_, entries)) in archives.iter().zip(plans) {
+        let root = PathBuf::from(archive_dir(name));
+        for e in entries {
+            let target = root.join(&e.rel);
+            let who = (name.as_str(), e.rel.display().to_string());
+            let clash = |(a, entry): &(&str, String)| {
+                anyhow!(
+                    "archive `{name}`: entry `{}` collides with entry `{entry}` of archive `{a}` \
+                     (both would write {}); leave one archive out with `archives`, or fix the archive",
+                    who.1,
+                    target.display()
+                )
+            };
+            if let Some(other) = files.get(&target) {
+                return Err(clash(other));
+            }
+            if !e.is_dir {
+                if let Some(other) = dirs.get(&target) {
+                    return Err(clash(other));
+                }
+                files.insert(target.clone(), who.clone());
+            }
+            for ancestor in target.ancestors().skip(usize::from(!e.is_dir)) {
+                if ancestor.as_os_str().is_empty() {
+                    break;
+                }
+                if let Some(other) = files.get(ancestor) {
+                    return Err(clash(other));
+                }
+                dirs.entry(ancestor.to_path_buf())
+                    .or_insert_with(|| who.clone());
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -472,7 +582,11 @@ mod tests {
             names.iter().map(|n| (n.to_string(), dir.join(n))).collect();
         let out = dir.join("out");
         std::fs::create_dir_all(&out).unwrap();
-        extract_all(&archives, &out, max, &NoProgress)
+        let limits = Limits {
+            max_total_bytes: max,
+            max_compression_ratio: 100.0,
+        };
+        extract_all(&archives, &out, &limits, &NoProgress)
     }
 
     /// Every regular file under `dir`, relative, sorted.

@@ -15,6 +15,25 @@ use crate::graph::{self, Pipeline};
 use crate::recipe;
 use crate::schedule::{self, RunOptions, Selection, Status};
 
+/// `println!` that treats a closed stdout (`runner run r.toml | head -c1`: EPIPE) as the end of
+/// output instead of a panic: the run's outcome is its exit code, not whether anyone still reads.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `print!` with [`outln!`]'s treatment of a closed stdout.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        let _ = write!(stdout, $($arg)*);
+        let _ = stdout.flush();
+    }};
+}
+
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_OP_FAILED: i32 = 1;
 pub const EXIT_INVALID: i32 = 2;
@@ -128,7 +147,7 @@ fn dispatch(registry: &Registry, command: Command) -> Outcome {
     match command {
         Command::Validate(args) => {
             let pipeline = load(registry, &args)?;
-            println!(
+            outln!(
                 "{}: ok: recipe `{}`, {} ops, {} edges",
                 pipeline.recipe.file.display,
                 pipeline.recipe.name,
@@ -139,7 +158,7 @@ fn dispatch(registry: &Registry, command: Command) -> Outcome {
         }
         Command::Graph(args) => {
             let pipeline = load(registry, &args)?;
-            print!("{}", graph::to_dot(&pipeline));
+            out!("{}", graph::to_dot(&pipeline));
             Ok(EXIT_OK)
         }
         Command::Plan(args) => plan_command(registry, &args),
@@ -147,7 +166,7 @@ fn dispatch(registry: &Registry, command: Command) -> Outcome {
         Command::Ops { kind } => ops_command(registry, kind.as_deref()),
         Command::Gpu => match ops::gpu::describe() {
             Ok(text) => {
-                print!("{text}");
+                out!("{text}");
                 Ok(EXIT_OK)
             }
             Err(e) => {
@@ -208,12 +227,34 @@ fn selection(pipeline: &Pipeline, args: &RunArgs) -> Result<Selection, Vec<Diagn
     }
 }
 
+/// The plan; a run-time failure while making it (the Hub unreachable) is printed and gives
+/// `Ok(Err(1))`, a fault of the recipe is returned as diagnostics (exit 2).
+fn plan_checked(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    selection: &Selection,
+) -> Result<Result<schedule::Plan, i32>, Vec<Diagnostic>> {
+    match schedule::plan(pipeline, cache, selection) {
+        Ok(plan) => Ok(Ok(plan)),
+        Err(e) if e.run_time => {
+            for d in e.diags {
+                eprintln!("{d}");
+            }
+            Ok(Err(EXIT_OP_FAILED))
+        }
+        Err(e) => Err(e.diags),
+    }
+}
+
 fn plan_command(registry: &Registry, args: &RunArgs) -> Outcome {
     let pipeline = load(registry, &args.recipe)?;
     let selection = selection(&pipeline, args)?;
     let cache = Cache::new(cache_dir(&pipeline, args));
-    let plan = schedule::plan(&pipeline, &cache, &selection)?;
-    println!(
+    let plan = match plan_checked(&pipeline, &cache, &selection)? {
+        Ok(plan) => plan,
+        Err(code) => return Ok(code),
+    };
+    outln!(
         "plan for `{}` ({}), cache {}",
         pipeline.recipe.name,
         pipeline.recipe.file.display,
@@ -239,9 +280,11 @@ fn plan_command(registry: &Registry, args: &RunArgs) -> Outcome {
                 cached += 1;
                 "cached".to_string()
             }
-            Status::WillRun { forced } => {
+            Status::WillRun { forced, stale } => {
                 will_run += 1;
-                if *forced {
+                if let Some(reason) = stale {
+                    format!("will run ({reason})")
+                } else if *forced {
                     "will run (forced)".to_string()
                 } else {
                     "will run".to_string()
@@ -253,7 +296,7 @@ fn plan_command(registry: &Registry, args: &RunArgs) -> Outcome {
             }
             Status::NotSelected => "not selected (--only)".to_string(),
         };
-        println!(
+        outln!(
             "{:>3}. {:name_width$}  {:kind_width$}  {}  {status}",
             n + 1,
             step.name,
@@ -261,7 +304,7 @@ fn plan_command(registry: &Registry, args: &RunArgs) -> Outcome {
             planned.key
         );
     }
-    println!("{cached} cached, {will_run} will run, {skipped} skipped");
+    outln!("{cached} cached, {will_run} will run, {skipped} skipped");
     Ok(EXIT_OK)
 }
 
@@ -269,7 +312,10 @@ fn run_command(registry: &Registry, args: &RunArgs) -> Outcome {
     let pipeline = load(registry, &args.recipe)?;
     let selection = selection(&pipeline, args)?;
     let cache = Cache::new(cache_dir(&pipeline, args));
-    let plan = schedule::plan(&pipeline, &cache, &selection)?;
+    let plan = match plan_checked(&pipeline, &cache, &selection)? {
+        Ok(plan) => plan,
+        Err(code) => return Ok(code),
+    };
     if let Err(e) = cache.prepare() {
         eprintln!("error: {e:#}");
         return Ok(EXIT_OP_FAILED);
@@ -277,14 +323,14 @@ fn run_command(registry: &Registry, args: &RunArgs) -> Outcome {
     let jobs = args
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    println!(
+    outln!(
         "running `{}` ({}), cache {}",
         pipeline.recipe.name,
         pipeline.recipe.file.display,
         cache.root().display()
     );
     let summary = schedule::execute(&pipeline, &plan, &cache, &RunOptions { jobs });
-    println!("{}", summary.line());
+    outln!("{}", summary.line());
     Ok(if summary.failed > 0 {
         EXIT_OP_FAILED
     } else {
@@ -307,9 +353,9 @@ fn ops_command(registry: &Registry, kind: Option<&str>) -> Outcome {
         None => registry.iter().cloned().collect(),
     };
     if ops.is_empty() {
-        println!("no op kinds are registered in this build");
+        outln!("no op kinds are registered in this build");
     }
-    print!("{}", describe_ops(&ops));
+    out!("{}", describe_ops(&ops));
     Ok(EXIT_OK)
 }
 

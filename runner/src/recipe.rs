@@ -458,6 +458,18 @@ fn toml_error_message(file: &SourceFile, message: &str, offset: usize) -> String
             );
         }
     }
+    // The toml crate reports a too-large integer as a type error about i128.
+    let message = match message
+        .strip_prefix("invalid type: integer `")
+        .and_then(|m| m.split_once("` as i128"))
+    {
+        Some((n, _)) => format!(
+            "integer {n} is out of range: TOML integers are 64-bit ({} to {})",
+            i64::MIN,
+            i64::MAX
+        ),
+        None => message.to_string(),
+    };
     let enclosing = lines[..line_no.min(lines.len())]
         .iter()
         .rev()
@@ -1058,6 +1070,16 @@ mod tests {
         let e = errors("[ops.a]\nop = 'k'\nx = 'open\n", &[]);
         assert!(
             e[0].starts_with("r.toml:3:") && e[0].contains("invalid TOML in op `a`"),
+            "{e:?}"
+        );
+
+        let e = errors("[ops.a]\nop = 'k'\nr = 99999999999999999999\n", &[]);
+        assert!(
+            e[0].starts_with("r.toml:3:")
+                && e[0].contains(
+                    "invalid TOML in op `a`: integer 99999999999999999999 is out of range: TOML integers are 64-bit"
+                )
+                && !e[0].contains("i128"),
             "{e:?}"
         );
 

@@ -19,8 +19,9 @@ use crate::graph::Pipeline;
 pub enum Status {
     /// Its output is in the cache and will be reused.
     Cached,
-    /// It runs (`forced`: although its output is cached, because of `--force`).
-    WillRun { forced: bool },
+    /// It runs (`forced`: although its output is cached, because of `--force`, or because
+    /// `stale` says what the cached output wrote outside the cache is gone).
+    WillRun { forced: bool, stale: Option<String> },
     /// It will not run: `Op::skip_reason`, or an input comes from a skipped op.
     Skipped(String),
     /// Outside `--only`.
@@ -54,21 +55,26 @@ pub struct Selection {
     pub only: BTreeSet<usize>,
 }
 
+/// Why a plan could not be made: the diagnostics, and whether any is a run-time failure (the
+/// Hub unreachable: exit 1) rather than a fault of the recipe (a local path missing: exit 2).
+pub struct PlanError {
+    pub diags: Vec<Diagnostic>,
+    pub run_time: bool,
+}
+
 /// Computes every key (in topological order: a key covers its inputs' keys) and the status of
-/// each op. Fails (exit 2) when an op's fingerprint cannot be taken, e.g. a local path is missing.
-pub fn plan(
-    pipeline: &Pipeline,
-    cache: &Cache,
-    selection: &Selection,
-) -> Result<Plan, Vec<Diagnostic>> {
+/// each op. Fails when an op's fingerprint cannot be taken, e.g. a local path is missing.
+pub fn plan(pipeline: &Pipeline, cache: &Cache, selection: &Selection) -> Result<Plan, PlanError> {
     let info = pipeline.recipe.info();
     let mut keys: Vec<Option<String>> = vec![None; pipeline.steps.len()];
     let mut diags = Vec::new();
+    let mut run_time = false;
     for &i in &pipeline.order {
         let step = &pipeline.steps[i];
         let fingerprint = match step.op.fingerprint(&step.params, &info) {
             Ok(f) => f,
             Err(e) => {
+                run_time |= e.downcast_ref::<ops::RunTimeFailure>().is_some();
                 diags.push(pipeline.recipe.file.at(
                     &pipeline.recipe.ops[i].header,
                     format!("op `{}` ({}): {e:#}", step.name, step.kind),
@@ -93,7 +99,7 @@ pub fn plan(
         }));
     }
     if !diags.is_empty() {
-        return Err(diags);
+        return Err(PlanError { diags, run_time });
     }
 
     let selected: BTreeSet<usize> = if selection.only.is_empty() {
@@ -132,11 +138,24 @@ pub fn plan(
         } else if forced.contains(&i) {
             Status::WillRun {
                 forced: cache.contains(key),
+                stale: None,
             }
         } else if cache.contains(key) {
-            Status::Cached
+            match step
+                .op
+                .side_effects_missing(&cache.entry_dir(key), &step.params, &info)
+            {
+                Some(reason) => Status::WillRun {
+                    forced: true,
+                    stale: Some(reason),
+                },
+                None => Status::Cached,
+            }
         } else {
-            Status::WillRun { forced: false }
+            Status::WillRun {
+                forced: false,
+                stale: None,
+            }
         };
         statuses[i] = Some(status);
     }
@@ -263,6 +282,16 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                     key: planned.key.clone(),
                 })
             }
+            Status::WillRun {
+                stale: Some(reason),
+                ..
+            } => {
+                say(format!(
+                    "stale {} ({}) {}: {reason}; running it again",
+                    step.name, step.kind, planned.key
+                ));
+                State::Waiting
+            }
             Status::WillRun { .. } => State::Waiting,
             Status::Skipped(reason) => {
                 summary.skipped += 1;
@@ -333,7 +362,7 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                 let tx = tx.clone();
                 let info = &info;
                 let key = planned.key.clone();
-                let replace = matches!(planned.status, Status::WillRun { forced: true });
+                let replace = matches!(planned.status, Status::WillRun { forced: true, .. });
                 scope.spawn(move || {
                     let started = Instant::now();
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -421,13 +450,48 @@ fn run_one(
         recipe: info,
         progress,
     };
-    step.op.run(&ctx)?;
+    step.op
+        .run(&ctx)
+        .map_err(|e| with_damaged_input_hint(e, pipeline, i, inputs))?;
     let dir = pending.publish(replace)?;
     Ok(Artifact {
         ty: step.output,
         dir,
         key: key.to_string(),
     })
+}
+
+/// An error that names a file of an input's cache entry may come from a damaged entry (a
+/// truncated file, a disk error): say how to rebuild it.
+fn with_damaged_input_hint(
+    e: anyhow::Error,
+    pipeline: &Pipeline,
+    i: usize,
+    inputs: &BTreeMap<String, Artifact>,
+) -> anyhow::Error {
+    let text = format!("{e:#}");
+    let step = &pipeline.steps[i];
+    let suspects: Vec<&str> = step
+        .inputs
+        .iter()
+        .filter(|(port, _)| {
+            inputs
+                .get(*port)
+                .is_some_and(|a| text.contains(&*a.dir.to_string_lossy()))
+        })
+        .map(|(_, &from)| pipeline.steps[from].name.as_str())
+        .collect();
+    match suspects.as_slice() {
+        [] => e,
+        names => {
+            let force: Vec<String> = names.iter().map(|n| format!("--force {n}")).collect();
+            e.context(format!(
+                "reading the cached output of `{}`; if that entry is damaged (a truncated file), rerun with {}",
+                names.join("`, `"),
+                force.join(" ")
+            ))
+        }
+    }
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -56,6 +56,14 @@ fn main() {
         ),
         Trial::test("fingerprint_change_reruns", fingerprint_change_reruns),
         Trial::test("cache_dir_precedence", cache_dir_precedence),
+        Trial::test(
+            "closed_stdout_is_not_a_failure",
+            closed_stdout_is_not_a_failure,
+        ),
+        Trial::test(
+            "damaged_entry_names_the_force_to_rebuild_it",
+            damaged_entry_names_the_force_to_rebuild_it,
+        ),
         Trial::test("graph_is_valid_dot", graph_is_valid_dot),
         Trial::test(
             "ops_lists_params_with_defaults",
@@ -722,6 +730,40 @@ fn fingerprint_change_reruns() -> Result {
         ws.run(&["run", "recipe.toml"]).last_line(),
         "ran 1, reused 0, failed 0"
     );
+    Ok(())
+}
+
+/// `runner run r.toml | head -c1`: the reader goes away, and the run must still succeed (the
+/// write of its last line meets EPIPE).
+fn closed_stdout_is_not_a_failure() -> Result {
+    let ws = Workspace::new(CHAIN);
+    for args in [
+        &["run", "recipe.toml"][..],
+        &["plan", "recipe.toml"],
+        &["ops"],
+        &["validate", "recipe.toml"],
+    ] {
+        let mut child = ws.command(args).spawn().unwrap();
+        drop(child.stdout.take());
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    Ok(())
+}
+
+fn damaged_entry_names_the_force_to_rebuild_it() -> Result {
+    let ws = Workspace::new(CHAIN);
+    assert_eq!(ws.run(&["run", "recipe.toml"]).code, 0);
+    let keys = ws.keys(&[]);
+    fs::remove_file(ws.cache().join(&keys["first"]).join("value.txt")).unwrap();
+    let out = ws.run(&["run", "recipe.toml", "--force", "second"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("rerun with --force first"), "{out:?}");
+    let out = ws.run(&["run", "recipe.toml", "--force", "first"]);
+    assert_eq!(out.code, 0, "{out:?}");
     Ok(())
 }
 

@@ -57,6 +57,86 @@ fn demo_recipe_runs_offline_then_reuses_every_output() {
         stdout.lines().last().unwrap(),
         format!("ran 0, reused {}, failed 0", ops_in_recipe - 1)
     );
+    side_effects_and_guards(work.path(), &out, ops_in_recipe - 1);
+}
+
+/// On the cache of a complete demo run: what `save` wrote outside the cache is checked, the
+/// output folder cannot swallow the cache, push refuses offline mode at once, and an unwritable
+/// checkpoint folder is found before training.
+fn side_effects_and_guards(work: &std::path::Path, out: &std::path::Path, active_ops: usize) {
+    // The output folder deleted: `save` runs again and writes it again.
+    std::fs::remove_dir_all(out).unwrap();
+    let o = run_recipe("demo.toml", work, &[]);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("stale save (save)"), "{}", o.stdout);
+    assert_eq!(
+        o.stdout.lines().last().unwrap(),
+        format!("ran 1, reused {}, failed 0", active_ops - 1)
+    );
+    assert!(out.join("adapter_model.safetensors").is_file());
+    // A file of the folder changed: written again too.
+    std::fs::write(out.join("adapter_config.json"), "{}").unwrap();
+    let o = run_recipe("demo.toml", work, &[]);
+    assert!(o.stdout.contains("stale save (save)"), "{}", o.stdout);
+    assert!(
+        std::fs::read(out.join("adapter_config.json"))
+            .unwrap()
+            .len()
+            > 2
+    );
+
+    // A file the user added to the folder survives a rewrite of it.
+    std::fs::write(out.join("my-notes.txt"), "mine").unwrap();
+    let o = run_recipe("demo.toml", work, &["ops.save.model_card=false"]);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert_eq!(
+        std::fs::read_to_string(out.join("my-notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(!out.join("README.md").exists(), "the card is gone");
+
+    // An output_dir holding the cache (or the recipe, or the current folder) is refused, with
+    // overwrite = true too, and nothing is deleted.
+    let o = run_recipe(
+        "demo.toml",
+        work,
+        &[
+            &format!("recipe.output_dir={}", work.display()),
+            "ops.save.overwrite=true",
+        ],
+    );
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.contains("replacing it would delete it"),
+        "{}",
+        o.stderr
+    );
+    assert!(work.join("cache").is_dir() && out.is_dir());
+
+    // Offline, push fails at once and says why.
+    let started = std::time::Instant::now();
+    let o = run_recipe(
+        "demo.toml",
+        work,
+        &["ops.push.enabled=true", "ops.push.repo_id=someone/demo"],
+    );
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("HF_HUB_OFFLINE is set"), "{}", o.stderr);
+    assert!(started.elapsed().as_secs() < 20, "{:?}", started.elapsed());
+
+    // A checkpoint folder that cannot be written fails the op before its first step.
+    let blocker = work.join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let o = run_recipe(
+        "demo.toml",
+        work,
+        &[&format!(
+            "ops.train.checkpoint_dir={}",
+            blocker.join("checkpoints").display()
+        )],
+    );
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("is not writable"), "{}", o.stderr);
 }
 
 /// The saved folder has exactly the layout PEFT loaded without a warning of its own and with

@@ -87,6 +87,11 @@ pub struct Rendered {
     pub assistant_spans: Vec<(usize, usize)>,
 }
 
+/// Template instructions one render may execute: the Gemma 3 template spends a few hundred per
+/// message, so this allows conversations of tens of thousands of messages and stops a runaway
+/// template within seconds.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     /// Loads the model's own template (see `template_source`), or the override file. Special
     /// tokens come from `tokenizer_config.json` and `special_tokens_map.json`.
@@ -138,6 +143,9 @@ impl ChatTemplate {
                 .expect("default delimiters are valid"),
         );
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
+        // A model's template is code from the Hub: bound what one render may execute, so a
+        // hostile template (nested `range(100000)` loops) fails instead of hanging the run.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
@@ -174,6 +182,13 @@ impl ChatTemplate {
         let raw = tmpl
             .render(Value::from(minijinja::value::Serde(&ctx)))
             .map_err(|e| {
+                if e.kind() == minijinja::ErrorKind::OutOfFuel {
+                    return anyhow::anyhow!(
+                        "chat template: rendering one conversation took more than {TEMPLATE_FUEL} template instructions \
+                         (a template that loops without end, or a hostile one); fix the model's chat template \
+                         or set the template op's `chat_template` to a trusted file"
+                    );
+                }
                 let mut msg = format!("chat template: {e}");
                 if let Some(d) = e.detail() {
                     if !msg.contains(d) {

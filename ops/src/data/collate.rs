@@ -68,8 +68,19 @@ pub struct TokenizedExample {
 /// Why an example cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
-    ImageCountMismatch { placeholders: usize, images: usize },
-    TruncatedInsideImage { max_length: usize, length: usize },
+    ImageCountMismatch {
+        placeholders: usize,
+        images: usize,
+    },
+    TruncatedInsideImage {
+        max_length: usize,
+        length: usize,
+    },
+    /// Longer than the model's positions (found by `prepare_batches`, which knows the model).
+    LongerThanPositions {
+        length: usize,
+        max_positions: usize,
+    },
 }
 
 impl std::fmt::Display for Rejection {
@@ -81,6 +92,14 @@ impl std::fmt::Display for Rejection {
             } => {
                 write!(f, "the text has {placeholders} image placeholders but the example has {images} images")
             }
+            Rejection::LongerThanPositions {
+                length,
+                max_positions,
+            } => write!(
+                f,
+                "{length} tokens, more than the model's max_position_embeddings = {max_positions} \
+                 (set `max_length` on the collate op to truncate such rows)"
+            ),
             Rejection::TruncatedInsideImage { max_length, length } => {
                 write!(f, "max_length {max_length} would cut inside an image block (sequence has {length} tokens)")
             }
@@ -381,6 +400,17 @@ pub struct BatchesDescriptor {
 }
 
 pub const DESCRIPTOR_FILE: &str = "batches.json";
+
+impl BatchesDescriptor {
+    /// The descriptor of the `batches` artifact at `dir`, its folders resolved (they may be
+    /// recorded relative to it: [`crate::artifact::entry_ref`]).
+    pub fn read(dir: &Path) -> Result<Self> {
+        let mut d: Self = read_json(&dir.join(DESCRIPTOR_FILE))?;
+        d.templated_dir = crate::artifact::resolve_entry_ref(dir, &d.templated_dir);
+        d.model_dir = crate::artifact::resolve_entry_ref(dir, &d.model_dir);
+        Ok(d)
+    }
+}
 /// `[num_examples]` u64 LE: byte offset of each kept example's line in `templated.jsonl`.
 pub const OFFSETS_FILE: &str = "offsets.bin";
 
@@ -580,7 +610,7 @@ impl BatchStream {
     /// Opens the `batches` artifact at `descriptor_dir` (the dataset is opened too when images
     /// live in its rows).
     pub fn open(descriptor_dir: &Path, opts: StreamOptions) -> Result<Self> {
-        let desc: BatchesDescriptor = read_json(&descriptor_dir.join(DESCRIPTOR_FILE))?;
+        let desc = BatchesDescriptor::read(descriptor_dir)?;
         let raw = std::fs::read(descriptor_dir.join(OFFSETS_FILE))
             .context("batches artifact has no offsets.bin")?;
         let offsets: Vec<u64> = raw
@@ -601,7 +631,7 @@ impl BatchStream {
                 desc.batch_size
             );
         }
-        let sources: ImageSources = read_json(&desc.templated_dir.join("source.json"))?;
+        let sources = ImageSources::read(&desc.templated_dir)?;
         let rows: Option<Arc<dyn RowImages>> = match &sources.dataset_dir {
             Some(d) => Some(Arc::new(DatasetImages(super::dataset::open(d)?))),
             None => None,
@@ -730,6 +760,18 @@ pub fn prepare_batches(
         bail!("batch_size must be at least 1");
     }
     let processor = Processor::from_model_dir(model_dir)?;
+    // A row longer than the model's positions cannot be trained on (RoPE past its range, and a
+    // 60k-token row takes minutes and gigabytes before anything says so): it is a bad row.
+    let config_path = model_dir.join("config.json");
+    let max_positions = if config_path.is_file() {
+        Some(
+            crate::model::config::ModelConfig::from_file(&config_path)?
+                .text()
+                .max_position_embeddings,
+        )
+    } else {
+        None
+    };
     if spec.options.assistant_only_loss {
         let has_spans = read_json::<serde_json::Value>(&templated_dir.join("templated.json"))
             .ok()
@@ -791,12 +833,16 @@ pub fn prepare_batches(
                     &spec.options,
                 )
                 .with_context(|| format!("row {} ({})", rec.row, rec.file))?;
+                let r = r.and_then(|t| match max_positions {
+                    Some(max) if t.input_ids.len() > max => Err(Rejection::LongerThanPositions {
+                        length: t.input_ids.len(),
+                        max_positions: max,
+                    }),
+                    _ => Ok(t.input_ids.len() as u64),
+                });
                 Ok((
                     *off,
-                    match r {
-                        Ok(t) => Ok(t.input_ids.len() as u64),
-                        Err(why) => Err(format!("row {} ({}): {why}", rec.row, rec.file)),
-                    },
+                    r.map_err(|why| format!("row {} ({}): {why}", rec.row, rec.file)),
                 ))
             })
             .collect();
@@ -822,8 +868,8 @@ pub fn prepare_batches(
     }
     let num_examples = offsets.len();
     let desc = BatchesDescriptor {
-        templated_dir: templated_dir.to_path_buf(),
-        model_dir: model_dir.to_path_buf(),
+        templated_dir: crate::artifact::entry_ref(templated_dir, out_dir),
+        model_dir: crate::artifact::entry_ref(model_dir, out_dir),
         options: spec.options.clone(),
         batch_size: spec.batch_size,
         shuffle: spec.shuffle,

@@ -69,6 +69,17 @@ pub struct ImageSources {
 }
 
 impl ImageSources {
+    /// `source.json` of the artifact at `dir`, its folders resolved (they may be recorded
+    /// relative to it: [`crate::artifact::entry_ref`]).
+    pub fn read(dir: &Path) -> Result<Self> {
+        let s: Self = read_json(&dir.join("source.json"))?;
+        let resolve = |p: PathBuf| crate::artifact::resolve_entry_ref(dir, &p);
+        Ok(Self {
+            dataset_dir: s.dataset_dir.map(resolve),
+            files_root: s.files_root.map(resolve),
+        })
+    }
+
     pub fn file_path(&self, path: &str) -> PathBuf {
         let p = Path::new(path);
         match (&self.files_root, p.is_absolute()) {

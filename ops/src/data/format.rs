@@ -150,6 +150,10 @@ pub struct PathRoots {
     pub files_root: Option<PathBuf>,
     /// The dataset's own folder (for datasets that ship loose image files).
     pub dataset_root: PathBuf,
+    /// `allow_paths_outside = true`: absolute paths anywhere on the machine are read. Off, a row
+    /// can only name images inside the two roots, so a hostile dataset cannot make runner read
+    /// (and train on, and push) any image file of the host.
+    pub allow_outside: bool,
 }
 
 impl PathRoots {
@@ -161,6 +165,15 @@ impl PathRoots {
     pub fn resolve(&self, raw: &str) -> std::result::Result<ImageRef, String> {
         let p = Path::new(raw);
         if p.is_absolute() {
+            let inside = |root: &Path| lexical(p).starts_with(lexical(root));
+            let in_roots =
+                self.files_root.as_deref().is_some_and(inside) || inside(&self.dataset_root);
+            if !self.allow_outside && !in_roots {
+                return Err(format!(
+                    "image path {raw:?} is absolute and outside the dataset's folder and the `files` input; \
+                     images are read only from there unless the `format` op sets allow_paths_outside = true"
+                ));
+            }
             return if p.is_file() {
                 Ok(ImageRef::File {
                     path: raw.to_string(),
@@ -215,6 +228,22 @@ impl PathRoots {
             looked.join(", ")
         ))
     }
+}
+
+/// The path with `.` and `..` removed without touching the disk (a Hub snapshot's files are
+/// symlinks into its blob store, so canonical paths would all be outside the snapshot).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A formatted row before image verification: the record and, for images in the row, their

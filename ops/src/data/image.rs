@@ -50,9 +50,54 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     if format == image::ImageFormat::Jpeg {
         return decode_jpeg_rgb(bytes);
     }
+    let (w, h) = image::ImageReader::with_format(std::io::Cursor::new(bytes), format)
+        .into_dimensions()
+        .with_context(|| format!("cannot decode {format:?} image"))?;
+    check_pixel_count(w as u64, h as u64)?;
     let decoded = image::load_from_memory_with_format(bytes, format)
         .with_context(|| format!("cannot decode {format:?} image"))?;
     Ok(dynamic_to_rgb(decoded))
+}
+
+/// Pillow's `Image.MAX_IMAGE_PIXELS`: an image of more than twice this many pixels is refused
+/// before it is decoded (Pillow's `DecompressionBombError`), whatever its format: a 23 KB JPEG can
+/// declare 20000×20000 pixels (1.2 GB decoded).
+pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
+/// Overrides [`MAX_IMAGE_PIXELS`] (a positive integer; `0` removes the limit), as setting
+/// `Image.MAX_IMAGE_PIXELS` does in Pillow.
+pub const MAX_IMAGE_PIXELS_ENV: &str = "RUNNER_MAX_IMAGE_PIXELS";
+
+/// The pixel limit in force: [`MAX_IMAGE_PIXELS`] unless [`MAX_IMAGE_PIXELS_ENV`] overrides it.
+pub fn max_image_pixels() -> Result<Option<u64>> {
+    match std::env::var(MAX_IMAGE_PIXELS_ENV) {
+        Err(_) => Ok(Some(MAX_IMAGE_PIXELS)),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(n)),
+            Err(_) => bail!(
+                "{MAX_IMAGE_PIXELS_ENV}={v:?} is not a whole number of pixels (0 removes the limit)"
+            ),
+        },
+    }
+}
+
+/// Refuses, from its header, an image of more than twice the pixel limit.
+fn check_pixel_count(width: u64, height: u64) -> Result<()> {
+    match max_image_pixels()? {
+        Some(max) if width.saturating_mul(height) > max.saturating_mul(2) => {
+            Err(bomb_error(width, height, max))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn bomb_error(width: u64, height: u64, max: u64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "image size ({width}x{height} = {} pixels) exceeds twice the limit of {max} pixels: \
+         a possible decompression bomb (Pillow's DecompressionBombError); \
+         if the image is trusted, raise {MAX_IMAGE_PIXELS_ENV}",
+        width.saturating_mul(height)
+    )
 }
 
 /// Reads and decodes an image file.
@@ -123,8 +168,17 @@ fn decode_jpeg_rgb(bytes: &[u8]) -> Result<RgbImage> {
     if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
         bail!("corrupt JPEG: truncated (no end-of-image marker)");
     }
+    let limit = max_image_pixels()?;
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, bool, Vec<u8>)> {
         let d = mozjpeg::Decompress::new_mem(bytes)?;
+        // The header alone is read: refuse a bomb before libjpeg allocates its pixels.
+        let pixels = (d.width() as u64).saturating_mul(d.height() as u64);
+        if limit.is_some_and(|max| pixels > max.saturating_mul(2)) {
+            return Err(std::io::Error::other(BombSize(
+                d.width() as u64,
+                d.height() as u64,
+            )));
+        }
         let cmyk = matches!(d.color_space(), Cs::JCS_CMYK | Cs::JCS_YCCK);
         let mut started = if cmyk {
             d.to_colorspace(Cs::JCS_CMYK)?
@@ -138,6 +192,11 @@ fn decode_jpeg_rgb(bytes: &[u8]) -> Result<RgbImage> {
     });
     let (width, height, cmyk, raw) = match decoded {
         Ok(Ok(v)) => v,
+        Ok(Err(e)) if e.get_ref().is_some_and(|inner| inner.is::<BombSize>()) => {
+            let bomb = e.get_ref().and_then(|i| i.downcast_ref::<BombSize>());
+            let &BombSize(w, h) = bomb.expect("checked by the guard");
+            return Err(bomb_error(w, h, limit.unwrap_or(MAX_IMAGE_PIXELS)));
+        }
         Ok(Err(e)) => bail!("corrupt JPEG: {e}"),
         Err(panic) => {
             let msg = panic
@@ -179,6 +238,18 @@ fn decode_jpeg_rgb(bytes: &[u8]) -> Result<RgbImage> {
         data,
     })
 }
+
+/// A JPEG header over the pixel limit, carried out of the decoder closure.
+#[derive(Debug)]
+struct BombSize(u64, u64);
+
+impl std::fmt::Display for BombSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{} pixels", self.0, self.1)
+    }
+}
+
+impl std::error::Error for BombSize {}
 
 /// Pillow's `MULDIV255`: a*b/255 rounded, in integer arithmetic.
 fn muldiv255(a: i32, b: i32) -> i32 {
@@ -634,6 +705,9 @@ pub struct ImageProcessorConfig {
     pub do_pan_and_scan: bool,
 }
 
+/// The largest processed image side accepted from a processor config.
+const MAX_PROCESSOR_SIDE: usize = 4096;
+
 impl ImageProcessorConfig {
     /// Parses the JSON object holding the image processor's settings.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
@@ -684,6 +758,29 @@ impl ImageProcessorConfig {
             image_std: triple("image_std", 0.5)?,
             do_pan_and_scan: flag("do_pan_and_scan", false),
         };
+        // A hostile or broken processor config must fail here, clearly, not as a terabyte
+        // allocation or a run that trains on NaN.
+        for (k, n) in [("height", cfg.height), ("width", cfg.width)] {
+            if !(1..=MAX_PROCESSOR_SIDE).contains(&n) {
+                bail!(
+                    "image processor `size.{k}` = {n} is out of range (1 to {MAX_PROCESSOR_SIDE} pixels); fix the model's processor config (Gemma 3 uses 896)"
+                );
+            }
+        }
+        if !(cfg.rescale_factor.is_finite() && cfg.rescale_factor > 0.0) {
+            bail!(
+                "image processor `rescale_factor` = {} must be a positive finite number (1/255 for 8-bit images)",
+                cfg.rescale_factor
+            );
+        }
+        for (k, t) in [("image_mean", cfg.image_mean), ("image_std", cfg.image_std)] {
+            if let Some(x) = t.iter().find(|x| !x.is_finite()) {
+                bail!("image processor `{k}` holds {x}; every value must be finite");
+            }
+        }
+        if let Some(x) = cfg.image_std.iter().find(|&&x| x <= 0.0) {
+            bail!("image processor `image_std` holds {x}; every value must be positive (pixels are divided by it)");
+        }
         if cfg.resample != 2 {
             bail!(
                 "image processor resample = {} is not supported (only 2, PIL BILINEAR)",

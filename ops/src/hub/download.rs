@@ -464,10 +464,12 @@ impl Hub {
                 Err(Failure::Transient(e)) => {
                     retry += 1;
                     if retry >= self.retry.attempts {
-                        return Err(Failure::Transient(e.context(format!(
-                            "{what}: failed {} times talking to {}; check the network \
-                             (or set HF_HUB_OFFLINE=1 to use only the local cache)",
-                            self.retry.attempts, self.env.endpoint
+                        return Err(Failure::Transient(e.context(crate::RunTimeFailure(
+                            format!(
+                                "{what}: failed {} times talking to {}; check the network \
+                                 (or set HF_HUB_OFFLINE=1 to use only the local cache)",
+                                self.retry.attempts, self.env.endpoint
+                            ),
                         ))));
                     }
                     std::thread::sleep(self.retry.delay(retry - 1));

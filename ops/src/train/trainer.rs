@@ -110,8 +110,7 @@ pub struct StreamSource {
 
 impl StreamSource {
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let descriptor: BatchesDescriptor =
-            crate::data::conversation::read_json(&dir.join(crate::data::collate::DESCRIPTOR_FILE))?;
+        let descriptor = BatchesDescriptor::read(dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             descriptor,
