@@ -260,7 +260,7 @@ impl<'g> Recorder<'g> {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("runner step"),
             });
-        let enc = std::mem::replace(&mut self.encoder, Some(fresh)).expect("open");
+        let enc = self.encoder.replace(fresh).expect("open");
         self.gpu.queue.submit([enc.finish()]);
         self.keep.clear();
         self.staged.clear();

@@ -65,7 +65,7 @@ struct GpuEncoderLayerCache {
 /// What one encoder layer keeps between the forward and its backward.
 enum KeptLayer {
     /// Every activation its backward reads.
-    Full(GpuEncoderLayerCache),
+    Full(Box<GpuEncoderLayerCache>),
     /// Gradient checkpointing: only the layer input `[tokens, hidden]`; the backward runs the
     /// layer's forward again (same dropout masks: same [`LoraRun`]) right before it.
     Input(GpuTensor),
@@ -372,7 +372,7 @@ impl GpuVisionTower {
                 kept.push(if checkpoint {
                     KeptLayer::Input(cache.x)
                 } else {
-                    KeptLayer::Full(cache)
+                    KeptLayer::Full(Box::new(cache))
                 });
             }
             rec.flush();
@@ -545,7 +545,7 @@ impl GpuVisionTower {
         for i in (lowest..self.layers.len()).rev() {
             let layer = &self.layers[i];
             let c = match layers.pop().context("one kept entry per layer")? {
-                KeptLayer::Full(c) => c,
+                KeptLayer::Full(c) => *c,
                 KeptLayer::Input(x) => {
                     self.layer_forward(gpu, rec, layer, x, &mask, images, run)?
                         .1
