@@ -9,6 +9,15 @@
 //! the same run by tools/bench/train_baseline.py ("skipped" without python3 + torch).
 //!
 //! `cargo run --release -p ops --example train_bench -- [SEQ=512] [STEPS=3]`
+//!
+//! Any config, at scale: `train_bench --config FILE [--seq N=512] [--images K=1] [--steps S=1]
+//! [--nf4] [--checkpointing]` builds random weights of that config's shape (bf16, written in
+//! shards), quantizes them to NF4 with the quantize op's own code (`--nf4`: double quant, as the
+//! guide), attaches the guide's LoRA and runs S steps of batch 1 × N tokens holding K images.
+//! It prints the plan, the step time and the engine's measured peak, and as its last line
+//! `4b step: S s, peak device X GiB, plan Y GiB` (never needs the Hub). With
+//! recipes/configs/gemma-3-4b-it.config.json this is the full-size step: tens of minutes on 2
+//! cores, by hand only.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -21,6 +30,9 @@ use ops::model::{ModelConfig, Weights};
 use ops::train::lora_init::{new_adapter, LoraOptions, TargetSpec};
 use ops::train::model::TrainModel;
 use ops::train::optimizer::{record_norm_and_clip, zero_grads, AdamWConfig, GpuAdamW};
+
+#[path = "train_bench/at_scale.rs"]
+mod at_scale;
 
 const CONFIG: &str = include_str!("../../recipes/configs/bench-small-gemma-3.config.json");
 
@@ -198,6 +210,9 @@ fn measure(
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a.starts_with("--")) {
+        return at_scale::main();
+    }
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

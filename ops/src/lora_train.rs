@@ -20,11 +20,12 @@ use crate::model::Weights;
 use crate::params::OpParams;
 use crate::train::lora_init::{load_adapter, new_adapter, LoraOptions, TargetSpec};
 use crate::train::model::TrainModel;
-use crate::train::optimizer::AdamWConfig;
+use crate::train::optimizer::{AdamWConfig, Optim};
 use crate::train::schedule::ScheduleKind;
 use crate::train::tensorboard::{default_run_dir, hostname};
 use crate::train::trainer::{
-    train, LossNormalizationKind, Resume, SaveStrategy, StreamSource, TrainConfig, TrainOutputs,
+    train_with_optim, LossNormalizationKind, Resume, SaveStrategy, StreamSource, TrainConfig,
+    TrainOutputs,
 };
 use crate::{op_params, ArtifactType, Device, Op, ParamError, ParamSpec, Port, RunCtx};
 
@@ -75,6 +76,8 @@ op_params! {
         adam_beta1: f64 = 0.9,
         adam_beta2: f64 = 0.999,
         adam_epsilon: f64 = 1e-8,
+        /// "adamw_torch" (every AdamW state on the device; "adamw_torch_fused", the guide's, runs the same update) or "adamw_offload" (the AdamW states of the modules_to_save copies and their update on the host: the device holds only their values and gradients).
+        optim: String = "adamw_torch".to_string(),
         /// Global L2 gradient-norm clipping; 0 turns clipping off (the norm is still logged).
         max_grad_norm: f64 = 1.0,
         /// Micro-batches per optimizer step (the batch size is collate's batch_size).
@@ -174,23 +177,17 @@ fn memory_plan(
     }
     MemoryPlan::build(
         config,
-        &PlanOptions {
-            base: if nf4 {
-                BaseFormat::Nf4 {
-                    double_quant: false,
-                }
-            } else {
-                BaseFormat::Dense(FloatDtype::F32)
-            },
-            base_dtype: FloatDtype::F32,
-            lora: Some(LoraPlan {
+        &plan_options(
+            nf4,
+            LoraPlan {
                 r: adapter.pairs.values().map(|p| p.rank).max().unwrap_or(p.r),
                 modules_to_save,
                 modules_to_save_dtype: FloatDtype::F32,
                 vision: adapter.pairs.keys().any(|m| m.contains("vision_tower")),
                 dropout: adapter.settings.dropout > 0.0,
-            }),
-            activations: Some(ActivationPlan {
+                optimizer_offload: Optim::parse(&p.optim) == Ok(Optim::AdamWOffload),
+            },
+            ActivationPlan {
                 batch: d.batch_size,
                 seq_len,
                 images_per_sample: 1,
@@ -198,9 +195,28 @@ fn memory_plan(
                 activation_dtype: FloatDtype::F32,
                 max_binding_bytes,
                 staged_operands,
-            }),
-        },
+            },
+        ),
     )
+}
+
+/// The plan options of a lora-train run (what `Gemma3Gpu` holds: NF4 linears as stored with
+/// the absmax widened to f32, or dense f32 ones; every other tensor in f32, since the kernels
+/// compute in f32) for a LoRA setup and a micro-batch shape. The `memory_plan` example plans
+/// the guide's recipes with it.
+pub fn plan_options(nf4: bool, lora: LoraPlan, activations: ActivationPlan) -> PlanOptions {
+    PlanOptions {
+        base: if nf4 {
+            BaseFormat::Nf4 {
+                double_quant: false,
+            }
+        } else {
+            BaseFormat::Dense(FloatDtype::F32)
+        },
+        base_dtype: FloatDtype::F32,
+        lora: Some(lora),
+        activations: Some(activations),
+    }
 }
 
 pub struct LoraTrainOp {
@@ -224,6 +240,7 @@ fn param_error(key: &str, message: String) -> ParamError {
 struct Plan {
     lora: Option<LoraOptionsNoSeed>,
     train: TrainConfig,
+    optim: Optim,
     tensorboard: bool,
 }
 
@@ -342,6 +359,7 @@ fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<Plan, ParamError> {
             ));
         }
     }
+    let optim = Optim::parse(&p.optim).map_err(|e| param_error("optim", e))?;
     let lr_scheduler_type = ScheduleKind::parse(&p.lr_scheduler_type)
         .map_err(|e| param_error("lr_scheduler_type", format!("{e:#}")))?;
     crate::train::schedule::warmup_steps(1, p.warmup_steps, p.warmup_ratio)
@@ -464,6 +482,7 @@ fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<Plan, ParamError> {
             seed: p.seed.unwrap_or(recipe_seed),
         },
         tensorboard,
+        optim,
     })
 }
 
@@ -656,11 +675,12 @@ impl Op for LoraTrainOp {
             BoolOrPath::Bool(true) => Resume::Latest,
             BoolOrPath::Path(path) => Resume::Path(ctx.recipe.resolve(path)),
         };
-        let summary = train(
+        let summary = train_with_optim(
             gpu,
             model.as_mut(),
             &data,
             &plan.train,
+            plan.optim,
             &adapter_config,
             &TrainOutputs {
                 out_dir: ctx.out_dir.to_path_buf(),

@@ -57,12 +57,12 @@ fn vision_forward_matches_transformers() {
     };
     let pixels_g = gpu.upload_f32(&shape, &pixels).unwrap();
     let mut rec = Recorder::new(gpu);
-    let (vision, cache) = tower.forward(gpu, &mut rec, &pixels_g, &run).unwrap();
+    let (vision, cache) = tower
+        .forward(gpu, &mut rec, &pixels_g, &run, false)
+        .unwrap();
     let (features, _) = projector.forward(gpu, &mut rec, &vision, images).unwrap();
     // Without LoRA the backward is a no-op (nothing in the tower trains).
-    tower
-        .backward(gpu, &mut rec, &cache, &vision, &run)
-        .unwrap();
+    tower.backward(gpu, &mut rec, cache, &vision, &run).unwrap();
     rec.submit_and_wait().unwrap();
     let vision = gpu.read_f32(&vision).unwrap();
     let features = gpu.read_f32(&features).unwrap();
@@ -175,16 +175,42 @@ fn vision_lora_backward_matches_reference() {
         let d_features_g = gpu
             .upload_f32(&[ref_features.len() / 64, 64], &d_features)
             .unwrap();
-        let mut rec = Recorder::new(gpu);
-        let (vision, vcache) = tower.forward(gpu, &mut rec, &pixels_g, &run).unwrap();
-        let (features, pcache) = projector.forward(gpu, &mut rec, &vision, images).unwrap();
-        let d_vision = projector
-            .backward(gpu, &mut rec, &pcache, &d_features_g)
-            .unwrap();
-        tower
-            .backward(gpu, &mut rec, &vcache, &d_vision, &run)
-            .unwrap();
-        rec.submit_and_wait().unwrap();
+        // The forward and backward, without and with gradient checkpointing (each SigLIP layer
+        // recomputed right before its backward, same dropout masks): the LoRA gradients of both
+        // must be identical, bit for bit (same kernels on the same inputs).
+        let forward_backward = |checkpoint: bool| {
+            for pair in tower.linears().iter().filter_map(|l| l.lora.as_ref()) {
+                gpu.fill_f32(&pair.grad_a, 0.0).unwrap();
+                gpu.fill_f32(&pair.grad_b, 0.0).unwrap();
+            }
+            let mut rec = Recorder::new(gpu);
+            let (vision, vcache) = tower
+                .forward(gpu, &mut rec, &pixels_g, &run, checkpoint)
+                .unwrap();
+            let (features, pcache) = projector.forward(gpu, &mut rec, &vision, images).unwrap();
+            let d_vision = projector
+                .backward(gpu, &mut rec, &pcache, &d_features_g)
+                .unwrap();
+            tower
+                .backward(gpu, &mut rec, vcache, &d_vision, &run)
+                .unwrap();
+            rec.submit_and_wait().unwrap();
+            let grads: Vec<Vec<f32>> = tower
+                .linears()
+                .iter()
+                .filter_map(|l| l.lora.as_ref())
+                .flat_map(|p| [&p.grad_a, &p.grad_b])
+                .map(|g| gpu.read_f32(g).unwrap())
+                .collect();
+            (vision, features, d_vision, grads)
+        };
+        let (_, _, _, checkpointed) = forward_backward(true);
+        let (vision, features, d_vision, kept) = forward_backward(false);
+        assert_eq!(checkpointed.len(), 2 * adapter.pairs.len());
+        assert!(
+            checkpointed == kept,
+            "gradient checkpointing changed the tower's LoRA gradients"
+        );
 
         let case = if only_layer1 {
             "layer 1 only"

@@ -246,6 +246,26 @@ impl<'g> Recorder<'g> {
         self.keep.push(dst.buffer.clone());
     }
 
+    /// Submits what is recorded so far and keeps recording into a fresh encoder: the buffers
+    /// this recorder held return to the pool unless something else still references them
+    /// (queue order keeps the later work after the submitted one). Models call it between
+    /// layers so a step's peak is one layer's working set plus what is kept, not the sum of
+    /// every layer's buffers. A timed recorder keeps its query set: timestamps written before a
+    /// flush resolve at [`Recorder::submit_timed`] with the rest.
+    pub fn flush(&mut self) {
+        self.pass = None;
+        let fresh = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("runner step"),
+            });
+        let enc = self.encoder.replace(fresh).expect("open");
+        self.gpu.queue.submit([enc.finish()]);
+        self.keep.clear();
+        self.staged.clear();
+    }
+
     /// Submits everything recorded (one queue submit). Does not wait.
     pub fn submit(mut self) {
         self.pass = None;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use super::engine::{Gpu, PooledBuffer};
 
@@ -304,6 +304,55 @@ impl Gpu {
         drop(view);
         staging.unmap();
         Ok(out)
+    }
+
+    /// Reads chunk `k` of an f32 tensor (its `rows × row_len` values; submits and waits): the
+    /// host optimizer walks a large tensor a chunk at a time, so no host or device copy of the
+    /// whole tensor is ever made.
+    pub fn read_chunk_f32(&self, t: &GpuTensor, k: usize) -> Result<Vec<f32>> {
+        ensure!(
+            t.dtype == DType::F32,
+            "read_chunk_f32 on a {:?} tensor",
+            t.dtype
+        );
+        let c = t
+            .chunks
+            .get(k)
+            .with_context(|| format!("the tensor has {} chunks, not {}", t.chunks.len(), k + 1))?;
+        let piece = GpuTensor {
+            shape: vec![c.rows, t.row_len],
+            dtype: t.dtype,
+            row_len: t.row_len,
+            chunks: vec![Chunk {
+                first_row: 0,
+                ..c.clone()
+            }],
+        };
+        self.read_f32(&piece)
+    }
+
+    /// Overwrites chunk `k` of an f32 tensor with host values (`queue.write_buffer`: ordered
+    /// before the work of the next submit, and through wgpu's own staging memory rather than
+    /// a pooled device buffer).
+    pub fn write_chunk_f32(&self, t: &GpuTensor, k: usize, data: &[f32]) -> Result<()> {
+        ensure!(
+            t.dtype == DType::F32,
+            "write_chunk_f32 on a {:?} tensor",
+            t.dtype
+        );
+        let c = t
+            .chunks
+            .get(k)
+            .with_context(|| format!("the tensor has {} chunks, not {}", t.chunks.len(), k + 1))?;
+        ensure!(
+            data.len() == c.rows * t.row_len,
+            "chunk {k} holds {} values, not {}",
+            c.rows * t.row_len,
+            data.len()
+        );
+        self.queue
+            .write_buffer(c.buffer.buffer(), 0, bytemuck::cast_slice(data));
+        Ok(())
     }
 
     /// Reads an f32 tensor (bf16 tensors are widened).

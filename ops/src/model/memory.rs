@@ -8,7 +8,7 @@
 //! Activation figures follow what `Gemma3Gpu::accumulate` (ops/src/model/gpu) allocates, buffer
 //! by buffer: flash attention (an lse per row, no probabilities), the fused lm_head +
 //! cross-entropy with a bounded logits block, the recorder keeping every bound buffer until its
-//! submit (no reuse within a step without checkpointing), the engine's pool size classes. The
+//! next flush (one per layer and phase), the engine's pool size classes. The
 //! tiny-model test (ops/tests/memory_plan.rs) checks them against the engine's own count.
 //! Activations are bound whole by their kernels, so one larger than a storage binding is
 //! refused here, before anything is uploaded; only weights are split into chunks.
@@ -45,6 +45,8 @@ pub struct LoraPlan {
     pub vision: bool,
     /// LoRA dropout > 0: every LoRA forward and backward draws a dropped-out copy of its input.
     pub dropout: bool,
+    /// `optim = "adamw_offload"`: the modules_to_save copies' AdamW moments live on the host.
+    pub optimizer_offload: bool,
 }
 
 /// One micro-batch's shape.
@@ -154,6 +156,33 @@ pub fn bnb_parameter_footprint(config: &ModelConfig, dtype: FloatDtype) -> u64 {
         .sum()
 }
 
+/// Device bytes of a weight tensor of `bytes` in rows of `row_bytes`: the engine splits one
+/// larger than a binding into chunks of whole rows on 32-bit boundaries
+/// (`Gpu::rows_per_chunk`), each its own pooled buffer, so it costs the size classes of its
+/// chunks (a 2.5 GiB table in 128 MiB chunks costs 2.5 GiB, not the 3 GiB class of its total).
+fn chunked_capacity(bytes: u64, row_bytes: u64, max_binding: u64) -> u64 {
+    let row_bits = row_bytes * 8;
+    if bytes <= max_binding || row_bits == 0 || row_bytes > max_binding {
+        return pooled_capacity(bytes.next_multiple_of(4));
+    }
+    let mut per = max_binding * 8 / row_bits;
+    while per > 0 && !(per * row_bits).is_multiple_of(32) {
+        per -= 1;
+    }
+    let rows = bytes / row_bytes;
+    if per == 0 || rows <= per {
+        return pooled_capacity(bytes.next_multiple_of(4));
+    }
+    let full = rows / per;
+    let last = (rows - full * per) * row_bytes;
+    full * pooled_capacity(per * row_bytes)
+        + if last > 0 {
+            pooled_capacity(last.next_multiple_of(4))
+        } else {
+            0
+        }
+}
+
 fn human(bytes: u64) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
     const MIB: f64 = (1u64 << 20) as f64;
@@ -179,6 +208,12 @@ impl MemoryPlan {
         let lin_elems: u64 = lin.iter().map(|e| e.numel() as u64).sum();
         let row_of =
             |e: &ExpectedTensor| -> u64 { e.shape.iter().skip(1).product::<usize>().max(1) as u64 };
+        // The binding the engine chunks weights at (no activations planned: unchunked).
+        let binding = opts
+            .activations
+            .as_ref()
+            .map_or(u64::MAX, |a| a.max_binding_bytes);
+        let dev = |bytes: u64, row_bytes: u64| chunked_capacity(bytes, row_bytes, binding);
 
         // Frozen base (weights are split between rows into chunks when larger than a binding).
         match opts.base {
@@ -190,9 +225,10 @@ impl MemoryPlan {
                     let (p, s) = nf4_state_bytes(n, double_quant);
                     packed += p;
                     state += s;
-                    packed_dev += pooled_capacity(p.next_multiple_of(4));
-                    // The GPU holds the absmax widened to f32 (`Gpu::upload_nf4`).
-                    state_dev += pooled_capacity(4 * n.div_ceil(64));
+                    // Both are uploaded flat (`Gpu::upload_nf4`): rows of one byte, one f32.
+                    packed_dev += dev(p, 1);
+                    // The GPU holds the absmax widened to f32.
+                    state_dev += dev(4 * n.div_ceil(64), 4);
                     buffers.push(Buffer {
                         name: e.name.clone(),
                         bytes: p,
@@ -223,10 +259,10 @@ impl MemoryPlan {
                 });
             }
             BaseFormat::Dense(d) => {
-                let mut dev = 0;
+                let mut on_device = 0;
                 for e in &lin {
                     let bytes = e.numel() as u64 * d.size() as u64;
-                    dev += pooled_capacity(bytes);
+                    on_device += dev(bytes, row_of(e) * d.size() as u64);
                     buffers.push(Buffer {
                         name: e.name.clone(),
                         bytes,
@@ -240,7 +276,7 @@ impl MemoryPlan {
                     dtype: dtype_name(d),
                     elements: lin_elems,
                     bytes: lin_elems * d.size() as u64,
-                    device_bytes: dev,
+                    device_bytes: on_device,
                 });
             }
         }
@@ -275,7 +311,7 @@ impl MemoryPlan {
             dtype: dtype_name(opts.base_dtype),
             elements: embed_elems,
             bytes: embed_elems * bd,
-            device_bytes: pooled_capacity(embed_elems * bd),
+            device_bytes: dev(embed_elems * bd, row_of(embed) * bd),
         });
         if let Some(head) = others.iter().find(|e| e.name == LM_HEAD) {
             let n = head.numel() as u64;
@@ -285,7 +321,7 @@ impl MemoryPlan {
                 dtype: dtype_name(opts.base_dtype),
                 elements: n,
                 bytes: n * bd,
-                device_bytes: pooled_capacity(n * bd),
+                device_bytes: dev(n * bd, row_of(head) * bd),
             });
         }
         let rest: Vec<&&ExpectedTensor> = others
@@ -301,7 +337,7 @@ impl MemoryPlan {
             bytes: rest_elems * bd,
             device_bytes: rest
                 .iter()
-                .map(|e| pooled_capacity(e.numel() as u64 * bd))
+                .map(|e| dev(e.numel() as u64 * bd, row_of(e) * bd))
                 .sum(),
         });
 
@@ -320,7 +356,7 @@ impl MemoryPlan {
                 .map(|e| {
                     let (out, inp) = (e.shape[0] as u64, e.shape[1] as u64);
                     let r = lora.r as u64;
-                    4 * (pooled_capacity(4 * r * inp) + pooled_capacity(4 * out * r))
+                    4 * (dev(4 * r * inp, 4 * inp) + dev(4 * out * r, 4 * r))
                 })
                 .sum();
             rows.push(PlanRow {
@@ -335,20 +371,54 @@ impl MemoryPlan {
                 bytes: params * 4 * 4,
                 device_bytes: device,
             });
+            // The loop's `[1]` f32 gradient norm (clipping and logging), alive for the run.
+            rows.push(PlanRow {
+                part: "trainable",
+                item: "global gradient norm (clipping)".into(),
+                dtype: "f32",
+                elements: 1,
+                bytes: 4,
+                device_bytes: pooled_capacity(4),
+            });
             for m in &lora.modules_to_save {
                 let n = match m.as_str() {
                     "lm_head" | "embed_tokens" => embed_elems,
                     other => bail!("modules_to_save `{other}` is not known to the memory plan (lm_head, embed_tokens)"),
                 };
+                // The moments are kept in the parameter's dtype (torch's AdamW state for bf16
+                // params is bf16; this engine's copies are f32, and so are their moments).
                 let d = lora.modules_to_save_dtype;
-                rows.push(PlanRow {
-                    part: "trainable",
-                    item: format!("modules_to_save copy of {m} (params + grads + AdamW m, v)"),
-                    dtype: dtype_name(d),
-                    elements: n,
-                    bytes: n * d.size() as u64 * 4,
-                    device_bytes: 4 * pooled_capacity(n * d.size() as u64),
-                });
+                let one = n * d.size() as u64;
+                let one_dev = dev(one, config.text().hidden_size as u64 * d.size() as u64);
+                if lora.optimizer_offload {
+                    rows.push(PlanRow {
+                        part: "trainable",
+                        item: format!(
+                            "modules_to_save copy of {m} (params + grads; AdamW on the host)"
+                        ),
+                        dtype: dtype_name(d),
+                        elements: n,
+                        bytes: 2 * one,
+                        device_bytes: 2 * one_dev,
+                    });
+                    rows.push(PlanRow {
+                        part: "host",
+                        item: format!("AdamW m, v of the {m} copy (adamw_offload, host memory)"),
+                        dtype: "f32",
+                        elements: 2 * n,
+                        bytes: 2 * n * 4,
+                        device_bytes: 0,
+                    });
+                } else {
+                    rows.push(PlanRow {
+                        part: "trainable",
+                        item: format!("modules_to_save copy of {m} (params + grads + AdamW m, v)"),
+                        dtype: dtype_name(d),
+                        elements: n,
+                        bytes: 4 * one,
+                        device_bytes: 4 * one_dev,
+                    });
+                }
                 buffers.push(Buffer {
                     name: format!("{m} (modules_to_save copy)"),
                     bytes: n * d.size() as u64,
@@ -382,9 +452,13 @@ impl MemoryPlan {
         largest_binding(&self.buffers, max_binding_bytes)
     }
 
-    /// Bytes of the data.
+    /// Bytes of the data on the device (host rows excluded).
     pub fn total(&self) -> u64 {
-        self.rows.iter().map(|r| r.bytes).sum()
+        self.rows
+            .iter()
+            .filter(|r| r.part != "host")
+            .map(|r| r.bytes)
+            .sum()
     }
 
     pub fn part_total(&self, part: &str) -> u64 {
@@ -446,7 +520,7 @@ impl MemoryPlan {
                 r.device_bytes,
             );
         }
-        for part in ["weights", "trainable", "activations", "staging"] {
+        for part in ["weights", "trainable", "activations", "staging", "host"] {
             let t = self.part_total(part);
             if t > 0 {
                 line(
@@ -463,7 +537,7 @@ impl MemoryPlan {
         line(
             &mut s,
             "total",
-            "",
+            "on the device",
             "",
             "",
             self.total(),
@@ -820,141 +894,173 @@ struct VisionShape {
     dropout: bool,
 }
 
-/// What the vision tower and projector forward allocate: `(kept for the backward, the rest)`
-/// (nothing is kept when the tower trains no LoRA pair).
-fn vision_forward(v: &VisionShape) -> (Vec<Alloc>, Vec<Alloc>) {
+/// What one SigLIP encoder layer's forward allocates (`GpuVisionTower::layer_forward`):
+/// `(kept for its backward, temporaries, its output)`. Its input is the previous layer's output.
+fn vision_layer_forward(v: &VisionShape) -> (Vec<Alloc>, Vec<Alloc>, Alloc) {
     let (mut kept, mut temps) = (Vec::new(), Vec::new());
     let (n, h, i, r, p) = (v.images * v.patches, v.hidden, v.inter, v.r, v.dropout);
-    alloc(&mut temps, "vision unfolded patches", n, v.patch_dim);
-    alloc(&mut kept, "vision embeddings", n, h);
-    alloc(
+    alloc(&mut kept, "vision layer_norm1 out", n, h);
+    alloc(&mut kept, "vision layer_norm1 stats", n, 2);
+    for name in ["vision q_proj", "vision k_proj", "vision v_proj"] {
+        linear_forward(&mut kept, &mut temps, name, n, (h, h), r, p, true);
+    }
+    alloc(&mut kept, "vision attention output", n, h);
+    alloc(&mut kept, "vision attention log-sum-exp", n * v.heads, 1);
+    linear_forward(
         &mut kept,
-        "vision attention mask",
-        mask_words(v.images, v.patches),
-        1,
+        &mut temps,
+        "vision out_proj",
+        n,
+        (h, h),
+        r,
+        p,
+        true,
     );
-    for _ in 0..v.layers {
-        alloc(&mut kept, "vision layer_norm1 out", n, h);
-        alloc(&mut kept, "vision layer_norm1 stats", n, 2);
-        linear_forward(
-            &mut kept,
-            &mut temps,
-            "vision q_proj",
-            n,
-            (h, h),
-            r,
-            p,
-            true,
-        );
-        linear_forward(
-            &mut kept,
-            &mut temps,
-            "vision k_proj",
-            n,
-            (h, h),
-            r,
-            p,
-            true,
-        );
-        linear_forward(
-            &mut kept,
-            &mut temps,
-            "vision v_proj",
-            n,
-            (h, h),
-            r,
-            p,
-            true,
-        );
-        alloc(&mut kept, "vision attention output", n, h);
-        alloc(&mut kept, "vision attention log-sum-exp", n * v.heads, 1);
-        linear_forward(
-            &mut kept,
-            &mut temps,
-            "vision out_proj",
-            n,
-            (h, h),
-            r,
-            p,
-            true,
-        );
-        alloc(&mut kept, "vision layer_norm2 out", n, h);
-        alloc(&mut kept, "vision layer_norm2 stats", n, 2);
-        linear_forward(
-            &mut kept,
-            &mut temps,
-            "vision MLP fc1",
-            n,
-            (h, i),
-            r,
-            p,
-            true,
-        );
-        alloc(&mut kept, "vision MLP gelu", n, i);
-        linear_forward(
-            &mut kept,
-            &mut temps,
-            "vision MLP fc2",
-            n,
-            (i, h),
-            r,
-            p,
-            true,
-        );
-    }
-    alloc(&mut temps, "vision post_layernorm out", n, h);
-    alloc(&mut kept, "vision post_layernorm stats", n, 2);
-    let rows = v.images * v.tokens_per_image;
-    alloc(&mut kept, "projector pooled", rows, h);
-    alloc(&mut temps, "projector normed", rows, h);
-    alloc(&mut kept, "projector rstd", rows, 1);
-    alloc(&mut temps, "projector features", rows, v.text_hidden);
-    matmul_placeholders(&mut temps, 1);
-    if r == 0 {
-        temps.append(&mut kept);
-    }
-    (kept, temps)
+    alloc(&mut kept, "vision layer_norm2 out", n, h);
+    alloc(&mut kept, "vision layer_norm2 stats", n, 2);
+    linear_forward(
+        &mut kept,
+        &mut temps,
+        "vision MLP fc1",
+        n,
+        (h, i),
+        r,
+        p,
+        true,
+    );
+    alloc(&mut kept, "vision MLP gelu", n, i);
+    let mut fc2 = Vec::new();
+    linear_forward(
+        &mut fc2,
+        &mut temps,
+        "vision MLP fc2",
+        n,
+        (i, h),
+        r,
+        p,
+        true,
+    );
+    let out = fc2.remove(0);
+    kept.extend(fc2);
+    (kept, temps, out)
 }
 
-/// What the image path's backward allocates (the soft-token gradient rows, the projector and
-/// the tower down to its lowest layer, layer 0 with LoRA on every layer).
-fn vision_backward(v: &VisionShape) -> Vec<Alloc> {
+/// What one SigLIP encoder layer's backward allocates (`GpuVisionTower::layer_backward`); the
+/// last entry is the gradient of its input when `need_dx`.
+fn vision_layer_backward(v: &VisionShape, need_dx: bool) -> Vec<Alloc> {
     let mut l = Vec::new();
-    if v.r == 0 {
-        return l;
-    }
     let (n, h, i, r, p) = (v.images * v.patches, v.hidden, v.inter, v.r, v.dropout);
-    let rows = v.images * v.tokens_per_image;
-    alloc(&mut l, "image features gradient", rows, v.text_hidden);
-    alloc(&mut l, "projector d normed", rows, h);
-    matmul_placeholders(&mut l, 1);
-    alloc(&mut l, "projector d pooled", rows, h);
-    alloc(&mut l, "projector d vision output", n, h);
-    alloc(&mut l, "vision d post_layernorm input", n, h);
-    for layer in (0..v.layers).rev() {
-        linear_backward(&mut l, "vision MLP fc2", n, i, r, p, true);
-        alloc(&mut l, "vision MLP d fc1 out", n, i);
-        linear_backward(&mut l, "vision MLP fc1", n, h, r, p, true);
-        alloc(&mut l, "vision d h", n, h);
-        linear_backward(&mut l, "vision out_proj", n, h, r, p, true);
-        for name in ["vision d q", "vision d k", "vision d v"] {
-            alloc(&mut l, name, n, h);
-        }
-        alloc(
-            &mut l,
-            "vision attention backward row stats",
-            n * v.heads,
-            2,
-        );
-        let need_dx = layer > 0;
-        for name in ["vision q_proj", "vision k_proj", "vision v_proj"] {
-            linear_backward(&mut l, name, n, h, r, p, need_dx);
-        }
-        if need_dx {
-            alloc(&mut l, "vision d layer input", n, h);
-        }
+    linear_backward(&mut l, "vision MLP fc2", n, i, r, p, true);
+    alloc(&mut l, "vision MLP d fc1 out", n, i);
+    linear_backward(&mut l, "vision MLP fc1", n, h, r, p, true);
+    alloc(&mut l, "vision d h", n, h);
+    linear_backward(&mut l, "vision out_proj", n, h, r, p, true);
+    for name in ["vision d q", "vision d k", "vision d v"] {
+        alloc(&mut l, name, n, h);
+    }
+    alloc(
+        &mut l,
+        "vision attention backward row stats",
+        n * v.heads,
+        2,
+    );
+    for name in ["vision q_proj", "vision k_proj", "vision v_proj"] {
+        linear_backward(&mut l, name, n, h, r, p, need_dx);
+    }
+    if need_dx {
+        alloc(&mut l, "vision d layer input", n, h);
     }
     l
+}
+
+/// The step as the engine sees it: buffers come alive in program order, a `Recorder` holds
+/// every buffer it bound until its flush, so a buffer its owner drops returns to the pool at
+/// the next flush. Live bytes grow within a phase and fall at each flush; the peak is sampled
+/// at every flush (and before a buffer is freed at once), with what was live then, by group.
+#[derive(Default)]
+struct Timeline {
+    live: Vec<Live>,
+    next: usize,
+    peak: u64,
+    /// `(group, buffers)` at the peak, and the phase it happened in.
+    at_peak: Vec<(String, Vec<Alloc>)>,
+    peak_phase: String,
+    /// Every buffer ever allocated (for the binding checks).
+    seen: Vec<Alloc>,
+}
+
+struct Live {
+    id: usize,
+    group: String,
+    alloc: Alloc,
+    released: bool,
+}
+
+/// The group name of a phase's temporaries (named after the phase at the peak).
+const WORKING_SET: &str = "";
+
+impl Timeline {
+    fn add(&mut self, group: &str, list: &[Alloc]) -> Vec<usize> {
+        list.iter()
+            .map(|a| {
+                self.next += 1;
+                self.seen.push(a.clone());
+                self.live.push(Live {
+                    id: self.next,
+                    group: group.to_string(),
+                    alloc: a.clone(),
+                    released: false,
+                });
+                self.next
+            })
+            .collect()
+    }
+
+    /// The temporaries of the current phase: released at its flush.
+    fn temps(&mut self, list: &[Alloc]) {
+        let ids = self.add(WORKING_SET, list);
+        self.release(&ids);
+    }
+
+    /// The owner dropped these; they are freed at the next flush.
+    fn release(&mut self, ids: &[usize]) {
+        for l in self.live.iter_mut().filter(|l| ids.contains(&l.id)) {
+            l.released = true;
+        }
+    }
+
+    fn sample(&mut self, phase: &str) {
+        let bytes: u64 = self.live.iter().map(|l| l.alloc.device()).sum();
+        if bytes > self.peak {
+            self.peak = bytes;
+            self.peak_phase = phase.to_string();
+            let mut groups: Vec<(String, Vec<Alloc>)> = Vec::new();
+            for l in &self.live {
+                let group = if l.group == WORKING_SET {
+                    format!("working set of {phase}")
+                } else {
+                    l.group.clone()
+                };
+                match groups.iter_mut().find(|(g, _)| *g == group) {
+                    Some((_, list)) => list.push(l.alloc.clone()),
+                    None => groups.push((group, vec![l.alloc.clone()])),
+                }
+            }
+            self.at_peak = groups;
+        }
+    }
+
+    /// Freed at once: the owner dropped them outside any recorder that bound them.
+    fn free_now(&mut self, ids: &[usize], phase: &str) {
+        self.sample(phase);
+        self.live.retain(|l| !ids.contains(&l.id));
+    }
+
+    /// `Recorder::flush`: the released buffers return to the pool.
+    fn flush(&mut self, phase: &str) {
+        self.sample(phase);
+        self.live.retain(|l| !l.released);
+    }
 }
 
 /// u32 words of one uploaded attention mask (`gpu::kernels::attention::mask_words`): a word
@@ -1005,16 +1111,6 @@ fn is_vision(name: &str) -> bool {
     name.starts_with(VISION)
 }
 
-fn ce_row(ce: &[Alloc]) -> PlanRow {
-    activation_row(
-        format!(
-            "fused lm_head + cross-entropy scratch ({} logits per token at a time)",
-            ce[0].cols
-        ),
-        ce,
-    )
-}
-
 fn activation_row(item: String, list: &[Alloc]) -> PlanRow {
     PlanRow {
         part: "activations",
@@ -1029,12 +1125,11 @@ fn activation_row(item: String, list: &[Alloc]) -> PlanRow {
 /// The activation rows and buffers of one micro-batch on `Gemma3Gpu`.
 ///
 /// The engine returns a buffer to its pool only when nothing references it, and a `Recorder`
-/// references every buffer it bound until it is submitted. `Gemma3Gpu::accumulate` records
-/// the whole step into one recorder unless checkpointing, so without checkpointing every
-/// buffer of the step (each layer's forward, kept or not, and each layer's backward) is live at
-/// its end. With checkpointing it submits after each layer: the peak is the layer inputs plus
-/// the largest of three working sets (image path + layer 0's forward; the loss + the last
-/// layer's recomputed forward and backward; the image path's backward).
+/// references every buffer it bound until it is flushed. `Gemma3Gpu::accumulate` flushes after
+/// the patch embedding, after each SigLIP and text layer's forward and backward, after the
+/// projector and after the loss, so the peak is what is kept (layer caches, or with gradient
+/// checkpointing only layer inputs) plus the largest single phase's working set. The rows are
+/// the buffers live at that peak, by what holds them ([`Timeline`]).
 fn activation_rows(
     config: &ModelConfig,
     act: &ActivationPlan,
@@ -1062,7 +1157,8 @@ fn activation_rows(
     let embed_copy = lora.is_some_and(|l| l.modules_to_save.iter().any(|m| m == "embed_tokens"));
 
     // Per-batch inputs: ids, positions, one mask per kind of attention window, RoPE tables per
-    // (base, scaling), labels, the loss totals, pixels; the embedding-gradient ids at the end.
+    // (base, scaling), pixels (the labels, the loss totals and the embedding-gradient ids come
+    // later, in their phases).
     let mut inputs = Vec::new();
     alloc(&mut inputs, "input ids", tokens, 1);
     alloc(&mut inputs, "positions", tokens, 1);
@@ -1082,8 +1178,6 @@ fn activation_rows(
             alloc(&mut inputs, "RoPE sin table", s, hd / 2);
         }
     }
-    alloc(&mut inputs, "labels", tokens, 1);
-    alloc(&mut inputs, "loss totals", 4, 1);
     let vision = match (config, config.vision()) {
         (ModelConfig::ConditionalGeneration(g), Some(v)) if act.images_per_sample > 0 => {
             let images = b * act.images_per_sample as u64;
@@ -1105,25 +1199,6 @@ fn activation_rows(
         }
         _ => None,
     };
-    let mut late_inputs = Vec::new();
-    if embed_copy {
-        alloc(&mut late_inputs, "embedding-gradient ids", tokens, 1);
-    }
-
-    let mut embeddings = Vec::new();
-    alloc(&mut embeddings, "text embeddings", tokens, h);
-    let (vision_kept, vision_temps) = vision.as_ref().map(vision_forward).unwrap_or_default();
-    let vision_back = vision.as_ref().map(vision_backward).unwrap_or_default();
-    let (layer_kept, layer_temps) = text_layer_forward(&text);
-    let layer_forward: Vec<Alloc> = layer_kept.iter().chain(&layer_temps).cloned().collect();
-    let layer_backward = text_layer_backward(&text);
-    // Final norm (its output and rstd), the loss's hidden-state gradient, the norm's backward.
-    let mut loss_locals = Vec::new();
-    alloc(&mut loss_locals, "final norm out", tokens, h);
-    alloc(&mut loss_locals, "final norm rstd", tokens, 1);
-    alloc(&mut loss_locals, "d final norm out", tokens, h);
-    let mut d_hidden = Vec::new();
-    alloc(&mut d_hidden, "d hidden states", tokens, h);
     let head_trained = lora.is_some_and(|l| l.modules_to_save.iter().any(|m| m == "lm_head"));
     let ce = cross_entropy_scratch(
         tokens,
@@ -1131,113 +1206,217 @@ fn activation_rows(
         act.max_binding_bytes,
         head_trained,
     )?;
+    let ckpt = act.gradient_checkpointing;
+    let one = |name: &str, rows: u64, cols: u64| -> Vec<Alloc> {
+        let mut l = Vec::new();
+        alloc(&mut l, name, rows, cols);
+        l
+    };
+    let placeholders = |n: u64| -> Vec<Alloc> {
+        let mut l = Vec::new();
+        matmul_placeholders(&mut l, n);
+        l
+    };
 
-    let mut rows = vec![activation_row(
-        "inputs: token ids, positions, attention masks, RoPE tables, labels, pixels".into(),
+    // `Gemma3Gpu::accumulate`, phase by phase (each ends with a `Recorder::flush`).
+    let mut tl = Timeline::default();
+    tl.add(
+        "inputs: token ids, positions, attention masks, RoPE tables, pixels",
         &inputs,
-    )];
-    let vision_layers = vision.as_ref().map_or(0, |v| v.layers);
-    if act.gradient_checkpointing {
-        let mut boundaries = Vec::new();
-        for _ in 0..layers {
-            alloc(&mut boundaries, "checkpointed layer input", tokens, h);
-        }
-        alloc(&mut boundaries, "last layer output", tokens, h);
-        // Besides the inputs and the image path's kept activations (live through the whole
-        // step), each phase's working set; the cross-entropy scratch only in the second.
-        let first = [&embeddings[..], &vision_temps, &layer_forward].concat();
-        let last = [
-            &boundaries[..],
-            &loss_locals,
-            &d_hidden,
-            &layer_forward,
-            &layer_backward,
-        ]
-        .concat();
-        let image_back = [
-            &boundaries[layers as usize..],
-            &loss_locals,
-            &d_hidden,
-            &vision_back,
-            &late_inputs,
-        ]
-        .concat();
-        let phases = [
-            ("embeddings, image path and layer 0's forward", first, false),
-            (
-                "the loss and the last layer recomputed + its backward",
-                last,
-                true,
-            ),
-            ("the image path's backward", image_back, false),
-        ];
-        let (name, work, with_ce) = phases
-            .iter()
-            .max_by_key(|(_, l, with_ce)| {
-                device_sum(l) + if *with_ce { device_sum(&ce) } else { 0 }
-            })
-            .expect("three phases");
-        if vision_layers > 0 {
-            rows.push(activation_row(
-                format!(
-                    "image path kept for the backward ({vision_layers} vision layers, projector)"
-                ),
-                &vision_kept,
-            ));
-        }
-        rows.push(activation_row(
-            format!("peak working set: {name} ({layers} checkpointed layer inputs included)"),
-            work,
-        ));
-        if *with_ce {
-            rows.push(ce_row(&ce));
-        }
+    );
+    let text_inputs = if ckpt {
+        "checkpointed text layer inputs (embeddings, layer outputs)"
     } else {
-        if vision_layers > 0 {
-            rows.push(activation_row(
-                format!(
-                    "image path forward ({vision_layers} vision layers, projector), every buffer"
-                ),
-                &[&vision_kept[..], &vision_temps].concat(),
+        "text layer inputs (embeddings, layer outputs)"
+    };
+    let mut x = tl.add(text_inputs, &one("text embeddings", tokens, h));
+
+    // The image path (`Gemma3Gpu::embed`): SigLIP flushed per layer, then the projector.
+    struct ImageKept {
+        layers: Vec<Vec<usize>>,
+        last: Vec<usize>,
+        mask: Vec<usize>,
+        projector: Vec<usize>,
+    }
+    let mut image = None;
+    if let Some(v) = &vision {
+        let train = v.r > 0;
+        let (n, hv) = (v.images * v.patches, v.hidden);
+        let kept = if ckpt {
+            "image path kept for the backward (checkpointed SigLIP layer inputs, projector)"
+        } else {
+            "image path kept for the backward (SigLIP layer activations, projector)"
+        };
+        tl.temps(&one("vision unfolded patches", n, v.patch_dim));
+        let mut vx = tl.add(kept, &one("vision embeddings", n, hv));
+        let mask = tl.add(
+            kept,
+            &one("vision attention mask", mask_words(v.images, v.patches), 1),
+        );
+        tl.flush("the patch embedding");
+        let mut layer_ids = Vec::new();
+        for l in 0..v.layers {
+            let (cache, temps, out) = vision_layer_forward(v);
+            let k = tl.add(kept, &cache);
+            tl.temps(&temps);
+            let o = tl.add(kept, &[out]);
+            if !train {
+                tl.release(&vx);
+                tl.release(&k);
+            } else if ckpt {
+                tl.release(&k);
+                layer_ids.push(vx.clone());
+            } else {
+                layer_ids.push([vx.clone(), k].concat());
+            }
+            tl.flush(&format!("SigLIP layer {l}'s forward"));
+            vx = o;
+        }
+        tl.temps(&one("vision post_layernorm out", n, hv));
+        let stats = tl.add(kept, &one("vision post_layernorm stats", n, 2));
+        if !train {
+            // The tower keeps nothing: its mask goes when its forward returns.
+            tl.release(&vx);
+            tl.release(&stats);
+            tl.free_now(&mask, "the image path's post_layernorm");
+        }
+        let rows = v.images * v.tokens_per_image;
+        let mut projector = tl.add(kept, &one("projector pooled", rows, hv));
+        tl.temps(&one("projector normed", rows, hv));
+        projector.extend(tl.add(kept, &one("projector rstd", rows, 1)));
+        tl.temps(&one("projector features", rows, v.text_hidden));
+        tl.temps(&placeholders(1));
+        if !train {
+            tl.release(&projector);
+        }
+        tl.flush("the projector");
+        if train {
+            image = Some(ImageKept {
+                layers: layer_ids,
+                last: [vx, stats].concat(),
+                mask,
+                projector,
+            });
+        }
+    }
+
+    // Text layers: each keeps its activations (or, checkpointed, only its input).
+    let text_kept = "text layer activations kept for the backward";
+    let (layer_cache, mut layer_temps) = text_layer_forward(&text);
+    let layer_out = layer_temps.pop().expect("a layer has an output");
+    let mut saved = Vec::new();
+    for l in 0..layers {
+        let k = tl.add(text_kept, &layer_cache);
+        tl.temps(&layer_temps);
+        let o = tl.add(text_inputs, std::slice::from_ref(&layer_out));
+        if ckpt {
+            tl.release(&k);
+        }
+        saved.push((x, k));
+        tl.flush(&format!("text layer {l}'s forward"));
+        x = o;
+    }
+
+    // The loss: final norm, the fused lm_head + cross-entropy, the norm's backward.
+    let mut loss_locals = Vec::new();
+    alloc(&mut loss_locals, "final norm out", tokens, h);
+    alloc(&mut loss_locals, "final norm rstd", tokens, 1);
+    alloc(&mut loss_locals, "labels", tokens, 1);
+    alloc(&mut loss_locals, "d final norm out", tokens, h);
+    tl.temps(&loss_locals);
+    tl.add("loss totals", &one("loss totals", 4, 1));
+    let ce_group = format!(
+        "fused lm_head + cross-entropy scratch ({} logits per token at a time)",
+        ce[0].cols
+    );
+    let ce_ids = tl.add(&ce_group, &ce);
+    tl.release(&ce_ids);
+    let d_group = "hidden-state gradient";
+    let mut d = tl.add(d_group, &one("d hidden states", tokens, h));
+    tl.release(&x);
+    tl.flush("the loss (final norm, fused lm_head + cross-entropy)");
+
+    for l in (0..layers).rev() {
+        let (input, k) = saved.pop().expect("one entry per layer");
+        if ckpt {
+            tl.temps(&layer_cache);
+            tl.temps(&layer_temps);
+            tl.temps(std::slice::from_ref(&layer_out));
+        }
+        let mut back = text_layer_backward(&text);
+        let dx = back.pop().expect("the input gradient");
+        tl.temps(&back);
+        let next = tl.add(d_group, &[dx]);
+        tl.release(&d);
+        tl.release(&input);
+        tl.release(&k);
+        tl.flush(&format!(
+            "text layer {l}'s backward{}",
+            if ckpt { " (forward recomputed)" } else { "" }
+        ));
+        d = next;
+    }
+
+    // The image features' gradient through the projector, then the tower layer by layer.
+    if let (Some(v), Some(mut img)) = (&vision, image) {
+        let (n, hv) = (v.images * v.patches, v.hidden);
+        let rows = v.images * v.tokens_per_image;
+        tl.temps(&one("image features gradient", rows, v.text_hidden));
+        tl.temps(&one("projector d normed", rows, hv));
+        tl.temps(&placeholders(1));
+        tl.temps(&one("projector d pooled", rows, hv));
+        let image_grad = "image path gradient";
+        let d_vision = tl.add(image_grad, &one("projector d vision output", n, hv));
+        tl.release(&img.projector);
+        tl.flush("the projector's backward");
+        let mut grad = tl.add(image_grad, &one("vision d post_layernorm input", n, hv));
+        tl.release(&img.last);
+        tl.flush("the post_layernorm's backward");
+        for l in (0..v.layers).rev() {
+            let ids = img.layers.pop().expect("one entry per layer");
+            if ckpt {
+                let (cache, temps, out) = vision_layer_forward(v);
+                tl.temps(&cache);
+                tl.temps(&temps);
+                tl.temps(&[out]);
+            }
+            let mut back = vision_layer_backward(v, l > 0);
+            let dx = (l > 0).then(|| back.pop().expect("the input gradient"));
+            tl.temps(&back);
+            tl.release(&ids);
+            if let Some(dx) = dx {
+                let next = tl.add(image_grad, &[dx]);
+                tl.release(&grad);
+                grad = next;
+            } else {
+                // The tower's backward returns: its gradient, the mask and d_vision go.
+                tl.release(&grad);
+                tl.release(&img.mask);
+                tl.release(&d_vision);
+            }
+            tl.flush(&format!(
+                "SigLIP layer {l}'s backward{}",
+                if ckpt { " (forward recomputed)" } else { "" }
             ));
         }
-        rows.push(activation_row(
-            format!("embeddings + {layers} text layers forward, every buffer"),
-            &[
-                embeddings.clone(),
-                (0..layers).flat_map(|_| layer_forward.clone()).collect(),
-            ]
-            .concat(),
-        ));
-        rows.push(activation_row(
-            "final norm, its gradient and the hidden-state gradient".into(),
-            &[&loss_locals[..], &d_hidden, &late_inputs].concat(),
-        ));
-        rows.push(activation_row(
-            format!("{layers} text layers backward, every buffer (one recorder: none reused before the submit)"),
-            &(0..layers).flat_map(|_| layer_backward.clone()).collect::<Vec<_>>(),
-        ));
-        if !vision_back.is_empty() {
-            rows.push(activation_row(
-                "image path backward, every buffer".into(),
-                &vision_back,
-            ));
-        }
-        rows.push(ce_row(&ce));
+    }
+    if embed_copy {
+        tl.temps(&one("embedding-gradient ids", tokens, 1));
+    }
+    tl.flush("the embedding gradient");
+
+    let rows = tl
+        .at_peak
+        .iter()
+        .map(|(group, list)| activation_row(format!("{group} ({} buffers)", list.len()), list))
+        .collect::<Vec<_>>();
+    let mut rows = rows;
+    if let Some(first) = rows.first_mut() {
+        first.item = format!("[peak in {}] {}", tl.peak_phase, first.item);
     }
     let mut seen = std::collections::HashSet::new();
     let mut buffers: Vec<Buffer> = Vec::new();
-    for a in inputs
-        .iter()
-        .chain(&embeddings)
-        .chain(&vision_kept)
-        .chain(&vision_temps)
-        .chain(&vision_back)
-        .chain(&layer_forward)
-        .chain(&layer_backward)
-        .chain(&loss_locals)
-        .chain(&ce)
-    {
+    for a in &tl.seen {
         if seen.insert((a.name.clone(), a.rows, a.cols)) {
             buffers.push(Buffer {
                 name: format!("{} [{}, {}] f32", a.name, a.rows, a.cols),
@@ -1265,6 +1444,7 @@ mod tests {
                 modules_to_save_dtype: FloatDtype::BF16,
                 vision: true,
                 dropout: true,
+                optimizer_offload: false,
             }),
             activations: Some(ActivationPlan {
                 batch: 1,
@@ -1306,9 +1486,10 @@ mod tests {
             .find(|r| r.item.starts_with("embed_tokens"))
             .unwrap();
         assert_eq!(embed.bytes, 262_208 * 2560 * 2);
+        // ... and the 4-byte gradient norm.
         assert_eq!(
             plan.part_total("trainable"),
-            lora.bytes + 2 * 262_208 * 2560 * 2 * 4
+            lora.bytes + 2 * 262_208 * 2560 * 2 * 4 + 4
         );
     }
 

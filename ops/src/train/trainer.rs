@@ -18,7 +18,7 @@ use super::adapter::{self, AdapterConfig, HostTensor};
 use super::checkpoint::{self, HostTensors, LogWindow, TrainerState};
 use super::metrics::{self, LogRecord, MetricsWriter};
 use super::model::{Parameter, TrainModel};
-use super::optimizer::{record_norm_and_clip, write_f32, zero_grads, AdamWConfig, GpuAdamW};
+use super::optimizer::{record_norm_and_clip, write_f32, zero_grads, AdamWConfig, GpuAdamW, Optim};
 use super::schedule::{warmup_steps, LrSchedule, ScheduleKind};
 use super::tensorboard::EventWriter;
 use crate::data::collate::{Batch, BatchStream, BatchesDescriptor, StreamOptions};
@@ -333,6 +333,33 @@ pub fn train(
     resume: &Resume,
     progress: &dyn Progress,
 ) -> Result<TrainSummary> {
+    train_with_optim(
+        gpu,
+        model,
+        data,
+        cfg,
+        Optim::AdamWTorch,
+        adapter_config,
+        outputs,
+        resume,
+        progress,
+    )
+}
+
+/// [`train`] with the AdamW states where `optim` puts them. It is no part of the resume
+/// fingerprint: both keep the same state, so a run may resume with the other.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with_optim(
+    gpu: &Gpu,
+    model: &mut dyn TrainModel,
+    data: &dyn BatchSource,
+    cfg: &TrainConfig,
+    optim: Optim,
+    adapter_config: &AdapterConfig,
+    outputs: &TrainOutputs,
+    resume: &Resume,
+    progress: &dyn Progress,
+) -> Result<TrainSummary> {
     let started = Instant::now();
     let bpe = data.batches_per_epoch();
     let (_, total_steps, epochs) = run_length(bpe, cfg)?;
@@ -346,7 +373,7 @@ pub fn train(
     };
     let params = model.parameters();
     ensure!(!params.is_empty(), "the model has no trainable tensors");
-    let mut optimizer = GpuAdamW::new(gpu, &params, cfg.adamw)?;
+    let mut optimizer = GpuAdamW::with_optim(gpu, &params, cfg.adamw, optim)?;
     let mut state = TrainerState {
         global_step: 0,
         total_steps,

@@ -4,10 +4,12 @@
 //! lm_head + cross-entropy with its backward. The twin of [`crate::model::reference`]
 //! (`Gemma3Reference::forward` / `forward_backward`), which tests it.
 //!
-//! Gradient checkpointing keeps only each layer's input during the forward and recomputes the
-//! layer (same dropout masks: same [`LoraRun`]) right before its backward. Because a
-//! [`Recorder`] keeps every buffer it bound alive until its submission, the checkpointed path
-//! submits the recorded work after each layer so dropped activations return to the pool.
+//! Gradient checkpointing keeps only each layer's input during the forward (decoder and SigLIP
+//! layers, as transformers does) and recomputes the layer (same dropout masks: same
+//! [`LoraRun`]) right before its backward. Because a [`Recorder`] keeps every buffer it bound
+//! alive until it is submitted, the step flushes the recorder after every layer's forward and
+//! backward and after the loss: a buffer dropped in a phase returns to the pool at its end, so
+//! the peak is what is kept plus one phase's working set (`model::memory` counts exactly that).
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -147,13 +149,6 @@ fn copy_rows(
         },
     );
     Ok(())
-}
-
-/// Submits what `rec` holds and continues with a fresh recorder, so buffers dropped since
-/// return to the pool (queue order keeps the later work after it).
-fn flush(rec: &mut Recorder) {
-    let gpu = rec.gpu();
-    std::mem::replace(rec, Recorder::new(gpu)).submit();
 }
 
 impl Gemma3Gpu {
@@ -431,7 +426,8 @@ impl Gemma3Gpu {
             self.vision.as_ref().context("no vision tower")?,
             self.projector.as_ref().context("no projector")?,
         );
-        let (vision_out, vision_cache) = vision.forward(gpu, rec, pixels, run)?;
+        let (vision_out, vision_cache) =
+            vision.forward(gpu, rec, pixels, run, self.gradient_checkpointing)?;
         let (features, projector_cache) =
             projector.forward(gpu, rec, &vision_out, p.image_starts.len())?;
         // The features replace the soft tokens' (scaled) embeddings, unscaled.
@@ -439,13 +435,14 @@ impl Gemma3Gpu {
         for (image, &start) in p.image_starts.iter().enumerate() {
             copy_rows(rec, &features, image * mm, &x, start, mm)?;
         }
-        Ok((
-            x,
-            Some(ImageCache {
-                vision: vision_cache,
-                projector: projector_cache,
-            }),
-        ))
+        // A tower without LoRA pairs trains nothing: the image path keeps nothing.
+        let cache = vision.has_lora().then_some(ImageCache {
+            vision: vision_cache,
+            projector: projector_cache,
+        });
+        drop((vision_out, features));
+        rec.flush();
+        Ok((x, cache))
     }
 
     /// Final-normed hidden states `[tokens, hidden]` without caches (evaluation).
@@ -568,11 +565,11 @@ impl TrainModel for Gemma3Gpu {
                 bytes.kept += (x.numel() * 4) as u64;
                 inputs.push(x);
                 drop(cache);
-                flush(rec);
             } else {
                 bytes.kept += cache.bytes();
                 caches.push(cache);
             }
+            rec.flush();
             x = y;
         }
         self.last_activation_bytes = bytes;
@@ -611,6 +608,9 @@ impl TrainModel for Gemma3Gpu {
             None,
             false,
         )?;
+        // Only the hidden-state gradient and the loss totals outlive the loss.
+        drop((x, normed, rstd, labels, d_normed));
+        rec.flush();
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let cache = if checkpoint {
                 let (_, cache) = layer
@@ -626,24 +626,23 @@ impl TrainModel for Gemma3Gpu {
             drop(cache);
             if checkpoint {
                 inputs.pop();
-                flush(rec);
             }
+            rec.flush();
         }
         // The image features' gradient: the soft-token rows of `d`, through the projector into
         // the tower (only when the tower trains LoRA pairs).
         if let (Some(cache), Some(vision), Some(projector)) =
-            (&image_cache, &self.vision, &self.projector)
+            (image_cache, &self.vision, &self.projector)
         {
-            if vision.has_lora() {
-                let mm = self.mm_tokens_per_image;
-                let d_features =
-                    gpu.empty(&[p.image_starts.len() * mm, dims.hidden], DType::F32)?;
-                for (image, &start) in p.image_starts.iter().enumerate() {
-                    copy_rows(rec, &d, start, &d_features, image * mm, mm)?;
-                }
-                let d_vision = projector.backward(gpu, rec, &cache.projector, &d_features)?;
-                vision.backward(gpu, rec, &cache.vision, &d_vision, &run)?;
+            let mm = self.mm_tokens_per_image;
+            let d_features = gpu.empty(&[p.image_starts.len() * mm, dims.hidden], DType::F32)?;
+            for (image, &start) in p.image_starts.iter().enumerate() {
+                copy_rows(rec, &d, start, &d_features, image * mm, mm)?;
             }
+            let d_vision = projector.backward(gpu, rec, &cache.projector, &d_features)?;
+            drop((d_features, cache.projector));
+            rec.flush();
+            vision.backward(gpu, rec, cache.vision, &d_vision, &run)?;
         }
         // `d` is the gradient of the merged embeddings; image soft-token rows were overwritten by
         // the features, so their ids are u32::MAX here and reach no row.

@@ -7,7 +7,7 @@
 //! then `post_layernorm`. Attention is full (no mask), scale `head_dim^-0.5`. Every linear is a
 //! [`GpuLinear`] so LoRA pairs attach by module path.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use super::linear::{GpuLinear, GpuLinearCache, LoraRun};
 use crate::gpu::kernels::attention::{AttentionGrads, AttentionMaskGpu};
@@ -62,12 +62,21 @@ struct GpuEncoderLayerCache {
     fc2_lin: GpuLinearCache,
 }
 
+/// What one encoder layer keeps between the forward and its backward.
+enum KeptLayer {
+    /// Every activation its backward reads.
+    Full(Box<GpuEncoderLayerCache>),
+    /// Gradient checkpointing: only the layer input `[tokens, hidden]`; the backward runs the
+    /// layer's forward again (same dropout masks: same [`LoraRun`]) right before it.
+    Input(GpuTensor),
+}
+
 /// What [`GpuVisionTower::forward`] keeps; empty when the tower has no LoRA pair (nothing to train).
 pub struct GpuVisionCache {
     images: usize,
     /// The attention mask (full attention) for `images`, reused by the backward.
     mask: Option<AttentionMaskGpu>,
-    layers: Vec<GpuEncoderLayerCache>,
+    layers: Vec<KeptLayer>,
     /// `[tokens, hidden]` input of post_layernorm and its (mean, rstd).
     last: Option<(GpuTensor, GpuTensor)>,
 }
@@ -231,13 +240,91 @@ impl GpuVisionTower {
         (self.dims.head_dim() as f64).powf(-0.5) as f32
     }
 
+    /// One encoder layer's forward: `x [tokens, hidden]` -> its output and what its backward reads.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        layer: &GpuEncoderLayer,
+        x: GpuTensor,
+        mask: &AttentionMaskGpu,
+        images: usize,
+        run: &LoraRun,
+    ) -> Result<(GpuTensor, GpuEncoderLayerCache)> {
+        let d = &self.dims;
+        let tokens = x.rows();
+        let adims = self.attention_dims(images);
+        let eps = d.layer_norm_eps;
+        let ln1 = gpu.empty(&[tokens, d.hidden], DType::F32)?;
+        let ln1_stats = gpu.empty(&[tokens, 2], DType::F32)?;
+        gpu.layernorm_forward(
+            rec,
+            &x,
+            &layer.layer_norm1_weight,
+            &layer.layer_norm1_bias,
+            &ln1,
+            &ln1_stats,
+            eps,
+        )?;
+        let (q, q_lin) = layer.q_proj.forward(gpu, rec, &ln1, run)?;
+        let (k, k_lin) = layer.k_proj.forward(gpu, rec, &ln1, run)?;
+        let (v, v_lin) = layer.v_proj.forward(gpu, rec, &ln1, run)?;
+        let attn = gpu.empty(&[tokens, d.hidden], DType::F32)?;
+        let lse = gpu.empty(&[adims.lse_len()], DType::F32)?;
+        gpu.attention_forward(rec, &q, &k, &v, mask, self.attention_scale(), &attn, &lse)?;
+        // h = x + out_proj(attn), accumulated into out_proj's fresh output.
+        let (h, o_lin) = layer.out_proj.forward(gpu, rec, &attn, run)?;
+        gpu.accumulate(rec, &h, &x)?;
+        let ln2 = gpu.empty(&[tokens, d.hidden], DType::F32)?;
+        let ln2_stats = gpu.empty(&[tokens, 2], DType::F32)?;
+        gpu.layernorm_forward(
+            rec,
+            &h,
+            &layer.layer_norm2_weight,
+            &layer.layer_norm2_bias,
+            &ln2,
+            &ln2_stats,
+            eps,
+        )?;
+        let (f1, fc1_lin) = layer.fc1.forward(gpu, rec, &ln2, run)?;
+        let g = gpu.empty(&[tokens, d.intermediate], DType::F32)?;
+        gpu.gelu_forward(rec, &f1, &g)?;
+        let (out, fc2_lin) = layer.fc2.forward(gpu, rec, &g, run)?;
+        gpu.accumulate(rec, &out, &h)?;
+        Ok((
+            out,
+            GpuEncoderLayerCache {
+                x,
+                ln1_stats,
+                q_lin,
+                k_lin,
+                v_lin,
+                q,
+                k,
+                v,
+                lse,
+                o_lin,
+                h,
+                ln2_stats,
+                fc1_lin,
+                f1,
+                fc2_lin,
+            },
+        ))
+    }
+
     /// `pixels [images, channels, size, size]` -> `[images * patches, hidden]` after post_layernorm.
+    /// With `checkpoint` (transformers checkpoints the encoder layers under
+    /// `gradient_checkpointing`) only each layer's input is kept for the backward. The recorder
+    /// is flushed after each layer, so a layer's temporaries return to the pool before the next.
     pub fn forward(
         &self,
         gpu: &Gpu,
         rec: &mut Recorder,
         pixels: &GpuTensor,
         run: &LoraRun,
+        checkpoint: bool,
     ) -> Result<(GpuTensor, GpuVisionCache)> {
         let d = &self.dims;
         let size = d.image_size;
@@ -273,68 +360,22 @@ impl GpuVisionTower {
             },
         )?;
         gpu.accumulate(rec, &x, &self.position_embedding)?;
+        drop(patches);
 
         let adims = self.attention_dims(images);
         let mask = gpu.attention_mask(&adims, &AttentionMask::default())?;
-        let scale = self.attention_scale();
-        let eps = d.layer_norm_eps;
-        let mut caches = Vec::new();
+        rec.flush();
+        let mut kept = Vec::new();
         for layer in &self.layers {
-            let ln1 = gpu.empty(&[tokens, d.hidden], DType::F32)?;
-            let ln1_stats = gpu.empty(&[tokens, 2], DType::F32)?;
-            gpu.layernorm_forward(
-                rec,
-                &x,
-                &layer.layer_norm1_weight,
-                &layer.layer_norm1_bias,
-                &ln1,
-                &ln1_stats,
-                eps,
-            )?;
-            let (q, q_lin) = layer.q_proj.forward(gpu, rec, &ln1, run)?;
-            let (k, k_lin) = layer.k_proj.forward(gpu, rec, &ln1, run)?;
-            let (v, v_lin) = layer.v_proj.forward(gpu, rec, &ln1, run)?;
-            let attn = gpu.empty(&[tokens, d.hidden], DType::F32)?;
-            let lse = gpu.empty(&[adims.lse_len()], DType::F32)?;
-            gpu.attention_forward(rec, &q, &k, &v, &mask, scale, &attn, &lse)?;
-            // h = x + out_proj(attn), accumulated into out_proj's fresh output.
-            let (h, o_lin) = layer.out_proj.forward(gpu, rec, &attn, run)?;
-            gpu.accumulate(rec, &h, &x)?;
-            let ln2 = gpu.empty(&[tokens, d.hidden], DType::F32)?;
-            let ln2_stats = gpu.empty(&[tokens, 2], DType::F32)?;
-            gpu.layernorm_forward(
-                rec,
-                &h,
-                &layer.layer_norm2_weight,
-                &layer.layer_norm2_bias,
-                &ln2,
-                &ln2_stats,
-                eps,
-            )?;
-            let (f1, fc1_lin) = layer.fc1.forward(gpu, rec, &ln2, run)?;
-            let g = gpu.empty(&[tokens, d.intermediate], DType::F32)?;
-            gpu.gelu_forward(rec, &f1, &g)?;
-            let (out, fc2_lin) = layer.fc2.forward(gpu, rec, &g, run)?;
-            gpu.accumulate(rec, &out, &h)?;
+            let (out, cache) = self.layer_forward(gpu, rec, layer, x, &mask, images, run)?;
             if train {
-                caches.push(GpuEncoderLayerCache {
-                    x,
-                    ln1_stats,
-                    q_lin,
-                    k_lin,
-                    v_lin,
-                    q,
-                    k,
-                    v,
-                    lse,
-                    o_lin,
-                    h,
-                    ln2_stats,
-                    fc1_lin,
-                    f1,
-                    fc2_lin,
+                kept.push(if checkpoint {
+                    KeptLayer::Input(cache.x)
+                } else {
+                    KeptLayer::Full(Box::new(cache))
                 });
             }
+            rec.flush();
             x = out;
         }
         let y = gpu.empty(&[tokens, d.hidden], DType::F32)?;
@@ -346,143 +387,178 @@ impl GpuVisionTower {
             &self.post_layernorm_bias,
             &y,
             &stats,
-            eps,
+            d.layer_norm_eps,
         )?;
         let cache = GpuVisionCache {
             images,
             mask: train.then_some(mask),
-            layers: caches,
+            layers: kept,
             last: train.then_some((x, stats)),
         };
         Ok((y, cache))
     }
 
+    /// One encoder layer's backward: accumulates its LoRA grads and returns the gradient of
+    /// its input when `need_dx` (`grad` is the gradient of its output).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        layer: &GpuEncoderLayer,
+        c: &GpuEncoderLayerCache,
+        grad: &GpuTensor,
+        mask: &AttentionMaskGpu,
+        run: &LoraRun,
+        need_dx: bool,
+    ) -> Result<Option<GpuTensor>> {
+        let d = &self.dims;
+        let tokens = c.x.rows();
+        let empty = || gpu.empty(&[tokens, d.hidden], DType::F32);
+        // MLP branch: out = h + fc2(gelu(fc1(ln2(h)))).
+        let d_g = layer
+            .fc2
+            .backward(gpu, rec, &c.fc2_lin, grad, run, true)?
+            .expect("asked for dx");
+        let d_f1 = gpu.empty(&[tokens, d.intermediate], DType::F32)?;
+        gpu.gelu_backward(rec, &c.f1, &d_g, &d_f1, false)?;
+        let d_ln2 = layer
+            .fc1
+            .backward(gpu, rec, &c.fc1_lin, &d_f1, run, true)?
+            .expect("asked for dx");
+        let d_h = empty()?;
+        gpu.layernorm_backward(
+            rec,
+            &c.h,
+            &layer.layer_norm2_weight,
+            &d_ln2,
+            &c.ln2_stats,
+            Some(&d_h),
+            None,
+            false,
+        )?;
+        gpu.accumulate(rec, &d_h, grad)?;
+        // Attention branch: h = x + out_proj(attn(ln1(x))).
+        let d_attn = layer
+            .out_proj
+            .backward(gpu, rec, &c.o_lin, &d_h, run, true)?
+            .expect("asked for dx");
+        let (dq, dk, dv) = (empty()?, empty()?, empty()?);
+        gpu.attention_backward(
+            rec,
+            &AttentionGrads {
+                q: &c.q,
+                k: &c.k,
+                v: &c.v,
+                out: &c.o_lin.x,
+                lse: &c.lse,
+                d_out: &d_attn,
+            },
+            mask,
+            self.attention_scale(),
+            &dq,
+            &dk,
+            &dv,
+        )?;
+        let d_ln1 = layer
+            .q_proj
+            .backward(gpu, rec, &c.q_lin, &dq, run, need_dx)?;
+        let d_ln1_k = layer
+            .k_proj
+            .backward(gpu, rec, &c.k_lin, &dk, run, need_dx)?;
+        let d_ln1_v = layer
+            .v_proj
+            .backward(gpu, rec, &c.v_lin, &dv, run, need_dx)?;
+        let (Some(d_ln1), Some(d_k), Some(d_v)) = (d_ln1, d_ln1_k, d_ln1_v) else {
+            return Ok(None);
+        };
+        gpu.accumulate(rec, &d_ln1, &d_k)?;
+        gpu.accumulate(rec, &d_ln1, &d_v)?;
+        let d_x = empty()?;
+        gpu.layernorm_backward(
+            rec,
+            &c.x,
+            &layer.layer_norm1_weight,
+            &d_ln1,
+            &c.ln1_stats,
+            Some(&d_x),
+            None,
+            false,
+        )?;
+        gpu.accumulate(rec, &d_x, &d_h)?;
+        Ok(Some(d_x))
+    }
+
     /// `d_out [images * patches, hidden]` (the gradient of the post_layernorm output):
     /// accumulates the LoRA grads of the tower, down to the lowest layer that has a pair. Does
-    /// nothing when the tower has no LoRA pair.
+    /// nothing when the tower has no LoRA pair. Consumes the cache: each layer's activations
+    /// return to the pool at the flush after its backward (a checkpointed layer is recomputed
+    /// first).
     pub fn backward(
         &self,
         gpu: &Gpu,
         rec: &mut Recorder,
-        cache: &GpuVisionCache,
+        cache: GpuVisionCache,
         d_out: &GpuTensor,
         run: &LoraRun,
     ) -> Result<()> {
         let Some(lowest) = self.lowest_lora_layer() else {
             return Ok(());
         };
-        let (Some(mask), Some((last, last_stats))) = (&cache.mask, &cache.last) else {
+        let GpuVisionCache {
+            images,
+            mask,
+            mut layers,
+            last,
+        } = cache;
+        let (Some(mask), Some((last, last_stats))) = (mask, last) else {
             bail!("vision backward: the forward ran without LoRA pairs and kept no activations");
         };
         ensure!(
-            cache.layers.len() == self.layers.len(),
+            layers.len() == self.layers.len(),
             "vision backward: the cache holds {} layers, the tower has {}",
-            cache.layers.len(),
+            layers.len(),
             self.layers.len()
         );
         let d = &self.dims;
-        let tokens = cache.images * d.num_patches();
+        let tokens = images * d.num_patches();
         ensure!(
             d_out.numel() == tokens * d.hidden,
             "vision backward: d_out {:?} is not [{tokens}, {}]",
             d_out.shape(),
             d.hidden
         );
-        let scale = self.attention_scale();
-        let empty = || gpu.empty(&[tokens, d.hidden], DType::F32);
         let d_out = d_out.reshape(&[tokens, d.hidden])?;
-        let mut grad = empty()?;
+        let mut grad = gpu.empty(&[tokens, d.hidden], DType::F32)?;
         gpu.layernorm_backward(
             rec,
-            last,
+            &last,
             &self.post_layernorm_weight,
             &d_out,
-            last_stats,
+            &last_stats,
             Some(&grad),
             None,
             false,
         )?;
-        for (i, (layer, c)) in self
-            .layers
-            .iter()
-            .zip(&cache.layers)
-            .enumerate()
-            .skip(lowest)
-            .rev()
-        {
-            // MLP branch: out = h + fc2(gelu(fc1(ln2(h)))).
-            let d_g = layer
-                .fc2
-                .backward(gpu, rec, &c.fc2_lin, &grad, run, true)?
-                .expect("asked for dx");
-            let d_f1 = gpu.empty(&[tokens, d.intermediate], DType::F32)?;
-            gpu.gelu_backward(rec, &c.f1, &d_g, &d_f1, false)?;
-            let d_ln2 = layer
-                .fc1
-                .backward(gpu, rec, &c.fc1_lin, &d_f1, run, true)?
-                .expect("asked for dx");
-            let d_h = empty()?;
-            gpu.layernorm_backward(
-                rec,
-                &c.h,
-                &layer.layer_norm2_weight,
-                &d_ln2,
-                &c.ln2_stats,
-                Some(&d_h),
-                None,
-                false,
-            )?;
-            gpu.accumulate(rec, &d_h, &grad)?;
-            // Attention branch: h = x + out_proj(attn(ln1(x))).
-            let d_attn = layer
-                .out_proj
-                .backward(gpu, rec, &c.o_lin, &d_h, run, true)?
-                .expect("asked for dx");
-            let (dq, dk, dv) = (empty()?, empty()?, empty()?);
-            gpu.attention_backward(
-                rec,
-                &AttentionGrads {
-                    q: &c.q,
-                    k: &c.k,
-                    v: &c.v,
-                    out: &c.o_lin.x,
-                    lse: &c.lse,
-                    d_out: &d_attn,
-                },
-                mask,
-                scale,
-                &dq,
-                &dk,
-                &dv,
-            )?;
+        drop((d_out, last, last_stats));
+        rec.flush();
+        for i in (lowest..self.layers.len()).rev() {
+            let layer = &self.layers[i];
+            let c = match layers.pop().context("one kept entry per layer")? {
+                KeptLayer::Full(c) => *c,
+                KeptLayer::Input(x) => {
+                    self.layer_forward(gpu, rec, layer, x, &mask, images, run)?
+                        .1
+                }
+            };
             // Below the lowest LoRA layer nothing trains: its q/k/v need no input gradient.
             let need_dx = i > lowest;
-            let d_ln1 = layer
-                .q_proj
-                .backward(gpu, rec, &c.q_lin, &dq, run, need_dx)?;
-            let d_ln1_k = layer
-                .k_proj
-                .backward(gpu, rec, &c.k_lin, &dk, run, need_dx)?;
-            let d_ln1_v = layer
-                .v_proj
-                .backward(gpu, rec, &c.v_lin, &dv, run, need_dx)?;
-            if let (Some(d_ln1), Some(d_k), Some(d_v)) = (d_ln1, d_ln1_k, d_ln1_v) {
-                gpu.accumulate(rec, &d_ln1, &d_k)?;
-                gpu.accumulate(rec, &d_ln1, &d_v)?;
-                let d_x = empty()?;
-                gpu.layernorm_backward(
-                    rec,
-                    &c.x,
-                    &layer.layer_norm1_weight,
-                    &d_ln1,
-                    &c.ln1_stats,
-                    Some(&d_x),
-                    None,
-                    false,
-                )?;
-                gpu.accumulate(rec, &d_x, &d_h)?;
+            let d_x = self.layer_backward(gpu, rec, layer, &c, &grad, &mask, run, need_dx)?;
+            drop(c);
+            if let Some(d_x) = d_x {
                 grad = d_x;
             }
+            rec.flush();
         }
         Ok(())
     }
