@@ -36,12 +36,14 @@ pub enum ArtifactType {
     Receipt,
     /// An evaluation: loss and accuracy of a model on batches, optionally logits.
     Evaluation,
+    /// Scores of generated answers (`scores.json`).
+    Scores,
     /// Test-only ops use this for values with no meaning to the real ops.
     Blob,
 }
 
 impl ArtifactType {
-    pub const ALL: [ArtifactType; 12] = [
+    pub const ALL: [ArtifactType; 13] = [
         ArtifactType::Dataset,
         ArtifactType::Files,
         ArtifactType::Conversations,
@@ -53,6 +55,7 @@ impl ArtifactType {
         ArtifactType::Saved,
         ArtifactType::Receipt,
         ArtifactType::Evaluation,
+        ArtifactType::Scores,
         ArtifactType::Blob,
     ];
 
@@ -69,6 +72,7 @@ impl ArtifactType {
             ArtifactType::Saved => "saved",
             ArtifactType::Receipt => "receipt",
             ArtifactType::Evaluation => "evaluation",
+            ArtifactType::Scores => "scores",
             ArtifactType::Blob => "blob",
         }
     }

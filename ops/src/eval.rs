@@ -20,6 +20,7 @@ use crate::model::{ModelConfig, Weights};
 use crate::params::OpParams;
 use crate::reference::cross_entropy::IGNORE_INDEX;
 use crate::train::adapter::HostTensor;
+use crate::train::adapter_source::check_against_base;
 use crate::{op_params, ArtifactType, Device, Op, ParamSpec, Port, RunCtx};
 
 /// The op's summary file.
@@ -89,7 +90,11 @@ impl Op for EvalOp {
         let config = ModelConfig::from_file(&root.join("config.json"))?;
         let weights = Weights::open(&root, &config)?;
         let adapter = match ctx.optional_input("adapter") {
-            Some(a) => Some(Adapter::load(&a.dir)?),
+            Some(a) => {
+                check_against_base(&a.dir, &config)
+                    .with_context(|| format!("op `{}`", ctx.name))?;
+                Some(Adapter::load(&a.dir)?)
+            }
             None => None,
         };
         let gpu = crate::gpu::Gpu::get()?;

@@ -8,6 +8,7 @@ pub mod collate;
 pub mod data;
 pub mod eval;
 pub mod format;
+pub mod generation;
 pub mod gpu;
 pub mod hub;
 pub mod load;
@@ -19,6 +20,7 @@ pub mod push;
 pub mod quantize;
 pub mod reference;
 pub mod save;
+pub mod score;
 pub mod template;
 pub mod train;
 pub mod unzip;
@@ -198,6 +200,7 @@ impl Registry {
         registry.register(Arc::new(collate::CollateOp));
         registry.register(Arc::new(lora_train::LoraTrainOp::default()));
         registry.register(Arc::new(eval::EvalOp));
+        registry.register(Arc::new(score::ScoreOp));
         registry
     }
 

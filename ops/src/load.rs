@@ -7,11 +7,13 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::data::data_files::{select_split, DataFilesSpec};
-use crate::data::dataset::{Dataset, DatasetManifest};
+use crate::data::dataset::{Dataset, DatasetManifest, KeptRows};
+use crate::data::holdout::Holdout;
 use crate::data::model_dir::{self, ModelManifest, SAFETENSORS_INDEX};
 use crate::hub::cache::{HubEnv, RepoType};
 use crate::hub::download::{Hub, RepoSnapshot};
 use crate::params::{OpParams, ParamError, ParamSpec};
+use crate::train::adapter_source::{import_adapter_folder, load_hub_adapter};
 use crate::{op_params, ArtifactType, Op, Port, Progress, RecipeInfo, RunCtx};
 
 op_params! {
@@ -21,9 +23,9 @@ op_params! {
         /// Hub model `org/name`: config.json, safetensors (single or sharded), tokenizer,
         /// chat template, processor and generation configs — whatever the repo has.
         model: Option<String> = None,
-        /// Local file or folder (relative to the recipe); a dataset unless `repo_type = "model"`.
+        /// Local file or folder (relative to the recipe); a dataset unless `repo_type` says otherwise.
         path: Option<String> = None,
-        /// What `path` holds: "dataset" or "model" (default "dataset").
+        /// What `path` holds: "dataset" (default), "model", or "adapter" (a PEFT LoRA folder: adapter_config.json + adapter_model.safetensors). With `model = "org/name"`, "adapter" loads a Hub adapter repo.
         repo_type: Option<String> = None,
         /// Branch, tag or commit sha of a Hub repo.
         revision: String = "main".to_string(),
@@ -38,6 +40,8 @@ op_params! {
         cache_dir: Option<String> = None,
         /// Never use the network for a Hub `dataset`/`model`, only the cache (`local_files_only` of `from_pretrained`; HF_HUB_OFFLINE=1 for this op alone).
         local_files_only: bool = false,
+        /// Keep only one side of a deterministic split: `{ fraction = 0.05, seed = 0, take = "train" | "holdout" }`. A row is held out when sha256(seed ‖ the row's content) falls in the lowest `fraction` of the hash range, so the split ignores row order and duplicates stay together; "train" and "holdout" partition the dataset.
+        holdout: Option<toml::Value> = None,
     }
 }
 
@@ -48,6 +52,8 @@ enum Source {
     HubModel(String),
     LocalDataset(String),
     LocalModel(String),
+    HubAdapter(String),
+    LocalAdapter(String),
 }
 
 impl LoadParams {
@@ -75,13 +81,16 @@ impl LoadParams {
         }
         let repo_type = self.repo_type.as_deref();
         if let Some(t) = repo_type {
-            if t != "dataset" && t != "model" {
+            if !["dataset", "model", "adapter"].contains(&t) {
                 return Err(ParamError {
                     key: Some("repo_type".into()),
-                    message: format!("`repo_type` must be \"dataset\" or \"model\", got \"{t}\""),
+                    message: format!(
+                        "`repo_type` must be \"dataset\", \"model\" or \"adapter\", got \"{t}\""
+                    ),
                 });
             }
-            if self.path.is_none() {
+            let hub_adapter = self.model.is_some() && t == "adapter";
+            if self.path.is_none() && !hub_adapter {
                 let implied = if self.dataset.is_some() {
                     "dataset"
                 } else {
@@ -97,21 +106,24 @@ impl LoadParams {
         }
         let source = match (&self.dataset, &self.model, &self.path) {
             (Some(d), _, _) => Source::HubDataset(d.clone()),
+            (_, Some(m), _) if repo_type == Some("adapter") => Source::HubAdapter(m.clone()),
             (_, Some(m), _) => Source::HubModel(m.clone()),
             (_, _, Some(p)) if repo_type == Some("model") => Source::LocalModel(p.clone()),
+            (_, _, Some(p)) if repo_type == Some("adapter") => Source::LocalAdapter(p.clone()),
             (_, _, Some(p)) => Source::LocalDataset(p.clone()),
             _ => unreachable!(),
         };
-        if matches!(source, Source::HubModel(_) | Source::LocalModel(_)) {
+        if !matches!(source, Source::HubDataset(_) | Source::LocalDataset(_)) {
             for (key, set) in [
                 ("split", self.split.is_some()),
                 ("config", self.config.is_some()),
                 ("data_files", self.data_files.is_some()),
+                ("holdout", self.holdout.is_some()),
             ] {
                 if set {
                     return Err(ParamError {
                         key: Some(key.into()),
-                        message: format!("`{key}` applies to datasets, not models"),
+                        message: format!("`{key}` applies to datasets, not models or adapters"),
                     });
                 }
             }
@@ -137,6 +149,10 @@ impl LoadParams {
                 message: format!("`data_files`: {e:#}"),
             })?;
         }
+        self.holdout_spec().map_err(|e| ParamError {
+            key: Some("holdout".into()),
+            message: format!("{e:#}"),
+        })?;
         Ok(source)
     }
 
@@ -149,6 +165,10 @@ impl LoadParams {
         }
         env.offline |= self.local_files_only;
         env
+    }
+
+    fn holdout_spec(&self) -> Result<Option<Holdout>> {
+        self.holdout.as_ref().map(Holdout::from_toml).transpose()
     }
 
     fn data_files_spec(&self) -> Result<Option<DataFilesSpec>> {
@@ -188,9 +208,11 @@ impl Op for Load {
     }
 
     fn output(&self, params: &toml::Table) -> ArtifactType {
-        let is_model = params.contains_key("model")
-            || params.get("repo_type").and_then(|v| v.as_str()) == Some("model");
-        if is_model {
+        let repo_type = params.get("repo_type").and_then(|v| v.as_str());
+        if repo_type == Some("adapter") {
+            return ArtifactType::Adapter;
+        }
+        if params.contains_key("model") || repo_type == Some("model") {
             ArtifactType::Model
         } else {
             ArtifactType::Dataset
@@ -207,11 +229,11 @@ impl Op for Load {
                 "commit {}",
                 hub().commit_sha(&id, RepoType::Dataset, &p.revision)?
             ),
-            Source::HubModel(id) => format!(
+            Source::HubModel(id) | Source::HubAdapter(id) => format!(
                 "commit {}",
                 hub().commit_sha(&id, RepoType::Model, &p.revision)?
             ),
-            Source::LocalDataset(path) | Source::LocalModel(path) => {
+            Source::LocalDataset(path) | Source::LocalModel(path) | Source::LocalAdapter(path) => {
                 local_fingerprint(&recipe.resolve(path))?
             }
         }))
@@ -235,15 +257,39 @@ impl Op for Load {
             Source::LocalModel(path) => {
                 load_local_model(&ctx.recipe.resolve(path))?.write(ctx.out_dir)
             }
+            Source::LocalAdapter(path) => {
+                import_adapter_folder(&ctx.recipe.resolve(path), ctx.out_dir)
+            }
+            Source::HubAdapter(id) => {
+                load_hub_adapter(&Hub::new(env), &id, &p.revision, ctx.out_dir, ctx.progress)
+            }
         }
     }
 }
 
-/// Checks that the data files open (footers, JSON) before publishing, and says how many rows.
+/// Checks that the data files open (footers, JSON) before publishing, applies `holdout`, and
+/// says how many rows.
 fn finish_dataset(manifest: DatasetManifest, ctx: &RunCtx) -> Result<()> {
     let dataset = Dataset::from_manifest(manifest.clone())?;
+    let p = LoadParams::from_table(ctx.params)?;
+    let mut kept = String::new();
+    if let Some(holdout) = p.holdout_spec()? {
+        let rows = holdout.select(&dataset)?;
+        kept = format!("{} of ", rows.len());
+        if rows.is_empty() {
+            bail!(
+                "op `{}`: `holdout` keeps none of the {} rows (take = {:?}, fraction {}); \
+                 raise `fraction` or use more rows",
+                ctx.name,
+                dataset.len(),
+                holdout.take,
+                holdout.fraction
+            );
+        }
+        KeptRows { holdout, rows }.write(ctx.out_dir)?;
+    }
     ctx.progress.println(format!(
-        "{}: {} rows from {} data file(s){}",
+        "{}: {kept}{} rows from {} data file(s){}",
         ctx.name,
         dataset.len(),
         manifest.data_files.len(),

@@ -66,6 +66,35 @@ fn mmiu_recipe_trains_offline_on_the_miniatures() {
         "every op but the disabled push runs:\n{stdout}"
     );
     assert_saved_adapter(&work.path().join("out"));
+
+    // recipes/mmiu-eval.toml: the saved adapter loaded back as a PEFT folder, base and adapter
+    // evaluated on the other side of the split (half of the 6 miniature rows here: 5% of 6 rows
+    // would hold out none).
+    let adapter = format!("vars.adapter={}", work.path().join("out").display());
+    let eval_work = tempfile::tempdir().unwrap();
+    let Outcome {
+        code,
+        stdout,
+        stderr,
+    } = run_recipe(
+        "mmiu-eval.toml",
+        eval_work.path(),
+        &[
+            "vars.model=runner-test/tiny-gemma-3",
+            &adapter,
+            "ops.raw.holdout.fraction=0.5",
+        ],
+    );
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        stdout.lines().last().unwrap(),
+        format!("ran {}, reused 0, failed 0", ops_in("mmiu-eval.toml")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("of 6 rows"),
+        "the holdout keeps part of the rows:\n{stdout}"
+    );
 }
 
 #[test]

@@ -90,9 +90,44 @@ impl Row {
     }
 }
 
-/// Opens the dataset of a `dataset` artifact directory.
+/// Opens the dataset of a `dataset` artifact directory, restricted to the rows of its
+/// [`SELECTION`] file when a `load` with `holdout` wrote one.
 pub fn open(artifact_dir: &Path) -> Result<Dataset> {
-    Dataset::from_manifest(DatasetManifest::read(artifact_dir)?)
+    let dataset = Dataset::from_manifest(DatasetManifest::read(artifact_dir)?)?;
+    match KeptRows::read(artifact_dir)? {
+        Some(selection) => dataset.restrict(selection.rows),
+        None => Ok(dataset),
+    }
+}
+
+/// File name of the row selection inside a `dataset` artifact (absent: every row).
+pub const SELECTION: &str = "rows.json";
+
+/// The rows a `load` with `holdout` kept, and the split that chose them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeptRows {
+    pub holdout: super::holdout::Holdout,
+    /// Global row numbers, ascending.
+    pub rows: Vec<usize>,
+}
+
+impl KeptRows {
+    pub fn write(&self, artifact_dir: &Path) -> Result<()> {
+        let path = artifact_dir.join(SELECTION);
+        std::fs::write(&path, serde_json::to_string(self)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn read(artifact_dir: &Path) -> Result<Option<Self>> {
+        let path = artifact_dir.join(SELECTION);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("parsing {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
 }
 
 /// A readable dataset: the manifest plus an index of every data file's rows.
@@ -103,6 +138,8 @@ pub struct Dataset {
     files: Vec<DataFile>,
     /// `starts[k]` = global index of the first row of `files[k]`; one extra entry = len.
     starts: Vec<usize>,
+    /// The global rows this dataset consists of (ascending), when restricted; else all.
+    selection: Option<Vec<usize>>,
 }
 
 impl Dataset {
@@ -119,7 +156,33 @@ impl Dataset {
             manifest,
             files,
             starts,
+            selection: None,
         })
+    }
+
+    /// The dataset made of the given global rows only (ascending, each in range). Rows keep
+    /// their global numbers, so messages and image references name the row of the data files.
+    pub fn restrict(mut self, rows: Vec<usize>) -> Result<Self> {
+        let total = self.total_rows();
+        if let Some(bad) = rows.windows(2).find(|w| w[0] >= w[1]) {
+            bail!(
+                "row selection is not ascending at rows {} and {}",
+                bad[0],
+                bad[1]
+            );
+        }
+        if let Some(&last) = rows.last() {
+            if last >= total {
+                bail!("row selection names row {last}, but the data files hold {total} rows (did they change since `load`?)");
+            }
+        }
+        self.selection = Some(rows);
+        Ok(self)
+    }
+
+    /// Rows in the data files, selected or not.
+    pub fn total_rows(&self) -> usize {
+        *self.starts.last().unwrap()
     }
 
     pub fn manifest(&self) -> &DatasetManifest {
@@ -140,8 +203,11 @@ impl Dataset {
         &self.manifest.data_files
     }
 
+    /// Rows of the dataset (the selected ones when restricted).
     pub fn len(&self) -> usize {
-        *self.starts.last().unwrap()
+        self.selection
+            .as_ref()
+            .map_or_else(|| self.total_rows(), Vec::len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -150,11 +216,12 @@ impl Dataset {
 
     /// Row `index` (global), reading only what it needs: one parquet row group's pages for
     /// that row, one JSON line, or one element of an already parsed JSON array.
+    /// `index` is the global row number (a restricted dataset's rows keep theirs).
     pub fn row(&self, index: usize) -> Result<Row> {
-        if index >= self.len() {
+        if index >= self.total_rows() {
             bail!(
                 "row {index} out of range: the dataset has {} rows",
-                self.len()
+                self.total_rows()
             );
         }
         let k = self.starts.partition_point(|&s| s <= index) - 1;
@@ -170,20 +237,29 @@ impl Dataset {
         })
     }
 
-    /// All rows in order, read in batches (parquet) or line by line (JSON Lines).
+    /// All rows in order (the selected ones when restricted), read in batches (parquet) or
+    /// line by line (JSON Lines).
     pub fn rows(&self) -> impl Iterator<Item = Result<Row>> + '_ {
+        let kept = move |index: usize| {
+            self.selection
+                .as_ref()
+                .is_none_or(|s| s.binary_search(&index).is_ok())
+        };
         self.files.iter().enumerate().flat_map(move |(k, file)| {
             let start = self.starts[k];
-            file.iter().enumerate().map(move |(local, fields)| {
-                let index = start + local;
-                fields
-                    .with_context(|| format!("row {index} ({})", file.rel))
-                    .map(|fields| Row {
-                        index,
-                        file: file.rel.clone(),
-                        fields,
-                    })
-            })
+            file.iter()
+                .enumerate()
+                .filter(move |(local, _)| kept(start + local))
+                .map(move |(local, fields)| {
+                    let index = start + local;
+                    fields
+                        .with_context(|| format!("row {index} ({})", file.rel))
+                        .map(|fields| Row {
+                            index,
+                            file: file.rel.clone(),
+                            fields,
+                        })
+                })
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod conversation;
 pub mod data_files;
 pub mod dataset;
 pub mod format;
+pub mod holdout;
 pub mod image;
 pub mod model_dir;
 pub mod processor;

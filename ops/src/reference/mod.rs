@@ -7,6 +7,7 @@ pub mod adamw;
 pub mod attention;
 pub mod cast;
 pub mod cross_entropy;
+pub mod decode_attention;
 pub mod embedding;
 pub mod lora;
 pub mod matmul;

@@ -2,6 +2,7 @@
 //! and metrics (metrics.jsonl and TensorBoard event files).
 
 pub mod adapter;
+pub mod adapter_source;
 pub mod checkpoint;
 pub mod lora_init;
 pub mod metrics;

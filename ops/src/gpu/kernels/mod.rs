@@ -12,6 +12,7 @@ pub mod adamw;
 pub mod attention;
 pub mod cast;
 pub mod cross_entropy;
+pub mod decode_attention;
 pub mod embedding;
 pub mod lora;
 pub mod matmul;
@@ -128,13 +129,14 @@ pub(crate) type Variant = (super::Shader, Vec<&'static str>);
 
 /// Every module every family dispatches ([`super::shader::all_variants`]).
 pub(crate) fn shader_variants() -> Result<Vec<Variant>> {
-    let families: [fn() -> Result<Vec<Variant>>; 15] = [
+    let families: [fn() -> Result<Vec<Variant>>; 16] = [
         accumulate::variants,
         activation::variants,
         adamw::variants,
         attention::variants,
         cast::variants,
         cross_entropy::variants,
+        decode_attention::variants,
         embedding::variants,
         lora::variants,
         matmul::variants,

@@ -159,6 +159,7 @@ shader_files!(
     "cross_entropy/stats",
     "cross_entropy/finish",
     "cross_entropy/dlogits",
+    "decode_attention",
     "embedding",
     "lora",
     "matmul",
