@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use ops::model::bnb::QuantStorage;
+use ops::model::bnb::{QuantStorage, SkipRule};
 use ops::model::config::FloatDtype;
 use ops::model::quantize::{quantize_linear, QuantizeOptions};
 use rand::{RngExt, SeedableRng};
@@ -32,6 +32,7 @@ fn main() {
         compute_dtype: FloatDtype::BF16,
         quant_storage: QuantStorage::BF16,
         skip_modules: None,
+        skip_rule: SkipRule::Boundary,
         load_dtype: Some(FloatDtype::BF16),
     };
     let t = Instant::now();

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::model::bnb::QuantStorage;
+use crate::model::bnb::{QuantStorage, SkipRule};
 use crate::model::config::FloatDtype;
 use crate::model::quantize::{quantize_checkpoint, QuantizeOptions};
 use crate::params::OpParams;
@@ -21,6 +21,8 @@ op_params! {
         bnb_4bit_quant_storage: String = "bfloat16".into(),
         /// `llm_int8_skip_modules`: modules left unquantized; replaces the default (lm_head) when set.
         llm_int8_skip_modules: Option<Vec<String>> = None,
+        /// How `llm_int8_skip_modules` matches module paths: "boundary" (transformers 5: from the start of the path up to a module boundary, as a regex, or as a suffix; `vision_tower` alone matches nothing) or "contains" (transformers 4.x, the guide's era: the module's own name, or `NAME.` anywhere in its path, so `vision_tower` skips the whole vision tower).
+        skip_modules_rule: String = "boundary".into(),
         /// dtype the weights are loaded in before quantization (`from_pretrained(dtype=...)`; the guide: bfloat16); "auto" keeps the checkpoint's.
         dtype: String = "bfloat16".into(),
     }
@@ -68,6 +70,8 @@ fn parse(params: &QuantizeParams) -> Result<Parsed, ParamError> {
                 .map_err(|e| param_err("dtype", format!("dtype: {e} or \"auto\"")))?,
         ),
     };
+    let skip_rule = SkipRule::parse(&params.skip_modules_rule)
+        .map_err(|e| param_err("skip_modules_rule", format!("skip_modules_rule: {e}")))?;
     if let Some(skip) = &params.llm_int8_skip_modules {
         for p in skip {
             regex::Regex::new(p).map_err(|e| {
@@ -84,6 +88,7 @@ fn parse(params: &QuantizeParams) -> Result<Parsed, ParamError> {
             compute_dtype,
             quant_storage,
             skip_modules: params.llm_int8_skip_modules.clone(),
+            skip_rule,
             load_dtype,
         },
     })

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ops::model::bnb::{QuantState, QuantStorage};
+use ops::model::bnb::{QuantState, QuantStorage, SkipRule};
 use ops::model::config::{FloatDtype, ModelConfig};
 use ops::model::names::TensorKind;
 use ops::model::quantize::{quantize_checkpoint, QuantizeOptions};
@@ -125,6 +125,7 @@ fn f32_uint8_matches_transformers_save() {
         compute_dtype: FloatDtype::F32,
         quant_storage: QuantStorage::U8,
         skip_modules: None,
+        skip_rule: SkipRule::Boundary,
         load_dtype: Some(FloatDtype::F32),
     };
     let out = run_quantize(&opts);
@@ -161,6 +162,7 @@ fn guide_bf16_settings_match_transformers_save() {
         compute_dtype: FloatDtype::BF16,
         quant_storage: QuantStorage::BF16,
         skip_modules: None,
+        skip_rule: SkipRule::Boundary,
         load_dtype: Some(FloatDtype::BF16),
     };
     let out = run_quantize(&opts);
@@ -181,6 +183,7 @@ fn skip_modules_replace_the_default() {
         compute_dtype: FloatDtype::F32,
         quant_storage: QuantStorage::U8,
         skip_modules: Some(vec!["model.vision_tower".into(), "down_proj".into()]),
+        skip_rule: SkipRule::Boundary,
         load_dtype: None,
     };
     let out = tempfile::tempdir().unwrap();
@@ -275,4 +278,50 @@ fn op_runs_and_checks_params() {
     let d = compare(&root, &golden("transformers-4bit-guide-bf16"));
     assert_eq!(d.tensors, 293);
     assert!(root.join("tokenizer.json").is_file());
+}
+
+/// The guide-era (transformers 4.x) rule: `vision_tower` skips every vision Linear, and the
+/// recorded list names each skipped module so transformers 5's boundary rule agrees on load.
+#[test]
+fn contains_rule_skips_everything_under_a_name() {
+    let opts = QuantizeOptions {
+        double_quant: false,
+        compute_dtype: FloatDtype::F32,
+        quant_storage: QuantStorage::U8,
+        skip_modules: Some(vec!["lm_head".into(), "vision_tower".into()]),
+        skip_rule: SkipRule::Contains,
+        load_dtype: None,
+    };
+    let out = tempfile::tempdir().unwrap();
+    let report = quantize_checkpoint(&tiny(), out.path(), &opts, &|_| {}).unwrap();
+    // the 28 text linears are quantized; the 12 vision linears stay dense
+    assert_eq!(report.quantized_modules, 28);
+    assert_eq!(report.skipped_linears.len(), 12);
+    assert!(report
+        .skipped_linears
+        .iter()
+        .all(|n| n.contains("vision_tower")));
+    let recorded = quantization_config(out.path())["llm_int8_skip_modules"].clone();
+    let names: Vec<String> = serde_json::from_value(recorded).unwrap();
+    assert_eq!(names.len(), 2 + 12);
+    assert!(names[2..]
+        .iter()
+        .all(|n| n.starts_with("model.vision_tower.")));
+    // transformers 5's rule on the recorded list skips exactly what was skipped
+    let boundary = |path: &str| {
+        names
+            .iter()
+            .any(|p| SkipRule::Boundary.matches(path, p).unwrap())
+    };
+    assert!(names[2..].iter().all(|p| boundary(p)));
+    assert!(!boundary("model.language_model.layers.0.mlp.up_proj"));
+
+    // the same names under the default rule quantize the vision tower too
+    let boundary_opts = QuantizeOptions {
+        skip_rule: SkipRule::Boundary,
+        ..opts
+    };
+    let out = tempfile::tempdir().unwrap();
+    let report = quantize_checkpoint(&tiny(), out.path(), &boundary_opts, &|_| {}).unwrap();
+    assert_eq!(report.quantized_modules, 40);
 }

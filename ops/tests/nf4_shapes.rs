@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use ops::gpu::testing::{rel_frobenius, test_gpu, TestRng};
-use ops::model::bnb::QuantStorage;
+use ops::model::bnb::{QuantStorage, SkipRule};
 use ops::model::config::{FloatDtype, ModelConfig};
 use ops::model::gpu::model::Gemma3Gpu;
 use ops::model::names::{expected_tensors, TensorKind};
@@ -133,6 +133,7 @@ fn one_case(s: Shape, seed: u64, guide: bool) {
             QuantStorage::U8
         },
         skip_modules: None,
+        skip_rule: SkipRule::Boundary,
         load_dtype: Some(dtype),
     };
     quantize_checkpoint(&dense_src, &nf4_dir, &opts, &|_| {}).unwrap();

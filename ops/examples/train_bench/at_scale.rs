@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use ops::data::collate::Batch;
 use ops::gpu::{DType, Gpu, Recorder};
 use ops::lora_train::plan_options;
-use ops::model::bnb::QuantStorage;
+use ops::model::bnb::{QuantStorage, SkipRule};
 use ops::model::config::FloatDtype;
 use ops::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
 use ops::model::memory::{ActivationPlan, DeviceLimits, LoraPlan, MemoryPlan};
@@ -221,6 +221,7 @@ pub fn main() -> Result<()> {
                 compute_dtype: FloatDtype::BF16,
                 quant_storage: QuantStorage::BF16,
                 skip_modules: None,
+                skip_rule: SkipRule::Boundary,
                 load_dtype: None,
             },
             &|_| {},

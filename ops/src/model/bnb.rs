@@ -176,6 +176,47 @@ impl QuantStorage {
     }
 }
 
+/// How `llm_int8_skip_modules` names match a module path: the rule of the transformers version
+/// a run reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SkipRule {
+    /// transformers 5 (`should_convert_module`, quantizers_utils.py): a pattern matching the
+    /// path from the start up to a module boundary (as a regex), or a suffix of the path. What
+    /// the golden fixtures pin (5.24): `vision_tower` alone matches no in-memory path
+    /// (`model.vision_tower.…`).
+    #[default]
+    Boundary,
+    /// transformers 4.x (`_replace_with_bnb_linear`, the guide's era): the module's own name is
+    /// a listed name, or `name.` occurs anywhere in the path, or the path equals a name. So
+    /// `vision_tower` skips every Linear under any `vision_tower` module. Names, not regexes.
+    Contains,
+}
+
+impl SkipRule {
+    pub fn parse(s: &str) -> Result<SkipRule> {
+        match s {
+            "boundary" => Ok(SkipRule::Boundary),
+            "contains" => Ok(SkipRule::Contains),
+            other => bail!(
+                "expected \"boundary\" (transformers 5) or \"contains\" (transformers 4.x), got \"{other}\""
+            ),
+        }
+    }
+
+    /// Whether `pattern` skips the module at `module_path` (transformers' in-memory path).
+    pub fn matches(self, module_path: &str, pattern: &str) -> Result<bool> {
+        match self {
+            SkipRule::Boundary => matches_skip_pattern(module_path, pattern),
+            SkipRule::Contains => {
+                let leaf = module_path.rsplit('.').next().unwrap_or(module_path);
+                Ok(leaf == pattern
+                    || module_path == pattern
+                    || module_path.contains(&format!("{pattern}.")))
+            }
+        }
+    }
+}
+
 /// transformers' `should_convert_module` (quantizers_utils.py): a module is skipped when a
 /// pattern matches its path from the start up to a module boundary (as a regex), or when the
 /// path ends with the pattern.
@@ -201,6 +242,28 @@ pub fn matches_skip_pattern(module_path: &str, pattern: &str) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// transformers 4.x's `(key + "." in current_key_name_str) or (key == current_key_name_str)`
+    /// plus `name not in modules_to_not_convert`, against transformers 5's boundary rule.
+    #[test]
+    fn skip_rules_of_both_transformers_generations() {
+        let path = "model.vision_tower.encoder.layers.0.mlp.fc1";
+        let contains = |p: &str, pat: &str| SkipRule::Contains.matches(p, pat).unwrap();
+        let boundary = |p: &str, pat: &str| SkipRule::Boundary.matches(p, pat).unwrap();
+        assert!(contains(path, "vision_tower"));
+        assert!(!boundary(path, "vision_tower"));
+        assert!(contains(path, "fc1") && boundary(path, "fc1"));
+        assert!(contains("lm_head", "lm_head") && boundary("lm_head", "lm_head"));
+        // a name is not a prefix of another name: `mlp.fc` is not `mlp.fc1`
+        assert!(!contains(path, "mlp.fc"));
+        assert!(contains(path, "mlp") && !boundary(path, "mlp"));
+        assert!(!contains(
+            "model.language_model.layers.1.mlp.up_proj",
+            "layers.11"
+        ));
+        assert_eq!(SkipRule::parse("contains").unwrap(), SkipRule::Contains);
+        assert!(SkipRule::parse("regex").is_err());
+    }
 
     #[test]
     fn python_repr_of_floats() {

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use super::bnb::{self, matches_skip_pattern, QuantState, QuantStorage};
+use super::bnb::{self, QuantState, QuantStorage, SkipRule};
 use super::config::{FloatDtype, ModelConfig};
 use super::names::{hf_module_path, TensorKind, EMBED_TOKENS};
 use super::safetensors_io::{write_safetensors, OutTensor, INDEX_FILE, SINGLE_FILE};
@@ -34,6 +34,8 @@ pub struct QuantizeOptions {
     pub quant_storage: QuantStorage,
     /// `llm_int8_skip_modules`: when set, replaces transformers' default skip list.
     pub skip_modules: Option<Vec<String>>,
+    /// How the skip list matches module paths (transformers 5, or 4.x as in the guide's era).
+    pub skip_rule: SkipRule,
     /// The dtype the weights are loaded in before quantization (`dtype=` / `torch_dtype=` of
     /// `from_pretrained`); `None` keeps each tensor's stored dtype.
     pub load_dtype: Option<FloatDtype>,
@@ -65,10 +67,10 @@ pub fn default_skip_modules(config: &ModelConfig) -> Vec<String> {
 }
 
 /// Whether transformers would leave this Linear unquantized.
-fn is_skipped(module: &str, causal: bool, patterns: &[String]) -> Result<bool> {
+fn is_skipped(module: &str, causal: bool, patterns: &[String], rule: SkipRule) -> Result<bool> {
     let path = hf_module_path(module, causal);
     for p in patterns {
-        if matches_skip_pattern(&path, p)? {
+        if rule.matches(&path, p)? {
             return Ok(true);
         }
     }
@@ -230,7 +232,7 @@ pub fn quantize_checkpoint(
             e.kind,
             TensorKind::LinearWeight | TensorKind::OutputEmbedding
         );
-        if linear && !is_skipped(e.module(), causal, &patterns)? {
+        if linear && !is_skipped(e.module(), causal, &patterns, opts.skip_rule)? {
             to_quantize.push(e);
         } else {
             if linear {
@@ -292,7 +294,22 @@ pub fn quantize_checkpoint(
     let obj = cfg
         .as_object_mut()
         .context("config.json must be an object")?;
-    obj.insert("quantization_config".into(), quantization_config_json(opts));
+    let mut recorded = opts.clone();
+    if opts.skip_rule == SkipRule::Contains {
+        // transformers 5 reads the list with its boundary rule when it loads this checkpoint:
+        // the full path of every Linear the 4.x rule skipped makes both generations agree
+        let names = recorded.skip_modules.get_or_insert_with(Vec::new);
+        for name in &report.skipped_linears {
+            let path = hf_module_path(name.trim_end_matches(".weight"), causal);
+            if !names.contains(&path) {
+                names.push(path);
+            }
+        }
+    }
+    obj.insert(
+        "quantization_config".into(),
+        quantization_config_json(&recorded),
+    );
     if let Some(d) = opts.load_dtype {
         obj.insert(
             "dtype".into(),
