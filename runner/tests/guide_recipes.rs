@@ -122,3 +122,29 @@ fn llava_recipe_trains_offline_on_the_miniatures() {
     );
     assert_saved_adapter(&work.path().join("out"));
 }
+
+/// A `quantized-model` (whose model.json names its own folder as ".") feeds template, collate
+/// and save exactly as the `model` it came from: each resolves the folder against the cache
+/// entry, not the current directory. Regression test: they read `./config.json` before.
+#[test]
+fn quantized_model_feeds_template_collate_and_save() {
+    let work = tempfile::tempdir().unwrap();
+    let sets = [
+        "ops.texts.inputs.model=nf4",
+        "ops.batches.inputs.model=nf4",
+        "ops.save.inputs.model=nf4",
+        "ops.train.num_train_epochs=1",
+        "ops.train.max_steps=1",
+    ];
+    let Outcome {
+        code,
+        stdout,
+        stderr,
+    } = run_recipe("demo.toml", work.path(), &sets);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("done texts"), "{stdout}");
+    assert!(stdout.contains("done batches"), "{stdout}");
+    assert!(stdout.contains("done save"), "{stdout}");
+    let saved = work.path().join("out");
+    assert!(saved.join("adapter_model.safetensors").exists(), "{stdout}");
+}

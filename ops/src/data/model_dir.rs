@@ -33,13 +33,15 @@ pub const MODEL_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
-/// Contents of `model.json` (the contract in INTERFACES.md; `files` is an addition).
+/// Contents of `model.json`, the manifest of a `model` or `quantized-model` artifact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelManifest {
     pub repo_id: Option<String>,
     /// The resolved commit sha of a Hub model.
     pub revision: Option<String>,
-    /// Absolute folder with config.json, *.safetensors, tokenizer.json, ...
+    /// The folder with config.json, *.safetensors, tokenizer.json, ...: absolute, or relative to
+    /// the artifact directory (a `quantized-model` writes ".": the runner moves its directory
+    /// into the cache after the op returns). [`open`] resolves it.
     pub root: PathBuf,
     /// The model files present under `root`, relative to it.
     #[serde(default)]
@@ -60,14 +62,24 @@ pub struct ModelDir {
     manifest: ModelManifest,
 }
 
-/// Opens the model of a `model` artifact directory.
+/// Opens the model of a `model` or `quantized-model` artifact directory, its root resolved.
 pub fn open(artifact_dir: &Path) -> Result<ModelDir> {
     let path = artifact_dir.join(MANIFEST);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading model manifest {}", path.display()))?;
-    let manifest: ModelManifest =
+    let mut manifest: ModelManifest =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    manifest.root = resolve_root(artifact_dir, &manifest.root);
     Ok(ModelDir { manifest })
+}
+
+/// A manifest's `root` as a path: relative roots are relative to the artifact directory.
+pub fn resolve_root(artifact_dir: &Path, root: &Path) -> PathBuf {
+    if root.is_absolute() {
+        root.to_path_buf()
+    } else {
+        artifact_dir.join(root)
+    }
 }
 
 impl ModelDir {

@@ -32,11 +32,6 @@ pub fn artifact_model_root(
         .get("root")
         .and_then(|r| r.as_str())
         .with_context(|| format!("{}: no `root` folder", path.display()))?;
-    let root = std::path::Path::new(root);
-    let root = if root.is_absolute() {
-        root.to_path_buf()
-    } else {
-        artifact_dir.join(root)
-    };
+    let root = crate::data::model_dir::resolve_root(artifact_dir, std::path::Path::new(root));
     Ok((root, manifest))
 }
