@@ -16,6 +16,10 @@
 #feature VEC4 A and B bound as vec4 views (offsets, leading dimensions and contiguous dimensions multiples of 4)
 #feature TEXTURES A and B (the NF4 words and absmax) read from staged linear textures (ops/src/gpu/staging.rs)
 #feature NF4 B is a bitsandbytes NF4 weight (packed nibbles at binding 2, f32 absmax at binding 5) decoded in the tile loop: the fused NF4 matmul is this same kernel
+#feature F16 every operand value (the dequantized NF4 weight included) rounded to f16 as it is loaded, products and sums in f32 (needs SHADER_F16)
+#if F16
+enable f16;
+#endif
 #if TEXTURES
 #include "lib/staging"
 #endif
@@ -23,20 +27,20 @@
 #if TEXTURES
 @group(0) @binding(1) var A: texture_2d<f32>;
 fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, stage_texel(t), 0); }
-fn a1(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
+fn a1_load(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
 #if VEC4
-fn a4(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
+fn a4_load(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
 #else
-fn a4(e: u32) -> vec4<f32> { return vec4<f32>(a1(e), a1(e + 1u), a1(e + 2u), a1(e + 3u)); }
+fn a4_load(e: u32) -> vec4<f32> { return vec4<f32>(a1_load(e), a1_load(e + 1u), a1_load(e + 2u), a1_load(e + 3u)); }
 #endif
 #elif VEC4
 @group(0) @binding(1) var<storage, read> A: array<vec4<f32>>;
-fn a4(e: u32) -> vec4<f32> { return A[e >> 2u]; }
-fn a1(e: u32) -> f32 { return A[e >> 2u][e & 3u]; }
+fn a4_load(e: u32) -> vec4<f32> { return A[e >> 2u]; }
+fn a1_load(e: u32) -> f32 { return A[e >> 2u][e & 3u]; }
 #else
 @group(0) @binding(1) var<storage, read> A: array<f32>;
-fn a4(e: u32) -> vec4<f32> { return vec4<f32>(A[e], A[e + 1u], A[e + 2u], A[e + 3u]); }
-fn a1(e: u32) -> f32 { return A[e]; }
+fn a4_load(e: u32) -> vec4<f32> { return vec4<f32>(A[e], A[e + 1u], A[e + 2u], A[e + 3u]); }
+fn a1_load(e: u32) -> f32 { return A[e]; }
 #endif
 
 #if NF4
@@ -55,34 +59,47 @@ fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, stage_texel(i >> 2u), 0)[
 fn wq_word(w: u32) -> u32 { return Wq[w]; }
 fn absmax(i: u32) -> f32 { return Wabsmax[i]; }
 #endif
-fn b1(e: u32) -> f32 {
+fn b1_load(e: u32) -> f32 {
     let byte = (wq_word(e >> 3u) >> (((e >> 1u) & 3u) * 8u)) & 255u;
     let nib = select(byte & 15u, byte >> 4u, (e & 1u) == 0u);
     return nf4_value(nib) * absmax(e / NF4_BLOCK);
 }
 #if VEC4
 // Four consecutive weights from element e (e % 4 == 0): bytes e/2 and e/2 + 1 of one word.
-fn b4(e: u32) -> vec4<f32> { return nf4_decode4(wq_word(e >> 3u) >> ((e & 4u) * 4u), absmax(e / NF4_BLOCK)); }
+fn b4_load(e: u32) -> vec4<f32> { return nf4_decode4(wq_word(e >> 3u) >> ((e & 4u) * 4u), absmax(e / NF4_BLOCK)); }
 #else
-fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
+fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), b1_load(e + 2u), b1_load(e + 3u)); }
 #endif
 #elif TEXTURES
 @group(0) @binding(2) var B: texture_2d<f32>;
 fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B, stage_texel(t), 0); }
-fn b1(e: u32) -> f32 { return b_texel(e >> 2u)[e & 3u]; }
+fn b1_load(e: u32) -> f32 { return b_texel(e >> 2u)[e & 3u]; }
 #if VEC4
-fn b4(e: u32) -> vec4<f32> { return b_texel(e >> 2u); }
+fn b4_load(e: u32) -> vec4<f32> { return b_texel(e >> 2u); }
 #else
-fn b4(e: u32) -> vec4<f32> { return vec4<f32>(b1(e), b1(e + 1u), b1(e + 2u), b1(e + 3u)); }
+fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), b1_load(e + 2u), b1_load(e + 3u)); }
 #endif
 #elif VEC4
 @group(0) @binding(2) var<storage, read> B: array<vec4<f32>>;
-fn b4(e: u32) -> vec4<f32> { return B[e >> 2u]; }
-fn b1(e: u32) -> f32 { return B[e >> 2u][e & 3u]; }
+fn b4_load(e: u32) -> vec4<f32> { return B[e >> 2u]; }
+fn b1_load(e: u32) -> f32 { return B[e >> 2u][e & 3u]; }
 #else
 @group(0) @binding(2) var<storage, read> B: array<f32>;
-fn b4(e: u32) -> vec4<f32> { return vec4<f32>(B[e], B[e + 1u], B[e + 2u], B[e + 3u]); }
-fn b1(e: u32) -> f32 { return B[e]; }
+fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(B[e], B[e + 1u], B[e + 2u], B[e + 3u]); }
+fn b1_load(e: u32) -> f32 { return B[e]; }
+#endif
+
+// The kernels' operand reads: the loads above, rounded to f16 with F16.
+#if F16
+fn a1(e: u32) -> f32 { return f32(f16(a1_load(e))); }
+fn a4(e: u32) -> vec4<f32> { return vec4<f32>(vec4<f16>(a4_load(e))); }
+fn b1(e: u32) -> f32 { return f32(f16(b1_load(e))); }
+fn b4(e: u32) -> vec4<f32> { return vec4<f32>(vec4<f16>(b4_load(e))); }
+#else
+fn a1(e: u32) -> f32 { return a1_load(e); }
+fn a4(e: u32) -> vec4<f32> { return a4_load(e); }
+fn b1(e: u32) -> f32 { return b1_load(e); }
+fn b4(e: u32) -> vec4<f32> { return b4_load(e); }
 #endif
 
 struct Params {

@@ -219,6 +219,7 @@ impl Gpu {
                 trans_b: true,
                 a_contig: h,
                 b_contig: h,
+                f16: false,
             };
             self.record_gemm(rec, gemm)
         };
@@ -276,6 +277,7 @@ impl Gpu {
                     trans_b: false,
                     a_contig: p.vc,
                     b_contig: h,
+                    f16: false,
                 },
             )?;
             // dW_c += G[:, :vc]ᵀ · X
@@ -304,6 +306,7 @@ impl Gpu {
                         trans_b: false,
                         a_contig: p.vc,
                         b_contig: h,
+                        f16: false,
                     },
                 )?;
             }

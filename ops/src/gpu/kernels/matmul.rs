@@ -9,42 +9,89 @@ use crate::gpu::recorder::Bound;
 use crate::gpu::staging::{StageFormat, StagedTexture};
 use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, Shader, Tiling};
 
-/// The matmul module (`shaders/matmul.wgsl`): A and B as vec4 or scalar views, bound as storage
-/// buffers or as staged linear textures (`textures`), B an f32 matrix or an NF4 weight (`nf4`).
-pub(crate) fn shader(vec4: bool, textures: bool, nf4: bool) -> Result<Shader> {
-    Shader::compose("matmul", &features(vec4, textures, nf4))
+/// How a variant of `shaders/matmul.wgsl` reads its operands: A and B as vec4 or scalar
+/// views, bound as storage buffers or as staged linear textures, B an f32 matrix or an NF4
+/// weight, every value rounded to f16 or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Operands {
+    pub vec4: bool,
+    pub textures: bool,
+    pub nf4: bool,
+    pub f16: bool,
 }
 
-fn features(vec4: bool, textures: bool, nf4: bool) -> Vec<&'static str> {
-    [(vec4, "VEC4"), (textures, "TEXTURES"), (nf4, "NF4")]
+impl Operands {
+    fn features(self) -> Vec<&'static str> {
+        [
+            (self.vec4, "VEC4"),
+            (self.textures, "TEXTURES"),
+            (self.nf4, "NF4"),
+            (self.f16, "F16"),
+        ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
         .collect()
+    }
+}
+
+/// The matmul module for `operands`.
+pub(crate) fn shader(operands: Operands) -> Result<Shader> {
+    Shader::compose("matmul", &operands.features())
+}
+
+/// The precision of a matmul's operands. Products and sums are f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    #[default]
+    F32,
+    /// Every value of A and B (an NF4 weight after dequantization) rounded to f16 as it is
+    /// read, as f16 tensor math takes it; needs `SHADER_F16`. Values past f16's range (65504)
+    /// have no defined f16 value: only for matmul operands, never norms or the residual stream.
+    F16,
+}
+
+impl MatmulPrecision {
+    /// `"f32"` or `"f16"` (the `matmul_precision` param).
+    pub fn parse(s: &str) -> Result<MatmulPrecision> {
+        match s {
+            "f32" => Ok(MatmulPrecision::F32),
+            "f16" => Ok(MatmulPrecision::F16),
+            other => bail!("expected \"f32\" or \"f16\", got \"{other}\""),
+        }
+    }
 }
 
 /// Every module and entry point [`Gpu::record_gemm_with`] can dispatch (validated by
 /// `gpu::shader`'s tests): the workgroup and register kernels on storage buffers, the
 /// generated subgroup kernels at the configured tile on buffers or textures, and the unrolled
-/// register kernels, each for both operand widths and B as f32 or NF4.
+/// register kernels, each for both operand widths, B as f32 or NF4, f32 or f16 operands.
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
     let mut all = Vec::new();
-    for vec4 in [false, true] {
-        for nf4 in [false, true] {
-            all.push((
-                shader(vec4, false, nf4)?,
-                vec!["matmul_register", "matmul_workgroup"],
-            ));
-            for trans_a in [false, true] {
-                for trans_b in [false, true] {
-                    for textures in [false, true] {
-                        let (tm, tn) = subgroup_tile();
-                        let sg = subgroup_shader(vec4, textures, nf4, tm, tn, trans_a, trans_b)?;
-                        all.push((sg, vec!["matmul_subgroup"]));
-                    }
-                    let (tm, tn) = register_tile();
-                    let unrolled = unrolled_shader(vec4, nf4, tm, tn, trans_a, trans_b)?;
-                    all.push((unrolled, vec!["matmul_register_unrolled"]));
+    for [vec4, nf4, f16] in (0..8).map(|i| [i & 1 != 0, i & 2 != 0, i & 4 != 0]) {
+        let operands = Operands {
+            vec4,
+            textures: false,
+            nf4,
+            f16,
+        };
+        all.push((
+            shader(operands)?,
+            vec!["matmul_register", "matmul_workgroup"],
+        ));
+        for trans_a in [false, true] {
+            for trans_b in [false, true] {
+                for textures in [false, true] {
+                    let (tm, tn) = subgroup_tile();
+                    let staged = Operands {
+                        textures,
+                        ..operands
+                    };
+                    let sg = subgroup_shader(staged, tm, tn, trans_a, trans_b)?;
+                    all.push((sg, vec!["matmul_subgroup"]));
                 }
+                let (tm, tn) = register_tile();
+                let unrolled = unrolled_shader(operands, tm, tn, trans_a, trans_b)?;
+                all.push((unrolled, vec!["matmul_register_unrolled"]));
             }
         }
     }
@@ -71,6 +118,8 @@ pub struct MatmulOpts<'a> {
     pub beta: f32,
     /// Bias epilogue: a [N] f32 vector added to every row.
     pub bias: Option<&'a GpuTensor>,
+    /// The operands' precision (f32 accumulation either way).
+    pub precision: MatmulPrecision,
 }
 
 impl Default for MatmulOpts<'_> {
@@ -81,6 +130,7 @@ impl Default for MatmulOpts<'_> {
             alpha: 1.0,
             beta: 0.0,
             bias: None,
+            precision: MatmulPrecision::F32,
         }
     }
 }
@@ -489,9 +539,7 @@ fn plain_register_kernel_forced() -> bool {
 
 /// The matmul module with the generated subgroup kernel for this variant appended.
 fn subgroup_shader(
-    vec4: bool,
-    textures: bool,
-    nf4: bool,
+    operands: Operands,
     tm: u32,
     tn: u32,
     trans_a: bool,
@@ -500,7 +548,7 @@ fn subgroup_shader(
     let k_inner = subgroup_k_inner();
     Shader::generated(
         "matmul",
-        &features(vec4, textures, nf4),
+        &operands.features(),
         &("subgroup", tm, tn, trans_a, trans_b, k_inner),
         || subgroup_kernel(tm, tn, trans_a, trans_b, k_inner),
     )
@@ -509,8 +557,7 @@ fn subgroup_shader(
 /// The matmul module (storage buffers) with the unrolled register kernel for this variant
 /// appended.
 fn unrolled_shader(
-    vec4: bool,
-    nf4: bool,
+    operands: Operands,
     tm: u32,
     tn: u32,
     trans_a: bool,
@@ -518,7 +565,11 @@ fn unrolled_shader(
 ) -> Result<Shader> {
     Shader::generated(
         "matmul",
-        &features(vec4, false, nf4),
+        &Operands {
+            textures: false,
+            ..operands
+        }
+        .features(),
         &("unrolled", tm, tn, trans_a, trans_b),
         || unrolled_register_kernel(tm, tn, trans_a, trans_b),
     )
@@ -559,6 +610,8 @@ pub(crate) struct Gemm {
     /// Contiguous extents of the stored A and B (must be multiples of 4 for the vec4 variant).
     pub a_contig: u32,
     pub b_contig: u32,
+    /// Round every operand value to f16 ([`MatmulPrecision::F16`]).
+    pub f16: bool,
 }
 
 impl Gpu {
@@ -735,6 +788,7 @@ impl Gpu {
                             trans_b: opts.trans_b,
                             a_contig,
                             b_contig,
+                            f16: opts.precision == MatmulPrecision::F16,
                         },
                     )?;
                 }
@@ -756,13 +810,24 @@ impl Gpu {
         g: Gemm,
         nf4: Option<(BufView, usize)>,
     ) -> Result<()> {
-        let is_nf4 = nf4.is_some();
         let p = &g.params;
         let vec4 = [
             p.a_off, p.lda, p.a_batch, g.a_contig, p.b_off, p.ldb, p.b_batch, g.b_contig,
         ]
         .iter()
         .all(|v| v % 4 == 0);
+        if g.f16 && !self.features().contains(wgpu::Features::SHADER_F16) {
+            bail!(
+                "matmul_precision = \"f16\" needs an adapter with 16-bit float shaders (SHADER_F16), which {} lacks; use \"f32\"",
+                self.adapter_info().name
+            );
+        }
+        let operands = Operands {
+            vec4,
+            textures: false,
+            nf4: nf4.is_some(),
+            f16: g.f16,
+        };
         let mut constants = vec![
             ("TRANS_A", g.trans_a as u32 as f64),
             ("TRANS_B", g.trans_b as u32 as f64),
@@ -778,8 +843,16 @@ impl Gpu {
                 let staged = stage_operands()
                     .then(|| stage_gemm_operands(rec, &g, nf4.as_ref()))
                     .flatten();
-                let source =
-                    subgroup_shader(vec4, staged.is_some(), is_nf4, tm, tn, g.trans_a, g.trans_b)?;
+                let source = subgroup_shader(
+                    Operands {
+                        textures: staged.is_some(),
+                        ..operands
+                    },
+                    tm,
+                    tn,
+                    g.trans_a,
+                    g.trans_b,
+                )?;
                 let kernel = self.kernel(&source, "matmul_subgroup", &constants)?;
                 // A, B, C, bias, then the NF4 absmax; A, B and absmax as textures where staged
                 let (a, b, absmax) = match &staged {
@@ -803,7 +876,7 @@ impl Gpu {
                 let (tm, tn) = register_tile();
                 let (wx, wy) = (8u32, 8u32);
                 constants.extend([("WG_X", wx as f64), ("WG_Y", wy as f64)]);
-                let source = unrolled_shader(vec4, is_nf4, tm, tn, g.trans_a, g.trans_b)?;
+                let source = unrolled_shader(operands, tm, tn, g.trans_a, g.trans_b)?;
                 let kernel = self.kernel(&source, "matmul_register_unrolled", &constants)?;
                 let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
                 let mut buffers = vec![g.a, g.b, g.c, bias];
@@ -831,7 +904,7 @@ impl Gpu {
                 )
             }
         };
-        let kernel = self.kernel(&shader(vec4, false, is_nf4)?, entry, &constants)?;
+        let kernel = self.kernel(&shader(operands)?, entry, &constants)?;
         let bias = g.bias.unwrap_or_else(|| self.dummy_buffer());
         let mut buffers = vec![g.a, g.b, g.c, bias];
         if let Some((absmax, _)) = nf4 {
@@ -909,6 +982,7 @@ mod tests {
             alpha,
             beta: c.beta,
             bias: c.bias.then_some(&gbias),
+            precision: MatmulPrecision::F32,
         };
         gpu.matmul(&mut rec, &ga, &gb, &gc, opts).unwrap();
         rec.submit();
@@ -945,6 +1019,67 @@ mod tests {
             c.beta,
             c.bias
         );
+    }
+
+    /// f16 operands: the GPU product differs from the exact f32 product by what rounding the
+    /// operands to f16 predicts. WGSL lets an f32 → f16 conversion round to either neighbour
+    /// (lavapipe's vector conversion does not always round to nearest), so the bound assumes
+    /// faithful rounding: x becomes x·(1 + δ) with |δ| < 2u, u = 2⁻¹¹. Each term x·y gains a
+    /// relative error δ₁ + δ₂; with δ uniform on (−2u, 2u) its variance is 2·(2u)²/3, so for
+    /// random zero-mean data ‖C̃ − C‖ / ‖C‖ ≈ 2u·√(2/3) ≈ 8.0e-4 (round-to-nearest gives half
+    /// that; f32 accumulation adds ~1e-7). The test requires 1e-4 < err < 2.4e-3: rounding
+    /// happened, and no more error than 3× the faithful-rounding estimate.
+    fn f16_sweep(gpu: &Gpu) {
+        if !gpu.features().contains(wgpu::Features::SHADER_F16) {
+            eprintln!("no SHADER_F16 on this adapter");
+            return;
+        }
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        for &(m, n, k) in &[(37, 29, 23), (70, 45, 33), (64, 48, 40)] {
+            for (ta, tb) in [(false, false), (false, true), (true, false)] {
+                let a_shape = if ta { [k, m] } else { [m, k] };
+                let b_shape = if tb { [n, k] } else { [k, n] };
+                let a = rng.vec_normal(m * k);
+                let b = rng.vec_normal(k * n);
+                let ga = gpu.upload_f32(&a_shape, &a).unwrap();
+                let gb = gpu.upload_f32(&b_shape, &b).unwrap();
+                let gc = gpu.empty(&[m, n], DType::F32).unwrap();
+                gpu.poison(&gc);
+                let mut rec = Recorder::new(gpu);
+                let opts = MatmulOpts {
+                    trans_a: ta,
+                    trans_b: tb,
+                    precision: MatmulPrecision::F16,
+                    ..Default::default()
+                };
+                gpu.matmul(&mut rec, &ga, &gb, &gc, opts).unwrap();
+                rec.submit();
+                let got = gpu.read_f32(&gc).unwrap();
+                let g = reference::Gemm {
+                    trans_a: ta,
+                    trans_b: tb,
+                    alpha: 1.0,
+                    beta: 0.0,
+                };
+                let product = |a: &[f32], b: &[f32]| {
+                    let mut c = vec![0.0; m * n];
+                    reference::matmul_batched(a, b, &mut c, 1, m, n, k, g, None);
+                    c
+                };
+                let exact = rel_frobenius(&got, &product(&a, &b));
+                assert!(
+                    (1e-4..2.4e-3).contains(&exact),
+                    "seed {seed}: {m}x{n}x{k} ta {ta} tb {tb}: rel error {exact} against f32 operands"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f16_operands_match_the_rounded_reference() {
+        f16_sweep(test_gpu());
+        f16_sweep(other_tiling_gpu());
     }
 
     fn sweep(gpu: &Gpu) {

@@ -369,6 +369,7 @@ impl Gpu {
             trans_b: opts.trans_b,
             a_contig: k as u32,
             b_contig: if opts.trans_b { k as u32 } else { n as u32 },
+            f16: opts.precision == super::matmul::MatmulPrecision::F16,
         };
         let absmax = w.absmax.view()?;
         let blocksize = w.blocksize;
