@@ -164,6 +164,7 @@ fn measure(
         Gemma3GpuOptions {
             gradient_checkpointing: checkpointing,
             lora: Some(adapter.settings),
+            ..Default::default()
         },
     )?;
     let params = model.parameters();

@@ -13,6 +13,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
 use crate::data::collate::{BatchStream, StreamOptions};
+use crate::gpu::MatmulPrecision;
 use crate::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
 use crate::model::reference::lora::Adapter;
 use crate::model::reference::loss::shift_labels;
@@ -34,6 +35,8 @@ op_params! {
         max_batches: Option<usize> = None,
         /// Write the logits and inputs of the first N batches to logits.safetensors (they are [batch, seq, vocab] f32: keep N small for real vocabularies).
         logits_batches: usize = 0,
+        /// Operand precision of the frozen base's linear layers: "f32" or "f16" (as lora-train's).
+        matmul_precision: String = "f32".to_string(),
     }
 }
 
@@ -78,7 +81,11 @@ impl Op for EvalOp {
         Device::Gpu
     }
     fn check(&self, params: &toml::Table) -> Result<toml::Table, crate::ParamError> {
-        EvalParams::from_table(params)?;
+        let p = EvalParams::from_table(params)?;
+        MatmulPrecision::parse(&p.matmul_precision).map_err(|e| crate::ParamError {
+            key: Some("matmul_precision".into()),
+            message: format!("matmul_precision: {e}"),
+        })?;
         EvalParams::canonical(params)
     }
     fn output(&self, _params: &toml::Table) -> ArtifactType {
@@ -106,6 +113,7 @@ impl Op for EvalOp {
             Gemma3GpuOptions {
                 gradient_checkpointing: false,
                 lora: adapter.as_ref().map(|a| a.settings),
+                matmul_precision: MatmulPrecision::parse(&params.matmul_precision)?,
             },
         )
         .with_context(|| format!("op `{}`: loading the model", ctx.name))?;

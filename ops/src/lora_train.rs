@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, MatmulPrecision};
 use crate::model::config::{FloatDtype, ModelConfig};
 use crate::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
 use crate::model::memory::{
@@ -89,6 +89,8 @@ op_params! {
         seed: Option<u64> = None,
         /// Recompute each layer's activations in the backward instead of keeping them.
         gradient_checkpointing: bool = false,
+        /// Operand precision of the frozen base's linear layers: "f32", or "f16" (every operand rounded to f16, f32 accumulation; adapters with SHADER_F16). LoRA pairs, norms, attention, the residual stream and the loss stay f32.
+        matmul_precision: String = "f32".to_string(),
         /// "token_mean" (loss over the label tokens of the whole accumulated batch, transformers 5.24) or "micro_batch_mean" (mean of micro-batch means, the guide-era stack).
         loss_normalization: String = "token_mean".to_string(),
         /// Log loss, grad_norm, learning_rate, mean_token_accuracy, num_tokens, epoch every this many steps.
@@ -113,6 +115,7 @@ op_params! {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelOptions {
     pub gradient_checkpointing: bool,
+    pub matmul_precision: MatmulPrecision,
 }
 
 /// Builds the trainable model from the frozen weights and the initial adapter.
@@ -137,6 +140,7 @@ pub fn build_model(
         Gemma3GpuOptions {
             gradient_checkpointing: opts.gradient_checkpointing,
             lora: Some(adapter.settings),
+            matmul_precision: opts.matmul_precision,
         },
     )?))
 }
@@ -360,6 +364,8 @@ fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<Plan, ParamError> {
         }
     }
     let optim = Optim::parse(&p.optim).map_err(|e| param_error("optim", e))?;
+    MatmulPrecision::parse(&p.matmul_precision)
+        .map_err(|e| param_error("matmul_precision", format!("matmul_precision: {e}")))?;
     let lr_scheduler_type = ScheduleKind::parse(&p.lr_scheduler_type)
         .map_err(|e| param_error("lr_scheduler_type", format!("{e:#}")))?;
     crate::train::schedule::warmup_steps(1, p.warmup_steps, p.warmup_ratio)
@@ -654,6 +660,7 @@ impl Op for LoraTrainOp {
             &adapter,
             &ModelOptions {
                 gradient_checkpointing: p.gradient_checkpointing,
+                matmul_precision: MatmulPrecision::parse(&p.matmul_precision)?,
             },
         )?;
         let tensorboard_dir = plan.tensorboard.then(|| {

@@ -54,6 +54,7 @@ fn vision_forward_matches_transformers() {
         settings: LoraSettings::new(1, 1.0, false, 0.0),
         training: false,
         call: 0,
+        precision: ops::gpu::MatmulPrecision::F32,
     };
     let pixels_g = gpu.upload_f32(&shape, &pixels).unwrap();
     let mut rec = Recorder::new(gpu);
@@ -170,6 +171,7 @@ fn vision_lora_backward_matches_reference() {
             settings,
             training: true,
             call: 3,
+            precision: ops::gpu::MatmulPrecision::F32,
         };
         let pixels_g = gpu.upload_f32(&shape, &pixels).unwrap();
         let d_features_g = gpu

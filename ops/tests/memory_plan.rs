@@ -65,6 +65,7 @@ fn plan_and_measure(checkpointing: bool, dropout: f32) -> [(u64, u64); 2] {
         Gemma3GpuOptions {
             gradient_checkpointing: checkpointing,
             lora: Some(settings),
+            ..Default::default()
         },
     )
     .unwrap();

@@ -169,6 +169,7 @@ fn three_steps_on_the_gpu_model_match_sft_trainer() {
         ops::model::gpu::model::Gemma3GpuOptions {
             gradient_checkpointing: true,
             lora: Some(init.settings),
+            ..Default::default()
         },
     )
     .unwrap();

@@ -306,6 +306,7 @@ pub fn main() -> Result<()> {
         Gemma3GpuOptions {
             gradient_checkpointing: a.checkpointing,
             lora: Some(adapter.settings),
+            ..Default::default()
         },
     )?;
     drop(adapter);

@@ -713,6 +713,7 @@ mod tests {
             settings,
             training: true,
             call: 4,
+            precision: crate::gpu::MatmulPrecision::F32,
         };
         let xg = gpu.upload_f32(&[tokens, dims.hidden], &x).unwrap();
         let dg = gpu.upload_f32(&[tokens, dims.hidden], &d_out).unwrap();

@@ -8,7 +8,7 @@
 
 use anyhow::{ensure, Context, Result};
 
-use crate::gpu::{DType, Gpu, GpuTensor, Lora, MatmulOpts, Nf4Weight, Recorder};
+use crate::gpu::{DType, Gpu, GpuTensor, Lora, MatmulOpts, MatmulPrecision, Nf4Weight, Recorder};
 use crate::model::reference::lora::{lora_dropout_seed, LoraPair, LoraSettings};
 use crate::model::Weights;
 
@@ -72,6 +72,8 @@ pub struct LoraRun {
     pub training: bool,
     /// Distinguishes the dropout masks of successive micro-batches (see [`lora_dropout_seed`]).
     pub call: u64,
+    /// Operand precision of the base-weight matmuls (`matmul_precision`; LoRA pairs stay f32).
+    pub precision: MatmulPrecision,
 }
 
 /// What [`GpuLinear::forward`] keeps for the backward.
@@ -168,6 +170,7 @@ impl GpuLinear {
         let opts = MatmulOpts {
             trans_b: true,
             bias: self.bias.as_ref(),
+            precision: run.precision,
             ..Default::default()
         };
         match &self.weight {
@@ -225,9 +228,13 @@ impl GpuLinear {
         let dy2 = dy.reshape(&[rows, self.out_features])?;
         let dx = if need_dx {
             let dx = gpu.empty(&[rows, self.in_features], DType::F32)?;
+            let opts = MatmulOpts {
+                precision: run.precision,
+                ..Default::default()
+            };
             match &self.weight {
-                BaseWeight::Dense(w) => gpu.matmul(rec, &dy2, w, &dx, MatmulOpts::default())?,
-                BaseWeight::Nf4(w) => gpu.matmul_nf4(rec, &dy2, w, &dx, MatmulOpts::default())?,
+                BaseWeight::Dense(w) => gpu.matmul(rec, &dy2, w, &dx, opts)?,
+                BaseWeight::Nf4(w) => gpu.matmul_nf4(rec, &dy2, w, &dx, opts)?,
             }
             Some(dx)
         } else {
@@ -343,6 +350,7 @@ mod tests {
                 settings,
                 training: true,
                 call: 3,
+                precision: MatmulPrecision::F32,
             };
             let xg = gpu.upload_f32(&[rows, d_in], &x).unwrap();
             let dyg = gpu.upload_f32(&[rows, d_out], &dy).unwrap();

@@ -19,6 +19,7 @@ use super::projector::{GpuProjector, GpuProjectorCache};
 use super::siglip::{GpuVisionCache, GpuVisionTower};
 use crate::data::collate::Batch;
 use crate::gpu::kernels::cross_entropy::CrossEntropyArgs;
+use crate::gpu::MatmulPrecision;
 use crate::gpu::{BufView, DType, Gpu, GpuTensor, MatmulOpts, Recorder};
 use crate::model::config::{FloatDtype, ModelConfig};
 use crate::model::names::{EMBED_TOKENS, LM_HEAD, TEXT};
@@ -37,6 +38,8 @@ pub struct Gemma3GpuOptions {
     /// Scaling, dropout and dropout seed of the LoRA pairs; `None`: the adapter's own settings
     /// (dropout seed 0).
     pub lora: Option<LoraSettings>,
+    /// Operand precision of the frozen base's linear layers (`matmul_precision`).
+    pub matmul_precision: MatmulPrecision,
 }
 
 /// A trainable full tensor (a `modules_to_save` copy) and its gradient, both f32 `[vocab, hidden]`.
@@ -95,6 +98,8 @@ pub struct Gemma3Gpu {
     pub pad_token_id: Option<i64>,
     pub settings: LoraSettings,
     pub gradient_checkpointing: bool,
+    /// Operand precision of the base's linear layers.
+    pub matmul_precision: MatmulPrecision,
     /// Filled by every [`TrainModel::accumulate`].
     pub last_activation_bytes: ActivationBytes,
 }
@@ -231,6 +236,7 @@ impl Gemma3Gpu {
             pad_token_id: t.pad_token_id,
             settings,
             gradient_checkpointing: opts.gradient_checkpointing,
+            matmul_precision: opts.matmul_precision,
             last_activation_bytes: ActivationBytes::default(),
         };
         if let Some(adapter) = adapter {
@@ -452,6 +458,7 @@ impl Gemma3Gpu {
             settings: self.settings,
             training: false,
             call: 0,
+            precision: self.matmul_precision,
         };
         let (mut x, _) = self.embed(gpu, rec, &p, &run)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -549,6 +556,7 @@ impl TrainModel for Gemma3Gpu {
             settings: self.settings,
             training: true,
             call,
+            precision: self.matmul_precision,
         };
         let (dims, ctx) = (self.dims, &p.ctx);
         let checkpoint = self.gradient_checkpointing;
