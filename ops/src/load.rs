@@ -1,5 +1,6 @@
 //! Op `load`: a dataset or a model from the Hub (through the standard cache) or a local path.
-//! Writes `dataset.json` or `model.json` (see INTERFACES.md); files are never copied.
+//! Writes `dataset.json` or `model.json` (the manifests of `data::dataset` and
+//! `data::model_dir`); files are never copied.
 
 use std::path::{Path, PathBuf};
 

@@ -68,7 +68,7 @@ op_params! {
 
 pub struct SaveOp;
 
-/// The `model` / `quantized-model` artifact's `model.json` (INTERFACES.md).
+/// The `model` / `quantized-model` artifact's `model.json` (`data::model_dir::ModelManifest`).
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub repo_id: Option<String>,

@@ -1,5 +1,5 @@
-//! `runner`: see the README. The subcommands live in `runner::cli` (the spot for `runner gpu`
-//! is marked in its `Command` enum).
+//! `runner`: see the README. The subcommands live in `runner::cli`; the ops come from
+//! `ops::Registry::builtin()`.
 
 fn main() {
     quiet_vulkan_device_select();

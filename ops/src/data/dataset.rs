@@ -30,7 +30,7 @@ pub const MANIFEST: &str = "dataset.json";
 /// Extensions of the data files this reader understands.
 pub const DATA_EXTENSIONS: &[&str] = &["parquet", "json", "jsonl", "ndjson"];
 
-/// Contents of `dataset.json` (the contract in INTERFACES.md).
+/// Contents of `dataset.json`, the manifest of a `dataset` artifact (written by `load`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatasetManifest {
     /// `org/name` for a Hub dataset, `None` for a local path.
