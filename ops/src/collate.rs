@@ -65,7 +65,8 @@ impl Op for CollateOp {
     fn version(&self) -> u32 {
         // 2: assistant tokens by span overlap (transformers' rule), add_special_tokens default.
         // 3: rows longer than max_position_embeddings are bad rows.
-        3
+        // 4: the descriptor records the longest example and the most images in one.
+        4
     }
     fn fingerprint(
         &self,

@@ -152,8 +152,8 @@ fn mib(bytes: u64) -> f64 {
 /// What the GPU model will hold: NF4 linears as stored (absmax widened to f32) or dense ones in
 /// f32, every other tensor in f32 (the kernels compute in f32), the LoRA pairs and
 /// modules_to_save copies with gradients and AdamW moments in f32, and the activations of one
-/// micro-batch (sequence length: `max_length` when collate truncates, else the mean example
-/// length — an estimate; one image per example).
+/// micro-batch: `batch_size` examples as long as the longest and with as many images as the
+/// one with the most (an upper bound: the plan refuses a run before it starts, not midway).
 fn memory_plan(
     config: &ModelConfig,
     weights: &Weights,
@@ -167,11 +167,7 @@ fn memory_plan(
         .iter()
         .any(|e| weights.is_nf4(&e.name));
     let d = &data.descriptor;
-    let seq_len = d.options.max_length.unwrap_or_else(|| {
-        (d.total_tokens as usize)
-            .div_ceil(d.num_examples.max(1))
-            .max(1)
-    });
+    let seq_len = d.max_tokens.max(1);
     let mut modules_to_save = Vec::new();
     if adapter.lm_head.is_some() {
         modules_to_save.push("lm_head".to_string());
@@ -194,7 +190,7 @@ fn memory_plan(
             ActivationPlan {
                 batch: d.batch_size,
                 seq_len,
-                images_per_sample: 1,
+                images_per_sample: d.max_images,
                 gradient_checkpointing: p.gradient_checkpointing,
                 activation_dtype: FloatDtype::F32,
                 max_binding_bytes,

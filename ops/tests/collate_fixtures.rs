@@ -161,6 +161,26 @@ fn templated_texts(dir: &Path) -> Vec<(usize, String)> {
         .collect()
 }
 
+/// The descriptor's longest example and most images per example (what lora-train's memory
+/// plan sizes a micro-batch by) against the examples the stream itself builds.
+fn check_descriptor_extremes(kind: &str, batches: &Artifact) {
+    let stream = BatchStream::open(&batches.dir, StreamOptions::default()).unwrap();
+    let (max_tokens, max_images) = (
+        stream.descriptor().max_tokens,
+        stream.descriptor().max_images,
+    );
+    let (mut tokens, mut images) = (0, 0);
+    for b in stream {
+        let b = b.unwrap();
+        for (i, mask) in b.attention_mask.chunks(b.seq_len).enumerate() {
+            tokens = tokens.max(mask.iter().filter(|&&m| m != 0).count());
+            images = images.max(b.images_per_sample[i]);
+        }
+    }
+    assert_eq!((max_tokens, max_images), (tokens, images), "{kind}");
+    assert!(tokens > 0, "{kind}");
+}
+
 fn check_batch(kind: &str, batches: &Artifact, batch_size: usize) {
     let golden_meta = &golden_json("collate.json")[kind];
     let bytes =
@@ -177,6 +197,7 @@ fn check_batch(kind: &str, batches: &Artifact, batch_size: usize) {
     )
     .unwrap();
     assert_eq!(stream.descriptor().batch_size, batch_size);
+    check_descriptor_extremes(kind, batches);
     let b = stream.next().unwrap().unwrap();
     let rows: Vec<usize> = golden_meta["rows"]
         .as_array()

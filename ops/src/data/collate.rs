@@ -397,6 +397,12 @@ pub struct BatchesDescriptor {
     pub dropped_examples: Vec<String>,
     /// Label tokens over one epoch (for logging `num_tokens`-style totals).
     pub total_tokens: u64,
+    /// Tokens of the longest kept example and images of the kept example with the most: what
+    /// the memory plan sizes a micro-batch by.
+    #[serde(default)]
+    pub max_tokens: usize,
+    #[serde(default)]
+    pub max_images: usize,
 }
 
 pub const DESCRIPTOR_FILE: &str = "batches.json";
@@ -740,6 +746,9 @@ pub struct PrepareSpec {
     pub fail_on_error: bool,
 }
 
+/// A scanned example: (tokens, images kept), or why it is dropped (naming its row and file).
+type Scanned = std::result::Result<(usize, usize), String>;
+
 /// How many dropped examples are listed by reason in the descriptor and in messages.
 pub const REPORTED_DROPS: usize = 10;
 
@@ -794,6 +803,7 @@ pub fn prepare_batches(
     let mut dropped = 0usize;
     let mut dropped_examples = Vec::new();
     let mut total_tokens = 0u64;
+    let (mut max_tokens, mut max_images) = (0usize, 0usize);
     let mut pos = 0u64;
     let mut line_no = 0usize;
     loop {
@@ -816,7 +826,7 @@ pub fn prepare_batches(
         if chunk.is_empty() {
             break;
         }
-        let results: Vec<Result<(u64, std::result::Result<u64, String>)>> = chunk
+        let results: Vec<Result<(u64, Scanned)>> = chunk
             .par_iter()
             .map(|(off, ln, line)| {
                 let rec: TemplatedRecord = serde_json::from_str(line).with_context(|| {
@@ -838,7 +848,7 @@ pub fn prepare_batches(
                         length: t.input_ids.len(),
                         max_positions: max,
                     }),
-                    _ => Ok(t.input_ids.len() as u64),
+                    _ => Ok((t.input_ids.len(), t.images_kept)),
                 });
                 Ok((
                     *off,
@@ -849,9 +859,11 @@ pub fn prepare_batches(
         for r in results {
             let (off, r) = r?;
             match r {
-                Ok(len) => {
+                Ok((len, images)) => {
                     offsets.push(off);
-                    total_tokens += len;
+                    total_tokens += len as u64;
+                    max_tokens = max_tokens.max(len);
+                    max_images = max_images.max(images);
                 }
                 Err(why) => {
                     if spec.fail_on_error {
@@ -884,6 +896,8 @@ pub fn prepare_batches(
         dropped,
         dropped_examples,
         total_tokens,
+        max_tokens,
+        max_images,
     };
     let mut w = std::io::BufWriter::new(std::fs::File::create(out_dir.join(OFFSETS_FILE))?);
     for o in &offsets {
