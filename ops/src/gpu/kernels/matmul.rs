@@ -1077,7 +1077,7 @@ mod tests {
     }
 
     #[test]
-    fn f16_operands_match_the_rounded_reference() {
+    fn f16_operands_stay_within_the_rounding_bound() {
         f16_sweep(test_gpu());
         f16_sweep(other_tiling_gpu());
     }
