@@ -5,6 +5,7 @@
 //! starts the binary again as the CLI — so every test sees real exit codes, stdout and stderr,
 //! and can SIGKILL a run.
 
+mod offline_run;
 mod support;
 
 use std::collections::BTreeMap;
@@ -167,19 +168,7 @@ impl Workspace {
         args.extend_from_slice(extra);
         let out = self.run(&args);
         assert_eq!(out.code, 0, "{out:?}");
-        out.stdout
-            .lines()
-            .filter(|l| {
-                l.trim_start()
-                    .split('.')
-                    .next()
-                    .is_some_and(|n| n.parse::<usize>().is_ok())
-            })
-            .map(|l| {
-                let words: Vec<&str> = l.split_whitespace().collect();
-                (words[1].to_string(), words[3].to_string())
-            })
-            .collect()
+        offline_run::plan_keys(&out.stdout)
     }
 
     fn cache(&self) -> PathBuf {

@@ -54,22 +54,10 @@ fn runner(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Out {
     }
 }
 
-/// Op name -> key, from `runner plan`'s lines (`  1. name  kind  key  status`).
+/// Op name -> key, from a successful `runner plan`.
 fn plan_keys(out: &Out) -> BTreeMap<String, String> {
     assert_eq!(out.code, 0, "{out:?}");
-    out.stdout
-        .lines()
-        .filter(|l| {
-            l.trim_start()
-                .split('.')
-                .next()
-                .is_some_and(|n| n.parse::<usize>().is_ok())
-        })
-        .map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            (words[1].to_string(), words[3].to_string())
-        })
-        .collect()
+    offline_run::plan_keys(&out.stdout)
 }
 
 fn changed(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Vec<String> {

@@ -4,6 +4,7 @@
 // Each test crate includes this module and uses a different subset of it.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -44,4 +45,21 @@ pub fn run_recipe(recipe: &str, work: &Path, sets: &[&str]) -> Outcome {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Op name -> cache key, from the lines of `runner plan` (`  1. name  kind  key  status`).
+pub fn plan_keys(plan_stdout: &str) -> BTreeMap<String, String> {
+    plan_stdout
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .split('.')
+                .next()
+                .is_some_and(|n| n.parse::<usize>().is_ok())
+        })
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            (words[1].to_string(), words[3].to_string())
+        })
+        .collect()
 }
