@@ -310,15 +310,7 @@ impl Gpu {
     /// host optimizer walks a large tensor a chunk at a time, so no host or device copy of the
     /// whole tensor is ever made.
     pub fn read_chunk_f32(&self, t: &GpuTensor, k: usize) -> Result<Vec<f32>> {
-        ensure!(
-            t.dtype == DType::F32,
-            "read_chunk_f32 on a {:?} tensor",
-            t.dtype
-        );
-        let c = t
-            .chunks
-            .get(k)
-            .with_context(|| format!("the tensor has {} chunks, not {}", t.chunks.len(), k + 1))?;
+        let c = f32_chunk("read_chunk_f32", t, k)?;
         let piece = GpuTensor {
             shape: vec![c.rows, t.row_len],
             dtype: t.dtype,
@@ -335,15 +327,7 @@ impl Gpu {
     /// before the work of the next submit, and through wgpu's own staging memory rather than
     /// a pooled device buffer).
     pub fn write_chunk_f32(&self, t: &GpuTensor, k: usize, data: &[f32]) -> Result<()> {
-        ensure!(
-            t.dtype == DType::F32,
-            "write_chunk_f32 on a {:?} tensor",
-            t.dtype
-        );
-        let c = t
-            .chunks
-            .get(k)
-            .with_context(|| format!("the tensor has {} chunks, not {}", t.chunks.len(), k + 1))?;
+        let c = f32_chunk("write_chunk_f32", t, k)?;
         ensure!(
             data.len() == c.rows * t.row_len,
             "chunk {k} holds {} values, not {}",
@@ -386,6 +370,14 @@ impl Gpu {
         }
         self.read_bytes(t)
     }
+}
+
+/// Chunk `k` of an f32 tensor, for the chunk-wise host reads and writes (`what` names the caller).
+fn f32_chunk<'t>(what: &str, t: &'t GpuTensor, k: usize) -> Result<&'t Chunk> {
+    ensure!(t.dtype == DType::F32, "{what} on a {:?} tensor", t.dtype);
+    t.chunks
+        .get(k)
+        .with_context(|| format!("the tensor has {} chunks, not {}", t.chunks.len(), k + 1))
 }
 
 #[cfg(test)]
