@@ -31,6 +31,20 @@ use ops::train::lora_init::{new_adapter, LoraOptions, TargetSpec};
 use ops::train::model::TrainModel;
 use ops::train::optimizer::{record_norm_and_clip, zero_grads, AdamWConfig, GpuAdamW};
 
+/// The guide's LoraConfig: r 16, alpha 16, dropout 0.05, all-linear, lm_head and embed_tokens
+/// in modules_to_save (what both benchmark modes train).
+fn guide_lora() -> LoraOptions {
+    LoraOptions {
+        r: 16,
+        lora_alpha: 16.0,
+        lora_dropout: 0.05,
+        target_modules: TargetSpec::AllLinear,
+        modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
+        use_rslora: false,
+        seed: 42,
+    }
+}
+
 #[path = "train_bench/at_scale.rs"]
 mod at_scale;
 
@@ -143,19 +157,7 @@ fn measure(
     steps: usize,
     checkpointing: bool,
 ) -> anyhow::Result<Measured> {
-    let (_, adapter) = new_adapter(
-        config,
-        weights,
-        &LoraOptions {
-            r: 16,
-            lora_alpha: 16.0,
-            lora_dropout: 0.05,
-            target_modules: TargetSpec::AllLinear,
-            modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
-            use_rslora: false,
-            seed: 42,
-        },
-    )?;
+    let (_, adapter) = new_adapter(config, weights, &guide_lora())?;
     let mut model = Gemma3Gpu::from_weights(
         gpu,
         config,

@@ -21,7 +21,7 @@ use ops::model::quantize::{quantize_checkpoint, QuantizeOptions};
 use ops::model::safetensors_io::{write_safetensors, OutTensor, INDEX_FILE};
 use ops::model::{ModelConfig, Weights};
 use ops::reference::cast::f32_to_bf16;
-use ops::train::lora_init::{new_adapter, LoraOptions, TargetSpec};
+use ops::train::lora_init::new_adapter;
 use ops::train::model::TrainModel;
 use ops::train::optimizer::{record_norm_and_clip, zero_grads, AdamWConfig, GpuAdamW};
 
@@ -246,19 +246,7 @@ pub fn main() -> Result<()> {
     let weights = Weights::open(&model_dir, &config)?;
     let b = batch(&config, a.seq, a.images)?;
     let gpu = Gpu::get()?;
-    let (_, adapter) = new_adapter(
-        &config,
-        &weights,
-        &LoraOptions {
-            r: 16,
-            lora_alpha: 16.0,
-            lora_dropout: 0.05,
-            target_modules: TargetSpec::AllLinear,
-            modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
-            use_rslora: false,
-            seed: 42,
-        },
-    )?;
+    let (_, adapter) = new_adapter(&config, &weights, &super::guide_lora())?;
     let plan = MemoryPlan::build(
         &config,
         &plan_options(
