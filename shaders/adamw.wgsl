@@ -53,7 +53,40 @@ fn update4(w: vec4<f32>, g: vec4<f32>, m: vec4<f32>, v: vec4<f32>) -> Moments4 {
 // its inputs from staged linear textures.
 #feature VEC4 four elements per invocation over vec4 views
 #feature TEXTURES with VEC4: inputs read from staged linear textures
-#if !VEC4
+#feature BF16 parameter, gradient and moments stored as bf16 (two per u32 word), as torch keeps the state of bf16 parameters; the update in f32, each store rounded to nearest even (torch's fused AdamW)
+#if BF16
+@group(0) @binding(1) var<storage, read_write> param: array<u32>;
+@group(0) @binding(2) var<storage, read> grad: array<u32>;
+@group(0) @binding(3) var<storage, read_write> exp_avg: array<u32>;
+@group(0) @binding(4) var<storage, read_write> exp_avg_sq: array<u32>;
+
+fn lo(w: u32) -> f32 { return bitcast<f32>(w << 16u); }
+fn hi(w: u32) -> f32 { return bitcast<f32>(w & 0xffff0000u); }
+fn to_bf16(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { return ((b >> 16u) | 0x40u) & 0xffffu; }
+    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
+}
+fn pack(a: f32, b: f32) -> u32 { return to_bf16(a) | (to_bf16(b) << 16u); }
+
+// One invocation per word (two elements); p.n counts elements and is even.
+@compute @workgroup_size(256)
+fn adamw_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) l: u32) {
+    let w = flat_invocation(wid, nwg, l, 256u);
+    if (2u * w >= p.n) { return; }
+    let pw = param[w];
+    let gw = grad[w];
+    let mw = exp_avg[w];
+    let vw = exp_avg_sq[w];
+    let a = update(lo(pw), lo(gw), lo(mw), lo(vw));
+    let b = update(hi(pw), hi(gw), hi(mw), hi(vw));
+    param[w] = pack(a.w, b.w);
+    exp_avg[w] = pack(a.m, b.m);
+    exp_avg_sq[w] = pack(a.v, b.v);
+}
+
+#elif !VEC4
 @group(0) @binding(1) var<storage, read_write> param: array<f32>;
 @group(0) @binding(2) var<storage, read> grad: array<f32>;
 @group(0) @binding(3) var<storage, read_write> exp_avg: array<f32>;

@@ -48,3 +48,23 @@ fn bf16_to_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let h = select(word >> 16u, word & 0xffffu, (e & 1u) == 0u);
     f32_out[p.dst_off + i] = bitcast<f32>(h << 16u);
 }
+
+// dst (bf16) += src (f32), rounded once per element: how a bf16 gradient takes the f32 product
+// of one micro-batch (torch adds a bf16 matmul result into the bf16 `.grad`). One invocation
+// per dst word; with an odd n the last word's high half is left as it was.
+@group(0) @binding(1) var<storage, read> add_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> add_dst: array<u32>;
+
+@compute @workgroup_size(256)
+fn add_f32_into_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) l: u32) {
+    let w = flat_invocation(wid, nwg, l, 256u);
+    let e = 2u * w;
+    if (e >= p.n) { return; }
+    let at = p.dst_off / 2u + w;
+    let old = add_dst[at];
+    let lo = to_bf16(bitcast<f32>(old << 16u) + add_src[p.src_off + e]);
+    var hi = old >> 16u;
+    if (e + 1u < p.n) { hi = to_bf16(bitcast<f32>(old & 0xffff0000u) + add_src[p.src_off + e + 1u]); }
+    add_dst[at] = lo | (hi << 16u);
+}

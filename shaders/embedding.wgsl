@@ -87,3 +87,41 @@ fn scatter_add(@builtin(global_invocation_id) gid: vec3<u32>) {
         dtable[e] = dtable[e] + dy[t * p.dim + j] * p.scale;
     }
 }
+
+// scatter_add into a bf16 table (two columns per u32 word): the tokens are grouped by id on the
+// host (`uniq` ids, their positions `pos[starts[u] .. starts[u + 1]]` in token order). One
+// invocation per (id, word): the id's contributions summed in f32 in token order, then added
+// to the bf16 value with one rounding — no two invocations write the same word.
+@group(0) @binding(1) var<storage, read> uniq: array<u32>;
+@group(0) @binding(2) var<storage, read> starts: array<u32>;
+@group(0) @binding(3) var<storage, read> pos: array<u32>;
+@group(0) @binding(4) var<storage, read> sdy: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dtable_w: array<u32>;
+
+fn to_bf16_bits(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { return ((b >> 16u) | 0x40u) & 0xffffu; }
+    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
+}
+
+// p.tokens = number of unique ids; p.dim even.
+@compute @workgroup_size(64)
+fn scatter_add_bf16(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let w = gid.x;
+    let u = gid.y;
+    if (2u * w >= p.dim || u >= p.tokens) { return; }
+    let id = uniq[u];
+    if (id < p.first || id >= p.first + p.rows) { return; }
+    var s0 = 0.0;
+    var s1 = 0.0;
+    for (var i = starts[u]; i < starts[u + 1u]; i++) {
+        let t = pos[i];
+        s0 += sdy[t * p.dim + 2u * w] * p.scale;
+        s1 += sdy[t * p.dim + 2u * w + 1u] * p.scale;
+    }
+    let at = ((id - p.first) * p.dim) / 2u + w;
+    let old = dtable_w[at];
+    let lo = to_bf16_bits(bitcast<f32>(old << 16u) + s0);
+    let hi = to_bf16_bits(bitcast<f32>(old & 0xffff0000u) + s1);
+    dtable_w[at] = lo | (hi << 16u);
+}

@@ -16,6 +16,7 @@
 #feature VEC4 A and B bound as vec4 views (offsets, leading dimensions and contiguous dimensions multiples of 4)
 #feature TEXTURES A and B (the NF4 words and absmax) read from staged linear textures (ops/src/gpu/staging.rs)
 #feature NF4 B is a bitsandbytes NF4 weight (packed nibbles at binding 2, f32 absmax at binding 5) decoded in the tile loop: the fused NF4 matmul is this same kernel
+#feature BF16B B is a bf16 matrix packed two per u32 (element 2i in the low half; the NF4 words' binding and staging as u32): the trainable modules_to_save copies in bf16 storage
 #feature F16 every operand value (the dequantized NF4 weight included) rounded to f16 as it is loaded, products and sums in f32 (needs SHADER_F16)
 #if F16
 enable f16;
@@ -67,6 +68,31 @@ fn b1_load(e: u32) -> f32 {
 #if VEC4
 // Four consecutive weights from element e (e % 4 == 0): bytes e/2 and e/2 + 1 of one word.
 fn b4_load(e: u32) -> vec4<f32> { return nf4_decode4(wq_word(e >> 3u) >> ((e & 4u) * 4u), absmax(e / NF4_BLOCK)); }
+#else
+fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), b1_load(e + 2u), b1_load(e + 3u)); }
+#endif
+#elif BF16B
+// bf16 widens exactly to f32: its bits are the high half of the f32's.
+#if TEXTURES
+@group(0) @binding(2) var Bw: texture_2d<u32>;
+fn b_word(w: u32) -> u32 { return textureLoad(Bw, stage_texel(w >> 2u), 0)[w & 3u]; }
+#else
+@group(0) @binding(2) var<storage, read> Bw: array<u32>;
+fn b_word(w: u32) -> u32 { return Bw[w]; }
+#endif
+fn bf16_lo(w: u32) -> f32 { return bitcast<f32>(w << 16u); }
+fn bf16_hi(w: u32) -> f32 { return bitcast<f32>(w & 0xffff0000u); }
+fn b1_load(e: u32) -> f32 {
+    let w = b_word(e >> 1u);
+    return select(bf16_hi(w), bf16_lo(w), (e & 1u) == 0u);
+}
+#if VEC4
+// Four consecutive elements from e (e % 4 == 0): two whole words.
+fn b4_load(e: u32) -> vec4<f32> {
+    let w0 = b_word(e >> 1u);
+    let w1 = b_word((e >> 1u) + 1u);
+    return vec4<f32>(bf16_lo(w0), bf16_hi(w0), bf16_lo(w1), bf16_hi(w1));
+}
 #else
 fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), b1_load(e + 2u), b1_load(e + 3u)); }
 #endif

@@ -135,3 +135,50 @@ fn clip_scale4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let coef = min(p.max_norm / (clip_norm4[0] + 1e-6), 1.0);
     clip_out4[i] = textureLoad(clip_xt, stage_texel(i), 0) * coef;
 }
+
+// The same over a bf16 tensor (two elements per u32 word; p.n counts elements): `partial_bf16`
+// covers SEG elements per workgroup as `partial` does; `clip_scale_bf16` scales in place, each
+// product rounded to bf16 (torch's in-place `mul_` on a bf16 gradient).
+@group(0) @binding(1) var<storage, read> xw: array<u32>;
+@group(0) @binding(2) var<storage, read_write> bf16_partials: array<f32>;
+
+@compute @workgroup_size(256)
+fn partial_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let g = flat_workgroup(wid, nwg);
+    let first = g * WG * (ITEMS / 2u);
+    var acc = identity();
+    for (var k = 0u; k < ITEMS / 2u; k++) {
+        let w = first + k * WG + lid;
+        if (2u * w < p.n) {
+            let word = xw[w];
+            acc = fold_element(acc, bitcast<f32>(word << 16u), 2u * w);
+            acc = fold_element(acc, bitcast<f32>(word & 0xffff0000u), 2u * w + 1u);
+        }
+    }
+    red[lid] = acc;
+    tree(lid);
+    if (lid == 0u) { bf16_partials[p.out_index + g] = red[0]; }
+}
+
+@group(0) @binding(1) var<storage, read_write> clip_w: array<u32>;
+@group(0) @binding(2) var<storage, read> clip_norm_bf16: array<f32>;
+
+fn round_bf16(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { return ((b >> 16u) | 0x40u) & 0xffffu; }
+    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
+}
+
+@compute @workgroup_size(256)
+fn clip_scale_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let w = flat_invocation(wid, nwg, lid, WG);
+    if (2u * w >= p.n) { return; }
+    let coef = min(p.max_norm / (clip_norm_bf16[0] + 1e-6), 1.0);
+    let word = clip_w[w];
+    let lo = round_bf16(bitcast<f32>(word << 16u) * coef);
+    var hi = word >> 16u;
+    if (2u * w + 1u < p.n) { hi = round_bf16(bitcast<f32>(word & 0xffff0000u) * coef); }
+    clip_w[w] = lo | (hi << 16u);
+}

@@ -37,6 +37,8 @@ op_params! {
         logits_batches: usize = 0,
         /// Operand precision of the frozen base's linear layers: "f32" or "f16" (as lora-train's).
         matmul_precision: String = "f32".to_string(),
+        /// The vocabulary tables (the adapter's modules_to_save copies, the frozen embedding) in bf16, as lora-train's `bf16`.
+        bf16: bool = false,
     }
 }
 
@@ -114,6 +116,7 @@ impl Op for EvalOp {
                 gradient_checkpointing: false,
                 lora: adapter.as_ref().map(|a| a.settings),
                 matmul_precision: MatmulPrecision::parse(&params.matmul_precision)?,
+                bf16: params.bf16,
             },
         )
         .with_context(|| format!("op `{}`: loading the model", ctx.name))?;

@@ -89,6 +89,8 @@ op_params! {
         seed: Option<u64> = None,
         /// Recompute each layer's activations in the backward instead of keeping them.
         gradient_checkpointing: bool = false,
+        /// TRL's flag: the vocabulary tables in bf16 storage — the modules_to_save copies with their gradients and AdamW moments (as torch holds a bf16 model's copies: update in f32, stored rounded), the frozen embedding — and the scaled embeddings rounded to bf16. LoRA pairs, activations and the loss stay f32. The saved copies are bf16.
+        bf16: bool = false,
         /// Operand precision of the frozen base's linear layers: "f32", or "f16" (every operand rounded to f16, f32 accumulation; adapters with SHADER_F16). LoRA pairs, norms, attention, the residual stream and the loss stay f32.
         matmul_precision: String = "f32".to_string(),
         /// "token_mean" (loss over the label tokens of the whole accumulated batch, transformers 5.24) or "micro_batch_mean" (mean of micro-batch means, the guide-era stack).
@@ -116,6 +118,8 @@ op_params! {
 pub struct ModelOptions {
     pub gradient_checkpointing: bool,
     pub matmul_precision: MatmulPrecision,
+    /// The `bf16` param ([`Gemma3GpuOptions::bf16`]).
+    pub bf16: bool,
 }
 
 /// Builds the trainable model from the frozen weights and the initial adapter.
@@ -141,6 +145,7 @@ pub fn build_model(
             gradient_checkpointing: opts.gradient_checkpointing,
             lora: Some(adapter.settings),
             matmul_precision: opts.matmul_precision,
+            bf16: opts.bf16,
         },
     )?))
 }
@@ -182,7 +187,11 @@ fn memory_plan(
             LoraPlan {
                 r: adapter.pairs.values().map(|p| p.rank).max().unwrap_or(p.r),
                 modules_to_save,
-                modules_to_save_dtype: FloatDtype::F32,
+                modules_to_save_dtype: if p.bf16 {
+                    FloatDtype::BF16
+                } else {
+                    FloatDtype::F32
+                },
                 vision: adapter.pairs.keys().any(|m| m.contains("vision_tower")),
                 dropout: adapter.settings.dropout > 0.0,
                 optimizer_offload: Optim::parse(&p.optim) == Ok(Optim::AdamWOffload),
@@ -657,6 +666,7 @@ impl Op for LoraTrainOp {
             &ModelOptions {
                 gradient_checkpointing: p.gradient_checkpointing,
                 matmul_precision: MatmulPrecision::parse(&p.matmul_precision)?,
+                bf16: p.bf16,
             },
         )?;
         let tensorboard_dir = plan.tensorboard.then(|| {

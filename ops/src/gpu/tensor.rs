@@ -306,7 +306,7 @@ impl Gpu {
         Ok(out)
     }
 
-    /// Reads chunk `k` of an f32 tensor (its `rows × row_len` values; submits and waits): the
+    /// Reads chunk `k` of an f32 (or bf16, widened) tensor (its `rows × row_len` values; submits and waits): the
     /// host optimizer walks a large tensor a chunk at a time, so no host or device copy of the
     /// whole tensor is ever made.
     pub fn read_chunk_f32(&self, t: &GpuTensor, k: usize) -> Result<Vec<f32>> {
@@ -326,6 +326,8 @@ impl Gpu {
     /// Overwrites chunk `k` of an f32 tensor with host values (`queue.write_buffer`: ordered
     /// before the work of the next submit, and through wgpu's own staging memory rather than
     /// a pooled device buffer).
+    /// A bf16 tensor takes the values rounded to nearest even (values that are bf16 already,
+    /// as the host optimizer's results are, go through unchanged).
     pub fn write_chunk_f32(&self, t: &GpuTensor, k: usize, data: &[f32]) -> Result<()> {
         let c = f32_chunk("write_chunk_f32", t, k)?;
         ensure!(
@@ -334,6 +336,17 @@ impl Gpu {
             c.rows * t.row_len,
             data.len()
         );
+        if t.dtype == DType::Bf16 {
+            let mut bits: Vec<u16> = data
+                .iter()
+                .map(|&v| crate::reference::cast::f32_to_bf16(v))
+                .collect();
+            // whole words: a chunk's byte size is padded to 4
+            bits.resize((c.bytes / 2) as usize, 0);
+            self.queue
+                .write_buffer(c.buffer.buffer(), 0, bytemuck::cast_slice(&bits));
+            return Ok(());
+        }
         self.queue
             .write_buffer(c.buffer.buffer(), 0, bytemuck::cast_slice(data));
         Ok(())
@@ -372,9 +385,14 @@ impl Gpu {
     }
 }
 
-/// Chunk `k` of an f32 tensor, for the chunk-wise host reads and writes (`what` names the caller).
+/// Chunk `k` of an f32 or bf16 tensor, for the chunk-wise host reads and writes (`what` names
+/// the caller; values cross as f32).
 fn f32_chunk<'t>(what: &str, t: &'t GpuTensor, k: usize) -> Result<&'t Chunk> {
-    ensure!(t.dtype == DType::F32, "{what} on a {:?} tensor", t.dtype);
+    ensure!(
+        matches!(t.dtype, DType::F32 | DType::Bf16),
+        "{what} on a {:?} tensor",
+        t.dtype
+    );
     t.chunks
         .get(k)
         .with_context(|| format!("the tensor has {} chunks, not {}", t.chunks.len(), k + 1))

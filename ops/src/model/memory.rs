@@ -288,11 +288,34 @@ impl MemoryPlan {
                     || (e.kind == TensorKind::OutputEmbedding && !e.optional)
             })
             .collect();
+        // The vocabulary tables are stored like the trainable copies (bf16 under lora-train's
+        // `bf16`), and the frozen ones are not uploaded at all where the copies replace them
+        // (`Gemma3Gpu::from_weights`): embed_tokens when both roles have a trainable copy.
+        let copies = opts
+            .lora
+            .as_ref()
+            .map_or(&[][..], |l| l.modules_to_save.as_slice());
+        let has_copy = |m: &str| copies.iter().any(|c| c == m);
+        let untied_head = others.iter().any(|e| e.name == LM_HEAD);
+        let embed_replaced = has_copy("embed_tokens") && (has_copy("lm_head") || untied_head);
+        let head_replaced = has_copy("lm_head");
+        let td = opts
+            .lora
+            .as_ref()
+            .map_or(opts.base_dtype, |l| l.modules_to_save_dtype);
+        let tb = td.size() as u64;
         for e in &others {
+            let is_table = e.name == EMBED_TOKENS || e.name == LM_HEAD;
+            let replaced = (e.name == EMBED_TOKENS && embed_replaced)
+                || (e.name == LM_HEAD && head_replaced);
+            if replaced {
+                continue;
+            }
+            let b = if is_table { tb } else { bd };
             buffers.push(Buffer {
                 name: e.name.clone(),
-                bytes: e.numel() as u64 * bd,
-                row_bytes: row_of(e) * bd,
+                bytes: e.numel() as u64 * b,
+                row_bytes: row_of(e) * b,
                 chunkable: true,
             });
         }
@@ -301,27 +324,40 @@ impl MemoryPlan {
             .find(|e| e.name == EMBED_TOKENS)
             .expect("always expected");
         let embed_elems = embed.numel() as u64;
+        let replaced_note = " (not on the device: the trainable copies replace it)";
         rows.push(PlanRow {
             part: "weights",
-            item: if config.tie_word_embeddings() {
-                "embed_tokens (tied lm_head shares it)".into()
-            } else {
-                "embed_tokens".into()
-            },
-            dtype: dtype_name(opts.base_dtype),
+            item: format!(
+                "{}{}",
+                if config.tie_word_embeddings() {
+                    "embed_tokens (tied lm_head shares it)"
+                } else {
+                    "embed_tokens"
+                },
+                if embed_replaced { replaced_note } else { "" }
+            ),
+            dtype: dtype_name(td),
             elements: embed_elems,
-            bytes: embed_elems * bd,
-            device_bytes: dev(embed_elems * bd, row_of(embed) * bd),
+            bytes: embed_elems * tb,
+            device_bytes: if embed_replaced {
+                0
+            } else {
+                dev(embed_elems * tb, row_of(embed) * tb)
+            },
         });
         if let Some(head) = others.iter().find(|e| e.name == LM_HEAD) {
             let n = head.numel() as u64;
             rows.push(PlanRow {
                 part: "weights",
-                item: "lm_head".into(),
-                dtype: dtype_name(opts.base_dtype),
+                item: format!("lm_head{}", if head_replaced { replaced_note } else { "" }),
+                dtype: dtype_name(td),
                 elements: n,
-                bytes: n * bd,
-                device_bytes: dev(n * bd, row_of(head) * bd),
+                bytes: n * tb,
+                device_bytes: if head_replaced {
+                    0
+                } else {
+                    dev(n * tb, row_of(head) * tb)
+                },
             });
         }
         let rest: Vec<&&ExpectedTensor> = others
@@ -1074,11 +1110,15 @@ fn mask_words(batch: u64, seq: u64) -> u64 {
 /// state. The block is as wide as the binding and `LOGITS_SCRATCH_BYTES` allow, at most `MAX_VOCAB_BLOCK`; the kernel
 /// refuses a token count for which not even 8 columns fit. Mirrors the kernel's own sizing:
 /// keep in step with it.
+/// `bf16_dw`: the trained lm_head copy is bf16, so each block's dW goes through an f32 scratch
+/// of `sub` rows of `hidden` (one matmul per sub-block).
 fn cross_entropy_scratch(
     tokens: u64,
     vocab: u64,
+    hidden: u64,
     max_binding: u64,
     d_weight: bool,
+    bf16_dw: bool,
 ) -> Result<Vec<Alloc>> {
     // The same block width as the kernel (gpu::kernels::cross_entropy).
     let scratch = max_binding.min(LOGITS_SCRATCH_BYTES as u64);
@@ -1100,10 +1140,15 @@ fn cross_entropy_scratch(
     // Its products run as matmuls: the logits of every block, recomputed in backward for all
     // but the last, dH per block and (a trained lm_head) dW per block.
     let blocks = vocab.div_ceil(block);
-    matmul_placeholders(
-        &mut l,
-        blocks + (blocks - 1) + blocks + if d_weight { blocks } else { 0 },
-    );
+    let mut dw_matmuls = if d_weight { blocks } else { 0 };
+    if d_weight && bf16_dw {
+        let sub = ((scratch / (4 * hidden)) / 8 * 8).min(block);
+        alloc(&mut l, "cross-entropy bf16 gradient scratch", sub, hidden);
+        // every block but the last is `block` wide
+        let last = vocab - (blocks - 1) * block;
+        dw_matmuls = (blocks - 1) * block.div_ceil(sub) + last.div_ceil(sub);
+    }
+    matmul_placeholders(&mut l, blocks + (blocks - 1) + blocks + dw_matmuls);
     Ok(l)
 }
 
@@ -1200,11 +1245,14 @@ fn activation_rows(
         _ => None,
     };
     let head_trained = lora.is_some_and(|l| l.modules_to_save.iter().any(|m| m == "lm_head"));
+    let bf16_tables = lora.is_some_and(|l| l.modules_to_save_dtype == FloatDtype::BF16);
     let ce = cross_entropy_scratch(
         tokens,
         t.vocab_size as u64,
+        h,
         act.max_binding_bytes,
         head_trained,
+        bf16_tables,
     )?;
     let ckpt = act.gradient_checkpointing;
     let one = |name: &str, rows: u64, cols: u64| -> Vec<Alloc> {

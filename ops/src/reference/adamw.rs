@@ -68,6 +68,22 @@ pub fn adamw_step(
     }
 }
 
+/// [`adamw_step`] on bf16 state (values given widened to f32): the update in f32, then the
+/// parameter and both moments rounded to bf16, as torch's fused AdamW stores a bf16
+/// parameter's state.
+pub fn adamw_step_bf16(
+    param: &mut [f32],
+    grad: &[f32],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+    s: &AdamWStep,
+) {
+    adamw_step(param, grad, exp_avg, exp_avg_sq, s);
+    for t in [param, exp_avg, exp_avg_sq] {
+        crate::reference::cast::round_to_bf16(t);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,22 @@ pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
+/// `dst[i] = bf16(f32(dst[i]) + src[i])`: one rounding per element, as a bf16 gradient takes
+/// an f32 contribution.
+pub fn add_f32_into_bf16(dst: &mut [u16], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "add_f32_into_bf16: lengths differ");
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32_to_bf16(bf16_to_f32(*d) + s);
+    }
+}
+
+/// Rounds every value to the nearest bf16 (ties to even), kept as f32.
+pub fn round_to_bf16(values: &mut [f32]) {
+    for v in values {
+        *v = bf16_to_f32(f32_to_bf16(*v));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

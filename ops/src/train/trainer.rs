@@ -626,9 +626,23 @@ pub fn train_with_optim(
     }
 
     let host = params_to_host(gpu, &params)?;
+    // Each tensor in its training dtype, as PEFT saves a model's parameters: the bf16
+    // modules_to_save copies as bf16 (exact: the values are bf16), the LoRA pairs as f32.
+    let bf16_keys: std::collections::BTreeSet<&str> = params
+        .iter()
+        .filter(|p| p.value.dtype() == DType::Bf16)
+        .map(|p| p.key.as_str())
+        .collect();
     let tensors: std::collections::BTreeMap<String, HostTensor> = host
         .iter()
-        .map(|(k, (shape, v))| (k.clone(), HostTensor::from_f32(shape.clone(), v)))
+        .map(|(k, (shape, v))| {
+            let t = if bf16_keys.contains(k.as_str()) {
+                HostTensor::from_f32_as_bf16(shape.clone(), v)
+            } else {
+                HostTensor::from_f32(shape.clone(), v)
+            };
+            (k.clone(), t)
+        })
         .collect();
     adapter::write_adapter(&outputs.out_dir, adapter_config, &tensors)?;
     if let Some(tb) = tensorboard.as_mut() {

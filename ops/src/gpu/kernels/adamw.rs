@@ -18,6 +18,7 @@ const KERNELS: [(&[&str], &str); 3] = [
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
     KERNELS
         .iter()
+        .chain(&[(&["BF16"][..], "adamw_bf16")])
         .map(|(features, entry)| Ok((Shader::compose("adamw", features)?, vec![*entry])))
         .collect()
 }
@@ -48,12 +49,16 @@ impl Gpu {
         exp_avg_sq: &GpuTensor,
         step: &AdamWStep,
     ) -> Result<()> {
-        ensure!(
-            param.dtype() == DType::F32,
-            "adamw: parameters must be f32 master weights"
-        );
         ensure!(step.step >= 1, "adamw: steps count from 1");
         let c = step.scalars();
+        if param.dtype() == DType::Bf16 {
+            return self.adamw_bf16(rec, [param, grad, exp_avg, exp_avg_sq], step);
+        }
+        ensure!(
+            param.dtype() == DType::F32,
+            "adamw: parameters must be f32 or bf16, not {:?}",
+            param.dtype()
+        );
         let [k, k4, k4_tex] = KERNELS.map(|(features, entry)| {
             Shader::compose("adamw", features).and_then(|s| self.kernel(&s, entry, &[]))
         });
@@ -77,6 +82,61 @@ impl Gpu {
             staged: Some((&k4_tex, &[0, 2, 3])),
         };
         elementwise_vec4(self, rec, &k, Some(kernels4), &tensors, params)
+    }
+}
+
+impl Gpu {
+    /// [`Gpu::adamw`] on bf16 tensors (parameter, gradient and both moments bf16, chunked alike):
+    /// `adamw_bf16`, two elements per invocation.
+    fn adamw_bf16(
+        &self,
+        rec: &mut Recorder,
+        tensors: [&GpuTensor; 4],
+        step: &AdamWStep,
+    ) -> Result<()> {
+        let [param, ..] = tensors;
+        for t in tensors {
+            ensure!(
+                t.dtype() == DType::Bf16 && t.shape() == param.shape(),
+                "adamw: a bf16 parameter needs bf16 gradient and moments of its shape, got {:?} {:?}",
+                t.dtype(),
+                t.shape()
+            );
+            ensure!(
+                t.chunks().len() == param.chunks().len()
+                    && t.chunks().iter().zip(param.chunks()).all(|(a, b)| a.rows == b.rows),
+                "adamw: the bf16 tensors are chunked differently"
+            );
+        }
+        let k = self.kernel(&Shader::compose("adamw", &["BF16"])?, "adamw_bf16", &[])?;
+        let c = step.scalars();
+        for (i, chunk) in param.chunks().iter().enumerate() {
+            let n = chunk.rows * param.row_len();
+            ensure!(
+                n.is_multiple_of(2),
+                "adamw: a bf16 chunk of {n} elements splits a word"
+            );
+            let p = AdamParams {
+                n: n as u32,
+                _pad: [0; 3],
+                decay_factor: c.decay_factor,
+                step_size: c.step_size,
+                bias_correction2_sqrt: c.bias_correction2_sqrt,
+                eps: c.eps,
+                beta2: c.beta2,
+                one_minus_beta1: c.one_minus_beta1,
+                one_minus_beta2: c.one_minus_beta2,
+                _pad2: 0.0,
+            };
+            let views: Vec<_> = tensors.iter().map(|t| t.chunks()[i].view()).collect();
+            rec.dispatch(
+                &k,
+                bytemuck::bytes_of(&p),
+                &views,
+                crate::gpu::groups_1d(self, (n / 2).div_ceil(256) as u32),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -131,6 +191,67 @@ mod tests {
         check_gpu(test_gpu(), [36, 41]);
         // the storage-buffer kernels where the default stages (what GPUs run)
         crate::gpu::staging::without_staging(|| check_gpu(test_gpu(), [36, 41]));
+    }
+
+    /// bf16 state: each step against the reference's f32 update rounded on store, from the
+    /// state the GPU holds before the step. WGSL's sqrt and division need not be correctly
+    /// rounded, so an f32 result a few ulps off may round to the neighbouring bf16: at most one
+    /// bf16 ulp, on few elements.
+    fn check_bf16(gpu: &Gpu, shape: [usize; 2]) {
+        use crate::reference::cast::{f32_to_bf16, round_to_bf16};
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let n = shape[0] * shape[1];
+        let mut start = rng.vec_normal(n);
+        round_to_bf16(&mut start);
+        let up = |x: &[f32]| {
+            let bits: Vec<u16> = x.iter().map(|&y| f32_to_bf16(y)).collect();
+            gpu.upload_bf16(&shape, &bits).unwrap()
+        };
+        let (gp, gm, gv) = (up(&start), up(&vec![0.0; n]), up(&vec![0.0; n]));
+        let (mut exact, mut total) = (0usize, 0usize);
+        for t in 1..=3u64 {
+            let mut g = rng.vec_normal(n);
+            round_to_bf16(&mut g);
+            let s = AdamWStep {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step: t,
+            };
+            let (mut p, mut m, mut v) = (
+                gpu.read_f32(&gp).unwrap(),
+                gpu.read_f32(&gm).unwrap(),
+                gpu.read_f32(&gv).unwrap(),
+            );
+            reference::adamw_step_bf16(&mut p, &g, &mut m, &mut v, &s);
+            let mut rec = Recorder::new(gpu);
+            gpu.adamw(&mut rec, &gp, &up(&g), &gm, &gv, &s).unwrap();
+            rec.submit();
+            for (name, tensor, want) in [("param", &gp, &p), ("exp_avg", &gm, &m), ("exp_avg_sq", &gv, &v)] {
+                for (i, (&got, &want)) in gpu.read_f32(tensor).unwrap().iter().zip(want).enumerate() {
+                    let ulp = want.abs().max(f32::MIN_POSITIVE) / 128.0;
+                    assert!(
+                        (got - want).abs() <= ulp,
+                        "seed {seed}: step {t} {name}[{i}] = {got}, want {want}"
+                    );
+                    exact += usize::from(got.to_bits() == want.to_bits());
+                    total += 1;
+                }
+            }
+        }
+        assert!(exact * 100 >= total * 99, "seed {seed}: only {exact} of {total} values bit-exact");
+        let moved = gpu.read_f32(&gp).unwrap().iter().zip(&start).filter(|(a, b)| a != b).count();
+        assert!(moved > n / 2, "seed {seed}: only {moved} of {n} parameters moved");
+    }
+
+    #[test]
+    fn adamw_bf16_matches_reference() {
+        check_bf16(test_gpu(), [37, 42]);
+        // 4 KiB bindings: several bf16 chunks
+        check_bf16(tiny_binding_gpu(), [97, 24]);
     }
 
     #[test]

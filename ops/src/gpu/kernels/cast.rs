@@ -3,7 +3,7 @@
 use anyhow::{bail, ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
+use crate::gpu::{BufView, groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
 
 fn shader() -> Result<Shader> {
     Shader::compose("cast", &[])
@@ -11,7 +11,10 @@ fn shader() -> Result<Shader> {
 
 /// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
-    Ok(vec![(shader()?, vec!["f32_to_bf16", "bf16_to_f32"])])
+    Ok(vec![(
+        shader()?,
+        vec!["f32_to_bf16", "bf16_to_f32", "add_f32_into_bf16"],
+    )])
 }
 
 #[repr(C)]
@@ -94,6 +97,48 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// `dst[dst_off ..][..n] += src[src_off ..][..n]`, `dst` bf16 (rounded once per element, to
+    /// nearest even), `src` f32; offsets in elements, `dst_off` even (whole words). Views, not
+    /// tensors: the fused cross-entropy adds a block of its f32 product into one storage chunk
+    /// of a bf16 gradient.
+    pub(crate) fn add_f32_into_bf16(
+        &self,
+        rec: &mut Recorder,
+        src: BufView,
+        src_off: usize,
+        dst: BufView,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        ensure!(
+            dst_off.is_multiple_of(2),
+            "add_f32_into_bf16: the bf16 offset {dst_off} splits a word"
+        );
+        ensure!(
+            (src_off + n) * 4 <= src.size as usize && (dst_off + n).div_ceil(2) * 4 <= dst.size as usize,
+            "add_f32_into_bf16: {n} elements from {src_off} / {dst_off} overrun the views"
+        );
+        if n == 0 {
+            return Ok(());
+        }
+        let k = self.kernel(&shader()?, "add_f32_into_bf16", &[])?;
+        let p = CastParams {
+            n: n as u32,
+            src_off: src_off as u32,
+            dst_off: dst_off as u32,
+            _pad: 0,
+        };
+        rec.dispatch(
+            &k,
+            bytemuck::bytes_of(&p),
+            &[src, dst],
+            groups_1d(self, n.div_ceil(2).div_ceil(256) as u32),
+        );
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +173,39 @@ mod tests {
                 g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
                 "seed {seed}: element {i}: {g} vs {w}"
             );
+        }
+    }
+
+    /// Random bf16 destination, f32 source of a similar and of a much smaller magnitude (so
+    /// some sums round back to the old value), odd lengths and offsets into larger views.
+    #[test]
+    fn add_f32_into_bf16_matches_reference_bit_for_bit() {
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        for &(len, src_off, dst_off, n) in &[(101usize, 3usize, 6usize, 91usize), (64, 0, 0, 64), (9, 1, 2, 6)] {
+            let dst0: Vec<u16> = rng
+                .vec_normal(len)
+                .iter()
+                .map(|&v| reference::f32_to_bf16(v))
+                .collect();
+            let small = rng.unit() < 0.5;
+            let src: Vec<f32> = rng
+                .vec_normal(len)
+                .iter()
+                .map(|&v| if small { v * 1e-3 } else { v })
+                .collect();
+            let gd = gpu.upload_bf16(&[len], &dst0).unwrap();
+            let gs = gpu.upload_f32(&[len], &src).unwrap();
+            let mut rec = Recorder::new(gpu);
+            gpu.add_f32_into_bf16(&mut rec, gs.view().unwrap(), src_off, gd.view().unwrap(), dst_off, n)
+                .unwrap();
+            rec.submit();
+            let got = gpu.read_bf16(&gd).unwrap();
+            let mut want = dst0.clone();
+            reference::add_f32_into_bf16(&mut want[dst_off..dst_off + n], &src[src_off..src_off + n]);
+            assert_eq!(got, want, "seed {seed}: len {len} src_off {src_off} dst_off {dst_off} n {n}");
+            assert_ne!(want, dst0, "seed {seed}: the sum changed nothing");
         }
     }
 

@@ -110,9 +110,10 @@ impl Gpu {
         let (tokens, hidden) = (a.hidden.rows(), a.hidden.row_len());
         let vocab = a.weight.rows();
         ensure!(
-            a.hidden.dtype() == DType::F32 && a.weight.dtype() == DType::F32,
-            "cross-entropy: hidden and weight must be f32"
+            a.hidden.dtype() == DType::F32 && matches!(a.weight.dtype(), DType::F32 | DType::Bf16),
+            "cross-entropy: hidden must be f32 and the weight f32 or bf16"
         );
+        let w_bf16 = a.weight.dtype() == DType::Bf16;
         ensure!(tokens > 0, "cross-entropy: no tokens");
         ensure!(
             hidden.is_multiple_of(4),
@@ -137,8 +138,8 @@ impl Gpu {
         );
         if let Some(dw) = a.d_weight {
             ensure!(
-                dw.dtype() == DType::F32 && dw.shape() == a.weight.shape(),
-                "cross-entropy: d_weight must be f32 shaped like weight"
+                dw.dtype() == a.weight.dtype() && dw.shape() == a.weight.shape(),
+                "cross-entropy: d_weight must have the weight's dtype and shape"
             );
             let same = dw.chunks().len() == a.weight.chunks().len()
                 && dw
@@ -196,6 +197,17 @@ impl Gpu {
             }
         }
         let (n, h) = (tokens as u32, hidden as u32);
+        // A bf16 d_weight takes its f32 product through a scratch of `sub` rows (a multiple of
+        // 8, within the logits scratch's byte budget and one binding).
+        let sub = ((self.max_binding_bytes() as usize).min(LOGITS_SCRATCH_BYTES) / (4 * hidden)) / 8 * 8;
+        let sub = sub.min(block) as u32;
+        let dw_scratch = match a.d_weight {
+            Some(dw) if dw.dtype() == DType::Bf16 => {
+                ensure!(sub >= 8, "cross-entropy: hidden size {hidden} is too large for the bf16 gradient scratch");
+                Some(self.empty(&[sub as usize, hidden], DType::F32)?)
+            }
+            _ => None,
+        };
         // G[:, :vc] = X · W_cᵀ (W_c: rows w_row0.. of storage chunk ci)
         let logits_gemm = |rec: &mut Recorder, ci: usize, p: &Params| {
             let gemm = Gemm {
@@ -220,6 +232,7 @@ impl Gpu {
                 a_contig: h,
                 b_contig: h,
                 f16: false,
+                b_bf16: w_bf16,
             };
             self.record_gemm(rec, gemm)
         };
@@ -278,10 +291,55 @@ impl Gpu {
                     a_contig: p.vc,
                     b_contig: h,
                     f16: false,
+                    b_bf16: w_bf16,
                 },
             )?;
             // dW_c += G[:, :vc]ᵀ · X
-            if let Some(dw) = a.d_weight {
+            if let (Some(dw), Some(scratch)) = (a.d_weight, &dw_scratch) {
+                // bf16 gradient: the product in f32 sub-blocks of `sub` rows, each added into
+                // the bf16 rows with one rounding per element.
+                let scratch = scratch.view()?;
+                let mut s0 = 0u32;
+                while s0 < p.vc {
+                    let rows = sub.min(p.vc - s0);
+                    self.record_gemm(
+                        rec,
+                        Gemm {
+                            a: g.clone(),
+                            b: x.clone(),
+                            c: scratch.clone(),
+                            bias: None,
+                            params: GemmParams {
+                                m: rows,
+                                n: h,
+                                k: n,
+                                a_off: s0,
+                                lda: p.ldg,
+                                ldb: h,
+                                ldc: h,
+                                alpha: 1.0,
+                                ..Default::default()
+                            },
+                            batch: 1,
+                            trans_a: true,
+                            trans_b: false,
+                            a_contig: rows,
+                            b_contig: h,
+                            f16: false,
+                            b_bf16: false,
+                        },
+                    )?;
+                    self.add_f32_into_bf16(
+                        rec,
+                        scratch.clone(),
+                        0,
+                        dw.chunks()[*ci].view(),
+                        ((p.w_row0 + s0) * h) as usize,
+                        (rows * h) as usize,
+                    )?;
+                    s0 += rows;
+                }
+            } else if let Some(dw) = a.d_weight {
                 self.record_gemm(
                     rec,
                     Gemm {
@@ -307,6 +365,7 @@ impl Gpu {
                         a_contig: p.vc,
                         b_contig: h,
                         f16: false,
+                        b_bf16: false,
                     },
                 )?;
             }
@@ -324,9 +383,20 @@ mod tests {
     use crate::reference::cross_entropy::{lm_head_cross_entropy, CrossEntropyDims};
 
     fn run(gpu: &Gpu, d: CrossEntropyDims, with_dw: bool, seed: u64) {
+        run_typed(gpu, d, with_dw, false, seed)
+    }
+
+    /// With `bf16` the weight and its gradient are stored as bf16 (the modules_to_save copy
+    /// under `bf16 = true`): the reference multiplies the widened weight, and the gradient is
+    /// the bf16 start plus the f32 product, rounded once.
+    fn run_typed(gpu: &Gpu, d: CrossEntropyDims, with_dw: bool, bf16: bool, seed: u64) {
+        use crate::reference::cast::{bf16_to_f32, f32_to_bf16};
         let mut rng = TestRng::new(seed);
         let hidden = rng.vec_normal(d.tokens * d.hidden);
-        let weight = rng.vec_normal(d.vocab * d.hidden);
+        let mut weight = rng.vec_normal(d.vocab * d.hidden);
+        if bf16 {
+            crate::reference::cast::round_to_bf16(&mut weight);
+        }
         // token 0 always counts: with every label ignored the loss is 0 and its relative error NaN
         let labels: Vec<i32> = (0..d.tokens)
             .map(|t| {
@@ -337,9 +407,18 @@ mod tests {
                 }
             })
             .collect();
-        let dw_start = rng.vec_normal(d.vocab * d.hidden);
+        let mut dw_start = rng.vec_normal(d.vocab * d.hidden);
+        if bf16 {
+            // small enough that the products of a few tokens show in bf16
+            dw_start.iter_mut().for_each(|v| *v *= 1e-3);
+            crate::reference::cast::round_to_bf16(&mut dw_start);
+        }
         let scale = 0.37;
-        let mut want_dw = dw_start.clone();
+        let mut want_dw = if bf16 {
+            vec![0.0; dw_start.len()]
+        } else {
+            dw_start.clone()
+        };
         let (want, want_dh) = lm_head_cross_entropy(
             &hidden,
             &weight,
@@ -351,8 +430,16 @@ mod tests {
         .unwrap();
 
         let hg = gpu.upload_f32(&[d.tokens, d.hidden], &hidden).unwrap();
-        let wg = gpu.upload_f32(&[d.vocab, d.hidden], &weight).unwrap();
-        let dwg = gpu.upload_f32(&[d.vocab, d.hidden], &dw_start).unwrap();
+        let table = |v: &[f32]| {
+            if bf16 {
+                let bits: Vec<u16> = v.iter().map(|&x| f32_to_bf16(x)).collect();
+                gpu.upload_bf16(&[d.vocab, d.hidden], &bits).unwrap()
+            } else {
+                gpu.upload_f32(&[d.vocab, d.hidden], v).unwrap()
+            }
+        };
+        let wg = table(&weight);
+        let dwg = table(&dw_start);
         let lg = gpu.upload_labels(&labels, d.vocab).unwrap();
         let dh = gpu.empty(&[d.tokens, d.hidden], DType::F32).unwrap();
         let totals = gpu.empty(&[4], DType::U32).unwrap();
@@ -391,7 +478,22 @@ mod tests {
             dh_err < dh_tol,
             "{what}: d_hidden rel error {dh_err} (allowed {dh_tol})"
         );
-        if with_dw {
+        if with_dw && bf16 {
+            // The f32 products may differ in the last bits (summation order), so a sum that
+            // lands near a bf16 rounding boundary may round the other way: one bf16 ulp.
+            let got = gpu.read_f32(&dwg).unwrap();
+            let mut moved = 0;
+            for (i, ((&g, &start), &contrib)) in got.iter().zip(&dw_start).zip(&want_dw).enumerate() {
+                let want = bf16_to_f32(f32_to_bf16(start + contrib));
+                let ulp = want.abs().max(f32::MIN_POSITIVE) / 128.0;
+                assert!(
+                    (g - want).abs() <= ulp,
+                    "{what}: bf16 d_weight[{i}] = {g}, want {want} (start {start} + {contrib})"
+                );
+                moved += usize::from(g != start);
+            }
+            assert!(moved > got.len() / 4, "{what}: only {moved} gradient values changed");
+        } else if with_dw {
             let dw_err = rel_frobenius(&gpu.read_f32(&dwg).unwrap(), &want_dw);
             let dw_tol = f32_sum_tolerance(d.tokens);
             assert!(
@@ -441,6 +543,31 @@ mod tests {
             true,
             seed,
         );
+    }
+
+    #[test]
+    fn bf16_weight_and_gradient_match_the_reference() {
+        let seed = TestRng::fresh_seed();
+        let d = CrossEntropyDims {
+            tokens: 23,
+            hidden: 20,
+            vocab: 37,
+        };
+        run_typed(test_gpu(), d, true, true, seed);
+        // chunked bf16 tables and several vocabulary blocks and scratch sub-blocks
+        let d = CrossEntropyDims {
+            tokens: 21,
+            hidden: 8,
+            vocab: 301,
+        };
+        run_typed(tiny_binding_gpu(), d, true, true, seed);
+        // rows of 64: the f32 scratch holds 16 rows of a 256-column vocabulary block
+        let d = CrossEntropyDims {
+            tokens: 4,
+            hidden: 64,
+            vocab: 301,
+        };
+        run_typed(tiny_binding_gpu(), d, true, true, seed);
     }
 
     #[test]

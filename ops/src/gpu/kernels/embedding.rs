@@ -1,7 +1,7 @@
 //! Embedding gather (f32 or bf16 table, optional scale) and its scatter-add backward, over
 //! tables split into chunks (Gemma 3's 262k × 2560 table exceeds one binding).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::check;
@@ -15,7 +15,7 @@ fn shader() -> Result<Shader> {
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
     Ok(vec![(
         shader()?,
-        vec!["gather_f32", "gather_bf16", "scatter_add"],
+        vec!["gather_f32", "gather_bf16", "scatter_add", "scatter_add_bf16"],
     )])
 }
 
@@ -132,6 +132,76 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// [`Gpu::embedding_scatter_add`] into a bf16 `dtable` ([vocab, dim], dim even, may be
+    /// chunked), the ids given on the host: they are grouped by id here so that each row is
+    /// summed in f32 and rounded once (ids ≥ vocab and `skip_id` reach no row).
+    pub fn embedding_scatter_add_bf16(
+        &self,
+        rec: &mut Recorder,
+        dtable: &GpuTensor,
+        ids: &[u32],
+        dy: &GpuTensor,
+        scale: f32,
+        skip_id: Option<u32>,
+    ) -> Result<()> {
+        let [vocab, dim] = *dtable.shape() else {
+            bail!(
+                "embedding_scatter_add_bf16: dtable must be [vocab, dim], got {:?}",
+                dtable.shape()
+            );
+        };
+        ensure!(
+            dtable.dtype() == DType::Bf16 && dim.is_multiple_of(2),
+            "embedding_scatter_add_bf16: dtable must be bf16 with an even row length, got {:?} [{vocab}, {dim}]",
+            dtable.dtype()
+        );
+        let tokens = ids.len();
+        check("embedding_scatter_add_bf16", "dy", dy, DType::F32, tokens * dim)?;
+        let mut by_id: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+        for (t, &id) in ids.iter().enumerate() {
+            if Some(id) != skip_id && (id as usize) < vocab {
+                by_id.entry(id).or_default().push(t as u32);
+            }
+        }
+        if by_id.is_empty() {
+            return Ok(());
+        }
+        let uniq: Vec<u32> = by_id.keys().copied().collect();
+        let mut starts = vec![0u32];
+        let mut pos = Vec::with_capacity(tokens);
+        for p in by_id.values() {
+            pos.extend_from_slice(p);
+            starts.push(pos.len() as u32);
+        }
+        let (gu, gs, gp) = (
+            self.upload_u32(&[uniq.len()], &uniq)?,
+            self.upload_u32(&[starts.len()], &starts)?,
+            self.upload_u32(&[pos.len()], &pos)?,
+        );
+        let k = self.kernel(&shader()?, "scatter_add_bf16", &[])?;
+        for chunk in dtable.chunks() {
+            let p = EmbParams {
+                tokens: uniq.len() as u32,
+                dim: dim as u32,
+                first: chunk.first_row as u32,
+                rows: chunk.rows as u32,
+                vocab: vocab as u32,
+                skip_id: skip_id.unwrap_or(u32::MAX),
+                scale,
+                round_bf16: 0,
+            };
+            rec.dispatch(
+                &k,
+                bytemuck::bytes_of(&p),
+                &[gu.view()?, gs.view()?, gp.view()?, dy.view()?, chunk.view()],
+                [(dim / 2).div_ceil(64) as u32, uniq.len() as u32, 1],
+            );
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +263,46 @@ mod tests {
         reference::scatter_add(&mut want, dim, &ids, &dy, 0.5, Some(ids[1]));
         let err = rel_frobenius(&gpu.read_f32(&dtable).unwrap(), &want);
         assert!(err < 1e-6, "seed {seed}: scatter_add rel err {err}");
+    }
+
+    /// bf16 table gradient: repeated ids, the skipped id, an image id (u32::MAX); the GPU sums
+    /// each row in the reference's order, so the bits match exactly.
+    fn check_bf16_scatter(gpu: &Gpu) {
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let (vocab, dim, tokens) = (97usize, 22usize, 33usize);
+        let ids: Vec<u32> = (0..tokens)
+            .map(|t| match t % 7 {
+                0 => 3,
+                1 => u32::MAX,
+                _ => rng.below(vocab) as u32,
+            })
+            .collect();
+        let dy = rng.vec_normal(tokens * dim);
+        let d0: Vec<u16> = rng
+            .vec_normal(vocab * dim)
+            .iter()
+            .map(|&v| cast::f32_to_bf16(v))
+            .collect();
+        let gdy = gpu.upload_f32(&[tokens, dim], &dy).unwrap();
+        let dtable = gpu.upload_bf16(&[vocab, dim], &d0).unwrap();
+        let mut rec = Recorder::new(gpu);
+        gpu.embedding_scatter_add_bf16(&mut rec, &dtable, &ids, &gdy, 0.5, Some(ids[2]))
+            .unwrap();
+        rec.submit();
+        let mut want = d0.clone();
+        reference::scatter_add_bf16(&mut want, dim, &ids, &dy, 0.5, Some(ids[2]));
+        let got = gpu.read_bf16(&dtable).unwrap();
+        assert_eq!(got, want, "seed {seed}: bf16 scatter_add");
+        assert_ne!(got, d0, "seed {seed}: nothing was added");
+        let row = ids[2] as usize;
+        assert_eq!(got[row * dim..][..dim], d0[row * dim..][..dim], "the skipped id's row");
+    }
+
+    #[test]
+    fn bf16_scatter_add_matches_reference() {
+        check_bf16_scatter(test_gpu());
+        check_bf16_scatter(tiny_binding_gpu());
     }
 
     #[test]

@@ -10,13 +10,15 @@ use crate::gpu::staging::{StageFormat, StagedTexture};
 use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, Shader, Tiling};
 
 /// How a variant of `shaders/matmul.wgsl` reads its operands: A and B as vec4 or scalar
-/// views, bound as storage buffers or as staged linear textures, B an f32 matrix or an NF4
-/// weight, every value rounded to f16 or not.
+/// views, bound as storage buffers or as staged linear textures, B an f32 matrix, an NF4
+/// weight or a bf16 matrix, every value rounded to f16 or not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Operands {
     pub vec4: bool,
     pub textures: bool,
     pub nf4: bool,
+    /// B stored as bf16 (two per u32 word).
+    pub bf16_b: bool,
     pub f16: bool,
 }
 
@@ -26,6 +28,7 @@ impl Operands {
             (self.vec4, "VEC4"),
             (self.textures, "TEXTURES"),
             (self.nf4, "NF4"),
+            (self.bf16_b, "BF16B"),
             (self.f16, "F16"),
         ]
         .into_iter()
@@ -64,14 +67,20 @@ impl MatmulPrecision {
 /// Every module and entry point [`Gpu::record_gemm_with`] can dispatch (validated by
 /// `gpu::shader`'s tests): the workgroup and register kernels on storage buffers, the
 /// generated subgroup kernels at the configured tile on buffers or textures, and the unrolled
-/// register kernels, each for both operand widths, B as f32 or NF4, f32 or f16 operands.
+/// register kernels, each for both operand widths, B as f32, NF4 or bf16 (f32 operands: the
+/// bf16 tables never meet the f16 switch, which applies to the base's linears), f32 or f16
+/// operands.
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
     let mut all = Vec::new();
-    for [vec4, nf4, f16] in (0..8).map(|i| [i & 1 != 0, i & 2 != 0, i & 4 != 0]) {
+    let combos = (0..8)
+        .map(|i| [i & 1 != 0, i & 2 != 0, false, i & 4 != 0])
+        .chain([false, true].map(|vec4| [vec4, false, true, false]));
+    for [vec4, nf4, bf16_b, f16] in combos {
         let operands = Operands {
             vec4,
             textures: false,
             nf4,
+            bf16_b,
             f16,
         };
         all.push((
@@ -582,7 +591,7 @@ fn stage_gemm_operands(
     g: &Gemm,
     nf4: Option<&(BufView, usize)>,
 ) -> Option<Vec<std::sync::Arc<StagedTexture>>> {
-    let b_format = if nf4.is_some() {
+    let b_format = if nf4.is_some() || g.b_bf16 {
         StageFormat::U32
     } else {
         StageFormat::F32
@@ -612,6 +621,8 @@ pub(crate) struct Gemm {
     pub b_contig: u32,
     /// Round every operand value to f16 ([`MatmulPrecision::F16`]).
     pub f16: bool,
+    /// B is bf16 (two per word; offsets and leading dimensions still count elements).
+    pub b_bf16: bool,
 }
 
 impl Gpu {
@@ -629,13 +640,19 @@ impl Gpu {
         c: &GpuTensor,
         opts: MatmulOpts,
     ) -> Result<()> {
-        for (name, t) in [("A", a), ("B", b), ("C", c)] {
+        for (name, t) in [("A", a), ("C", c)] {
             ensure!(
                 t.dtype() == DType::F32,
                 "matmul: {name} must be f32, is {:?}",
                 t.dtype()
             );
         }
+        let b_bf16 = b.dtype() == DType::Bf16;
+        ensure!(
+            b.dtype() == DType::F32 || (b_bf16 && opts.precision == MatmulPrecision::F32),
+            "matmul: B must be f32, or bf16 with f32 operand precision; is {:?}",
+            b.dtype()
+        );
         let dims = |t: &GpuTensor, name: &str| -> Result<(usize, usize, usize)> {
             match *t.shape() {
                 [r, c] => Ok((1, r, c)),
@@ -789,6 +806,7 @@ impl Gpu {
                             a_contig,
                             b_contig,
                             f16: opts.precision == MatmulPrecision::F16,
+                            b_bf16,
                         },
                     )?;
                 }
@@ -826,6 +844,7 @@ impl Gpu {
             vec4,
             textures: false,
             nf4: nf4.is_some(),
+            bf16_b: g.b_bf16,
             f16: g.f16,
         };
         let mut constants = vec![
@@ -960,13 +979,20 @@ mod tests {
         let b_shape = shape(c.batch, b_dims.0, b_dims.1, batched && c.batched_b);
         let c_shape = shape(c.batch, c.m, c.n, batched);
         let a: Vec<f32> = rng.vec_normal(a_shape.iter().product());
-        let b: Vec<f32> = rng.vec_normal(b_shape.iter().product());
+        let mut b: Vec<f32> = rng.vec_normal(b_shape.iter().product());
         let c0: Vec<f32> = rng.vec_normal(c_shape.iter().product());
         let bias: Vec<f32> = rng.vec_normal(c.n);
         let alpha = rng.uniform(0.5, 2.0);
 
         let ga = gpu.upload_f32(&a_shape, &a).unwrap();
-        let gb = gpu.upload_f32(&b_shape, &b).unwrap();
+        let gb = if B_BF16.with(|f| f.get()) {
+            // bf16 widens exactly: the reference multiplies the widened values.
+            let bits: Vec<u16> = b.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+            b = bits.iter().map(|&h| f32::from_bits((h as u32) << 16)).collect();
+            gpu.upload_bf16(&b_shape, &bits).unwrap()
+        } else {
+            gpu.upload_f32(&b_shape, &b).unwrap()
+        };
         let gc = if c.beta != 0.0 {
             gpu.upload_f32(&c_shape, &c0).unwrap()
         } else {
@@ -1179,6 +1205,43 @@ mod tests {
     #[test]
     fn matmul_matches_reference_other_tiling() {
         sweep(other_tiling_gpu());
+    }
+
+    thread_local! {
+        /// Set by a test to store B as bf16 in every case of a sweep.
+        static B_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// B in bf16 storage (the modules_to_save tables under `bf16 = true`) on every kernel path:
+    /// staged subgroup, unstaged subgroup, plain register, workgroup tiles, chunked operands.
+    #[test]
+    fn matmul_with_bf16_b_matches_reference() {
+        B_BF16.with(|f| f.set(true));
+        let gpu = test_gpu();
+        sweep(gpu);
+        crate::gpu::staging::without_staging(|| sweep(gpu));
+        PLAIN_REGISTER_KERNEL.with(|f| f.set(true));
+        sweep(gpu);
+        PLAIN_REGISTER_KERNEL.with(|f| f.set(false));
+        sweep(other_tiling_gpu());
+        let small = tiny_binding_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        for tb in [false, true] {
+            let case = Case {
+                batch: 1,
+                m: 40,
+                n: 36,
+                k: 64,
+                trans_a: false,
+                trans_b: tb,
+                beta: 0.7,
+                bias: false,
+                batched_b: false,
+            };
+            run_case(small, &case, &mut rng, seed);
+        }
+        B_BF16.with(|f| f.set(false));
     }
 
     #[test]

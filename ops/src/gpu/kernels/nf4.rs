@@ -370,6 +370,7 @@ impl Gpu {
             a_contig: k as u32,
             b_contig: if opts.trans_b { k as u32 } else { n as u32 },
             f16: opts.precision == super::matmul::MatmulPrecision::F16,
+            b_bf16: false,
         };
         let absmax = w.absmax.view()?;
         let blocksize = w.blocksize;

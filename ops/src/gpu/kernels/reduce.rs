@@ -26,6 +26,8 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
             "finish",
             "clip_scale",
             "clip_scale4_tex",
+            "partial_bf16",
+            "clip_scale_bf16",
         ],
     )])
 }
@@ -65,11 +67,12 @@ impl Gpu {
         let partials = self.empty(&[total_partials.max(1)], DType::F32)?;
         let partial = self.kernel(&shader()?, "partial", &[])?;
         let partial_tex = self.kernel(&shader()?, "partial_tex", &[])?;
+        let partial_bf16 = self.kernel(&shader()?, "partial_bf16", &[])?;
         let mut at = 0usize;
         for t in tensors {
             ensure!(
-                t.dtype() == DType::F32,
-                "reduce: tensors must be f32, got {:?}",
+                matches!(t.dtype(), DType::F32 | DType::Bf16),
+                "reduce: tensors must be f32 or bf16, got {:?}",
                 t.dtype()
             );
             for c in t.chunks() {
@@ -82,6 +85,16 @@ impl Gpu {
                     max_norm: 0.0,
                 };
                 let grid = groups_1d(self, groups as u32);
+                if t.dtype() == DType::Bf16 {
+                    rec.dispatch(
+                        &partial_bf16,
+                        bytemuck::bytes_of(&p),
+                        &[c.view(), partials.view()?],
+                        grid,
+                    );
+                    at += groups;
+                    continue;
+                }
                 match rec.stage(0, &c.view(), StageFormat::F32) {
                     Some(x) => rec.dispatch_bound(
                         &partial_tex,
@@ -147,10 +160,29 @@ impl Gpu {
         check("clip_by_norm", "norm", norm, DType::F32, 1)?;
         let k = self.kernel(&shader()?, "clip_scale", &[])?;
         let k4 = self.kernel(&shader()?, "clip_scale4_tex", &[])?;
+        let k_bf16 = self.kernel(&shader()?, "clip_scale_bf16", &[])?;
         for t in tensors {
-            ensure!(t.dtype() == DType::F32, "clip_by_norm: tensors must be f32");
+            ensure!(
+                matches!(t.dtype(), DType::F32 | DType::Bf16),
+                "clip_by_norm: tensors must be f32 or bf16"
+            );
             for c in t.chunks() {
                 let n = c.rows * t.row_len();
+                if t.dtype() == DType::Bf16 {
+                    let p = ReduceParams {
+                        n: n as u32,
+                        mode: 0,
+                        out_index: 0,
+                        max_norm,
+                    };
+                    rec.dispatch(
+                        &k_bf16,
+                        bytemuck::bytes_of(&p),
+                        &[c.view(), norm.view()?],
+                        groups_1d(self, n.div_ceil(2).div_ceil(256) as u32),
+                    );
+                    continue;
+                }
                 let p = |n: usize| ReduceParams {
                     n: n as u32,
                     mode: 0,
@@ -258,5 +290,74 @@ mod tests {
     #[test]
     fn reductions_over_chunked_tensors() {
         check_gpu(tiny_binding_gpu());
+    }
+
+    /// The global norm over f32 and bf16 gradients together (the LoRA pairs and the bf16
+    /// modules_to_save copies), and clipping of both: a bf16 product rounds once, so it is
+    /// within one bf16 ulp of the reference product (the two norms differ in the last f32 bits).
+    fn check_bf16(gpu: &Gpu) {
+        use crate::reference::cast::{f32_to_bf16, round_to_bf16};
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let shapes: [&[usize]; 3] = [&[67, 45], &[3001], &[64, 32]];
+        let bf16 = [true, false, true];
+        let hosts: Vec<Vec<f32>> = shapes
+            .iter()
+            .zip(bf16)
+            .map(|(s, b)| {
+                let mut v = rng.vec_normal(s.iter().product());
+                if b {
+                    round_to_bf16(&mut v);
+                }
+                v
+            })
+            .collect();
+        let tensors: Vec<GpuTensor> = shapes
+            .iter()
+            .zip(&hosts)
+            .zip(bf16)
+            .map(|((s, h), b)| {
+                if b {
+                    let bits: Vec<u16> = h.iter().map(|&v| f32_to_bf16(v)).collect();
+                    gpu.upload_bf16(s, &bits).unwrap()
+                } else {
+                    gpu.upload_f32(s, h).unwrap()
+                }
+            })
+            .collect();
+        let norm_t = gpu.empty(&[1], DType::F32).unwrap();
+        gpu.poison(&norm_t);
+        let refs: Vec<&GpuTensor> = tensors.iter().collect();
+        let mut rec = Recorder::new(gpu);
+        gpu.global_l2_norm(&mut rec, &refs, &norm_t).unwrap();
+        let max_norm = 10.0;
+        gpu.clip_by_norm(&mut rec, &refs, &norm_t, max_norm).unwrap();
+        rec.submit();
+        let host_refs: Vec<&[f32]> = hosts.iter().map(|h| &h[..]).collect();
+        let norm = reference::global_l2_norm(&host_refs);
+        let got_norm = gpu.read_f32(&norm_t).unwrap()[0];
+        assert!(
+            ((got_norm - norm) / norm).abs() < 1e-5,
+            "seed {seed}: norm {got_norm} vs {norm}"
+        );
+        let coef = reference::clip_coefficient(norm, max_norm);
+        assert!(coef < 1.0, "the test must actually clip");
+        for ((t, h), b) in tensors.iter().zip(&hosts).zip(bf16) {
+            let got = gpu.read_f32(t).unwrap();
+            for (i, (&g, &x)) in got.iter().zip(h).enumerate() {
+                let mut want = x * coef;
+                if b {
+                    want = f32::from_bits((f32_to_bf16(want) as u32) << 16);
+                }
+                let tol = if b { want.abs() / 128.0 } else { want.abs() * 1e-5 };
+                assert!((g - want).abs() <= tol + f32::MIN_POSITIVE, "seed {seed}: element {i}: {g} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_gradients_norm_and_clip() {
+        check_bf16(test_gpu());
+        check_bf16(tiny_binding_gpu());
     }
 }

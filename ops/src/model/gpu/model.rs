@@ -40,26 +40,56 @@ pub struct Gemma3GpuOptions {
     pub lora: Option<LoraSettings>,
     /// Operand precision of the frozen base's linear layers (`matmul_precision`).
     pub matmul_precision: MatmulPrecision,
+    /// `bf16` of lora-train: the vocabulary tables in bf16 storage — the modules_to_save copies
+    /// with their gradients and AdamW moments (as torch holds a bf16 model's copies) and the
+    /// frozen embedding / lm_head — and the scaled embeddings rounded to bf16 as torch computes
+    /// them. Everything else stays f32.
+    pub bf16: bool,
 }
 
-/// A trainable full tensor (a `modules_to_save` copy) and its gradient, both f32 `[vocab, hidden]`.
+/// A trainable full tensor (a `modules_to_save` copy) and its gradient, `[vocab, hidden]`, both
+/// f32 or both bf16.
 #[derive(Debug, Clone)]
 pub struct TrainedTable {
     pub value: GpuTensor,
     pub grad: GpuTensor,
 }
 
+/// Uploads a `[vocab, hidden]` table as f32 or, with `bf16`, rounded to bf16.
+fn upload_table(gpu: &Gpu, shape: [usize; 2], values: &[f32], bf16: bool) -> Result<GpuTensor> {
+    if bf16 {
+        let bits: Vec<u16> = values
+            .iter()
+            .map(|&v| crate::reference::cast::f32_to_bf16(v))
+            .collect();
+        gpu.upload_bf16(&shape, &bits)
+    } else {
+        gpu.upload_f32(&shape, values)
+    }
+}
+
 impl TrainedTable {
-    fn upload(gpu: &Gpu, values: &[f32], shape: [usize; 2], what: &str) -> Result<Self> {
+    fn upload(
+        gpu: &Gpu,
+        values: &[f32],
+        shape: [usize; 2],
+        what: &str,
+        bf16: bool,
+    ) -> Result<Self> {
         ensure!(
             values.len() == shape[0] * shape[1],
             "the adapter's {what} copy has {} values, the model needs {:?}",
             values.len(),
             shape
         );
-        let value = gpu.upload_f32(&shape, values)?;
-        let grad = gpu.empty(&shape, DType::F32)?;
-        gpu.fill_f32(&grad, 0.0)?;
+        let value = upload_table(gpu, shape, values, bf16)?;
+        let grad = gpu.empty(&shape, value.dtype())?;
+        // zero bytes are 0.0 in both dtypes
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        for c in grad.chunks() {
+            enc.clear_buffer(c.buffer.buffer(), 0, Some(c.bytes));
+        }
+        gpu.queue().submit([enc.finish()]);
         Ok(Self { value, grad })
     }
 }
@@ -76,8 +106,10 @@ pub struct ActivationBytes {
 /// The GPU model (frozen base + trainable adapter tensors).
 pub struct Gemma3Gpu {
     pub dims: TextDims,
-    /// `[vocab, hidden]` f32 frozen base embedding (also the tied lm_head).
-    pub embed_tokens: GpuTensor,
+    /// `[vocab, hidden]` frozen base embedding (also the tied lm_head), f32 or bf16; not on the
+    /// device when the adapter's trainable copies replace it in both roles (the copies are
+    /// what every forward reads: 2.5 GiB of f32 at Gemma 3 4B's vocabulary).
+    pub embed_tokens: Option<GpuTensor>,
     /// `sqrt(hidden)` rounded to the embedding's dtype.
     pub embed_scale: f32,
     pub layers: Vec<GpuDecoderLayer>,
@@ -100,6 +132,8 @@ pub struct Gemma3Gpu {
     pub gradient_checkpointing: bool,
     /// Operand precision of the base's linear layers.
     pub matmul_precision: MatmulPrecision,
+    /// The vocabulary tables in bf16 ([`Gemma3GpuOptions::bf16`]).
+    pub bf16: bool,
     /// Filled by every [`TrainModel::accumulate`].
     pub last_activation_bytes: ActivationBytes,
 }
@@ -188,8 +222,24 @@ impl Gemma3Gpu {
         };
         let table_shape = [dims.vocab, dims.hidden];
         let embed = weights.tensor(EMBED_TOKENS)?;
-        let embed_scale = t.embed_scale(embed.float_dtype().unwrap_or(FloatDtype::F32));
-        let embed_tokens = gpu.upload_f32(&table_shape, &embed.to_f32()?)?;
+        // torch multiplies by the normalizer in the embedding's dtype (bf16 under `bf16`)
+        let embed_scale = t.embed_scale(if opts.bf16 {
+            FloatDtype::BF16
+        } else {
+            embed.float_dtype().unwrap_or(FloatDtype::F32)
+        });
+        // The frozen table is read only where no trainable copy stands in: as the input
+        // embedding without an embed_tokens copy, as the output projection (tied) without an
+        // lm_head copy.
+        let untied_head = !config.tie_word_embeddings() && weights.contains(LM_HEAD);
+        let replaced = adapter.is_some_and(|a| {
+            a.embed_tokens.is_some() && (a.lm_head.is_some() || untied_head)
+        });
+        let embed_tokens = if replaced {
+            None
+        } else {
+            Some(upload_table(gpu, table_shape, &embed.to_f32()?, opts.bf16)?)
+        };
         let layers = (0..t.num_hidden_layers)
             .map(|l| {
                 GpuDecoderLayer::from_weights(gpu, config, weights, l)
@@ -198,8 +248,8 @@ impl Gemma3Gpu {
             .collect::<Result<Vec<_>>>()?;
         let final_norm_host = weights.to_f32(&format!("{TEXT}norm.weight"))?;
         let final_norm = gpu.upload_f32(&[dims.hidden], &final_norm_host)?;
-        let lm_head = if !config.tie_word_embeddings() && weights.contains(LM_HEAD) {
-            Some(gpu.upload_f32(&table_shape, &weights.to_f32(LM_HEAD)?)?)
+        let lm_head = if untied_head && !adapter.is_some_and(|a| a.lm_head.is_some()) {
+            Some(upload_table(gpu, table_shape, &weights.to_f32(LM_HEAD)?, opts.bf16)?)
         } else {
             None
         };
@@ -237,6 +287,7 @@ impl Gemma3Gpu {
             settings,
             gradient_checkpointing: opts.gradient_checkpointing,
             matmul_precision: opts.matmul_precision,
+            bf16: opts.bf16,
             last_activation_bytes: ActivationBytes::default(),
         };
         if let Some(adapter) = adapter {
@@ -272,29 +323,38 @@ impl Gemma3Gpu {
             );
         }
         if let Some(v) = &adapter.embed_tokens {
-            self.embed_copy = Some(TrainedTable::upload(gpu, v, shape, "embed_tokens")?);
+            self.embed_copy = Some(TrainedTable::upload(
+                gpu,
+                v,
+                shape,
+                "embed_tokens",
+                self.bf16,
+            )?);
         }
         if let Some(v) = &adapter.lm_head {
-            self.lm_head_copy = Some(TrainedTable::upload(gpu, v, shape, "lm_head")?);
+            self.lm_head_copy = Some(TrainedTable::upload(gpu, v, shape, "lm_head", self.bf16)?);
         }
         Ok(())
     }
 
     /// The embedding table in use: the trainable copy, else the base.
-    fn input_embedding(&self) -> &GpuTensor {
+    fn input_embedding(&self) -> Result<&GpuTensor> {
         self.embed_copy
             .as_ref()
-            .map_or(&self.embed_tokens, |c| &c.value)
+            .map(|c| &c.value)
+            .or(self.embed_tokens.as_ref())
+            .context("no input embedding on the device")
     }
 
     /// The output projection in use: the trainable copy, else the checkpoint's lm_head, else
     /// the (frozen, base) tied embedding.
-    fn output_embedding(&self) -> &GpuTensor {
+    fn output_embedding(&self) -> Result<&GpuTensor> {
         self.lm_head_copy
             .as_ref()
             .map(|c| &c.value)
             .or(self.lm_head.as_ref())
-            .unwrap_or(&self.embed_tokens)
+            .or(self.embed_tokens.as_ref())
+            .context("no output projection on the device")
     }
 
     fn prepare(&self, gpu: &Gpu, batch: &Batch) -> Result<Prepared> {
@@ -419,11 +479,11 @@ impl Gemma3Gpu {
         let x = gpu.empty(&[tokens, self.dims.hidden], DType::F32)?;
         gpu.embedding_gather(
             rec,
-            self.input_embedding(),
+            self.input_embedding()?,
             &p.ids,
             &x,
             self.embed_scale,
-            false,
+            self.bf16,
         )?;
         let Some(pixels) = &p.pixels else {
             return Ok((x, None));
@@ -482,7 +542,7 @@ impl Gemma3Gpu {
             trans_b: true,
             ..Default::default()
         };
-        gpu.matmul(&mut rec, &normed, self.output_embedding(), &logits, opts)?;
+        gpu.matmul(&mut rec, &normed, self.output_embedding()?, &logits, opts)?;
         rec.submit_and_wait()?;
         gpu.read_f32(&logits)
     }
@@ -597,7 +657,7 @@ impl TrainModel for Gemma3Gpu {
             rec,
             &CrossEntropyArgs {
                 hidden: &normed,
-                weight: self.output_embedding(),
+                weight: self.output_embedding()?,
                 labels: &labels,
                 grad_scale: loss_scale,
                 d_hidden: &d_normed,
@@ -655,15 +715,20 @@ impl TrainModel for Gemma3Gpu {
         // `d` is the gradient of the merged embeddings; image soft-token rows were overwritten by
         // the features, so their ids are u32::MAX here and reach no row.
         if let Some(table) = &self.embed_copy {
-            let ids = gpu.upload_u32(&[p.grad_ids.len()], &p.grad_ids)?;
-            gpu.embedding_scatter_add(
-                rec,
-                &table.grad,
-                &ids,
-                &d,
-                self.embed_scale,
-                self.pad_token_id.map(|id| id as u32),
-            )?;
+            let pad = self.pad_token_id.map(|id| id as u32);
+            if table.grad.dtype() == DType::Bf16 {
+                gpu.embedding_scatter_add_bf16(
+                    rec,
+                    &table.grad,
+                    &p.grad_ids,
+                    &d,
+                    self.embed_scale,
+                    pad,
+                )?;
+            } else {
+                let ids = gpu.upload_u32(&[p.grad_ids.len()], &p.grad_ids)?;
+                gpu.embedding_scatter_add(rec, &table.grad, &ids, &d, self.embed_scale, pad)?;
+            }
         }
         Ok(totals)
     }
