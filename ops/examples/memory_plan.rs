@@ -53,7 +53,8 @@ fn plan(config: &ModelConfig, g: &Guide, offload: bool) -> anyhow::Result<Memory
             LoraPlan {
                 r: 16,
                 modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
-                modules_to_save_dtype: FloatDtype::F32,
+                // the guide recipes set `bf16 = true`
+                modules_to_save_dtype: FloatDtype::BF16,
                 vision: true,
                 dropout: true,
                 optimizer_offload: offload,

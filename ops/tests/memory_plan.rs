@@ -17,7 +17,7 @@ use common::*;
 /// Plan vs measured, per part, for one configuration: `(plan, measured)` device bytes of
 /// weights + trainable (after the model and AdamW are set up) and of the step's activations
 /// (peak during `accumulate` minus what was live before it).
-fn plan_and_measure(checkpointing: bool, dropout: f32) -> [(u64, u64); 2] {
+fn plan_and_measure(checkpointing: bool, dropout: f32, bf16: bool) -> [(u64, u64); 2] {
     let gpu = Gpu::new(GpuOptions::default()).unwrap();
     let (config, weights) = load(&tiny());
     let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
@@ -39,7 +39,11 @@ fn plan_and_measure(checkpointing: bool, dropout: f32) -> [(u64, u64); 2] {
             lora: Some(LoraPlan {
                 r: adapter.pairs.values().map(|p| p.rank).max().unwrap(),
                 modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
-                modules_to_save_dtype: FloatDtype::F32,
+                modules_to_save_dtype: if bf16 {
+                    FloatDtype::BF16
+                } else {
+                    FloatDtype::F32
+                },
                 vision: true,
                 dropout: dropout > 0.0,
                 optimizer_offload: false,
@@ -65,6 +69,7 @@ fn plan_and_measure(checkpointing: bool, dropout: f32) -> [(u64, u64); 2] {
         Gemma3GpuOptions {
             gradient_checkpointing: checkpointing,
             lora: Some(settings),
+            bf16,
             ..Default::default()
         },
     )
@@ -96,7 +101,7 @@ fn plan_and_measure(checkpointing: bool, dropout: f32) -> [(u64, u64); 2] {
     );
 
     println!(
-        "checkpointing {checkpointing}, dropout {dropout}: batch {} x {} tokens, {} images\n{}",
+        "checkpointing {checkpointing}, dropout {dropout}, bf16 {bf16}: batch {} x {} tokens, {} images\n{}",
         b.batch,
         b.seq,
         b.images,
@@ -116,11 +121,15 @@ fn plan_and_measure(checkpointing: bool, dropout: f32) -> [(u64, u64); 2] {
 /// shows as a difference.
 #[test]
 fn plan_matches_the_gpu_models_allocations() {
-    for (checkpointing, dropout) in [(false, 0.0), (true, 0.1)] {
-        let [(res_plan, res_got), (act_plan, act_got)] = plan_and_measure(checkpointing, dropout);
+    for (checkpointing, dropout, bf16) in
+        [(false, 0.0, false), (true, 0.1, false), (true, 0.1, true)]
+    {
+        let [(res_plan, res_got), (act_plan, act_got)] =
+            plan_and_measure(checkpointing, dropout, bf16);
         eprintln!(
-            "checkpointing {checkpointing}, dropout {dropout}: weights + trainable plan {res_plan} \
-             vs measured {res_got}; activations plan {act_plan} vs measured peak {act_got}"
+            "checkpointing {checkpointing}, dropout {dropout}, bf16 {bf16}: weights + trainable \
+             plan {res_plan} vs measured {res_got}; activations plan {act_plan} vs measured peak \
+             {act_got}"
         );
         assert_eq!(res_plan, res_got, "weights + trainable: plan vs measured");
         assert_eq!(act_plan, act_got, "activations: plan vs measured peak");

@@ -210,10 +210,9 @@ fn three_steps_in_bf16_match_sft_trainer_in_bf16() {
         },
     )
     .unwrap();
-    let gold: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(golden("lora_bf16/train.json")).unwrap(),
-    )
-    .unwrap();
+    let gold: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("lora_bf16/train.json")).unwrap())
+            .unwrap();
     assert_eq!(
         gold["micro_batch_rows_in_order"],
         golden_run()["micro_batch_rows_in_order"],
@@ -250,7 +249,10 @@ fn three_steps_in_bf16_match_sft_trainer_in_bf16() {
             rel(got.grad_norm, f("grad_norm")),
         );
         assert!(rel(got.loss, f("loss")) <= 2e-3, "loss {got:?}");
-        assert!(rel(got.grad_norm, f("grad_norm")) <= 5e-3, "grad_norm {got:?}");
+        assert!(
+            rel(got.grad_norm, f("grad_norm")) <= 5e-3,
+            "grad_norm {got:?}"
+        );
         assert_eq!(got.num_tokens as f64, f("num_tokens"));
     }
     let want = tensors(&golden("lora_bf16/adapter_step3/adapter_model.safetensors"));

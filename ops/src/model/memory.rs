@@ -306,8 +306,8 @@ impl MemoryPlan {
         let tb = td.size() as u64;
         for e in &others {
             let is_table = e.name == EMBED_TOKENS || e.name == LM_HEAD;
-            let replaced = (e.name == EMBED_TOKENS && embed_replaced)
-                || (e.name == LM_HEAD && head_replaced);
+            let replaced =
+                (e.name == EMBED_TOKENS && embed_replaced) || (e.name == LM_HEAD && head_replaced);
             if replaced {
                 continue;
             }
@@ -693,6 +693,16 @@ impl Alloc {
     fn device(&self) -> u64 {
         pooled_capacity(self.bytes())
     }
+}
+
+/// A bf16 `[rows, cols]` buffer: the bytes of `ceil(rows·cols / 2)` f32 words.
+fn alloc_bf16(list: &mut Vec<Alloc>, name: &str, rows: u64, cols: u64) {
+    alloc(
+        list,
+        &format!("{name} (bf16)"),
+        1,
+        (rows * cols).div_ceil(2),
+    );
 }
 
 fn alloc(list: &mut Vec<Alloc>, name: &str, rows: u64, cols: u64) {
@@ -1352,16 +1362,31 @@ fn activation_rows(
     let text_kept = "text layer activations kept for the backward";
     let (layer_cache, mut layer_temps) = text_layer_forward(&text);
     let layer_out = layer_temps.pop().expect("a layer has an output");
+    // Under `bf16` each layer input is rounded through a bf16 copy, which a checkpointed step
+    // keeps instead of the f32 input (dropped once the layer's forward is recorded).
+    let mut bf16_input = Vec::new();
+    alloc_bf16(&mut bf16_input, "text layer input", tokens, h);
     let mut saved = Vec::new();
     for l in 0..layers {
+        let rounded = bf16_tables.then(|| tl.add(text_inputs, &bf16_input));
         let k = tl.add(text_kept, &layer_cache);
         tl.temps(&layer_temps);
         let o = tl.add(text_inputs, std::slice::from_ref(&layer_out));
         if ckpt {
             tl.release(&k);
         }
-        saved.push((x, k));
         tl.flush(&format!("text layer {l}'s forward"));
+        match rounded {
+            Some(r) if ckpt => {
+                tl.release(&x);
+                saved.push((r, k));
+            }
+            Some(r) => {
+                tl.release(&r);
+                saved.push((x, k));
+            }
+            None => saved.push((x, k)),
+        }
         x = o;
     }
 
@@ -1387,6 +1412,9 @@ fn activation_rows(
     for l in (0..layers).rev() {
         let (input, k) = saved.pop().expect("one entry per layer");
         if ckpt {
+            if bf16_tables {
+                tl.temps(&one("text layer input widened from bf16", tokens, h));
+            }
             tl.temps(&layer_cache);
             tl.temps(&layer_temps);
             tl.temps(std::slice::from_ref(&layer_out));
@@ -1448,7 +1476,13 @@ fn activation_rows(
             ));
         }
     }
-    if embed_copy {
+    if embed_copy && bf16_tables {
+        // ids grouped by row on the host (`embedding_scatter_add_bf16`): unique ids, their
+        // offsets and the token positions; at most `tokens` each (an upper bound).
+        tl.temps(&one("embedding-gradient unique ids", tokens, 1));
+        tl.temps(&one("embedding-gradient id offsets", tokens + 1, 1));
+        tl.temps(&one("embedding-gradient positions", tokens, 1));
+    } else if embed_copy {
         tl.temps(&one("embedding-gradient ids", tokens, 1));
     }
     tl.flush("the embedding gradient");

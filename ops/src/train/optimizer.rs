@@ -456,7 +456,11 @@ mod tests {
                 let (got_shape, got) = &host[key];
                 assert_eq!(got_shape, shape, "{what} {key}");
                 let e = rel_frobenius(got, want);
-                let tol = if bf16 && key.starts_with(&table) { 4e-3 } else { 1e-6 };
+                let tol = if bf16 && key.starts_with(&table) {
+                    4e-3
+                } else {
+                    1e-6
+                };
                 assert!(e <= tol, "seed {seed}: {what} {key}: rel err {e}");
             }
         }

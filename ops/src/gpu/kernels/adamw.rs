@@ -104,7 +104,10 @@ impl Gpu {
             );
             ensure!(
                 t.chunks().len() == param.chunks().len()
-                    && t.chunks().iter().zip(param.chunks()).all(|(a, b)| a.rows == b.rows),
+                    && t.chunks()
+                        .iter()
+                        .zip(param.chunks())
+                        .all(|(a, b)| a.rows == b.rows),
                 "adamw: the bf16 tensors are chunked differently"
             );
         }
@@ -230,8 +233,13 @@ mod tests {
             let mut rec = Recorder::new(gpu);
             gpu.adamw(&mut rec, &gp, &up(&g), &gm, &gv, &s).unwrap();
             rec.submit();
-            for (name, tensor, want) in [("param", &gp, &p), ("exp_avg", &gm, &m), ("exp_avg_sq", &gv, &v)] {
-                for (i, (&got, &want)) in gpu.read_f32(tensor).unwrap().iter().zip(want).enumerate() {
+            for (name, tensor, want) in [
+                ("param", &gp, &p),
+                ("exp_avg", &gm, &m),
+                ("exp_avg_sq", &gv, &v),
+            ] {
+                for (i, (&got, &want)) in gpu.read_f32(tensor).unwrap().iter().zip(want).enumerate()
+                {
                     let ulp = want.abs().max(f32::MIN_POSITIVE) / 128.0;
                     assert!(
                         (got - want).abs() <= ulp,
@@ -242,9 +250,21 @@ mod tests {
                 }
             }
         }
-        assert!(exact * 100 >= total * 99, "seed {seed}: only {exact} of {total} values bit-exact");
-        let moved = gpu.read_f32(&gp).unwrap().iter().zip(&start).filter(|(a, b)| a != b).count();
-        assert!(moved > n / 2, "seed {seed}: only {moved} of {n} parameters moved");
+        assert!(
+            exact * 100 >= total * 99,
+            "seed {seed}: only {exact} of {total} values bit-exact"
+        );
+        let moved = gpu
+            .read_f32(&gp)
+            .unwrap()
+            .iter()
+            .zip(&start)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            moved > n / 2,
+            "seed {seed}: only {moved} of {n} parameters moved"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use anyhow::{bail, ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use crate::gpu::{BufView, groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
+use crate::gpu::{groups_1d, BufView, DType, Gpu, GpuTensor, Recorder, Shader};
 
 fn shader() -> Result<Shader> {
     Shader::compose("cast", &[])
@@ -116,7 +116,8 @@ impl Gpu {
             "add_f32_into_bf16: the bf16 offset {dst_off} splits a word"
         );
         ensure!(
-            (src_off + n) * 4 <= src.size as usize && (dst_off + n).div_ceil(2) * 4 <= dst.size as usize,
+            (src_off + n) * 4 <= src.size as usize
+                && (dst_off + n).div_ceil(2) * 4 <= dst.size as usize,
             "add_f32_into_bf16: {n} elements from {src_off} / {dst_off} overrun the views"
         );
         if n == 0 {
@@ -183,7 +184,11 @@ mod tests {
         let gpu = test_gpu();
         let seed = TestRng::fresh_seed();
         let mut rng = TestRng::new(seed);
-        for &(len, src_off, dst_off, n) in &[(101usize, 3usize, 6usize, 91usize), (64, 0, 0, 64), (9, 1, 2, 6)] {
+        for &(len, src_off, dst_off, n) in &[
+            (101usize, 3usize, 6usize, 91usize),
+            (64, 0, 0, 64),
+            (9, 1, 2, 6),
+        ] {
             let dst0: Vec<u16> = rng
                 .vec_normal(len)
                 .iter()
@@ -198,13 +203,26 @@ mod tests {
             let gd = gpu.upload_bf16(&[len], &dst0).unwrap();
             let gs = gpu.upload_f32(&[len], &src).unwrap();
             let mut rec = Recorder::new(gpu);
-            gpu.add_f32_into_bf16(&mut rec, gs.view().unwrap(), src_off, gd.view().unwrap(), dst_off, n)
-                .unwrap();
+            gpu.add_f32_into_bf16(
+                &mut rec,
+                gs.view().unwrap(),
+                src_off,
+                gd.view().unwrap(),
+                dst_off,
+                n,
+            )
+            .unwrap();
             rec.submit();
             let got = gpu.read_bf16(&gd).unwrap();
             let mut want = dst0.clone();
-            reference::add_f32_into_bf16(&mut want[dst_off..dst_off + n], &src[src_off..src_off + n]);
-            assert_eq!(got, want, "seed {seed}: len {len} src_off {src_off} dst_off {dst_off} n {n}");
+            reference::add_f32_into_bf16(
+                &mut want[dst_off..dst_off + n],
+                &src[src_off..src_off + n],
+            );
+            assert_eq!(
+                got, want,
+                "seed {seed}: len {len} src_off {src_off} dst_off {dst_off} n {n}"
+            );
             assert_ne!(want, dst0, "seed {seed}: the sum changed nothing");
         }
     }

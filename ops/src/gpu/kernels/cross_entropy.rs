@@ -199,7 +199,8 @@ impl Gpu {
         let (n, h) = (tokens as u32, hidden as u32);
         // A bf16 d_weight takes its f32 product through a scratch of `sub` rows (a multiple of
         // 8, within the logits scratch's byte budget and one binding).
-        let sub = ((self.max_binding_bytes() as usize).min(LOGITS_SCRATCH_BYTES) / (4 * hidden)) / 8 * 8;
+        let sub =
+            ((self.max_binding_bytes() as usize).min(LOGITS_SCRATCH_BYTES) / (4 * hidden)) / 8 * 8;
         let sub = sub.min(block) as u32;
         let dw_scratch = match a.d_weight {
             Some(dw) if dw.dtype() == DType::Bf16 => {
@@ -483,7 +484,8 @@ mod tests {
             // lands near a bf16 rounding boundary may round the other way: one bf16 ulp.
             let got = gpu.read_f32(&dwg).unwrap();
             let mut moved = 0;
-            for (i, ((&g, &start), &contrib)) in got.iter().zip(&dw_start).zip(&want_dw).enumerate() {
+            for (i, ((&g, &start), &contrib)) in got.iter().zip(&dw_start).zip(&want_dw).enumerate()
+            {
                 let want = bf16_to_f32(f32_to_bf16(start + contrib));
                 let ulp = want.abs().max(f32::MIN_POSITIVE) / 128.0;
                 assert!(
@@ -492,7 +494,10 @@ mod tests {
                 );
                 moved += usize::from(g != start);
             }
-            assert!(moved > got.len() / 4, "{what}: only {moved} gradient values changed");
+            assert!(
+                moved > got.len() / 4,
+                "{what}: only {moved} gradient values changed"
+            );
         } else if with_dw {
             let dw_err = rel_frobenius(&gpu.read_f32(&dwg).unwrap(), &want_dw);
             let dw_tol = f32_sum_tolerance(d.tokens);

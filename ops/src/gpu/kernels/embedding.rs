@@ -15,7 +15,12 @@ fn shader() -> Result<Shader> {
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
     Ok(vec![(
         shader()?,
-        vec!["gather_f32", "gather_bf16", "scatter_add", "scatter_add_bf16"],
+        vec![
+            "gather_f32",
+            "gather_bf16",
+            "scatter_add",
+            "scatter_add_bf16",
+        ],
     )])
 }
 
@@ -157,7 +162,13 @@ impl Gpu {
             dtable.dtype()
         );
         let tokens = ids.len();
-        check("embedding_scatter_add_bf16", "dy", dy, DType::F32, tokens * dim)?;
+        check(
+            "embedding_scatter_add_bf16",
+            "dy",
+            dy,
+            DType::F32,
+            tokens * dim,
+        )?;
         let mut by_id: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
         for (t, &id) in ids.iter().enumerate() {
             if Some(id) != skip_id && (id as usize) < vocab {
@@ -296,7 +307,11 @@ mod tests {
         assert_eq!(got, want, "seed {seed}: bf16 scatter_add");
         assert_ne!(got, d0, "seed {seed}: nothing was added");
         let row = ids[2] as usize;
-        assert_eq!(got[row * dim..][..dim], d0[row * dim..][..dim], "the skipped id's row");
+        assert_eq!(
+            got[row * dim..][..dim],
+            d0[row * dim..][..dim],
+            "the skipped id's row"
+        );
     }
 
     #[test]

@@ -987,8 +987,14 @@ mod tests {
         let ga = gpu.upload_f32(&a_shape, &a).unwrap();
         let gb = if B_BF16.with(|f| f.get()) {
             // bf16 widens exactly: the reference multiplies the widened values.
-            let bits: Vec<u16> = b.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
-            b = bits.iter().map(|&h| f32::from_bits((h as u32) << 16)).collect();
+            let bits: Vec<u16> = b
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect();
+            b = bits
+                .iter()
+                .map(|&h| f32::from_bits((h as u32) << 16))
+                .collect();
             gpu.upload_bf16(&b_shape, &bits).unwrap()
         } else {
             gpu.upload_f32(&b_shape, &b).unwrap()

@@ -331,7 +331,8 @@ mod tests {
         let mut rec = Recorder::new(gpu);
         gpu.global_l2_norm(&mut rec, &refs, &norm_t).unwrap();
         let max_norm = 10.0;
-        gpu.clip_by_norm(&mut rec, &refs, &norm_t, max_norm).unwrap();
+        gpu.clip_by_norm(&mut rec, &refs, &norm_t, max_norm)
+            .unwrap();
         rec.submit();
         let host_refs: Vec<&[f32]> = hosts.iter().map(|h| &h[..]).collect();
         let norm = reference::global_l2_norm(&host_refs);
@@ -349,8 +350,15 @@ mod tests {
                 if b {
                     want = f32::from_bits((f32_to_bf16(want) as u32) << 16);
                 }
-                let tol = if b { want.abs() / 128.0 } else { want.abs() * 1e-5 };
-                assert!((g - want).abs() <= tol + f32::MIN_POSITIVE, "seed {seed}: element {i}: {g} vs {want}");
+                let tol = if b {
+                    want.abs() / 128.0
+                } else {
+                    want.abs() * 1e-5
+                };
+                assert!(
+                    (g - want).abs() <= tol + f32::MIN_POSITIVE,
+                    "seed {seed}: element {i}: {g} vs {want}"
+                );
             }
         }
     }

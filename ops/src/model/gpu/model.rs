@@ -232,9 +232,8 @@ impl Gemma3Gpu {
         // embedding without an embed_tokens copy, as the output projection (tied) without an
         // lm_head copy.
         let untied_head = !config.tie_word_embeddings() && weights.contains(LM_HEAD);
-        let replaced = adapter.is_some_and(|a| {
-            a.embed_tokens.is_some() && (a.lm_head.is_some() || untied_head)
-        });
+        let replaced = adapter
+            .is_some_and(|a| a.embed_tokens.is_some() && (a.lm_head.is_some() || untied_head));
         let embed_tokens = if replaced {
             None
         } else {
@@ -249,7 +248,12 @@ impl Gemma3Gpu {
         let final_norm_host = weights.to_f32(&format!("{TEXT}norm.weight"))?;
         let final_norm = gpu.upload_f32(&[dims.hidden], &final_norm_host)?;
         let lm_head = if untied_head && !adapter.is_some_and(|a| a.lm_head.is_some()) {
-            Some(upload_table(gpu, table_shape, &weights.to_f32(LM_HEAD)?, opts.bf16)?)
+            Some(upload_table(
+                gpu,
+                table_shape,
+                &weights.to_f32(LM_HEAD)?,
+                opts.bf16,
+            )?)
         } else {
             None
         };
@@ -511,6 +515,24 @@ impl Gemma3Gpu {
         Ok((x, cache))
     }
 
+    /// Under `bf16`: rounds a decoder layer's input `[tokens, hidden]` to bf16 in place (torch's
+    /// bf16 model passes bf16 hidden states between layers) and returns the bf16 copy, which a
+    /// checkpointed step keeps instead of the f32 input. `None` in f32.
+    fn round_layer_input(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+    ) -> Result<Option<GpuTensor>> {
+        if !self.bf16 {
+            return Ok(None);
+        }
+        let kept = gpu.empty(x.shape(), DType::Bf16)?;
+        gpu.cast(rec, x, &kept)?;
+        gpu.cast(rec, &kept, x)?;
+        Ok(Some(kept))
+    }
+
     /// Final-normed hidden states `[tokens, hidden]` without caches (evaluation).
     fn forward_normed(&self, gpu: &Gpu, rec: &mut Recorder, batch: &Batch) -> Result<GpuTensor> {
         let p = self.prepare(gpu, batch)?;
@@ -522,6 +544,7 @@ impl Gemma3Gpu {
         };
         let (mut x, _) = self.embed(gpu, rec, &p, &run)?;
         for (i, layer) in self.layers.iter().enumerate() {
+            self.round_layer_input(gpu, rec, &x)?;
             let (y, _) = layer
                 .forward(gpu, rec, &x, &self.dims, &p.ctx, &run)
                 .with_context(|| format!("decoder layer {i}"))?;
@@ -621,17 +644,22 @@ impl TrainModel for Gemma3Gpu {
         let (dims, ctx) = (self.dims, &p.ctx);
         let checkpoint = self.gradient_checkpointing;
         let (mut x, image_cache) = self.embed(gpu, rec, &p, &run)?;
+        // Checkpointed layer inputs: f32, or under `bf16` the bf16 copy of the input the layer
+        // really ran on (the residual stream is rounded to bf16 at each layer boundary, as
+        // torch's bf16 model holds it, so the recomputed forward sees the same values).
         let mut inputs: Vec<GpuTensor> = Vec::new();
         let mut caches: Vec<GpuDecoderLayerCache> = Vec::new();
         let mut bytes = ActivationBytes::default();
         for (i, layer) in self.layers.iter().enumerate() {
+            let rounded = self.round_layer_input(gpu, rec, &x)?;
             let (y, cache) = layer
                 .forward(gpu, rec, &x, &dims, ctx, &run)
                 .with_context(|| format!("decoder layer {i}"))?;
             bytes.full += cache.bytes();
             if checkpoint {
-                bytes.kept += (x.numel() * 4) as u64;
-                inputs.push(x);
+                let kept = rounded.unwrap_or(x);
+                bytes.kept += kept.dtype().bytes_for(kept.numel());
+                inputs.push(kept);
                 drop(cache);
             } else {
                 bytes.kept += cache.bytes();
@@ -681,8 +709,15 @@ impl TrainModel for Gemma3Gpu {
         rec.flush();
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let cache = if checkpoint {
+                let input = if inputs[i].dtype() == DType::Bf16 {
+                    let wide = gpu.empty(inputs[i].shape(), DType::F32)?;
+                    gpu.cast(rec, &inputs[i], &wide)?;
+                    wide
+                } else {
+                    inputs[i].clone()
+                };
                 let (_, cache) = layer
-                    .forward(gpu, rec, &inputs[i], &dims, ctx, &run)
+                    .forward(gpu, rec, &input, &dims, ctx, &run)
                     .with_context(|| format!("decoder layer {i} (recomputed)"))?;
                 cache
             } else {
