@@ -11,7 +11,7 @@
 //! `cargo run --release -p ops --example train_bench -- [SEQ=512] [STEPS=3]`
 //!
 //! Any config, at scale: `train_bench --config FILE [--seq N=512] [--images K=1] [--steps S=1]
-//! [--nf4] [--checkpointing]` builds random weights of that config's shape (bf16, written in
+//! [--nf4] [--checkpointing] [--bf16]` builds random weights of that config's shape (bf16, written in
 //! shards), quantizes them to NF4 with the quantize op's own code (`--nf4`: double quant, as the
 //! guide), attaches the guide's LoRA and runs S steps of batch 1 × N tokens holding K images.
 //! It prints the plan, the step time and the engine's measured peak, and as its last line

@@ -1,4 +1,4 @@
-//! `train_bench --config FILE [--seq N] [--images K] [--steps S] [--nf4] [--checkpointing]`:
+//! `train_bench --config FILE [--seq N] [--images K] [--steps S] [--nf4] [--checkpointing] [--bf16]`:
 //! lora-train's step on random weights of any config's shape, at its real size (see the
 //! example's doc). Host memory stays bounded while the weights are made: they are written in
 //! bf16 shards of at most 1 GiB (what a Hub checkpoint looks like), then quantized by
@@ -35,9 +35,11 @@ struct Args {
     steps: usize,
     nf4: bool,
     checkpointing: bool,
+    /// lora-train's `bf16`: the vocabulary tables (trainable copies, their state) in bf16.
+    bf16: bool,
 }
 
-const USAGE: &str = "usage: train_bench --config FILE [--seq N=512] [--images K=1] [--steps S=1] [--nf4] [--checkpointing]";
+const USAGE: &str = "usage: train_bench --config FILE [--seq N=512] [--images K=1] [--steps S=1] [--nf4] [--checkpointing] [--bf16]";
 
 fn parse() -> Result<Args> {
     let mut a = Args {
@@ -47,6 +49,7 @@ fn parse() -> Result<Args> {
         steps: 1,
         nf4: false,
         checkpointing: false,
+        bf16: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,6 +68,7 @@ fn parse() -> Result<Args> {
             "--steps" => a.steps = number("--steps", value("--steps")?)?,
             "--nf4" => a.nf4 = true,
             "--checkpointing" => a.checkpointing = true,
+            "--bf16" => a.bf16 = true,
             other => bail!("unknown argument `{other}`; {USAGE}"),
         }
     }
@@ -254,7 +258,11 @@ pub fn main() -> Result<()> {
             LoraPlan {
                 r: 16,
                 modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
-                modules_to_save_dtype: FloatDtype::F32,
+                modules_to_save_dtype: if a.bf16 {
+                    FloatDtype::BF16
+                } else {
+                    FloatDtype::F32
+                },
                 vision: adapter.pairs.keys().any(|m| m.contains("vision_tower")),
                 dropout: true,
                 optimizer_offload: false,
@@ -271,13 +279,14 @@ pub fn main() -> Result<()> {
         ),
     )?;
     println!(
-        "adapter: {}; config {}, batch 1 x {} tokens, {} image(s), nf4 {}, gradient checkpointing {}",
+        "adapter: {}; config {}, batch 1 x {} tokens, {} image(s), nf4 {}, gradient checkpointing {}, bf16 {}",
         gpu.adapter_info().name,
         a.config.display(),
         a.seq,
         a.images,
         a.nf4,
-        a.checkpointing
+        a.checkpointing,
+        a.bf16
     );
     println!("{}", plan.table());
     plan.check(&DeviceLimits {
@@ -294,6 +303,7 @@ pub fn main() -> Result<()> {
         Gemma3GpuOptions {
             gradient_checkpointing: a.checkpointing,
             lora: Some(adapter.settings),
+            bf16: a.bf16,
             ..Default::default()
         },
     )?;
