@@ -878,8 +878,10 @@ struct TextShape {
     dropout: bool,
 }
 
-/// Shapes of the SigLIP tower's work.
+/// Shapes of the SigLIP tower's work. The tower runs one image at a time
+/// (`GpuVisionTower`): its layers' buffers are one image's, `[patches, ..]`.
 struct VisionShape {
+    /// Images of the micro-batch.
     images: u64,
     patches: u64,
     patch_dim: u64,
@@ -894,11 +896,12 @@ struct VisionShape {
     dropout: bool,
 }
 
-/// What one SigLIP encoder layer's forward allocates (`GpuVisionTower::layer_forward`):
-/// `(kept for its backward, temporaries, its output)`. Its input is the previous layer's output.
+/// What one SigLIP encoder layer's forward allocates for one image
+/// (`GpuVisionTower::layer_forward`): `(kept for its backward, temporaries, its output)`. Its
+/// input is the previous layer's output.
 fn vision_layer_forward(v: &VisionShape) -> (Vec<Alloc>, Vec<Alloc>, Alloc) {
     let (mut kept, mut temps) = (Vec::new(), Vec::new());
-    let (n, h, i, r, p) = (v.images * v.patches, v.hidden, v.inter, v.r, v.dropout);
+    let (n, h, i, r, p) = (v.patches, v.hidden, v.inter, v.r, v.dropout);
     alloc(&mut kept, "vision layer_norm1 out", n, h);
     alloc(&mut kept, "vision layer_norm1 stats", n, 2);
     for name in ["vision q_proj", "vision k_proj", "vision v_proj"] {
@@ -945,11 +948,11 @@ fn vision_layer_forward(v: &VisionShape) -> (Vec<Alloc>, Vec<Alloc>, Alloc) {
     (kept, temps, out)
 }
 
-/// What one SigLIP encoder layer's backward allocates (`GpuVisionTower::layer_backward`); the
-/// last entry is the gradient of its input when `need_dx`.
+/// What one SigLIP encoder layer's backward allocates for one image
+/// (`GpuVisionTower::layer_backward`); the last entry is the gradient of its input when `need_dx`.
 fn vision_layer_backward(v: &VisionShape, need_dx: bool) -> Vec<Alloc> {
     let mut l = Vec::new();
-    let (n, h, i, r, p) = (v.images * v.patches, v.hidden, v.inter, v.r, v.dropout);
+    let (n, h, i, r, p) = (v.patches, v.hidden, v.inter, v.r, v.dropout);
     linear_backward(&mut l, "vision MLP fc2", n, i, r, p, true);
     alloc(&mut l, "vision MLP d fc1 out", n, i);
     linear_backward(&mut l, "vision MLP fc1", n, h, r, p, true);
@@ -1126,9 +1129,10 @@ fn activation_row(item: String, list: &[Alloc]) -> PlanRow {
 ///
 /// The engine returns a buffer to its pool only when nothing references it, and a `Recorder`
 /// references every buffer it bound until it is flushed. `Gemma3Gpu::accumulate` flushes after
-/// the patch embedding, after each SigLIP and text layer's forward and backward, after the
-/// projector and after the loss, so the peak is what is kept (layer caches, or with gradient
-/// checkpointing only layer inputs) plus the largest single phase's working set. The rows are
+/// each image's patch embedding, SigLIP layers and post_layernorm (the tower runs one image at
+/// a time), after each text layer's forward and backward, after the projector and after the
+/// loss, so the peak is what is kept (layer caches, or with gradient checkpointing only layer
+/// inputs) plus the largest single phase's working set: one image's in the tower. The rows are
 /// the buffers live at that peak, by what holds them ([`Timeline`]).
 fn activation_rows(
     config: &ModelConfig,
@@ -1231,53 +1235,66 @@ fn activation_rows(
     };
     let mut x = tl.add(text_inputs, &one("text embeddings", tokens, h));
 
-    // The image path (`Gemma3Gpu::embed`): SigLIP flushed per layer, then the projector.
+    // The image path (`Gemma3Gpu::embed`): SigLIP one image at a time, flushed after each
+    // image's patch embedding, layer and post_layernorm, then the projector over every image.
     struct ImageKept {
-        layers: Vec<Vec<usize>>,
-        last: Vec<usize>,
+        /// Per image: each layer's kept buffers, and its post_layernorm input and stats.
+        images: Vec<(Vec<Vec<usize>>, Vec<usize>)>,
         mask: Vec<usize>,
         projector: Vec<usize>,
     }
     let mut image = None;
     if let Some(v) = &vision {
         let train = v.r > 0;
-        let (n, hv) = (v.images * v.patches, v.hidden);
+        let (p, hv) = (v.patches, v.hidden);
         let kept = if ckpt {
             "image path kept for the backward (checkpointed SigLIP layer inputs, projector)"
         } else {
             "image path kept for the backward (SigLIP layer activations, projector)"
         };
-        tl.temps(&one("vision unfolded patches", n, v.patch_dim));
-        let mut vx = tl.add(kept, &one("vision embeddings", n, hv));
-        let mask = tl.add(
-            kept,
-            &one("vision attention mask", mask_words(v.images, v.patches), 1),
+        let mask = tl.add(kept, &one("vision attention mask", mask_words(1, p), 1));
+        let output = tl.add(
+            "vision output (every image's rows, the projector's input)",
+            &one("vision output", v.images * p, hv),
         );
-        tl.flush("the patch embedding");
-        let mut layer_ids = Vec::new();
-        for l in 0..v.layers {
-            let (cache, temps, out) = vision_layer_forward(v);
-            let k = tl.add(kept, &cache);
-            tl.temps(&temps);
-            let o = tl.add(kept, &[out]);
-            if !train {
-                tl.release(&vx);
-                tl.release(&k);
-            } else if ckpt {
-                tl.release(&k);
-                layer_ids.push(vx.clone());
-            } else {
-                layer_ids.push([vx.clone(), k].concat());
+        let mut per_image = Vec::new();
+        for img in 0..v.images {
+            let of = format!("image {} of {}", img + 1, v.images);
+            // One image's pixels: channels · size² = patches · patch_dim values.
+            tl.temps(&one("vision pixels of one image", 1, p * v.patch_dim));
+            tl.temps(&one("vision unfolded patches", p, v.patch_dim));
+            let mut vx = tl.add(kept, &one("vision embeddings", p, hv));
+            tl.flush(&format!("the patch embedding of {of}"));
+            let mut layer_ids = Vec::new();
+            for l in 0..v.layers {
+                let (cache, temps, out) = vision_layer_forward(v);
+                let k = tl.add(kept, &cache);
+                tl.temps(&temps);
+                let o = tl.add(kept, &[out]);
+                if !train {
+                    tl.release(&vx);
+                    tl.release(&k);
+                } else if ckpt {
+                    tl.release(&k);
+                    layer_ids.push(vx.clone());
+                } else {
+                    layer_ids.push([vx.clone(), k].concat());
+                }
+                tl.flush(&format!("SigLIP layer {l}'s forward, {of}"));
+                vx = o;
             }
-            tl.flush(&format!("SigLIP layer {l}'s forward"));
-            vx = o;
+            tl.temps(&one("vision post_layernorm out", p, hv));
+            let stats = tl.add(kept, &one("vision post_layernorm stats", p, 2));
+            if train {
+                per_image.push((layer_ids, [vx, stats].concat()));
+            } else {
+                tl.release(&vx);
+                tl.release(&stats);
+            }
+            tl.flush(&format!("the post_layernorm of {of}"));
         }
-        tl.temps(&one("vision post_layernorm out", n, hv));
-        let stats = tl.add(kept, &one("vision post_layernorm stats", n, 2));
         if !train {
             // The tower keeps nothing: its mask goes when its forward returns.
-            tl.release(&vx);
-            tl.release(&stats);
             tl.free_now(&mask, "the image path's post_layernorm");
         }
         let rows = v.images * v.tokens_per_image;
@@ -1289,11 +1306,12 @@ fn activation_rows(
         if !train {
             tl.release(&projector);
         }
+        // `Gemma3Gpu::embed` drops the tower's output once the features are merged.
+        tl.release(&output);
         tl.flush("the projector");
         if train {
             image = Some(ImageKept {
-                layers: layer_ids,
-                last: [vx, stats].concat(),
+                images: per_image,
                 mask,
                 projector,
             });
@@ -1357,47 +1375,59 @@ fn activation_rows(
         d = next;
     }
 
-    // The image features' gradient through the projector, then the tower layer by layer.
-    if let (Some(v), Some(mut img)) = (&vision, image) {
-        let (n, hv) = (v.images * v.patches, v.hidden);
+    // The image features' gradient through the projector, then the tower image by image, layer
+    // by layer.
+    if let (Some(v), Some(img)) = (&vision, image) {
+        let (p, hv) = (v.patches, v.hidden);
         let rows = v.images * v.tokens_per_image;
         tl.temps(&one("image features gradient", rows, v.text_hidden));
         tl.temps(&one("projector d normed", rows, hv));
         tl.temps(&placeholders(1));
         tl.temps(&one("projector d pooled", rows, hv));
         let image_grad = "image path gradient";
-        let d_vision = tl.add(image_grad, &one("projector d vision output", n, hv));
+        let d_vision = tl.add(
+            image_grad,
+            &one("projector d vision output", v.images * p, hv),
+        );
         tl.release(&img.projector);
         tl.flush("the projector's backward");
-        let mut grad = tl.add(image_grad, &one("vision d post_layernorm input", n, hv));
-        tl.release(&img.last);
-        tl.flush("the post_layernorm's backward");
-        for l in (0..v.layers).rev() {
-            let ids = img.layers.pop().expect("one entry per layer");
-            if ckpt {
-                let (cache, temps, out) = vision_layer_forward(v);
-                tl.temps(&cache);
-                tl.temps(&temps);
-                tl.temps(&[out]);
+        let count = img.images.len();
+        for (n, (mut layers, last)) in img.images.into_iter().enumerate() {
+            let of = format!("image {} of {}", n + 1, v.images);
+            tl.temps(&one("vision d output of one image", p, hv));
+            let mut grad = tl.add(image_grad, &one("vision d post_layernorm input", p, hv));
+            tl.release(&last);
+            tl.flush(&format!("the post_layernorm's backward of {of}"));
+            for l in (0..v.layers).rev() {
+                let ids = layers.pop().expect("one entry per layer");
+                if ckpt {
+                    let (cache, temps, out) = vision_layer_forward(v);
+                    tl.temps(&cache);
+                    tl.temps(&temps);
+                    tl.temps(&[out]);
+                }
+                let mut back = vision_layer_backward(v, l > 0);
+                let dx = (l > 0).then(|| back.pop().expect("the input gradient"));
+                tl.temps(&back);
+                tl.release(&ids);
+                if let Some(dx) = dx {
+                    let next = tl.add(image_grad, &[dx]);
+                    tl.release(&grad);
+                    grad = next;
+                } else {
+                    // The image's backward is done: its gradient goes; after the last image
+                    // the tower's backward returns, and the mask and d_vision go.
+                    tl.release(&grad);
+                    if n + 1 == count {
+                        tl.release(&img.mask);
+                        tl.release(&d_vision);
+                    }
+                }
+                tl.flush(&format!(
+                    "SigLIP layer {l}'s backward{}, {of}",
+                    if ckpt { " (forward recomputed)" } else { "" }
+                ));
             }
-            let mut back = vision_layer_backward(v, l > 0);
-            let dx = (l > 0).then(|| back.pop().expect("the input gradient"));
-            tl.temps(&back);
-            tl.release(&ids);
-            if let Some(dx) = dx {
-                let next = tl.add(image_grad, &[dx]);
-                tl.release(&grad);
-                grad = next;
-            } else {
-                // The tower's backward returns: its gradient, the mask and d_vision go.
-                tl.release(&grad);
-                tl.release(&img.mask);
-                tl.release(&d_vision);
-            }
-            tl.flush(&format!(
-                "SigLIP layer {l}'s backward{}",
-                if ckpt { " (forward recomputed)" } else { "" }
-            ));
         }
     }
     if embed_copy {
@@ -1575,14 +1605,22 @@ mod tests {
                 && e.contains("sequence length 3300"),
             "{e}"
         );
-        // SigLIP at 896 px: [images·4096, 4304] f32 is 67.2 MiB per image; two do not fit.
-        plan_for(1, 1024, 1).check(&lavapipe).unwrap();
-        let e = plan_for(2, 1024, 1)
+        // SigLIP at 896 px runs one image at a time: its largest buffer, fc1's [4096, 4304]
+        // f32 (67.2 MiB), is one image's whatever the batch. Only the tower's output (and its
+        // gradient), [images·4096, 1152] f32 at 18 MiB per image, spans the batch: 7 images
+        // fit, 8 do not.
+        let seven = plan_for(1, 2048, 7);
+        seven.check(&lavapipe).unwrap();
+        assert!(seven
+            .buffers
+            .iter()
+            .any(|b| b.name == "vision MLP fc1 [4096, 4304] f32"));
+        let e = plan_for(1, 2048, 8)
             .check(&lavapipe)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("vision MLP fc1 [8192, 4304] f32") && e.contains("141033472 bytes"),
+            e.contains("vision output [32768, 1152] f32") && e.contains("150994944 bytes"),
             "{e}"
         );
         // Artificially low limits: everything but the smallest buffers is refused.
