@@ -1,6 +1,9 @@
-// LoRA dropout with a regenerable mask: out[i] = beta·out[i] + in[i]·keep(seed, i) / (1 − p).
-// keep(seed, i) = uniform24(lowbias32(i ^ lowbias32(seed))) ≥ p — the same function as
+// LoRA dropout with a regenerable mask:
+// out[i] = beta·out[i] + in[i]·keep(seed, offset + i) / (1 − p).
+// keep(seed, j) = uniform24(lowbias32(j ^ lowbias32(seed))) ≥ p — the same function as
 // ops/src/reference/lora.rs, so backward redraws exactly the forward's mask from the seed.
+// `offset` (mod 2³²) is the index of in[0] in the tensor the mask is drawn over: a slice of
+// rows (one image of a batch) then draws exactly the mask a call on the whole tensor draws.
 // The LoRA products themselves run on the matmul kernel (see ops/src/gpu/kernels/lora.rs).
 
 #include "lib/dispatch"
@@ -11,7 +14,7 @@ struct Params {
     p: f32,
     beta: f32,
     inv_keep: f32, // 1 / (1 − p), computed on the host as the reference does
-    _pad0: u32,
+    offset: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -35,7 +38,7 @@ fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
            @builtin(local_invocation_index) l: u32) {
     let i = flat_invocation(wid, nwg, l, 256u);
     if (i >= p.n) { return; }
-    let u = f32(hash32(i ^ hash32(p.seed)) >> 8u) * (1.0 / 16777216.0);
+    let u = f32(hash32((p.offset + i) ^ hash32(p.seed)) >> 8u) * (1.0 / 16777216.0);
     var v = 0.0;
     if (u >= p.p) { v = src[i] * p.inv_keep; }
     if (p.beta != 0.0) { v += p.beta * dst[i]; }

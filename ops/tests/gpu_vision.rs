@@ -100,8 +100,11 @@ fn vision_forward_matches_transformers() {
 }
 
 /// Random LoRA pairs (dropout on, training mode) on the tower's linears: forward outputs, the
-/// projector's input gradient and every LoRA gradient against the reference. The second case
-/// puts pairs only on layer 1, so the backward stops above layer 0.
+/// projector's input gradient and every LoRA gradient against the reference, on 2 images (the
+/// llava batch) and 3 (of the mmiu batch). The GPU tower runs one image at a time and the
+/// reference the batch whole: each image must draw the batch's dropout masks for its rows, and
+/// the LoRA gradients summed over images must be the batch's. The second case of each puts
+/// pairs only on layer 1, so the backward stops above layer 0.
 #[test]
 fn vision_lora_backward_matches_reference() {
     let gpu = test_gpu();
@@ -111,11 +114,18 @@ fn vision_lora_backward_matches_reference() {
         reference.vision.as_ref().unwrap(),
         reference.projector.as_ref().unwrap(),
     );
-    let (shape, pixels) = golden("collate_llava.safetensors", "pixel_values");
-    let images = shape[0];
     let seed = TestRng::fresh_seed();
     let mut rng = TestRng::new(seed);
-    for only_layer1 in [false, true] {
+    for ((file, images), only_layer1) in [
+        (("collate_llava.safetensors", 2), false),
+        (("collate_llava.safetensors", 2), true),
+        (("collate_mmiu.safetensors", 3), false),
+        (("collate_mmiu.safetensors", 3), true),
+    ] {
+        let (all_shape, all_pixels) = golden(file, "pixel_values");
+        assert!(all_shape[0] >= images, "{file} has {} images", all_shape[0]);
+        let shape = [images, all_shape[1], all_shape[2], all_shape[3]];
+        let pixels = &all_pixels[..shape.iter().product::<usize>()];
         let mut tower = GpuVisionTower::from_weights(gpu, &config, &weights).unwrap();
         let projector = GpuProjector::from_weights(gpu, &config, &weights).unwrap();
         let settings = LoraSettings {
@@ -158,7 +168,7 @@ fn vision_lora_backward_matches_reference() {
             training: true,
             call: 3,
         };
-        let (ref_vision, ref_vcache) = ref_tower.forward(&pixels, images, &call).unwrap();
+        let (ref_vision, ref_vcache) = ref_tower.forward(pixels, images, &call).unwrap();
         let (ref_features, ref_pcache) = ref_projector.forward(&ref_vision, images).unwrap();
         let d_features = rng.vec_normal(ref_features.len());
         let ref_d_vision = ref_projector.backward(&ref_pcache, &d_features).unwrap();
@@ -173,7 +183,7 @@ fn vision_lora_backward_matches_reference() {
             call: 3,
             precision: ops::gpu::MatmulPrecision::F32,
         };
-        let pixels_g = gpu.upload_f32(&shape, &pixels).unwrap();
+        let pixels_g = gpu.upload_f32(&shape, pixels).unwrap();
         let d_features_g = gpu
             .upload_f32(&[ref_features.len() / 64, 64], &d_features)
             .unwrap();
@@ -214,11 +224,14 @@ fn vision_lora_backward_matches_reference() {
             "gradient checkpointing changed the tower's LoRA gradients"
         );
 
-        let case = if only_layer1 {
-            "layer 1 only"
-        } else {
-            "every linear"
-        };
+        let case = format!(
+            "{images} images, {}",
+            if only_layer1 {
+                "layer 1 only"
+            } else {
+                "every linear"
+            }
+        );
         for (what, got, want, tol) in [
             ("vision", &vision, &ref_vision, 1e-4),
             ("features", &features, &ref_features, 1e-4),

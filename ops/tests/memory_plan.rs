@@ -1,12 +1,18 @@
 //! The device memory plan (`ops::model::memory`) against what `Gemma3Gpu` really allocates:
 //! the engine's live storage bytes on the tiny fixture model, measured on an engine of its own
 //! (fresh pool), for one training step with and without gradient checkpointing and LoRA
-//! dropout, image batches (the guide's mmiu collate: SigLIP tower, projector, text stack).
+//! dropout, image batches (the guide's mmiu collate: SigLIP tower, projector, text stack); and
+//! the SigLIP tower alone (one image at a time), whose peak the text stack's hides in a step.
 
-use ops::gpu::{Gpu, GpuOptions, Recorder};
+use ops::gpu::testing::TestRng;
+use ops::gpu::{Gpu, GpuOptions, MatmulPrecision, Recorder};
 use ops::model::config::FloatDtype;
 use ops::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
-use ops::model::memory::{ActivationPlan, BaseFormat, LoraPlan, MemoryPlan, PlanOptions};
+use ops::model::gpu::siglip::GpuVisionTower;
+use ops::model::gpu::{GpuLoraPair, LoraRun};
+use ops::model::memory::{
+    vision_tower_peak, ActivationPlan, BaseFormat, LoraPlan, MemoryPlan, PlanOptions,
+};
 use ops::model::reference::lora::{Adapter, LoraSettings};
 use ops::train::model::TrainModel;
 use ops::train::optimizer::{AdamWConfig, GpuAdamW};
@@ -133,5 +139,102 @@ fn plan_matches_the_gpu_models_allocations() {
         );
         assert_eq!(res_plan, res_got, "weights + trainable: plan vs measured");
         assert_eq!(act_plan, act_got, "activations: plan vs measured peak");
+    }
+}
+
+/// The SigLIP tower alone against `memory::vision_tower_peak`, on a fresh engine: forward and
+/// backward of 1, 2, 3 and 6 images of the mmiu batch (one image at a time), with and without
+/// checkpointing and dropout, with the tiny adapter's pairs. In a whole step on the tiny model
+/// the text stack's peak is higher and would hide a wrong tower plan; here the tower's own
+/// peak (its per-image working set, the kept inputs of every image, the batch-wide output)
+/// must equal the engine's to the byte.
+#[test]
+fn vision_tower_plan_matches_the_towers_allocations() {
+    let (config, weights) = load(&tiny());
+    let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    let b = golden_batch("mmiu");
+    let image_len = b.pixel_values.len() / b.images;
+    let mut rng = TestRng::new(TestRng::fresh_seed());
+    for (images, checkpointing, dropout) in [
+        (1, true, 0.1),
+        (2, true, 0.1),
+        (3, false, 0.1),
+        (6, false, 0.0),
+    ] {
+        let gpu = Gpu::new(GpuOptions::default()).unwrap();
+        let mut tower = GpuVisionTower::from_weights(&gpu, &config, &weights).unwrap();
+        let mut ranks = Vec::new();
+        for linear in tower.linears_mut() {
+            if let Some(pair) = adapter.pairs.get(&linear.module) {
+                linear.lora = Some(
+                    GpuLoraPair::upload(&gpu, pair, linear.in_features, linear.out_features)
+                        .unwrap(),
+                );
+                ranks.push(pair.rank);
+            }
+        }
+        assert!(tower.has_lora(), "the tiny adapter has pairs on the tower");
+        let act = ActivationPlan {
+            batch: 1,
+            seq_len: b.seq,
+            images_per_sample: images,
+            gradient_checkpointing: checkpointing,
+            activation_dtype: FloatDtype::F32,
+            max_binding_bytes: gpu.max_binding_bytes(),
+            staged_operands: gpu.stages_operands(),
+        };
+        let lora = LoraPlan {
+            r: ranks.iter().copied().max().unwrap(),
+            modules_to_save: Vec::new(),
+            modules_to_save_dtype: FloatDtype::F32,
+            vision: true,
+            dropout: dropout > 0.0,
+            optimizer_offload: false,
+        };
+        let plan = vision_tower_peak(&config, &act, Some(&lora)).unwrap();
+
+        let size = tower.dims().image_size;
+        let pixels = gpu
+            .upload_f32(
+                &[images, 3, size, size],
+                &b.pixel_values[..images * image_len],
+            )
+            .unwrap();
+        let tokens = images * tower.dims().num_patches();
+        let d_out = gpu
+            .upload_f32(
+                &[tokens, tower.dims().hidden],
+                &rng.vec_normal(tokens * tower.dims().hidden),
+            )
+            .unwrap();
+        let run = LoraRun {
+            settings: LoraSettings {
+                dropout,
+                ..adapter.settings
+            },
+            training: true,
+            call: 0,
+            precision: MatmulPrecision::F32,
+        };
+        gpu.wait().unwrap();
+        let resident = gpu.storage_stats().live;
+        gpu.reset_peak_storage();
+        let mut rec = Recorder::new(&gpu);
+        let (out, cache) = tower
+            .forward(&gpu, &mut rec, &pixels, &run, checkpointing)
+            .unwrap();
+        tower.backward(&gpu, &mut rec, cache, &d_out, &run).unwrap();
+        rec.submit_and_wait().unwrap();
+        let measured = gpu.storage_stats().peak - resident;
+        drop(out);
+        eprintln!(
+            "{images} image(s), checkpointing {checkpointing}, dropout {dropout}: tower plan \
+             {plan} vs measured {measured}"
+        );
+        assert_eq!(
+            plan, measured,
+            "{images} image(s), checkpointing {checkpointing}, dropout {dropout}: tower plan vs \
+             measured peak"
+        );
     }
 }

@@ -924,8 +924,10 @@ struct TextShape {
     dropout: bool,
 }
 
-/// Shapes of the SigLIP tower's work.
+/// Shapes of the SigLIP tower's work. The tower runs one image at a time
+/// (`GpuVisionTower`): its layers' buffers are one image's, `[patches, ..]`.
 struct VisionShape {
+    /// Images of the micro-batch.
     images: u64,
     patches: u64,
     patch_dim: u64,
@@ -940,11 +942,12 @@ struct VisionShape {
     dropout: bool,
 }
 
-/// What one SigLIP encoder layer's forward allocates (`GpuVisionTower::layer_forward`):
-/// `(kept for its backward, temporaries, its output)`. Its input is the previous layer's output.
+/// What one SigLIP encoder layer's forward allocates for one image
+/// (`GpuVisionTower::layer_forward`): `(kept for its backward, temporaries, its output)`. Its
+/// input is the previous layer's output.
 fn vision_layer_forward(v: &VisionShape) -> (Vec<Alloc>, Vec<Alloc>, Alloc) {
     let (mut kept, mut temps) = (Vec::new(), Vec::new());
-    let (n, h, i, r, p) = (v.images * v.patches, v.hidden, v.inter, v.r, v.dropout);
+    let (n, h, i, r, p) = (v.patches, v.hidden, v.inter, v.r, v.dropout);
     alloc(&mut kept, "vision layer_norm1 out", n, h);
     alloc(&mut kept, "vision layer_norm1 stats", n, 2);
     for name in ["vision q_proj", "vision k_proj", "vision v_proj"] {
@@ -991,11 +994,11 @@ fn vision_layer_forward(v: &VisionShape) -> (Vec<Alloc>, Vec<Alloc>, Alloc) {
     (kept, temps, out)
 }
 
-/// What one SigLIP encoder layer's backward allocates (`GpuVisionTower::layer_backward`); the
-/// last entry is the gradient of its input when `need_dx`.
+/// What one SigLIP encoder layer's backward allocates for one image
+/// (`GpuVisionTower::layer_backward`); the last entry is the gradient of its input when `need_dx`.
 fn vision_layer_backward(v: &VisionShape, need_dx: bool) -> Vec<Alloc> {
     let mut l = Vec::new();
-    let (n, h, i, r, p) = (v.images * v.patches, v.hidden, v.inter, v.r, v.dropout);
+    let (n, h, i, r, p) = (v.patches, v.hidden, v.inter, v.r, v.dropout);
     linear_backward(&mut l, "vision MLP fc2", n, i, r, p, true);
     alloc(&mut l, "vision MLP d fc1 out", n, i);
     linear_backward(&mut l, "vision MLP fc1", n, h, r, p, true);
@@ -1177,13 +1180,195 @@ fn activation_row(item: String, list: &[Alloc]) -> PlanRow {
     }
 }
 
+/// The tower's shapes for `act`'s micro-batch; none without images or a vision tower.
+fn vision_shape(
+    config: &ModelConfig,
+    act: &ActivationPlan,
+    lora: Option<&LoraPlan>,
+) -> Option<VisionShape> {
+    match (config, config.vision()) {
+        (ModelConfig::ConditionalGeneration(g), Some(v)) if act.images_per_sample > 0 => {
+            Some(VisionShape {
+                images: (act.batch * act.images_per_sample) as u64,
+                patches: v.num_patches() as u64,
+                patch_dim: v.patch_dim() as u64,
+                hidden: v.hidden_size as u64,
+                inter: v.intermediate_size as u64,
+                heads: v.num_attention_heads as u64,
+                layers: v.num_hidden_layers as u64,
+                tokens_per_image: g.mm_tokens_per_image as u64,
+                text_hidden: config.text().hidden_size as u64,
+                r: lora.filter(|l| l.vision).map_or(0, |l| l.r as u64),
+                dropout: lora.is_some_and(|l| l.dropout),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// What the tower's forward keeps for its backward (`GpuVisionCache`).
+struct TowerKept {
+    /// Per image: each layer's kept buffers, and its post_layernorm input and stats.
+    images: Vec<(Vec<Vec<usize>>, Vec<usize>)>,
+    mask: Vec<usize>,
+}
+
+/// `GpuVisionTower::forward` on the timeline, one image at a time: returns its output
+/// `[images · patches, hidden]` and, when the tower trains, what it keeps (in group `kept`).
+fn tower_forward(
+    tl: &mut Timeline,
+    v: &VisionShape,
+    ckpt: bool,
+    kept: &str,
+) -> (Vec<usize>, Option<TowerKept>) {
+    let train = v.r > 0;
+    let (p, hv) = (v.patches, v.hidden);
+    let one = |name: &str, rows: u64, cols: u64| -> Vec<Alloc> {
+        let mut l = Vec::new();
+        alloc(&mut l, name, rows, cols);
+        l
+    };
+    let mask = tl.add(kept, &one("vision attention mask", mask_words(1, p), 1));
+    let output = tl.add(
+        "vision output (every image's rows, the projector's input)",
+        &one("vision output", v.images * p, hv),
+    );
+    let mut per_image = Vec::new();
+    for img in 0..v.images {
+        let of = format!("image {} of {}", img + 1, v.images);
+        tl.temps(&one("vision pixels of one image", 1, p * v.patch_dim));
+        tl.temps(&one("vision unfolded patches", p, v.patch_dim));
+        let mut vx = tl.add(kept, &one("vision embeddings", p, hv));
+        tl.flush(&format!("the patch embedding of {of}"));
+        let mut layer_ids = Vec::new();
+        for l in 0..v.layers {
+            let (cache, temps, out) = vision_layer_forward(v);
+            let k = tl.add(kept, &cache);
+            tl.temps(&temps);
+            let o = tl.add(kept, &[out]);
+            if !train {
+                tl.release(&vx);
+                tl.release(&k);
+            } else if ckpt {
+                tl.release(&k);
+                layer_ids.push(vx.clone());
+            } else {
+                layer_ids.push([vx.clone(), k].concat());
+            }
+            tl.flush(&format!("SigLIP layer {l}'s forward, {of}"));
+            vx = o;
+        }
+        tl.temps(&one("vision post_layernorm out", p, hv));
+        let stats = tl.add(kept, &one("vision post_layernorm stats", p, 2));
+        if train {
+            per_image.push((layer_ids, [vx, stats].concat()));
+        } else {
+            tl.release(&vx);
+            tl.release(&stats);
+        }
+        tl.flush(&format!("the post_layernorm of {of}"));
+    }
+    if !train {
+        // The tower keeps nothing: its mask goes when its forward returns.
+        tl.free_now(&mask, "the image path's post_layernorm");
+        return (output, None);
+    }
+    (
+        output,
+        Some(TowerKept {
+            images: per_image,
+            mask,
+        }),
+    )
+}
+
+/// `GpuVisionTower::backward` on the timeline, image by image and layer by layer (its output
+/// gradient already on the device); `at_return` (the caller's buffers that go when it returns)
+/// is released with its last flush, as its mask is.
+fn tower_backward(
+    tl: &mut Timeline,
+    v: &VisionShape,
+    ckpt: bool,
+    kept: TowerKept,
+    at_return: &[usize],
+) {
+    let (p, hv) = (v.patches, v.hidden);
+    let image_grad = "image path gradient";
+    let one = |name: &str| -> Vec<Alloc> {
+        let mut l = Vec::new();
+        alloc(&mut l, name, p, hv);
+        l
+    };
+    let count = kept.images.len();
+    for (n, (mut layers, last)) in kept.images.into_iter().enumerate() {
+        let of = format!("image {} of {}", n + 1, v.images);
+        tl.temps(&one("vision d output of one image"));
+        let mut grad = tl.add(image_grad, &one("vision d post_layernorm input"));
+        tl.release(&last);
+        tl.flush(&format!("the post_layernorm's backward of {of}"));
+        for l in (0..v.layers).rev() {
+            let ids = layers.pop().expect("one entry per layer");
+            if ckpt {
+                let (cache, temps, out) = vision_layer_forward(v);
+                tl.temps(&cache);
+                tl.temps(&temps);
+                tl.temps(&[out]);
+            }
+            let mut back = vision_layer_backward(v, l > 0);
+            let dx = (l > 0).then(|| back.pop().expect("the input gradient"));
+            tl.temps(&back);
+            tl.release(&ids);
+            if let Some(dx) = dx {
+                let next = tl.add(image_grad, &[dx]);
+                tl.release(&grad);
+                grad = next;
+            } else {
+                // The image's backward is done: its gradient goes; after the last image the
+                // tower's backward returns, and its mask and the caller's buffers go.
+                tl.release(&grad);
+                if n + 1 == count {
+                    tl.release(&kept.mask);
+                    tl.release(at_return);
+                }
+            }
+            tl.flush(&format!(
+                "SigLIP layer {l}'s backward{}, {of}",
+                if ckpt { " (forward recomputed)" } else { "" }
+            ));
+        }
+    }
+}
+
+/// Device bytes the SigLIP tower alone takes at its peak beyond its inputs (pixels and output
+/// gradient already on the device): `GpuVisionTower::forward` then `backward` on `act`'s images,
+/// the output kept throughout, as the tower allocates them one image at a time. In a whole
+/// step the text stack's peak can hide the tower's (it does on the tiny test model), so the
+/// tower's own plan is checked against the engine on its own too.
+pub fn vision_tower_peak(
+    config: &ModelConfig,
+    act: &ActivationPlan,
+    lora: Option<&LoraPlan>,
+) -> Result<u64> {
+    let Some(v) = vision_shape(config, act, lora) else {
+        bail!("the plan has no images, or the model no vision tower");
+    };
+    let mut tl = Timeline::default();
+    let (_output, kept) = tower_forward(&mut tl, &v, act.gradient_checkpointing, "tower kept");
+    if let Some(kept) = kept {
+        tower_backward(&mut tl, &v, act.gradient_checkpointing, kept, &[]);
+    }
+    tl.flush("the tower's return");
+    Ok(tl.peak)
+}
+
 /// The activation rows and buffers of one micro-batch on `Gemma3Gpu`.
 ///
 /// The engine returns a buffer to its pool only when nothing references it, and a `Recorder`
 /// references every buffer it bound until it is flushed. `Gemma3Gpu::accumulate` flushes after
-/// the patch embedding, after each SigLIP and text layer's forward and backward, after the
-/// projector and after the loss, so the peak is what is kept (layer caches, or with gradient
-/// checkpointing only layer inputs) plus the largest single phase's working set. The rows are
+/// each image's patch embedding, SigLIP layers and post_layernorm (the tower runs one image at
+/// a time), after each text layer's forward and backward, after the projector and after the
+/// loss, so the peak is what is kept (layer caches, or with gradient checkpointing only layer
+/// inputs) plus the largest single phase's working set: one image's in the tower. The rows are
 /// the buffers live at that peak, by what holds them ([`Timeline`]).
 fn activation_rows(
     config: &ModelConfig,
@@ -1233,27 +1418,16 @@ fn activation_rows(
             alloc(&mut inputs, "RoPE sin table", s, hd / 2);
         }
     }
-    let vision = match (config, config.vision()) {
-        (ModelConfig::ConditionalGeneration(g), Some(v)) if act.images_per_sample > 0 => {
-            let images = b * act.images_per_sample as u64;
-            let side = v.image_size() as u64;
-            alloc(&mut inputs, "pixel values", images, 3 * side * side);
-            Some(VisionShape {
-                images,
-                patches: v.num_patches() as u64,
-                patch_dim: v.patch_dim() as u64,
-                hidden: v.hidden_size as u64,
-                inter: v.intermediate_size as u64,
-                heads: v.num_attention_heads as u64,
-                layers: v.num_hidden_layers as u64,
-                tokens_per_image: g.mm_tokens_per_image as u64,
-                text_hidden: h,
-                r: if lora.is_some_and(|l| l.vision) { r } else { 0 },
-                dropout,
-            })
-        }
-        _ => None,
-    };
+    let vision = vision_shape(config, act, lora);
+    if let Some(v) = &vision {
+        // One image's pixels: channels · size² = patches · patch_dim values.
+        alloc(
+            &mut inputs,
+            "pixel values",
+            v.images,
+            v.patches * v.patch_dim,
+        );
+    }
     let head_trained = lora.is_some_and(|l| l.modules_to_save.iter().any(|m| m == "lm_head"));
     let bf16_tables = lora.is_some_and(|l| l.modules_to_save_dtype == FloatDtype::BF16);
     let ce = cross_entropy_scratch(
@@ -1289,73 +1463,34 @@ fn activation_rows(
     };
     let mut x = tl.add(text_inputs, &one("text embeddings", tokens, h));
 
-    // The image path (`Gemma3Gpu::embed`): SigLIP flushed per layer, then the projector.
+    // The image path (`Gemma3Gpu::embed`): SigLIP one image at a time, flushed after each
+    // image's patch embedding, layer and post_layernorm, then the projector over every image.
     struct ImageKept {
-        layers: Vec<Vec<usize>>,
-        last: Vec<usize>,
-        mask: Vec<usize>,
+        tower: TowerKept,
         projector: Vec<usize>,
     }
     let mut image = None;
     if let Some(v) = &vision {
-        let train = v.r > 0;
-        let (n, hv) = (v.images * v.patches, v.hidden);
         let kept = if ckpt {
             "image path kept for the backward (checkpointed SigLIP layer inputs, projector)"
         } else {
             "image path kept for the backward (SigLIP layer activations, projector)"
         };
-        tl.temps(&one("vision unfolded patches", n, v.patch_dim));
-        let mut vx = tl.add(kept, &one("vision embeddings", n, hv));
-        let mask = tl.add(
-            kept,
-            &one("vision attention mask", mask_words(v.images, v.patches), 1),
-        );
-        tl.flush("the patch embedding");
-        let mut layer_ids = Vec::new();
-        for l in 0..v.layers {
-            let (cache, temps, out) = vision_layer_forward(v);
-            let k = tl.add(kept, &cache);
-            tl.temps(&temps);
-            let o = tl.add(kept, &[out]);
-            if !train {
-                tl.release(&vx);
-                tl.release(&k);
-            } else if ckpt {
-                tl.release(&k);
-                layer_ids.push(vx.clone());
-            } else {
-                layer_ids.push([vx.clone(), k].concat());
-            }
-            tl.flush(&format!("SigLIP layer {l}'s forward"));
-            vx = o;
-        }
-        tl.temps(&one("vision post_layernorm out", n, hv));
-        let stats = tl.add(kept, &one("vision post_layernorm stats", n, 2));
-        if !train {
-            // The tower keeps nothing: its mask goes when its forward returns.
-            tl.release(&vx);
-            tl.release(&stats);
-            tl.free_now(&mask, "the image path's post_layernorm");
-        }
+        let (output, tower) = tower_forward(&mut tl, v, ckpt, kept);
         let rows = v.images * v.tokens_per_image;
+        let hv = v.hidden;
         let mut projector = tl.add(kept, &one("projector pooled", rows, hv));
         tl.temps(&one("projector normed", rows, hv));
         projector.extend(tl.add(kept, &one("projector rstd", rows, 1)));
         tl.temps(&one("projector features", rows, v.text_hidden));
         tl.temps(&placeholders(1));
-        if !train {
+        if tower.is_none() {
             tl.release(&projector);
         }
+        // `Gemma3Gpu::embed` drops the tower's output once the features are merged.
+        tl.release(&output);
         tl.flush("the projector");
-        if train {
-            image = Some(ImageKept {
-                layers: layer_ids,
-                last: [vx, stats].concat(),
-                mask,
-                projector,
-            });
-        }
+        image = tower.map(|tower| ImageKept { tower, projector });
     }
 
     // Text layers: each keeps its activations (or, checkpointed, only its input).
@@ -1433,48 +1568,22 @@ fn activation_rows(
         d = next;
     }
 
-    // The image features' gradient through the projector, then the tower layer by layer.
-    if let (Some(v), Some(mut img)) = (&vision, image) {
-        let (n, hv) = (v.images * v.patches, v.hidden);
+    // The image features' gradient through the projector, then the tower image by image, layer
+    // by layer.
+    if let (Some(v), Some(img)) = (&vision, image) {
+        let hv = v.hidden;
         let rows = v.images * v.tokens_per_image;
         tl.temps(&one("image features gradient", rows, v.text_hidden));
         tl.temps(&one("projector d normed", rows, hv));
         tl.temps(&placeholders(1));
         tl.temps(&one("projector d pooled", rows, hv));
-        let image_grad = "image path gradient";
-        let d_vision = tl.add(image_grad, &one("projector d vision output", n, hv));
+        let d_vision = tl.add(
+            "image path gradient",
+            &one("projector d vision output", v.images * v.patches, hv),
+        );
         tl.release(&img.projector);
         tl.flush("the projector's backward");
-        let mut grad = tl.add(image_grad, &one("vision d post_layernorm input", n, hv));
-        tl.release(&img.last);
-        tl.flush("the post_layernorm's backward");
-        for l in (0..v.layers).rev() {
-            let ids = img.layers.pop().expect("one entry per layer");
-            if ckpt {
-                let (cache, temps, out) = vision_layer_forward(v);
-                tl.temps(&cache);
-                tl.temps(&temps);
-                tl.temps(&[out]);
-            }
-            let mut back = vision_layer_backward(v, l > 0);
-            let dx = (l > 0).then(|| back.pop().expect("the input gradient"));
-            tl.temps(&back);
-            tl.release(&ids);
-            if let Some(dx) = dx {
-                let next = tl.add(image_grad, &[dx]);
-                tl.release(&grad);
-                grad = next;
-            } else {
-                // The tower's backward returns: its gradient, the mask and d_vision go.
-                tl.release(&grad);
-                tl.release(&img.mask);
-                tl.release(&d_vision);
-            }
-            tl.flush(&format!(
-                "SigLIP layer {l}'s backward{}",
-                if ckpt { " (forward recomputed)" } else { "" }
-            ));
-        }
+        tower_backward(&mut tl, v, ckpt, img.tower, &d_vision);
     }
     if embed_copy && bf16_tables {
         // ids grouped by row on the host (`embedding_scatter_add_bf16`): unique ids, their
@@ -1657,14 +1766,22 @@ mod tests {
                 && e.contains("sequence length 3300"),
             "{e}"
         );
-        // SigLIP at 896 px: [images·4096, 4304] f32 is 67.2 MiB per image; two do not fit.
-        plan_for(1, 1024, 1).check(&lavapipe).unwrap();
-        let e = plan_for(2, 1024, 1)
+        // SigLIP at 896 px runs one image at a time: its largest buffer, fc1's [4096, 4304]
+        // f32 (67.2 MiB), is one image's whatever the batch. Only the tower's output (and its
+        // gradient), [images·4096, 1152] f32 at 18 MiB per image, spans the batch: 7 images
+        // fit, 8 do not.
+        let seven = plan_for(1, 2048, 7);
+        seven.check(&lavapipe).unwrap();
+        assert!(seven
+            .buffers
+            .iter()
+            .any(|b| b.name == "vision MLP fc1 [4096, 4304] f32"));
+        let e = plan_for(1, 2048, 8)
             .check(&lavapipe)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("vision MLP fc1 [8192, 4304] f32") && e.contains("141033472 bytes"),
+            e.contains("vision output [32768, 1152] f32") && e.contains("150994944 bytes"),
             "{e}"
         );
         // Artificially low limits: everything but the smallest buffers is refused.

@@ -1,6 +1,8 @@
 //! LoRA (PEFT `Linear`): y += s · dropout(x) · Aᵀ · Bᵀ, with the dropout mask drawn from a
 //! counter-based hash of (seed, element index) so backward regenerates it without storing it.
 //! x: [T, in], A: [r, in], B: [out, r], h = dropout(x)·Aᵀ: [T, r], y/dy: [T, out].
+//! The mask index of `x[i]` is `offset + i` (mod 2³²): `offset` is where `x` starts in the tensor
+//! the mask is drawn over, so a slice of rows (one image of a batch) draws the whole call's mask.
 
 use super::matmul::{matmul, Gemm};
 
@@ -20,13 +22,14 @@ pub fn dropout_keep(seed: u32, i: u32, p: f32) -> bool {
     u >= p
 }
 
-/// dropout(x)[i] = x[i] / (1 − p) if kept, else 0 (inverted dropout, as torch).
-pub fn dropout(x: &[f32], p: f32, seed: u32) -> Vec<f32> {
+/// dropout(x)[i] = x[i] / (1 − p) if element `offset + i` is kept, else 0 (inverted dropout,
+/// as torch).
+pub fn dropout(x: &[f32], p: f32, seed: u32, offset: u32) -> Vec<f32> {
     let inv_keep = 1.0 / (1.0 - p);
     x.iter()
         .enumerate()
         .map(|(i, &v)| {
-            if dropout_keep(seed, i as u32, p) {
+            if dropout_keep(seed, offset.wrapping_add(i as u32), p) {
                 v * inv_keep
             } else {
                 0.0
@@ -49,8 +52,9 @@ pub fn lora_forward(
     scale: f32,
     p: f32,
     seed: u32,
+    offset: u32,
 ) -> (Vec<f32>, Vec<f32>) {
-    let xd = dropout(x, p, seed);
+    let xd = dropout(x, p, seed, offset);
     let mut h = vec![0f32; t * r];
     matmul(
         &xd,
@@ -99,8 +103,9 @@ pub fn lora_backward(
     scale: f32,
     p: f32,
     seed: u32,
+    offset: u32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let xd = dropout(x, p, seed);
+    let xd = dropout(x, p, seed, offset);
     let mut db = vec![0f32; d_out * r];
     matmul(
         dy,
@@ -146,18 +151,7 @@ pub fn lora_backward(
     );
     let mut dxd = vec![0f32; t * d_in];
     matmul(&dh, a, &mut dxd, t, d_in, r, Gemm::default(), None);
-    let inv_keep = 1.0 / (1.0 - p);
-    let dx = dxd
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            if dropout_keep(seed, i as u32, p) {
-                v * inv_keep
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    let dx = dropout(&dxd, p, seed, offset);
     (da, db, dx)
 }
 
@@ -177,6 +171,27 @@ mod tests {
         assert!((0..1000u32).all(|i| dropout_keep(3, i, 0.0)));
     }
 
+    /// What the offset is for: dropout of a slice of rows at its offset is that slice of the
+    /// whole tensor's dropout (indices wrap mod 2³², as the kernel's u32 sum does).
+    #[test]
+    fn dropout_of_a_slice_at_its_offset_is_that_slice_of_the_whole() {
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() + 1.5).collect();
+        let (p, seed) = (0.3, 5);
+        let whole = dropout(&x, p, seed, 0);
+        assert!(whole.contains(&0.0) && whole.iter().any(|&v| v != 0.0));
+        for (start, end) in [(0, 7), (123, 650), (999, 1000)] {
+            let slice = dropout(&x[start..end], p, seed, start as u32);
+            assert_eq!(slice, whole[start..end], "rows {start}..{end}");
+        }
+        assert_ne!(
+            dropout(&x[123..650], p, seed, 0),
+            whole[123..650],
+            "the offset selects the mask"
+        );
+        let wrapped = dropout(&x[..10], p, seed, u32::MAX - 4);
+        assert_eq!(wrapped[5..], dropout(&x[5..10], p, seed, 0)[..]);
+    }
+
     #[test]
     fn backward_matches_finite_differences() {
         let (t, d_in, d_out, r) = (3, 4, 5, 2);
@@ -194,11 +209,11 @@ mod tests {
         let y0 = vec![0f32; t * d_out];
         let (s, p, seed) = (2.0, 0.3, 11);
         let loss = |x: &[f32], a: &[f32], b: &[f32]| -> f64 {
-            let (y, _) = lora_forward(x, a, b, &y0, t, d_in, d_out, r, s, p, seed);
+            let (y, _) = lora_forward(x, a, b, &y0, t, d_in, d_out, r, s, p, seed, 0);
             y.iter().zip(&dy).map(|(u, v)| *u as f64 * *v as f64).sum()
         };
-        let (_, h) = lora_forward(&x, &a, &b, &y0, t, d_in, d_out, r, s, p, seed);
-        let (da, db, dx) = lora_backward(&x, &a, &b, &h, &dy, t, d_in, d_out, r, s, p, seed);
+        let (_, h) = lora_forward(&x, &a, &b, &y0, t, d_in, d_out, r, s, p, seed, 0);
+        let (da, db, dx) = lora_backward(&x, &a, &b, &h, &dy, t, d_in, d_out, r, s, p, seed, 0);
         let eps = 1e-2f32;
         let numeric = |which: usize, i: usize| {
             let mut args = [x.clone(), a.clone(), b.clone()];

@@ -25,7 +25,8 @@ struct DropoutParams {
     p: f32,
     beta: f32,
     inv_keep: f32,
-    _pad: [u32; 3],
+    offset: u32,
+    _pad: [u32; 2],
 }
 
 /// One LoRA adapter on a linear layer: A [r, in], B [out, r] (f32 master weights),
@@ -38,6 +39,10 @@ pub struct Lora<'a> {
     pub scale: f32,
     pub dropout: f32,
     pub seed: u32,
+    /// Mask index of `x`'s first element (mod 2³²): 0 for a whole call; `first_row · in` when
+    /// `x` is rows `first_row..` of a call run in slices (one image at a time), so each slice
+    /// draws exactly the mask of the whole call.
+    pub offset: u32,
 }
 
 impl Lora<'_> {
@@ -59,7 +64,9 @@ impl Lora<'_> {
 }
 
 impl Gpu {
-    /// `dst = beta·dst + dropout(src)` with the seeded mask (unchunked tensors of equal size).
+    /// `dst = beta·dst + dropout(src)` with the seeded mask, `src[i]` drawing mask element
+    /// `offset + i` (unchunked tensors of equal size).
+    #[allow(clippy::too_many_arguments)]
     pub fn dropout(
         &self,
         rec: &mut Recorder,
@@ -67,6 +74,7 @@ impl Gpu {
         dst: &GpuTensor,
         p: f32,
         seed: u32,
+        offset: u32,
         beta: f32,
     ) -> Result<()> {
         check("dropout", "dst", dst, DType::F32, src.numel())?;
@@ -77,7 +85,8 @@ impl Gpu {
             p,
             beta,
             inv_keep: 1.0 / (1.0 - p),
-            _pad: [0; 3],
+            offset,
+            _pad: [0; 2],
         };
         let k = self.kernel(&shader()?, "dropout", &[])?;
         rec.dispatch(
@@ -112,7 +121,7 @@ impl Gpu {
         let h2 = h.reshape(&[rows, r])?;
         let xd = if lora.dropout > 0.0 {
             let xd = self.empty(&[rows, d_in], DType::F32)?;
-            self.dropout(rec, &x2, &xd, lora.dropout, lora.seed, 0.0)?;
+            self.dropout(rec, &x2, &xd, lora.dropout, lora.seed, lora.offset, 0.0)?;
             xd
         } else {
             x2
@@ -198,7 +207,7 @@ impl Gpu {
         // dA = dhᵀ · dropout(x)
         let xd = if lora.dropout > 0.0 {
             let xd = self.empty(&[rows, d_in], DType::F32)?;
-            self.dropout(rec, &x2, &xd, lora.dropout, lora.seed, 0.0)?;
+            self.dropout(rec, &x2, &xd, lora.dropout, lora.seed, lora.offset, 0.0)?;
             xd
         } else {
             x2
@@ -220,7 +229,7 @@ impl Gpu {
             if lora.dropout > 0.0 {
                 let dxd = self.empty(&[rows, d_in], DType::F32)?;
                 self.matmul(rec, &dh, lora.a, &dxd, MatmulOpts::default())?;
-                self.dropout(rec, &dxd, &dx2, lora.dropout, lora.seed, 1.0)?;
+                self.dropout(rec, &dxd, &dx2, lora.dropout, lora.seed, lora.offset, 1.0)?;
             } else {
                 self.matmul(
                     rec,
@@ -244,14 +253,61 @@ mod tests {
     use crate::gpu::testing::{rel_frobenius, test_gpu, TestRng};
     use crate::reference::lora as reference;
 
+    /// The dropout kernel alone, element for element against the reference: fresh random
+    /// inputs at odd sizes, a poisoned destination (beta 0) and an accumulated one (beta 1),
+    /// mask offsets 0, random and wrapping past 2³².
+    #[test]
+    fn dropout_matches_reference_at_any_offset() {
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        for &(n, p, offset) in &[
+            (1usize, 0.5f32, 0u32),
+            (1001, 0.1, rng.next_u64() as u32),
+            (70_001, 0.3, u32::MAX - 500),
+            (4099, 0.0, 12_345),
+        ] {
+            let mask_seed = rng.next_u64() as u32;
+            let src = rng.vec_normal(n);
+            let acc = rng.vec_normal(n);
+            let gsrc = gpu.upload_f32(&[n], &src).unwrap();
+            let fresh = gpu.empty(&[n], DType::F32).unwrap();
+            gpu.poison(&fresh);
+            let summed = gpu.upload_f32(&[n], &acc).unwrap();
+            let mut rec = Recorder::new(gpu);
+            gpu.dropout(&mut rec, &gsrc, &fresh, p, mask_seed, offset, 0.0)
+                .unwrap();
+            gpu.dropout(&mut rec, &gsrc, &summed, p, mask_seed, offset, 1.0)
+                .unwrap();
+            rec.submit();
+            let want = reference::dropout(&src, p, mask_seed, offset);
+            let want_summed: Vec<f32> = want.iter().zip(&acc).map(|(w, a)| w + a).collect();
+            // One multiply (and one add) per element on both sides: equal to the bit.
+            assert_eq!(
+                gpu.read_f32(&fresh).unwrap(),
+                want,
+                "seed {seed}: n {n} p {p} offset {offset}"
+            );
+            assert_eq!(
+                gpu.read_f32(&summed).unwrap(),
+                want_summed,
+                "seed {seed}: n {n} p {p} offset {offset}, accumulated"
+            );
+        }
+    }
+
     #[test]
     fn lora_forward_backward_match_reference() {
         let gpu = test_gpu();
         let seed = TestRng::fresh_seed();
         let mut rng = TestRng::new(seed);
-        for &(t, d_in, d_out, r, p) in &[
-            (13usize, 37usize, 29usize, 4usize, 0.1f32),
-            (5, 16, 24, 8, 0.0),
+        // Mask offsets: a whole call (0), a slice of rows of a larger call (random), and one
+        // whose indices wrap past 2³² inside the slice.
+        for &(t, d_in, d_out, r, p, offset) in &[
+            (13usize, 37usize, 29usize, 4usize, 0.1f32, 0u32),
+            (11, 41, 23, 3, 0.3, rng.next_u64() as u32),
+            (7, 33, 19, 2, 0.2, u32::MAX - 100),
+            (5, 16, 24, 8, 0.0, 0),
         ] {
             let (x, a, b) = (
                 rng.vec_normal(t * d_in),
@@ -287,6 +343,7 @@ mod tests {
                 scale,
                 dropout: p,
                 seed: mask_seed,
+                offset,
             };
             let mut rec = Recorder::new(gpu);
             gpu.lora_forward(&mut rec, &gx, &lora, &gy, &gh).unwrap();
@@ -303,10 +360,11 @@ mod tests {
             )
             .unwrap();
             rec.submit();
-            let (want_y, want_h) =
-                reference::lora_forward(&x, &a, &b, &y0, t, d_in, d_out, r, scale, p, mask_seed);
+            let (want_y, want_h) = reference::lora_forward(
+                &x, &a, &b, &y0, t, d_in, d_out, r, scale, p, mask_seed, offset,
+            );
             let (want_da, want_db, want_dx) = reference::lora_backward(
-                &x, &a, &b, &want_h, &dy, t, d_in, d_out, r, scale, p, mask_seed,
+                &x, &a, &b, &want_h, &dy, t, d_in, d_out, r, scale, p, mask_seed, offset,
             );
             let want_dx_acc: Vec<f32> = want_dx.iter().zip(&dx0).map(|(a, b)| a + b).collect();
             for (name, got, want) in [
@@ -317,7 +375,10 @@ mod tests {
                 ("dx", gpu.read_f32(&gdx).unwrap(), want_dx_acc),
             ] {
                 let err = rel_frobenius(&got, &want);
-                assert!(err < 1e-5, "seed {seed}: lora p={p} {name}: rel err {err}");
+                assert!(
+                    err < 1e-5,
+                    "seed {seed}: lora p={p} offset {offset} {name}: rel err {err}"
+                );
             }
         }
     }

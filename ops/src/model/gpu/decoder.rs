@@ -225,7 +225,7 @@ pub(crate) fn add_into(
     src: &GpuTensor,
     dst: &GpuTensor,
 ) -> Result<()> {
-    gpu.dropout(rec, src, dst, 0.0, 0, 1.0)
+    gpu.dropout(rec, src, dst, 0.0, 0, 0, 1.0)
 }
 
 fn rmsnorm(

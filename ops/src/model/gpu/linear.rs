@@ -4,7 +4,9 @@
 //! `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`, `W [out, in]`, `A [r, in]`, `B [out, r]`. The backward
 //! accumulates `dA`, `dB` into the pair's gradient buffers and returns `dx` through the frozen
 //! weight and the LoRA branch. Dropout masks come from [`lora_dropout_seed`] of the module path
-//! and the call counter, so the GPU draws exactly the reference's masks.
+//! and the call counter, so the GPU draws exactly the reference's masks; a call run in slices
+//! of rows ([`GpuLinear::forward_at`], the vision tower one image at a time) offsets each
+//! slice's mask indices so that the slices together draw the whole call's mask.
 
 use anyhow::{ensure, Context, Result};
 
@@ -85,6 +87,8 @@ pub struct GpuLinearCache {
     pub xa: Option<GpuTensor>,
     pub dropout: f32,
     pub seed: u32,
+    /// Mask index of `x`'s first element (see [`crate::gpu::Lora::offset`]).
+    pub offset: u32,
 }
 
 /// A frozen linear layer by canonical module path.
@@ -157,6 +161,20 @@ impl GpuLinear {
         x: &GpuTensor,
         run: &LoraRun,
     ) -> Result<(GpuTensor, GpuLinearCache)> {
+        self.forward_at(gpu, rec, x, run, 0)
+    }
+
+    /// [`GpuLinear::forward`] of `x`, rows `first_row..` of a call run in slices: the dropout
+    /// mask is the one the whole call draws for these rows (and the cache keeps that offset for
+    /// the backward).
+    pub fn forward_at(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        run: &LoraRun,
+        first_row: usize,
+    ) -> Result<(GpuTensor, GpuLinearCache)> {
         let rows = x.numel() / self.in_features;
         ensure!(
             rows * self.in_features == x.numel(),
@@ -182,6 +200,7 @@ impl GpuLinear {
             xa: None,
             dropout: 0.0,
             seed: 0,
+            offset: 0,
         };
         if let Some(pair) = &self.lora {
             let p = if run.training {
@@ -190,6 +209,13 @@ impl GpuLinear {
                 0.0
             };
             let seed = lora_dropout_seed(run.settings.dropout_seed, &self.module, run.call);
+            // The kernel's mask index is a u32 (as the whole call's element index is).
+            let offset = u32::try_from(first_row * self.in_features).with_context(|| {
+                format!(
+                    "{}: row {first_row} of {} features is past 2^32 mask elements",
+                    self.module, self.in_features
+                )
+            })?;
             let xa = gpu.empty(&[rows, pair.rank()], DType::F32)?;
             let lora = Lora {
                 a: &pair.a,
@@ -197,11 +223,13 @@ impl GpuLinear {
                 scale: run.settings.scaling,
                 dropout: p,
                 seed,
+                offset,
             };
             gpu.lora_forward(rec, &x2, &lora, &y, &xa)?;
             cache.xa = Some(xa);
             cache.dropout = p;
             cache.seed = seed;
+            cache.offset = offset;
         }
         Ok((y, cache))
     }
@@ -251,6 +279,7 @@ impl GpuLinear {
                 scale: run.settings.scaling,
                 dropout: cache.dropout,
                 seed: cache.seed,
+                offset: cache.offset,
             };
             // lora_backward adds its dx contribution into `dx` when given.
             gpu.lora_backward(
@@ -364,12 +393,54 @@ mod tests {
             let (ga, gb) = &grads.pairs[&module];
             let tol = 1e-5;
             for (what, got, want) in [
-                ("y", gpu.read_f32(&y).unwrap(), y_ref),
-                ("dx", gpu.read_f32(&dx).unwrap(), dx_ref),
+                ("y", gpu.read_f32(&y).unwrap(), y_ref.clone()),
+                ("dx", gpu.read_f32(&dx).unwrap(), dx_ref.clone()),
                 ("dA", gpu.read_f32(&pair_g.grad_a).unwrap(), ga.clone()),
                 ("dB", gpu.read_f32(&pair_g.grad_b).unwrap(), gb.clone()),
             ] {
                 let e = rel_frobenius(&got, &want);
+                assert!(
+                    e < tol,
+                    "{what} rows {rows} in {d_in} out {d_out} p {p} nf4 {nf4}: rel err {e} (seed {seed})"
+                );
+            }
+
+            // The same call run in two slices of rows (as the vision tower runs one image at a
+            // time): each slice draws the whole call's mask for its rows, so the outputs are
+            // the whole call's rows and the gradients sum to the whole call's.
+            gpu.fill_f32(&pair_g.grad_a, 0.0).unwrap();
+            gpu.fill_f32(&pair_g.grad_b, 0.0).unwrap();
+            let split = rows / 2 + 1;
+            let mut rec = Recorder::new(gpu);
+            let mut outs = Vec::new();
+            for (first, end) in [(0, split), (split, rows)] {
+                let n = end - first;
+                let xs = gpu
+                    .upload_f32(&[n, d_in], &x[first * d_in..end * d_in])
+                    .unwrap();
+                let dys = gpu
+                    .upload_f32(&[n, d_out], &dy[first * d_out..end * d_out])
+                    .unwrap();
+                let (y, cache) = linear.forward_at(gpu, &mut rec, &xs, &run, first).unwrap();
+                let dx = linear
+                    .backward(gpu, &mut rec, &cache, &dys, &run, true)
+                    .unwrap()
+                    .unwrap();
+                outs.push((y, dx));
+            }
+            rec.submit_and_wait().unwrap();
+            let joined = |pick: fn(&(GpuTensor, GpuTensor)) -> &GpuTensor| {
+                outs.iter()
+                    .flat_map(|o| gpu.read_f32(pick(o)).unwrap())
+                    .collect::<Vec<f32>>()
+            };
+            for (what, got, want) in [
+                ("sliced y", joined(|o| &o.0), &y_ref),
+                ("sliced dx", joined(|o| &o.1), &dx_ref),
+                ("sliced dA", gpu.read_f32(&pair_g.grad_a).unwrap(), ga),
+                ("sliced dB", gpu.read_f32(&pair_g.grad_b).unwrap(), gb),
+            ] {
+                let e = rel_frobenius(&got, want);
                 assert!(
                     e < tol,
                     "{what} rows {rows} in {d_in} out {d_out} p {p} nf4 {nf4}: rel err {e} (seed {seed})"

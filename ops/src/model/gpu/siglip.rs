@@ -6,6 +6,13 @@
 //! `h = x + out_proj(attn(layer_norm1(x)))`, `out = h + fc2(gelu_tanh(fc1(layer_norm2(h))))`;
 //! then `post_layernorm`. Attention is full (no mask), scale `head_dim^-0.5`. Every linear is a
 //! [`GpuLinear`] so LoRA pairs attach by module path.
+//!
+//! Images are independent in the tower (attention within an image, norms per token), so it runs
+//! one image at a time, forward and backward: the working set is one image's (at 896 px, fc1's
+//! output is `[4096, 4304]` f32, 70 MB, within one storage binding), whatever the batch. Each
+//! image's linears draw the dropout mask rows of the whole batch's call
+//! ([`GpuLinear::forward_at`]), so the result is the batched tower's (the CPU reference runs the
+//! batch whole).
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -36,8 +43,9 @@ pub struct GpuEncoderLayer {
     fc2: GpuLinear,
 }
 
-/// Activations one encoder layer keeps for the backward (the linears' caches hold their inputs:
-/// layer_norm1's output, the attention output, layer_norm2's output and the gelu output).
+/// Activations one encoder layer keeps for the backward of one image (the linears' caches hold
+/// their inputs: layer_norm1's output, the attention output, layer_norm2's output and the gelu
+/// output). `tokens` is one image's patches.
 struct GpuEncoderLayerCache {
     /// `[tokens, hidden]` the layer input.
     x: GpuTensor,
@@ -46,11 +54,11 @@ struct GpuEncoderLayerCache {
     q_lin: GpuLinearCache,
     k_lin: GpuLinearCache,
     v_lin: GpuLinearCache,
-    /// `[images, patches, heads, head_dim]` each.
+    /// `[patches, heads, head_dim]` each (one image).
     q: GpuTensor,
     k: GpuTensor,
     v: GpuTensor,
-    /// `[images, heads, patches]`.
+    /// `[heads, patches]`.
     lse: GpuTensor,
     o_lin: GpuLinearCache,
     /// `[tokens, hidden]` the attention residual's output.
@@ -62,7 +70,7 @@ struct GpuEncoderLayerCache {
     fc2_lin: GpuLinearCache,
 }
 
-/// What one encoder layer keeps between the forward and its backward.
+/// What one encoder layer keeps of one image between the forward and its backward.
 enum KeptLayer {
     /// Every activation its backward reads.
     Full(Box<GpuEncoderLayerCache>),
@@ -71,14 +79,22 @@ enum KeptLayer {
     Input(GpuTensor),
 }
 
+/// What the forward keeps of one image for the backward.
+struct KeptImage {
+    /// One entry per encoder layer, lowest first.
+    layers: Vec<KeptLayer>,
+    /// `[patches, hidden]` input of post_layernorm and its `[patches, 2]` (mean, rstd).
+    last: (GpuTensor, GpuTensor),
+}
+
 /// What [`GpuVisionTower::forward`] keeps; empty when the tower has no LoRA pair (nothing to train).
 pub struct GpuVisionCache {
     images: usize,
-    /// The attention mask (full attention) for `images`, reused by the backward.
+    /// The attention mask of one image (full attention): every image's layers share it, and
+    /// the backward reuses it.
     mask: Option<AttentionMaskGpu>,
-    layers: Vec<KeptLayer>,
-    /// `[tokens, hidden]` input of post_layernorm and its (mean, rstd).
-    last: Option<(GpuTensor, GpuTensor)>,
+    /// One entry per image, in batch order.
+    kept: Vec<KeptImage>,
 }
 
 /// The whole tower on the GPU.
@@ -226,9 +242,10 @@ impl GpuVisionTower {
         })
     }
 
-    fn attention_dims(&self, images: usize) -> AttentionDims {
+    /// One image's attention (the tower runs image by image).
+    fn attention_dims(&self) -> AttentionDims {
         AttentionDims {
-            batch: images,
+            batch: 1,
             seq: self.dims.num_patches(),
             q_heads: self.dims.heads,
             kv_heads: self.dims.heads,
@@ -240,7 +257,8 @@ impl GpuVisionTower {
         (self.dims.head_dim() as f64).powf(-0.5) as f32
     }
 
-    /// One encoder layer's forward: `x [tokens, hidden]` -> its output and what its backward reads.
+    /// One encoder layer's forward on one image: `x [patches, hidden]`, rows `first_row..` of
+    /// the batch (for the dropout masks) -> its output and what its backward reads.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
@@ -249,12 +267,12 @@ impl GpuVisionTower {
         layer: &GpuEncoderLayer,
         x: GpuTensor,
         mask: &AttentionMaskGpu,
-        images: usize,
+        first_row: usize,
         run: &LoraRun,
     ) -> Result<(GpuTensor, GpuEncoderLayerCache)> {
         let d = &self.dims;
         let tokens = x.rows();
-        let adims = self.attention_dims(images);
+        let adims = self.attention_dims();
         let eps = d.layer_norm_eps;
         let ln1 = gpu.empty(&[tokens, d.hidden], DType::F32)?;
         let ln1_stats = gpu.empty(&[tokens, 2], DType::F32)?;
@@ -267,14 +285,14 @@ impl GpuVisionTower {
             &ln1_stats,
             eps,
         )?;
-        let (q, q_lin) = layer.q_proj.forward(gpu, rec, &ln1, run)?;
-        let (k, k_lin) = layer.k_proj.forward(gpu, rec, &ln1, run)?;
-        let (v, v_lin) = layer.v_proj.forward(gpu, rec, &ln1, run)?;
+        let (q, q_lin) = layer.q_proj.forward_at(gpu, rec, &ln1, run, first_row)?;
+        let (k, k_lin) = layer.k_proj.forward_at(gpu, rec, &ln1, run, first_row)?;
+        let (v, v_lin) = layer.v_proj.forward_at(gpu, rec, &ln1, run, first_row)?;
         let attn = gpu.empty(&[tokens, d.hidden], DType::F32)?;
         let lse = gpu.empty(&[adims.lse_len()], DType::F32)?;
         gpu.attention_forward(rec, &q, &k, &v, mask, self.attention_scale(), &attn, &lse)?;
         // h = x + out_proj(attn), accumulated into out_proj's fresh output.
-        let (h, o_lin) = layer.out_proj.forward(gpu, rec, &attn, run)?;
+        let (h, o_lin) = layer.out_proj.forward_at(gpu, rec, &attn, run, first_row)?;
         gpu.accumulate(rec, &h, &x)?;
         let ln2 = gpu.empty(&[tokens, d.hidden], DType::F32)?;
         let ln2_stats = gpu.empty(&[tokens, 2], DType::F32)?;
@@ -287,10 +305,10 @@ impl GpuVisionTower {
             &ln2_stats,
             eps,
         )?;
-        let (f1, fc1_lin) = layer.fc1.forward(gpu, rec, &ln2, run)?;
+        let (f1, fc1_lin) = layer.fc1.forward_at(gpu, rec, &ln2, run, first_row)?;
         let g = gpu.empty(&[tokens, d.intermediate], DType::F32)?;
         gpu.gelu_forward(rec, &f1, &g)?;
-        let (out, fc2_lin) = layer.fc2.forward(gpu, rec, &g, run)?;
+        let (out, fc2_lin) = layer.fc2.forward_at(gpu, rec, &g, run, first_row)?;
         gpu.accumulate(rec, &out, &h)?;
         Ok((
             out,
@@ -316,8 +334,10 @@ impl GpuVisionTower {
 
     /// `pixels [images, channels, size, size]` -> `[images * patches, hidden]` after post_layernorm.
     /// With `checkpoint` (transformers checkpoints the encoder layers under
-    /// `gradient_checkpointing`) only each layer's input is kept for the backward. The recorder
-    /// is flushed after each layer, so a layer's temporaries return to the pool before the next.
+    /// `gradient_checkpointing`) only each layer's input is kept for the backward. The images
+    /// run one after the other, and the recorder is flushed after each image's patch embedding,
+    /// each of its layers and its post_layernorm, so one image's temporaries return to the pool
+    /// before the next phase.
     pub fn forward(
         &self,
         gpu: &Gpu,
@@ -328,26 +348,95 @@ impl GpuVisionTower {
     ) -> Result<(GpuTensor, GpuVisionCache)> {
         let d = &self.dims;
         let size = d.image_size;
+        let image_len = d.channels * size * size;
         ensure!(
-            pixels.numel() > 0 && pixels.numel().is_multiple_of(d.channels * size * size),
+            pixels.numel() > 0 && pixels.numel().is_multiple_of(image_len),
             "pixel_values {:?} is not [images, {}, {size}, {size}]",
             pixels.shape(),
             d.channels
         );
-        let images = pixels.numel() / (d.channels * size * size);
-        let tokens = images * d.num_patches();
+        let images = pixels.numel() / image_len;
+        let patches = d.num_patches();
         let train = self.has_lora();
-
-        // Patch embedding: the stride-patch conv as unfolded patches · Wᵀ + b, plus positions.
-        let unfold = PatchDims {
+        // `[images, channels·size²]`: one row per image, to copy out one image at a time.
+        let pixels = pixels.reshape(&[images, image_len])?;
+        let mask = gpu.attention_mask(&self.attention_dims(), &AttentionMask::default())?;
+        // `[images * patches, hidden]`: each image's post_layernorm output lands in its rows.
+        let y = gpu.empty(&[images * patches, d.hidden], DType::F32)?;
+        let mut kept = Vec::new();
+        for image in 0..images {
+            let first_row = image * patches;
+            let mut x = self.embed_patches(gpu, rec, &pixels, image)?;
+            rec.flush();
+            let mut layers = Vec::new();
+            for layer in &self.layers {
+                let (out, cache) = self.layer_forward(gpu, rec, layer, x, &mask, first_row, run)?;
+                if train {
+                    layers.push(if checkpoint {
+                        KeptLayer::Input(cache.x)
+                    } else {
+                        KeptLayer::Full(Box::new(cache))
+                    });
+                }
+                rec.flush();
+                x = out;
+            }
+            // `[patches, hidden]` this image's output, copied into its rows of `y`.
+            let out = gpu.empty(&[patches, d.hidden], DType::F32)?;
+            let stats = gpu.empty(&[patches, 2], DType::F32)?;
+            gpu.layernorm_forward(
+                rec,
+                &x,
+                &self.post_layernorm_weight,
+                &self.post_layernorm_bias,
+                &out,
+                &stats,
+                d.layer_norm_eps,
+            )?;
+            gpu.copy_rows(rec, &out, 0, &y, first_row, patches)?;
+            if train {
+                kept.push(KeptImage {
+                    layers,
+                    last: (x, stats),
+                });
+            }
+            rec.flush();
+        }
+        let cache = GpuVisionCache {
             images,
+            mask: train.then_some(mask),
+            kept,
+        };
+        Ok((y, cache))
+    }
+
+    /// Image `image`'s patch embeddings `[patches, hidden]` from `pixels [images, channels·size²]`:
+    /// the stride-patch conv as unfolded patches · Wᵀ + b, plus the position embeddings.
+    fn embed_patches(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        pixels: &GpuTensor,
+        image: usize,
+    ) -> Result<GpuTensor> {
+        let d = &self.dims;
+        let size = d.image_size;
+        let one = gpu.empty(&[1, pixels.row_len()], DType::F32)?;
+        gpu.copy_rows(rec, pixels, image, &one, 0, 1)?;
+        let unfold = PatchDims {
+            images: 1,
             channels: d.channels,
             image_size: size,
             patch_size: d.patch_size,
         };
-        let patches = gpu.empty(&[tokens, d.patch_dim()], DType::F32)?;
-        gpu.patch_unfold(rec, pixels, &unfold, &patches)?;
-        let mut x = gpu.empty(&[tokens, d.hidden], DType::F32)?;
+        let patches = gpu.empty(&[d.num_patches(), d.patch_dim()], DType::F32)?;
+        gpu.patch_unfold(
+            rec,
+            &one.reshape(&[1, d.channels, size, size])?,
+            &unfold,
+            &patches,
+        )?;
+        let x = gpu.empty(&[d.num_patches(), d.hidden], DType::F32)?;
         gpu.matmul(
             rec,
             &patches,
@@ -360,42 +449,7 @@ impl GpuVisionTower {
             },
         )?;
         gpu.accumulate(rec, &x, &self.position_embedding)?;
-        drop(patches);
-
-        let adims = self.attention_dims(images);
-        let mask = gpu.attention_mask(&adims, &AttentionMask::default())?;
-        rec.flush();
-        let mut kept = Vec::new();
-        for layer in &self.layers {
-            let (out, cache) = self.layer_forward(gpu, rec, layer, x, &mask, images, run)?;
-            if train {
-                kept.push(if checkpoint {
-                    KeptLayer::Input(cache.x)
-                } else {
-                    KeptLayer::Full(Box::new(cache))
-                });
-            }
-            rec.flush();
-            x = out;
-        }
-        let y = gpu.empty(&[tokens, d.hidden], DType::F32)?;
-        let stats = gpu.empty(&[tokens, 2], DType::F32)?;
-        gpu.layernorm_forward(
-            rec,
-            &x,
-            &self.post_layernorm_weight,
-            &self.post_layernorm_bias,
-            &y,
-            &stats,
-            d.layer_norm_eps,
-        )?;
-        let cache = GpuVisionCache {
-            images,
-            mask: train.then_some(mask),
-            layers: kept,
-            last: train.then_some((x, stats)),
-        };
-        Ok((y, cache))
+        Ok(x)
     }
 
     /// One encoder layer's backward: accumulates its LoRA grads and returns the gradient of
@@ -490,10 +544,11 @@ impl GpuVisionTower {
     }
 
     /// `d_out [images * patches, hidden]` (the gradient of the post_layernorm output):
-    /// accumulates the LoRA grads of the tower, down to the lowest layer that has a pair. Does
-    /// nothing when the tower has no LoRA pair. Consumes the cache: each layer's activations
-    /// return to the pool at the flush after its backward (a checkpointed layer is recomputed
-    /// first).
+    /// accumulates the LoRA grads of the tower, down to the lowest layer that has a pair, image
+    /// by image (each image's grads add to the pairs' gradient buffers, as micro-batches' do).
+    /// Does nothing when the tower has no LoRA pair. Consumes the cache: each image's layer
+    /// activations return to the pool at the flush after that layer's backward (a checkpointed
+    /// layer is recomputed first, with the image's own dropout masks).
     pub fn backward(
         &self,
         gpu: &Gpu,
@@ -505,23 +560,18 @@ impl GpuVisionTower {
         let Some(lowest) = self.lowest_lora_layer() else {
             return Ok(());
         };
-        let GpuVisionCache {
-            images,
-            mask,
-            mut layers,
-            last,
-        } = cache;
-        let (Some(mask), Some((last, last_stats))) = (mask, last) else {
+        let GpuVisionCache { images, mask, kept } = cache;
+        let Some(mask) = mask else {
             bail!("vision backward: the forward ran without LoRA pairs and kept no activations");
         };
         ensure!(
-            layers.len() == self.layers.len(),
-            "vision backward: the cache holds {} layers, the tower has {}",
-            layers.len(),
-            self.layers.len()
+            kept.len() == images,
+            "vision backward: the cache holds {} images, the forward ran {images}",
+            kept.len()
         );
         let d = &self.dims;
-        let tokens = images * d.num_patches();
+        let patches = d.num_patches();
+        let tokens = images * patches;
         ensure!(
             d_out.numel() == tokens * d.hidden,
             "vision backward: d_out {:?} is not [{tokens}, {}]",
@@ -529,36 +579,49 @@ impl GpuVisionTower {
             d.hidden
         );
         let d_out = d_out.reshape(&[tokens, d.hidden])?;
-        let mut grad = gpu.empty(&[tokens, d.hidden], DType::F32)?;
-        gpu.layernorm_backward(
-            rec,
-            &last,
-            &self.post_layernorm_weight,
-            &d_out,
-            &last_stats,
-            Some(&grad),
-            None,
-            false,
-        )?;
-        drop((d_out, last, last_stats));
-        rec.flush();
-        for i in (lowest..self.layers.len()).rev() {
-            let layer = &self.layers[i];
-            let c = match layers.pop().context("one kept entry per layer")? {
-                KeptLayer::Full(c) => *c,
-                KeptLayer::Input(x) => {
-                    self.layer_forward(gpu, rec, layer, x, &mask, images, run)?
-                        .1
-                }
-            };
-            // Below the lowest LoRA layer nothing trains: its q/k/v need no input gradient.
-            let need_dx = i > lowest;
-            let d_x = self.layer_backward(gpu, rec, layer, &c, &grad, &mask, run, need_dx)?;
-            drop(c);
-            if let Some(d_x) = d_x {
-                grad = d_x;
-            }
+        for (image, KeptImage { mut layers, last }) in kept.into_iter().enumerate() {
+            ensure!(
+                layers.len() == self.layers.len(),
+                "vision backward: the cache holds {} layers, the tower has {}",
+                layers.len(),
+                self.layers.len()
+            );
+            let first_row = image * patches;
+            let (last, last_stats) = last;
+            // `[patches, hidden]` this image's rows of d_out.
+            let d_image = gpu.empty(&[patches, d.hidden], DType::F32)?;
+            gpu.copy_rows(rec, &d_out, first_row, &d_image, 0, patches)?;
+            let mut grad = gpu.empty(&[patches, d.hidden], DType::F32)?;
+            gpu.layernorm_backward(
+                rec,
+                &last,
+                &self.post_layernorm_weight,
+                &d_image,
+                &last_stats,
+                Some(&grad),
+                None,
+                false,
+            )?;
+            drop((d_image, last, last_stats));
             rec.flush();
+            for i in (lowest..self.layers.len()).rev() {
+                let layer = &self.layers[i];
+                let c = match layers.pop().context("one kept entry per layer")? {
+                    KeptLayer::Full(c) => *c,
+                    KeptLayer::Input(x) => {
+                        self.layer_forward(gpu, rec, layer, x, &mask, first_row, run)?
+                            .1
+                    }
+                };
+                // Below the lowest LoRA layer nothing trains: its q/k/v need no input gradient.
+                let need_dx = i > lowest;
+                let d_x = self.layer_backward(gpu, rec, layer, &c, &grad, &mask, run, need_dx)?;
+                drop(c);
+                if let Some(d_x) = d_x {
+                    grad = d_x;
+                }
+                rec.flush();
+            }
         }
         Ok(())
     }

@@ -323,6 +323,8 @@ impl Linear {
                 s.scaling,
                 p,
                 seed,
+                // The whole call's mask: x is every row of the call.
+                0,
             );
             y = with_lora;
             cache.xa = xa;
@@ -357,6 +359,7 @@ impl Linear {
                 s.scaling,
                 cache.dropout,
                 cache.seed,
+                0,
             );
             if let Some(grads) = grads {
                 let (ga, gb) = grads
