@@ -155,14 +155,17 @@ fn vision_tower_plan_matches_the_towers_allocations() {
     let b = golden_batch("mmiu");
     let image_len = b.pixel_values.len() / b.images;
     let mut rng = TestRng::new(TestRng::fresh_seed());
-    for (images, checkpointing, dropout) in [
-        (1, true, 0.1),
-        (2, true, 0.1),
-        (3, false, 0.1),
-        (6, false, 0.0),
+    for (images, checkpointing, dropout, bf16) in [
+        (1, true, 0.1, false),
+        (2, true, 0.1, false),
+        (3, false, 0.1, false),
+        (6, false, 0.0, false),
+        (3, true, 0.1, true),
+        (2, false, 0.0, true),
     ] {
         let gpu = Gpu::new(GpuOptions::default()).unwrap();
         let mut tower = GpuVisionTower::from_weights(&gpu, &config, &weights).unwrap();
+        tower.bf16 = bf16;
         let mut ranks = Vec::new();
         for linear in tower.linears_mut() {
             if let Some(pair) = adapter.pairs.get(&linear.module) {
@@ -186,7 +189,12 @@ fn vision_tower_plan_matches_the_towers_allocations() {
         let lora = LoraPlan {
             r: ranks.iter().copied().max().unwrap(),
             modules_to_save: Vec::new(),
-            modules_to_save_dtype: FloatDtype::F32,
+            // the plan reads lora-train's `bf16` from the tables' dtype
+            modules_to_save_dtype: if bf16 {
+                FloatDtype::BF16
+            } else {
+                FloatDtype::F32
+            },
             vision: true,
             dropout: dropout > 0.0,
             optimizer_offload: false,
@@ -228,13 +236,13 @@ fn vision_tower_plan_matches_the_towers_allocations() {
         let measured = gpu.storage_stats().peak - resident;
         drop(out);
         eprintln!(
-            "{images} image(s), checkpointing {checkpointing}, dropout {dropout}: tower plan \
-             {plan} vs measured {measured}"
+            "{images} image(s), checkpointing {checkpointing}, dropout {dropout}, bf16 {bf16}: \
+             tower plan {plan} vs measured {measured}"
         );
         assert_eq!(
             plan, measured,
-            "{images} image(s), checkpointing {checkpointing}, dropout {dropout}: tower plan vs \
-             measured peak"
+            "{images} image(s), checkpointing {checkpointing}, dropout {dropout}, bf16 {bf16}: \
+             tower plan vs measured peak"
         );
     }
 }

@@ -940,6 +940,8 @@ struct VisionShape {
     text_hidden: u64,
     r: u64,
     dropout: bool,
+    /// lora-train's `bf16`: layer inputs rounded through a bf16 copy, kept when checkpointed.
+    bf16: bool,
 }
 
 /// What one SigLIP encoder layer's forward allocates for one image
@@ -1200,6 +1202,7 @@ fn vision_shape(
                 text_hidden: config.text().hidden_size as u64,
                 r: lora.filter(|l| l.vision).map_or(0, |l| l.r as u64),
                 dropout: lora.is_some_and(|l| l.dropout),
+                bf16: lora.is_some_and(|l| l.modules_to_save_dtype == FloatDtype::BF16),
             })
         }
         _ => None,
@@ -1241,17 +1244,28 @@ fn tower_forward(
         let mut vx = tl.add(kept, &one("vision embeddings", p, hv));
         tl.flush(&format!("the patch embedding of {of}"));
         let mut layer_ids = Vec::new();
+        let mut bf16_input = Vec::new();
+        alloc_bf16(&mut bf16_input, "vision layer input", p, hv);
         for l in 0..v.layers {
+            let rounded = v.bf16.then(|| tl.add(kept, &bf16_input));
             let (cache, temps, out) = vision_layer_forward(v);
             let k = tl.add(kept, &cache);
             tl.temps(&temps);
             let o = tl.add(kept, &[out]);
+            if let Some(r) = &rounded {
+                // kept instead of the f32 input when checkpointed; else dropped with the layer
+                if train && ckpt {
+                    tl.release(&vx);
+                } else {
+                    tl.release(r);
+                }
+            }
             if !train {
                 tl.release(&vx);
                 tl.release(&k);
             } else if ckpt {
                 tl.release(&k);
-                layer_ids.push(vx.clone());
+                layer_ids.push(rounded.unwrap_or_else(|| vx.clone()));
             } else {
                 layer_ids.push([vx.clone(), k].concat());
             }
@@ -1309,6 +1323,9 @@ fn tower_backward(
         for l in (0..v.layers).rev() {
             let ids = layers.pop().expect("one entry per layer");
             if ckpt {
+                if v.bf16 {
+                    tl.temps(&one("vision layer input widened from bf16"));
+                }
                 let (cache, temps, out) = vision_layer_forward(v);
                 tl.temps(&cache);
                 tl.temps(&temps);

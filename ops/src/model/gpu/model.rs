@@ -265,7 +265,12 @@ impl Gemma3Gpu {
         };
         let (vision, projector) = match config {
             ModelConfig::ConditionalGeneration(_) => (
-                Some(GpuVisionTower::from_weights(gpu, config, weights).context("vision tower")?),
+                Some({
+                    let mut tower = GpuVisionTower::from_weights(gpu, config, weights)
+                        .context("vision tower")?;
+                    tower.bf16 = opts.bf16;
+                    tower
+                }),
                 Some(GpuProjector::from_weights(gpu, config, weights).context("projector")?),
             ),
             _ => (None, None),

@@ -109,6 +109,10 @@ pub struct GpuVisionTower {
     /// `[hidden]` each.
     post_layernorm_weight: GpuTensor,
     post_layernorm_bias: GpuTensor,
+    /// lora-train's `bf16`: each encoder layer's input is rounded to bf16 (torch's bf16 tower
+    /// passes bf16 hidden states), and a checkpointed layer keeps that bf16 copy: half the
+    /// image path's kept bytes.
+    pub bf16: bool,
 }
 
 fn upload_vector(gpu: &Gpu, weights: &Weights, name: &str, len: usize) -> Result<GpuTensor> {
@@ -196,6 +200,7 @@ impl GpuVisionTower {
             layers,
             post_layernorm_weight: vec("post_layernorm.weight", h)?,
             post_layernorm_bias: vec("post_layernorm.bias", h)?,
+            bf16: false,
         })
     }
 
@@ -370,10 +375,18 @@ impl GpuVisionTower {
             rec.flush();
             let mut layers = Vec::new();
             for layer in &self.layers {
+                let rounded = if self.bf16 {
+                    let kept = gpu.empty(x.shape(), DType::Bf16)?;
+                    gpu.cast(rec, &x, &kept)?;
+                    gpu.cast(rec, &kept, &x)?;
+                    Some(kept)
+                } else {
+                    None
+                };
                 let (out, cache) = self.layer_forward(gpu, rec, layer, x, &mask, first_row, run)?;
                 if train {
                     layers.push(if checkpoint {
-                        KeptLayer::Input(cache.x)
+                        KeptLayer::Input(rounded.unwrap_or(cache.x))
                     } else {
                         KeptLayer::Full(Box::new(cache))
                     });
@@ -609,6 +622,13 @@ impl GpuVisionTower {
                 let c = match layers.pop().context("one kept entry per layer")? {
                     KeptLayer::Full(c) => *c,
                     KeptLayer::Input(x) => {
+                        let x = if x.dtype() == DType::Bf16 {
+                            let wide = gpu.empty(x.shape(), DType::F32)?;
+                            gpu.cast(rec, &x, &wide)?;
+                            wide
+                        } else {
+                            x
+                        };
                         self.layer_forward(gpu, rec, layer, x, &mask, first_row, run)?
                             .1
                     }
