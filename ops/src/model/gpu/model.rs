@@ -247,7 +247,7 @@ impl Gemma3Gpu {
             .collect::<Result<Vec<_>>>()?;
         let final_norm_host = weights.to_f32(&format!("{TEXT}norm.weight"))?;
         let final_norm = gpu.upload_f32(&[dims.hidden], &final_norm_host)?;
-        let lm_head = if untied_head && !adapter.is_some_and(|a| a.lm_head.is_some()) {
+        let lm_head = if untied_head && adapter.is_none_or(|a| a.lm_head.is_none()) {
             Some(upload_table(
                 gpu,
                 table_shape,
