@@ -166,6 +166,16 @@ impl Op for GenerateOp {
     fn output(&self, _params: &toml::Table) -> ArtifactType {
         ArtifactType::Generations
     }
+    /// Sampling without its own `seed` takes the recipe's, which is not among its params;
+    /// greedy answers depend on no seed.
+    fn fingerprint(
+        &self,
+        params: &toml::Table,
+        recipe: &crate::RecipeInfo,
+    ) -> Result<Option<String>> {
+        let p = GenerateParams::from_table(params)?;
+        Ok((p.do_sample && p.seed.is_none()).then(|| format!("recipe seed {}", recipe.seed)))
+    }
     fn run(&self, ctx: &RunCtx) -> Result<()> {
         let params = GenerateParams::from_table(ctx.params)?;
         let op = format!("op `{}` (generate)", ctx.name);
