@@ -154,6 +154,26 @@ fn main() -> anyhow::Result<()> {
     };
     run(4)?; // warm-up: pipelines compiled, buffers pooled
     let (ttft, rate, bytes) = run(new)?;
+    // One more decode step, timed kernel by kernel.
+    {
+        let (mut cache, logits) = model.start_generation(gpu, &batch, 2)?;
+        let (_, times) = model.decode_step_timed(gpu, &mut cache, &[argmax(&logits)])?;
+        let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
+        for k in times {
+            *by_name.entry(k.name).or_default() += k.seconds;
+        }
+        let total: f64 = by_name.values().sum();
+        let mut rows: Vec<_> = by_name.into_iter().collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!("one decode step: {:.1} ms of GPU time", total * 1e3);
+        for (name, s) in rows.iter().take(8) {
+            println!(
+                "  {name:<40} {:>7.2} ms {:>5.1}%",
+                s * 1e3,
+                100.0 * s / total
+            );
+        }
+    }
     println!(
         "runner ({}): prompt {seq} tokens + 1 image, {new} new tokens: time to first token {:.3} s, decode {:.1} tokens/s, KV cache {:.1} MiB",
         if nf4 { "NF4" } else { "f32" },

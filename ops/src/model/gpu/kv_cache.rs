@@ -276,6 +276,34 @@ impl Gemma3Gpu {
     /// One decode step: `ids [batch]` (the token each row just produced; finished rows pass
     /// anything, e.g. the pad id, as transformers does) -> the next logits `[batch, vocab]`.
     pub fn decode_step(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut rec = Recorder::new(gpu);
+        let logits = self.record_decode_step(gpu, &mut rec, cache, ids)?;
+        rec.submit_and_wait()?;
+        gpu.read_f32(&logits)
+    }
+
+    /// [`Gemma3Gpu::decode_step`] with every kernel timed (timestamp queries, where the adapter
+    /// has them): the logits and the per-kernel GPU seconds (benchmarks).
+    pub fn decode_step_timed(
+        &self,
+        gpu: &Gpu,
+        cache: &mut KvCache,
+        ids: &[u32],
+    ) -> Result<(Vec<f32>, Vec<crate::gpu::KernelTime>)> {
+        let mut rec = Recorder::timed(gpu);
+        let logits = self.record_decode_step(gpu, &mut rec, cache, ids)?;
+        let times = rec.submit_timed()?.unwrap_or_default();
+        Ok((gpu.read_f32(&logits)?, times))
+    }
+
+    /// Records one decode step into `rec` and advances the cache; returns the logits tensor.
+    fn record_decode_step(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        cache: &mut KvCache,
+        ids: &[u32],
+    ) -> Result<GpuTensor> {
         ensure!(
             ids.len() == cache.batch,
             "decode step: {} ids for a batch of {}",
@@ -294,15 +322,14 @@ impl Gemma3Gpu {
             );
         }
         let run = self.eval_run();
-        let mut rec = Recorder::new(gpu);
         let gids = gpu.upload_u32(&[ids.len()], ids)?;
         let positions = gpu.upload_u32(&[ids.len()], &cache.next_position)?;
-        let mut x = self.embed_ids(gpu, &mut rec, &gids)?;
+        let mut x = self.embed_ids(gpu, rec, &gids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
                 .decode(
                     gpu,
-                    &mut rec,
+                    rec,
                     &x,
                     &self.dims,
                     &positions,
@@ -314,14 +341,13 @@ impl Gemma3Gpu {
                 )
                 .with_context(|| format!("decoder layer {i} (decode step)"))?;
         }
-        let normed = rmsnorm(gpu, &mut rec, &x, &self.final_norm, self.dims.rms_eps)?;
-        let logits = self.logits_of(gpu, &mut rec, &normed)?;
-        rec.submit_and_wait()?;
+        let normed = rmsnorm(gpu, rec, &x, &self.final_norm, self.dims.rms_eps)?;
+        let logits = self.logits_of(gpu, rec, &normed)?;
         cache.pos += 1;
         for p in &mut cache.next_position {
             *p += 1;
         }
-        gpu.read_f32(&logits)
+        Ok(logits)
     }
 }
 
