@@ -345,8 +345,7 @@ impl Op for GenerateOp {
             }))?,
         )?;
         ctx.progress.println(format!(
-            "[{}] {} answers, {new_tokens} new tokens in {secs:.2}s ({rate:.1} tokens/s), {stopped} stopped on eos; KV cache {:.1} MiB",
-            ctx.name,
+            "{} answers, {new_tokens} new tokens in {secs:.2}s ({rate:.1} tokens/s), {stopped} stopped on eos; KV cache {:.1} MiB",
             prompts.len(),
             cache_bytes as f64 / (1 << 20) as f64
         ));

@@ -124,7 +124,8 @@ impl Op for ScoreOp {
             )
         })?;
         for line in score::table(&scores) {
-            ctx.progress.println(format!("[{}] {line}", ctx.name));
+            // The runner prefixes the op's name.
+            ctx.progress.println(line);
         }
         std::fs::write(
             ctx.out_dir.join(SCORES_JSON),

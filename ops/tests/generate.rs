@@ -472,3 +472,24 @@ fn decode_logits_equal_the_full_forward_of_the_same_tokens() {
     let distinct: std::collections::BTreeSet<_> = fed.iter().flatten().collect();
     assert!(distinct.len() >= 4, "{fed:?}");
 }
+
+/// Run-time errors name the op and say what to do.
+#[test]
+fn errors_name_the_op_and_the_fix() {
+    let c = Chain::new();
+    let model = c.model();
+    let chats = c.chats("llava");
+    let err = c
+        .try_run(
+            &ops::generate::GenerateOp,
+            "answers",
+            "max_new_tokens = 1000000",
+            &[("conversations", &chats), ("model", &model)],
+        )
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("op `answers` (generate)") && msg.contains("lower `max_new_tokens`"),
+        "{msg}"
+    );
+}
