@@ -44,6 +44,27 @@ fn append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     cache[(bg * p.capacity + p.pos % p.capacity) * p.head_dim + d] = new_rows[i];
 }
 
+// ---- prefill: the prompt's keys or values into the cache -----------------------------------
+// Here p.pos is the prompt length n (the position the first decode step takes): new_rows is
+// [batch, n, kv_heads, head_dim] (the prompt forward's rows) and positions max(0, n - capacity)
+// .. n - 1 go to their slots; older ones would be overwritten in a ring anyway, and writing only
+// the last `capacity` keeps two threads off one slot.
+
+@compute @workgroup_size(256)
+fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) l: u32) {
+    let i = flat_invocation(wid, nwg, l, 256u);
+    let kept = min(p.pos, p.capacity);
+    let row = p.kv_heads * p.head_dim;
+    if (i >= p.batch * kept * row) { return; }
+    let b = i / (kept * row);
+    let t = p.pos - kept + (i / row) % kept;
+    let g = (i / p.head_dim) % p.kv_heads;
+    let d = i % p.head_dim;
+    cache[((b * p.kv_heads + g) * p.capacity + t % p.capacity) * p.head_dim + d] =
+        new_rows[((b * p.pos + t) * p.kv_heads + g) * p.head_dim + d];
+}
+
 // ---- decode: one workgroup per (row, query head) ---------------------------------------------
 // Pass 1: the maximum score (each lane over keys lane, lane + 64, ...). Pass 2, over tiles of 64
 // keys: each lane computes one key's weight exp(s - max) into shared memory, then each lane

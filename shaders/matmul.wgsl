@@ -166,6 +166,29 @@ fn store(m: u32, n: u32, c_base: u32, v: f32) {
     C[idx] = r;
 }
 
+// ---- matmul_rows: a few rows of A against B stored [N, K] (TRANS_B; decoding: one row per
+// sequence). One output per invocation, a dot product over K in vec4 steps: a tiled kernel's
+// TM rows per tile would do TM times the work at M = 1, and staging B into textures would copy
+// every weight each step.
+@compute @workgroup_size(64)
+fn matmul_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32) {
+    let n = wid.x * 64u + l;
+    let m = wid.y;
+    if (n >= p.n || m >= p.m) { return; }
+    let a_base = p.a_off + wid.z * p.a_batch + m * p.lda;
+    let b_base = p.b_off + wid.z * p.b_batch + n * p.ldb;
+    var acc = vec4<f32>(0.0);
+    let k4 = p.k & ~3u;
+    for (var k = 0u; k < k4; k += 4u) {
+        acc = fma(a4(a_base + k), b4(b_base + k), acc);
+    }
+    var s = (acc.x + acc.y) + (acc.z + acc.w);
+    for (var k = k4; k < p.k; k++) {
+        s = fma(a1(a_base + k), b1(b_base + k), s);
+    }
+    store(m, n, p.c_off + wid.z * p.c_batch, s);
+}
+
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn matmul_register(@builtin(global_invocation_id) gid: vec3<u32>) {
     let n0 = gid.x * TN;

@@ -8,6 +8,7 @@ pub mod collate;
 pub mod data;
 pub mod eval;
 pub mod format;
+pub mod generate;
 pub mod generation;
 pub mod gpu;
 pub mod hub;
@@ -200,6 +201,7 @@ impl Registry {
         registry.register(Arc::new(collate::CollateOp));
         registry.register(Arc::new(lora_train::LoraTrainOp::default()));
         registry.register(Arc::new(eval::EvalOp));
+        registry.register(Arc::new(generate::GenerateOp));
         registry.register(Arc::new(score::ScoreOp));
         registry
     }

@@ -11,7 +11,7 @@
 //! Output: `scores.json` (metric, overall, micro accuracy, per-task counts, per-row verdicts);
 //! the per-task table is printed.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::generation::read_generations;
@@ -24,8 +24,8 @@ pub const SCORES_JSON: &str = "scores.json";
 
 op_params! {
     pub struct ScoreParams {
-        /// The answers: a JSON Lines file (relative to the recipe) of objects with `row`, `prompt`, `reference`, `text` and optionally `images`.
-        path: String,
+        /// The answers when they come from elsewhere: a JSON Lines file (relative to the recipe) of objects with `row`, `prompt`, `reference`, `text` and optionally `images`. Unset: the `generations` input (a generate op).
+        path: Option<String> = None,
         /// "choice": MMIU's rule (a letter A–N, else an `X:` label, else the option whose text the answer contains, else unanswered; correct when the choice is in the reference; overall = mean of per-task accuracies, a task being the folder of a row's first image). "exact": lowercase, whitespace-collapsed, edge-punctuation-stripped equality.
         metric: String = "choice".to_string(),
     }
@@ -53,7 +53,12 @@ impl Op for ScoreOp {
         "Accuracy of generated answers against the references: MMIU's multiple-choice rule per task, or exact match"
     }
     fn inputs(&self) -> Vec<Port> {
-        vec![]
+        vec![Port {
+            name: "generations",
+            accepts: &[ArtifactType::Generations],
+            required: false,
+            doc: "the answers of a generate op (else the `path` param names a file)",
+        }]
     }
     fn params(&self) -> Vec<ParamSpec> {
         ScoreParams::specs()
@@ -68,9 +73,13 @@ impl Op for ScoreOp {
     fn output(&self, _params: &toml::Table) -> ArtifactType {
         ArtifactType::Scores
     }
-    /// The answers file's content: scores follow the answers, not the file's name.
+    /// The answers file's content: scores follow the answers, not the file's name (a
+    /// `generations` input is keyed by the cache itself).
     fn fingerprint(&self, params: &toml::Table, recipe: &RecipeInfo) -> Result<Option<String>> {
-        let path = recipe.resolve(ScoreParams::from_table(params)?.path);
+        let Some(path) = ScoreParams::from_table(params)?.path else {
+            return Ok(None);
+        };
+        let path = recipe.resolve(path);
         let bytes = std::fs::read(&path)
             .with_context(|| format!("reading the answers file {}", path.display()))?;
         Ok(Some(format!(
@@ -81,7 +90,19 @@ impl Op for ScoreOp {
     fn run(&self, ctx: &RunCtx) -> Result<()> {
         let params = ScoreParams::from_table(ctx.params)?;
         let metric = params.metric()?;
-        let path = ctx.recipe.resolve(&params.path);
+        let path = match (ctx.optional_input("generations"), &params.path) {
+            (Some(_), Some(_)) => bail!(
+                "op `{}` (score): both a `generations` input and a `path` are given; keep one",
+                ctx.name
+            ),
+            (Some(g), None) => g.dir.join(crate::generate::GENERATIONS_FILE),
+            (None, Some(p)) => ctx.recipe.resolve(p),
+            (None, None) => bail!(
+                "op `{}` (score): no answers to score: set `inputs = {{ generations = \"NAME\" }}` \
+                 (a generate op) or `path = \"answers.jsonl\"`",
+                ctx.name
+            ),
+        };
         let records = read_generations(&path).with_context(|| format!("op `{}`", ctx.name))?;
         let answers: Vec<Answer> = records
             .into_iter()
@@ -103,7 +124,8 @@ impl Op for ScoreOp {
             )
         })?;
         for line in score::table(&scores) {
-            ctx.progress.println(format!("[{}] {line}", ctx.name));
+            // The runner prefixes the op's name.
+            ctx.progress.println(line);
         }
         std::fs::write(
             ctx.out_dir.join(SCORES_JSON),

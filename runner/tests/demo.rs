@@ -46,6 +46,10 @@ fn demo_recipe_runs_offline_then_reuses_every_output() {
         "the demo's loss does not fall: {losses:?}"
     );
     assert_matches_peft_compat_golden(&out);
+    // The chain ends with a scored generation: the generate op's speed line and the score table.
+    assert!(stdout.contains("6 answers"), "{stdout}");
+    assert!(stdout.contains("tokens/s"), "{stdout}");
+    assert!(stdout.contains("overall (mean of tasks)"), "{stdout}");
 
     let Outcome {
         code,

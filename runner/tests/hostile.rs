@@ -81,10 +81,23 @@ fn recipe_seed_and_output_dir_reach_the_keys_of_the_ops_they_change() {
         plan_keys(&runner(work.path(), &args, &[]))
     };
     let base = plan(&[]);
-    // The seed shuffles the batches and initialises the LoRA weights and dropout.
+    // The seed shuffles the batches and initialises the LoRA weights and dropout (the greedy
+    // answers and their scores change only as the trained adapter does).
     assert_eq!(
         changed(&base, &plan(&["recipe.seed=7"])),
-        ["batches", "eval", "push", "save", "train"]
+        ["answers", "batches", "eval", "push", "save", "scores", "train"]
+    );
+    // Sampling without its own seed takes the recipe's (the other seeds fixed here).
+    let sampling = [
+        "ops.answers.do_sample=true",
+        "ops.batches.seed=1",
+        "ops.train.seed=1",
+    ];
+    let mut reseeded = sampling.to_vec();
+    reseeded.push("recipe.seed=7");
+    assert_eq!(
+        changed(&plan(&sampling), &plan(&reseeded)),
+        ["answers", "scores"]
     );
     // The output folder is what `save` writes (and `push` uploads from it).
     assert_eq!(

@@ -43,6 +43,23 @@ pub fn append(cache: &mut [f32], new: &[f32], s: &DecodeShape) {
     }
 }
 
+/// The prompt's keys or values into the cache: `new [batch, s.pos, kv_heads, head_dim]` (a
+/// prompt forward's rows; `s.pos` is the prompt length), each position `p` to slot
+/// `p % capacity`, as `s.pos` successive [`append`]s would leave the cache.
+pub fn prefill(cache: &mut [f32], new: &[f32], s: &DecodeShape) {
+    let n = s.pos;
+    // In position order, so that a ring smaller than the prompt ends with its last positions.
+    for t in 0..n {
+        for b in 0..s.batch {
+            for g in 0..s.kv_heads {
+                let slot = ((b * s.kv_heads + g) * s.capacity + t % s.capacity) * s.head_dim;
+                let src = ((b * n + t) * s.kv_heads + g) * s.head_dim;
+                cache[slot..slot + s.head_dim].copy_from_slice(&new[src..src + s.head_dim]);
+            }
+        }
+    }
+}
+
 /// out [batch, heads, head_dim] = softmax(q·Kᵀ·scale) V over the keys row `b` sees
 /// ([`DecodeShape::first_key`] ..= pos); a row that sees no key gets zeros.
 /// q: [batch, heads, head_dim]; k, v: the caches; start: [batch] (left padding per row).

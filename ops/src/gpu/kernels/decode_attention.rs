@@ -19,7 +19,7 @@ fn shader() -> Result<Shader> {
 
 /// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
-    Ok(vec![(shader()?, vec!["append", "decode"])])
+    Ok(vec![(shader()?, vec!["append", "prefill", "decode"])])
 }
 
 #[repr(C)]
@@ -106,6 +106,47 @@ impl Gpu {
             bytemuck::bytes_of(&p),
             &[new.view()?, cache.view()?],
             groups_1d(self, (rows * s.head_dim).div_ceil(256) as u32),
+        );
+        Ok(())
+    }
+
+    /// The prompt's keys or values into the cache (`s.pos` = the prompt length n): new: f32
+    /// [batch, n, kv_heads, head_dim] (a prompt forward's rows); cache: f32 [batch, kv_heads,
+    /// capacity, head_dim]. Position p goes to slot p % capacity; a ring smaller than the prompt
+    /// keeps its last `capacity` positions.
+    pub fn kv_prefill(
+        &self,
+        rec: &mut Recorder,
+        s: &DecodeShape,
+        new: &GpuTensor,
+        cache: &GpuTensor,
+    ) -> Result<()> {
+        ensure!(s.pos > 0, "kv_prefill: the prompt is empty");
+        // The params' checks are those of the last prompt position.
+        let mut p = DecodeParams::new(
+            "kv_prefill",
+            &DecodeShape {
+                pos: s.pos - 1,
+                ..*s
+            },
+        )?;
+        p.pos = s.pos as u32;
+        let row = s.kv_heads * s.head_dim;
+        check("kv_prefill", "new", new, DType::F32, s.batch * s.pos * row)?;
+        check(
+            "kv_prefill",
+            "cache",
+            cache,
+            DType::F32,
+            s.batch * s.kv_heads * s.capacity * s.head_dim,
+        )?;
+        let kept = s.pos.min(s.capacity);
+        let k = self.kernel(&shader()?, "prefill", &[])?;
+        rec.dispatch(
+            &k,
+            bytemuck::bytes_of(&p),
+            &[new.view()?, cache.view()?],
+            groups_1d(self, (s.batch * kept * row).div_ceil(256) as u32),
         );
         Ok(())
     }
@@ -240,6 +281,60 @@ mod tests {
             assert!(
                 err < 2e-6,
                 "seed {seed} pos {pos} window {window}: rel err {err}"
+            );
+        }
+    }
+
+    /// A prompt's rows into a full cache and into rings smaller and larger than the prompt
+    /// (garbage beforehand: untouched slots must keep it), against the reference, which equals
+    /// one `append` per position.
+    #[test]
+    fn prefill_matches_reference_and_appends() {
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let (batch, kv_heads, head_dim, n) = (2usize, 3usize, 5usize, 11usize);
+        for (capacity, window) in [(14usize, 0usize), (4, 4), (13, 6)] {
+            let s = DecodeShape {
+                batch,
+                heads: kv_heads,
+                kv_heads,
+                head_dim,
+                capacity,
+                pos: n,
+                window,
+                scale: 1.0,
+            };
+            let cache_len = batch * kv_heads * capacity * head_dim;
+            let mut want = rng.vec_normal(cache_len);
+            let gcache = gpu
+                .upload_f32(&[batch, kv_heads, capacity, head_dim], &want)
+                .unwrap();
+            let new = rng.vec_normal(batch * n * kv_heads * head_dim);
+            let mut by_append = want.clone();
+            for t in 0..n {
+                let rows: Vec<f32> = (0..batch)
+                    .flat_map(|b| {
+                        new[(b * n + t) * kv_heads * head_dim..][..kv_heads * head_dim].to_vec()
+                    })
+                    .collect();
+                reference::append(&mut by_append, &rows, &DecodeShape { pos: t, ..s });
+            }
+            reference::prefill(&mut want, &new, &s);
+            assert_eq!(
+                want, by_append,
+                "seed {seed} capacity {capacity}: reference"
+            );
+            let gnew = gpu
+                .upload_f32(&[batch, n, kv_heads, head_dim], &new)
+                .unwrap();
+            let mut rec = Recorder::new(gpu);
+            gpu.kv_prefill(&mut rec, &s, &gnew, &gcache).unwrap();
+            rec.submit();
+            assert_eq!(
+                gpu.read_f32(&gcache).unwrap(),
+                want,
+                "seed {seed} capacity {capacity} window {window}"
             );
         }
     }

@@ -85,7 +85,7 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
         };
         all.push((
             shader(operands)?,
-            vec!["matmul_register", "matmul_workgroup"],
+            vec!["matmul_register", "matmul_workgroup", "matmul_rows"],
         ));
         for trans_a in [false, true] {
             for trans_b in [false, true] {
@@ -113,6 +113,16 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
 fn stage_operands() -> bool {
     static S: OnceLock<bool> = OnceLock::new();
     *S.get_or_init(|| std::env::var("RUNNER_MATMUL_STAGE").map_or(true, |v| v != "0"))
+}
+
+/// Up to this many rows of A, `x·Wᵀ` runs the rows kernel (`matmul_rows`: one dot product per
+/// output) instead of a tiled one: decoding multiplies one row per sequence.
+pub const ROWS_KERNEL_MAX_M: u32 = 8;
+
+/// Whether the rows kernel is used (env `RUNNER_MATMUL_ROWS=0`: never, for benchmarking).
+fn rows_kernel() -> bool {
+    static R: OnceLock<bool> = OnceLock::new();
+    *R.get_or_init(|| std::env::var("RUNNER_MATMUL_ROWS").map_or(true, |v| v != "0"))
 }
 
 /// Options of [`Gpu::matmul`]. `Default`: plain `C = A·B`.
@@ -854,6 +864,18 @@ impl Gpu {
         if let Some((_, blocksize)) = &nf4 {
             constants.push(("NF4_BLOCK", *blocksize as f64));
         }
+        // A few rows against a [N, K] weight (decoding): the rows kernel on the storage buffers.
+        if g.trans_b && !g.trans_a && p.m <= ROWS_KERNEL_MAX_M && rows_kernel() {
+            let kernel = self.kernel(&shader(operands)?, "matmul_rows", &constants)?;
+            let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
+            let mut buffers = vec![g.a, g.b, g.c, bias];
+            if let Some((absmax, _)) = nf4 {
+                buffers.push(absmax);
+            }
+            let groups = [p.n.div_ceil(64), p.m, g.batch];
+            rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
+            return Ok(());
+        }
         let (entry, groups) = match self.tiling() {
             Tiling::Register if subgroup_kernel_fits(self) => {
                 let (tm, tn) = subgroup_tile();
@@ -1124,6 +1146,9 @@ mod tests {
             (64, 48, 40),
             (5, 3, 2),
             (1, 131, 9),
+            // The rows kernel (M <= 8 with Bᵀ): aligned (vec4) and odd K.
+            (4, 260, 36),
+            (2, 67, 13),
         ] {
             for ta in [false, true] {
                 for tb in [false, true] {

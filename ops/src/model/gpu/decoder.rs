@@ -121,6 +121,14 @@ impl GpuDecoderLayerCache {
     }
 }
 
+impl GpuDecoderLayerCache {
+    /// The rotated keys and the values `[tokens, kv_heads, head_dim]` the attention used: what
+    /// a prompt forward leaves in the KV cache for generation.
+    pub fn keys_values(&self) -> (&GpuTensor, &GpuTensor) {
+        (&self.k_rot, &self.v)
+    }
+}
+
 /// Per-micro-batch inputs every layer shares: positions, RoPE tables per (base, factor), and an
 /// uploaded attention mask per sliding window (global layers: `None`).
 pub struct GpuSequence {

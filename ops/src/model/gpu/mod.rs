@@ -5,6 +5,7 @@ pub mod linear;
 
 pub use linear::{BaseWeight, GpuLinear, GpuLinearCache, GpuLoraPair, LoraRun};
 pub mod decoder;
+pub mod kv_cache;
 pub mod model;
 pub mod projector;
 pub mod siglip;

@@ -1,0 +1,217 @@
+//! Issue #15's benchmark: greedy generation with the KV cache on the GPU kernels on the small
+//! Gemma-3-shaped bench model (recipes/configs/bench-small-gemma-3.config.json: text hidden
+//! 640, 4 layers, 4 heads × 256, 1 KV head, vocab 32768; SigLIP 224 px, 4 layers; 64 image
+//! tokens), random f32 weights, one prompt of PROMPT tokens holding one image. Prints the time to
+//! first token (vision tower + prompt forward + the first token's logits), the decode speed in
+//! tokens/s, the KV cache size, and transformers' `generate` on the CPU on the same config in the
+//! same run (tools/bench/generate_baseline.py; "skipped" without python3 + torch + transformers;
+//! `RUNNER_BENCH_PYTHON` names the interpreter).
+//!
+//! `cargo run --release -p ops --example generate_bench -- [PROMPT=256] [NEW=64] [--nf4]`
+
+use std::process::Command;
+use std::time::Instant;
+
+use ops::data::collate::Batch;
+use ops::generation::decode::argmax;
+use ops::gpu::Gpu;
+use ops::model::bnb::{QuantStorage, SkipRule};
+use ops::model::config::FloatDtype;
+use ops::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
+use ops::model::quantize::{quantize_checkpoint, QuantizeOptions};
+use ops::model::{ModelConfig, Weights};
+
+const CONFIG: &str = include_str!("../../recipes/configs/bench-small-gemma-3.config.json");
+
+/// `config.json` and a `model.safetensors` of random weights (f32, canonical names): N(0, 0.02)
+/// matrices and embeddings, zero biases, Gemma RMSNorm weights 0 (scale 1 + w), LayerNorms 1.
+fn write_random_model(dir: &std::path::Path) -> anyhow::Result<()> {
+    use ops::model::names::expected_tensors;
+    let config = ModelConfig::from_json(CONFIG)?;
+    std::fs::write(dir.join("config.json"), CONFIG)?;
+    let mut rng = ops::gpu::testing::TestRng::new(7);
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = expected_tensors(&config)
+        .into_iter()
+        .filter(|e| !e.optional)
+        .map(|e| {
+            let n = e.numel();
+            let values = if e.name.ends_with(".bias") || e.name.ends_with("norm.weight") {
+                vec![0.0; n]
+            } else if e.name.contains("layer_norm") || e.name.contains("post_layernorm") {
+                vec![1.0; n]
+            } else {
+                (0..n).map(|_| rng.normal() * 0.02).collect()
+            };
+            (e.name, e.shape, values)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, v)| {
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytemuck::cast_slice(v),
+                )
+                .expect("shape matches"),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// One prompt of `seq` tokens: BOS, a boi + image soft tokens + eoi block, then text.
+fn prompt(config: &ModelConfig, seq: usize) -> Batch {
+    let ModelConfig::ConditionalGeneration(g) = config else {
+        panic!("the bench config is multimodal")
+    };
+    let mm = g.mm_tokens_per_image;
+    let mut ids: Vec<i64> = (0..seq).map(|i| 10 + (i as i64 * 7919) % 30000).collect();
+    ids[0] = 2;
+    ids[4] = g.boi_token_index;
+    for id in &mut ids[5..5 + mm] {
+        *id = g.image_token_index;
+    }
+    ids[5 + mm] = g.eoi_token_index;
+    let token_type_ids = ids
+        .iter()
+        .map(|&i| (i == g.image_token_index) as i64)
+        .collect();
+    let side = g.vision_config.image_size();
+    Batch {
+        batch_size: 1,
+        seq_len: seq,
+        input_ids: ids,
+        attention_mask: vec![1; seq],
+        token_type_ids,
+        labels: vec![-100; seq],
+        pixel_values: (0..3 * side * side)
+            .map(|i| ((i % 255) as f32 / 127.5) - 1.0)
+            .collect(),
+        num_images: 1,
+        image_height: side,
+        image_width: side,
+        images_per_sample: vec![1],
+        rows: vec![0],
+        epoch: 0,
+        index_in_epoch: 0,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let nf4 = args.iter().any(|a| a == "--nf4");
+    let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let seq = nums.first().copied().unwrap_or(256);
+    let new = nums.get(1).copied().unwrap_or(64).max(2);
+    let dir = tempfile::tempdir()?;
+    write_random_model(dir.path())?;
+    let root = if nf4 {
+        let out = dir.path().join("nf4");
+        std::fs::create_dir_all(&out)?;
+        // The guide's BitsAndBytesConfig (double quant, bf16 compute and storage).
+        quantize_checkpoint(
+            dir.path(),
+            &out,
+            &QuantizeOptions {
+                double_quant: true,
+                compute_dtype: FloatDtype::BF16,
+                quant_storage: QuantStorage::BF16,
+                skip_modules: None,
+                skip_rule: SkipRule::Boundary,
+                load_dtype: None,
+            },
+            &|_| {},
+        )?;
+        out
+    } else {
+        dir.path().to_path_buf()
+    };
+    let config = ModelConfig::from_file(&root.join("config.json"))?;
+    let weights = Weights::open(&root, &config)?;
+    let gpu = Gpu::get()?;
+    println!("adapter: {}", gpu.describe());
+    let model = Gemma3Gpu::from_weights(gpu, &config, &weights, None, Gemma3GpuOptions::default())?;
+    let batch = prompt(&config, seq);
+    let run = |n: usize| -> anyhow::Result<(f64, f64, u64)> {
+        let started = Instant::now();
+        let (mut cache, mut logits) = model.start_generation(gpu, &batch, n)?;
+        let mut id = argmax(&logits);
+        let ttft = started.elapsed().as_secs_f64();
+        let decode = Instant::now();
+        for _ in 1..n {
+            logits = model.decode_step(gpu, &mut cache, &[id])?;
+            id = argmax(&logits);
+        }
+        Ok((
+            ttft,
+            (n - 1) as f64 / decode.elapsed().as_secs_f64(),
+            cache.bytes(),
+        ))
+    };
+    run(4)?; // warm-up: pipelines compiled, buffers pooled
+    let (ttft, rate, bytes) = run(new)?;
+    // One more decode step, timed kernel by kernel.
+    {
+        let (mut cache, logits) = model.start_generation(gpu, &batch, 2)?;
+        let (_, times) = model.decode_step_timed(gpu, &mut cache, &[argmax(&logits)])?;
+        let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
+        for k in times {
+            *by_name.entry(k.name).or_default() += k.seconds;
+        }
+        let total: f64 = by_name.values().sum();
+        let mut rows: Vec<_> = by_name.into_iter().collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!("one decode step: {:.1} ms of GPU time", total * 1e3);
+        for (name, s) in rows.iter().take(8) {
+            println!(
+                "  {name:<40} {:>7.2} ms {:>5.1}%",
+                s * 1e3,
+                100.0 * s / total
+            );
+        }
+    }
+    println!(
+        "runner ({}): prompt {seq} tokens + 1 image, {new} new tokens: time to first token {:.3} s, decode {:.1} tokens/s, KV cache {:.1} MiB",
+        if nf4 { "NF4" } else { "f32" },
+        ttft,
+        rate,
+        bytes as f64 / (1 << 20) as f64
+    );
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let python = std::env::var("RUNNER_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let out = Command::new(&python)
+        .arg(format!("{repo}/tools/bench/generate_baseline.py"))
+        .arg(format!(
+            "{repo}/recipes/configs/bench-small-gemma-3.config.json"
+        ))
+        .arg(seq.to_string())
+        .arg(new.to_string())
+        .arg(threads.to_string())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let line = String::from_utf8_lossy(&o.stdout);
+            let v: serde_json::Value = serde_json::from_str(line.trim())?;
+            let (t, r) = (
+                v["ttft_s"].as_f64().unwrap_or(f64::NAN),
+                v["decode_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+            );
+            println!(
+                "transformers (CPU, {threads} threads, f32 eager): time to first token {t:.3} s, decode {r:.1} tokens/s -> runner/transformers: TTFT {:.2}x, decode speed {:.2}x",
+                ttft / t,
+                rate / r
+            );
+        }
+        Ok(o) => println!(
+            "transformers: skipped ({python} failed: {})",
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+        ),
+        Err(_) => println!("transformers: skipped ({python} with torch and transformers not available; set RUNNER_BENCH_PYTHON)"),
+    }
+    Ok(())
+}

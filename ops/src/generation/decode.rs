@@ -1,0 +1,374 @@
+//! The host side of generation: prompts from conversations (chat template with the generation
+//! prompt, tokenized as `collate` tokenizes, images processed as in training, left padding as
+//! transformers pads for generation), the choice of each new token (greedy, or sampling with
+//! temperature, top-k and top-p in transformers' order), and the stop rule.
+
+use anyhow::{bail, ensure, Context, Result};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::chat_template::ChatTemplate;
+use crate::data::collate::{zeroed_pixel_buffer, Batch, ImageResolver, IGNORE_INDEX};
+use crate::data::conversation::{count_image_items, ConversationRecord, ImageRef};
+use crate::data::image::RgbImage;
+use crate::data::processor::Processor;
+use crate::gpu::Gpu;
+use crate::model::gpu::model::Gemma3Gpu;
+
+/// One conversation made into a prompt.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub row: usize,
+    /// The rendered chat template (generation prompt included, not stripped).
+    pub text: String,
+    /// The trailing assistant message's text, when the conversation ends with one.
+    pub reference: Option<String>,
+    /// Token ids as `collate` makes them (image placeholders expanded).
+    pub input_ids: Vec<u32>,
+    /// The prompt's images, in message order.
+    pub images: Vec<ImageRef>,
+}
+
+/// The text of a message's content: a string, or the concatenated text items of a list.
+fn content_text(content: &serde_json::Value) -> String {
+    match content {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .filter(|i| i.get("type").and_then(|t| t.as_str()) == Some("text"))
+            .filter_map(|i| i.get("text").and_then(|t| t.as_str()))
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+/// The prompt of a conversation: every message but a trailing assistant one (the reference),
+/// rendered with `add_generation_prompt = true` and tokenized with `add_special_tokens` as the
+/// `collate` op does (the guide's collate_fn: the processor's default, true).
+pub fn build_prompt(
+    record: &ConversationRecord,
+    template: &ChatTemplate,
+    processor: &Processor,
+    add_special_tokens: bool,
+) -> Result<Prompt> {
+    let messages = record
+        .messages
+        .as_array()
+        .with_context(|| format!("row {}: `messages` is not a list", record.row))?;
+    let (prompt_messages, reference) = match messages.last() {
+        Some(last) if last.get("role").and_then(|r| r.as_str()) == Some("assistant") => (
+            &messages[..messages.len() - 1],
+            Some(content_text(
+                last.get("content").unwrap_or(&serde_json::Value::Null),
+            )),
+        ),
+        _ => (&messages[..], None),
+    };
+    ensure!(
+        !prompt_messages.is_empty(),
+        "row {}: the conversation has no message before its answer",
+        record.row
+    );
+    let prompt_messages = serde_json::Value::Array(prompt_messages.to_vec());
+    let n_images = count_image_items(&prompt_messages);
+    ensure!(
+        n_images <= record.images.len(),
+        "row {}: the prompt has {n_images} image items but the conversation {} images",
+        record.row,
+        record.images.len()
+    );
+    let text = template
+        .render(&prompt_messages, true)
+        .with_context(|| format!("row {}", record.row))?
+        .text;
+    let placeholders = processor.count_images(&text);
+    ensure!(
+        placeholders == n_images,
+        "row {}: the rendered prompt has {placeholders} image placeholders for {n_images} images",
+        record.row
+    );
+    let (expanded, _) = processor.expand(&text, &[]);
+    let (input_ids, _) = processor.encode(&expanded, add_special_tokens, false)?;
+    Ok(Prompt {
+        row: record.row,
+        text,
+        reference,
+        input_ids,
+        images: record.images[..n_images].to_vec(),
+    })
+}
+
+/// Left-pads prompts into one batch (transformers' `padding_side = "left"` for generation) with
+/// their images resized and normalised as in training. Labels are all ignored.
+pub fn left_padded_batch(
+    processor: &Processor,
+    prompts: &[Prompt],
+    images: &[Vec<RgbImage>],
+) -> Batch {
+    let b = prompts.len();
+    let t = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
+    let pad = processor.ids.pad as i64;
+    let mut batch = Batch {
+        batch_size: b,
+        seq_len: t,
+        input_ids: vec![pad; b * t],
+        attention_mask: vec![0; b * t],
+        token_type_ids: vec![0; b * t],
+        labels: vec![IGNORE_INDEX; b * t],
+        pixel_values: Vec::new(),
+        num_images: 0,
+        image_height: processor.image.height,
+        image_width: processor.image.width,
+        images_per_sample: images.iter().map(Vec::len).collect(),
+        rows: prompts.iter().map(|p| p.row).collect(),
+        epoch: 0,
+        index_in_epoch: 0,
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        let offset = t - p.input_ids.len();
+        for (j, &id) in p.input_ids.iter().enumerate() {
+            let k = i * t + offset + j;
+            batch.input_ids[k] = id as i64;
+            batch.attention_mask[k] = 1;
+            batch.token_type_ids[k] = (id == processor.ids.image) as i64;
+        }
+    }
+    let plane = 3 * processor.image.height * processor.image.width;
+    let all: Vec<&RgbImage> = images.iter().flatten().collect();
+    batch.pixel_values = zeroed_pixel_buffer(all.len() * plane);
+    for (out, img) in batch.pixel_values.chunks_mut(plane.max(1)).zip(&all) {
+        processor
+            .image
+            .normalize_into(&processor.image.resize(img), out);
+    }
+    batch.num_images = all.len();
+    batch
+}
+
+/// Loads a prompt's images.
+pub fn load_images(resolver: &ImageResolver, prompt: &Prompt) -> Result<Vec<RgbImage>> {
+    prompt
+        .images
+        .iter()
+        .map(|r| {
+            resolver
+                .load(r)
+                .with_context(|| format!("row {}", prompt.row))
+        })
+        .collect()
+}
+
+/// How new tokens are chosen and when a row stops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeOptions {
+    pub max_new_tokens: usize,
+    /// false: greedy (argmax, the lowest id on ties, as torch.argmax).
+    pub do_sample: bool,
+    pub temperature: f64,
+    /// 0: no top-k filter.
+    pub top_k: usize,
+    /// 1.0: no top-p filter.
+    pub top_p: f64,
+    pub seed: u64,
+    /// A row stops after producing one of these (generation_config.json's `eos_token_id`).
+    pub stop_ids: Vec<u32>,
+    /// Fed to rows that have stopped while the others go on (transformers does the same).
+    pub pad_id: u32,
+}
+
+/// The first index of the largest value.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Samples from `logits` as transformers' sampling does: temperature, then top-k (ties with
+/// the k-th value kept), then top-p (the smallest set of most probable tokens whose mass
+/// exceeds `top_p`, at least one), then a draw from the renormalised distribution.
+pub fn sample(logits: &[f32], opts: &DecodeOptions, rng: &mut ChaCha8Rng) -> u32 {
+    let mut z: Vec<f64> = logits
+        .iter()
+        .map(|&v| v as f64 / opts.temperature)
+        .collect();
+    if opts.top_k > 0 && opts.top_k < z.len() {
+        let mut sorted = z.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[opts.top_k - 1];
+        for v in &mut z {
+            if *v < kth {
+                *v = f64::NEG_INFINITY;
+            }
+        }
+    }
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut p: Vec<f64> = z.iter().map(|&v| (v - max).exp()).collect();
+    let total: f64 = p.iter().sum();
+    p.iter_mut().for_each(|v| *v /= total);
+    if opts.top_p < 1.0 {
+        // Ascending order, removing the tokens whose cumulative mass stays within 1 - top_p.
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then(a.cmp(&b)));
+        let mut cumulative = 0.0;
+        for (n, &i) in order.iter().enumerate() {
+            cumulative += p[i];
+            if cumulative <= 1.0 - opts.top_p && n + 1 < order.len() {
+                p[i] = 0.0;
+            }
+        }
+        let total: f64 = p.iter().sum();
+        p.iter_mut().for_each(|v| *v /= total);
+    }
+    let u: f64 = rng.random::<f64>();
+    let mut acc = 0.0;
+    let mut last = 0;
+    for (i, &pi) in p.iter().enumerate() {
+        if pi > 0.0 {
+            acc += pi;
+            last = i;
+            if u < acc {
+                return i as u32;
+            }
+        }
+    }
+    last as u32
+}
+
+/// The random stream of one dataset row: the same row gets the same draws whatever the batch.
+pub fn row_rng(seed: u64, row: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(row as u64);
+    rng
+}
+
+/// One row's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// New ids, the stop id included when the row stopped on one.
+    pub token_ids: Vec<u32>,
+    /// Stopped on a stop id (else `max_new_tokens` was reached).
+    pub stopped: bool,
+}
+
+/// Generates for one left-padded batch; `on_tokens(n)` is told how many new tokens each step
+/// produced (rows still going).
+pub fn generate_batch(
+    model: &Gemma3Gpu,
+    gpu: &Gpu,
+    batch: &Batch,
+    opts: &DecodeOptions,
+    mut on_tokens: impl FnMut(usize),
+) -> Result<Vec<Generated>> {
+    let b = batch.batch_size;
+    let vocab = model.dims.vocab;
+    if opts.max_new_tokens == 0 {
+        bail!("max_new_tokens must be at least 1");
+    }
+    let mut rngs: Vec<ChaCha8Rng> = batch.rows.iter().map(|&r| row_rng(opts.seed, r)).collect();
+    let (mut cache, mut logits) = model.start_generation(gpu, batch, opts.max_new_tokens)?;
+    let mut out = vec![
+        Generated {
+            token_ids: Vec::new(),
+            stopped: false,
+        };
+        b
+    ];
+    for step in 0..opts.max_new_tokens {
+        ensure!(
+            logits.len() == b * vocab,
+            "the model returned {} logits for {b} rows of {vocab}",
+            logits.len()
+        );
+        let mut next = vec![opts.pad_id; b];
+        let mut produced = 0;
+        for (r, g) in out.iter_mut().enumerate() {
+            if g.stopped {
+                continue;
+            }
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let id = if opts.do_sample {
+                sample(row, opts, &mut rngs[r])
+            } else {
+                argmax(row)
+            };
+            g.token_ids.push(id);
+            g.stopped = opts.stop_ids.contains(&id);
+            next[r] = id;
+            produced += 1;
+        }
+        on_tokens(produced);
+        if step + 1 == opts.max_new_tokens || out.iter().all(|g| g.stopped) {
+            break;
+        }
+        logits = model.decode_step(gpu, &mut cache, &next)?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> DecodeOptions {
+        DecodeOptions {
+            max_new_tokens: 1,
+            do_sample: true,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 3,
+            stop_ids: vec![],
+            pad_id: 0,
+        }
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(argmax(&[0.0, 2.0, -1.0, 2.0]), 1);
+    }
+
+    /// Top-k keeps only the k best (ties with the k-th kept), top-p the smallest head whose
+    /// mass exceeds p; the draws follow the kept probabilities; the same seed and row give the
+    /// same draws, another row others.
+    #[test]
+    fn sampling_filters_and_is_reproducible() {
+        let logits = [3.0f32, 2.0, 2.0, 0.0, -1.0];
+        let mut rng = row_rng(7, 0);
+        let top2 = DecodeOptions { top_k: 2, ..opts() };
+        let mut seen = [0usize; 5];
+        for _ in 0..3000 {
+            seen[sample(&logits, &top2, &mut rng) as usize] += 1;
+        }
+        // k = 2: the tie at 2.0 keeps ids 1 and 2 beside 0.
+        assert_eq!(seen[3] + seen[4], 0, "{seen:?}");
+        assert!(
+            seen[1] > 300 && seen[2] > 300 && seen[0] > seen[1],
+            "{seen:?}"
+        );
+        // p(0) = e^3 / (e^3 + 2e^2 + 1 + e^-1) ≈ 0.56: top_p 0.5 keeps id 0 alone.
+        let top_p = DecodeOptions {
+            top_p: 0.5,
+            ..opts()
+        };
+        assert!((0..200).all(|_| sample(&logits, &top_p, &mut rng) == 0));
+        // Temperature 1e-3 is almost greedy.
+        let cold = DecodeOptions {
+            temperature: 1e-3,
+            ..opts()
+        };
+        assert!((0..200).all(|_| sample(&logits, &cold, &mut rng) == 0));
+        let draws = |seed, row| -> Vec<u32> {
+            let mut rng = row_rng(seed, row);
+            (0..50)
+                .map(|_| sample(&logits, &opts(), &mut rng))
+                .collect()
+        };
+        assert_eq!(draws(1, 4), draws(1, 4));
+        assert_ne!(draws(1, 4), draws(1, 5));
+        assert_ne!(draws(1, 4), draws(2, 4));
+    }
+}
