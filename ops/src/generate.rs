@@ -268,6 +268,8 @@ impl Op for GenerateOp {
                 gradient_checkpointing: false,
                 lora: adapter.as_ref().map(|a| a.settings),
                 matmul_precision: MatmulPrecision::parse(&params.matmul_precision)?,
+                // f32 tables: an adapter trained with `bf16` holds bf16 values, exact in f32
+                bf16: false,
             },
         )
         .with_context(|| format!("{op}: loading the model"))?;

@@ -844,11 +844,11 @@ impl Gemma3Gpu {
         let x = gpu.empty(&[ids.numel(), self.dims.hidden], DType::F32)?;
         gpu.embedding_gather(
             rec,
-            self.input_embedding(),
+            self.input_embedding()?,
             ids,
             &x,
             self.embed_scale,
-            false,
+            self.bf16,
         )?;
         Ok(x)
     }
@@ -865,7 +865,7 @@ impl Gemma3Gpu {
             trans_b: true,
             ..Default::default()
         };
-        gpu.matmul(rec, normed, self.output_embedding(), &logits, opts)?;
+        gpu.matmul(rec, normed, self.output_embedding()?, &logits, opts)?;
         Ok(logits)
     }
 }
