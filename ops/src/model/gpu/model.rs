@@ -20,7 +20,7 @@ use super::siglip::{GpuVisionCache, GpuVisionTower};
 use crate::data::collate::Batch;
 use crate::gpu::kernels::cross_entropy::CrossEntropyArgs;
 use crate::gpu::MatmulPrecision;
-use crate::gpu::{BufView, DType, Gpu, GpuTensor, MatmulOpts, Recorder};
+use crate::gpu::{DType, Gpu, GpuTensor, MatmulOpts, Recorder};
 use crate::model::config::{FloatDtype, ModelConfig};
 use crate::model::names::{EMBED_TOKENS, LM_HEAD, TEXT};
 use crate::model::reference::gemma3::TextDims;
@@ -157,37 +157,6 @@ struct Prepared {
 struct ImageCache {
     vision: GpuVisionCache,
     projector: GpuProjectorCache,
-}
-
-/// Copies `rows` rows of `row_bytes` from `src` row `src_row` to `dst` row `dst_row`.
-fn copy_rows(
-    rec: &mut Recorder,
-    src: &GpuTensor,
-    src_row: usize,
-    dst: &GpuTensor,
-    dst_row: usize,
-    rows: usize,
-) -> Result<()> {
-    let row_bytes = (src.row_len() * 4) as u64;
-    ensure!(
-        src.row_len() == dst.row_len(),
-        "copy_rows: row lengths differ"
-    );
-    let (s, d) = (src.view()?, dst.view()?);
-    let size = rows as u64 * row_bytes;
-    rec.copy(
-        &BufView {
-            buffer: s.buffer.clone(),
-            offset: s.offset + src_row as u64 * row_bytes,
-            size,
-        },
-        &BufView {
-            buffer: d.buffer.clone(),
-            offset: d.offset + dst_row as u64 * row_bytes,
-            size,
-        },
-    );
-    Ok(())
 }
 
 impl Gemma3Gpu {
@@ -508,7 +477,7 @@ impl Gemma3Gpu {
         // The features replace the soft tokens' (scaled) embeddings, unscaled.
         let mm = self.mm_tokens_per_image;
         for (image, &start) in p.image_starts.iter().enumerate() {
-            copy_rows(rec, &features, image * mm, &x, start, mm)?;
+            gpu.copy_rows(rec, &features, image * mm, &x, start, mm)?;
         }
         // A tower without LoRA pairs trains nothing: the image path keeps nothing.
         let cache = vision.has_lora().then_some(ImageCache {
@@ -745,7 +714,7 @@ impl TrainModel for Gemma3Gpu {
             let mm = self.mm_tokens_per_image;
             let d_features = gpu.empty(&[p.image_starts.len() * mm, dims.hidden], DType::F32)?;
             for (image, &start) in p.image_starts.iter().enumerate() {
-                copy_rows(rec, &d, start, &d_features, image * mm, mm)?;
+                gpu.copy_rows(rec, &d, start, &d_features, image * mm, mm)?;
             }
             let d_vision = projector.backward(gpu, rec, &cache.projector, &d_features)?;
             drop((d_features, cache.projector));
@@ -819,7 +788,7 @@ impl Gemma3Gpu {
         // Only the last position of each row predicts the first new token.
         let last = gpu.empty(&[bsz, self.dims.hidden], DType::F32)?;
         for b in 0..bsz {
-            copy_rows(rec, &x, b * seq + seq - 1, &last, b, 1)?;
+            gpu.copy_rows(rec, &x, b * seq + seq - 1, &last, b, 1)?;
         }
         let normed = gpu.empty(&[bsz, self.dims.hidden], DType::F32)?;
         let rstd = gpu.empty(&[bsz], DType::F32)?;
