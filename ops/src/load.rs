@@ -738,6 +738,8 @@ mod tests {
             endpoint: server.endpoint.clone(),
             token: None,
             token_source: None,
+            hf_home: cache.path().to_path_buf(),
+            token_error: None,
             offline: false,
         })
         .with_retry(RetryPolicy {

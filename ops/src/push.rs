@@ -143,7 +143,8 @@ pub fn push(
         return Ok(());
     }
     // huggingface_hub refuses every call in offline mode; an upload must not wait on timeouts.
-    if crate::hub::cache::HubEnv::from_vars(env).offline {
+    let hub = crate::hub::cache::HubEnv::from_vars(env);
+    if hub.offline {
         let var = if env("HF_HUB_OFFLINE").is_some_and(|v| !v.is_empty()) {
             "HF_HUB_OFFLINE"
         } else {
@@ -153,13 +154,17 @@ pub fn push(
             "op `{op_name}`: {var} is set, so nothing is uploaded to the Hub; unset it to push, or set `enabled = false` in [ops.{op_name}]"
         );
     }
-    let Some((token, source)) = upload::resolve_token_with(env)? else {
+    if let Some(e) = &hub.token_error {
+        anyhow::bail!("op `{op_name}`: {e}");
+    }
+    let (Some(token), Some(source)) = (hub.token.as_deref(), hub.token_source.clone()) else {
         anyhow::bail!(
             "op `{op_name}`: no Hugging Face token: set HF_TOKEN, or log in with `hf auth login` (which writes {}), or set `enabled = false` in [ops.{op_name}] to skip the upload",
-            upload::hf_home_with(env).join("token").display()
+            hub.hf_home.join("token").display()
         );
     };
-    let endpoint = upload::resolve_endpoint_with(env);
+    let token = upload::Token::new(token);
+    let endpoint = hub.endpoint.clone();
     let req = CommitRequest {
         repo_id: p.repo_id.clone(),
         repo_type: RepoType::parse(&p.repo_type)?,
@@ -261,6 +266,7 @@ mod tests {
 
     #[test]
     fn token_sources_in_huggingface_hub_order() {
+        use crate::hub::cache::HubEnv;
         let home = tempfile::tempdir().unwrap();
         std::fs::write(home.path().join("token"), "hf_fromfile\n").unwrap();
         let custom = home.path().join("elsewhere");
@@ -270,33 +276,27 @@ mod tests {
         let look = |vars: Vec<(&'static str, String)>| {
             move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
         };
-        let t = |vars| {
-            upload::resolve_token_with(&look(vars))
-                .unwrap()
-                .map(|(t, _)| t)
-        };
-        use upload::Token;
+        let t = |vars| HubEnv::from_vars(look(vars)).token;
         assert_eq!(
             t(vec![("HF_TOKEN", "hf_env".into()), ("HF_HOME", h.clone())]),
-            Some(Token::new("hf_env"))
+            Some("hf_env".to_string())
         );
         assert_eq!(
             t(vec![("HF_TOKEN", "".into()), ("HF_HOME", h.clone())]),
-            Some(Token::new("hf_fromfile"))
+            Some("hf_fromfile".to_string())
         );
         assert_eq!(
             t(vec![("HF_HOME", h.clone()), ("HF_TOKEN_PATH", c)]),
-            Some(Token::new("hf_custom"))
+            Some("hf_custom".to_string())
         );
         assert_eq!(t(vec![("HF_HOME", "/nonexistent-home".into())]), None);
         assert_eq!(
-            upload::resolve_endpoint_with(
-                &|k| (k == "HF_ENDPOINT").then(|| "http://proxy:8080/".into())
-            ),
+            HubEnv::from_vars(|k| (k == "HF_ENDPOINT").then(|| "http://proxy:8080/ ".into()))
+                .endpoint,
             "http://proxy:8080"
         );
         assert_eq!(
-            upload::resolve_endpoint_with(&|_| None),
+            HubEnv::from_vars(|_| None).endpoint,
             "https://huggingface.co"
         );
     }

@@ -30,8 +30,13 @@ pub struct HubEnv {
     pub endpoint: String,
     /// `HF_TOKEN`, else the token file (`HF_TOKEN_PATH`, default `$HF_HOME/token`).
     pub token: Option<String>,
-    /// Where the token came from, for error messages (`HF_TOKEN`, a file path, or none).
-    pub token_source: Option<String>,
+    /// Where the token came from, for error messages (never the value).
+    pub token_source: Option<TokenSource>,
+    /// `HF_HOME` (where `hf auth login` writes its token file).
+    pub hf_home: PathBuf,
+    /// A token file that exists but could not be read (the token then counts as unset; an
+    /// upload, which needs the token, reports this instead).
+    pub token_error: Option<String>,
     /// `HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE` is truthy: no network at all.
     pub offline: bool,
 }
@@ -52,39 +57,16 @@ impl HubEnv {
     /// - endpoint = `HF_ENDPOINT` (default `https://huggingface.co`) without trailing `/`
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         let nonempty = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let home = nonempty("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/"));
-        let expand = |p: String| expand_home(&p, &home);
-        let hf_home = nonempty("HF_HOME").map(expand).unwrap_or_else(|| {
-            nonempty("XDG_CACHE_HOME")
-                .map(expand)
-                .unwrap_or_else(|| home.join(".cache"))
-                .join("huggingface")
-        });
+        let home = home_from(&var);
+        let hf_home = hf_home_from(&var);
         let cache_dir = nonempty("HF_HUB_CACHE")
             .or_else(|| nonempty("HUGGINGFACE_HUB_CACHE"))
-            .map(expand)
+            .map(|p| expand_home(&p, &home))
             .unwrap_or_else(|| hf_home.join("hub"));
-        let (token, token_source) = match nonempty("HF_TOKEN") {
-            Some(t) => (Some(t.trim().to_string()), Some("HF_TOKEN".to_string())),
-            None => match nonempty("HUGGING_FACE_HUB_TOKEN") {
-                Some(t) => (
-                    Some(t.trim().to_string()),
-                    Some("HUGGING_FACE_HUB_TOKEN".to_string()),
-                ),
-                None => {
-                    let path = nonempty("HF_TOKEN_PATH")
-                        .map(expand)
-                        .unwrap_or_else(|| hf_home.join("token"));
-                    match std::fs::read_to_string(&path) {
-                        Ok(t) if !t.trim().is_empty() => {
-                            (Some(t.trim().to_string()), Some(path.display().to_string()))
-                        }
-                        _ => (None, None),
-                    }
-                }
-            },
+        let (token, token_source, token_error) = match token_from(&var) {
+            Ok(Some((t, source))) => (Some(t), Some(source), None),
+            Ok(None) => (None, None, None),
+            Err(e) => (None, None, Some(format!("{e:#}"))),
         };
         // Python: `_is_true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))`
         // — an empty HF_HUB_OFFLINE falls through to TRANSFORMERS_OFFLINE.
@@ -92,26 +74,27 @@ impl HubEnv {
             .filter(|v| !v.is_empty())
             .or_else(|| var("TRANSFORMERS_OFFLINE"))
             .is_some_and(|v| is_true(&v));
-        let endpoint = nonempty("HF_ENDPOINT")
-            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
-            .trim_end_matches('/')
-            .to_string();
         Self {
             cache_dir,
-            endpoint,
+            endpoint: endpoint_from(&var),
             token,
             token_source,
+            hf_home,
+            token_error,
             offline,
         }
     }
 
     /// A cache-only environment (tests, and fixtures used with `HF_HUB_OFFLINE=1`).
     pub fn offline_at(cache_dir: impl Into<PathBuf>) -> Self {
+        let cache_dir = cache_dir.into();
         Self {
-            cache_dir: cache_dir.into(),
+            hf_home: cache_dir.clone(),
+            cache_dir,
             endpoint: DEFAULT_ENDPOINT.to_string(),
             token: None,
             token_source: None,
+            token_error: None,
             offline: true,
         }
     }
@@ -123,6 +106,76 @@ impl HubEnv {
     /// The repo's page, where its license is accepted.
     pub fn repo_page(&self, repo_id: &str, kind: RepoType) -> String {
         format!("{}/{}{repo_id}", self.endpoint, url_prefix(kind))
+    }
+}
+
+/// Where a token came from, for messages (never the value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `HF_TOKEN`, or the legacy `HUGGING_FACE_HUB_TOKEN`.
+    EnvVar(&'static str),
+    File(PathBuf),
+}
+
+impl std::fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::EnvVar(name) => write!(f, "the {name} environment variable"),
+            TokenSource::File(p) => write!(f, "the token file {}", p.display()),
+        }
+    }
+}
+
+/// `$HOME` (`/` when unset), for `~` in paths.
+fn home_from(var: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    var("HOME")
+        .filter(|v| !v.trim().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// `HF_HOME` as huggingface_hub resolves it: `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`,
+/// else `~/.cache/huggingface` (blank values count as unset; `~` expanded).
+pub fn hf_home_from(var: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    let home = home_from(var);
+    let nonempty = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+    nonempty("HF_HOME")
+        .map(|p| expand_home(&p, &home))
+        .unwrap_or_else(|| {
+            nonempty("XDG_CACHE_HOME")
+                .map(|p| expand_home(&p, &home))
+                .unwrap_or_else(|| home.join(".cache"))
+                .join("huggingface")
+        })
+}
+
+/// `HF_ENDPOINT` (default `https://huggingface.co`), trimmed, without a trailing `/`.
+pub fn endpoint_from(var: &dyn Fn(&str) -> Option<String>) -> String {
+    var("HF_ENDPOINT")
+        .map(|e| e.trim().trim_end_matches('/').to_string())
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
+}
+
+/// The token as huggingface_hub finds it: `HF_TOKEN`, else the legacy `HUGGING_FACE_HUB_TOKEN`,
+/// else the file at `HF_TOKEN_PATH` (default `$HF_HOME/token`), whitespace stripped; `None`
+/// when none holds one, an error when the file exists but cannot be read.
+pub fn token_from(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<(String, TokenSource)>> {
+    for name in ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"] {
+        if let Some(t) = var(name).filter(|v| !v.trim().is_empty()) {
+            return Ok(Some((t.trim().to_string(), TokenSource::EnvVar(name))));
+        }
+    }
+    let home = home_from(var);
+    let path = var("HF_TOKEN_PATH")
+        .filter(|v| !v.trim().is_empty())
+        .map(|p| expand_home(&p, &home))
+        .unwrap_or_else(|| hf_home_from(var).join("token"));
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(Some((t.trim().to_string(), TokenSource::File(path)))),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading the Hub token file {}", path.display())),
     }
 }
 
@@ -417,7 +470,16 @@ mod tests {
         assert_eq!(e.token.as_deref(), Some("hf_file"));
         assert_eq!(
             e.token_source,
-            Some(dir.path().join("token").display().to_string())
+            Some(TokenSource::File(dir.path().join("token")))
+        );
+        // A token file that exists but cannot be read is no token, and says why (an upload
+        // reports it rather than "no token").
+        let unreadable = env(&[("HF_HOME", home), ("HF_TOKEN_PATH", home)]);
+        assert_eq!(unreadable.token, None);
+        let why = unreadable.token_error.expect("the error is kept");
+        assert!(
+            why.contains("reading the Hub token file") && why.contains(home),
+            "{why}"
         );
         assert_eq!(
             env(&[("HF_HOME", home), ("HF_TOKEN", "hf_var")])

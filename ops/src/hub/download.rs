@@ -780,7 +780,9 @@ mod tests {
             cache_dir: cache.to_path_buf(),
             endpoint: endpoint.to_string(),
             token: token.map(str::to_string),
-            token_source: token.map(|_| "HF_TOKEN".to_string()),
+            token_source: token.map(|_| crate::hub::cache::TokenSource::EnvVar("HF_TOKEN")),
+            hf_home: cache.to_path_buf(),
+            token_error: None,
             offline: false,
         })
         .with_retry(RetryPolicy {
@@ -978,7 +980,7 @@ mod tests {
             h.fetch(&snap, "config.json", &NoProgress).unwrap_err()
         );
         assert!(
-            err.contains("the token in use (from HF_TOKEN) has no access"),
+            err.contains("the token in use (from the HF_TOKEN environment variable) has no access"),
             "{err}"
         );
         let log = server.log.lock().unwrap();

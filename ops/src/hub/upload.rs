@@ -65,79 +65,10 @@ impl Token {
     }
 }
 
-/// Where the token came from, for messages (never the value).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    EnvVar,
-    File(PathBuf),
-}
-
-impl fmt::Display for TokenSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TokenSource::EnvVar => f.write_str("the HF_TOKEN environment variable"),
-            TokenSource::File(p) => write!(f, "the token file {}", p.display()),
-        }
-    }
-}
+pub use super::cache::TokenSource;
 
 /// Reads one environment variable (injectable, so tests need not touch the process environment).
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
-
-fn process_env(k: &str) -> Option<String> {
-    std::env::var(k).ok()
-}
-
-/// `$HF_HOME`, defaulting like huggingface_hub to `$XDG_CACHE_HOME/huggingface` or
-/// `~/.cache/huggingface`.
-pub fn hf_home() -> PathBuf {
-    hf_home_with(&process_env)
-}
-
-pub fn hf_home_with(env: EnvLookup) -> PathBuf {
-    let var = |k: &str| env(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("HF_HOME")
-        .or_else(|| var("XDG_CACHE_HOME").map(|x| x.join("huggingface")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache").join("huggingface")))
-        .unwrap_or_else(|| PathBuf::from(".cache/huggingface"))
-}
-
-/// The token as huggingface_hub finds it: `HF_TOKEN`, else the file at `HF_TOKEN_PATH`
-/// (default `$HF_HOME/token`), whitespace stripped; `None` when neither holds one.
-pub fn resolve_token() -> anyhow::Result<Option<(Token, TokenSource)>> {
-    resolve_token_with(&process_env)
-}
-
-pub fn resolve_token_with(env: EnvLookup) -> anyhow::Result<Option<(Token, TokenSource)>> {
-    if let Some(t) = env("HF_TOKEN") {
-        let t = t.trim();
-        if !t.is_empty() {
-            return Ok(Some((Token::new(t), TokenSource::EnvVar)));
-        }
-    }
-    let path = env("HF_TOKEN_PATH")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| hf_home_with(env).join("token"));
-    match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => Ok(Some((Token::new(t.trim()), TokenSource::File(path)))),
-        Ok(_) => Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading the Hub token file {}", path.display())),
-    }
-}
-
-/// `HF_ENDPOINT` without a trailing slash, or the Hub.
-pub fn resolve_endpoint() -> String {
-    resolve_endpoint_with(&process_env)
-}
-
-pub fn resolve_endpoint_with(env: EnvLookup) -> String {
-    env("HF_ENDPOINT")
-        .map(|e| e.trim().trim_end_matches('/').to_string())
-        .filter(|e| !e.is_empty())
-        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
