@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::hub::upload::{self, CommitRequest, EnvLookup, HubClient, RepoType};
+use crate::hub::upload::{self, CommitRequest, EnvLookup, HubClient};
 use crate::params::{OpParams, ParamError, ParamSpec};
 use crate::{op_params, ArtifactType, Op, Port, RunCtx};
 
@@ -89,7 +89,7 @@ impl Op for PushOp {
             key: Some("repo_id".into()),
             message,
         })?;
-        RepoType::parse(&p.repo_type).map_err(|e| ParamError {
+        upload::parse_repo_type(&p.repo_type).map_err(|e| ParamError {
             key: Some("repo_type".into()),
             message: e.to_string(),
         })?;
@@ -167,7 +167,7 @@ pub fn push(
     let endpoint = hub.endpoint.clone();
     let req = CommitRequest {
         repo_id: p.repo_id.clone(),
-        repo_type: RepoType::parse(&p.repo_type)?,
+        repo_type: upload::parse_repo_type(&p.repo_type)?,
         revision: p.revision.clone(),
         commit_message: p.commit_message.clone(),
         commit_description: p.commit_description.clone(),

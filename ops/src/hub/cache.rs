@@ -16,7 +16,26 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-pub use hf_hub::RepoType;
+use serde::{Deserialize, Serialize};
+
+/// A Hub repo's kind (huggingface_hub's `repo_type`), serialized by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepoType {
+    Model,
+    Dataset,
+    Space,
+}
+
+impl From<RepoType> for hf_hub::RepoType {
+    fn from(kind: RepoType) -> Self {
+        match kind {
+            RepoType::Model => hf_hub::RepoType::Model,
+            RepoType::Dataset => hf_hub::RepoType::Dataset,
+            RepoType::Space => hf_hub::RepoType::Space,
+        }
+    }
+}
 
 /// The default endpoint (huggingface_hub `_HF_DEFAULT_ENDPOINT`).
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -195,6 +214,25 @@ fn expand_home(path: &str, home: &Path) -> PathBuf {
     }
 }
 
+/// `model`, `dataset` or `space`: huggingface_hub's `repo_type` names.
+pub fn kind_singular(kind: RepoType) -> &'static str {
+    match kind {
+        RepoType::Model => "model",
+        RepoType::Dataset => "dataset",
+        RepoType::Space => "space",
+    }
+}
+
+/// A `repo_type` name ([`kind_singular`]) back to its kind.
+pub fn parse_repo_type(s: &str) -> Result<RepoType> {
+    match s {
+        "model" => Ok(RepoType::Model),
+        "dataset" => Ok(RepoType::Dataset),
+        "space" => Ok(RepoType::Space),
+        _ => bail!("repo_type must be \"model\", \"dataset\" or \"space\", not {s:?}"),
+    }
+}
+
 /// `datasets/`, `spaces/` or nothing: the URL prefix of a repo kind.
 pub fn url_prefix(kind: RepoType) -> &'static str {
     match kind {
@@ -262,7 +300,7 @@ pub struct CachedRepo {
 
 impl CachedRepo {
     pub fn new(cache_dir: &Path, repo_id: &str, kind: RepoType) -> Self {
-        let folder = hf_hub::Repo::new(repo_id.to_string(), kind).folder_name();
+        let folder = hf_hub::Repo::new(repo_id.to_string(), kind.into()).folder_name();
         Self {
             repo_id: repo_id.to_string(),
             kind,

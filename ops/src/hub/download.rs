@@ -22,8 +22,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::cache::{
-    is_commit_sha, kind_plural, url_prefix, validate_repo_id, validate_repo_path, CachedRepo,
-    HubEnv, RepoType,
+    is_commit_sha, kind_plural, kind_singular, url_prefix, validate_repo_id, validate_repo_path,
+    CachedRepo, HubEnv, RepoType,
 };
 use crate::Progress;
 
@@ -104,14 +104,6 @@ impl RepoSnapshot {
             self.repo_id,
             self.revision
         )
-    }
-}
-
-fn kind_singular(kind: RepoType) -> &'static str {
-    match kind {
-        RepoType::Model => "model",
-        RepoType::Dataset => "dataset",
-        RepoType::Space => "space",
     }
 }
 

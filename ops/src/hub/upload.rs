@@ -70,42 +70,7 @@ pub use super::cache::TokenSource;
 /// Reads one environment variable (injectable, so tests need not touch the process environment).
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RepoType {
-    Model,
-    Dataset,
-    Space,
-}
-
-impl RepoType {
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "model" => Ok(RepoType::Model),
-            "dataset" => Ok(RepoType::Dataset),
-            "space" => Ok(RepoType::Space),
-            _ => bail!("repo_type must be \"model\", \"dataset\" or \"space\", not {s:?}"),
-        }
-    }
-
-    /// `models`, `datasets`, `spaces` (the API path segment).
-    fn api_segment(self) -> &'static str {
-        match self {
-            RepoType::Model => "models",
-            RepoType::Dataset => "datasets",
-            RepoType::Space => "spaces",
-        }
-    }
-
-    /// The prefix of git URLs (`REPO_TYPES_URL_PREFIXES`): none for models.
-    fn url_prefix(self) -> &'static str {
-        match self {
-            RepoType::Model => "",
-            RepoType::Dataset => "datasets/",
-            RepoType::Space => "spaces/",
-        }
-    }
-}
+pub use super::cache::{kind_plural, parse_repo_type, url_prefix, RepoType};
 
 /// How requests are retried (huggingface_hub `http_backoff`: 5 retries, waits 1, 2, 4, 8, 8 s).
 #[derive(Debug, Clone, Copy)]
@@ -548,7 +513,7 @@ impl HubClient {
             200..=299 => {
                 self.say(&format!(
                     "created {} {}",
-                    req.repo_type.api_segment().trim_end_matches('s'),
+                    kind_plural(req.repo_type).trim_end_matches('s'),
                     req.repo_id
                 ));
                 Ok(true)
@@ -565,7 +530,7 @@ impl HubClient {
         let url = format!(
             "{}/api/{}/{}",
             self.endpoint,
-            req.repo_type.api_segment(),
+            kind_plural(req.repo_type),
             req.repo_id
         );
         Ok((200..300).contains(&self.send("GET", &url, &[], true, Body::Empty)?.status))
@@ -610,7 +575,7 @@ impl HubClient {
         let api = format!(
             "{}/api/{}/{}",
             self.endpoint,
-            req.repo_type.api_segment(),
+            kind_plural(req.repo_type),
             req.repo_id
         );
 
@@ -763,7 +728,7 @@ impl HubClient {
         let url = format!(
             "{}/{}{}.git/info/lfs/objects/batch",
             self.endpoint,
-            req.repo_type.url_prefix(),
+            url_prefix(req.repo_type),
             req.repo_id
         );
         let payload = json!({
