@@ -4,6 +4,7 @@
 //! and calls a domain module (`data/`, `hub/`, `gpu/`, `model/`, `train/`).
 
 pub mod artifact;
+pub mod atomic_file;
 pub mod collate;
 pub mod data;
 pub mod eval;

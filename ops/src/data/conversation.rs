@@ -2,7 +2,7 @@
 //! references. Images are never copied: a reference names a file under the `files` artifact, a
 //! file on disk, or an image stored in a dataset row (row, column, index).
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -89,24 +89,21 @@ impl ImageSources {
     }
 }
 
-/// Writes JSON lines to `path` through a temporary file renamed at the end, so a failure never
-/// leaves a complete-looking file.
+/// Writes JSON lines to `path` atomically ([`crate::atomic_file`]), so a failure never leaves a
+/// complete-looking file.
 pub fn write_jsonl<T: Serialize>(
     path: &Path,
     records: impl IntoIterator<Item = T>,
 ) -> Result<usize> {
-    let tmp = path.with_extension("jsonl.partial");
-    let mut w = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
-    );
     let mut n = 0;
-    for r in records {
-        serde_json::to_writer(&mut w, &r)?;
-        w.write_all(b"\n")?;
-        n += 1;
-    }
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    crate::atomic_file::write_with(path, |w| {
+        for r in records {
+            serde_json::to_writer(&mut *w, &r)?;
+            w.write_all(b"\n")?;
+            n += 1;
+        }
+        Ok(())
+    })?;
     Ok(n)
 }
 
@@ -127,11 +124,7 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
 }
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    crate::atomic_file::write(path, &serde_json::to_vec_pretty(value)?)
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {

@@ -369,11 +369,7 @@ impl CachedRepo {
         let parent = path.parent().unwrap();
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(parent)?;
-        std::io::Write::write_all(&mut tmp, sha.as_bytes())?;
-        tmp.persist(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        crate::atomic_file::write(&path, sha.as_bytes())
     }
 
     /// Every file of a snapshot, relative, sorted (symlinks followed; dangling links, whose

@@ -317,9 +317,10 @@ pub fn quantize_checkpoint(
         );
         obj.remove("torch_dtype");
     }
-    let tmp = out_dir.join("config.json.partial");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&cfg)? + "\n")?;
-    std::fs::rename(&tmp, out_dir.join("config.json"))?;
+    crate::atomic_file::write(
+        &out_dir.join("config.json"),
+        (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes(),
+    )?;
 
     // Every other file of the base (tokenizer, processor, generation config, chat template).
     copy_other_files(src_dir, out_dir)?;

@@ -758,8 +758,8 @@ pub fn write_adapter(
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = safetensors::serialize(tensors.iter(), Some(metadata))
         .context("serializing the adapter tensors")?;
-    write_atomically(&dir.join(WEIGHTS_FILE), &bytes)?;
-    write_atomically(&dir.join(CONFIG_FILE), config.to_json_string().as_bytes())?;
+    crate::atomic_file::write(&dir.join(WEIGHTS_FILE), &bytes)?;
+    crate::atomic_file::write(&dir.join(CONFIG_FILE), config.to_json_string().as_bytes())?;
     Ok(())
 }
 
@@ -866,18 +866,6 @@ pub fn inspect_adapter(
     }
     validate_shapes(&config, &metas).with_context(|| format!("in {}", dir.display()))?;
     Ok((config, metas))
-}
-
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -79,16 +79,12 @@ impl MetricsWriter {
                 .into_iter()
                 .filter(|r| r.step <= last_step)
                 .collect();
-            let tmp = path.with_extension("jsonl.tmp");
-            {
-                let mut f =
-                    File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            crate::atomic_file::write_with(path, |w| {
                 for r in &kept {
-                    writeln!(f, "{}", serde_json::to_string(r)?)?;
+                    writeln!(w, "{}", serde_json::to_string(r)?)?;
                 }
-                f.sync_all()?;
-            }
-            fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+                Ok(())
+            })?;
         }
         Self::open(path)
     }
