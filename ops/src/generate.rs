@@ -112,7 +112,7 @@ impl GenerateParams {
 /// What generation_config.json says (transformers reads the same file).
 #[derive(Debug, Default, serde::Deserialize)]
 struct GenerationConfig {
-    eos_token_id: Option<crate::model::config::OneOrMany>,
+    eos_token_id: Option<crate::params::OneOrMany<i64>>,
     pad_token_id: Option<i64>,
     temperature: Option<f64>,
     top_k: Option<usize>,

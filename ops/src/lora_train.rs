@@ -29,13 +29,7 @@ use crate::train::trainer::{
 };
 use crate::{op_params, ArtifactType, Device, Op, ParamError, ParamSpec, Port, RunCtx};
 
-/// A string or a list of strings (`target_modules`, `report_to`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
+pub use crate::params::OneOrMany;
 
 /// `resume_from_checkpoint`: true (the newest checkpoint), false, or a checkpoint folder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,7 +48,7 @@ op_params! {
         /// Dropout on the LoRA input while training (seeded).
         lora_dropout: f64 = 0.0,
         /// "all-linear" (every Linear but lm_head, vision tower included, as PEFT), a list of module names (suffixes), or a regex string matched against the whole module name.
-        target_modules: OneOrMany = OneOrMany::One("all-linear".to_string()),
+        target_modules: OneOrMany<String> = OneOrMany::One("all-linear".to_string()),
         /// Modules trained in full and saved whole: "lm_head", "embed_tokens" (two untied copies, as PEFT).
         modules_to_save: Vec<String> = Vec::new(),
         /// rsLoRA scaling lora_alpha / sqrt(r).
@@ -98,7 +92,7 @@ op_params! {
         /// Log loss, grad_norm, learning_rate, mean_token_accuracy, num_tokens, epoch every this many steps.
         logging_steps: u64 = 10,
         /// "tensorboard" (or ["tensorboard"]) writes runs/<date>_<host>/events.out.tfevents.*; "none" does not.
-        report_to: OneOrMany = OneOrMany::One("tensorboard".to_string()),
+        report_to: OneOrMany<String> = OneOrMany::One("tensorboard".to_string()),
         /// "steps" (every save_steps and at the end), "epoch" or "no".
         save_strategy: String = "steps".to_string(),
         save_steps: u64 = 500,
@@ -422,10 +416,7 @@ fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<Plan, ParamError> {
             ))
         }
     };
-    let reports: Vec<String> = match &p.report_to {
-        OneOrMany::One(s) => vec![s.clone()],
-        OneOrMany::Many(v) => v.clone(),
-    };
+    let reports = p.report_to.to_vec();
     let mut tensorboard = false;
     for r in &reports {
         match r.as_str() {

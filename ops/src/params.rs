@@ -4,6 +4,25 @@
 
 use std::fmt;
 
+/// One value or a list of them, as TOML and JSON configs write either (`target_modules = "x"`
+/// or `["x", "y"]`; `eos_token_id: 1` or `[1, 106]`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    /// The value(s) as a list.
+    pub fn to_vec(&self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
 /// One parameter of an op, as `runner ops` lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSpec {

@@ -141,22 +141,7 @@ impl ModelConfig {
     }
 }
 
-/// One value or a list (`eos_token_id` is `1` or `[1, 106]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(i64),
-    Many(Vec<i64>),
-}
-
-impl OneOrMany {
-    pub fn to_vec(&self) -> Vec<i64> {
-        match self {
-            OneOrMany::One(v) => vec![*v],
-            OneOrMany::Many(v) => v.clone(),
-        }
-    }
-}
+pub use crate::params::OneOrMany;
 
 /// The attention kind of one decoder layer (`layer_types` entries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,7 +236,7 @@ pub struct Gemma3TextConfig {
     pub initializer_range: f64,
     pub rms_norm_eps: f64,
     pub pad_token_id: Option<i64>,
-    pub eos_token_id: Option<OneOrMany>,
+    pub eos_token_id: Option<OneOrMany<i64>>,
     pub bos_token_id: Option<i64>,
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
@@ -659,7 +644,7 @@ pub struct Gemma3Config {
     pub image_token_index: i64,
     pub initializer_range: f64,
     pub tie_word_embeddings: bool,
-    pub eos_token_id: Option<OneOrMany>,
+    pub eos_token_id: Option<OneOrMany<i64>>,
     pub dtype: Option<String>,
     pub torch_dtype: Option<String>,
     /// Present in a checkpoint saved with bitsandbytes quantization (kept verbatim).
