@@ -618,15 +618,16 @@ pub fn saved_module_key(module: &str) -> String {
     format!("{KEY_PREFIX}{module}.weight")
 }
 
-/// A loaded adapter.
+/// A PEFT adapter folder as stored: its config and its tensors by PEFT key, each in its saved
+/// dtype (the weights as the model uses them are [`crate::model::reference::lora::Adapter`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Adapter {
+pub struct AdapterFolder {
     pub config: AdapterConfig,
     /// PEFT key → tensor.
     pub tensors: BTreeMap<String, HostTensor>,
 }
 
-impl Adapter {
+impl AdapterFolder {
     /// Module names with a LoRA pair, sorted.
     pub fn lora_modules(&self) -> Vec<&str> {
         self.tensors
@@ -764,7 +765,7 @@ pub fn write_adapter(
 }
 
 /// Reads a PEFT LoRA adapter folder (written by PEFT or by [`write_adapter`]).
-pub fn read_adapter(dir: &Path) -> anyhow::Result<Adapter> {
+pub fn read_adapter(dir: &Path) -> anyhow::Result<AdapterFolder> {
     let config = read_config(dir)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.exists() && dir.join("adapter_model.bin").exists() {
@@ -796,7 +797,7 @@ pub fn read_adapter(dir: &Path) -> anyhow::Result<Adapter> {
         );
     }
     validate(&config, &tensors).with_context(|| format!("in {}", dir.display()))?;
-    Ok(Adapter { config, tensors })
+    Ok(AdapterFolder { config, tensors })
 }
 
 /// Reads `adapter_config.json` of an adapter folder.
