@@ -195,11 +195,13 @@ mod tests {
                 .map(|&v| reference::f32_to_bf16(v))
                 .collect();
             let small = rng.unit() < 0.5;
-            let src: Vec<f32> = rng
+            let mut src: Vec<f32> = rng
                 .vec_normal(len)
                 .iter()
                 .map(|&v| if small { v * 1e-3 } else { v })
                 .collect();
+            // one addend large enough to change its value whatever the draw
+            src[src_off] = 4.0;
             let gd = gpu.upload_bf16(&[len], &dst0).unwrap();
             let gs = gpu.upload_f32(&[len], &src).unwrap();
             let mut rec = Recorder::new(gpu);

@@ -483,7 +483,9 @@ mod tests {
             // The f32 products may differ in the last bits (summation order), so a sum that
             // lands near a bf16 rounding boundary may round the other way: one bf16 ulp.
             let got = gpu.read_f32(&dwg).unwrap();
-            let mut moved = 0;
+            // Values the product moves by more than one ulp: a lost or misplaced product would
+            // leave them at their start, outside the tolerance.
+            let mut far = 0;
             for (i, ((&g, &start), &contrib)) in got.iter().zip(&dw_start).zip(&want_dw).enumerate()
             {
                 let want = bf16_to_f32(f32_to_bf16(start + contrib));
@@ -492,11 +494,11 @@ mod tests {
                     (g - want).abs() <= ulp,
                     "{what}: bf16 d_weight[{i}] = {g}, want {want} (start {start} + {contrib})"
                 );
-                moved += usize::from(g != start);
+                far += usize::from((want - start).abs() > ulp);
             }
             assert!(
-                moved > got.len() / 4,
-                "{what}: only {moved} gradient values changed"
+                far > 0,
+                "{what}: the product moves no value by more than an ulp"
             );
         } else if with_dw {
             let dw_err = rel_frobenius(&gpu.read_f32(&dwg).unwrap(), &want_dw);
