@@ -1,0 +1,354 @@
+use super::*;
+use crate::gpu::testing::{other_tiling_gpu, rel_frobenius, test_gpu, tiny_binding_gpu, TestRng};
+use crate::reference::matmul as reference;
+
+struct Case {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    beta: f32,
+    bias: bool,
+    batched_b: bool,
+}
+
+fn run_case(gpu: &Gpu, c: &Case, rng: &mut TestRng, seed: u64) {
+    let shape = |z: usize, r: usize, cc: usize, batched: bool| {
+        if batched {
+            vec![z, r, cc]
+        } else {
+            vec![r, cc]
+        }
+    };
+    let a_dims = if c.trans_a { (c.k, c.m) } else { (c.m, c.k) };
+    let b_dims = if c.trans_b { (c.n, c.k) } else { (c.k, c.n) };
+    let batched = c.batch > 1;
+    let a_shape = shape(c.batch, a_dims.0, a_dims.1, batched);
+    let b_shape = shape(c.batch, b_dims.0, b_dims.1, batched && c.batched_b);
+    let c_shape = shape(c.batch, c.m, c.n, batched);
+    let a: Vec<f32> = rng.vec_normal(a_shape.iter().product());
+    let mut b: Vec<f32> = rng.vec_normal(b_shape.iter().product());
+    let c0: Vec<f32> = rng.vec_normal(c_shape.iter().product());
+    let bias: Vec<f32> = rng.vec_normal(c.n);
+    let alpha = rng.uniform(0.5, 2.0);
+
+    let ga = gpu.upload_f32(&a_shape, &a).unwrap();
+    let gb = if B_BF16.with(|f| f.get()) {
+        // bf16 widens exactly: the reference multiplies the widened values.
+        let bits: Vec<u16> = b
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect();
+        b = bits
+            .iter()
+            .map(|&h| f32::from_bits((h as u32) << 16))
+            .collect();
+        gpu.upload_bf16(&b_shape, &bits).unwrap()
+    } else {
+        gpu.upload_f32(&b_shape, &b).unwrap()
+    };
+    let gc = if c.beta != 0.0 {
+        gpu.upload_f32(&c_shape, &c0).unwrap()
+    } else {
+        let t = gpu.empty(&c_shape, DType::F32).unwrap();
+        gpu.poison(&t);
+        t
+    };
+    let gbias = gpu.upload_f32(&[c.n], &bias).unwrap();
+    let mut rec = Recorder::new(gpu);
+    let opts = MatmulOpts {
+        trans_a: c.trans_a,
+        trans_b: c.trans_b,
+        alpha,
+        beta: c.beta,
+        bias: c.bias.then_some(&gbias),
+        precision: MatmulPrecision::F32,
+    };
+    gpu.matmul(&mut rec, &ga, &gb, &gc, opts).unwrap();
+    rec.submit();
+    let got = gpu.read_f32(&gc).unwrap();
+
+    let mut want = c0.clone();
+    let g = reference::Gemm {
+        trans_a: c.trans_a,
+        trans_b: c.trans_b,
+        alpha,
+        beta: c.beta,
+    };
+    reference::matmul_batched(
+        &a,
+        &b,
+        &mut want,
+        c.batch,
+        c.m,
+        c.n,
+        c.k,
+        g,
+        c.bias.then_some(&bias[..]),
+    );
+    let err = rel_frobenius(&got, &want);
+    assert!(
+        err < 1e-5,
+        "seed {seed}: {}x{}x{} batch {} ta {} tb {} beta {} bias {}: rel err {err}",
+        c.m,
+        c.n,
+        c.k,
+        c.batch,
+        c.trans_a,
+        c.trans_b,
+        c.beta,
+        c.bias
+    );
+}
+
+/// f16 operands: the GPU product differs from the exact f32 product by what rounding the
+/// operands to f16 predicts. WGSL lets an f32 → f16 conversion round to either neighbour
+/// (lavapipe's vector conversion does not always round to nearest), so the bound assumes
+/// faithful rounding: x becomes x·(1 + δ) with |δ| < 2u, u = 2⁻¹¹. Each term x·y gains a
+/// relative error δ₁ + δ₂; with δ uniform on (−2u, 2u) its variance is 2·(2u)²/3, so for
+/// random zero-mean data ‖C̃ − C‖ / ‖C‖ ≈ 2u·√(2/3) ≈ 8.0e-4 (round-to-nearest gives half
+/// that; f32 accumulation adds ~1e-7). The test requires 1e-4 < err < 2.4e-3: rounding
+/// happened, and no more error than 3× the faithful-rounding estimate.
+fn f16_sweep(gpu: &Gpu) {
+    if !gpu.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("no SHADER_F16 on this adapter");
+        return;
+    }
+    let seed = TestRng::fresh_seed();
+    let mut rng = TestRng::new(seed);
+    for &(m, n, k) in &[(37, 29, 23), (70, 45, 33), (64, 48, 40)] {
+        for (ta, tb) in [(false, false), (false, true), (true, false)] {
+            let a_shape = if ta { [k, m] } else { [m, k] };
+            let b_shape = if tb { [n, k] } else { [k, n] };
+            let a = rng.vec_normal(m * k);
+            let b = rng.vec_normal(k * n);
+            let ga = gpu.upload_f32(&a_shape, &a).unwrap();
+            let gb = gpu.upload_f32(&b_shape, &b).unwrap();
+            let gc = gpu.empty(&[m, n], DType::F32).unwrap();
+            gpu.poison(&gc);
+            let mut rec = Recorder::new(gpu);
+            let opts = MatmulOpts {
+                trans_a: ta,
+                trans_b: tb,
+                precision: MatmulPrecision::F16,
+                ..Default::default()
+            };
+            gpu.matmul(&mut rec, &ga, &gb, &gc, opts).unwrap();
+            rec.submit();
+            let got = gpu.read_f32(&gc).unwrap();
+            let g = reference::Gemm {
+                trans_a: ta,
+                trans_b: tb,
+                alpha: 1.0,
+                beta: 0.0,
+            };
+            let product = |a: &[f32], b: &[f32]| {
+                let mut c = vec![0.0; m * n];
+                reference::matmul_batched(a, b, &mut c, 1, m, n, k, g, None);
+                c
+            };
+            let exact = rel_frobenius(&got, &product(&a, &b));
+            assert!(
+                (1e-4..2.4e-3).contains(&exact),
+                "seed {seed}: {m}x{n}x{k} ta {ta} tb {tb}: rel error {exact} against f32 operands"
+            );
+        }
+    }
+}
+
+#[test]
+fn f16_operands_stay_within_the_rounding_bound() {
+    f16_sweep(test_gpu());
+    f16_sweep(other_tiling_gpu());
+}
+
+fn sweep(gpu: &Gpu) {
+    let seed = TestRng::fresh_seed();
+    let mut rng = TestRng::new(seed);
+    // Odd sizes (never multiples of a tile) and aligned sizes (vec4 variant).
+    for &(m, n, k) in &[
+        (37, 29, 23),
+        (70, 45, 33),
+        (64, 48, 40),
+        (5, 3, 2),
+        (1, 131, 9),
+        // The rows kernel (M <= 8 with Bᵀ): aligned (vec4) and odd K.
+        (4, 260, 36),
+        (2, 67, 13),
+    ] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let beta = if rng.unit() < 0.5 {
+                    0.0
+                } else {
+                    rng.uniform(0.5, 1.5)
+                };
+                let bias = rng.unit() < 0.5;
+                let case = Case {
+                    batch: 1,
+                    m,
+                    n,
+                    k,
+                    trans_a: ta,
+                    trans_b: tb,
+                    beta,
+                    bias,
+                    batched_b: true,
+                };
+                run_case(gpu, &case, &mut rng, seed);
+            }
+        }
+    }
+    for batched_b in [true, false] {
+        let case = Case {
+            batch: 3,
+            m: 19,
+            n: 21,
+            k: 12,
+            trans_a: false,
+            trans_b: true,
+            beta: 0.0,
+            bias: true,
+            batched_b,
+        };
+        run_case(gpu, &case, &mut rng, seed);
+        let case = Case {
+            batch: 2,
+            m: 16,
+            n: 8,
+            k: 17,
+            trans_a: true,
+            trans_b: false,
+            beta: 1.0,
+            bias: false,
+            batched_b,
+        };
+        run_case(gpu, &case, &mut rng, seed);
+    }
+}
+
+#[test]
+fn matmul_matches_reference_default_tiling() {
+    sweep(test_gpu());
+}
+
+thread_local! {
+    /// Set by a test to run the plain register kernel where the subgroup kernel would run.
+    pub(super) static PLAIN_REGISTER_KERNEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[test]
+fn matmul_matches_reference_unstaged_subgroup_kernel() {
+    let gpu = test_gpu();
+    if gpu.tiling() != Tiling::Register || !subgroup_kernel_fits(gpu) {
+        eprintln!("no subgroup kernel on this adapter");
+        return;
+    }
+    crate::gpu::staging::without_staging(|| sweep(gpu));
+}
+
+#[test]
+fn matmul_matches_reference_plain_register_kernel() {
+    let gpu = test_gpu();
+    if gpu.tiling() != Tiling::Register || !subgroup_kernel_fits(gpu) {
+        eprintln!("the default sweep already runs the plain kernel here");
+        return;
+    }
+    PLAIN_REGISTER_KERNEL.with(|f| f.set(true));
+    sweep(gpu);
+    PLAIN_REGISTER_KERNEL.with(|f| f.set(false));
+}
+
+#[test]
+fn matmul_matches_reference_other_tiling() {
+    sweep(other_tiling_gpu());
+}
+
+thread_local! {
+    /// Set by a test to store B as bf16 in every case of a sweep.
+    static B_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// B in bf16 storage (the modules_to_save tables under `bf16 = true`) on every kernel path:
+/// staged subgroup, unstaged subgroup, plain register, workgroup tiles, chunked operands.
+#[test]
+fn matmul_with_bf16_b_matches_reference() {
+    B_BF16.with(|f| f.set(true));
+    let gpu = test_gpu();
+    sweep(gpu);
+    crate::gpu::staging::without_staging(|| sweep(gpu));
+    PLAIN_REGISTER_KERNEL.with(|f| f.set(true));
+    sweep(gpu);
+    PLAIN_REGISTER_KERNEL.with(|f| f.set(false));
+    sweep(other_tiling_gpu());
+    let small = tiny_binding_gpu();
+    let seed = TestRng::fresh_seed();
+    let mut rng = TestRng::new(seed);
+    for tb in [false, true] {
+        let case = Case {
+            batch: 1,
+            m: 40,
+            n: 36,
+            k: 64,
+            trans_a: false,
+            trans_b: tb,
+            beta: 0.7,
+            bias: false,
+            batched_b: false,
+        };
+        run_case(small, &case, &mut rng, seed);
+    }
+    B_BF16.with(|f| f.set(false));
+}
+
+#[test]
+fn matmul_over_chunked_operands() {
+    // 4 KiB bindings: every operand below spans several chunks, in M, N and K.
+    let gpu = tiny_binding_gpu();
+    let seed = TestRng::fresh_seed();
+    let mut rng = TestRng::new(seed);
+    for ta in [false, true] {
+        for tb in [false, true] {
+            let case = Case {
+                batch: 1,
+                m: 45,
+                n: 51,
+                k: 67,
+                trans_a: ta,
+                trans_b: tb,
+                beta: 0.0,
+                bias: true,
+                batched_b: false,
+            };
+            run_case(gpu, &case, &mut rng, seed);
+            let case = Case {
+                batch: 1,
+                m: 40,
+                n: 36,
+                k: 64,
+                trans_a: ta,
+                trans_b: tb,
+                beta: 0.7,
+                bias: false,
+                batched_b: false,
+            };
+            run_case(gpu, &case, &mut rng, seed);
+        }
+    }
+}
+
+#[test]
+fn matmul_rejects_bad_shapes() {
+    let gpu = test_gpu();
+    let a = gpu.empty(&[3, 4], DType::F32).unwrap();
+    let b = gpu.empty(&[5, 6], DType::F32).unwrap();
+    let c = gpu.empty(&[3, 6], DType::F32).unwrap();
+    let mut rec = Recorder::new(gpu);
+    let err = gpu
+        .matmul(&mut rec, &a, &b, &c, MatmulOpts::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("disagree"), "{err}");
+}
