@@ -30,7 +30,7 @@ struct Guide {
     images_per_sample: usize,
 }
 
-const GUIDES: [Guide; 2] = [
+const GUIDES: [Guide; 3] = [
     Guide {
         name: "mmiu",
         batch: 1,
@@ -41,6 +41,13 @@ const GUIDES: [Guide; 2] = [
         name: "llava",
         batch: 8,
         seq_len: 640,
+        images_per_sample: 1,
+    },
+    // the shape of the full-size step run on this machine (train_bench --seq 512 --images 1)
+    Guide {
+        name: "4b step",
+        batch: 1,
+        seq_len: 512,
         images_per_sample: 1,
     },
 ];
