@@ -17,7 +17,7 @@
 //
 // This module is the common header; each kernel is a module of its own in shaders/attention/
 // (its bindings and entry point) that includes it. The `sg_*` kernels for 8-lane CPU adapters
-// are generated in Rust (ops/src/gpu/kernels/attention.rs) after their bindings.
+// are generated in Rust (ops/src/gpu/kernels/attention/codegen.rs) after their bindings.
 //
 // MASK buffer (i32): [0, batch*seq): per token (group + 1) * 2 + valid, where group is the image
 // group (-1 for text) and valid the attention_mask bit; then at q_ranges_off, per (batch, query

@@ -1,5 +1,5 @@
 // Q, K and V of the generated subgroup kernels for 8-lane CPU adapters (lavapipe), whose entry
-// points are written, fully unrolled, by ops/src/gpu/kernels/attention.rs (`subgroup_forward`
+// points are written, fully unrolled, by ops/src/gpu/kernels/attention/codegen.rs (`subgroup_forward`
 // etc., which document them). They read through ld_q, ld_k, ld_v: from storage buffers, or
 // with TEXTURES from staged linear textures, where lavapipe fetches ten times faster than it
 // loads storage.
