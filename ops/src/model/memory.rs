@@ -15,13 +15,13 @@
 
 use std::fmt::Write as _;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::config::{FloatDtype, ModelConfig};
 use super::names::{expected_tensors, ExpectedTensor, TensorKind, EMBED_TOKENS, LM_HEAD, VISION};
 use crate::gpu::engine::pooled_capacity;
 use crate::gpu::kernels::attention::ROWS as ATTENTION_ROWS;
-use crate::gpu::kernels::cross_entropy::{LOGITS_SCRATCH_BYTES, MAX_VOCAB_BLOCK};
+use crate::gpu::kernels::cross_entropy::{bf16_dw_rows, logits_block, LOGITS_SCRATCH_BYTES};
 use crate::gpu::staging::{texture_bytes, texture_rows, STAGING_TEXTURES};
 
 /// How the frozen base's Linear weights are stored.
@@ -1135,20 +1135,17 @@ fn cross_entropy_scratch(
     d_weight: bool,
     bf16_dw: bool,
 ) -> Result<Vec<Alloc>> {
-    // The same block width as the kernel (gpu::kernels::cross_entropy).
-    let scratch = max_binding.min(LOGITS_SCRATCH_BYTES as u64);
-    let budget = (scratch / (4 * tokens.max(1))) / 8 * 8;
-    if budget < 8 {
+    // The kernel's own block width (gpu::kernels::cross_entropy).
+    let Some(block) = logits_block(tokens as usize, vocab as usize, max_binding) else {
         bail!(
             "the fused cross-entropy needs at least 8 logits per token in one storage binding: \
-             {tokens} tokens per micro-batch need {} bytes, the scratch holds {scratch}; lower \
+             {tokens} tokens per micro-batch need {} bytes, the scratch holds {}; lower \
              max_length or the per-device batch size",
-            tokens * 32
+            tokens * 32,
+            max_binding.min(LOGITS_SCRATCH_BYTES as u64)
         );
-    }
-    let block = budget
-        .min(MAX_VOCAB_BLOCK as u64)
-        .min(vocab.next_multiple_of(8));
+    };
+    let block = block as u64;
     let mut l = Vec::new();
     alloc(&mut l, "cross-entropy logits block", tokens, block);
     alloc(&mut l, "cross-entropy row state", tokens, 8);
@@ -1157,7 +1154,8 @@ fn cross_entropy_scratch(
     let blocks = vocab.div_ceil(block);
     let mut dw_matmuls = if d_weight { blocks } else { 0 };
     if d_weight && bf16_dw {
-        let sub = ((scratch / (4 * hidden)) / 8 * 8).min(block);
+        let sub = bf16_dw_rows(hidden as usize, block as usize, max_binding)
+            .context("the bf16 lm_head gradient scratch holds no 8 rows")? as u64;
         alloc(&mut l, "cross-entropy bf16 gradient scratch", sub, hidden);
         // every block but the last is `block` wide
         let last = vocab - (blocks - 1) * block;

@@ -17,7 +17,7 @@
 //! The weight (and its gradient) may be split into storage chunks by the engine; the kernels walk
 //! them. f32 weights only; `hidden % 4 == 0`.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::matmul::{Gemm, GemmParams};
@@ -28,6 +28,26 @@ use crate::reference::cross_entropy::{CrossEntropyStats, IGNORE_INDEX};
 pub(crate) const MAX_VOCAB_BLOCK: usize = 65536;
 /// Most bytes of the logits scratch `[tokens, block]` f32 (512 tokens: blocks of 16384 columns).
 pub(crate) const LOGITS_SCRATCH_BYTES: usize = 32 << 20;
+
+/// Vocabulary columns of one logits block for `tokens` rows: the scratch `[tokens, block]` f32
+/// within [`LOGITS_SCRATCH_BYTES`] and one storage binding, at most [`MAX_VOCAB_BLOCK`] columns
+/// (so Gemma's 262208-row vocabulary always takes several blocks), a multiple of 8 (vec4 loads
+/// in the matmuls). `None` when not even 8 columns fit. The kernel and the memory plan both
+/// size the block here.
+pub(crate) fn logits_block(tokens: usize, vocab: usize, max_binding: u64) -> Option<usize> {
+    let scratch = (max_binding as usize).min(LOGITS_SCRATCH_BYTES);
+    let budget = scratch / (4 * tokens.max(1)) / 8 * 8;
+    (budget >= 8).then(|| budget.min(MAX_VOCAB_BLOCK).min(vocab.next_multiple_of(8)))
+}
+
+/// Rows of the f32 scratch through which a bf16 lm_head gradient takes each block's product:
+/// within the logits scratch's byte budget and one binding, a multiple of 8, at most a block.
+/// `None` when not even 8 rows of `hidden` fit.
+pub(crate) fn bf16_dw_rows(hidden: usize, block: usize, max_binding: u64) -> Option<usize> {
+    let scratch = (max_binding as usize).min(LOGITS_SCRATCH_BYTES);
+    let rows = scratch / (4 * hidden.max(1)) / 8 * 8;
+    (rows >= 8).then(|| rows.min(block))
+}
 
 /// The module of kernel `kernel`: shaders/cross_entropy/<kernel>.wgsl (which includes the
 /// common header).
@@ -160,10 +180,9 @@ impl Gpu {
         // The logits scratch G [tokens, ldg]: at most LOGITS_SCRATCH_BYTES and one storage
         // binding, at most MAX_VOCAB_BLOCK columns (so Gemma's 262208-row vocabulary always
         // takes several blocks), ldg a multiple of 8 (vec4 loads in the matmuls).
-        let fit = (self.max_binding_bytes() as usize).min(LOGITS_SCRATCH_BYTES) / (4 * tokens);
-        let budget = fit / 8 * 8;
-        ensure!(budget >= 8, "cross-entropy: {tokens} tokens are too many for one logits block within the storage binding");
-        let block = budget.min(MAX_VOCAB_BLOCK).min(vocab.next_multiple_of(8));
+        let block = logits_block(tokens, vocab, self.max_binding_bytes()).with_context(|| {
+            format!("cross-entropy: {tokens} tokens are too many for one logits block within the storage binding")
+        })?;
         let ldg = block;
         let logits = self.empty(&[tokens, ldg], DType::F32)?;
         let state = self.empty(&[tokens, 8], DType::F32)?;
@@ -199,15 +218,14 @@ impl Gpu {
         let (n, h) = (tokens as u32, hidden as u32);
         // A bf16 d_weight takes its f32 product through a scratch of `sub` rows (a multiple of
         // 8, within the logits scratch's byte budget and one binding).
-        let sub =
-            ((self.max_binding_bytes() as usize).min(LOGITS_SCRATCH_BYTES) / (4 * hidden)) / 8 * 8;
-        let sub = sub.min(block) as u32;
-        let dw_scratch = match a.d_weight {
+        let (sub, dw_scratch) = match a.d_weight {
             Some(dw) if dw.dtype() == DType::Bf16 => {
-                ensure!(sub >= 8, "cross-entropy: hidden size {hidden} is too large for the bf16 gradient scratch");
-                Some(self.empty(&[sub as usize, hidden], DType::F32)?)
+                let sub = bf16_dw_rows(hidden, block, self.max_binding_bytes()).with_context(|| {
+                    format!("cross-entropy: hidden size {hidden} is too large for the bf16 gradient scratch")
+                })?;
+                (sub as u32, Some(self.empty(&[sub, hidden], DType::F32)?))
             }
-            _ => None,
+            _ => (0, None),
         };
         // G[:, :vc] = X · W_cᵀ (W_c: rows w_row0.. of storage chunk ci)
         let logits_gemm = |rec: &mut Recorder, ci: usize, p: &Params| {
