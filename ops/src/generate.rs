@@ -26,7 +26,6 @@ use crate::generation::decode::{
 };
 use crate::generation::GenerationRecord;
 use crate::gpu::MatmulPrecision;
-use crate::model::gpu::kv_cache::kv_cache_bytes;
 use crate::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
 use crate::model::reference::lora::Adapter;
 use crate::model::{ModelConfig, Weights};
@@ -273,13 +272,14 @@ impl Op for GenerateOp {
             },
         )
         .with_context(|| format!("{op}: loading the model"))?;
-        let windows: Vec<Option<usize>> = model.layers.iter().map(|l| l.sliding_window).collect();
-        let cache_bytes = kv_cache_bytes(
-            &model.dims,
-            &windows,
+        // The plan's KV cache row: what the decode will hold for the largest batch.
+        let kv_plan = crate::model::memory::kv_cache_row(
+            &config,
             params.batch_size.min(prompts.len()),
             longest + params.max_new_tokens,
+            gpu.max_binding_bytes(),
         );
+        let cache_bytes = kv_plan.bytes;
 
         ctx.progress
             .set_length((prompts.len() * params.max_new_tokens) as u64);
@@ -342,6 +342,7 @@ impl Op for GenerateOp {
                 "seconds": secs,
                 "tokens_per_second": rate,
                 "kv_cache_bytes": cache_bytes,
+                "kv_cache_device_bytes": kv_plan.device_bytes,
                 "do_sample": opts.do_sample,
                 "adapter": adapter.is_some(),
             }))?,

@@ -424,6 +424,17 @@ fn decode_logits_equal_the_full_forward_of_the_same_tokens() {
     let (b, t, vocab) = (2, batch.seq_len, gm.dims.vocab);
     let steps = 8;
     let (mut cache, mut logits) = gm.start_generation(gpu, &batch, steps).unwrap();
+    // The memory plan's KV cache row (from the config) is what the engine allocated (from its
+    // layers): full layers every position, sliding ones their window.
+    let plan = ops::model::memory::kv_cache_row(&config, b, t + steps, gpu.max_binding_bytes());
+    assert_eq!(plan.bytes, cache.bytes(), "KV cache: plan vs allocated");
+    let full = 2
+        * (b * config.text().num_key_value_heads * (t + steps) * config.text().head_dim()) as u64
+        * 4;
+    assert!(
+        plan.bytes < full * config.text().num_hidden_layers as u64,
+        "the tiny model's sliding layers keep only their window"
+    );
     let mut decoded = vec![logits.clone()];
     let mut fed: Vec<[u32; 2]> = Vec::new();
     for _ in 1..steps {

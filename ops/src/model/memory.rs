@@ -120,6 +120,42 @@ pub struct MemoryPlan {
     pub batch_shape: Option<(usize, usize, usize)>,
 }
 
+/// The KV cache `generate` holds (`model::gpu::kv_cache`): per decoder layer one f32 tensor of
+/// keys and one of values, `[batch, kv_heads, capacity, head_dim]`, where a sliding-window
+/// layer's capacity is its window and a full-attention layer's every position, `max_len` =
+/// prompt + `max_new_tokens`. Device bytes at the pool's size classes, split into row chunks
+/// past `max_binding` as the engine splits them.
+pub fn kv_cache_row(
+    config: &ModelConfig,
+    batch: usize,
+    max_len: usize,
+    max_binding: u64,
+) -> PlanRow {
+    let t = config.text();
+    let (mut elements, mut device) = (0u64, 0u64);
+    for layer in 0..t.num_hidden_layers {
+        let capacity = match t.sliding_window() {
+            Some(window) if t.is_sliding(layer) => window,
+            _ => max_len,
+        };
+        let row = (t.num_key_value_heads * capacity * t.head_dim()) as u64;
+        let n = batch as u64 * row;
+        elements += 2 * n;
+        device += 2 * chunked_capacity(4 * n, 4 * row, max_binding);
+    }
+    PlanRow {
+        part: "kv cache",
+        item: format!(
+            "KV cache: keys and values of {} layers, {batch} x {max_len} positions (sliding layers: their window)",
+            t.num_hidden_layers
+        ),
+        dtype: "f32",
+        elements,
+        bytes: elements * 4,
+        device_bytes: device,
+    }
+}
+
 fn dtype_name(d: FloatDtype) -> &'static str {
     match d {
         FloatDtype::F32 => "f32",
@@ -1819,6 +1855,22 @@ mod tests {
     fn matches_transformers_get_memory_footprint() {
         let c = ModelConfig::from_json(GEMMA_3_4B_IT_CONFIG_JSON).unwrap();
         assert_eq!(bnb_parameter_footprint(&c, FloatDtype::BF16), 3_170_589_408);
+    }
+
+    /// Gemma 3 4B: 34 layers, every 6th full attention (5), the others a 1024-token window;
+    /// 4 KV heads of 256, f32 keys and values: 8 KiB per position and layer.
+    #[test]
+    fn kv_cache_of_gemma_3_4b_by_hand() {
+        let c = ModelConfig::from_json(GEMMA_3_4B_IT_CONFIG_JSON).unwrap();
+        let row = kv_cache_row(&c, 1, 2176, 128 << 20);
+        assert_eq!(row.bytes, (5 * 2176 + 29 * 1024) * 2 * 4 * 256 * 4);
+        assert_eq!(row.bytes, 332_398_592);
+        // batch 2 doubles it; positions past the window grow only the full layers
+        assert_eq!(kv_cache_row(&c, 2, 2176, 128 << 20).bytes, 2 * row.bytes);
+        assert_eq!(
+            kv_cache_row(&c, 1, 2177, 128 << 20).bytes - row.bytes,
+            5 * 2 * 4 * 256 * 4
+        );
     }
 
     #[test]

@@ -25,23 +25,6 @@ struct LayerKv {
     window: usize,
 }
 
-/// Bytes of the KV cache for `batch` sequences of up to `max_len` positions: full layers hold
-/// `max_len` positions, sliding ones their window (f32 keys and values).
-pub fn kv_cache_bytes(
-    dims: &TextDims,
-    windows: &[Option<usize>],
-    batch: usize,
-    max_len: usize,
-) -> u64 {
-    windows
-        .iter()
-        .map(|w| {
-            let capacity = w.unwrap_or(max_len);
-            2 * (batch * dims.kv_heads * capacity * dims.head_dim * 4) as u64
-        })
-        .sum()
-}
-
 /// The decoding state of one batch of prompts.
 pub struct KvCache {
     pub batch: usize,
