@@ -60,14 +60,7 @@ fn update4(w: vec4<f32>, g: vec4<f32>, m: vec4<f32>, v: vec4<f32>) -> Moments4 {
 @group(0) @binding(3) var<storage, read_write> exp_avg: array<u32>;
 @group(0) @binding(4) var<storage, read_write> exp_avg_sq: array<u32>;
 
-fn lo(w: u32) -> f32 { return bitcast<f32>(w << 16u); }
-fn hi(w: u32) -> f32 { return bitcast<f32>(w & 0xffff0000u); }
-fn to_bf16(v: f32) -> u32 {
-    let b = bitcast<u32>(v);
-    if ((b & 0x7fffffffu) > 0x7f800000u) { return ((b >> 16u) | 0x40u) & 0xffffu; }
-    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
-}
-fn pack(a: f32, b: f32) -> u32 { return to_bf16(a) | (to_bf16(b) << 16u); }
+#include "lib/bf16"
 
 // One invocation per word (two elements); p.n counts elements and is even.
 @compute @workgroup_size(256)
@@ -79,11 +72,11 @@ fn adamw_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let gw = grad[w];
     let mw = exp_avg[w];
     let vw = exp_avg_sq[w];
-    let a = update(lo(pw), lo(gw), lo(mw), lo(vw));
-    let b = update(hi(pw), hi(gw), hi(mw), hi(vw));
-    param[w] = pack(a.w, b.w);
-    exp_avg[w] = pack(a.m, b.m);
-    exp_avg_sq[w] = pack(a.v, b.v);
+    let a = update(bf16_lo(pw), bf16_lo(gw), bf16_lo(mw), bf16_lo(vw));
+    let b = update(bf16_hi(pw), bf16_hi(gw), bf16_hi(mw), bf16_hi(vw));
+    param[w] = bf16_pack(a.w, b.w);
+    exp_avg[w] = bf16_pack(a.m, b.m);
+    exp_avg_sq[w] = bf16_pack(a.v, b.v);
 }
 
 #elif !VEC4

@@ -3,6 +3,7 @@
 // cover a row range of chunked tensors; bf16 offsets are even (chunks hold whole words).
 
 #include "lib/dispatch"
+#include "lib/bf16"
 
 struct Params {
     n: u32,
@@ -12,12 +13,6 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-
-fn to_bf16(v: f32) -> u32 {
-    let b = bitcast<u32>(v);
-    if ((b & 0x7fffffffu) > 0x7f800000u) { return ((b >> 16u) | 0x40u) & 0xffffu; }
-    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
-}
 
 @group(0) @binding(1) var<storage, read> f32_in: array<f32>;
 @group(0) @binding(2) var<storage, read_write> bf16_out: array<u32>;
@@ -29,9 +24,9 @@ fn f32_to_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let w = flat_invocation(wid, nwg, l, 256u);
     let e = 2u * w;
     if (e >= p.n) { return; }
-    let lo = to_bf16(f32_in[p.src_off + e]);
+    let lo = bf16_bits(f32_in[p.src_off + e]);
     var hi = 0u;
-    if (e + 1u < p.n) { hi = to_bf16(f32_in[p.src_off + e + 1u]); }
+    if (e + 1u < p.n) { hi = bf16_bits(f32_in[p.src_off + e + 1u]); }
     bf16_out[p.dst_off / 2u + w] = lo | (hi << 16u);
 }
 
@@ -46,7 +41,7 @@ fn bf16_to_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let e = p.src_off + i;
     let word = bf16_in[e >> 1u];
     let h = select(word >> 16u, word & 0xffffu, (e & 1u) == 0u);
-    f32_out[p.dst_off + i] = bitcast<f32>(h << 16u);
+    f32_out[p.dst_off + i] = bf16_lo(h);
 }
 
 // dst (bf16) += src (f32), rounded once per element: how a bf16 gradient takes the f32 product
@@ -63,8 +58,8 @@ fn add_f32_into_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     if (e >= p.n) { return; }
     let at = p.dst_off / 2u + w;
     let old = add_dst[at];
-    let lo = to_bf16(bitcast<f32>(old << 16u) + add_src[p.src_off + e]);
+    let lo = bf16_bits(bf16_lo(old) + add_src[p.src_off + e]);
     var hi = old >> 16u;
-    if (e + 1u < p.n) { hi = to_bf16(bitcast<f32>(old & 0xffff0000u) + add_src[p.src_off + e + 1u]); }
+    if (e + 1u < p.n) { hi = bf16_bits(bf16_hi(old) + add_src[p.src_off + e + 1u]); }
     add_dst[at] = lo | (hi << 16u);
 }

@@ -3,6 +3,7 @@
 // tokens whose id falls in it. Ids at or beyond `vocab` produce NaN rows (loud, not silent).
 
 #include "lib/dispatch"
+#include "lib/bf16"
 
 struct Params {
     tokens: u32,
@@ -17,13 +18,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
-
-fn bf16_round(v: f32) -> f32 {
-    let b = bitcast<u32>(v);
-    if ((b & 0x7fffffffu) > 0x7f800000u) { return v; } // NaN stays NaN
-    let r = b + 0x7fffu + ((b >> 16u) & 1u);
-    return bitcast<f32>(r & 0xffff0000u);
-}
 
 fn gather_value(t: u32, j: u32, row_value: f32) -> f32 {
     var v = row_value * p.scale;
@@ -68,7 +62,7 @@ fn gather_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let e = (id - p.first) * p.dim + j;
     let word = table_bf16[e >> 1u];
     let h = select(word >> 16u, word & 0xffffu, (e & 1u) == 0u);
-    out[i] = gather_value(t, j, bitcast<f32>(h << 16u));
+    out[i] = gather_value(t, j, bf16_lo(h));
 }
 
 // scatter_add: one invocation per column; walks all tokens, so no two invocations write the
@@ -98,12 +92,6 @@ fn scatter_add(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read> sdy: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dtable_w: array<u32>;
 
-fn to_bf16_bits(v: f32) -> u32 {
-    let b = bitcast<u32>(v);
-    if ((b & 0x7fffffffu) > 0x7f800000u) { return ((b >> 16u) | 0x40u) & 0xffffu; }
-    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
-}
-
 // p.tokens = number of unique ids; p.dim even.
 @compute @workgroup_size(64)
 fn scatter_add_bf16(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -121,7 +109,5 @@ fn scatter_add_bf16(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let at = ((id - p.first) * p.dim) / 2u + w;
     let old = dtable_w[at];
-    let lo = to_bf16_bits(bitcast<f32>(old << 16u) + s0);
-    let hi = to_bf16_bits(bitcast<f32>(old & 0xffff0000u) + s1);
-    dtable_w[at] = lo | (hi << 16u);
+    dtable_w[at] = bf16_pack(bf16_lo(old) + s0, bf16_hi(old) + s1);
 }

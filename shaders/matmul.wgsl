@@ -72,7 +72,7 @@ fn b4_load(e: u32) -> vec4<f32> { return nf4_decode4(wq_word(e >> 3u) >> ((e & 4
 fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), b1_load(e + 2u), b1_load(e + 3u)); }
 #endif
 #elif BF16B
-// bf16 widens exactly to f32: its bits are the high half of the f32's.
+#include "lib/bf16"
 #if TEXTURES
 @group(0) @binding(2) var Bw: texture_2d<u32>;
 fn b_word(w: u32) -> u32 { return textureLoad(Bw, stage_texel(w >> 2u), 0)[w & 3u]; }
@@ -80,8 +80,6 @@ fn b_word(w: u32) -> u32 { return textureLoad(Bw, stage_texel(w >> 2u), 0)[w & 3
 @group(0) @binding(2) var<storage, read> Bw: array<u32>;
 fn b_word(w: u32) -> u32 { return Bw[w]; }
 #endif
-fn bf16_lo(w: u32) -> f32 { return bitcast<f32>(w << 16u); }
-fn bf16_hi(w: u32) -> f32 { return bitcast<f32>(w & 0xffff0000u); }
 fn b1_load(e: u32) -> f32 {
     let w = b_word(e >> 1u);
     return select(bf16_hi(w), bf16_lo(w), (e & 1u) == 0u);

@@ -7,6 +7,7 @@
 
 #include "lib/dispatch"
 #include "lib/staging"
+#include "lib/bf16"
 
 struct Params {
     n: u32,
@@ -152,8 +153,8 @@ fn partial_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         let w = first + k * WG + lid;
         if (2u * w < p.n) {
             let word = xw[w];
-            acc = fold_element(acc, bitcast<f32>(word << 16u), 2u * w);
-            acc = fold_element(acc, bitcast<f32>(word & 0xffff0000u), 2u * w + 1u);
+            acc = fold_element(acc, bf16_lo(word), 2u * w);
+            acc = fold_element(acc, bf16_hi(word), 2u * w + 1u);
         }
     }
     red[lid] = acc;
@@ -164,12 +165,6 @@ fn partial_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @group(0) @binding(1) var<storage, read_write> clip_w: array<u32>;
 @group(0) @binding(2) var<storage, read> clip_norm_bf16: array<f32>;
 
-fn round_bf16(v: f32) -> u32 {
-    let b = bitcast<u32>(v);
-    if ((b & 0x7fffffffu) > 0x7f800000u) { return ((b >> 16u) | 0x40u) & 0xffffu; }
-    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
-}
-
 @compute @workgroup_size(256)
 fn clip_scale_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
@@ -177,8 +172,8 @@ fn clip_scale_bf16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     if (2u * w >= p.n) { return; }
     let coef = min(p.max_norm / (clip_norm_bf16[0] + 1e-6), 1.0);
     let word = clip_w[w];
-    let lo = round_bf16(bitcast<f32>(word << 16u) * coef);
+    let lo = bf16_bits(bf16_lo(word) * coef);
     var hi = word >> 16u;
-    if (2u * w + 1u < p.n) { hi = round_bf16(bitcast<f32>(word & 0xffff0000u) * coef); }
+    if (2u * w + 1u < p.n) { hi = bf16_bits(bf16_hi(word) * coef); }
     clip_w[w] = lo | (hi << 16u);
 }

@@ -136,6 +136,7 @@ macro_rules! shader_files {
 }
 
 shader_files!(
+    "lib/bf16",
     "lib/dispatch",
     "lib/nf4",
     "lib/staging",
