@@ -14,14 +14,12 @@ use serde_json::json;
 
 use crate::data::collate::{BatchStream, StreamOptions};
 use crate::gpu::MatmulPrecision;
-use crate::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
-use crate::model::reference::lora::Adapter;
+use crate::model::gpu::model::Gemma3Gpu;
 use crate::model::reference::loss::shift_labels;
-use crate::model::{ModelConfig, Weights};
+use crate::model::ModelConfig;
 use crate::params::OpParams;
 use crate::reference::cross_entropy::IGNORE_INDEX;
 use crate::train::adapter::HostTensor;
-use crate::train::adapter_source::check_against_base;
 use crate::{op_params, ArtifactType, Device, Op, ParamSpec, Port, RunCtx};
 
 /// The op's summary file.
@@ -97,29 +95,17 @@ impl Op for EvalOp {
         let params = EvalParams::from_table(ctx.params)?;
         let (root, _) = crate::model::artifact_model_root(&ctx.input("model")?.dir)?;
         let config = ModelConfig::from_file(&root.join("config.json"))?;
-        let weights = Weights::open(&root, &config)?;
-        let adapter = match ctx.optional_input("adapter") {
-            Some(a) => {
-                check_against_base(&a.dir, &config)
-                    .with_context(|| format!("op `{}`", ctx.name))?;
-                Some(Adapter::load(&a.dir)?)
-            }
-            None => None,
-        };
+        let adapter = ctx.optional_input("adapter");
         let gpu = crate::gpu::Gpu::get()?;
-        let model = Gemma3Gpu::from_weights(
+        let model = Gemma3Gpu::for_inference(
             gpu,
+            &root,
             &config,
-            &weights,
-            adapter.as_ref(),
-            Gemma3GpuOptions {
-                gradient_checkpointing: false,
-                lora: adapter.as_ref().map(|a| a.settings),
-                matmul_precision: MatmulPrecision::parse(&params.matmul_precision)?,
-                bf16: params.bf16,
-            },
+            adapter.map(|a| a.dir.as_path()),
+            MatmulPrecision::parse(&params.matmul_precision)?,
+            params.bf16,
         )
-        .with_context(|| format!("op `{}`: loading the model", ctx.name))?;
+        .with_context(|| format!("op `{}`", ctx.name))?;
         let stream = BatchStream::open(
             &ctx.input("batches")?.dir,
             StreamOptions {

@@ -26,11 +26,9 @@ use crate::generation::decode::{
 };
 use crate::generation::GenerationRecord;
 use crate::gpu::MatmulPrecision;
-use crate::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
-use crate::model::reference::lora::Adapter;
-use crate::model::{ModelConfig, Weights};
+use crate::model::gpu::model::Gemma3Gpu;
+use crate::model::ModelConfig;
 use crate::params::OpParams;
-use crate::train::adapter_source::check_against_base;
 use crate::{op_params, ArtifactType, Device, Op, ParamError, ParamSpec, Port, RunCtx};
 
 /// The answers, one JSON record per line.
@@ -202,14 +200,7 @@ impl Op for GenerateOp {
                  answers would never stop before max_new_tokens; add it to the model folder"
             );
         }
-        let weights = Weights::open(&root, &config)?;
-        let adapter = match ctx.optional_input("adapter") {
-            Some(a) => {
-                check_against_base(&a.dir, &config).with_context(|| op.clone())?;
-                Some(Adapter::load(&a.dir)?)
-            }
-            None => None,
-        };
+        let adapter = ctx.optional_input("adapter");
         let processor = Processor::from_model_dir(&root).with_context(|| op.clone())?;
         let template = ChatTemplate::from_model_dir(&root, None).with_context(|| op.clone())?;
         let opts = DecodeOptions {
@@ -258,20 +249,16 @@ impl Op for GenerateOp {
         }
 
         let gpu = crate::gpu::Gpu::get()?;
-        let model = Gemma3Gpu::from_weights(
+        // f32 tables: an adapter trained with `bf16` holds bf16 values, exact in f32
+        let model = Gemma3Gpu::for_inference(
             gpu,
+            &root,
             &config,
-            &weights,
-            adapter.as_ref(),
-            Gemma3GpuOptions {
-                gradient_checkpointing: false,
-                lora: adapter.as_ref().map(|a| a.settings),
-                matmul_precision: MatmulPrecision::parse(&params.matmul_precision)?,
-                // f32 tables: an adapter trained with `bf16` holds bf16 values, exact in f32
-                bf16: false,
-            },
+            adapter.map(|a| a.dir.as_path()),
+            MatmulPrecision::parse(&params.matmul_precision)?,
+            false,
         )
-        .with_context(|| format!("{op}: loading the model"))?;
+        .with_context(|| op.clone())?;
         // The plan's KV cache row: what the decode will hold for the largest batch.
         let kv_plan = crate::model::memory::kv_cache_row(
             &config,

@@ -160,6 +160,41 @@ struct ImageCache {
 }
 
 impl Gemma3Gpu {
+    /// The model of a `model` input (its folder `root`, dense or NF4) for inference — no
+    /// checkpointing, no dropout — with the adapter in `adapter_dir` checked against it (a
+    /// mismatch is named) and attached: what `eval` and `generate` run. Errors say which step
+    /// failed; the op adds its name.
+    pub fn for_inference(
+        gpu: &Gpu,
+        root: &std::path::Path,
+        config: &ModelConfig,
+        adapter_dir: Option<&std::path::Path>,
+        matmul_precision: MatmulPrecision,
+        bf16: bool,
+    ) -> Result<Self> {
+        let weights = Weights::open(root, config)?;
+        let adapter = match adapter_dir {
+            Some(dir) => {
+                crate::train::adapter_source::check_against_base(dir, config)?;
+                Some(Adapter::load(dir)?)
+            }
+            None => None,
+        };
+        Self::from_weights(
+            gpu,
+            config,
+            &weights,
+            adapter.as_ref(),
+            Gemma3GpuOptions {
+                gradient_checkpointing: false,
+                lora: adapter.as_ref().map(|a| a.settings),
+                matmul_precision,
+                bf16,
+            },
+        )
+        .context("loading the model")
+    }
+
     /// Uploads the frozen model; attaches `adapter`'s LoRA pairs (by canonical module path) and
     /// its modules_to_save copies (lm_head / embed_tokens, trainable, untied).
     pub fn from_weights(
