@@ -98,6 +98,25 @@ impl Gpu {
 }
 
 impl Gpu {
+    /// Rounds the f32 tensor `x` to bf16 in place (through a bf16 copy) and returns that copy:
+    /// a layer input stored as torch's bf16 model holds it, and kept for a recomputed forward.
+    pub fn round_to_bf16(&self, rec: &mut Recorder, x: &GpuTensor) -> Result<GpuTensor> {
+        let rounded = self.empty(x.shape(), DType::Bf16)?;
+        self.cast(rec, x, &rounded)?;
+        self.cast(rec, &rounded, x)?;
+        Ok(rounded)
+    }
+
+    /// `t` as f32: a widened copy of a bf16 tensor, or `t` itself (a handle) when f32.
+    pub fn widen_to_f32(&self, rec: &mut Recorder, t: &GpuTensor) -> Result<GpuTensor> {
+        if t.dtype() == DType::F32 {
+            return Ok(t.clone());
+        }
+        let wide = self.empty(t.shape(), DType::F32)?;
+        self.cast(rec, t, &wide)?;
+        Ok(wide)
+    }
+
     /// `dst[dst_off ..][..n] += src[src_off ..][..n]`, `dst` bf16 (rounded once per element, to
     /// nearest even), `src` f32; offsets in elements, `dst_off` even (whole words). Views, not
     /// tensors: the fused cross-entropy adds a block of its f32 product into one storage chunk
@@ -227,6 +246,35 @@ mod tests {
             );
             assert_ne!(want, dst0, "seed {seed}: the sum changed nothing");
         }
+    }
+
+    /// `round_to_bf16` leaves the f32 tensor at its bf16 values and returns them as bf16;
+    /// `widen_to_f32` brings them back exactly.
+    #[test]
+    fn round_to_bf16_in_place_and_widen_back() {
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let x: Vec<f32> = rng.vec_normal(37 * 5);
+        let gx = gpu.upload_f32(&[37, 5], &x).unwrap();
+        let mut rec = Recorder::new(gpu);
+        let kept = gpu.round_to_bf16(&mut rec, &gx).unwrap();
+        let wide = gpu.widen_to_f32(&mut rec, &kept).unwrap();
+        rec.submit();
+        let want: Vec<u16> = x.iter().map(|&v| reference::f32_to_bf16(v)).collect();
+        let want_f32: Vec<f32> = want.iter().map(|&h| reference::bf16_to_f32(h)).collect();
+        assert_eq!(gpu.read_bf16(&kept).unwrap(), want, "seed {seed}");
+        assert_eq!(
+            gpu.read_f32(&gx).unwrap(),
+            want_f32,
+            "seed {seed}: rounded in place"
+        );
+        assert_eq!(
+            gpu.read_f32(&wide).unwrap(),
+            want_f32,
+            "seed {seed}: widened"
+        );
+        assert_ne!(want_f32, x, "seed {seed}: rounding changed nothing");
     }
 
     #[test]

@@ -533,13 +533,7 @@ impl Gemma3Gpu {
         rec: &mut Recorder,
         x: &GpuTensor,
     ) -> Result<Option<GpuTensor>> {
-        if !self.bf16 {
-            return Ok(None);
-        }
-        let kept = gpu.empty(x.shape(), DType::Bf16)?;
-        gpu.cast(rec, x, &kept)?;
-        gpu.cast(rec, &kept, x)?;
-        Ok(Some(kept))
+        self.bf16.then(|| gpu.round_to_bf16(rec, x)).transpose()
     }
 
     /// Final-normed hidden states `[tokens, hidden]` without caches (evaluation).
@@ -718,13 +712,7 @@ impl TrainModel for Gemma3Gpu {
         rec.flush();
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let cache = if checkpoint {
-                let input = if inputs[i].dtype() == DType::Bf16 {
-                    let wide = gpu.empty(inputs[i].shape(), DType::F32)?;
-                    gpu.cast(rec, &inputs[i], &wide)?;
-                    wide
-                } else {
-                    inputs[i].clone()
-                };
+                let input = gpu.widen_to_f32(rec, &inputs[i])?;
                 let (_, cache) = layer
                     .forward(gpu, rec, &input, &dims, ctx, &run)
                     .with_context(|| format!("decoder layer {i} (recomputed)"))?;

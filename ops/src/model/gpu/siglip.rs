@@ -375,14 +375,7 @@ impl GpuVisionTower {
             rec.flush();
             let mut layers = Vec::new();
             for layer in &self.layers {
-                let rounded = if self.bf16 {
-                    let kept = gpu.empty(x.shape(), DType::Bf16)?;
-                    gpu.cast(rec, &x, &kept)?;
-                    gpu.cast(rec, &kept, &x)?;
-                    Some(kept)
-                } else {
-                    None
-                };
+                let rounded = self.bf16.then(|| gpu.round_to_bf16(rec, &x)).transpose()?;
                 let (out, cache) = self.layer_forward(gpu, rec, layer, x, &mask, first_row, run)?;
                 if train {
                     layers.push(if checkpoint {
@@ -622,13 +615,7 @@ impl GpuVisionTower {
                 let c = match layers.pop().context("one kept entry per layer")? {
                     KeptLayer::Full(c) => *c,
                     KeptLayer::Input(x) => {
-                        let x = if x.dtype() == DType::Bf16 {
-                            let wide = gpu.empty(x.shape(), DType::F32)?;
-                            gpu.cast(rec, &x, &wide)?;
-                            wide
-                        } else {
-                            x
-                        };
+                        let x = gpu.widen_to_f32(rec, &x)?;
                         self.layer_forward(gpu, rec, layer, x, &mask, first_row, run)?
                             .1
                     }
