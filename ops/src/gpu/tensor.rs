@@ -232,6 +232,37 @@ impl Gpu {
     pub fn upload_f32(&self, shape: &[usize], data: &[f32]) -> Result<GpuTensor> {
         self.upload_bytes(shape, DType::F32, bytemuck::cast_slice(data))
     }
+    /// f32 values stored as `dtype`: f32 as they are, bf16 rounded to nearest even.
+    pub fn upload_f32_as(&self, shape: &[usize], data: &[f32], dtype: DType) -> Result<GpuTensor> {
+        match dtype {
+            DType::F32 => self.upload_f32(shape, data),
+            DType::Bf16 => {
+                let bits: Vec<u16> = data
+                    .iter()
+                    .map(|&v| crate::reference::cast::f32_to_bf16(v))
+                    .collect();
+                self.upload_bf16(shape, &bits)
+            }
+            d => bail!("f32 values cannot be stored as {d:?}"),
+        }
+    }
+
+    /// Sets tensors to zero bytes (0.0 in f32 and bf16), on the GPU in one submit: no host
+    /// buffer of their size is made, which matters for the 262k-row tables.
+    pub fn zero(&self, tensors: &[&GpuTensor]) {
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("zero"),
+            });
+        for t in tensors {
+            for c in t.chunks() {
+                enc.clear_buffer(c.buffer.buffer(), 0, Some(c.bytes));
+            }
+        }
+        self.queue.submit([enc.finish()]);
+    }
+
     /// bf16 values given as their raw bits.
     pub fn upload_bf16(&self, shape: &[usize], bits: &[u16]) -> Result<GpuTensor> {
         self.upload_bytes(shape, DType::Bf16, bytemuck::cast_slice(bits))

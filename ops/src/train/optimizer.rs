@@ -111,15 +111,7 @@ pub fn write_f32(gpu: &Gpu, rec: &mut Recorder, dst: &GpuTensor, data: &[f32]) -
         dst.dtype(),
         dst.shape()
     );
-    let src = if dst.dtype() == DType::Bf16 {
-        let bits: Vec<u16> = data
-            .iter()
-            .map(|&v| crate::reference::cast::f32_to_bf16(v))
-            .collect();
-        gpu.upload_bf16(dst.shape(), &bits)?
-    } else {
-        gpu.upload_f32(dst.shape(), data)?
-    };
+    let src = gpu.upload_f32_as(dst.shape(), data, dst.dtype())?;
     ensure!(
         src.chunks().len() == dst.chunks().len(),
         "tensor of shape {:?} is chunked differently from its upload",
@@ -172,7 +164,7 @@ impl GpuAdamW {
                 exp_avg: gpu.empty(p.value.shape(), p.value.dtype())?,
                 exp_avg_sq: gpu.empty(p.value.shape(), p.value.dtype())?,
             };
-            clear(gpu, &[&m.exp_avg, &m.exp_avg_sq]);
+            gpu.zero(&[&m.exp_avg, &m.exp_avg_sq]);
             moments.insert(p.key.clone(), m);
         }
         Ok(Self {
@@ -325,22 +317,7 @@ fn host_step(gpu: &Gpu, p: &Parameter, h: &mut HostMoments, s: &AdamWStep) -> Re
 /// gradients' size is made, which matters for the modules_to_save copies of a large vocabulary.
 pub fn zero_grads(gpu: &Gpu, params: &[Parameter]) {
     let grads: Vec<&GpuTensor> = params.iter().map(|p| &p.grad).collect();
-    clear(gpu, &grads);
-}
-
-/// Sets tensors to zero bytes on the GPU (submitted at once).
-fn clear(gpu: &Gpu, tensors: &[&GpuTensor]) {
-    let mut enc = gpu
-        .device()
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("clear"),
-        });
-    for t in tensors {
-        for c in t.chunks() {
-            enc.clear_buffer(c.buffer.buffer(), 0, Some(c.bytes));
-        }
-    }
-    gpu.queue().submit([enc.finish()]);
+    gpu.zero(&grads);
 }
 
 /// Records the global L2 norm of every gradient into `norm` (`[1]` f32) and, with

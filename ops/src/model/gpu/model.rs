@@ -55,16 +55,12 @@ pub struct TrainedTable {
     pub grad: GpuTensor,
 }
 
-/// Uploads a `[vocab, hidden]` table as f32 or, with `bf16`, rounded to bf16.
-fn upload_table(gpu: &Gpu, shape: [usize; 2], values: &[f32], bf16: bool) -> Result<GpuTensor> {
+/// The vocabulary tables' dtype ([`Gemma3GpuOptions::bf16`]).
+fn table_dtype(bf16: bool) -> DType {
     if bf16 {
-        let bits: Vec<u16> = values
-            .iter()
-            .map(|&v| crate::reference::cast::f32_to_bf16(v))
-            .collect();
-        gpu.upload_bf16(&shape, &bits)
+        DType::Bf16
     } else {
-        gpu.upload_f32(&shape, values)
+        DType::F32
     }
 }
 
@@ -82,14 +78,9 @@ impl TrainedTable {
             values.len(),
             shape
         );
-        let value = upload_table(gpu, shape, values, bf16)?;
+        let value = gpu.upload_f32_as(&shape, values, table_dtype(bf16))?;
         let grad = gpu.empty(&shape, value.dtype())?;
-        // zero bytes are 0.0 in both dtypes
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
-        for c in grad.chunks() {
-            enc.clear_buffer(c.buffer.buffer(), 0, Some(c.bytes));
-        }
-        gpu.queue().submit([enc.finish()]);
+        gpu.zero(&[&grad]);
         Ok(Self { value, grad })
     }
 }
@@ -241,7 +232,7 @@ impl Gemma3Gpu {
         let embed_tokens = if replaced {
             None
         } else {
-            Some(upload_table(gpu, table_shape, &embed.to_f32()?, opts.bf16)?)
+            Some(gpu.upload_f32_as(&table_shape, &embed.to_f32()?, table_dtype(opts.bf16))?)
         };
         let layers = (0..t.num_hidden_layers)
             .map(|l| {
@@ -252,11 +243,10 @@ impl Gemma3Gpu {
         let final_norm_host = weights.to_f32(&format!("{TEXT}norm.weight"))?;
         let final_norm = gpu.upload_f32(&[dims.hidden], &final_norm_host)?;
         let lm_head = if untied_head && adapter.is_none_or(|a| a.lm_head.is_none()) {
-            Some(upload_table(
-                gpu,
-                table_shape,
+            Some(gpu.upload_f32_as(
+                &table_shape,
                 &weights.to_f32(LM_HEAD)?,
-                opts.bf16,
+                table_dtype(opts.bf16),
             )?)
         } else {
             None
