@@ -156,24 +156,29 @@ fn three_steps_match_sft_trainer() {
 /// The same golden run with the model on the GPU kernels (what `lora-train` trains).
 #[test]
 fn three_steps_on_the_gpu_model_match_sft_trainer() {
-    let gpu = test_gpu();
+    let mut model = gpu_model(false);
+    three_steps_match_sft_trainer_with(&mut model);
+}
+
+/// The tiny model on the GPU kernels with the initial adapter, checkpointed, f32 or `bf16`.
+fn gpu_model(bf16: bool) -> ops::model::gpu::model::Gemma3Gpu {
     let (_, init) = init_adapter();
     let dir = tiny();
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let weights = Weights::open(&dir, &config).unwrap();
-    let mut model = ops::model::gpu::model::Gemma3Gpu::from_weights(
-        gpu,
+    ops::model::gpu::model::Gemma3Gpu::from_weights(
+        test_gpu(),
         &config,
         &weights,
         Some(&init),
         ops::model::gpu::model::Gemma3GpuOptions {
             gradient_checkpointing: true,
             lora: Some(init.settings),
+            bf16,
             ..Default::default()
         },
     )
-    .unwrap();
-    three_steps_match_sft_trainer_with(&mut model);
+    .unwrap()
 }
 
 /// `bf16 = true` against SFTTrainer with the guide's precision (the model loaded in bfloat16,
@@ -193,23 +198,8 @@ fn three_steps_on_the_gpu_model_match_sft_trainer() {
 #[test]
 fn three_steps_in_bf16_match_sft_trainer_in_bf16() {
     let gpu = test_gpu();
-    let (config, init) = init_adapter();
-    let dir = tiny();
-    let model_config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = Weights::open(&dir, &model_config).unwrap();
-    let mut model = ops::model::gpu::model::Gemma3Gpu::from_weights(
-        gpu,
-        &model_config,
-        &weights,
-        Some(&init),
-        ops::model::gpu::model::Gemma3GpuOptions {
-            gradient_checkpointing: true,
-            lora: Some(init.settings),
-            bf16: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (config, _) = init_adapter();
+    let mut model = gpu_model(true);
     let gold: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(golden("lora_bf16/train.json")).unwrap())
             .unwrap();
