@@ -187,6 +187,48 @@ fn matmul_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     store(m, n, p.c_off + wid.z * p.c_batch, s);
 }
 
+#if TEXTURES
+// ---- matmul_rows_split: the rows kernel for staged operands, which exist only on 8-lane
+// subgroup adapters (ops/src/gpu/staging.rs). A workgroup is one 8-lane subgroup owning
+// SPLIT_ROWS outputs of one row of A; its lanes split K, lane l reading texels l, l + 8, ...
+// of A and of each of the B rows, so each fetch of the subgroup is 8 neighbouring texels (one
+// lane per B row, as matmul_rows does, is 8 rows apart: several times slower on llvmpipe). The
+// per-lane partial dot products are summed by subgroupAdd.
+const SPLIT_LANES: u32 = 8u;
+const SPLIT_ROWS: u32 = 8u;
+@compute @workgroup_size(8)
+fn matmul_rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let n0 = wid.x * SPLIT_ROWS;
+    let m = wid.y;
+    let a_base = p.a_off + wid.z * p.a_batch + m * p.lda;
+    let k4 = p.k & ~3u;
+    // rows past N read row N - 1 (every lane must reach subgroupAdd) and are not stored
+    var b_base: array<u32, 8>;
+    for (var r = 0u; r < SPLIT_ROWS; r++) {
+        b_base[r] = p.b_off + wid.z * p.b_batch + min(n0 + r, p.n - 1u) * p.ldb;
+    }
+    var acc: array<vec4<f32>, 8>;
+    for (var r = 0u; r < SPLIT_ROWS; r++) { acc[r] = vec4<f32>(0.0); }
+    for (var k = 4u * lane; k < k4; k += 4u * SPLIT_LANES) {
+        let a = a4(a_base + k);
+        for (var r = 0u; r < SPLIT_ROWS; r++) {
+            acc[r] = fma(a, b4(b_base[r] + k), acc[r]);
+        }
+    }
+    for (var r = 0u; r < SPLIT_ROWS; r++) {
+        var s = (acc[r].x + acc[r].y) + (acc[r].z + acc[r].w);
+        // K's last K % 4 elements: lane j takes element k4 + j
+        if (k4 + lane < p.k) {
+            s = fma(a1(a_base + k4 + lane), b1(b_base[r] + k4 + lane), s);
+        }
+        let total = subgroupAdd(s);
+        if (lane == r && n0 + r < p.n) {
+            store(m, n0 + r, p.c_off + wid.z * p.c_batch, total);
+        }
+    }
+}
+#endif
+
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn matmul_register(@builtin(global_invocation_id) gid: vec3<u32>) {
     let n0 = gid.x * TN;

@@ -275,6 +275,8 @@ impl Op for GenerateOp {
             std::fs::File::create(&out_path)
                 .with_context(|| format!("creating {}", out_path.display()))?,
         );
+        // frozen weights staged once for all batches (CPU adapters), not once per batch
+        let _staged_weights = gpu.hold_staged_weights();
         let started = Instant::now();
         let (mut new_tokens, mut stopped) = (0usize, 0usize);
         for chunk in prompts.chunks(params.batch_size) {

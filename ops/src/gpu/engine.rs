@@ -58,6 +58,7 @@ pub struct Gpu {
     all_adapters: Vec<wgpu::AdapterInfo>,
     pub(crate) pool: Arc<Mutex<BufferPool>>,
     pub(crate) staging: Mutex<super::staging::StagingSlots>,
+    pub(crate) frozen: Arc<Mutex<super::staging::FrozenTextures>>,
     modules: Mutex<HashMap<u128, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
 }
@@ -210,6 +211,7 @@ impl Gpu {
             all_adapters: infos,
             pool: Arc::new(Mutex::new(BufferPool::default())),
             staging: Mutex::new(Default::default()),
+            frozen: Default::default(),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
         })

@@ -131,6 +131,37 @@ impl<'g> Recorder<'g> {
         Some(texture)
     }
 
+    /// `view` (a frozen weight) staged once and kept while a
+    /// [`crate::gpu::staging::StagedWeightsHold`] lives: the copy is recorded on first use only.
+    /// `None` where this adapter does not stage, no hold is alive, or `view` cannot be staged.
+    pub fn stage_frozen(
+        &mut self,
+        view: &BufView,
+        format: StageFormat,
+    ) -> Option<Arc<StagedTexture>> {
+        let max_dim = self.gpu.limits().max_texture_dimension_2d;
+        if !self.gpu.stages_operands() || !staging::can_stage(view, max_dim) {
+            return None;
+        }
+        let mut frozen = self.gpu.frozen.lock().unwrap();
+        if !frozen.held() {
+            return None;
+        }
+        if let Some(t) = frozen.get(view, format) {
+            return Some(t);
+        }
+        let texture = self.gpu.staging.lock().unwrap().texture(
+            &self.gpu.device,
+            format,
+            staging::rows_for(view.size),
+        );
+        self.pass = None;
+        staging::record_copy(self.encoder.as_mut().expect("open"), view, &texture);
+        self.keep.push(view.buffer.clone());
+        frozen.insert(view, format, texture.clone());
+        Some(texture)
+    }
+
     /// [`Recorder::dispatch`] with buffers and staged textures: `bindings` bind to 1, 2, ...
     pub fn dispatch_bound(
         &mut self,

@@ -11,9 +11,10 @@
 //! `e % 4` of texel `e / 4`. The copy is a plain buffer→texture copy (a memcpy on lavapipe).
 //! The textures are [`StagingSlots`]: a few per device, reused by every dispatch.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::engine::Gpu;
+use super::engine::{Gpu, PooledBuffer};
 use super::tensor::BufView;
 
 impl Gpu {
@@ -178,6 +179,18 @@ impl StagingSlots {
             return t.clone();
         }
         let rows = rows.next_power_of_two().min(max_dimension);
+        let t = self.texture(device, format, rows);
+        self.slots.insert(key, t.clone());
+        t
+    }
+
+    /// A new linear texture of `rows` rows outside the slots (counted with them).
+    pub fn texture(
+        &self,
+        device: &wgpu::Device,
+        format: StageFormat,
+        rows: u32,
+    ) -> Arc<StagedTexture> {
         let texture = device.create_texture(&wgpu::TextureDescriptor {
             label: Some("staged operand"),
             size: wgpu::Extent3d {
@@ -198,15 +211,13 @@ impl StagingSlots {
             c.live += texture_bytes(rows);
             c.peak = c.peak.max(c.live);
         }
-        let t = Arc::new(StagedTexture {
+        Arc::new(StagedTexture {
             texture,
             view,
             format,
             rows,
             counter: self.counter.clone(),
-        });
-        self.slots.insert(key, t.clone());
-        t
+        })
     }
 
     /// Creates every slot at the size of a `bytes` binding up front, so that a run whose
@@ -226,6 +237,82 @@ impl StagingSlots {
     pub fn reset_peak(&self) {
         let mut c = self.counter.lock().unwrap();
         c.peak = c.live;
+    }
+}
+
+/// Frozen weights staged once and kept in their own textures while at least one
+/// [`StagedWeightsHold`] lives (a generation, on CPU adapters): a decode step reads every weight
+/// once, so copying them into the slots each step would cost as much as the products. Keyed by
+/// the buffer range; each entry keeps its buffer alive, so a key cannot be reused by another
+/// allocation while the entry exists. Only matmuls whose B is marked frozen
+/// (`MatmulOpts::frozen_b`) use it: a weight whose bytes change would be read stale.
+#[derive(Default)]
+pub struct FrozenTextures {
+    holds: usize,
+    textures: HashMap<FrozenKey, (Arc<PooledBuffer>, Arc<StagedTexture>)>,
+}
+
+/// A buffer range (the buffer's address, offset, size) and the texel format it is staged as.
+type FrozenKey = (usize, u64, u64, StageFormat);
+
+impl FrozenTextures {
+    /// Whether a hold is alive (frozen weights may be kept).
+    pub fn held(&self) -> bool {
+        self.holds > 0
+    }
+
+    /// The texture already holding `view` as `format`, if any.
+    pub fn get(&self, view: &BufView, format: StageFormat) -> Option<Arc<StagedTexture>> {
+        self.textures
+            .get(&frozen_key(view, format))
+            .map(|(_, t)| t.clone())
+    }
+
+    pub fn insert(&mut self, view: &BufView, format: StageFormat, texture: Arc<StagedTexture>) {
+        self.textures
+            .insert(frozen_key(view, format), (view.buffer.clone(), texture));
+    }
+
+    /// Textures kept (tests).
+    pub fn len(&self) -> usize {
+        self.textures.len()
+    }
+}
+
+fn frozen_key(view: &BufView, format: StageFormat) -> FrozenKey {
+    (
+        Arc::as_ptr(&view.buffer) as usize,
+        view.offset,
+        view.size,
+        format,
+    )
+}
+
+/// Keeps frozen weights staged (see [`FrozenTextures`]) until dropped; the last hold to drop
+/// frees their textures.
+pub struct StagedWeightsHold {
+    frozen: Arc<Mutex<FrozenTextures>>,
+}
+
+impl Drop for StagedWeightsHold {
+    fn drop(&mut self) {
+        let mut f = self.frozen.lock().unwrap();
+        f.holds -= 1;
+        if f.holds == 0 {
+            f.textures.clear();
+        }
+    }
+}
+
+impl Gpu {
+    /// Frozen weights (linear layers' base weights, the output embedding) stay staged in
+    /// textures from their first use until the returned hold drops: for generation, which reads
+    /// every weight once per token. A no-op on adapters that do not stage.
+    pub fn hold_staged_weights(&self) -> StagedWeightsHold {
+        self.frozen.lock().unwrap().holds += 1;
+        StagedWeightsHold {
+            frozen: self.frozen.clone(),
+        }
     }
 }
 

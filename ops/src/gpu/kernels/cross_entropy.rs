@@ -252,6 +252,7 @@ impl Gpu {
                 b_contig: h,
                 f16: false,
                 b_bf16: w_bf16,
+                frozen_b: false,
             };
             self.record_gemm(rec, gemm)
         };
@@ -311,6 +312,7 @@ impl Gpu {
                     b_contig: h,
                     f16: false,
                     b_bf16: w_bf16,
+                    frozen_b: false,
                 },
             )?;
             // dW_c += G[:, :vc]ᵀ · X
@@ -346,6 +348,7 @@ impl Gpu {
                             b_contig: h,
                             f16: false,
                             b_bf16: false,
+                            frozen_b: false,
                         },
                     )?;
                     self.add_f32_into_bf16(
@@ -385,6 +388,7 @@ impl Gpu {
                         b_contig: h,
                         f16: false,
                         b_bf16: false,
+                        frozen_b: false,
                     },
                 )?;
             }

@@ -371,6 +371,7 @@ impl Gpu {
             b_contig: if opts.trans_b { k as u32 } else { n as u32 },
             f16: opts.precision == super::matmul::MatmulPrecision::F16,
             b_bf16: false,
+            frozen_b: opts.frozen_b,
         };
         let absmax = w.absmax.view()?;
         let blocksize = w.blocksize;
@@ -518,6 +519,7 @@ mod tests {
             trans_b: forward,
             beta,
             bias: forward.then_some(&gbias),
+            frozen_b: FROZEN_B.with(|f| f.get()),
             ..Default::default()
         };
         gpu.matmul_nf4(&mut rec, &ga, &w, &gc, opts).unwrap();
@@ -547,9 +549,18 @@ mod tests {
         );
     }
 
+    thread_local! {
+        /// Set by a test to mark the NF4 weight frozen in every case of a sweep.
+        static FROZEN_B: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     fn fused_sweep(gpu: &Gpu) {
         let seed = TestRng::fresh_seed();
         let mut rng = TestRng::new(seed);
+        // the rows kernel (M <= 8, forward): vec4 and scalar in-features
+        for &(m, rows_w, cols_w) in &[(1, 29, 64), (3, 19, 36), (2, 13, 33)] {
+            fused_case(gpu, 1, m, rows_w, cols_w, true, &mut rng, seed);
+        }
         // Odd row counts; in-features multiples of 4 (vec4 path) and not (scalar path); blocks
         // straddling rows (cols 36).
         for &(m, rows_w, cols_w) in &[(37, 29, 64), (5, 19, 36), (13, 24, 33), (1, 7, 130)] {
@@ -563,6 +574,17 @@ mod tests {
     #[test]
     fn fused_nf4_matmul_matches_dequantized_reference() {
         fused_sweep(test_gpu());
+    }
+
+    /// Generation on CPU adapters: the packed words and absmax stay staged in textures of their
+    /// own while a hold lives, read by the split rows kernel and the subgroup kernel.
+    #[test]
+    fn fused_nf4_matmul_with_weights_kept_staged() {
+        let gpu = test_gpu();
+        let _hold = gpu.hold_staged_weights();
+        FROZEN_B.with(|f| f.set(true));
+        fused_sweep(gpu);
+        FROZEN_B.with(|f| f.set(false));
     }
 
     #[test]

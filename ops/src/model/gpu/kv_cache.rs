@@ -41,6 +41,8 @@ pub struct KvCache {
     next_position: Vec<u32>,
     /// The absolute position (cache slot index) of the next token, shared by all rows.
     pos: usize,
+    /// Keeps the frozen weights staged for the whole generation on CPU adapters.
+    _staged_weights: crate::gpu::staging::StagedWeightsHold,
 }
 
 impl KvCache {
@@ -225,6 +227,7 @@ impl Gemma3Gpu {
             }
         }
         let positions = left_padded_positions(&batch.attention_mask, bsz, seq);
+        let staged_weights = gpu.hold_staged_weights();
         let mut rec = Recorder::new(gpu);
         let normed = self.prefill(gpu, &mut rec, batch, &positions, |rec, i, k, v| {
             let kv = &layers[i];
@@ -252,6 +255,7 @@ impl Gemma3Gpu {
             ropes,
             next_position,
             pos: seq,
+            _staged_weights: staged_weights,
         };
         Ok((cache, gpu.read_f32(&logits)?))
     }

@@ -189,6 +189,7 @@ impl GpuLinear {
             trans_b: true,
             bias: self.bias.as_ref(),
             precision: run.precision,
+            frozen_b: true,
             ..Default::default()
         };
         match &self.weight {

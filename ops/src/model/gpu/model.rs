@@ -554,8 +554,10 @@ impl Gemma3Gpu {
         let mut rec = Recorder::new(gpu);
         let normed = self.forward_normed(gpu, &mut rec, batch)?;
         let logits = gpu.empty(&[normed.rows(), self.dims.vocab], DType::F32)?;
+        // only generation calls this: the output embedding does not change meanwhile
         let opts = MatmulOpts {
             trans_b: true,
+            frozen_b: true,
             ..Default::default()
         };
         gpu.matmul(&mut rec, &normed, self.output_embedding()?, &logits, opts)?;
@@ -843,8 +845,10 @@ impl Gemma3Gpu {
         normed: &GpuTensor,
     ) -> Result<GpuTensor> {
         let logits = gpu.empty(&[normed.rows(), self.dims.vocab], DType::F32)?;
+        // only generation calls this: the output embedding does not change meanwhile
         let opts = MatmulOpts {
             trans_b: true,
+            frozen_b: true,
             ..Default::default()
         };
         gpu.matmul(rec, normed, self.output_embedding()?, &logits, opts)?;

@@ -91,6 +91,11 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
             shader(operands)?,
             vec!["matmul_register", "matmul_workgroup", "matmul_rows"],
         ));
+        let staged = Operands {
+            textures: true,
+            ..operands
+        };
+        all.push((shader(staged)?, vec!["matmul_rows_split"]));
         for trans_a in [false, true] {
             for trans_b in [false, true] {
                 for textures in [false, true] {
@@ -123,6 +128,9 @@ fn stage_operands() -> bool {
 /// output) instead of a tiled one: decoding multiplies one row per sequence.
 pub const ROWS_KERNEL_MAX_M: u32 = 8;
 
+/// Outputs per workgroup of the staged rows kernel (`matmul_rows_split`'s SPLIT_ROWS).
+const SPLIT_ROWS: u32 = 8;
+
 /// Whether the rows kernel is used (env `RUNNER_MATMUL_ROWS=0`: never, for benchmarking).
 fn rows_kernel() -> bool {
     static R: OnceLock<bool> = OnceLock::new();
@@ -143,6 +151,10 @@ pub struct MatmulOpts<'a> {
     pub bias: Option<&'a GpuTensor>,
     /// The operands' precision (f32 accumulation either way).
     pub precision: MatmulPrecision,
+    /// B is a frozen weight whose bytes never change: while a
+    /// [`crate::gpu::staging::StagedWeightsHold`] lives (generation) CPU adapters stage it
+    /// once and keep it, instead of copying it before every product.
+    pub frozen_b: bool,
 }
 
 impl Default for MatmulOpts<'_> {
@@ -154,6 +166,7 @@ impl Default for MatmulOpts<'_> {
             beta: 0.0,
             bias: None,
             precision: MatmulPrecision::F32,
+            frozen_b: false,
         }
     }
 }
@@ -252,14 +265,46 @@ fn stage_gemm_operands(
     } else {
         StageFormat::F32
     };
-    let mut staged = vec![
-        rec.stage(0, &g.a, StageFormat::F32)?,
-        rec.stage(1, &g.b, b_format)?,
-    ];
-    if let Some((absmax, _)) = nf4 {
-        staged.push(rec.stage(2, absmax, StageFormat::F32)?);
-    }
+    // a frozen weight kept staged (generation) is not copied again
+    let mut stage = |slot: usize, view: &BufView, format: StageFormat| match g.frozen_b {
+        true => rec
+            .stage_frozen(view, format)
+            .or_else(|| rec.stage(slot, view, format)),
+        false => rec.stage(slot, view, format),
+    };
+    let b = stage(1, &g.b, b_format)?;
+    let absmax = match nf4 {
+        Some((absmax, _)) => Some(stage(2, absmax, StageFormat::F32)?),
+        None => None,
+    };
+    let mut staged = vec![rec.stage(0, &g.a, StageFormat::F32)?, b];
+    staged.extend(absmax);
     Some(staged)
+}
+
+/// A GEMM's bindings: A, B, C, bias, then the NF4 absmax; A, B and absmax as the textures
+/// `staged` holds (from [`stage_gemm_operands`]) where they were staged.
+fn gemm_bindings<'t>(
+    g: &Gemm,
+    staged: Option<&'t [std::sync::Arc<StagedTexture>]>,
+    nf4: Option<(BufView, usize)>,
+    bias: BufView,
+) -> Vec<Bound<'t>> {
+    let (a, b, absmax) = match staged {
+        Some(s) => (
+            Bound::Texture(&s[0]),
+            Bound::Texture(&s[1]),
+            s.get(2).map(|t| Bound::Texture(t)),
+        ),
+        None => (
+            Bound::Buffer(g.a.clone()),
+            Bound::Buffer(g.b.clone()),
+            nf4.map(|(v, _)| Bound::Buffer(v)),
+        ),
+    };
+    let mut bindings = vec![a, b, Bound::Buffer(g.c.clone()), Bound::Buffer(bias)];
+    bindings.extend(absmax);
+    bindings
 }
 
 /// One sub-problem over single buffers (what one dispatch computes).
@@ -279,6 +324,8 @@ pub(crate) struct Gemm {
     pub f16: bool,
     /// B is bf16 (two per word; offsets and leading dimensions still count elements).
     pub b_bf16: bool,
+    /// B is a frozen weight ([`MatmulOpts::frozen_b`]).
+    pub frozen_b: bool,
 }
 
 impl Gpu {
@@ -463,6 +510,7 @@ impl Gpu {
                             b_contig,
                             f16: opts.precision == MatmulPrecision::F16,
                             b_bf16,
+                            frozen_b: opts.frozen_b,
                         },
                     )?;
                 }
@@ -510,16 +558,29 @@ impl Gpu {
         if let Some((_, blocksize)) = &nf4 {
             constants.push(("NF4_BLOCK", *blocksize as f64));
         }
-        // A few rows against a [N, K] weight (decoding): the rows kernel on the storage buffers.
+        // A few rows against a [N, K] weight (decoding): the rows kernel, reading a frozen
+        // weight from the texture it stays staged in during generation on CPU adapters (a weight
+        // copied before every product would cost as much as the product), else the buffers.
         if g.trans_b && !g.trans_a && p.m <= ROWS_KERNEL_MAX_M && rows_kernel() {
-            let kernel = self.kernel(&shader(operands)?, "matmul_rows", &constants)?;
+            let staged = g
+                .frozen_b
+                .then(|| stage_gemm_operands(rec, &g, nf4.as_ref()))
+                .flatten();
+            let source = shader(Operands {
+                textures: staged.is_some(),
+                ..operands
+            })?;
+            let (entry, groups) = match staged {
+                Some(_) => (
+                    "matmul_rows_split",
+                    [p.n.div_ceil(SPLIT_ROWS), p.m, g.batch],
+                ),
+                None => ("matmul_rows", [p.n.div_ceil(64), p.m, g.batch]),
+            };
+            let kernel = self.kernel(&source, entry, &constants)?;
             let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
-            let mut buffers = vec![g.a, g.b, g.c, bias];
-            if let Some((absmax, _)) = nf4 {
-                buffers.push(absmax);
-            }
-            let groups = [p.n.div_ceil(64), p.m, g.batch];
-            rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
+            let bindings = gemm_bindings(&g, staged.as_deref(), nf4, bias);
+            rec.dispatch_bound(&kernel, bytemuck::bytes_of(p), &bindings, groups);
             return Ok(());
         }
         let (entry, groups) = match self.tiling() {
@@ -541,21 +602,7 @@ impl Gpu {
                     g.trans_b,
                 )?;
                 let kernel = self.kernel(&source, "matmul_subgroup", &constants)?;
-                // A, B, C, bias, then the NF4 absmax; A, B and absmax as textures where staged
-                let (a, b, absmax) = match &staged {
-                    Some(s) => (
-                        Bound::Texture(&s[0]),
-                        Bound::Texture(&s[1]),
-                        s.get(2).map(|t| Bound::Texture(t)),
-                    ),
-                    None => (
-                        Bound::Buffer(g.a),
-                        Bound::Buffer(g.b),
-                        nf4.map(|(v, _)| Bound::Buffer(v)),
-                    ),
-                };
-                let mut bindings = vec![a, b, Bound::Buffer(g.c), Bound::Buffer(bias)];
-                bindings.extend(absmax);
+                let bindings = gemm_bindings(&g, staged.as_deref(), nf4, bias);
                 rec.dispatch_bound(&kernel, bytemuck::bytes_of(p), &bindings, groups);
                 return Ok(());
             }

@@ -65,6 +65,7 @@ fn run_case(gpu: &Gpu, c: &Case, rng: &mut TestRng, seed: u64) {
         beta: c.beta,
         bias: c.bias.then_some(&gbias),
         precision: MatmulPrecision::F32,
+        frozen_b: FROZEN_B.with(|f| f.get()),
     };
     gpu.matmul(&mut rec, &ga, &gb, &gc, opts).unwrap();
     rec.submit();
@@ -214,6 +215,19 @@ fn sweep(gpu: &Gpu) {
             batched_b,
         };
         run_case(gpu, &case, &mut rng, seed);
+        // the rows kernel over a batch
+        let case = Case {
+            batch: 2,
+            m: 3,
+            n: 21,
+            k: 12,
+            trans_a: false,
+            trans_b: true,
+            beta: 0.0,
+            bias: true,
+            batched_b,
+        };
+        run_case(gpu, &case, &mut rng, seed);
         let case = Case {
             batch: 2,
             m: 16,
@@ -301,6 +315,69 @@ fn matmul_with_bf16_b_matches_reference() {
         run_case(small, &case, &mut rng, seed);
     }
     B_BF16.with(|f| f.set(false));
+}
+
+thread_local! {
+    /// Set by a test to mark B frozen in every case of a sweep.
+    static FROZEN_B: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Generation: while a `StagedWeightsHold` lives, a frozen B (f32 or bf16) is staged once into
+/// a texture of its own and read from there — by the split rows kernel at M <= 8 with Bᵀ, by the
+/// subgroup kernel otherwise — on CPU adapters; the same B again reuses that texture.
+#[test]
+fn frozen_weights_staged_for_generation_match_reference() {
+    let gpu = test_gpu();
+    let hold = gpu.hold_staged_weights();
+    FROZEN_B.with(|f| f.set(true));
+    sweep(gpu);
+    B_BF16.with(|f| f.set(true));
+    sweep(gpu);
+    B_BF16.with(|f| f.set(false));
+    FROZEN_B.with(|f| f.set(false));
+
+    // one weight, two products: staged by the first, reused by the second
+    let seed = TestRng::fresh_seed();
+    let mut rng = TestRng::new(seed);
+    let (n, k) = (45, 36);
+    let w = rng.vec_normal(n * k);
+    let gw = gpu.upload_f32(&[n, k], &w).unwrap();
+    let opts = MatmulOpts {
+        trans_b: true,
+        frozen_b: true,
+        ..Default::default()
+    };
+    let mut first = None;
+    for m in [1, 5] {
+        let x = rng.vec_normal(m * k);
+        let gx = gpu.upload_f32(&[m, k], &x).unwrap();
+        let gy = gpu.empty(&[m, n], DType::F32).unwrap();
+        gpu.poison(&gy);
+        let mut rec = Recorder::new(gpu);
+        gpu.matmul(&mut rec, &gx, &gw, &gy, opts).unwrap();
+        rec.submit();
+        let mut want = vec![0.0; m * n];
+        let g = reference::Gemm {
+            trans_b: true,
+            ..Default::default()
+        };
+        reference::matmul_batched(&x, &w, &mut want, 1, m, n, k, g, None);
+        let err = rel_frobenius(&gpu.read_f32(&gy).unwrap(), &want);
+        assert!(err < 1e-5, "seed {seed}: frozen {m}x{n}x{k}: rel err {err}");
+        if gpu.stages_operands() {
+            let view = gw.view().unwrap();
+            let staged = gpu.frozen.lock().unwrap().get(&view, StageFormat::F32);
+            let staged = staged.expect("the frozen weight stays staged");
+            let first = first.get_or_insert_with(|| staged.clone());
+            assert!(std::sync::Arc::ptr_eq(first, &staged), "restaged");
+        }
+    }
+    drop(first);
+    drop(hold);
+    let frozen = gpu.frozen.lock().unwrap();
+    if !frozen.held() {
+        assert_eq!(frozen.len(), 0, "the last hold frees the textures");
+    }
 }
 
 #[test]
