@@ -273,9 +273,9 @@ impl FrozenTextures {
             .insert(frozen_key(view, format), (view.buffer.clone(), texture));
     }
 
-    /// Textures kept (tests).
-    pub fn len(&self) -> usize {
-        self.textures.len()
+    /// Whether no weight is kept staged.
+    pub fn is_empty(&self) -> bool {
+        self.textures.is_empty()
     }
 }
 

@@ -376,7 +376,7 @@ fn frozen_weights_staged_for_generation_match_reference() {
     drop(hold);
     let frozen = gpu.frozen.lock().unwrap();
     if !frozen.held() {
-        assert_eq!(frozen.len(), 0, "the last hold frees the textures");
+        assert!(frozen.is_empty(), "the last hold frees the textures");
     }
 }
 
