@@ -59,6 +59,8 @@ pub struct Gpu {
     pub(crate) pool: Arc<Mutex<BufferPool>>,
     pub(crate) staging: Mutex<super::staging::StagingSlots>,
     pub(crate) frozen: Arc<Mutex<super::staging::FrozenTextures>>,
+    /// Matmul tilings tuned on this adapter ([`super::tune`]).
+    pub(crate) tuner: Mutex<super::tune::Tuner>,
     modules: Mutex<HashMap<u128, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
 }
@@ -200,7 +202,19 @@ impl Gpu {
                 _ => Tiling::Workgroup,
             });
 
+        let tuner = {
+            let file = super::tune::tune_dir().map(|d| super::tune::tune_file(&d, &info));
+            super::tune::Tuner {
+                table: file
+                    .as_deref()
+                    .map(super::tune::TuneTable::load)
+                    .unwrap_or_default(),
+                auto: super::tune::autotune_default(info.device_type),
+                file,
+            }
+        };
         Ok(Gpu {
+            tuner: Mutex::new(tuner),
             device,
             queue,
             adapter_info: info,
@@ -436,6 +450,29 @@ impl Gpu {
             capacity: bucket,
             usage,
             pool: self.pool.clone(),
+        })
+    }
+
+    /// A storage buffer of at least `bytes` outside the pool and its counts (autotuning's
+    /// scratch operands): freed when dropped, never counted as the run's memory.
+    pub(crate) fn alloc_scratch(&self, bytes: u64) -> Arc<PooledBuffer> {
+        let bytes = bytes.max(16).next_multiple_of(4);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("tuning scratch"),
+            size: bytes,
+            usage: STORAGE_USAGE,
+            mapped_at_creation: false,
+        });
+        // a pool of its own, dropped with the buffer: the device's counts never see it
+        let pool = BufferPool {
+            live_storage: bytes,
+            ..Default::default()
+        };
+        Arc::new(PooledBuffer {
+            buffer: Some(buffer),
+            capacity: bytes,
+            usage: STORAGE_USAGE,
+            pool: Arc::new(Mutex::new(pool)),
         })
     }
 

@@ -42,6 +42,7 @@ pub mod shader;
 pub mod staging;
 pub mod tensor;
 pub mod testing;
+pub mod tune;
 
 pub use engine::{
     describe, select_adapter, Gpu, GpuOptions, Kernel, PooledBuffer, StorageStats, Tiling,

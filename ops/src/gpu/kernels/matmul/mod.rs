@@ -7,6 +7,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::recorder::Bound;
 use crate::gpu::staging::{StageFormat, StagedTexture};
+use crate::gpu::tune::{candidates, KernelPath, MatmulTiling, ShapeClass};
 use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, Shader, Tiling};
 
 mod codegen;
@@ -114,6 +115,41 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
         }
     }
     Ok(all)
+}
+
+/// The tiling a benchmark's env (`RUNNER_MATMUL_SG_TILE`, `RUNNER_MATMUL_TILE`) or a test
+/// forces on `path`, if any.
+fn forced_tiling(path: KernelPath) -> Option<MatmulTiling> {
+    #[cfg(test)]
+    if let Some(t) = tests::FORCED_TILING.with(|f| f.get()) {
+        return (t.path() == path).then_some(t);
+    }
+    match path {
+        KernelPath::Subgroup => std::env::var_os("RUNNER_MATMUL_SG_TILE").map(|_| {
+            let (tm, tn) = subgroup_tile();
+            MatmulTiling::Subgroup { tm, tn }
+        }),
+        KernelPath::Register => std::env::var_os("RUNNER_MATMUL_TILE").map(|_| {
+            let (tm, tn) = register_tile();
+            MatmulTiling::Register { tm, tn }
+        }),
+        KernelPath::Workgroup => None,
+    }
+}
+
+/// The tiling of `path` where nothing was tuned: the measured defaults (README, Performance).
+fn default_tiling(path: KernelPath) -> MatmulTiling {
+    match path {
+        KernelPath::Subgroup => {
+            let (tm, tn) = subgroup_tile();
+            MatmulTiling::Subgroup { tm, tn }
+        }
+        KernelPath::Register => {
+            let (tm, tn) = register_tile();
+            MatmulTiling::Register { tm, tn }
+        }
+        KernelPath::Workgroup => candidates(KernelPath::Workgroup)[0],
+    }
 }
 
 /// Whether the subgroup kernel may read its operands from staged textures (where the adapter
@@ -308,6 +344,7 @@ fn gemm_bindings<'t>(
 }
 
 /// One sub-problem over single buffers (what one dispatch computes).
+#[derive(Clone)]
 pub(crate) struct Gemm {
     pub a: BufView,
     pub b: BufView,
@@ -583,9 +620,141 @@ impl Gpu {
             rec.dispatch_bound(&kernel, bytemuck::bytes_of(p), &bindings, groups);
             return Ok(());
         }
-        let (entry, groups) = match self.tiling() {
-            Tiling::Register if subgroup_kernel_fits(self) => {
-                let (tm, tn) = subgroup_tile();
+        let path = self.matmul_path();
+        let tiling = self.matmul_tiling(&g, operands, nf4.as_ref(), path)?;
+        self.record_gemm_tiled(rec, g, nf4, operands, constants, tiling)
+    }
+
+    /// Which of the tiled kernels this adapter runs.
+    pub(crate) fn matmul_path(&self) -> KernelPath {
+        match self.tiling() {
+            Tiling::Register if subgroup_kernel_fits(self) => KernelPath::Subgroup,
+            Tiling::Register => KernelPath::Register,
+            Tiling::Workgroup => KernelPath::Workgroup,
+        }
+    }
+
+    /// The tiling of this product: forced (a benchmark's env, a test), tuned for its shape
+    /// class on this adapter, tuned now (autotuning on), or the path's default.
+    fn matmul_tiling(
+        &self,
+        g: &Gemm,
+        operands: Operands,
+        nf4: Option<&(BufView, usize)>,
+        path: KernelPath,
+    ) -> Result<MatmulTiling> {
+        if let Some(t) = forced_tiling(path) {
+            return Ok(t);
+        }
+        let p = &g.params;
+        let class = ShapeClass::new(p.m, p.n, p.k, g.trans_a, g.trans_b, &operands.features());
+        {
+            let tuner = self.tuner.lock().unwrap();
+            if let Some(t) = tuner.table.get(&class, path) {
+                return Ok(t);
+            }
+            if !tuner.auto {
+                return Ok(default_tiling(path));
+            }
+        }
+        let times = self.time_tilings(g, operands, nf4, path)?;
+        Ok(self.keep_tuned(&class, times))
+    }
+
+    /// Records `times` for `class` in this adapter's table and saves it (a file that cannot
+    /// be written only warns: tuning changes speed, never results).
+    pub(crate) fn keep_tuned(
+        &self,
+        class: &ShapeClass,
+        times: Vec<(MatmulTiling, f64)>,
+    ) -> MatmulTiling {
+        let mut tuner = self.tuner.lock().unwrap();
+        let info = self.adapter_info();
+        tuner.table.adapter = info.name.clone();
+        tuner.table.driver = format!("{} {}", info.driver, info.driver_info);
+        let best = tuner.table.insert(class, times);
+        if let Some(file) = tuner.file.clone() {
+            if let Err(e) = tuner.table.save(&file) {
+                eprintln!("warning: {e:#}");
+            }
+        }
+        best
+    }
+
+    /// Median seconds of every candidate tiling of `path` on a product shaped like `g`, over
+    /// scratch operands of its sizes (outside the pool, zero-filled: values do not change the
+    /// work).
+    pub(crate) fn time_tilings(
+        &self,
+        g: &Gemm,
+        operands: Operands,
+        nf4: Option<&(BufView, usize)>,
+        path: KernelPath,
+    ) -> Result<Vec<(MatmulTiling, f64)>> {
+        let scratch = |v: &BufView| BufView {
+            buffer: self.alloc_scratch(v.size),
+            offset: 0,
+            size: v.size,
+        };
+        let make = || Gemm {
+            a: scratch(&g.a),
+            b: scratch(&g.b),
+            c: scratch(&g.c),
+            bias: g.bias.as_ref().map(scratch),
+            frozen_b: false,
+            ..*g
+        };
+        let scratch_nf4 = nf4.map(|(absmax, block)| (scratch(absmax), *block));
+        let mut constants = vec![
+            ("TRANS_A", g.trans_a as u32 as f64),
+            ("TRANS_B", g.trans_b as u32 as f64),
+        ];
+        if let Some((_, blocksize)) = nf4 {
+            constants.push(("NF4_BLOCK", *blocksize as f64));
+        }
+        let gemm = make();
+        let mut times = Vec::new();
+        for tiling in candidates(path) {
+            let run = |timed: bool| -> Result<f64> {
+                let mut rec = if timed {
+                    Recorder::timed(self)
+                } else {
+                    Recorder::new(self)
+                };
+                self.record_gemm_tiled(
+                    &mut rec,
+                    gemm.clone(),
+                    scratch_nf4.clone(),
+                    operands,
+                    constants.clone(),
+                    tiling,
+                )?;
+                let start = std::time::Instant::now();
+                let kernels = rec.submit_timed()?;
+                let wall = start.elapsed().as_secs_f64();
+                Ok(kernels.map_or(wall, |k| k.iter().map(|t| t.seconds).sum()))
+            };
+            run(false)?; // compiles the pipeline
+            let mut samples = (0..3).map(|_| run(true)).collect::<Result<Vec<_>>>()?;
+            samples.sort_by(f64::total_cmp);
+            times.push((tiling, samples[1]));
+        }
+        Ok(times)
+    }
+
+    /// Records `g` on the kernel of `tiling`.
+    pub(crate) fn record_gemm_tiled(
+        &self,
+        rec: &mut Recorder,
+        g: Gemm,
+        nf4: Option<(BufView, usize)>,
+        operands: Operands,
+        mut constants: Vec<(&'static str, f64)>,
+        tiling: MatmulTiling,
+    ) -> Result<()> {
+        let p = &g.params;
+        let (entry, groups) = match tiling {
+            MatmulTiling::Subgroup { tm, tn } => {
                 let groups = [p.n.div_ceil(tn * SUBGROUP_LANES), p.m.div_ceil(tm), g.batch];
                 let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
                 let staged = stage_operands()
@@ -606,8 +775,7 @@ impl Gpu {
                 rec.dispatch_bound(&kernel, bytemuck::bytes_of(p), &bindings, groups);
                 return Ok(());
             }
-            Tiling::Register => {
-                let (tm, tn) = register_tile();
+            MatmulTiling::Register { tm, tn } => {
                 let (wx, wy) = (8u32, 8u32);
                 constants.extend([("WG_X", wx as f64), ("WG_Y", wy as f64)]);
                 let source = unrolled_shader(operands, tm, tn, g.trans_a, g.trans_b)?;
@@ -621,8 +789,13 @@ impl Gpu {
                 rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
                 return Ok(());
             }
-            Tiling::Workgroup => {
-                let (bm, bn, bk, wtm, wtn) = (64u32, 64u32, 16u32, 4u32, 4u32);
+            MatmulTiling::Workgroup {
+                bm,
+                bn,
+                bk,
+                wtm,
+                wtn,
+            } => {
                 constants.extend([
                     ("BM", bm as f64),
                     ("BN", bn as f64),

@@ -318,6 +318,91 @@ fn matmul_with_bf16_b_matches_reference() {
 }
 
 thread_local! {
+    /// Set by a test to run one tiling wherever its kernel path runs.
+    pub(super) static FORCED_TILING: std::cell::Cell<Option<MatmulTiling>> = const { std::cell::Cell::new(None) };
+}
+
+/// Every tiling the autotuner may pick computes the same product: each candidate of each path
+/// (subgroup or unrolled register kernel on this CPU adapter, workgroup tiles on the other
+/// tiling), forced in turn over the sweep's odd and aligned shapes.
+#[test]
+fn every_tuning_candidate_matches_reference() {
+    let gpu = test_gpu();
+    let mut runs = vec![
+        (gpu, gpu.matmul_path()),
+        (other_tiling_gpu(), KernelPath::Workgroup),
+    ];
+    if gpu.matmul_path() == KernelPath::Subgroup {
+        runs.push((gpu, KernelPath::Register));
+    }
+    for (g, path) in runs {
+        for tiling in candidates(path) {
+            FORCED_TILING.with(|f| f.set(Some(tiling)));
+            if path == KernelPath::Register && g.matmul_path() == KernelPath::Subgroup {
+                PLAIN_REGISTER_KERNEL.with(|f| f.set(true));
+            }
+            sweep(g);
+            PLAIN_REGISTER_KERNEL.with(|f| f.set(false));
+        }
+    }
+    FORCED_TILING.with(|f| f.set(None));
+}
+
+/// The tuner times every candidate of the path on scratch operands and keeps the fastest.
+#[test]
+fn tuning_times_every_candidate() {
+    let gpu = test_gpu();
+    let path = gpu.matmul_path();
+    let (m, n, k) = (64u32, 96u32, 80u32);
+    let a = gpu.empty(&[m as usize, k as usize], DType::F32).unwrap();
+    let b = gpu.empty(&[n as usize, k as usize], DType::F32).unwrap();
+    let c = gpu.empty(&[m as usize, n as usize], DType::F32).unwrap();
+    let g = Gemm {
+        a: a.view().unwrap(),
+        b: b.view().unwrap(),
+        c: c.view().unwrap(),
+        bias: None,
+        params: GemmParams {
+            m,
+            n,
+            k,
+            lda: k,
+            ldb: k,
+            ldc: n,
+            alpha: 1.0,
+            ..Default::default()
+        },
+        batch: 1,
+        trans_a: false,
+        trans_b: true,
+        a_contig: k,
+        b_contig: k,
+        f16: false,
+        b_bf16: false,
+        frozen_b: false,
+    };
+    let operands = Operands {
+        vec4: true,
+        textures: false,
+        nf4: false,
+        bf16_b: false,
+        f16: false,
+    };
+    let times = gpu.time_tilings(&g, operands, None, path).unwrap();
+    assert_eq!(
+        times.iter().map(|t| t.0).collect::<Vec<_>>(),
+        candidates(path)
+    );
+    assert!(
+        times.iter().all(|t| t.1 > 0.0 && t.1.is_finite()),
+        "{times:?}"
+    );
+    let best = crate::gpu::tune::fastest(&times).unwrap();
+    let least = times.iter().map(|t| t.1).fold(f64::INFINITY, f64::min);
+    assert!(times.iter().any(|&(t, s)| t == best && s == least));
+}
+
+thread_local! {
     /// Set by a test to mark B frozen in every case of a sweep.
     static FROZEN_B: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
