@@ -73,8 +73,30 @@ enum Command {
         kind: Option<String>,
     },
     /// Show the GPU adapter the runner would use: backend, features and limits, and every adapter found.
-    Gpu,
+    Gpu(GpuArgs),
 }
+
+#[derive(Args, Debug)]
+struct GpuArgs {
+    /// Time every candidate tiling of the matmuls a training step of a model runs on this
+    /// adapter and keep the fastest per shape class (what the first use of a shape does on a
+    /// GPU), in the tuning file it names.
+    #[arg(long)]
+    tune: bool,
+    /// The model's config.json whose products `--tune` times (default: Gemma 3 4B-it, the
+    /// guide's model).
+    #[arg(long, requires = "tune")]
+    config: Option<PathBuf>,
+    /// Text tokens per micro-batch for `--tune`.
+    #[arg(long, default_value_t = 2048, requires = "tune")]
+    tokens: usize,
+    /// Tune the products of an NF4 (QLoRA) base, as the guide's recipes train.
+    #[arg(long, requires = "tune")]
+    nf4: bool,
+}
+
+/// The guide's model config (Gemma 3 4B-it), which `runner gpu --tune` tunes by default.
+const GUIDE_MODEL_CONFIG: &str = include_str!("../../recipes/configs/gemma-3-4b-it.config.json");
 
 #[derive(Args, Debug)]
 struct RecipeArgs {
@@ -164,17 +186,76 @@ fn dispatch(registry: &Registry, command: Command) -> Outcome {
         Command::Plan(args) => plan_command(registry, &args),
         Command::Run(args) => run_command(registry, &args),
         Command::Ops { kind } => ops_command(registry, kind.as_deref()),
-        Command::Gpu => match ops::gpu::describe() {
-            Ok(text) => {
-                out!("{text}");
-                Ok(EXIT_OK)
+        Command::Gpu(args) => {
+            let result = match args.tune {
+                false => ops::gpu::describe(),
+                true => tune_command(&args),
+            };
+            match result {
+                Ok(text) => {
+                    out!("{text}");
+                    Ok(EXIT_OK)
+                }
+                Err(e) => {
+                    eprintln!("runner gpu: {e:#}");
+                    Ok(EXIT_OP_FAILED)
+                }
             }
-            Err(e) => {
-                eprintln!("runner gpu: {e:#}");
-                Ok(EXIT_OP_FAILED)
-            }
-        },
+        }
     }
+}
+
+/// `runner gpu --tune`: tunes the products of a model's training step; returns the table.
+fn tune_command(args: &GpuArgs) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let json = match &args.config {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the model config {}", path.display()))?,
+        None => GUIDE_MODEL_CONFIG.to_string(),
+    };
+    let config = ops::model::ModelConfig::from_json(&json).with_context(|| {
+        format!(
+            "{} is not a model config.json (a Gemma 3 one)",
+            args.config
+                .as_ref()
+                .map_or("the default config".into(), |p| p.display().to_string())
+        )
+    })?;
+    anyhow::ensure!(args.tokens > 0, "--tokens must be at least 1");
+    let gpu = ops::gpu::Gpu::get()?;
+    let mut table = format!(
+        "adapter: {}\n\n| product | M×N×K | kept tiling | ms | default ms | speed-up |\n| --- | --- | --- | --- | --- | --- |\n",
+        gpu.adapter_info().name
+    );
+    for shape in ops::gpu::tune::model_products(&config, args.tokens, args.nf4) {
+        eprintln!(
+            "tuning {} ({}x{}x{})",
+            shape.label, shape.m, shape.n, shape.k
+        );
+        let (_, entry) = gpu.tune_matmul(&shape)?;
+        let best = entry
+            .times
+            .iter()
+            .find(|t| t.0 == entry.tiling)
+            .map_or(0.0, |t| t.1);
+        let default = entry.times.first().map_or(0.0, |t| t.1);
+        table.push_str(&format!(
+            "| {} | {}×{}×{} | {} | {:.3} | {:.3} | {:.2}× |\n",
+            shape.label,
+            shape.m,
+            shape.n,
+            shape.k,
+            entry.tiling,
+            best * 1e3,
+            default * 1e3,
+            default / best.max(1e-12)
+        ));
+    }
+    match gpu.tune_file() {
+        Some(f) => table.push_str(&format!("\nkept in {}\n", f.display())),
+        None => table.push_str("\nnot kept: no tuning folder (set RUNNER_TUNE_DIR or HOME)\n"),
+    }
+    Ok(table)
 }
 
 fn load(registry: &Registry, args: &RecipeArgs) -> Result<Pipeline, Vec<Diagnostic>> {

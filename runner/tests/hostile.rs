@@ -596,3 +596,54 @@ fn a_moved_cache_keeps_working() {
         "{out:?}"
     );
 }
+
+/// `runner gpu --tune` times the candidate tilings of a model's products on this adapter and
+/// keeps the fastest per shape class in the tuning folder, which a second run reads back.
+#[test]
+fn gpu_tune_keeps_the_fastest_tiling_per_shape_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = repo_root().join("recipes/configs/bench-small-gemma-3.config.json");
+    let tune = |config: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_runner"))
+            .args(["gpu", "--tune", "--tokens", "24", "--config"])
+            .arg(config)
+            .env("RUNNER_TUNE_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = tune(&config);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("| text down_proj, forward | 24×640×2048 |"),
+        "{stdout}"
+    );
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let path = files[0].as_ref().unwrap().path();
+    assert!(
+        stdout.contains(&format!("kept in {}", path.display())),
+        "{stdout}"
+    );
+    let table: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let classes = table["classes"].as_object().unwrap();
+    // 14 products of the bench config fall into 13 classes (q_proj and o_proj share theirs)
+    assert!(classes.len() >= 10, "{table}");
+    for (key, entry) in classes {
+        let times = entry["times"].as_array().unwrap();
+        let best = times
+            .iter()
+            .map(|t| t[1].as_f64().unwrap())
+            .fold(f64::INFINITY, f64::min);
+        let kept = times.iter().find(|t| t[0] == entry["tiling"]).unwrap();
+        assert_eq!(kept[1].as_f64().unwrap(), best, "{key}: {entry}");
+    }
+
+    // a file that is not a model config is refused with its name
+    let bad = dir.path().join("not-a-config.json");
+    std::fs::write(&bad, "{\"model_type\": \"llama\"}").unwrap();
+    let out = tune(&bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr.contains("not-a-config.json"), "{stderr}");
+}

@@ -7,7 +7,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::recorder::Bound;
 use crate::gpu::staging::{StageFormat, StagedTexture};
-use crate::gpu::tune::{candidates, KernelPath, MatmulTiling, ShapeClass};
+use crate::gpu::tune::{candidates, KernelPath, MatmulTiling, ShapeClass, TuneShape, TunedEntry};
 use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, Shader, Tiling};
 
 mod codegen;
@@ -740,6 +740,77 @@ impl Gpu {
             times.push((tiling, samples[1]));
         }
         Ok(times)
+    }
+
+    /// Tunes one product shape ahead of time (`runner gpu --tune`): times every candidate of
+    /// this adapter's kernel path on scratch operands and keeps the fastest in the tuning file.
+    /// Returns the shape class's key and what was measured.
+    pub fn tune_matmul(&self, shape: &TuneShape) -> Result<(String, TunedEntry)> {
+        let TuneShape {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            nf4,
+            ..
+        } = *shape;
+        ensure!(
+            m > 0 && n > 0 && k > 0,
+            "tuning needs a non-empty product, got {m}x{n}x{k}"
+        );
+        ensure!(!(nf4 && trans_a), "an NF4 product never transposes A");
+        let view = |bytes: u64| BufView {
+            buffer: self.alloc_scratch(bytes),
+            offset: 0,
+            size: bytes.max(4),
+        };
+        let (lda, ldb) = (if trans_a { m } else { k }, if trans_b { k } else { n });
+        let b_bytes = if nf4 { (n * k).div_ceil(2) } else { 4 * n * k };
+        let g = Gemm {
+            a: view(4 * m as u64 * k as u64),
+            b: view(b_bytes as u64),
+            c: view(4 * m as u64 * n as u64),
+            bias: None,
+            params: GemmParams {
+                m,
+                n,
+                k,
+                lda,
+                ldb,
+                ldc: n,
+                a_batch: m * k,
+                c_batch: m * n,
+                alpha: 1.0,
+                ..Default::default()
+            },
+            batch: 1,
+            trans_a,
+            trans_b,
+            a_contig: lda,
+            b_contig: ldb,
+            f16: false,
+            b_bf16: false,
+            frozen_b: false,
+        };
+        let absmax = nf4.then(|| (view(4 * (n as u64 * k as u64).div_ceil(64)), 64usize));
+        let operands = Operands {
+            vec4: [lda, ldb, m * k, m * n].iter().all(|v| v % 4 == 0),
+            textures: false,
+            nf4,
+            bf16_b: false,
+            f16: false,
+        };
+        let path = self.matmul_path();
+        let class = ShapeClass::new(m, n, k, trans_a, trans_b, &operands.features());
+        let times = self.time_tilings(&g, operands, absmax.as_ref(), path)?;
+        let tiling = self.keep_tuned(&class, times.clone());
+        Ok((class.key(), TunedEntry { tiling, times }))
+    }
+
+    /// The file this adapter's tunings are kept in, if any.
+    pub fn tune_file(&self) -> Option<std::path::PathBuf> {
+        self.tuner.lock().unwrap().file.clone()
     }
 
     /// Records `g` on the kernel of `tiling`.
