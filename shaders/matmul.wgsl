@@ -3,7 +3,8 @@
 // op(A) is M×K (A stored [M,K], or [K,M] with TRANS_A), op(B) is K×N (B stored [K,N], or
 // [N,K] with TRANS_B). Offsets, leading dimensions and batch strides are in elements.
 //
-// The kernels read A and B through a1/a4 and b1/b4 (one element, or four consecutive ones from
+// The kernels read A and B (bound as A_in and B_in, C as C_out: `A`, `B` and `C` name the
+// cooperative-matrix roles) through a1/a4 and b1/b4 (one element, or four consecutive ones from
 // an element index that is a multiple of 4), defined by the features below. llvmpipe loads
 // storage one lane at a time, so a vec4 load is 4x fewer load instructions there; a texel
 // fetch costs a tenth of a storage load there, so the subgroup kernel stages its operands.
@@ -18,16 +19,20 @@
 #feature NF4 B is a bitsandbytes NF4 weight (packed nibbles at binding 2, f32 absmax at binding 5) decoded in the tile loop: the fused NF4 matmul is this same kernel
 #feature BF16B B is a bf16 matrix packed two per u32 (element 2i in the low half; the NF4 words' binding and staging as u32): the trainable modules_to_save copies in bf16 storage
 #feature F16 every operand value (the dequantized NF4 weight included) rounded to f16 as it is loaded, products and sums in f32 (needs SHADER_F16)
+#feature COOP the cooperative-matrix kernel `matmul_coop` is appended (generated in kernels/matmul/codegen.rs; wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX)
 #if F16
 enable f16;
+#endif
+#if COOP
+enable wgpu_cooperative_matrix;
 #endif
 #if TEXTURES
 #include "lib/staging"
 #endif
 
 #if TEXTURES
-@group(0) @binding(1) var A: texture_2d<f32>;
-fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A, stage_texel(t), 0); }
+@group(0) @binding(1) var A_in: texture_2d<f32>;
+fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A_in, stage_texel(t), 0); }
 fn a1_load(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
 #if VEC4
 fn a4_load(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
@@ -35,13 +40,13 @@ fn a4_load(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
 fn a4_load(e: u32) -> vec4<f32> { return vec4<f32>(a1_load(e), a1_load(e + 1u), a1_load(e + 2u), a1_load(e + 3u)); }
 #endif
 #elif VEC4
-@group(0) @binding(1) var<storage, read> A: array<vec4<f32>>;
-fn a4_load(e: u32) -> vec4<f32> { return A[e >> 2u]; }
-fn a1_load(e: u32) -> f32 { return A[e >> 2u][e & 3u]; }
+@group(0) @binding(1) var<storage, read> A_in: array<vec4<f32>>;
+fn a4_load(e: u32) -> vec4<f32> { return A_in[e >> 2u]; }
+fn a1_load(e: u32) -> f32 { return A_in[e >> 2u][e & 3u]; }
 #else
-@group(0) @binding(1) var<storage, read> A: array<f32>;
-fn a4_load(e: u32) -> vec4<f32> { return vec4<f32>(A[e], A[e + 1u], A[e + 2u], A[e + 3u]); }
-fn a1_load(e: u32) -> f32 { return A[e]; }
+@group(0) @binding(1) var<storage, read> A_in: array<f32>;
+fn a4_load(e: u32) -> vec4<f32> { return vec4<f32>(A_in[e], A_in[e + 1u], A_in[e + 2u], A_in[e + 3u]); }
+fn a1_load(e: u32) -> f32 { return A_in[e]; }
 #endif
 
 #if NF4
@@ -95,8 +100,8 @@ fn b4_load(e: u32) -> vec4<f32> {
 fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), b1_load(e + 2u), b1_load(e + 3u)); }
 #endif
 #elif TEXTURES
-@group(0) @binding(2) var B: texture_2d<f32>;
-fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B, stage_texel(t), 0); }
+@group(0) @binding(2) var B_in: texture_2d<f32>;
+fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B_in, stage_texel(t), 0); }
 fn b1_load(e: u32) -> f32 { return b_texel(e >> 2u)[e & 3u]; }
 #if VEC4
 fn b4_load(e: u32) -> vec4<f32> { return b_texel(e >> 2u); }
@@ -104,13 +109,13 @@ fn b4_load(e: u32) -> vec4<f32> { return b_texel(e >> 2u); }
 fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), b1_load(e + 2u), b1_load(e + 3u)); }
 #endif
 #elif VEC4
-@group(0) @binding(2) var<storage, read> B: array<vec4<f32>>;
-fn b4_load(e: u32) -> vec4<f32> { return B[e >> 2u]; }
-fn b1_load(e: u32) -> f32 { return B[e >> 2u][e & 3u]; }
+@group(0) @binding(2) var<storage, read> B_in: array<vec4<f32>>;
+fn b4_load(e: u32) -> vec4<f32> { return B_in[e >> 2u]; }
+fn b1_load(e: u32) -> f32 { return B_in[e >> 2u][e & 3u]; }
 #else
-@group(0) @binding(2) var<storage, read> B: array<f32>;
-fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(B[e], B[e + 1u], B[e + 2u], B[e + 3u]); }
-fn b1_load(e: u32) -> f32 { return B[e]; }
+@group(0) @binding(2) var<storage, read> B_in: array<f32>;
+fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(B_in[e], B_in[e + 1u], B_in[e + 2u], B_in[e + 3u]); }
+fn b1_load(e: u32) -> f32 { return B_in[e]; }
 #endif
 
 // The kernels' operand reads: the loads above, rounded to f16 with F16.
@@ -134,7 +139,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(3) var<storage, read_write> C: array<f32>;
+@group(0) @binding(3) var<storage, read_write> C_out: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
 override TRANS_A: bool = false;
@@ -159,9 +164,9 @@ fn b_index(k: u32, n: u32) -> u32 {
 fn store(m: u32, n: u32, c_base: u32, v: f32) {
     let idx = c_base + m * p.ldc + n;
     var r = p.alpha * v;
-    if (p.beta != 0.0) { r = r + p.beta * C[idx]; }
+    if (p.beta != 0.0) { r = r + p.beta * C_out[idx]; }
     if (p.has_bias != 0u) { r = r + bias[p.bias_off + n]; }
-    C[idx] = r;
+    C_out[idx] = r;
 }
 
 // ---- matmul_rows: a few rows of A against B stored [N, K] (TRANS_B; decoding: one row per

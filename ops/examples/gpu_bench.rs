@@ -11,7 +11,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use bytemuck::{Pod, Zeroable};
 use ops::gpu::testing::TestRng;
-use ops::gpu::{groups_1d, DType, Gpu, MatmulOpts, Recorder, Shader};
+use ops::gpu::{groups_1d, DType, Gpu, MatmulOpts, MatmulPrecision, Recorder, Shader};
+
+#[path = "support/bench_json.rs"]
+mod bench_json;
 use ops::reference::nf4 as nf4_ref;
 
 #[repr(C)]
@@ -163,10 +166,37 @@ fn main() -> Result<()> {
             )
         })
         .context("nf4 matmul")?;
-        for (name, secs) in [
-            ("matmul f32 x·Wᵀ", f32_secs),
-            ("matmul NF4 fused x·Wᵀ", nf4_secs),
-        ] {
+        // f16 operands, f32 accumulation (matmul_precision = "f16"), where the adapter has them
+        let f16_secs = if gpu.features().contains(wgpu::Features::SHADER_F16) {
+            Some(
+                time_it(gpu, reps, |rec| {
+                    gpu.matmul(
+                        rec,
+                        &a,
+                        &w,
+                        &c,
+                        MatmulOpts {
+                            trans_b: true,
+                            precision: MatmulPrecision::F16,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .context("f16 matmul")?,
+            )
+        } else {
+            None
+        };
+        let mut rows = vec![
+            ("matmul f32 x·Wᵀ", "f32", f32_secs),
+            ("matmul NF4 fused x·Wᵀ", "nf4", nf4_secs),
+        ];
+        rows.extend(f16_secs.map(|s| ("matmul f16 operands x·Wᵀ", "f16", s)));
+        for (name, kind, secs) in rows {
+            bench_json::record(&serde_json::json!({
+                "bench": "matmul", "kernel": kind, "m": m, "n": n, "k": k,
+                "ms": secs * 1e3, "adapter": info.name,
+            }));
             let gf = flops / secs / 1e9;
             let vs_numpy = numpy
                 .as_ref()

@@ -47,6 +47,8 @@ fn guide_lora() -> LoraOptions {
 
 #[path = "train_bench/at_scale.rs"]
 mod at_scale;
+#[path = "support/bench_json.rs"]
+mod bench_json;
 
 const CONFIG: &str = include_str!("../../recipes/configs/bench-small-gemma-3.config.json");
 
@@ -233,6 +235,11 @@ fn main() -> anyhow::Result<()> {
     let mut ours = Vec::new();
     for checkpointing in [false, true] {
         let m = measure(gpu, &config, &weights, &b, steps, checkpointing)?;
+        bench_json::record(&serde_json::json!({
+            "bench": "train", "config": "bench-small-gemma-3.config.json", "seq": seq, "nf4": false, "bf16": false,
+            "checkpointing": checkpointing, "step_s": m.step_s, "peak_bytes": m.peak_bytes,
+            "adapter": gpu.adapter_info().name,
+        }));
         println!(
             "runner  gradient_checkpointing={checkpointing:<5} step {:.2} s  {:.1} tokens/s  device pool {:.0} MiB",
             m.step_s,

@@ -223,6 +223,13 @@ fn tune_command(args: &GpuArgs) -> anyhow::Result<String> {
     })?;
     anyhow::ensure!(args.tokens > 0, "--tokens must be at least 1");
     let gpu = ops::gpu::Gpu::get()?;
+    // cooperative matrices are used only once checked here, on this adapter and driver
+    for (cfg, result) in gpu.verify_coop_matmul() {
+        match result {
+            Ok(err) => eprintln!("cooperative matrices {cfg}: match the reference (largest relative error {err:.1e}); selected"),
+            Err(e) => eprintln!("cooperative matrices {cfg}: NOT selected: {e:#}"),
+        }
+    }
     let mut table = format!(
         "adapter: {}\n\n| product | M×N×K | kept tiling | ms | default ms | speed-up |\n| --- | --- | --- | --- | --- | --- |\n",
         gpu.adapter_info().name

@@ -339,6 +339,11 @@ pub fn main() -> Result<()> {
         s.staging_peak,
         plan.device_total()
     );
+    super::bench_json::record(&serde_json::json!({
+        "bench": "train", "config": a.config.file_name().map(|f| f.to_string_lossy()), "seq": a.seq, "nf4": a.nf4, "bf16": a.bf16,
+        "checkpointing": a.checkpointing, "step_s": last, "peak_bytes": peak,
+        "plan_bytes": plan.device_total(), "adapter": gpu.adapter_info().name,
+    }));
     println!(
         "4b step: {last:.1} s, peak device {:.2} GiB, plan {:.2} GiB",
         peak as f64 / GIB,

@@ -61,6 +61,10 @@ pub struct Gpu {
     pub(crate) frozen: Arc<Mutex<super::staging::FrozenTextures>>,
     /// Matmul tilings tuned on this adapter ([`super::tune`]).
     pub(crate) tuner: Mutex<super::tune::Tuner>,
+    /// The cooperative-matrix configurations of this adapter that the coop matmul has.
+    pub(crate) coop_configs: Vec<super::CoopConfig>,
+    /// The configuration [`Gpu::verify_coop_matmul`] is checking (forced while set).
+    pub(crate) coop_trial: Mutex<Option<super::CoopConfig>>,
     modules: Mutex<HashMap<u128, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
 }
@@ -100,6 +104,36 @@ pub fn select_adapter(spec: &str) -> Result<()> {
 /// (what `runner gpu` prints).
 pub fn describe() -> Result<String> {
     Ok(Gpu::get()?.describe())
+}
+
+/// The coop matmul's configurations among an adapter's cooperative-matrix properties: 8×8 with
+/// f32 A, B and C; 16×16 with f16 A and B and f32 C (where the adapter has SHADER_F16).
+fn coop_configs_of(
+    props: &[wgpu::CooperativeMatrixProperties],
+    features: wgpu::Features,
+) -> Vec<super::CoopConfig> {
+    use wgpu::CooperativeScalarType as T;
+    let mut configs = Vec::new();
+    for p in props {
+        let square = p.m_size == p.n_size && p.n_size == p.k_size;
+        let cfg = match (p.m_size, p.ab_type, p.cr_type) {
+            (8, T::F32, T::F32) if square => super::CoopConfig {
+                size: 8,
+                f16: false,
+            },
+            (16, T::F16, T::F32) if square && features.contains(wgpu::Features::SHADER_F16) => {
+                super::CoopConfig {
+                    size: 16,
+                    f16: true,
+                }
+            }
+            _ => continue,
+        };
+        if !configs.contains(&cfg) {
+            configs.push(cfg);
+        }
+    }
+    configs
 }
 
 const INSTALL_HINT: &str =
@@ -153,13 +187,33 @@ impl Gpu {
             | wgpu::Features::SUBGROUP
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
-        let features = adapter.features() & wanted;
+        let mut features = adapter.features() & wanted;
+        // Tensor-unit matmuls where the adapter has them, on one subgroup width (the coop
+        // kernel's workgroup is one subgroup); selected only once checked (verify_coop_matmul).
+        let info_fixed_width = info.subgroup_min_size == info.subgroup_max_size;
+        let coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        let coop_configs: Vec<super::CoopConfig> =
+            if adapter.features().contains(coop | wgpu::Features::SUBGROUP) && info_fixed_width {
+                coop_configs_of(&adapter.cooperative_matrix_properties(), adapter.features())
+            } else {
+                Vec::new()
+            };
+        if !coop_configs.is_empty() {
+            features |= coop;
+        }
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("runner"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: if features.contains(coop) {
+                // SAFETY: wgpu marks cooperative matrices experimental (possible driver-level
+                // bugs); the coop matmul runs only after it matched the reference on this
+                // adapter and driver (Gpu::verify_coop_matmul).
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -215,6 +269,8 @@ impl Gpu {
         };
         Ok(Gpu {
             tuner: Mutex::new(tuner),
+            coop_configs,
+            coop_trial: Mutex::new(None),
             device,
             queue,
             adapter_info: info,
@@ -296,6 +352,47 @@ impl Gpu {
         let _ = writeln!(s, "driver:   {} {}", i.driver, i.driver_info);
         let _ = writeln!(s, "features: {:?}", self.features);
         let _ = writeln!(s, "tiling:   {:?}", self.tiling);
+        {
+            let tuner = self.tuner.lock().unwrap();
+            let coop: Vec<String> = self
+                .coop_configs
+                .iter()
+                .map(|c| {
+                    let checked = tuner.table.coop_verified.contains(&c.to_string());
+                    format!(
+                        "{c} ({})",
+                        if checked {
+                            "checked, selected"
+                        } else {
+                            "unchecked: run `runner gpu --tune`"
+                        }
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "cooperative matrices: {}",
+                if coop.is_empty() {
+                    "none".to_string()
+                } else {
+                    coop.join(", ")
+                }
+            );
+            let _ = writeln!(
+                s,
+                "kernel tuning: {} shape classes in {} (tuning at first use: {})",
+                tuner.table.classes.len(),
+                tuner
+                    .file
+                    .as_ref()
+                    .map_or("no file".to_string(), |f| f.display().to_string()),
+                if tuner.auto {
+                    "on"
+                } else {
+                    "off; RUNNER_AUTOTUNE=1 or `runner gpu --tune`"
+                }
+            );
+        }
         let _ = writeln!(s, "limits:");
         for (name, v) in [
             ("max_buffer_size", l.max_buffer_size),
@@ -633,6 +730,39 @@ impl Drop for PooledBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coop_configurations_are_the_ones_the_kernel_has() {
+        use wgpu::CooperativeScalarType as T;
+        let prop = |size: u32, ab, cr| wgpu::CooperativeMatrixProperties {
+            m_size: size,
+            n_size: size,
+            k_size: size,
+            ab_type: ab,
+            cr_type: cr,
+            saturating_accumulation: false,
+        };
+        let props = [
+            prop(16, T::F16, T::F16),
+            prop(16, T::F16, T::F32),
+            prop(8, T::F32, T::F32),
+            prop(16, T::F16, T::F32),
+            prop(16, T::I32, T::I32),
+        ];
+        let f16 = super::super::CoopConfig {
+            size: 16,
+            f16: true,
+        };
+        let f32 = super::super::CoopConfig {
+            size: 8,
+            f16: false,
+        };
+        let all = wgpu::Features::SHADER_F16;
+        assert_eq!(coop_configs_of(&props, all), vec![f16, f32]);
+        // f16 operands need 16-bit shaders
+        assert_eq!(coop_configs_of(&props, wgpu::Features::empty()), vec![f32]);
+        assert_eq!(f16.to_string(), "16x16 f16/f32");
+    }
 
     #[test]
     fn buckets_round_up_with_bounded_waste() {

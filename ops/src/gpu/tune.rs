@@ -164,6 +164,10 @@ pub struct TuneTable {
     pub adapter: String,
     pub driver: String,
     pub classes: BTreeMap<String, TunedEntry>,
+    /// Cooperative-matrix configurations (`8x8 f32/f32`, ...) a run on this adapter and driver
+    /// checked against the reference: only these are ever selected.
+    #[serde(default)]
+    pub coop_verified: std::collections::BTreeSet<String>,
 }
 
 impl TuneTable {

@@ -25,7 +25,7 @@ pub mod rope;
 
 pub use adamw::AdamWStep;
 pub use lora::Lora;
-pub use matmul::{MatmulOpts, MatmulPrecision};
+pub use matmul::{CoopConfig, MatmulOpts, MatmulPrecision};
 pub use nf4::{DoubleQuant, Nf4Weight};
 pub use rope::RopeTables;
 

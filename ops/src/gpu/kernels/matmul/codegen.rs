@@ -361,3 +361,136 @@ pub(crate) fn subgroup_kernel(
     let _ = writeln!(w, "}}");
     s
 }
+
+/// A cooperative-matrix configuration the coop kernel is generated for: `size`×`size` tiles
+/// with f32 accumulators, A and B in f16 (`f16`) or f32. wgpu 30 reaches 8×8 (f32) and 16×16
+/// matrices: `coop_mat8x8` / `coop_mat16x16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopConfig {
+    pub size: u32,
+    pub f16: bool,
+}
+
+impl std::fmt::Display for CoopConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ab = if self.f16 { "f16" } else { "f32" };
+        write!(f, "{0}x{0} {ab}/f32", self.size)
+    }
+}
+
+/// Tiles of a coop workgroup's block: COOP_TILES × COOP_TILES matrices of C.
+pub(super) const COOP_TILES: u32 = 2;
+
+/// WGSL of `matmul_coop` for `cfg`, with a workgroup of `lanes` invocations (one subgroup: the
+/// cooperative operations are subgroup-wide). A workgroup owns a (2·size)×(2·size) block of C:
+/// each size-deep slice of op(A) and op(B) is read through the module's bounds-checked a1/b1
+/// (transposes, NF4 and bf16 B included; zeros past the edges), converted to the operand type
+/// and staged in workgroup memory, from where `coopLoadT` takes the A and B matrices; the four
+/// accumulators go back through workgroup memory to the module's `store` epilogue (alpha,
+/// beta, bias, the edges). Appended to the matmul module with its `COOP` feature (and `F16`
+/// for f16 operands). Only ever selected where a run on that adapter has checked it against
+/// the reference ([`crate::gpu::Gpu::verify_coop_matmul`]): lavapipe has no cooperative
+/// matrices.
+pub(crate) fn coop_kernel(cfg: CoopConfig, lanes: u32) -> String {
+    use std::fmt::Write;
+    let s = cfg.size;
+    let (bm, bn) = (COOP_TILES * s, COOP_TILES * s);
+    let ab = if cfg.f16 { "f16" } else { "f32" };
+    let mat = |role: &str| format!("coop_mat{s}x{s}<{ab}, {role}>");
+    let acc_ty = format!("coop_mat{s}x{s}<f32, C>");
+    let mut w = String::new();
+    let tiles: Vec<(u32, u32)> = (0..COOP_TILES)
+        .flat_map(|i| (0..COOP_TILES).map(move |j| (i, j)))
+        .collect();
+    let _ = writeln!(
+        w,
+        r#"
+// ---- matmul_coop: cooperative matrices ({cfg}), generated (kernels/matmul/codegen.rs)
+var<workgroup> coop_a: array<{ab}, {a_len}>; // [m][k] of the block, row-major
+var<workgroup> coop_b: array<{ab}, {b_len}>; // [k][n], row-major
+var<workgroup> coop_c: array<f32, {c_len}>;  // [m][n], row-major
+
+@compute @workgroup_size({lanes}, 1, 1)
+fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32) {{
+    let m0 = wid.y * {bm}u;
+    let n0 = wid.x * {bn}u;
+    let a_base = p.a_off + wid.z * p.a_batch;
+    let b_base = p.b_off + wid.z * p.b_batch;
+    let c_base = p.c_off + wid.z * p.c_batch;
+    for (var e = l; e < {c_len}u; e += {lanes}u) {{ coop_c[e] = 0.0; }}
+    workgroupBarrier();"#,
+        a_len = bm * s,
+        b_len = s * bn,
+        c_len = bm * bn,
+    );
+    for &(i, j) in &tiles {
+        let _ = writeln!(
+            w,
+            "    var acc_{i}_{j} = coopLoadT<{acc_ty}>(&coop_c[{}u], {bn}u);",
+            i * s * bn + j * s
+        );
+    }
+    let _ = writeln!(
+        w,
+        r#"    for (var k0 = 0u; k0 < p.k; k0 += {s}u) {{
+        for (var e = l; e < {a_len}u; e += {lanes}u) {{
+            let m = m0 + e / {s}u;
+            let k = k0 + e % {s}u;
+            var v = 0.0;
+            if (m < p.m && k < p.k) {{ v = a1(a_base + a_index(m, k)); }}
+            coop_a[e] = {ab}(v);
+        }}
+        for (var e = l; e < {b_len}u; e += {lanes}u) {{
+            let k = k0 + e / {bn}u;
+            let n = n0 + e % {bn}u;
+            var v = 0.0;
+            if (n < p.n && k < p.k) {{ v = b1(b_base + b_index(k, n)); }}
+            coop_b[e] = {ab}(v);
+        }}
+        workgroupBarrier();"#,
+        a_len = bm * s,
+        b_len = s * bn,
+    );
+    for i in 0..COOP_TILES {
+        let _ = writeln!(
+            w,
+            "        let a_{i} = coopLoadT<{}>(&coop_a[{}u], {s}u);",
+            mat("A"),
+            i * s * s
+        );
+    }
+    for j in 0..COOP_TILES {
+        let _ = writeln!(
+            w,
+            "        let b_{j} = coopLoadT<{}>(&coop_b[{}u], {bn}u);",
+            mat("B"),
+            j * s
+        );
+    }
+    for &(i, j) in &tiles {
+        let _ = writeln!(
+            w,
+            "        acc_{i}_{j} = coopMultiplyAdd(a_{i}, b_{j}, acc_{i}_{j});"
+        );
+    }
+    let _ = writeln!(w, "        workgroupBarrier();\n    }}");
+    for &(i, j) in &tiles {
+        let _ = writeln!(
+            w,
+            "    coopStoreT(acc_{i}_{j}, &coop_c[{}u], {bn}u);",
+            i * s * bn + j * s
+        );
+    }
+    let _ = writeln!(
+        w,
+        r#"    workgroupBarrier();
+    for (var e = l; e < {c_len}u; e += {lanes}u) {{
+        let m = m0 + e / {bn}u;
+        let n = n0 + e % {bn}u;
+        if (m < p.m && n < p.n) {{ store(m, n, c_base, coop_c[e]); }}
+    }}
+}}"#,
+        c_len = bm * bn,
+    );
+    w
+}

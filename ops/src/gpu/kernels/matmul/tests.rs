@@ -514,3 +514,19 @@ fn matmul_rejects_bad_shapes() {
         .to_string();
     assert!(err.contains("disagree"), "{err}");
 }
+
+/// The cooperative-matrix kernel against the reference on adapters that have cooperative
+/// matrices (a lent GPU through tools/gpu-check.sh; lavapipe has none): every configuration the
+/// adapter offers must pass, and passing is what selects it on this adapter and driver.
+#[test]
+fn coop_matmul_matches_reference_where_the_adapter_has_it() {
+    let gpu = test_gpu();
+    if gpu.coop_configs().is_empty() {
+        eprintln!("no cooperative matrices on this adapter");
+        return;
+    }
+    for (cfg, result) in gpu.verify_coop_matmul() {
+        let err = result.unwrap_or_else(|e| panic!("{cfg}: {e:#}"));
+        eprintln!("{cfg}: largest relative error {err:.2e}");
+    }
+}
