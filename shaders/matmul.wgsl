@@ -193,15 +193,15 @@ fn matmul_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 }
 
 #if TEXTURES
-// ---- matmul_rows_split: the rows kernel for staged operands, which exist only on 8-lane
-// subgroup adapters (ops/src/gpu/staging.rs). A workgroup is one 8-lane subgroup owning
-// SPLIT_ROWS outputs of one row of A; its lanes split K, lane l reading texels l, l + 8, ...
-// of A and of each of the B rows, so each fetch of the subgroup is 8 neighbouring texels (one
-// lane per B row, as matmul_rows does, is 8 rows apart: several times slower on llvmpipe). The
-// per-lane partial dot products are summed by subgroupAdd.
-const SPLIT_LANES: u32 = 8u;
+// ---- matmul_rows_split: the rows kernel for staged operands, which exist only on CPU
+// adapters with one subgroup width (ops/src/gpu/staging.rs). A workgroup is one subgroup of
+// SPLIT_LANES lanes owning SPLIT_ROWS outputs of one row of A; its lanes split K, lane l
+// reading texels l, l + SPLIT_LANES, ... of A and of each of the B rows, so each fetch of the
+// subgroup is neighbouring texels (one lane per B row, as matmul_rows does, puts them rows
+// apart: several times slower on llvmpipe). The partial dot products are summed by subgroupAdd.
+override SPLIT_LANES: u32 = 8u;
 const SPLIT_ROWS: u32 = 8u;
-@compute @workgroup_size(8)
+@compute @workgroup_size(SPLIT_LANES)
 fn matmul_rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let n0 = wid.x * SPLIT_ROWS;
     let m = wid.y;
@@ -222,12 +222,12 @@ fn matmul_rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     }
     for (var r = 0u; r < SPLIT_ROWS; r++) {
         var s = (acc[r].x + acc[r].y) + (acc[r].z + acc[r].w);
-        // K's last K % 4 elements: lane j takes element k4 + j
+        // K's last K % 4 elements: lane j takes element k4 + j (every width has >= 4 lanes)
         if (k4 + lane < p.k) {
             s = fma(a1(a_base + k4 + lane), b1(b_base[r] + k4 + lane), s);
         }
         let total = subgroupAdd(s);
-        if (lane == r && n0 + r < p.n) {
+        if (lane == r % SPLIT_LANES && n0 + r < p.n) {
             store(m, n0 + r, p.c_off + wid.z * p.c_batch, total);
         }
     }

@@ -12,3 +12,13 @@ ensure_vulkan
 command -v dot >/dev/null 2>&1 || ensure_packages graphviz
 
 cargo test --workspace "$@"
+
+# The GPU kernels at the other subgroup widths lavapipe executes: 4 and 16 lanes (128- and
+# 512-bit vectors; the run above has 8). The variable only affects llvmpipe; on a GPU driver
+# these reruns see the same adapter. RUNNER_TEST_WIDTHS=0 skips them.
+if [ $# -eq 0 ] && [ "${RUNNER_TEST_WIDTHS:-1}" != 0 ]; then
+    for bits in 128 512; do
+        echo "== GPU kernel tests with LP_NATIVE_VECTOR_WIDTH=$bits"
+        LP_NATIVE_VECTOR_WIDTH=$bits cargo test --workspace --lib -- gpu::
+    done
+fi

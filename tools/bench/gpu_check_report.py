@@ -46,8 +46,8 @@ for o in ours:
     shape = f"{o['m']}×{o['n']}×{o['k']}"
     t = peer(bench="matmul", kernel=peer_kernel[o["kernel"]], m=o["m"], n=o["n"], k=o["k"])
     flops = 2 * o["m"] * o["n"] * o["k"]
-    ours_cell = f"{o['ms']:.3f} ms ({flops / o['ms'] / 1e9:.1f} TFLOP/s)"
-    theirs_cell = cuda_cell(t and f"{t['ms']:.3f} ms {t['kernel']} ({flops / t['ms'] / 1e9:.1f} TFLOP/s)")
+    ours_cell = f"{o['ms']:.3f} ms ({flops / o['ms'] / 1e6:.1f} GFLOP/s)"
+    theirs_cell = cuda_cell(t and f"{t['ms']:.3f} ms {t['kernel']} ({flops / t['ms'] / 1e6:.1f} GFLOP/s)")
     ratio = f"{o['ms'] / t['ms']:.2f}×" if t else "–"
     print(f"| matmul {o['kernel']} x·Wᵀ {shape} | {ours_cell} | {theirs_cell} | {ratio} | | |")
 for o in ours:

@@ -30,14 +30,12 @@ impl Gpu {
         }
     }
 
-    /// Whether kernels stage their operands in textures on this adapter: the CPU adapters whose
-    /// 8-lane subgroups run the generated subgroup kernels (lavapipe).
+    /// Whether kernels stage their operands in textures on this adapter: CPU adapters whose
+    /// subgroups of one width run the generated subgroup kernels (lavapipe).
     pub fn stages_operands(&self) -> bool {
-        let info = self.adapter_info();
         !forced_off()
-            && self.features().contains(wgpu::Features::SUBGROUP)
-            && info.subgroup_min_size == 8
-            && info.subgroup_max_size == 8
+            && self.adapter_info().device_type == wgpu::DeviceType::Cpu
+            && crate::gpu::kernels::matmul::subgroup_width(self).is_some()
     }
 }
 

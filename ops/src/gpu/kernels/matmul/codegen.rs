@@ -188,20 +188,20 @@ pub(super) fn subgroup_k_inner() -> bool {
     static K: OnceLock<bool> = OnceLock::new();
     *K.get_or_init(|| std::env::var("RUNNER_MATMUL_SG_KINNER").map_or(true, |v| v != "0"))
 }
-/// Lanes of the subgroup kernel (its workgroup is exactly one subgroup of this size).
-pub(super) const SUBGROUP_LANES: u32 = 8;
-
-/// WGSL of `matmul_subgroup`, the kernel for CPU adapters that run a subgroup of
-/// [`SUBGROUP_LANES`] invocations as one SIMD vector (lavapipe). There a storage load costs a
-/// loop over the lanes, so loads are what to save: each lane loads only its own TN columns of
-/// op(B) and 1/8 of the TM rows of op(A), and the A values reach the other lanes by
-/// `subgroupBroadcast` (a register shuffle). Per 4 steps of K a lane issues TM/8 + TN vec4
-/// loads for 4·TM·TN FMAs (the plain register kernel: TM + TN loads for 4·TM·TN). Fully
-/// unrolled with one variable per accumulator, like [`unrolled_register_kernel`].
+/// WGSL of `matmul_subgroup`, the kernel for CPU adapters that run a subgroup of `lanes`
+/// invocations as one SIMD vector (lavapipe: 8 lanes with 256-bit vectors, 4 or 16 with
+/// LP_NATIVE_VECTOR_WIDTH=128/512). There a storage load costs a loop over the lanes, so loads
+/// are what to save: each lane loads only its own TN columns of op(B) and 1/lanes of the TM rows
+/// of op(A), and the A values reach the other lanes by `subgroupBroadcast` (a register
+/// shuffle). Per 4 steps of K a lane issues TM/lanes + TN vec4 loads for 4·TM·TN FMAs (the plain
+/// register kernel: TM + TN loads for 4·TM·TN). Fully unrolled with one variable per
+/// accumulator, like [`unrolled_register_kernel`]. Its workgroup is exactly one subgroup.
 ///
-/// Lane `l` owns columns `n0 + 4l + 32j + c` (j < TN/4, c < 4). Without TRANS_A it loads rows
-/// `m0 + l + 8q` (4 consecutive k); with TRANS_A rows `m0 + 32q + 4l + c` (one k per load).
+/// Lane `l` owns columns `n0 + 4l + 4·lanes·j + c` (j < TN/4, c < 4). Without TRANS_A it loads
+/// rows `m0 + l + lanes·q` (4 consecutive k); with TRANS_A rows `m0 + 4·lanes·q + 4l + c` (one
+/// k per load).
 pub(crate) fn subgroup_kernel(
+    lanes: u32,
     tm: u32,
     tn: u32,
     trans_a: bool,
@@ -209,7 +209,6 @@ pub(crate) fn subgroup_kernel(
     k_inner: bool,
 ) -> String {
     use std::fmt::Write as _;
-    let lanes = SUBGROUP_LANES;
     let comp = ["x", "y", "z", "w"];
     let mut s = String::new();
     let w = &mut s;
@@ -221,7 +220,7 @@ pub(crate) fn subgroup_kernel(
         lanes * tn
     );
     let _ = writeln!(w, "    let a_base = p.a_off + wid.z * p.a_batch;\n    let b_base = p.b_off + wid.z * p.b_batch;\n    let c_base = p.c_off + wid.z * p.c_batch;");
-    let col = |j: u32| format!("n0 + lane * 4u + {}u", 32 * (j / 4) + j % 4);
+    let col = |j: u32| format!("n0 + lane * 4u + {}u", 4 * lanes * (j / 4) + j % 4);
     // Rows a lane loads: q-th group.
     let a_groups = if trans_a {
         tm.div_ceil(4 * lanes)
@@ -253,7 +252,7 @@ pub(crate) fn subgroup_kernel(
                 let _ = writeln!(
                     w,
                     "        let t{q}_{kk} = a4(a_base + (k + {kk}u) * p.lda + m0 + lane * 4u + {}u);",
-                    32 * q
+                    4 * lanes * q
                 );
             }
         } else {
@@ -321,7 +320,7 @@ pub(crate) fn subgroup_kernel(
         }
     }
     let _ = writeln!(w, "    }}");
-    // K not a multiple of 4: one k per step, op(A) rows m0 + l + 8q loaded by lane l.
+    // K not a multiple of 4: one k per step, op(A) rows m0 + l + lanes·q loaded by lane l.
     let _ = writeln!(w, "    for (var k = k4; k < p.k; k++) {{");
     for q in 0..tm.div_ceil(lanes) {
         let _ = writeln!(

@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::recorder::Bound;
@@ -14,7 +14,7 @@ mod codegen;
 pub use codegen::CoopConfig;
 use codegen::COOP_TILES;
 pub(crate) use codegen::{coop_kernel, register_tile, subgroup_kernel, unrolled_register_kernel};
-use codegen::{subgroup_k_inner, subgroup_tile, SUBGROUP_LANES};
+use codegen::{subgroup_k_inner, subgroup_tile};
 
 /// How a variant of `shaders/matmul.wgsl` reads its operands: A and B as vec4 or scalar
 /// views, bound as storage buffers or as staged linear textures, B an f32 matrix, an NF4
@@ -113,13 +113,13 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
         }
         for trans_a in [false, true] {
             for trans_b in [false, true] {
-                for textures in [false, true] {
+                for (textures, lanes) in [(false, 8), (true, 8), (true, 4), (true, 16)] {
                     let (tm, tn) = subgroup_tile();
                     let staged = Operands {
                         textures,
                         ..operands
                     };
-                    let sg = subgroup_shader(staged, tm, tn, trans_a, trans_b)?;
+                    let sg = subgroup_shader(lanes, staged, tm, tn, trans_a, trans_b)?;
                     all.push((sg, vec!["matmul_subgroup"]));
                 }
                 let (tm, tn) = register_tile();
@@ -242,17 +242,22 @@ pub(crate) struct GemmParams {
     pub beta: f32,
 }
 
-/// Whether this adapter runs [`subgroup_kernel`]: it needs subgroups of exactly
-/// [`SUBGROUP_LANES`] lanes (its workgroup must be one whole subgroup, and its broadcasts name
-/// lanes by constant index).
+/// Whether this adapter runs [`subgroup_kernel`]: it needs subgroups of one fixed width (its
+/// workgroup must be one whole subgroup, and its broadcasts name lanes by constant index),
+/// generated for that width.
 fn subgroup_kernel_fits(gpu: &Gpu) -> bool {
-    if plain_register_kernel_forced() {
-        return false;
-    }
+    !plain_register_kernel_forced() && subgroup_width(gpu).is_some()
+}
+
+/// The subgroup width the generated kernels are built for: the adapter's, where it has
+/// SUBGROUP and one fixed width between 4 and 64.
+pub(crate) fn subgroup_width(gpu: &Gpu) -> Option<u32> {
     let info = gpu.adapter_info();
-    gpu.features().contains(wgpu::Features::SUBGROUP)
-        && info.subgroup_min_size == SUBGROUP_LANES
-        && info.subgroup_max_size == SUBGROUP_LANES
+    let w = info.subgroup_min_size;
+    (gpu.features().contains(wgpu::Features::SUBGROUP)
+        && w == info.subgroup_max_size
+        && (4..=64).contains(&w))
+    .then_some(w)
 }
 
 /// Tests of the plain register kernel switch the subgroup kernel off on their own thread.
@@ -265,8 +270,9 @@ fn plain_register_kernel_forced() -> bool {
     false
 }
 
-/// The matmul module with the generated subgroup kernel for this variant appended.
+/// The matmul module with the generated subgroup kernel for this variant (and `lanes`) appended.
 fn subgroup_shader(
+    lanes: u32,
     operands: Operands,
     tm: u32,
     tn: u32,
@@ -277,8 +283,8 @@ fn subgroup_shader(
     Shader::generated(
         "matmul",
         &operands.features(),
-        &("subgroup", tm, tn, trans_a, trans_b, k_inner),
-        || subgroup_kernel(tm, tn, trans_a, trans_b, k_inner),
+        &("subgroup", lanes, tm, tn, trans_a, trans_b, k_inner),
+        || subgroup_kernel(lanes, tm, tn, trans_a, trans_b, k_inner),
     )
 }
 
@@ -639,10 +645,16 @@ impl Gpu {
                 ..operands
             })?;
             let (entry, groups) = match staged {
-                Some(_) => (
-                    "matmul_rows_split",
-                    [p.n.div_ceil(SPLIT_ROWS), p.m, g.batch],
-                ),
+                Some(_) => {
+                    // staged operands exist only on adapters with one subgroup width
+                    let lanes =
+                        subgroup_width(self).context("staged operands without subgroups")?;
+                    constants.push(("SPLIT_LANES", lanes as f64));
+                    (
+                        "matmul_rows_split",
+                        [p.n.div_ceil(SPLIT_ROWS), p.m, g.batch],
+                    )
+                }
                 None => ("matmul_rows", [p.n.div_ceil(64), p.m, g.batch]),
             };
             let kernel = self.kernel(&source, entry, &constants)?;
@@ -940,12 +952,15 @@ impl Gpu {
         let p = &g.params;
         let (entry, groups) = match tiling {
             MatmulTiling::Subgroup { tm, tn } => {
-                let groups = [p.n.div_ceil(tn * SUBGROUP_LANES), p.m.div_ceil(tm), g.batch];
+                let lanes =
+                    subgroup_width(self).context("the subgroup kernel needs one subgroup width")?;
+                let groups = [p.n.div_ceil(tn * lanes), p.m.div_ceil(tm), g.batch];
                 let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
                 let staged = stage_operands()
                     .then(|| stage_gemm_operands(rec, &g, nf4.as_ref()))
                     .flatten();
                 let source = subgroup_shader(
+                    lanes,
                     Operands {
                         textures: staged.is_some(),
                         ..operands

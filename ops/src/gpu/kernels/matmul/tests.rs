@@ -327,6 +327,12 @@ thread_local! {
 /// tiling), forced in turn over the sweep's odd and aligned shapes.
 #[test]
 fn every_tuning_candidate_matches_reference() {
+    if std::env::var_os("LP_NATIVE_VECTOR_WIDTH").is_some() {
+        // tools/test.sh's reruns at other subgroup widths: the width is a parameter of the
+        // generators independent of the tile, and the default tiles run at every width there
+        eprintln!("candidates are checked at the default width");
+        return;
+    }
     let gpu = test_gpu();
     let mut runs = vec![
         (gpu, gpu.matmul_path()),
