@@ -1,0 +1,354 @@
+//! Data-parallel `lora-train` under `mpirun` (issue #17; `--features distributed`): two ranks on
+//! lavapipe against the independent truth, one process whose gradient accumulation covers the
+//! same micro-batches (W ranks × A micro-batches each = one process × W·A). Losses, gradient
+//! norms and the trained adapter must agree; a killed or failing rank must end the whole run
+//! within seconds, naming the rank.
+//!
+//! The recipe is the demo's training chain (NF4 base, LoRA all-linear with dropout, both
+//! modules_to_save copies, gradient checkpointing) on the 6 MMIU-shaped rows, batch 1: 6
+//! micro-batches an epoch, which 2 ranks split evenly, so no padding batch enters.
+#![cfg(feature = "distributed")]
+
+mod offline_run;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use offline_run::repo_root;
+
+fn runner_args(work: &Path, sets: &[String]) -> Vec<String> {
+    let root = repo_root();
+    let mut args = vec![
+        env!("CARGO_BIN_EXE_runner").to_string(),
+        "run".into(),
+        root.join("recipes/demo.toml").display().to_string(),
+        "--only".into(),
+        "train".into(),
+        "--cache-dir".into(),
+        work.join("cache").display().to_string(),
+        "--set".into(),
+        format!("recipe.output_dir={}", work.join("out").display()),
+    ];
+    let fixed = [
+        "ops.train.logging_steps=1".to_string(),
+        "ops.train.save_strategy=\"no\"".to_string(),
+        format!(
+            "ops.train.checkpoint_dir={}",
+            work.join("checkpoints").display()
+        ),
+    ];
+    for s in fixed.iter().chain(sets) {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    args
+}
+
+fn command(program: &str, args: &[String]) -> Command {
+    let root = repo_root();
+    let mut c = Command::new(program);
+    c.args(args)
+        .env("HF_HUB_CACHE", root.join("tests/fixtures/hf-cache/hub"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("HF_HOME")
+        .env_remove("HF_TOKEN")
+        // mpirun refuses root without these; on a 2-core CI machine 2 ranks oversubscribe.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    c
+}
+
+fn mpirun_args(ranks: usize) -> Vec<String> {
+    ["-n", &ranks.to_string(), "--oversubscribe"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+struct Run {
+    stdout: String,
+    stderr: String,
+    seconds: f64,
+}
+
+fn run(mut c: Command, what: &str) -> Run {
+    let started = Instant::now();
+    let out = c.output().unwrap_or_else(|e| {
+        panic!("{what}: cannot start ({e}); is mpirun installed (openmpi-bin)?")
+    });
+    let run = Run {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        run.stdout,
+        run.stderr
+    );
+    run
+}
+
+/// The one lora-train entry of a cache.
+fn train_entry(work: &Path) -> PathBuf {
+    let entries: Vec<PathBuf> = std::fs::read_dir(work.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("metrics.jsonl").is_file())
+        .collect();
+    assert_eq!(entries.len(), 1, "one lora-train output: {entries:?}");
+    entries[0].clone()
+}
+
+fn metrics(entry: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(entry.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn adapter(entry: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(entry.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            (name, bytemuck_f32(view.data()))
+        })
+        .collect()
+}
+
+fn bytemuck_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * b.abs().max(1.0)
+}
+
+/// `ranks` ranks with `per_rank` micro-batches per step against one process with
+/// `ranks × per_rank`: same steps, losses, gradient norms, learning rates, token counts and
+/// accuracies, and the same adapter to 1e-6.
+fn ranks_equal_one_process(ranks: usize, per_rank: usize, steps: u64) {
+    let (dist, single) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The guide's learning rate, not the demo's 5e-3: the runs' gradients agree to rounding
+    // (their sums group the micro-batches' terms differently), and AdamW turns a rounding-level
+    // change of a near-zero gradient into a change of up to the learning rate in its value.
+    let common = [
+        format!("ops.train.max_steps={steps}"),
+        "ops.train.learning_rate=2e-4".to_string(),
+    ];
+    let mut a = mpirun_args(ranks);
+    a.extend(runner_args(
+        dist.path(),
+        &[
+            common[0].clone(),
+            common[1].clone(),
+            format!("ops.train.gradient_accumulation_steps={per_rank}"),
+        ],
+    ));
+    let d = run(command("mpirun", &a), "mpirun");
+    let s = run(
+        command(
+            env!("CARGO_BIN_EXE_runner"),
+            &runner_args(
+                single.path(),
+                &[
+                    common[0].clone(),
+                    common[1].clone(),
+                    format!("ops.train.gradient_accumulation_steps={}", ranks * per_rank),
+                ],
+            )[1..],
+        ),
+        "runner",
+    );
+    eprintln!(
+        "{ranks} ranks x {per_rank}: {:.1} s; one process x {}: {:.1} s",
+        d.seconds,
+        ranks * per_rank,
+        s.seconds
+    );
+    assert!(
+        d.stdout
+            .contains(&format!("data-parallel step on {ranks} ranks")),
+        "{}",
+        d.stdout
+    );
+    assert!(
+        d.stdout
+            .contains(&format!("global batch 1 x {ranks} x {per_rank}")),
+        "{}",
+        d.stdout
+    );
+    // Rank 1 prints nothing; rank 0's summary line is the last.
+    assert_eq!(
+        d.stdout.lines().filter(|l| l.starts_with("ran ")).count(),
+        1,
+        "{}",
+        d.stdout
+    );
+
+    let (de, se) = (train_entry(dist.path()), train_entry(single.path()));
+    let (dm, sm) = (metrics(&de), metrics(&se));
+    assert_eq!(dm.len() as u64, steps, "{dm:?}");
+    assert_eq!(dm.len(), sm.len());
+    for (x, y) in dm.iter().zip(&sm) {
+        assert_eq!(x["step"], y["step"]);
+        for key in ["loss", "grad_norm", "mean_token_accuracy"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(close(p, q, 1e-6), "step {}: {key} {p} vs {q}", x["step"]);
+        }
+        for key in ["learning_rate", "num_tokens", "epoch"] {
+            assert_eq!(x[key], y[key], "step {}: {key}", x["step"]);
+        }
+    }
+    let (da, sa) = (adapter(&de), adapter(&se));
+    assert_eq!(da.keys().collect::<Vec<_>>(), sa.keys().collect::<Vec<_>>());
+    let mut worst = 0f64;
+    for (k, v) in &da {
+        let w = &sa[k];
+        assert_eq!(v.len(), w.len(), "{k}");
+        for (p, q) in v.iter().zip(w) {
+            let diff = (*p as f64 - *q as f64).abs();
+            worst = worst.max(diff);
+            assert!(diff <= 1e-6, "{k}: {p} vs {q}");
+        }
+    }
+    eprintln!("largest adapter difference {worst:e}");
+    // Only rank 0 wrote outputs outside the cache: no checkpoints were asked for, and the
+    // cache holds one lora-train entry (rank 1 publishes none).
+    assert!(!dist.path().join("checkpoints").exists());
+}
+
+#[test]
+fn two_ranks_of_one_micro_batch_equal_one_process_accumulating_two() {
+    ranks_equal_one_process(2, 1, 3);
+}
+
+#[test]
+fn two_ranks_of_two_micro_batches_equal_one_process_accumulating_four() {
+    // 6 micro-batches an epoch: steps of 4 then 2 (the short last cycle) in both runs.
+    ranks_equal_one_process(2, 2, 3);
+}
+
+/// The pid of the process whose environment holds `OMPI_COMM_WORLD_RANK=<rank>` and `mark`.
+fn rank_pid(rank: usize, mark: &str) -> Option<u32> {
+    let want_rank = format!("OMPI_COMM_WORLD_RANK={rank}");
+    for entry in std::fs::read_dir("/proc").ok()? {
+        let path = entry.ok()?.path();
+        let Some(pid) = path
+            .file_name()
+            .and_then(|n| n.to_str()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(path.join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        if vars.contains(&want_rank.as_bytes()) && vars.contains(&mark.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_killed_rank_ends_the_run_within_seconds_naming_the_rank() {
+    let work = tempfile::tempdir().unwrap();
+    let mark = format!("RUNNER_KILL_TEST={}", std::process::id());
+    let mut a = mpirun_args(2);
+    a.extend(runner_args(
+        work.path(),
+        &["ops.train.max_steps=10000".to_string()],
+    ));
+    let mut child = command("mpirun", &a)
+        .env("RUNNER_KILL_TEST", std::process::id().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun starts");
+    let stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s).unwrap();
+        s
+    });
+    // Training is under way once rank 0 reports the first data-parallel step.
+    let mut out = String::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        out.push_str(&line);
+        out.push('\n');
+        if line.contains("data-parallel step on 2 ranks") {
+            break;
+        }
+    }
+    assert!(
+        out.contains("data-parallel step"),
+        "training never started:\n{out}"
+    );
+    let pid = rank_pid(1, &mark).expect("rank 1's process");
+    let killed = Instant::now();
+    // SAFETY-free: kill(1) through the shell's utility, no libc in this crate.
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the run did not end within 60 s of rank 1's death");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let seconds = killed.elapsed().as_secs_f64();
+    let err = err_reader.join().unwrap();
+    eprintln!("run ended {seconds:.2} s after rank 1 was killed ({code})");
+    assert!(!code.success());
+    assert!(seconds < 15.0, "took {seconds:.1} s");
+    let all = format!("{out}{}\n{err}", rest.join("\n"));
+    assert!(all.contains("rank 1"), "the rank is not named:\n{all}");
+}
+
+#[test]
+fn a_rank_that_fails_aborts_every_rank_with_its_error() {
+    // MPMD launch: rank 1 gets another learning rate, so its plan differs from rank 0's: it
+    // must say so, prefixed with its rank, and end the job (MPI_Abort), not leave rank 0
+    // waiting in a collective.
+    let work = tempfile::tempdir().unwrap();
+    let mut a = vec!["-n".to_string(), "1".to_string()];
+    a.extend(runner_args(work.path(), &[]));
+    a.extend([":".to_string(), "-n".to_string(), "1".to_string()]);
+    a.extend(runner_args(
+        work.path(),
+        &["ops.train.learning_rate=1e-3".to_string()],
+    ));
+    let started = Instant::now();
+    let out = command("mpirun", &a).output().expect("mpirun starts");
+    let seconds = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("rank 1: error: this rank planned other cache keys than rank 0"),
+        "{stderr}"
+    );
+    assert!(seconds < 60.0, "took {seconds:.1} s");
+}
