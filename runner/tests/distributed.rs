@@ -40,7 +40,13 @@ fn runner_args(work: &Path, sets: &[String]) -> Vec<String> {
             work.join("checkpoints").display()
         ),
     ];
-    for s in fixed.iter().chain(sets) {
+    let key = |s: &String| s.split('=').next().unwrap_or_default().to_string();
+    let given: Vec<String> = sets.iter().map(key).collect();
+    for s in fixed
+        .iter()
+        .filter(|f| !given.contains(&key(f)))
+        .chain(sets)
+    {
         args.push("--set".into());
         args.push(s.clone());
     }
@@ -191,6 +197,7 @@ fn ranks_equal_one_process(ranks: usize, per_rank: usize, steps: u64) {
         "{}",
         d.stdout
     );
+    gradient_bytes_are_the_plans(&d.stdout);
     // Rank 1 prints nothing; rank 0's summary line is the last.
     assert_eq!(
         d.stdout.lines().filter(|l| l.starts_with("ran ")).count(),
@@ -229,6 +236,52 @@ fn ranks_equal_one_process(ranks: usize, per_rank: usize, steps: u64) {
     // Only rank 0 wrote outputs outside the cache: no checkpoints were asked for, and the
     // cache holds one lora-train entry (rank 1 publishes none).
     assert!(!dist.path().join("checkpoints").exists());
+}
+
+/// The gradient bytes the first step printed are what `model::memory::allreduce_payload` (the
+/// README's 4B figures) gives for the tiny model's LoRA (r 8, all-linear with the tower) and f32
+/// copies, with the embed_tokens rows the step reported.
+fn gradient_bytes_are_the_plans(stdout: &str) {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("data-parallel step on"))
+        .expect("the first step's all-reduce line");
+    let number_before = |marker: &str| -> u64 {
+        let head = &line[..line
+            .find(marker)
+            .unwrap_or_else(|| panic!("{marker} in {line}"))];
+        head.split_whitespace()
+            .last()
+            .unwrap()
+            .trim_start_matches('(')
+            .parse()
+            .unwrap()
+    };
+    let gradients = number_before(" bytes of gradients");
+    let rows = number_before(" embed_tokens rows");
+    let snapshots =
+        repo_root().join("tests/fixtures/hf-cache/hub/models--runner-test--tiny-gemma-3/snapshots");
+    let snapshot = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let config = ops::model::config::ModelConfig::from_file(&snapshot.join("config.json")).unwrap();
+    let payload = ops::model::memory::allreduce_payload(
+        &config,
+        &ops::model::memory::LoraPlan {
+            r: 8,
+            modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
+            modules_to_save_dtype: ops::model::config::FloatDtype::F32,
+            vision: true,
+            dropout: true,
+            optimizer_offload: false,
+        },
+        rows,
+    )
+    .unwrap();
+    assert_eq!(gradients, payload.total(), "{line}\n{payload:?}");
 }
 
 #[test]
@@ -351,4 +404,72 @@ fn a_rank_that_fails_aborts_every_rank_with_its_error() {
         "{stderr}"
     );
     assert!(seconds < 60.0, "took {seconds:.1} s");
+}
+
+#[test]
+fn resume_needs_the_same_ranks_and_continues_the_run_exactly() {
+    let work = tempfile::tempdir().unwrap();
+    let checkpoints = work.path().join("checkpoints");
+    let sets = |resume: bool| {
+        vec![
+            "ops.train.max_steps=3".to_string(),
+            "ops.train.learning_rate=2e-4".to_string(),
+            "ops.train.save_strategy=\"steps\"".to_string(),
+            "ops.train.save_steps=1".to_string(),
+            format!("ops.train.checkpoint_dir={}", checkpoints.display()),
+            format!("ops.train.resume_from_checkpoint={resume}"),
+        ]
+    };
+    let full = work.path().join("full");
+    let mut a = mpirun_args(2);
+    a.extend(runner_args(&full, &sets(false)));
+    run(command("mpirun", &a), "2 ranks, 3 steps");
+    for step in 1..=3 {
+        assert!(checkpoints.join(format!("checkpoint-{step}")).is_dir());
+    }
+    // Back to step 1: the run resumes from there.
+    for step in 2..=3 {
+        std::fs::remove_dir_all(checkpoints.join(format!("checkpoint-{step}"))).unwrap();
+    }
+
+    // One process cannot take over a 2-rank run's checkpoint.
+    let one = work.path().join("one");
+    let out = command(
+        env!("CARGO_BIN_EXE_runner"),
+        &runner_args(&one, &sets(true))[1..],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("was written by a run on 2 rank(s) and this run has 1")
+            && stderr.contains("mpirun -n 2"),
+        "{stderr}"
+    );
+
+    // Two ranks resume (rank 1 gets the checkpoint from rank 0) and end where the full run did.
+    let resumed = work.path().join("resumed");
+    let mut a = mpirun_args(2);
+    a.extend(runner_args(&resumed, &sets(true)));
+    let r = run(command("mpirun", &a), "2 ranks resuming");
+    assert!(r.stdout.contains("resuming from"), "{}", r.stdout);
+    let (fa, ra) = (
+        adapter(&train_entry(&full)),
+        adapter(&train_entry(&resumed)),
+    );
+    for (k, v) in &fa {
+        for (p, q) in v.iter().zip(&ra[k]) {
+            assert!((p - q).abs() <= 1e-7, "{k}: {p} vs {q}");
+        }
+    }
+    let (fm, rm) = (
+        metrics(&train_entry(&full)),
+        metrics(&train_entry(&resumed)),
+    );
+    assert_eq!(fm.len(), rm.len());
+    for (x, y) in fm.iter().zip(&rm) {
+        let (p, q) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!(close(p, q, 1e-6), "step {}: {p} vs {q}", x["step"]);
+    }
 }

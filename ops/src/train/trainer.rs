@@ -590,6 +590,7 @@ pub fn train_with_optim(
                 sparse
             }
         };
+        let sparse_rows: usize = sparse.values().map(Vec::len).sum();
         let mut sync = comm.map(|c| GradSync::new(c, &params, sparse));
 
         let memory_scope = gpu
@@ -661,12 +662,12 @@ pub fn train_with_optim(
         state.next_call += global_len as u64;
         if let Some(sync) = sync {
             let buckets = sync.buckets;
-            let bytes = sync.finish(gpu)? + small_bytes;
+            let gradients = sync.finish(gpu)?;
+            let bytes = gradients + small_bytes;
             if step_no == first_step + 1 {
                 progress.println(format!(
-                    "data-parallel step on {world} ranks: all-reduce of {bytes} bytes per rank per step ({:.1} MiB: gradients in {} buckets, started as the backward finishes them, + {small_bytes} bytes of label counts, losses and embedding rows)",
+                    "data-parallel step on {world} ranks: all-reduce of {bytes} bytes per rank per step ({:.1} MiB): {gradients} bytes of gradients in {buckets} buckets ({sparse_rows} embed_tokens rows), each started as the backward finishes it, + {small_bytes} bytes of label counts, losses and row ids",
                     bytes as f64 / (1u64 << 20) as f64,
-                    buckets
                 ));
             }
             allreduce_total += bytes;
