@@ -706,4 +706,28 @@ mod tests {
         assert!(err.contains("NVIDIA RTX") && err.contains("3:"), "{err}");
         assert!(choose_adapter(&infos, "9").is_err());
     }
+
+    /// One GPU per rank: local rank k takes the k-th adapter of the preferred kind, wrapping
+    /// around, never one of another kind or backend.
+    #[test]
+    fn local_rank_picks_among_adapters_of_the_preferred_kind() {
+        let mk = |name: &str, t, b| wgpu::AdapterInfo {
+            name: name.into(),
+            ..wgpu::AdapterInfo::new(t, b)
+        };
+        let gpu = |n: &str, b| mk(n, wgpu::DeviceType::DiscreteGpu, b);
+        let infos = vec![
+            mk("llvmpipe", wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan),
+            gpu("H100 #0", wgpu::Backend::Vulkan),
+            gpu("H100 #0", wgpu::Backend::Gl),
+            gpu("H100 #1", wgpu::Backend::Vulkan),
+            gpu("H100 #2", wgpu::Backend::Vulkan),
+        ];
+        let picks: Vec<usize> = (0..5)
+            .map(|r| preferred_adapter_for_rank(&infos, r))
+            .collect();
+        assert_eq!(picks, vec![1, 3, 4, 1, 3]);
+        // One lavapipe adapter: every rank shares it (the CI tests run so).
+        assert_eq!(preferred_adapter_for_rank(&infos[..1], 3), 0);
+    }
 }
