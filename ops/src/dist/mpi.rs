@@ -268,7 +268,12 @@ impl Comm for MpiComm {
     }
 
     fn start_sum(&self, buf: ReduceBuf) -> Box<dyn InFlight> {
-        let (send, mut recv) = (buf.clone(), buf);
+        // The sums land in a fresh buffer (zeroed pages cost nothing until written).
+        let mut recv = match &buf {
+            ReduceBuf::F32(v) => ReduceBuf::F32(vec![0.0; v.len()]),
+            ReduceBuf::Bf16(v) => ReduceBuf::Bf16(vec![0; v.len()]),
+        };
+        let send = buf;
         let (elem, datatype, op) = match &send {
             ReduceBuf::F32(_) => (4, unsafe { ffi::RSMPI_FLOAT }, unsafe { ffi::RSMPI_SUM }),
             ReduceBuf::Bf16(_) => (2, unsafe { ffi::RSMPI_UINT16_T }, self.bf16_sum.0),
@@ -280,7 +285,7 @@ impl Comm for MpiComm {
             (ReduceBuf::Bf16(s), ReduceBuf::Bf16(d)) => {
                 (s.as_ptr() as *const u8, d.as_mut_ptr() as *mut u8, s.len())
             }
-            _ => unreachable!("send and receive are clones"),
+            _ => unreachable!("the receive buffer is made in the send buffer's dtype"),
         };
         let mut requests = Vec::new();
         let _guard = MPI_LOCK.lock().unwrap();

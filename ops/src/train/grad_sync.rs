@@ -3,9 +3,10 @@
 //!
 //! A bucket is the gradients the model reports final together (`TrainModel::accumulate_notify`:
 //! the lm_head copy right after the loss, each decoder layer as its backward is submitted, last
-//! layer first, the vision tower, the embed_tokens copy last). For each, the step records copies
-//! of its gradient buffers into a mappable readback buffer right behind the work that finished
-//! them, maps it when the GPU gets there, and starts a non-blocking all-reduce of the host copy;
+//! layer first, the vision tower, the embed_tokens copy last), concatenated into one buffer and
+//! one all-reduce per dtype as DDP concatenates a bucket. For each, the step records copies of
+//! its gradient buffers into a mappable readback buffer (kept from step to step) right behind
+//! the work that finished them, maps it when the GPU gets there, and starts a non-blocking all-reduce of the host copy;
 //! while the GPU runs the earlier layers' backward, the bucket travels. Every pending request is
 //! tested at every later bucket (MPI moves a non-blocking collective forward only inside MPI
 //! calls). Before clipping, the step waits for every bucket and writes the sums back.
@@ -25,7 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 
 use super::model::Parameter;
 use crate::dist::{Comm, InFlight, ReduceBuf};
@@ -74,9 +75,49 @@ const MAP_PENDING: u8 = 0;
 const MAP_OK: u8 = 1;
 const MAP_FAILED: u8 = 2;
 
-struct Readback {
+/// Readback buffers kept from step to step (a 4B step reads back 1.4 GB of gradients: mapping
+/// fresh host memory for it every step would cost more than the copy).
+#[derive(Default)]
+pub struct ReadbackPool {
+    free: Vec<wgpu::Buffer>,
+}
+
+impl ReadbackPool {
+    /// The smallest free buffer of at least `bytes`, or a new one (rounded up to a MiB, so
+    /// that a bucket whose embedding rows vary from step to step still finds one).
+    fn take(&mut self, gpu: &Gpu, bytes: u64) -> wgpu::Buffer {
+        let best = (0..self.free.len())
+            .filter(|&k| self.free[k].size() >= bytes)
+            .min_by_key(|&k| self.free[k].size());
+        match best {
+            Some(k) => self.free.swap_remove(k),
+            None => gpu.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("gradient bucket readback"),
+                size: bytes.next_multiple_of(1 << 20),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+        }
+    }
+
+    fn give(&mut self, buffer: wgpu::Buffer) {
+        self.free.push(buffer);
+    }
+}
+
+/// One gradient of a bucket: all its rows (`runs` empty) or the rows of `runs`.
+struct Part {
     param: usize,
     runs: Vec<Run>,
+    /// Elements it contributes to the bucket.
+    elements: usize,
+}
+
+/// A bucket on its way to the host: its gradients' bytes, one after the other, in `buffer`.
+struct Readback {
+    parts: Vec<Part>,
+    dtype: DType,
+    bytes: u64,
     buffer: wgpu::Buffer,
     state: Arc<AtomicU8>,
 }
@@ -85,50 +126,53 @@ struct Readback {
 pub struct GradSync<'a> {
     comm: &'a dyn Comm,
     params: &'a [Parameter],
+    pool: &'a mut ReadbackPool,
     /// The rows to reduce of each row-sparse parameter (sorted; the union over ranks).
     sparse: BTreeMap<usize, Vec<u32>>,
     reads: Vec<Readback>,
-    flights: Vec<(usize, Vec<Run>, Box<dyn InFlight>)>,
+    flights: Vec<(Vec<Part>, Box<dyn InFlight>)>,
     done: Vec<bool>,
     /// Payload this rank gave to all-reduces so far this step.
     pub bytes: u64,
     pub buckets: usize,
+    /// Buckets whose all-reduce had started when the whole backward was queued ([`GradSync::drain`]).
+    pub started_early: usize,
 }
 
 impl<'a> GradSync<'a> {
     pub fn new(
         comm: &'a dyn Comm,
         params: &'a [Parameter],
+        pool: &'a mut ReadbackPool,
         sparse: BTreeMap<usize, Vec<u32>>,
     ) -> Self {
         Self {
             comm,
             params,
+            pool,
             sparse,
             reads: Vec::new(),
             flights: Vec::new(),
             done: vec![false; params.len()],
             bytes: 0,
             buckets: 0,
+            started_early: 0,
         }
     }
 
-    /// The rows of parameter `p` that travel: the sparse set, or every row.
+    /// The rows of parameter `p` that travel: the sparse set (as runs), or every row (empty).
     fn runs(&self, p: usize) -> Vec<Run> {
         let t = &self.params[p].grad;
         match self.sparse.get(&p) {
             // Row copies need whole-word rows; a table whose rows are not (an odd bf16 width)
             // travels whole.
             Some(rows) if row_bytes(t).is_multiple_of(4) => runs_of(rows),
-            _ => vec![Run {
-                first: 0,
-                rows: t.rows(),
-            }],
+            _ => Vec::new(),
         }
     }
 
     /// Gradients `indices` are final (the work that finished them is submitted): queue their
-    /// readback as one bucket and push every bucket in flight forward.
+    /// readback as one bucket per dtype and push every bucket in flight forward.
     pub fn ready(&mut self, gpu: &Gpu, indices: &[usize]) -> Result<()> {
         let mut enc = gpu
             .device()
@@ -136,59 +180,70 @@ impl<'a> GradSync<'a> {
                 label: Some("gradient readback"),
             });
         let first_new = self.reads.len();
-        for &p in indices {
-            ensure!(
-                !std::mem::replace(&mut self.done[p], true),
-                "gradient `{}` was reported final twice",
-                self.params[p].key
-            );
-            let t = &self.params[p].grad;
-            let runs = self.runs(p);
-            let dense = runs.len() == 1 && runs[0].first == 0 && runs[0].rows == t.rows();
-            // Whole chunks when dense (a chunk's bytes are padded to a word), rows when sparse.
-            let plan: Vec<(usize, u64, u64)> = if dense {
-                t.chunks()
-                    .iter()
-                    .enumerate()
-                    .map(|(k, c)| (k, 0, c.bytes))
-                    .collect()
-            } else {
-                runs.iter().flat_map(|&r| pieces(t, r)).collect()
-            };
-            let total: u64 = plan.iter().map(|p| p.2).sum();
-            if total == 0 {
+        for dtype in [DType::F32, DType::Bf16] {
+            // (chunk buffer, offset, bytes) copies, and the parts they make up.
+            let mut copies: Vec<(usize, usize, u64, u64)> = Vec::new();
+            let mut parts = Vec::new();
+            for &p in indices {
+                let t = &self.params[p].grad;
+                if t.dtype() != dtype {
+                    continue;
+                }
+                ensure!(
+                    !std::mem::replace(&mut self.done[p], true),
+                    "gradient `{}` was reported final twice",
+                    self.params[p].key
+                );
+                let runs = self.runs(p);
+                let elements = if runs.is_empty() {
+                    // Whole chunks (a chunk's bytes are padded to a word; the copy strips it).
+                    for (k, c) in t.chunks().iter().enumerate() {
+                        copies.push((p, k, 0, c.bytes));
+                    }
+                    t.numel()
+                } else {
+                    for &r in &runs {
+                        copies.extend(pieces(t, r).into_iter().map(|(k, o, n)| (p, k, o, n)));
+                    }
+                    runs.iter().map(|r| r.rows).sum::<usize>() * t.row_len()
+                };
+                parts.push(Part {
+                    param: p,
+                    runs,
+                    elements,
+                });
+            }
+            let bytes: u64 = copies.iter().map(|c| c.3).sum();
+            if bytes == 0 {
                 continue;
             }
-            let buffer = gpu.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some("gradient bucket"),
-                size: total,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+            let buffer = self.pool.take(gpu, bytes);
             let mut at = 0;
-            for (k, offset, bytes) in plan {
-                enc.copy_buffer_to_buffer(
-                    t.chunks()[k].buffer.buffer(),
-                    offset,
-                    &buffer,
-                    at,
-                    bytes,
-                );
-                at += bytes;
+            for (p, k, offset, n) in copies {
+                let src = self.params[p].grad.chunks()[k].buffer.buffer();
+                enc.copy_buffer_to_buffer(src, offset, &buffer, at, n);
+                at += n;
             }
             self.reads.push(Readback {
-                param: p,
-                runs: if dense { Vec::new() } else { runs },
+                parts,
+                dtype,
+                bytes,
                 buffer,
                 state: Arc::new(AtomicU8::new(MAP_PENDING)),
             });
+        }
+        if let Some(&p) = indices.iter().find(|&&p| !self.done[p]) {
+            bail!(
+                "gradient `{}` is neither f32 nor bf16 and cannot be summed",
+                self.params[p].key
+            );
         }
         if self.reads.len() > first_new {
             gpu.queue().submit([enc.finish()]);
             for r in &self.reads[first_new..] {
                 let state = r.state.clone();
                 r.buffer
-                    .slice(..)
+                    .slice(..r.bytes)
                     .map_async(wgpu::MapMode::Read, move |res| {
                         state.store(
                             if res.is_ok() { MAP_OK } else { MAP_FAILED },
@@ -196,7 +251,7 @@ impl<'a> GradSync<'a> {
                         );
                     });
             }
-            self.buckets += 1;
+            self.buckets += self.reads.len() - first_new;
         }
         self.progress(gpu, false)
     }
@@ -216,22 +271,22 @@ impl<'a> GradSync<'a> {
         for r in std::mem::take(&mut self.reads) {
             match r.state.load(Ordering::Acquire) {
                 MAP_PENDING => still.push(r),
-                MAP_FAILED => {
-                    return Err(anyhow!(
-                        "mapping the gradient readback of `{}` failed",
-                        self.params[r.param].key
-                    ))
-                }
+                MAP_FAILED => bail!(
+                    "mapping the gradient readback of `{}` failed",
+                    self.params[r.parts[0].param].key
+                ),
                 _ => {
                     let buf = self.host_copy(&r)?;
+                    r.buffer.unmap();
+                    self.pool.give(r.buffer);
                     self.bytes += buf.bytes();
                     let flight = self.comm.start_sum(buf);
-                    self.flights.push((r.param, r.runs, flight));
+                    self.flights.push((r.parts, flight));
                 }
             }
         }
         self.reads = still;
-        for (_, _, f) in &mut self.flights {
+        for (_, f) in &mut self.flights {
             f.test();
         }
         Ok(())
@@ -241,6 +296,7 @@ impl<'a> GradSync<'a> {
     /// the GPU has delivered every bucket, so the sums travel while the GPU finishes the
     /// backward (a blocking wait on the GPU would leave MPI without progress meanwhile).
     pub fn drain(&mut self, gpu: &Gpu) -> Result<()> {
+        self.started_early = self.flights.len();
         while !self.reads.is_empty() {
             self.progress(gpu, false)?;
             if !self.reads.is_empty() {
@@ -250,33 +306,54 @@ impl<'a> GradSync<'a> {
         Ok(())
     }
 
-    /// The delivered readback as the gradient's values (chunk padding stripped).
+    /// The delivered bucket as values (chunk padding stripped), one copy out of the mapping.
     fn host_copy(&self, r: &Readback) -> Result<ReduceBuf> {
-        let t = &self.params[r.param].grad;
         let view = r
             .buffer
-            .slice(..)
+            .slice(..r.bytes)
             .get_mapped_range()
             .map_err(|e| anyhow!("reading the gradient readback: {e:?}"))?;
-        let bytes: Vec<u8> = if r.runs.is_empty() {
-            // Dense: chunk after chunk, each padded to a word.
-            let mut out = Vec::with_capacity(t.dtype().bytes_for(t.numel()) as usize);
-            let mut at = 0usize;
-            for c in t.chunks() {
-                let data = c.rows * t.row_len() * t.dtype().bits() / 8;
-                out.extend_from_slice(&view[at..at + data]);
-                at += c.bytes as usize;
+        // The byte ranges of the view holding each part's values, in order.
+        let mut ranges = Vec::new();
+        let mut at = 0usize;
+        for part in &r.parts {
+            let t = &self.params[part.param].grad;
+            if part.runs.is_empty() {
+                for c in t.chunks() {
+                    let data = c.rows * t.row_len() * t.dtype().bits() / 8;
+                    ranges.push(at..at + data);
+                    at += c.bytes as usize;
+                }
+            } else {
+                let n = part.elements * t.dtype().bits() / 8;
+                ranges.push(at..at + n);
+                at += n;
             }
-            out
-        } else {
-            view.to_vec()
-        };
-        drop(view);
-        r.buffer.unmap();
-        Ok(match t.dtype() {
-            DType::F32 => ReduceBuf::F32(bytemuck::pod_collect_to_vec(&bytes)),
-            DType::Bf16 => ReduceBuf::Bf16(bytemuck::pod_collect_to_vec(&bytes)),
-            d => return Err(anyhow!("a {d:?} gradient cannot be summed")),
+        }
+        let elements: usize = r.parts.iter().map(|p| p.elements).sum();
+        Ok(match r.dtype {
+            DType::F32 => {
+                let mut v = Vec::with_capacity(elements);
+                for range in ranges {
+                    v.extend(
+                        view[range]
+                            .chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    );
+                }
+                ReduceBuf::F32(v)
+            }
+            _ => {
+                let mut v = Vec::with_capacity(elements);
+                for range in ranges {
+                    v.extend(
+                        view[range]
+                            .chunks_exact(2)
+                            .map(|b| u16::from_le_bytes([b[0], b[1]])),
+                    );
+                }
+                ReduceBuf::Bf16(v)
+            }
         })
     }
 
@@ -285,21 +362,27 @@ impl<'a> GradSync<'a> {
     /// all-reduce payload in bytes.
     pub fn finish(mut self, gpu: &Gpu) -> Result<u64> {
         if let Some(p) = self.done.iter().position(|d| !d) {
-            return Err(anyhow!(
+            bail!(
                 "the model never reported the gradient of `{}` final",
                 self.params[p].key
-            ));
+            );
         }
         while !self.reads.is_empty() {
             self.progress(gpu, true)?;
         }
-        for (p, runs, flight) in std::mem::take(&mut self.flights) {
+        for (parts, flight) in std::mem::take(&mut self.flights) {
             let sums = flight.wait();
-            let bytes: Vec<u8> = match &sums {
-                ReduceBuf::F32(v) => bytemuck::cast_slice(v).to_vec(),
-                ReduceBuf::Bf16(v) => bytemuck::cast_slice(v).to_vec(),
+            let bytes: &[u8] = match &sums {
+                ReduceBuf::F32(v) => bytemuck::cast_slice(v),
+                ReduceBuf::Bf16(v) => bytemuck::cast_slice(v),
             };
-            write_back(gpu, &self.params[p].grad, &runs, &bytes)?;
+            let mut at = 0usize;
+            for part in &parts {
+                let t = &self.params[part.param].grad;
+                let n = part.elements * t.dtype().bits() / 8;
+                write_back(gpu, t, &part.runs, &bytes[at..at + n])?;
+                at += n;
+            }
         }
         Ok(self.bytes)
     }
@@ -312,9 +395,15 @@ fn write_back(gpu: &Gpu, t: &GpuTensor, runs: &[Run], bytes: &[u8]) -> Result<()
         let rb = row_bytes(t) as usize;
         for c in t.chunks() {
             let n = c.rows * rb;
-            let mut data = bytes[at..at + n].to_vec();
-            data.resize(c.bytes as usize, 0); // the chunk's word padding
-            gpu.queue().write_buffer(c.buffer.buffer(), 0, &data);
+            let data = &bytes[at..at + n];
+            if n as u64 == c.bytes {
+                gpu.queue().write_buffer(c.buffer.buffer(), 0, data);
+            } else {
+                // The chunk's last word is half padding (an odd bf16 count).
+                let mut padded = data.to_vec();
+                padded.resize(c.bytes as usize, 0);
+                gpu.queue().write_buffer(c.buffer.buffer(), 0, &padded);
+            }
             at += n;
         }
     } else {

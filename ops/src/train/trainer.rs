@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::adapter::{self, AdapterConfig, HostTensor};
 use super::checkpoint::{self, HostTensors, LogWindow, TrainerState};
-use super::grad_sync::{distinct_rows, GradSync};
+use super::grad_sync::{distinct_rows, GradSync, ReadbackPool};
 use super::metrics::{self, LogRecord, MetricsWriter};
 use super::model::{Parameter, TrainModel};
 use super::optimizer::{record_norm_and_clip, write_f32, zero_grads, AdamWConfig, GpuAdamW, Optim};
@@ -527,6 +527,7 @@ pub fn train_with_optim(
     let mut stream = data.open(epochs, state.next_epoch, state.next_batch)?;
     let norm = gpu.empty(&[1], DType::F32)?;
     let (mut allreduce_total, mut allreduce_max) = (0u64, 0u64);
+    let mut readback = ReadbackPool::default();
 
     while state.global_step < total_steps {
         let step_no = state.global_step + 1;
@@ -591,7 +592,7 @@ pub fn train_with_optim(
             }
         };
         let sparse_rows: usize = sparse.values().map(Vec::len).sum();
-        let mut sync = comm.map(|c| GradSync::new(c, &params, sparse));
+        let mut sync = comm.map(|c| GradSync::new(c, &params, &mut readback, sparse));
 
         let memory_scope = gpu
             .device()
@@ -661,12 +662,12 @@ pub fn train_with_optim(
         }
         state.next_call += global_len as u64;
         if let Some(sync) = sync {
-            let buckets = sync.buckets;
+            let (buckets, early) = (sync.buckets, sync.started_early);
             let gradients = sync.finish(gpu)?;
             let bytes = gradients + small_bytes;
             if step_no == first_step + 1 {
                 progress.println(format!(
-                    "data-parallel step on {world} ranks: all-reduce of {bytes} bytes per rank per step ({:.1} MiB): {gradients} bytes of gradients in {buckets} buckets ({sparse_rows} embed_tokens rows), each started as the backward finishes it, + {small_bytes} bytes of label counts, losses and row ids",
+                    "data-parallel step on {world} ranks: all-reduce of {bytes} bytes per rank per step ({:.1} MiB): {gradients} bytes of gradients in {buckets} buckets ({sparse_rows} embed_tokens rows; {early} already summing when the backward was all queued), + {small_bytes} bytes of label counts, losses and row ids",
                     bytes as f64 / (1u64 << 20) as f64,
                 ));
             }
