@@ -6,10 +6,11 @@
 //! layer first, the vision tower, the embed_tokens copy last), concatenated into one buffer and
 //! one all-reduce per dtype as DDP concatenates a bucket. For each, the step records copies of
 //! its gradient buffers into a mappable readback buffer (kept from step to step) right behind
-//! the work that finished them, maps it when the GPU gets there, and starts a non-blocking all-reduce of the host copy;
-//! while the GPU runs the earlier layers' backward, the bucket travels. Every pending request is
-//! tested at every later bucket (MPI moves a non-blocking collective forward only inside MPI
-//! calls). Before clipping, the step waits for every bucket and writes the sums back.
+//! the work that finished them, maps it when the GPU gets there, and starts a non-blocking
+//! all-reduce of the host copy; while the GPU runs the earlier layers' backward, the bucket
+//! travels. Every pending request is tested at every later bucket (MPI moves a non-blocking
+//! collective forward only inside MPI calls). Before clipping, the step waits for every bucket
+//! and writes the sums back.
 //!
 //! The sum is exact for what single-process accumulation computes: with two ranks the f32 sum
 //! `a + b` is the `g₀ + g₁` one process forms in its gradient buffers (addition commutes);
@@ -135,7 +136,8 @@ pub struct GradSync<'a> {
     /// Payload this rank gave to all-reduces so far this step.
     pub bytes: u64,
     pub buckets: usize,
-    /// Buckets whose all-reduce had started when the whole backward was queued ([`GradSync::drain`]).
+    /// Buckets whose all-reduce had started when the whole backward was queued
+    /// ([`GradSync::drain`]).
     pub started_early: usize,
 }
 
