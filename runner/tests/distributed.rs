@@ -126,8 +126,17 @@ fn adapter(entry: &Path) -> BTreeMap<String, Vec<f32>> {
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            (name, bytemuck_f32(view.data()))
+            let values = match view.dtype() {
+                safetensors::Dtype::F32 => bytemuck_f32(view.data()),
+                // The modules_to_save copies under bf16 = true.
+                safetensors::Dtype::BF16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                    .collect(),
+                d => panic!("{name}: {d:?}"),
+            };
+            (name, values)
         })
         .collect()
 }
@@ -475,5 +484,61 @@ fn resume_needs_the_same_ranks_and_continues_the_run_exactly() {
     for (x, y) in fm.iter().zip(&rm) {
         let (p, q) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
         assert!(close(p, q, 1e-6), "step {}: {p} vs {q}", x["step"]);
+    }
+}
+
+/// Under `bf16 = true` the copies' gradients are bf16 and travel as bf16 (summed pairwise in f32
+/// and rounded: the user-defined MPI op): one rounding more than one process makes when it adds
+/// its second micro-batch's f32 block gradient into the bf16 sum, so the runs agree to bf16
+/// rounding, not to f32's. Bounds: losses and gradient norms to 1e-4 relative; the f32 LoRA
+/// tensors to 1e-5; a bf16 copy's values to what AdamW can make of a one-ulp gradient change
+/// (at most 2 x learning rate per step: each step moves a value by at most about the learning
+/// rate) plus one bf16 ulp of the value.
+#[test]
+fn two_ranks_in_bf16_agree_with_one_process_to_bf16_rounding() {
+    let (dist, single) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (steps, lr) = (3u64, 2e-4);
+    let sets = |ga: usize| {
+        vec![
+            format!("ops.train.max_steps={steps}"),
+            format!("ops.train.learning_rate={lr}"),
+            "ops.train.bf16=true".to_string(),
+            format!("ops.train.gradient_accumulation_steps={ga}"),
+        ]
+    };
+    let mut a = mpirun_args(2);
+    a.extend(runner_args(dist.path(), &sets(1)));
+    let d = run(command("mpirun", &a), "mpirun, bf16");
+    run(
+        command(
+            env!("CARGO_BIN_EXE_runner"),
+            &runner_args(single.path(), &sets(2))[1..],
+        ),
+        "runner, bf16",
+    );
+    assert!(
+        d.stdout.contains("data-parallel step on 2 ranks"),
+        "{}",
+        d.stdout
+    );
+    let (de, se) = (train_entry(dist.path()), train_entry(single.path()));
+    for (x, y) in metrics(&de).iter().zip(&metrics(&se)) {
+        for key in ["loss", "grad_norm"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(close(p, q, 1e-4), "step {}: {key} {p} vs {q}", x["step"]);
+        }
+        assert_eq!(x["num_tokens"], y["num_tokens"]);
+    }
+    let (da, sa) = (adapter(&de), adapter(&se));
+    for (k, v) in &da {
+        let copy = k.ends_with("lm_head.weight") || k.ends_with("embed_tokens.weight");
+        for (p, q) in v.iter().zip(&sa[k]) {
+            let bound = if copy {
+                2.0 * lr as f32 * steps as f32 + p.abs().max(q.abs()) / 128.0
+            } else {
+                1e-5
+            };
+            assert!((p - q).abs() <= bound, "{k}: {p} vs {q} (bound {bound:e})");
+        }
     }
 }
