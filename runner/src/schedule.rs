@@ -241,6 +241,14 @@ pub fn follow_rank_zero(
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
         .collect();
+    if collective.is_empty() {
+        // Rank 0 trains nothing (every collective output is cached): nothing here to do.
+        let mut plan = plan;
+        for p in &mut plan.steps {
+            p.status = Status::NotSelected;
+        }
+        return Ok(plan);
+    }
     let mine = Selection {
         force: selection.force.clone(),
         only: collective.clone(),

@@ -245,6 +245,15 @@ fn ranks_equal_one_process(ranks: usize, per_rank: usize, steps: u64) {
     // Only rank 0 wrote outputs outside the cache: no checkpoints were asked for, and the
     // cache holds one lora-train entry (rank 1 publishes none).
     assert!(!dist.path().join("checkpoints").exists());
+
+    // Run again on the shared cache: rank 0 reuses everything, so rank 1 has nothing to do.
+    let again = run(command("mpirun", &a), "mpirun, cached");
+    assert_eq!(
+        again.stdout.lines().last(),
+        Some("ran 0, reused 8, failed 0"),
+        "{}",
+        again.stdout
+    );
 }
 
 /// The gradient bytes the first step printed are what `model::memory::allreduce_payload` (the
