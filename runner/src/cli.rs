@@ -156,7 +156,7 @@ where
         Ok(code) => code,
         Err(diags) => {
             for d in diags {
-                eprintln!("{d}");
+                eprintln!("{}{d}", ops::dist::rank_prefix());
             }
             EXIT_INVALID
         }
@@ -319,7 +319,7 @@ fn plan_checked(
         Ok(plan) => Ok(Ok(plan)),
         Err(e) if e.run_time => {
             for d in e.diags {
-                eprintln!("{d}");
+                eprintln!("{}{d}", ops::dist::rank_prefix());
             }
             Ok(Err(EXIT_OP_FAILED))
         }
