@@ -232,7 +232,7 @@ pub fn follow_rank_zero(
     comm.broadcast_bytes(0, &mut message);
     anyhow::ensure!(
         message.get(..digest.len()) == Some(&digest[..]),
-        "this rank planned other cache keys than rank 0: every rank must run the same recipe with the same --set overrides and the same input files"
+        "this rank planned other cache keys than rank 0: every rank must run the same recipe with the same --set overrides and the same input files (a local file's key covers its size and modification time: copy inputs to other nodes with `rsync -a` or `cp -p`, or use a shared filesystem)"
     );
     if comm.world().is_main() {
         return Ok(plan);
