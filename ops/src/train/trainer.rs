@@ -7,6 +7,13 @@
 //!
 //! Per optimizer step the host reads back only the `[4]` cross-entropy totals of each
 //! micro-batch and the gradient norm.
+//!
+//! Under several data-parallel ranks ([`crate::dist`]) each rank's stream holds every
+//! `world_size`-th micro-batch; a step gathers the label counts first (the normalisation covers
+//! the global batch), numbers dropout calls by global position, sums the gradients across ranks
+//! as the last micro-batch's backward finishes them ([`super::grad_sync`]), and sums loss terms,
+//! accuracies and tokens in the global order, so every rank takes the step one process with
+//! `world_size ×` the accumulation takes; rank 0 alone writes logs, checkpoints and the adapter.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -851,4 +858,20 @@ fn in_global_order(all: &[u64], world: usize, cycle: usize, per: usize) -> Vec<u
 fn format_duration(seconds: f64) -> String {
     let s = seconds.max(0.0).round() as u64;
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_values_are_put_in_the_global_order() {
+        // 2 ranks x 3 micro-batches, 2 values each: rank 0 holds globals 0, 2, 4, rank 1 1, 3, 5.
+        let all = [0, 0, 2, 2, 4, 4, 1, 1, 3, 3, 5, 5];
+        assert_eq!(
+            in_global_order(&all, 2, 3, 2),
+            vec![0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+        );
+        assert_eq!(in_global_order(&[7, 8], 1, 2, 1), vec![7, 8]);
+    }
 }
