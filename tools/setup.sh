@@ -62,6 +62,12 @@ ensure_c_toolchain() {
     fi
 }
 
+# MPI for the `distributed` feature (data-parallel lora-train under mpirun): Open MPI's
+# headers, library and launcher, and libclang for the bindings rsmpi generates at build time.
+ensure_mpi() {
+    ensure_packages libopenmpi-dev openmpi-bin libclang-dev
+}
+
 ensure_rust() {
     if ! command -v cargo >/dev/null 2>&1; then
         echo "error: cargo not found: install a current stable Rust toolchain (https://rustup.rs)" >&2

@@ -7,6 +7,7 @@ pub mod artifact;
 pub mod atomic_file;
 pub mod collate;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod format;
 pub mod generate;
@@ -145,6 +146,13 @@ pub trait Op: Send + Sync {
     fn version(&self) -> u32;
     fn device(&self) -> Device {
         Device::Cpu
+    }
+    /// An op that every rank of a data-parallel run (under `mpirun`, see [`dist`]) runs
+    /// together, exchanging data as it goes (`lora-train`). Rank 0 decides whether it runs;
+    /// every rank starts the collective ops in the same order; only rank 0's output is kept.
+    /// Every other op runs on rank 0 alone, except the ones a collective op needs as input.
+    fn collective(&self) -> bool {
+        false
     }
     /// Validates params strictly and returns them canonical (defaults filled).
     fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError>;

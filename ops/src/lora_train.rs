@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::dist::Shard;
 use crate::gpu::{Gpu, MatmulPrecision};
 use crate::model::config::{FloatDtype, ModelConfig};
 use crate::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
@@ -547,6 +548,9 @@ impl Op for LoraTrainOp {
     fn device(&self) -> Device {
         Device::Gpu
     }
+    fn collective(&self) -> bool {
+        true
+    }
     fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError> {
         let p = LoraTrainParams::from_table(params)?;
         plan(&p, 0)?;
@@ -564,7 +568,9 @@ impl Op for LoraTrainOp {
             None => default_checkpoint_dir(&ctx.recipe.output_dir),
         };
         let resumes = !matches!(p.resume_from_checkpoint, BoolOrPath::Bool(false));
-        if plan.train.save_strategy != SaveStrategy::No || resumes {
+        let world = crate::dist::world();
+        // Rank 0 alone writes checkpoints and reads the one it resumes from.
+        if world.is_main() && (plan.train.save_strategy != SaveStrategy::No || resumes) {
             // Found now, not after an hour of training when the first checkpoint is written.
             check_writable(&checkpoint_dir).with_context(|| {
                 format!(
@@ -613,7 +619,14 @@ impl Op for LoraTrainOp {
         );
         adapter_config.inference_mode = true;
 
-        let data = StreamSource::open_dir(&ctx.input("batches")?.dir)?;
+        // Under several ranks this rank trains on every world_size-th micro-batch.
+        let data = StreamSource::open_shard(
+            &ctx.input("batches")?.dir,
+            Shard {
+                rank: world.rank,
+                world: world.size,
+            },
+        )?;
         let gpu = Gpu::get()?;
         // Before any weight is uploaded: a run whose activations cannot be bound fails here, not
         // minutes into loading.
@@ -698,6 +711,19 @@ impl Op for LoraTrainOp {
             "op `{}`: {} steps ({:.2} epochs) in {:.1} s, train_loss {:.4}",
             ctx.name, summary.global_step, summary.epoch, summary.seconds, summary.train_loss
         ));
+        if summary.world_size > 1 {
+            let steps = summary.steps_run.max(1);
+            ctx.progress.println(format!(
+                "op `{}`: {} ranks, global batch {} x {} x {}; all-reduce {} bytes per rank per step on average, {} at most",
+                ctx.name,
+                summary.world_size,
+                data.descriptor.batch_size,
+                summary.world_size,
+                plan.train.gradient_accumulation_steps,
+                summary.allreduce_bytes_total / steps,
+                summary.allreduce_bytes_max
+            ));
+        }
         Ok(())
     }
 }

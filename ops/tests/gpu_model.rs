@@ -330,3 +330,90 @@ fn image_batches_match_transformers_and_peft_golden() {
         assert!(worst.0 <= 1e-3, "{name}: {} off by {}", worst.1, worst.0);
     }
 }
+
+/// What a data-parallel step relies on (`train::grad_sync` starts summing a gradient across
+/// ranks when the model reports it final): `accumulate_notify` reports every trainable tensor
+/// exactly once, the lm_head copy first (right after the loss), the decoder layers last layer
+/// first, the embed_tokens copy last; a gradient read when it is reported already holds its
+/// value at the end of the micro-batch; and `gradient_rows` names every row of the
+/// embed_tokens gradient that is not zero.
+#[test]
+fn gradients_are_reported_final_once_each_in_backward_order() {
+    let gpu = test_gpu();
+    let (config, weights) = load(&tiny());
+    let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    let mut model = Gemma3Gpu::from_weights(
+        gpu,
+        &config,
+        &weights,
+        Some(&adapter),
+        Gemma3GpuOptions {
+            gradient_checkpointing: true,
+            lora: Some(adapter.settings),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let batch = to_gpu_batch(&golden_batch("mmiu"));
+    let params = model.parameters();
+    for p in &params {
+        gpu.fill_f32(&p.grad, 0.0).unwrap();
+    }
+    let mut order: Vec<usize> = Vec::new();
+    let mut when_reported: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    let mut rec = Recorder::new(gpu);
+    model
+        .accumulate_notify(gpu, &mut rec, &batch, 1e-2, 0, &mut |indices| {
+            for &i in indices {
+                order.push(i);
+                when_reported.insert(i, gpu.read_f32(&params[i].grad)?);
+            }
+            Ok(())
+        })
+        .unwrap();
+    rec.submit_and_wait().unwrap();
+
+    let mut once = order.clone();
+    once.sort_unstable();
+    assert_eq!(once, (0..params.len()).collect::<Vec<_>>(), "{order:?}");
+    let key = |i: usize| params[i].key.as_str();
+    assert!(
+        key(order[0]).ends_with("lm_head.weight"),
+        "{}",
+        key(order[0])
+    );
+    let last = *order.last().unwrap();
+    assert!(key(last).ends_with("embed_tokens.weight"), "{}", key(last));
+    let layers: Vec<usize> = order
+        .iter()
+        .filter_map(|&i| {
+            let rest = key(i).split("language_model.layers.").nth(1)?;
+            rest.split('.').next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(layers.first(), Some(&(config.text().num_hidden_layers - 1)));
+    assert!(layers.windows(2).all(|w| w[0] >= w[1]), "{layers:?}");
+    for (&i, early) in &when_reported {
+        assert_eq!(early, &gpu.read_f32(&params[i].grad).unwrap(), "{}", key(i));
+    }
+    let rows = model.gradient_rows(last, &batch).unwrap();
+    let embed = gpu.read_f32(&params[last].grad).unwrap();
+    let hidden = params[last].grad.row_len();
+    let touched: Vec<u32> = (0..embed.len() / hidden)
+        .filter(|&r| {
+            embed[r * hidden..(r + 1) * hidden]
+                .iter()
+                .any(|&v| v != 0.0)
+        })
+        .map(|r| r as u32)
+        .collect();
+    assert!(!touched.is_empty());
+    assert!(
+        touched.iter().all(|r| rows.binary_search(r).is_ok()),
+        "rows with a gradient outside gradient_rows: {touched:?} vs {rows:?}"
+    );
+    assert!(
+        model.gradient_rows(order[0], &batch).is_none(),
+        "lm_head is dense"
+    );
+}

@@ -3,9 +3,12 @@
 //! Layout of a cache directory:
 //! ```text
 //! <cache>/<key>/            a complete op output (an artifact directory), never modified again
-//! <cache>/.tmp/<key>.<pid>.<n>/       an output being written
-//! <cache>/.tmp/<key>.<pid>.<n>.lock   held (OS file lock) by the process writing it
+//! <cache>/.tmp/<key>.<host>.<pid>.<n>/       an output being written
+//! <cache>/.tmp/<key>.<host>.<pid>.<n>.lock   held (OS file lock) by the process writing it
 //! ```
+//! Several processes may share one cache (the ranks of a data-parallel run, on one machine or
+//! on several over a shared filesystem): the host name keeps their temporary names apart, and
+//! when two of them make the same output the first rename wins and the other copy is dropped.
 //! An output is written into `.tmp` and renamed to `<key>` only once its op returned `Ok`; a
 //! rename within one filesystem is atomic, so `<key>/` either does not exist or is complete.
 //! A process killed mid-op leaves only a `.tmp` entry whose lock the OS has released; the next
@@ -153,7 +156,8 @@ impl Cache {
         let tmp = self.tmp_dir();
         fs::create_dir_all(&tmp)?;
         let n = PENDING_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = tmp.join(format!("{key}.{}.{n}", std::process::id()));
+        let writer = format!("{}.{}.{n}", host_name(), std::process::id());
+        let dir = tmp.join(format!("{key}.{writer}"));
         let lock_path = dir.with_extension(lock_extension(&dir));
         // The lock is taken before the directory exists: cleanup only looks at directories, so
         // it can never see one whose writer is alive but not yet holding the lock.
@@ -170,10 +174,40 @@ impl Cache {
             lock_path,
             _lock: lock,
             final_dir: self.entry_dir(key),
-            trash: tmp.join(format!("{key}.{}.{n}.old", std::process::id())),
+            trash: tmp.join(format!("{key}.{writer}.old")),
             published: false,
         })
     }
+}
+
+/// This machine's name as a file-name part (processes on two machines sharing the cache over a
+/// network filesystem may have the same pid).
+fn host_name() -> String {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let raw = fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .or_else(|| std::env::var("COMPUTERNAME").ok())
+            .unwrap_or_default();
+        let name: String = raw
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if name.is_empty() {
+            "host".to_string()
+        } else {
+            name
+        }
+    })
+    .clone()
 }
 
 /// `<name>.lock` for a directory `<name>` whose name contains dots.
@@ -323,6 +357,33 @@ mod tests {
             fs::read_to_string(cache.entry_dir("aaaa").join("out")).unwrap(),
             "2"
         );
+        assert_eq!(fs::read_dir(root.path().join(".tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_key_leave_one_complete_entry() {
+        // The ranks of a data-parallel run sharing a cache make the same CPU outputs at the
+        // same time: each writes its own temporary folder, the first rename wins, the others
+        // drop their copies, and nobody fails.
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::new(root.path());
+        cache.prepare().unwrap();
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for w in 0..8 {
+                let (cache, start) = (&cache, &start);
+                s.spawn(move || {
+                    let pending = cache.begin("dddd").unwrap();
+                    fs::write(pending.dir().join("a"), format!("{w}")).unwrap();
+                    start.wait();
+                    fs::write(pending.dir().join("b"), format!("{w}")).unwrap();
+                    pending.publish(false).unwrap();
+                });
+            }
+        });
+        let a = fs::read_to_string(cache.entry_dir("dddd").join("a")).unwrap();
+        let b = fs::read_to_string(cache.entry_dir("dddd").join("b")).unwrap();
+        assert_eq!(a, b, "the entry is one writer's, whole");
         assert_eq!(fs::read_dir(root.path().join(".tmp")).unwrap().count(), 0);
     }
 

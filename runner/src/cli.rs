@@ -156,7 +156,7 @@ where
         Ok(code) => code,
         Err(diags) => {
             for d in diags {
-                eprintln!("{d}");
+                eprintln!("{}{d}", ops::dist::rank_prefix());
             }
             EXIT_INVALID
         }
@@ -326,7 +326,7 @@ fn plan_checked(
         Ok(plan) => Ok(Ok(plan)),
         Err(e) if e.run_time => {
             for d in e.diags {
-                eprintln!("{d}");
+                eprintln!("{}{d}", ops::dist::rank_prefix());
             }
             Ok(Err(EXIT_OP_FAILED))
         }
@@ -411,14 +411,36 @@ fn run_command(registry: &Registry, args: &RunArgs) -> Outcome {
     let jobs = args
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    outln!(
-        "running `{}` ({}), cache {}",
-        pipeline.recipe.name,
-        pipeline.recipe.file.display,
-        cache.root().display()
-    );
-    let summary = schedule::execute(&pipeline, &plan, &cache, &RunOptions { jobs });
-    outln!("{}", summary.line());
+    let world = ops::dist::world();
+    let plan = match ops::dist::comm() {
+        Some(comm) => match schedule::follow_rank_zero(&pipeline, &cache, &selection, plan, comm) {
+            Ok(plan) => plan,
+            Err(e) => {
+                eprintln!("rank {}: error: {e:#}", world.rank);
+                return Ok(EXIT_OP_FAILED);
+            }
+        },
+        None => plan,
+    };
+    // Rank 0 speaks for the run; the other ranks only report their errors.
+    let quiet = !world.is_main();
+    if !quiet {
+        outln!(
+            "running `{}` ({}), cache {}{}",
+            pipeline.recipe.name,
+            pipeline.recipe.file.display,
+            cache.root().display(),
+            if world.is_distributed() {
+                format!(", rank 0 of {} (data-parallel)", world.size)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let summary = schedule::execute(&pipeline, &plan, &cache, &RunOptions { jobs, quiet });
+    if !quiet {
+        outln!("{}", summary.line());
+    }
     Ok(if summary.failed > 0 {
         EXIT_OP_FAILED
     } else {

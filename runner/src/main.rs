@@ -3,10 +3,52 @@
 
 fn main() {
     quiet_vulkan_device_select();
-    std::process::exit(runner::cli::main_with(
-        ops::Registry::builtin(),
-        std::env::args_os(),
-    ));
+    std::process::exit(run());
+}
+
+fn cli() -> i32 {
+    runner::cli::main_with(ops::Registry::builtin(), std::env::args_os())
+}
+
+/// Under an MPI launcher (`mpirun -n 4 runner run r.toml`, `srun --mpi=pmix`, an MPIJob) this
+/// process is one rank of a data-parallel run: MPI starts before anything else, the local rank
+/// picks the GPU, and the rank's exit code ends MPI (a failed rank aborts the job, so no rank
+/// waits forever). Without a launcher it is the one process it always was.
+#[cfg(feature = "distributed")]
+fn run() -> i32 {
+    let session = match ops::dist::mpi::init() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("runner: {e:#}");
+            return runner::cli::EXIT_OP_FAILED;
+        }
+    };
+    let Some(session) = session else {
+        return cli();
+    };
+    let world = session.world();
+    if let Err(e) = ops::gpu::select_local_rank(world.local_rank) {
+        eprintln!("rank {}: runner: {e:#}", world.rank);
+        return session.finish(runner::cli::EXIT_OP_FAILED);
+    }
+    let code = cli();
+    session.finish(code)
+}
+
+/// A build without MPI refuses to be one of several ranks: each would train alone on the whole
+/// dataset and every rank would write the same outputs.
+#[cfg(not(feature = "distributed"))]
+fn run() -> i32 {
+    if let Some((rank, size)) = ops::dist::launcher_env() {
+        if size > 1 || rank > 0 {
+            eprintln!(
+                "runner: an MPI launcher started this process as rank {rank}{}, but this runner was built without MPI; rebuild it with `cargo build --release --features distributed` (needs libopenmpi-dev and libclang-dev), or run one process without mpirun",
+                if size > 1 { format!(" of {size}") } else { String::new() }
+            );
+            return runner::cli::EXIT_INVALID;
+        }
+    }
+    cli()
 }
 
 /// Mesa's implicit Vulkan layer `VK_LAYER_MESA_device_select` connects to Wayland and X11 to

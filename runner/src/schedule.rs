@@ -196,6 +196,88 @@ impl Summary {
 pub struct RunOptions {
     /// How many CPU ops may run at once.
     pub jobs: usize,
+    /// No events, bars or op lines, only errors (a data-parallel rank other than 0).
+    pub quiet: bool,
+}
+
+/// A data-parallel rank's plan (issue #17): every rank plans the recipe; rank 0 decides which
+/// collective ops (`Op::collective`: `lora-train`) run. Rank 0 keeps its own plan and runs the
+/// whole recipe. Another rank runs only the collective ops rank 0 runs, and the ops they need
+/// (reusing its cache as usual: ranks that share a cache folder reuse each other's outputs,
+/// ranks that do not recompute them); the rest is rank 0's. Fails when this rank planned other
+/// cache keys than rank 0 (another recipe, `--set` or input file).
+pub fn follow_rank_zero(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    selection: &Selection,
+    plan: Plan,
+    comm: &dyn ops::dist::Comm,
+) -> anyhow::Result<Plan> {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    for p in &plan.steps {
+        digest.update((p.step as u64).to_le_bytes());
+        digest.update(p.key.as_bytes());
+    }
+    let digest = digest.finalize().to_vec();
+    let mut message = digest.clone();
+    if comm.world().is_main() {
+        for p in &plan.steps {
+            if pipeline.steps[p.step].op.collective() && matches!(p.status, Status::WillRun { .. })
+            {
+                message.extend_from_slice(&(p.step as u64).to_le_bytes());
+            }
+        }
+    }
+    comm.broadcast_bytes(0, &mut message);
+    anyhow::ensure!(
+        message.get(..digest.len()) == Some(&digest[..]),
+        "this rank planned other cache keys than rank 0: every rank must run the same recipe with the same --set overrides and the same input files (a local file's key covers its size and modification time: copy inputs to other nodes with `rsync -a` or `cp -p`, or use a shared filesystem)"
+    );
+    if comm.world().is_main() {
+        return Ok(plan);
+    }
+    let collective: BTreeSet<usize> = message[digest.len()..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
+        .collect();
+    if collective.is_empty() {
+        // Rank 0 trains nothing (every collective output is cached): nothing here to do.
+        let mut plan = plan;
+        for p in &mut plan.steps {
+            p.status = Status::NotSelected;
+        }
+        return Ok(plan);
+    }
+    let mine = Selection {
+        force: selection.force.clone(),
+        only: collective.clone(),
+    };
+    let mut plan = match super::schedule::plan(pipeline, cache, &mine) {
+        Ok(plan) => plan,
+        Err(e) => anyhow::bail!(
+            "{}",
+            e.diags
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    };
+    for p in &mut plan.steps {
+        if pipeline.steps[p.step].op.collective() {
+            p.status = if collective.contains(&p.step) {
+                // Runs even where this rank's cache has it: rank 0 runs it, and it needs us.
+                Status::WillRun {
+                    forced: false,
+                    stale: None,
+                }
+            } else {
+                Status::NotSelected
+            };
+        }
+    }
+    Ok(plan)
 }
 
 /// Progress of one running op, drawn as an indicatif bar (on stderr, when it is a terminal);
@@ -204,6 +286,7 @@ struct OpProgress {
     bar: ProgressBar,
     multi: MultiProgress,
     name: String,
+    quiet: bool,
 }
 
 impl OpProgress {
@@ -220,6 +303,10 @@ impl OpProgress {
     }
 }
 
+/// Outputs a rank other than 0 made but does not publish (see [`run_one`]): kept until the run
+/// ends, as the ops after them read them.
+type Private = std::sync::Mutex<Vec<cache::Pending>>;
+
 impl ops::Progress for OpProgress {
     fn set_length(&self, len: u64) {
         self.bar.set_style(Self::bar_style());
@@ -235,6 +322,9 @@ impl ops::Progress for OpProgress {
     }
 
     fn println(&self, line: String) {
+        if self.quiet {
+            return;
+        }
         self.multi.suspend(|| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "[{}] {line}", self.name);
@@ -255,8 +345,17 @@ enum State {
 /// exist, CPU ops up to `jobs` at once and GPU ops one at a time. After a failure no new op
 /// starts; running ones finish (and their outputs are kept).
 pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOptions) -> Summary {
-    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let multi = MultiProgress::with_draw_target(if options.quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
+    let quiet = options.quiet;
+    let private = Private::default();
     let say = |line: String| {
+        if quiet {
+            return;
+        }
         multi.suspend(|| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
@@ -323,6 +422,16 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                     })
                     .collect();
                 let Some(inputs) = inputs else { continue };
+                // Every rank must enter the collective ops in one order: plan order.
+                if step.op.collective()
+                    && ops::dist::world().is_distributed()
+                    && plan.steps.iter().take_while(|o| o.step != i).any(|o| {
+                        pipeline.steps[o.step].op.collective()
+                            && matches!(states[o.step], State::Waiting | State::Running)
+                    })
+                {
+                    continue;
+                }
                 // Two ops with the same key make the same output: the second waits for the
                 // first and reuses it instead of computing it again.
                 let twin = plan.steps.iter().find(|other| {
@@ -358,7 +467,9 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                     bar,
                     multi: multi.clone(),
                     name: step.name.clone(),
+                    quiet,
                 };
+                let private = &private;
                 let tx = tx.clone();
                 let info = &info;
                 let key = planned.key.clone();
@@ -366,11 +477,26 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                 scope.spawn(move || {
                     let started = Instant::now();
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        run_one(pipeline, i, &key, replace, &inputs, info, cache, &progress)
+                        run_one(
+                            pipeline, i, &key, replace, &inputs, info, cache, &progress, private,
+                        )
                     }))
                     .unwrap_or_else(|panic| {
                         Err(anyhow::anyhow!("panicked: {}", panic_message(&panic)))
                     });
+                    if let (Err(e), Some(comm)) = (&result, ops::dist::comm()) {
+                        if step.op.collective() {
+                            // The other ranks are inside this op's collectives: waiting for the
+                            // running ops to finish first could leave them waiting forever.
+                            eprintln!(
+                                "{}error: op `{}` ({}) failed: {e:#}",
+                                ops::dist::rank_prefix(),
+                                step.name,
+                                step.kind
+                            );
+                            comm.abort(crate::cli::EXIT_OP_FAILED);
+                        }
+                    }
                     progress.bar.finish_and_clear();
                     let _ = tx.send((i, result, started.elapsed()));
                 });
@@ -407,7 +533,12 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                     elapsed.as_secs_f64()
                 ));
                 multi.suspend(|| {
-                    eprintln!("error: op `{}` ({}) failed: {e:#}", step.name, step.kind);
+                    eprintln!(
+                        "{}error: op `{}` ({}) failed: {e:#}",
+                        ops::dist::rank_prefix(),
+                        step.name,
+                        step.kind
+                    );
                 });
             }
         }
@@ -439,8 +570,23 @@ fn run_one(
     info: &ops::RecipeInfo,
     cache: &Cache,
     progress: &OpProgress,
+    private: &Private,
 ) -> anyhow::Result<Artifact> {
     let step = &pipeline.steps[i];
+    let world = ops::dist::world();
+    if let (true, Some(comm)) = (step.op.collective(), ops::dist::comm()) {
+        // Waits, sleeping, for every rank to reach this op (rank 0 may still be running other
+        // ops), then checks that they all entered the same one.
+        comm.idle_barrier();
+        let mut mine = key.as_bytes().to_vec();
+        comm.broadcast_bytes(0, &mut mine);
+        anyhow::ensure!(
+            mine == key.as_bytes(),
+            "rank 0 started another collective op (key {}) than this rank (`{}`, key {key})",
+            String::from_utf8_lossy(&mine),
+            step.name
+        );
+    }
     let pending = cache.begin(key)?;
     let ctx = RunCtx {
         name: &step.name,
@@ -453,6 +599,17 @@ fn run_one(
     step.op
         .run(&ctx)
         .map_err(|e| with_damaged_input_hint(e, pipeline, i, inputs))?;
+    // A rank other than 0 never replaces an entry (rank 0 may be reading it) and never
+    // publishes a collective op's output (rank 0's is the one kept): it keeps those private.
+    if !world.is_main() && (replace || step.op.collective()) {
+        let dir = pending.dir().to_path_buf();
+        private.lock().unwrap().push(pending);
+        return Ok(Artifact {
+            ty: step.output,
+            dir,
+            key: key.to_string(),
+        });
+    }
     let dir = pending.publish(replace)?;
     Ok(Artifact {
         ty: step.output,

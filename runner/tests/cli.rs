@@ -43,6 +43,10 @@ fn main() {
             killed_run_leaves_nothing_reused,
         ),
         Trial::test("identical_ops_run_once", identical_ops_run_once),
+        Trial::test(
+            "concurrent_runs_share_one_cache",
+            concurrent_runs_share_one_cache,
+        ),
         Trial::test("independent_cpu_ops_overlap", independent_cpu_ops_overlap),
         Trial::test("gpu_ops_run_one_at_a_time", gpu_ops_run_one_at_a_time),
         Trial::test(
@@ -455,6 +459,50 @@ inputs = { a = "one", b = "two" }
     assert!(out.stdout.contains("reused two (sleep) "), "{out:?}");
     assert!(out.stdout.contains(": same output as `one`"), "{out:?}");
     assert_eq!(out.last_line(), "ran 2, reused 1, failed 0");
+    Ok(())
+}
+
+/// Processes running one recipe on one cache at the same time (the ranks of a data-parallel run
+/// sharing a cache folder): each makes the outputs it does not find, the first to publish an
+/// output wins and the others drop their copies, a process starting meanwhile cleans up nothing
+/// that a live writer holds, every run succeeds, and the cache ends with one complete entry per
+/// op and no temporary folder.
+fn concurrent_runs_share_one_cache() -> Result {
+    let ws = Workspace::new(
+        r#"
+[ops.one]
+op = "sleep"
+ms = 300
+
+[ops.two]
+op = "sleep"
+ms = 200
+
+[ops.both]
+op = "concat"
+inputs = { a = "one", b = "two" }
+"#,
+    );
+    let children: Vec<_> = (0..4)
+        .map(|_| ws.command(&["run", "recipe.toml"]).spawn().unwrap())
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let out = Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8(out.stdout).unwrap(),
+            stderr: String::from_utf8(out.stderr).unwrap(),
+        };
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(out.last_line().ends_with(", failed 0"), "{out:?}");
+    }
+    let keys = ws.keys(&[]);
+    let mut want: Vec<String> = keys.values().cloned().collect();
+    want.sort();
+    assert_eq!(ws.entries(), want);
+    assert_eq!(fs::read_dir(ws.cache().join(".tmp"))?.count(), 0);
+    let again = ws.run(&["run", "recipe.toml"]);
+    assert_eq!(again.last_line(), "ran 0, reused 3, failed 0", "{again:?}");
     Ok(())
 }
 

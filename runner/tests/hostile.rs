@@ -647,3 +647,33 @@ fn gpu_tune_keeps_the_fastest_tiling_per_shape_class() {
     assert!(!out.status.success(), "{out:?}");
     assert!(stderr.contains("not-a-config.json"), "{stderr}");
 }
+
+/// Started by an MPI launcher as one of several ranks, a build without the `distributed`
+/// feature refuses at once, naming the feature, instead of training alone on the whole dataset
+/// beside copies of itself that overwrite its outputs.
+#[cfg(not(feature = "distributed"))]
+#[test]
+fn a_build_without_mpi_refuses_to_be_one_of_several_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = repo_root().join("recipes/demo.toml");
+    let recipe = recipe.to_str().unwrap();
+    for env in [
+        [("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2")],
+        [("PMIX_RANK", "0"), ("SLURM_NTASKS", "4")],
+    ] {
+        let out = runner(dir.path(), &["validate", recipe], &env);
+        assert_eq!(out.code, 2, "{out:?}");
+        assert!(
+            out.stderr.contains("built without MPI")
+                && out.stderr.contains("--features distributed"),
+            "{out:?}"
+        );
+    }
+    // One rank (`mpirun -n 1`) is a single process: it runs.
+    let out = runner(
+        dir.path(),
+        &["validate", recipe],
+        &[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "1")],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+}

@@ -442,6 +442,9 @@ pub struct StreamOptions {
     pub workers: usize,
     /// Batches made ahead of the consumer at most.
     pub prefetch: usize,
+    /// The share of every epoch this stream makes (a data-parallel rank's: every
+    /// `world`-th batch, see [`crate::dist::Shard`]); batch numbers count this share.
+    pub shard: crate::dist::Shard,
 }
 
 impl Default for StreamOptions {
@@ -456,6 +459,7 @@ impl Default for StreamOptions {
             start_batch: 0,
             workers,
             prefetch: 2 * workers,
+            shard: crate::dist::Shard::default(),
         }
     }
 }
@@ -487,6 +491,9 @@ struct StreamShared {
     stop: AtomicBool,
     end: usize,
     prefetch: usize,
+    shard: crate::dist::Shard,
+    /// Batches of one epoch in this stream's share.
+    per_epoch: usize,
 }
 
 impl StreamShared {
@@ -521,15 +528,18 @@ impl StreamShared {
     }
 
     fn make_batch(&self, global: usize, file: &mut std::fs::File) -> Result<Batch> {
-        let per_epoch = self.desc.batches_per_epoch;
+        let per_epoch = self.per_epoch;
         let (epoch, index) = (global / per_epoch, global % per_epoch);
         let order = self.order(epoch);
-        let lo = index * self.desc.batch_size;
-        let hi = (lo + self.desc.batch_size).min(order.len());
-        let mut examples = Vec::with_capacity(hi - lo);
-        let mut images = Vec::with_capacity(hi - lo);
-        let mut rows = Vec::with_capacity(hi - lo);
-        for &ex in &order[lo..hi] {
+        // Positions past the epoch's order wrap to its start (a rank's padding batches).
+        let positions = self
+            .shard
+            .positions(index, order.len(), self.desc.batch_size);
+        let mut examples = Vec::with_capacity(positions.len());
+        let mut images = Vec::with_capacity(positions.len());
+        let mut rows = Vec::with_capacity(positions.len());
+        for pos in positions {
+            let ex = order[pos % order.len()];
             let rec = self.read_record(file, ex as usize)?;
             let tok = tokenize_example(
                 &self.processor,
@@ -643,13 +653,27 @@ impl BatchStream {
             None => None,
         };
         let processor = Processor::from_model_dir(&desc.model_dir)?;
-        let start = opts.start_epoch * desc.batches_per_epoch + opts.start_batch;
-        let end = opts.epochs * desc.batches_per_epoch;
-        if opts.start_batch >= desc.batches_per_epoch && start < end {
+        let per_epoch = if opts.shard.world <= 1 {
+            desc.batches_per_epoch
+        } else {
+            opts.shard
+                .batches_per_epoch(desc.num_examples, desc.batch_size, desc.drop_last)
+        };
+        if per_epoch == 0 {
             bail!(
-                "start_batch {} is past the {} batches of an epoch",
+                "{} examples in batches of {} give rank {} of {} no batch: use fewer ranks or a smaller batch_size",
+                desc.num_examples,
+                desc.batch_size,
+                opts.shard.rank,
+                opts.shard.world
+            );
+        }
+        let start = opts.start_epoch * per_epoch + opts.start_batch;
+        let end = opts.epochs * per_epoch;
+        if opts.start_batch >= per_epoch && start < end {
+            bail!(
+                "start_batch {} is past the {per_epoch} batches of an epoch",
                 opts.start_batch,
-                desc.batches_per_epoch
             );
         }
         let shared = Arc::new(StreamShared {
@@ -665,6 +689,8 @@ impl BatchStream {
             stop: AtomicBool::new(false),
             end,
             prefetch: opts.prefetch.max(1),
+            shard: opts.shard,
+            per_epoch,
         });
         let (tx, rx) = mpsc::channel();
         let threads = (0..opts.workers.max(1))

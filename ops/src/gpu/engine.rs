@@ -44,6 +44,9 @@ pub struct GpuOptions {
     /// Forces a kernel tiling strategy (tests exercise both on one adapter).
     /// Env: `RUNNER_GPU_TILING` = `register` | `workgroup`. Default: by adapter type.
     pub tiling: Option<Tiling>,
+    /// Without `adapter`: the data-parallel rank on this machine, which picks among several
+    /// adapters of the preferred kind (one GPU per rank).
+    pub local_rank: usize,
 }
 
 /// The process-wide engine: instance, adapter, device, queue, pools and caches.
@@ -87,6 +90,8 @@ struct PipelineKey {
 }
 
 static SELECTED_ADAPTER: Mutex<Option<String>> = Mutex::new(None);
+/// This process's rank among the data-parallel ranks of its machine ([`select_local_rank`]).
+static LOCAL_RANK: Mutex<usize> = Mutex::new(0);
 static GLOBAL: OnceLock<Gpu> = OnceLock::new();
 static GLOBAL_INIT: Mutex<()> = Mutex::new(());
 
@@ -97,6 +102,17 @@ pub fn select_adapter(spec: &str) -> Result<()> {
         bail!("the GPU is already initialised; choose the adapter before any GPU work");
     }
     *SELECTED_ADAPTER.lock().unwrap() = Some(spec.to_string());
+    Ok(())
+}
+
+/// One GPU per rank: without `--adapter`/`RUNNER_ADAPTER`, the process-wide [`Gpu::get`] takes
+/// the `local_rank`-th adapter of the preferred kind (e.g. the third of four discrete Vulkan
+/// GPUs for local rank 2), wrapping around when the machine has fewer such adapters than ranks.
+pub fn select_local_rank(local_rank: usize) -> Result<()> {
+    if GLOBAL.get().is_some() {
+        bail!("the GPU is already initialised; choose the adapter before any GPU work");
+    }
+    *LOCAL_RANK.lock().unwrap() = local_rank;
     Ok(())
 }
 
@@ -154,6 +170,7 @@ impl Gpu {
         }
         let opts = GpuOptions {
             adapter: SELECTED_ADAPTER.lock().unwrap().clone(),
+            local_rank: *LOCAL_RANK.lock().unwrap(),
             ..Default::default()
         };
         let gpu = Gpu::new(opts)?;
@@ -179,7 +196,7 @@ impl Gpu {
             .or_else(|| std::env::var("RUNNER_ADAPTER").ok());
         let index = match spec.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
             Some(spec) => choose_adapter(&infos, spec)?,
-            None => preferred_adapter(&infos),
+            None => preferred_adapter_for_rank(&infos, opts.local_rank),
         };
         let adapter = &adapters[index];
         let info = infos[index].clone();
@@ -629,6 +646,19 @@ fn backend_rank(b: wgpu::Backend) -> u32 {
     }
 }
 
+/// The `local_rank`-th (cyclically) of the adapters that share the preferred adapter's device
+/// type and backend, in enumeration order: rank 0 gets [`preferred_adapter`].
+fn preferred_adapter_for_rank(infos: &[wgpu::AdapterInfo], local_rank: usize) -> usize {
+    let best = preferred_adapter(infos);
+    let peers: Vec<usize> = (0..infos.len())
+        .filter(|&k| {
+            infos[k].device_type == infos[best].device_type
+                && infos[k].backend == infos[best].backend
+        })
+        .collect();
+    peers[local_rank % peers.len()]
+}
+
 fn preferred_adapter(infos: &[wgpu::AdapterInfo]) -> usize {
     let type_rank = |t: wgpu::DeviceType| match t {
         wgpu::DeviceType::DiscreteGpu => 0,
@@ -805,5 +835,29 @@ mod tests {
         let err = choose_adapter(&infos, "radeon").unwrap_err().to_string();
         assert!(err.contains("NVIDIA RTX") && err.contains("3:"), "{err}");
         assert!(choose_adapter(&infos, "9").is_err());
+    }
+
+    /// One GPU per rank: local rank k takes the k-th adapter of the preferred kind, wrapping
+    /// around, never one of another kind or backend.
+    #[test]
+    fn local_rank_picks_among_adapters_of_the_preferred_kind() {
+        let mk = |name: &str, t, b| wgpu::AdapterInfo {
+            name: name.into(),
+            ..wgpu::AdapterInfo::new(t, b)
+        };
+        let gpu = |n: &str, b| mk(n, wgpu::DeviceType::DiscreteGpu, b);
+        let infos = vec![
+            mk("llvmpipe", wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan),
+            gpu("H100 #0", wgpu::Backend::Vulkan),
+            gpu("H100 #0", wgpu::Backend::Gl),
+            gpu("H100 #1", wgpu::Backend::Vulkan),
+            gpu("H100 #2", wgpu::Backend::Vulkan),
+        ];
+        let picks: Vec<usize> = (0..5)
+            .map(|r| preferred_adapter_for_rank(&infos, r))
+            .collect();
+        assert_eq!(picks, vec![1, 3, 4, 1, 3]);
+        // One lavapipe adapter: every rank shares it (the CI tests run so).
+        assert_eq!(preferred_adapter_for_rank(&infos[..1], 3), 0);
     }
 }

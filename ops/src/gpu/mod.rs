@@ -45,7 +45,8 @@ pub mod testing;
 pub mod tune;
 
 pub use engine::{
-    describe, select_adapter, Gpu, GpuOptions, Kernel, PooledBuffer, StorageStats, Tiling,
+    describe, select_adapter, select_local_rank, Gpu, GpuOptions, Kernel, PooledBuffer,
+    StorageStats, Tiling,
 };
 pub use kernels::*;
 pub use recorder::{groups_1d, KernelTime, Recorder};

@@ -12,6 +12,11 @@
 //! tiny-model test (ops/tests/memory_plan.rs) checks them against the engine's own count.
 //! Activations are bound whole by their kernels, so one larger than a storage binding is
 //! refused here, before anything is uploaded; only weights are split into chunks.
+//!
+//! A data-parallel step's gradient all-reduce (`train::grad_sync`) adds nothing here: it
+//! copies each gradient bucket into a mappable readback buffer, which wgpu places in host
+//! memory outside the engine's pool, and sums it on the host. [`allreduce_payload`] gives the
+//! bytes it moves.
 
 use std::fmt::Write as _;
 
@@ -230,6 +235,62 @@ fn human(bytes: u64) -> String {
     } else {
         format!("{:.1} KiB", b / 1024.0)
     }
+}
+
+/// The bytes one rank gives to a data-parallel step's gradient all-reduce
+/// (`train::grad_sync`), by part: every LoRA value in f32, the lm_head copy whole, and
+/// `embed_rows` rows of the embed_tokens copy (the rows the step's tokens touch over all
+/// ranks), the copies in their dtype. The step also gathers 16 bytes per micro-batch and 4 per
+/// embedding row of counts and row ids, which the trainer's printed figure includes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllreducePayload {
+    pub lora: u64,
+    pub lm_head: u64,
+    pub embed_tokens: u64,
+}
+
+impl AllreducePayload {
+    pub fn total(&self) -> u64 {
+        self.lora + self.lm_head + self.embed_tokens
+    }
+}
+
+pub fn allreduce_payload(
+    config: &ModelConfig,
+    lora: &LoraPlan,
+    embed_rows: u64,
+) -> Result<AllreducePayload> {
+    let plan = MemoryPlan::build(
+        config,
+        &PlanOptions {
+            base: BaseFormat::Nf4 { double_quant: true },
+            base_dtype: FloatDtype::BF16,
+            lora: Some(lora.clone()),
+            activations: None,
+        },
+    )?;
+    let lora_values: u64 = plan
+        .rows
+        .iter()
+        .filter(|r| r.item.starts_with("LoRA A+B"))
+        .map(|r| r.elements)
+        .sum();
+    let text = config.text();
+    let row = text.hidden_size as u64 * lora.modules_to_save_dtype.size() as u64;
+    let has = |m: &str| lora.modules_to_save.iter().any(|x| x == m);
+    Ok(AllreducePayload {
+        lora: 4 * lora_values,
+        lm_head: if has("lm_head") {
+            text.vocab_size as u64 * row
+        } else {
+            0
+        },
+        embed_tokens: if has("embed_tokens") {
+            embed_rows.min(text.vocab_size as u64) * row
+        } else {
+            0
+        },
+    })
 }
 
 impl MemoryPlan {
@@ -1733,6 +1794,30 @@ mod tests {
             plan.part_total("trainable"),
             lora.bytes + 2 * 262_208 * 2560 * 2 * 4 + 4
         );
+    }
+
+    /// What the README's scaling model uses: the guide's LoRA (r 16, all-linear with the
+    /// tower) moves 147 MiB per step; its bf16 lm_head copy 1.25 GiB more; the embed_tokens
+    /// copy only the rows the step's tokens touch.
+    #[test]
+    fn gemma_3_4b_allreduce_payload() {
+        let c = ModelConfig::from_json(GEMMA_3_4B_IT_CONFIG_JSON).unwrap();
+        let lora = guide_options().lora.unwrap();
+        let p = allreduce_payload(&c, &lora, 2048).unwrap();
+        assert_eq!(p.lora, 4 * (34 * 876_544 + 27 * 322_048));
+        assert_eq!(p.lora, 153_991_168);
+        assert_eq!(p.lm_head, 262_208 * 2560 * 2);
+        assert_eq!(p.embed_tokens, 2048 * 2560 * 2);
+        assert_eq!(
+            allreduce_payload(&c, &lora, 1 << 30).unwrap().embed_tokens,
+            p.lm_head,
+            "never more rows than the vocabulary"
+        );
+        let only = LoraPlan {
+            modules_to_save: vec![],
+            ..lora
+        };
+        assert_eq!(allreduce_payload(&c, &only, 2048).unwrap().total(), p.lora);
     }
 
     #[test]

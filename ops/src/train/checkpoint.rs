@@ -61,6 +61,15 @@ pub struct TrainerState {
     /// The settings that change the numbers (learning rate, schedule, accumulation, data
     /// shape, ...): a resume with different ones is refused.
     pub fingerprint: serde_json::Value,
+    /// Data-parallel ranks of the run that wrote it (1 for checkpoints from before ranks
+    /// existed): the data position and the global batch depend on it, so a resume needs the
+    /// same number.
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// A checkpoint read back.
@@ -186,6 +195,70 @@ pub fn prune(root: &Path, limit: usize) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// The checkpoint at rank 0's `dir` on every rank of a data-parallel run: rank 0 reads the
+/// folder's files and broadcasts them, the others read them from a private temporary folder,
+/// so no rank needs to see rank 0's filesystem. `dir` matters on rank 0 only; every rank's
+/// [`Checkpoint::dir`] is rank 0's path.
+pub fn broadcast(comm: &dyn crate::dist::Comm, dir: Option<&Path>) -> Result<Checkpoint> {
+    let mut packed = Vec::new();
+    if comm.world().is_main() {
+        let dir = dir.context("rank 0 names the checkpoint")?;
+        let ck = read(dir)?; // checked before it is sent
+        let name = dir.to_string_lossy().into_owned();
+        push_field(&mut packed, name.as_bytes());
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_file() {
+                let file = path.file_name().unwrap_or_default().to_string_lossy();
+                push_field(&mut packed, file.as_bytes());
+                push_field(
+                    &mut packed,
+                    &fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                );
+            }
+        }
+        comm.broadcast_bytes(0, &mut packed);
+        return Ok(ck);
+    }
+    comm.broadcast_bytes(0, &mut packed);
+    let mut fields = Fields(&packed);
+    let name =
+        String::from_utf8_lossy(fields.next().context("empty checkpoint message")?).into_owned();
+    let tmp = tempfile::tempdir().context("creating a temporary folder for the checkpoint")?;
+    while let Some(file) = fields.next() {
+        let file = String::from_utf8_lossy(file).into_owned();
+        ensure!(
+            !file.contains('/') && !file.contains('\\') && file != ".." && file != ".",
+            "rank 0 sent a checkpoint file named {file:?}"
+        );
+        let data = fields
+            .next()
+            .context("a checkpoint file without its bytes")?;
+        fs::write(tmp.path().join(&file), data)?;
+    }
+    let mut ck = read(tmp.path()).with_context(|| format!("the checkpoint {name} from rank 0"))?;
+    ck.dir = PathBuf::from(name);
+    Ok(ck)
+}
+
+fn push_field(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Length-prefixed fields of a [`push_field`] message.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let len = u64::from_le_bytes(self.0.get(..8)?.try_into().ok()?) as usize;
+        let field = self.0.get(8..8 + len)?;
+        self.0 = &self.0[8 + len..];
+        Some(field)
+    }
+}
+
 /// Reads a checkpoint folder.
 pub fn read(dir: &Path) -> Result<Checkpoint> {
     let state_path = dir.join(STATE_FILE);
@@ -238,6 +311,7 @@ mod tests {
                 accuracies: vec![0.5, 0.25],
             },
             fingerprint: serde_json::json!({"learning_rate": 1e-3}),
+            world_size: 1,
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod adapter_source;
 pub mod checkpoint;
+pub mod grad_sync;
 pub mod lora_init;
 pub mod metrics;
 pub mod model;

@@ -17,6 +17,9 @@ pub struct Parameter {
     pub grad: GpuTensor,
 }
 
+/// What [`TrainModel::accumulate_notify`] calls with the indices of gradients just made final.
+pub type GradsReady<'a> = dyn FnMut(&[usize]) -> Result<()> + 'a;
+
 /// A model the loop can train.
 pub trait TrainModel {
     /// Every trainable tensor, always in the same order (checkpoints and the optimizer state
@@ -37,4 +40,31 @@ pub trait TrainModel {
         loss_scale: f32,
         call: u64,
     ) -> Result<GpuTensor>;
+
+    /// [`TrainModel::accumulate`] that also calls `ready(indices)` (indices into
+    /// [`TrainModel::parameters`]) as soon as the work that finishes those gradients has been
+    /// submitted, every gradient exactly once, so that a data-parallel step can start summing
+    /// them across ranks while the rest of the backward runs (`train::grad_sync`). The default
+    /// reports all of them at the end; a model reports them layer by layer.
+    fn accumulate_notify(
+        &mut self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        batch: &Batch,
+        loss_scale: f32,
+        call: u64,
+        ready: &mut GradsReady,
+    ) -> Result<GpuTensor> {
+        let totals = self.accumulate(gpu, rec, batch, loss_scale, call)?;
+        rec.flush();
+        ready(&(0..self.parameters().len()).collect::<Vec<_>>())?;
+        Ok(totals)
+    }
+
+    /// For a parameter whose gradient is zero outside some rows (an embedding table: the rows
+    /// of the tokens it embeds), those rows for `batch` (a superset is fine); `None`: dense.
+    /// Only those rows travel in a data-parallel step's all-reduce.
+    fn gradient_rows(&self, _param: usize, _batch: &Batch) -> Option<Vec<u32>> {
+        None
+    }
 }

@@ -7,6 +7,13 @@
 //!
 //! Per optimizer step the host reads back only the `[4]` cross-entropy totals of each
 //! micro-batch and the gradient norm.
+//!
+//! Under several data-parallel ranks ([`crate::dist`]) each rank's stream holds every
+//! `world_size`-th micro-batch; a step gathers the label counts first (the normalisation covers
+//! the global batch), numbers dropout calls by global position, sums the gradients across ranks
+//! as the last micro-batch's backward finishes them ([`super::grad_sync`]), and sums loss terms,
+//! accuracies and tokens in the global order, so every rank takes the step one process with
+//! `world_size ×` the accumulation takes; rank 0 alone writes logs, checkpoints and the adapter.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,12 +23,14 @@ use serde::{Deserialize, Serialize};
 
 use super::adapter::{self, AdapterConfig, HostTensor};
 use super::checkpoint::{self, HostTensors, LogWindow, TrainerState};
+use super::grad_sync::{distinct_rows, GradSync, ReadbackPool};
 use super::metrics::{self, LogRecord, MetricsWriter};
 use super::model::{Parameter, TrainModel};
 use super::optimizer::{record_norm_and_clip, write_f32, zero_grads, AdamWConfig, GpuAdamW, Optim};
 use super::schedule::{warmup_steps, LrSchedule, ScheduleKind};
 use super::tensorboard::EventWriter;
 use crate::data::collate::{Batch, BatchStream, BatchesDescriptor, StreamOptions};
+use crate::dist::Shard;
 use crate::gpu::{DType, Gpu, Recorder};
 use crate::model::reference::loss::{count_label_tokens, shift_labels};
 use crate::Progress;
@@ -106,21 +115,46 @@ pub trait BatchSource {
 pub struct StreamSource {
     pub dir: PathBuf,
     pub descriptor: BatchesDescriptor,
+    /// Which of the epoch's batches this process trains on (all of them in one process).
+    pub shard: Shard,
 }
 
 impl StreamSource {
     pub fn open_dir(dir: &Path) -> Result<Self> {
+        Self::open_shard(dir, Shard::default())
+    }
+
+    /// This rank's share of the stream ([`Shard`]).
+    pub fn open_shard(dir: &Path, shard: Shard) -> Result<Self> {
         let descriptor = BatchesDescriptor::read(dir)?;
-        Ok(Self {
+        let source = Self {
             dir: dir.to_path_buf(),
             descriptor,
-        })
+            shard,
+        };
+        ensure!(
+            source.batches_per_epoch() > 0,
+            "{} examples in batches of {} (drop_last = {}) give rank {} of {} no batch: use fewer ranks or a smaller batch_size",
+            source.descriptor.num_examples,
+            source.descriptor.batch_size,
+            source.descriptor.drop_last,
+            shard.rank,
+            shard.world
+        );
+        Ok(source)
     }
 }
 
 impl BatchSource for StreamSource {
     fn batches_per_epoch(&self) -> usize {
-        self.descriptor.batches_per_epoch
+        if self.shard.world <= 1 {
+            return self.descriptor.batches_per_epoch;
+        }
+        self.shard.batches_per_epoch(
+            self.descriptor.num_examples,
+            self.descriptor.batch_size,
+            self.descriptor.drop_last,
+        )
     }
     fn open(
         &self,
@@ -134,6 +168,7 @@ impl BatchSource for StreamSource {
                 epochs,
                 start_epoch,
                 start_batch,
+                shard: self.shard,
                 ..Default::default()
             },
         )?;
@@ -224,6 +259,14 @@ pub struct TrainSummary {
     pub resumed_from: Option<PathBuf>,
     pub last_checkpoint: Option<PathBuf>,
     pub seconds: f64,
+    /// Optimizer steps this call took (fewer than `global_step` after a resume).
+    pub steps_run: u64,
+    /// Data-parallel ranks (1: one process).
+    pub world_size: usize,
+    /// Bytes this rank gave to the gradient all-reduces, over the steps this run took, and the
+    /// most in one step (0 in one process).
+    pub allreduce_bytes_total: u64,
+    pub allreduce_bytes_max: u64,
 }
 
 /// The steps a run takes: `(updates per epoch, total steps, epochs to stream)`, as
@@ -361,6 +404,10 @@ pub fn train_with_optim(
     progress: &dyn Progress,
 ) -> Result<TrainSummary> {
     let started = Instant::now();
+    let comm = crate::dist::comm();
+    let (rank, world) = comm.map_or((0, 1), |c| (c.world().rank, c.world().size));
+    // Rank 0 alone writes what the run leaves behind; the others only compute.
+    let main = rank == 0;
     let bpe = data.batches_per_epoch();
     let (_, total_steps, epochs) = run_length(bpe, cfg)?;
     let ga = cfg.gradient_accumulation_steps;
@@ -386,11 +433,15 @@ pub fn train_with_optim(
         total_loss: 0.0,
         window: LogWindow::default(),
         fingerprint: fingerprint(cfg, bpe, total_steps),
+        world_size: world,
     };
     let mut records = Vec::new();
 
+    // Under several ranks rank 0 alone looks for the checkpoint (the others may not see its
+    // filesystem) and sends it.
     let resume_dir = match resume {
         Resume::No => None,
+        _ if !main => None,
         Resume::Latest => Some(checkpoint::latest(&outputs.checkpoint_dir)?.with_context(|| {
             format!(
                 "resume_from_checkpoint = true, but {} holds no checkpoint (set it to false to start afresh)",
@@ -399,8 +450,24 @@ pub fn train_with_optim(
         })?),
         Resume::Path(p) => Some(p.clone()),
     };
-    if let Some(dir) = &resume_dir {
-        let ck = checkpoint::read(dir)?;
+    let checkpoint = match (comm, &resume_dir) {
+        (None, Some(dir)) => Some(checkpoint::read(dir)?),
+        (None, None) => None,
+        (Some(_), _) if matches!(resume, Resume::No) => None,
+        // Rank 0 reads it and sends it: the other ranks need no view of its filesystem.
+        (Some(c), _) => Some(checkpoint::broadcast(c, resume_dir.as_deref())?),
+    };
+    if let Some(ck) = checkpoint {
+        let dir = &ck.dir;
+        if ck.state.world_size != world {
+            bail!(
+                "{} was written by a run on {} rank(s) and this run has {world}: its data position and global batch (batch_size x ranks x gradient_accumulation_steps) belong to {} rank(s); resume with the same number of ranks (mpirun -n {}), or start afresh (resume_from_checkpoint = false)",
+                dir.display(),
+                ck.state.world_size,
+                ck.state.world_size,
+                ck.state.world_size
+            );
+        }
         if ck.state.fingerprint != state.fingerprint {
             bail!(
                 "{} was written with other training settings ({}) than this run's ({}); resume with the same settings or start afresh",
@@ -446,16 +513,18 @@ pub fn train_with_optim(
     }
 
     std::fs::create_dir_all(&outputs.out_dir)?;
-    let mut metrics_out = write_records(&outputs.out_dir.join(metrics::METRICS_FILE), &records)?;
+    let mut metrics_out = main
+        .then(|| write_records(&outputs.out_dir.join(metrics::METRICS_FILE), &records))
+        .transpose()?;
     let mut tensorboard = match &outputs.tensorboard_dir {
-        Some(dir) => {
+        Some(dir) if main => {
             let mut w = EventWriter::create(dir)?;
             for r in &records {
                 w.add_scalars(r.step as i64, &r.tensorboard_scalars())?;
             }
             Some(w)
         }
-        None => None,
+        _ => None,
     };
 
     progress.set_length(total_steps);
@@ -464,6 +533,8 @@ pub fn train_with_optim(
     let mut last_checkpoint = resume_dir.clone();
     let mut stream = data.open(epochs, state.next_epoch, state.next_batch)?;
     let norm = gpu.empty(&[1], DType::F32)?;
+    let (mut allreduce_total, mut allreduce_max) = (0u64, 0u64);
+    let mut readback = ReadbackPool::default();
 
     while state.global_step < total_steps {
         let step_no = state.global_step + 1;
@@ -490,41 +561,125 @@ pub fn train_with_optim(
             micro.push(b);
         }
         let counts: Vec<usize> = micro.iter().map(label_tokens).collect();
-        let num_items: usize = counts.iter().sum();
+        // The step's micro-batches over all ranks, in the global order (rank r's k-th is the
+        // global k·W + r-th): one process with W× the accumulation sees these, in this order.
+        let global_len = cycle * world;
+        let global_counts: Vec<usize> = match comm {
+            None => counts.clone(),
+            Some(c) => in_global_order(
+                &c.all_gather_u64(&counts.iter().map(|&n| n as u64).collect::<Vec<_>>()),
+                world,
+                cycle,
+                1,
+            )
+            .into_iter()
+            .map(|n| n as usize)
+            .collect(),
+        };
+        let num_items: usize = global_counts.iter().sum();
+        // Row-sparse gradients travel as the rows some rank's batches touch.
+        let mut small_bytes = 16 * cycle as u64;
+        let sparse = match comm {
+            None => Default::default(),
+            Some(c) => {
+                let mut sparse = std::collections::BTreeMap::new();
+                for p in 0..params.len() {
+                    let mine: Option<Vec<u32>> = micro
+                        .iter()
+                        .map(|b| model.gradient_rows(p, b))
+                        .collect::<Option<Vec<_>>>()
+                        .map(|rows| distinct_rows(rows.into_iter().flatten()));
+                    if let Some(mine) = mine {
+                        small_bytes += 4 * mine.len() as u64 + 8;
+                        let all = c.all_gather_var_u32(&mine);
+                        sparse.insert(p, distinct_rows(all.into_iter().flatten()));
+                    }
+                }
+                sparse
+            }
+        };
+        let sparse_rows: usize = sparse.values().map(Vec::len).sum();
+        let mut sync = comm.map(|c| GradSync::new(c, &params, &mut readback, sparse));
 
         let memory_scope = gpu
             .device()
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = gpu.device().push_error_scope(wgpu::ErrorFilter::Validation);
         zero_grads(gpu, &params);
-        let mut loss = 0.0f64;
-        for (b, &counted) in micro.iter().zip(&counts) {
+        // Per micro-batch: its loss term, token accuracy and attention-mask tokens.
+        let mut terms: Vec<[f64; 3]> = Vec::with_capacity(cycle);
+        for (k, (b, &counted)) in micro.iter().zip(&counts).enumerate() {
             let scale = match cfg.loss_normalization {
                 LossNormalizationKind::TokenMean => 1.0 / num_items.max(1) as f64,
                 LossNormalizationKind::MicroBatchMean if counted == 0 => 0.0,
-                LossNormalizationKind::MicroBatchMean => 1.0 / (counted * micro.len()) as f64,
+                LossNormalizationKind::MicroBatchMean => 1.0 / (counted * global_len) as f64,
             };
+            // Dropout masks follow the micro-batch's place in the global order.
+            let call = state.next_call + (k * world + rank) as u64;
             let mut rec = Recorder::new(gpu);
-            let totals = model
-                .accumulate(gpu, &mut rec, b, scale as f32, state.next_call)
-                .with_context(|| {
-                    format!(
-                        "step {step_no}: forward/backward of batch {} of epoch {}",
-                        b.index_in_epoch, b.epoch
-                    )
-                })?;
+            let totals = match sync.as_mut() {
+                // The last micro-batch's backward finishes each gradient: sum it across ranks
+                // while the rest of the backward runs.
+                Some(sync) if k + 1 == cycle => {
+                    model.accumulate_notify(gpu, &mut rec, b, scale as f32, call, &mut |indices| {
+                        sync.ready(gpu, indices)
+                    })
+                }
+                _ => model.accumulate(gpu, &mut rec, b, scale as f32, call),
+            }
+            .with_context(|| {
+                format!(
+                    "step {step_no}: forward/backward of batch {} of epoch {}",
+                    b.index_in_epoch, b.epoch
+                )
+            })?;
             rec.submit();
+            if let Some(sync) = sync.as_mut().filter(|_| k + 1 == cycle) {
+                sync.drain(gpu)?;
+            }
             let stats = gpu
                 .read_cross_entropy_totals(&totals)
                 .with_context(|| format!("step {step_no}: reading the loss"))?;
-            loss += stats.loss_sum * scale;
-            state.window.accuracies.push(if stats.counted > 0 {
-                stats.correct as f64 / stats.counted as f64
-            } else {
-                0.0
-            });
-            state.num_tokens += b.attention_mask.iter().sum::<i64>() as u64;
-            state.next_call += 1;
+            terms.push([
+                stats.loss_sum * scale,
+                if stats.counted > 0 {
+                    stats.correct as f64 / stats.counted as f64
+                } else {
+                    0.0
+                },
+                b.attention_mask.iter().sum::<i64>() as f64,
+            ]);
+        }
+        let terms: Vec<[f64; 3]> = match comm {
+            None => terms,
+            Some(c) => {
+                let bits: Vec<u64> = terms.iter().flatten().map(|v| v.to_bits()).collect();
+                in_global_order(&c.all_gather_u64(&bits), world, cycle, 3)
+                    .chunks(3)
+                    .map(|t| [0, 1, 2].map(|i| f64::from_bits(t[i])))
+                    .collect()
+            }
+        };
+        // Summed in the global order, as one process sums its micro-batches.
+        let mut loss = 0.0f64;
+        for [term, accuracy, tokens] in terms {
+            loss += term;
+            state.window.accuracies.push(accuracy);
+            state.num_tokens += tokens as u64;
+        }
+        state.next_call += global_len as u64;
+        if let Some(sync) = sync {
+            let (buckets, early) = (sync.buckets, sync.started_early);
+            let gradients = sync.finish(gpu)?;
+            let bytes = gradients + small_bytes;
+            if step_no == first_step + 1 {
+                progress.println(format!(
+                    "data-parallel step on {world} ranks: all-reduce of {bytes} bytes per rank per step ({:.1} MiB): {gradients} bytes of gradients in {buckets} buckets ({sparse_rows} embed_tokens rows; {early} already summing when the backward was all queued), + {small_bytes} bytes of label counts, losses and row ids",
+                    bytes as f64 / (1u64 << 20) as f64,
+                ));
+            }
+            allreduce_total += bytes;
+            allreduce_max = allreduce_max.max(bytes);
         }
         let mut rec = Recorder::new(gpu);
         record_norm_and_clip(gpu, &mut rec, &params, &norm, cfg.max_grad_norm)?;
@@ -585,7 +740,9 @@ pub fn train_with_optim(
                 num_tokens: state.num_tokens,
                 epoch: state.epoch,
             };
-            metrics_out.log(&record)?;
+            if let Some(m) = metrics_out.as_mut() {
+                m.log(&record)?;
+            }
             if let Some(tb) = tensorboard.as_mut() {
                 tb.add_scalars(step_no as i64, &record.tensorboard_scalars())?;
             }
@@ -598,7 +755,12 @@ pub fn train_with_optim(
             SaveStrategy::Steps(n) => last || (n > 0 && step_no.is_multiple_of(n)),
             SaveStrategy::Epoch => last || epoch_done,
         };
-        if save {
+        if save && !main {
+            last_checkpoint = Some(checkpoint::checkpoint_path(
+                &outputs.checkpoint_dir,
+                step_no,
+            ));
+        } else if save {
             let dir = checkpoint::write(
                 &outputs.checkpoint_dir,
                 adapter_config,
@@ -625,6 +787,23 @@ pub fn train_with_optim(
         ));
     }
 
+    let summary = TrainSummary {
+        global_step: state.global_step,
+        total_steps,
+        epoch: state.epoch,
+        train_loss: state.total_loss / state.global_step.max(1) as f64,
+        records,
+        resumed_from: resume_dir,
+        last_checkpoint,
+        seconds: started.elapsed().as_secs_f64(),
+        steps_run: state.global_step - first_step,
+        world_size: world,
+        allreduce_bytes_total: allreduce_total,
+        allreduce_bytes_max: allreduce_max,
+    };
+    if !main {
+        return Ok(summary);
+    }
     let host = params_to_host(gpu, &params)?;
     // Each tensor in its training dtype, as PEFT saves a model's parameters: the bf16
     // modules_to_save copies as bf16 (exact: the values are bf16), the LoRA pairs as f32.
@@ -648,16 +827,6 @@ pub fn train_with_optim(
     if let Some(tb) = tensorboard.as_mut() {
         tb.sync()?;
     }
-    let summary = TrainSummary {
-        global_step: state.global_step,
-        total_steps,
-        epoch: state.epoch,
-        train_loss: state.total_loss / state.global_step.max(1) as f64,
-        records,
-        resumed_from: resume_dir,
-        last_checkpoint,
-        seconds: started.elapsed().as_secs_f64(),
-    };
     let trainer_state = serde_json::json!({
         "global_step": summary.global_step,
         "max_steps": summary.total_steps,
@@ -673,7 +842,36 @@ pub fn train_with_optim(
     Ok(summary)
 }
 
+/// Gathered per-micro-batch values (`per` each, rank after rank, `cycle` micro-batches per
+/// rank) in the global order: rank r's k-th micro-batch is the global (k·world + r)-th.
+fn in_global_order(all: &[u64], world: usize, cycle: usize, per: usize) -> Vec<u64> {
+    let mut out = vec![0u64; all.len()];
+    for r in 0..world {
+        for k in 0..cycle {
+            let (from, to) = ((r * cycle + k) * per, (k * world + r) * per);
+            out[to..to + per].copy_from_slice(&all[from..from + per]);
+        }
+    }
+    out
+}
+
 fn format_duration(seconds: f64) -> String {
     let s = seconds.max(0.0).round() as u64;
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_values_are_put_in_the_global_order() {
+        // 2 ranks x 3 micro-batches, 2 values each: rank 0 holds globals 0, 2, 4, rank 1 1, 3, 5.
+        let all = [0, 0, 2, 2, 4, 4, 1, 1, 3, 3, 5, 5];
+        assert_eq!(
+            in_global_order(&all, 2, 3, 2),
+            vec![0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+        );
+        assert_eq!(in_global_order(&[7, 8], 1, 2, 1), vec![7, 8]);
+    }
 }

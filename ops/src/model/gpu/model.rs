@@ -28,7 +28,7 @@ use crate::model::reference::lora::{Adapter, LoraPair, LoraSettings, PEFT_PREFIX
 use crate::model::reference::loss::shift_labels;
 use crate::model::Weights;
 use crate::reference::attention::image_group_ids;
-use crate::train::model::{Parameter, TrainModel};
+use crate::train::model::{GradsReady, Parameter, TrainModel};
 
 /// How the GPU model trains.
 #[derive(Debug, Clone, Copy, Default)]
@@ -629,6 +629,104 @@ impl TrainModel for Gemma3Gpu {
         loss_scale: f32,
         call: u64,
     ) -> Result<GpuTensor> {
+        self.accumulate_with(gpu, rec, batch, loss_scale, call, None)
+    }
+
+    fn accumulate_notify(
+        &mut self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        batch: &Batch,
+        loss_scale: f32,
+        call: u64,
+        ready: &mut GradsReady,
+    ) -> Result<GpuTensor> {
+        self.accumulate_with(gpu, rec, batch, loss_scale, call, Some(ready))
+    }
+
+    fn gradient_rows(&self, param: usize, batch: &Batch) -> Option<Vec<u32>> {
+        // The embed_tokens copy's gradient reaches only the rows of the ids embedded (image
+        // soft tokens are overwritten by the image features and reach no row).
+        (Some(param) == self.parameter_groups().embed).then(|| {
+            crate::train::grad_sync::distinct_rows(
+                batch
+                    .input_ids
+                    .iter()
+                    .filter(|&&id| Some(id) != self.image_token_index)
+                    .map(|&id| id as u32),
+            )
+        })
+    }
+}
+
+/// Indices into [`TrainModel::parameters`] of the gradients that become final together in the
+/// backward: the lm_head copy (right after the loss), each decoder layer's LoRA pairs, the
+/// vision tower's, the embed_tokens copy (last).
+struct ParameterGroups {
+    layers: Vec<Vec<usize>>,
+    vision: Vec<usize>,
+    lm_head: Option<usize>,
+    embed: Option<usize>,
+}
+
+impl Gemma3Gpu {
+    /// The groups in `parameters()`'s order: decoder layers' pairs (A then B of each linear),
+    /// the tower's, then the lm_head and embed_tokens copies.
+    fn parameter_groups(&self) -> ParameterGroups {
+        let mut next = 0usize;
+        let mut take = |linears: &mut dyn Iterator<Item = &GpuLinear>| -> Vec<usize> {
+            let mut out = Vec::new();
+            for lin in linears {
+                if lin.lora.is_some() {
+                    out.extend([next, next + 1]);
+                    next += 2;
+                }
+            }
+            out
+        };
+        let layers: Vec<Vec<usize>> = self
+            .layers
+            .iter()
+            .map(|l| take(&mut l.linears().into_iter()))
+            .collect();
+        let vision = take(&mut self.vision.iter().flat_map(|v| v.linears()));
+        let mut table = |t: &Option<TrainedTable>| {
+            t.as_ref().map(|_| {
+                next += 1;
+                next - 1
+            })
+        };
+        let lm_head = table(&self.lm_head_copy);
+        let embed = table(&self.embed_copy);
+        ParameterGroups {
+            layers,
+            vision,
+            lm_head,
+            embed,
+        }
+    }
+
+    /// [`TrainModel::accumulate`], reporting each group of gradients to `ready` once the work
+    /// that finishes it is submitted.
+    fn accumulate_with(
+        &mut self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        batch: &Batch,
+        loss_scale: f32,
+        call: u64,
+        mut ready: Option<&mut GradsReady>,
+    ) -> Result<GpuTensor> {
+        let groups = ready.is_some().then(|| self.parameter_groups());
+        let mut report = |rec: &mut Recorder, indices: &[usize]| -> Result<()> {
+            match ready.as_mut() {
+                Some(f) if !indices.is_empty() => {
+                    rec.flush();
+                    f(indices)
+                }
+                _ => Ok(()),
+            }
+        };
         let p = self.prepare(gpu, batch)?;
         let run = LoraRun {
             settings: self.settings,
@@ -702,6 +800,9 @@ impl TrainModel for Gemma3Gpu {
         // Only the hidden-state gradient and the loss totals outlive the loss.
         drop((x, normed, rstd, labels, d_normed));
         rec.flush();
+        if let Some(g) = &groups {
+            report(rec, g.lm_head.as_slice())?;
+        }
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let cache = if checkpoint {
                 let input = gpu.widen_to_f32(rec, &inputs[i])?;
@@ -720,6 +821,9 @@ impl TrainModel for Gemma3Gpu {
                 inputs.pop();
             }
             rec.flush();
+            if let Some(g) = &groups {
+                report(rec, &g.layers[i])?;
+            }
         }
         // The image features' gradient: the soft-token rows of `d`, through the projector into
         // the tower (only when the tower trains LoRA pairs).
@@ -735,6 +839,9 @@ impl TrainModel for Gemma3Gpu {
             drop((d_features, cache.projector));
             rec.flush();
             vision.backward(gpu, rec, cache.vision, &d_vision, &run)?;
+        }
+        if let Some(g) = &groups {
+            report(rec, &g.vision)?;
         }
         // `d` is the gradient of the merged embeddings; image soft-token rows were overwritten by
         // the features, so their ids are u32::MAX here and reach no row.
@@ -753,6 +860,9 @@ impl TrainModel for Gemma3Gpu {
                 let ids = gpu.upload_u32(&[p.grad_ids.len()], &p.grad_ids)?;
                 gpu.embedding_scatter_add(rec, &table.grad, &ids, &d, self.embed_scale, pad)?;
             }
+        }
+        if let Some(g) = &groups {
+            report(rec, g.embed.as_slice())?;
         }
         Ok(totals)
     }
