@@ -7,14 +7,16 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::recorder::Bound;
 use crate::gpu::staging::{StageFormat, StagedTexture};
-use crate::gpu::tune::{candidates, KernelPath, MatmulTiling, ShapeClass, TuneShape, TunedEntry};
+use crate::gpu::tune::{KernelPath, MatmulTiling};
 use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, Shader, Tiling};
 
 mod codegen;
+mod coop;
+mod tuning;
 pub use codegen::CoopConfig;
-use codegen::COOP_TILES;
-pub(crate) use codegen::{coop_kernel, register_tile, subgroup_kernel, unrolled_register_kernel};
+pub(crate) use codegen::{register_tile, subgroup_kernel, unrolled_register_kernel};
 use codegen::{subgroup_k_inner, subgroup_tile};
+use coop::coop_shader;
 
 /// How a variant of `shaders/matmul.wgsl` reads its operands: A and B as vec4 or scalar
 /// views, bound as storage buffers or as staged linear textures, B an f32 matrix, an NF4
@@ -129,41 +131,6 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
         }
     }
     Ok(all)
-}
-
-/// The tiling a benchmark's env (`RUNNER_MATMUL_SG_TILE`, `RUNNER_MATMUL_TILE`) or a test
-/// forces on `path`, if any.
-fn forced_tiling(path: KernelPath) -> Option<MatmulTiling> {
-    #[cfg(test)]
-    if let Some(t) = tests::FORCED_TILING.with(|f| f.get()) {
-        return (t.path() == path).then_some(t);
-    }
-    match path {
-        KernelPath::Subgroup => std::env::var_os("RUNNER_MATMUL_SG_TILE").map(|_| {
-            let (tm, tn) = subgroup_tile();
-            MatmulTiling::Subgroup { tm, tn }
-        }),
-        KernelPath::Register => std::env::var_os("RUNNER_MATMUL_TILE").map(|_| {
-            let (tm, tn) = register_tile();
-            MatmulTiling::Register { tm, tn }
-        }),
-        KernelPath::Workgroup => None,
-    }
-}
-
-/// The tiling of `path` where nothing was tuned: the measured defaults (README, Performance).
-fn default_tiling(path: KernelPath) -> MatmulTiling {
-    match path {
-        KernelPath::Subgroup => {
-            let (tm, tn) = subgroup_tile();
-            MatmulTiling::Subgroup { tm, tn }
-        }
-        KernelPath::Register => {
-            let (tm, tn) = register_tile();
-            MatmulTiling::Register { tm, tn }
-        }
-        KernelPath::Workgroup => candidates(KernelPath::Workgroup)[0],
-    }
 }
 
 /// Whether the subgroup kernel may read its operands from staged textures (where the adapter
@@ -285,23 +252,6 @@ fn subgroup_shader(
         &operands.features(),
         &("subgroup", lanes, tm, tn, trans_a, trans_b, k_inner),
         || subgroup_kernel(lanes, tm, tn, trans_a, trans_b, k_inner),
-    )
-}
-
-/// The matmul module with the cooperative-matrix kernel for `cfg` appended (f16 operands with
-/// an f16 configuration), for workgroups of `lanes`.
-fn coop_shader(operands: Operands, cfg: CoopConfig, lanes: u32) -> Result<Shader> {
-    let mut features = Operands {
-        f16: cfg.f16,
-        ..operands
-    }
-    .features();
-    features.push("COOP");
-    Shader::generated(
-        "matmul",
-        &features,
-        &("coop", cfg.size, cfg.f16, lanes),
-        || coop_kernel(cfg, lanes),
     )
 }
 
@@ -671,86 +621,6 @@ impl Gpu {
         self.record_gemm_tiled(rec, g, nf4, operands, constants, tiling)
     }
 
-    /// The cooperative-matrix configuration this product runs on, if any: one the adapter
-    /// offers for its precision (8×8 f32 for f32 operands, 16×16 f16 for
-    /// `matmul_precision = "f16"`), on an adapter with one subgroup width, and checked against
-    /// the reference on this adapter and driver ([`Gpu::verify_coop_matmul`]) — or the one
-    /// being checked.
-    fn coop_for(&self, g: &Gemm) -> Option<CoopConfig> {
-        if let Some(trial) = *self.coop_trial.lock().unwrap() {
-            return Some(trial);
-        }
-        if self.coop_configs.is_empty() {
-            return None;
-        }
-        let tuner = self.tuner.lock().unwrap();
-        self.coop_configs
-            .iter()
-            .copied()
-            .find(|c| c.f16 == g.f16 && tuner.table.coop_verified.contains(&c.to_string()))
-    }
-
-    /// Records `g` on the cooperative-matrix kernel of `cfg`.
-    fn record_coop(
-        &self,
-        rec: &mut Recorder,
-        g: Gemm,
-        nf4: Option<(BufView, usize)>,
-        operands: Operands,
-        constants: Vec<(&'static str, f64)>,
-        cfg: CoopConfig,
-    ) -> Result<()> {
-        let lanes = self.adapter_info().subgroup_max_size;
-        let kernel = self.kernel(
-            &coop_shader(operands, cfg, lanes)?,
-            "matmul_coop",
-            &constants,
-        )?;
-        let block = COOP_TILES * cfg.size;
-        let p = &g.params;
-        let groups = [p.n.div_ceil(block), p.m.div_ceil(block), g.batch];
-        let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
-        let mut buffers = vec![g.a, g.b, g.c, bias];
-        if let Some((absmax, _)) = nf4 {
-            buffers.push(absmax);
-        }
-        rec.dispatch(&kernel, bytemuck::bytes_of(p), &buffers, groups);
-        Ok(())
-    }
-
-    /// The cooperative-matrix configurations this adapter offers that the coop kernel has.
-    pub fn coop_configs(&self) -> &[CoopConfig] {
-        &self.coop_configs
-    }
-
-    /// Checks every cooperative-matrix configuration of this adapter against the CPU reference
-    /// (odd and aligned shapes, transposes, bias and beta, an NF4 weight) and records those that
-    /// pass in this adapter's tuning file, which is what selects them: a kernel no run has
-    /// checked on a driver is never used there. Returns each configuration's largest relative
-    /// error, or why it failed. (`runner gpu --tune` runs this first; tools/gpu-check.sh runs
-    /// that.)
-    pub fn verify_coop_matmul(&self) -> Vec<(CoopConfig, Result<f64>)> {
-        let mut results = Vec::new();
-        for &cfg in &self.coop_configs {
-            *self.coop_trial.lock().unwrap() = Some(cfg);
-            let checked =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| coop_check(self, cfg)))
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the check panicked")));
-            *self.coop_trial.lock().unwrap() = None;
-            if checked.is_ok() {
-                let mut tuner = self.tuner.lock().unwrap();
-                tuner.table.coop_verified.insert(cfg.to_string());
-                if let Some(file) = tuner.file.clone() {
-                    if let Err(e) = tuner.table.save(&file) {
-                        eprintln!("warning: {e:#}");
-                    }
-                }
-            }
-            results.push((cfg, checked));
-        }
-        results
-    }
-
     /// Which of the tiled kernels this adapter runs.
     pub(crate) fn matmul_path(&self) -> KernelPath {
         match self.tiling() {
@@ -758,185 +628,6 @@ impl Gpu {
             Tiling::Register => KernelPath::Register,
             Tiling::Workgroup => KernelPath::Workgroup,
         }
-    }
-
-    /// The tiling of this product: forced (a benchmark's env, a test), tuned for its shape
-    /// class on this adapter, tuned now (autotuning on), or the path's default.
-    fn matmul_tiling(
-        &self,
-        g: &Gemm,
-        operands: Operands,
-        nf4: Option<&(BufView, usize)>,
-        path: KernelPath,
-    ) -> Result<MatmulTiling> {
-        if let Some(t) = forced_tiling(path) {
-            return Ok(t);
-        }
-        let p = &g.params;
-        let class = ShapeClass::new(p.m, p.n, p.k, g.trans_a, g.trans_b, &operands.features());
-        {
-            let tuner = self.tuner.lock().unwrap();
-            if let Some(t) = tuner.table.get(&class, path) {
-                return Ok(t);
-            }
-            if !tuner.auto {
-                return Ok(default_tiling(path));
-            }
-        }
-        let times = self.time_tilings(g, operands, nf4, path)?;
-        Ok(self.keep_tuned(&class, times))
-    }
-
-    /// Records `times` for `class` in this adapter's table and saves it (a file that cannot
-    /// be written only warns: tuning changes speed, never results).
-    pub(crate) fn keep_tuned(
-        &self,
-        class: &ShapeClass,
-        times: Vec<(MatmulTiling, f64)>,
-    ) -> MatmulTiling {
-        let mut tuner = self.tuner.lock().unwrap();
-        let info = self.adapter_info();
-        tuner.table.adapter = info.name.clone();
-        tuner.table.driver = format!("{} {}", info.driver, info.driver_info);
-        let best = tuner.table.insert(class, times);
-        if let Some(file) = tuner.file.clone() {
-            if let Err(e) = tuner.table.save(&file) {
-                eprintln!("warning: {e:#}");
-            }
-        }
-        best
-    }
-
-    /// Median seconds of every candidate tiling of `path` on a product shaped like `g`, over
-    /// scratch operands of its sizes (outside the pool, zero-filled: values do not change the
-    /// work).
-    pub(crate) fn time_tilings(
-        &self,
-        g: &Gemm,
-        operands: Operands,
-        nf4: Option<&(BufView, usize)>,
-        path: KernelPath,
-    ) -> Result<Vec<(MatmulTiling, f64)>> {
-        let scratch = |v: &BufView| BufView {
-            buffer: self.alloc_scratch(v.size),
-            offset: 0,
-            size: v.size,
-        };
-        let make = || Gemm {
-            a: scratch(&g.a),
-            b: scratch(&g.b),
-            c: scratch(&g.c),
-            bias: g.bias.as_ref().map(scratch),
-            frozen_b: false,
-            ..*g
-        };
-        let scratch_nf4 = nf4.map(|(absmax, block)| (scratch(absmax), *block));
-        let mut constants = vec![
-            ("TRANS_A", g.trans_a as u32 as f64),
-            ("TRANS_B", g.trans_b as u32 as f64),
-        ];
-        if let Some((_, blocksize)) = nf4 {
-            constants.push(("NF4_BLOCK", *blocksize as f64));
-        }
-        let gemm = make();
-        let mut times = Vec::new();
-        for tiling in candidates(path) {
-            let run = |timed: bool| -> Result<f64> {
-                let mut rec = if timed {
-                    Recorder::timed(self)
-                } else {
-                    Recorder::new(self)
-                };
-                self.record_gemm_tiled(
-                    &mut rec,
-                    gemm.clone(),
-                    scratch_nf4.clone(),
-                    operands,
-                    constants.clone(),
-                    tiling,
-                )?;
-                let start = std::time::Instant::now();
-                let kernels = rec.submit_timed()?;
-                let wall = start.elapsed().as_secs_f64();
-                Ok(kernels.map_or(wall, |k| k.iter().map(|t| t.seconds).sum()))
-            };
-            run(false)?; // compiles the pipeline
-            let mut samples = (0..3).map(|_| run(true)).collect::<Result<Vec<_>>>()?;
-            samples.sort_by(f64::total_cmp);
-            times.push((tiling, samples[1]));
-        }
-        Ok(times)
-    }
-
-    /// Tunes one product shape ahead of time (`runner gpu --tune`): times every candidate of
-    /// this adapter's kernel path on scratch operands and keeps the fastest in the tuning file.
-    /// Returns the shape class's key and what was measured.
-    pub fn tune_matmul(&self, shape: &TuneShape) -> Result<(String, TunedEntry)> {
-        let TuneShape {
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            nf4,
-            ..
-        } = *shape;
-        ensure!(
-            m > 0 && n > 0 && k > 0,
-            "tuning needs a non-empty product, got {m}x{n}x{k}"
-        );
-        ensure!(!(nf4 && trans_a), "an NF4 product never transposes A");
-        let view = |bytes: u64| BufView {
-            buffer: self.alloc_scratch(bytes),
-            offset: 0,
-            size: bytes.max(4),
-        };
-        let (lda, ldb) = (if trans_a { m } else { k }, if trans_b { k } else { n });
-        let b_bytes = if nf4 { (n * k).div_ceil(2) } else { 4 * n * k };
-        let g = Gemm {
-            a: view(4 * m as u64 * k as u64),
-            b: view(b_bytes as u64),
-            c: view(4 * m as u64 * n as u64),
-            bias: None,
-            params: GemmParams {
-                m,
-                n,
-                k,
-                lda,
-                ldb,
-                ldc: n,
-                a_batch: m * k,
-                c_batch: m * n,
-                alpha: 1.0,
-                ..Default::default()
-            },
-            batch: 1,
-            trans_a,
-            trans_b,
-            a_contig: lda,
-            b_contig: ldb,
-            f16: false,
-            b_bf16: false,
-            frozen_b: false,
-        };
-        let absmax = nf4.then(|| (view(4 * (n as u64 * k as u64).div_ceil(64)), 64usize));
-        let operands = Operands {
-            vec4: [lda, ldb, m * k, m * n].iter().all(|v| v % 4 == 0),
-            textures: false,
-            nf4,
-            bf16_b: false,
-            f16: false,
-        };
-        let path = self.matmul_path();
-        let class = ShapeClass::new(m, n, k, trans_a, trans_b, &operands.features());
-        let times = self.time_tilings(&g, operands, absmax.as_ref(), path)?;
-        let tiling = self.keep_tuned(&class, times.clone());
-        Ok((class.key(), TunedEntry { tiling, times }))
-    }
-
-    /// The file this adapter's tunings are kept in, if any.
-    pub fn tune_file(&self) -> Option<std::path::PathBuf> {
-        self.tuner.lock().unwrap().file.clone()
     }
 
     /// Records `g` on the kernel of `tiling`.
@@ -1030,75 +721,6 @@ impl Gpu {
             size: 16,
         }
     }
-}
-
-/// One configuration's check for [`Gpu::verify_coop_matmul`] (the coop kernel is forced while it
-/// runs): the largest relative Frobenius error over the cases, each within its bound (f32:
-/// 1e-5; f16 operands: 2.4e-3, the bound the f16 test derives).
-fn coop_check(gpu: &Gpu, cfg: CoopConfig) -> Result<f64> {
-    use crate::gpu::testing::{rel_frobenius, TestRng};
-    use crate::reference::matmul as reference;
-    let bound = if cfg.f16 { 2.4e-3 } else { 1e-5 };
-    let precision = if cfg.f16 {
-        MatmulPrecision::F16
-    } else {
-        MatmulPrecision::F32
-    };
-    let mut rng = TestRng::new(TestRng::fresh_seed());
-    let mut worst = 0.0f64;
-    for &(m, n, k, trans_a, trans_b, beta, nf4) in &[
-        (37, 29, 23, false, true, 0.0, false),
-        (64, 48, 40, false, false, 0.7, false),
-        (70, 45, 33, true, false, 0.0, false),
-        (40, 36, 64, false, true, 1.0, true),
-    ] {
-        let a_dims = if trans_a { [k, m] } else { [m, k] };
-        let b_dims = if trans_b { [n, k] } else { [k, n] };
-        let a = rng.vec_normal(m * k);
-        let mut b = rng.vec_normal(n * k);
-        let c0 = rng.vec_normal(m * n);
-        let bias = rng.vec_normal(n);
-        let ga = gpu.upload_f32(&a_dims, &a)?;
-        let gc = gpu.upload_f32(&[m, n], &c0)?;
-        let gbias = gpu.upload_f32(&[n], &bias)?;
-        let opts = MatmulOpts {
-            trans_a,
-            trans_b,
-            beta,
-            bias: Some(&gbias),
-            precision,
-            ..Default::default()
-        };
-        let mut rec = Recorder::new(gpu);
-        if nf4 {
-            let (packed, absmax) = crate::reference::nf4::quantize_nf4(&b, 64);
-            b = crate::reference::nf4::dequantize_nf4(&packed, &absmax, n * k, 64);
-            let w = gpu.upload_nf4(&packed, &absmax, b_dims, 64)?;
-            gpu.matmul_nf4(&mut rec, &ga, &w, &gc, opts)?;
-        } else {
-            let gb = gpu.upload_f32(&b_dims, &b)?;
-            gpu.matmul(&mut rec, &ga, &gb, &gc, opts)?;
-        }
-        rec.submit_and_wait()?;
-        let mut want = c0.clone();
-        let g = reference::Gemm {
-            trans_a,
-            trans_b,
-            alpha: 1.0,
-            beta,
-        };
-        reference::matmul_batched(&a, &b, &mut want, 1, m, n, k, g, Some(&bias));
-        let err = rel_frobenius(&gpu.read_f32(&gc)?, &want);
-        ensure!(
-            err <= bound,
-            "{cfg}: {m}x{n}x{k} (A{} B{}{}) is {err:.2e} from the reference (bound {bound:.0e})",
-            if trans_a { "ᵀ" } else { "" },
-            if trans_b { "ᵀ" } else { "" },
-            if nf4 { ", NF4" } else { "" }
-        );
-        worst = worst.max(err);
-    }
-    Ok(worst)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 use super::*;
 use crate::gpu::testing::{other_tiling_gpu, rel_frobenius, test_gpu, tiny_binding_gpu, TestRng};
+use crate::gpu::tune::candidates;
 use crate::reference::matmul as reference;
 
 struct Case {
