@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use ops::data::collate::Batch;
-use ops::gpu::testing::test_gpu;
+use ops::gpu::testing::{rel_frobenius, test_gpu};
 use ops::gpu::{Gpu, GpuTensor, Recorder};
 use ops::model::config::ModelConfig;
 use ops::model::reference::lora::Adapter;
@@ -132,17 +132,6 @@ fn outputs(root: &Path, name: &str) -> TrainOutputs {
         tensorboard_dir: Some(root.join(name).join("runs/test")),
         checkpoint_dir: root.join(format!("{name}-checkpoints")),
     }
-}
-
-fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
 }
 
 #[test]

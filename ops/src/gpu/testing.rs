@@ -53,17 +53,20 @@ impl TestRng {
     }
 }
 
-/// ‖got − want‖_F / ‖want‖_F (NaN anywhere in `got` gives infinity, so poisoned outputs fail).
-pub fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
+/// ‖got − want‖_F / ‖want‖_F over f32 or f64 values, summed in f64 (NaN or infinity anywhere
+/// in `got` gives infinity, so poisoned outputs fail; a zero `want` needs a zero `got`). The
+/// one definition every test compares with.
+pub fn rel_frobenius<T: Copy + Into<f64>>(got: &[T], want: &[T]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let mut num = 0.0f64;
     let mut den = 0.0f64;
     for (&g, &w) in got.iter().zip(want) {
+        let (g, w): (f64, f64) = (g.into(), w.into());
         if !g.is_finite() {
             return f64::INFINITY;
         }
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
+        num += (g - w).powi(2);
+        den += w.powi(2);
     }
     if den == 0.0 {
         return if num == 0.0 { 0.0 } else { f64::INFINITY };

@@ -339,6 +339,7 @@ pub fn attention_backward_f64(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::testing::rel_frobenius;
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
@@ -349,13 +350,6 @@ mod tests {
 
     fn random_vec(rng: &mut StdRng, n: usize) -> Vec<f64> {
         (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
-    }
-
-    fn rel_frobenius(got: &[f64], want: &[f64]) -> f64 {
-        assert_eq!(got.len(), want.len());
-        let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
-        let den: f64 = want.iter().map(|b| b * b).sum();
-        (num / den.max(1e-300)).sqrt()
     }
 
     /// The mask as transformers builds it: boolean [seq, seq] matrices per sample, composed.

@@ -170,14 +170,9 @@ pub fn lm_head_cross_entropy_f64(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::testing::rel_frobenius;
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
-
-    fn rel_frobenius(got: &[f64], want: &[f64]) -> f64 {
-        let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
-        let den: f64 = want.iter().map(|b| b * b).sum();
-        (num / den).sqrt()
-    }
 
     fn random_problem(rng: &mut StdRng, d: &CrossEntropyDims) -> (Vec<f64>, Vec<f64>, Vec<i32>) {
         let hidden = (0..d.tokens * d.hidden)

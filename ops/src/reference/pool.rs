@@ -117,18 +117,9 @@ pub fn avg_pool2d_backward(d_output: &[f32], dims: &PoolDims) -> Result<Vec<f32>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::testing::rel_frobenius;
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
-
-    fn rel_frobenius(got: &[f32], want: &[f32]) -> f64 {
-        let num: f64 = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
-        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-        (num / den).sqrt()
-    }
 
     /// The projector as torch writes it: transpose to [B, C, side, side], pool NCHW, flatten, transpose.
     fn naive_projector_pool(x: &[f32], d: &PoolDims) -> Vec<f32> {
