@@ -305,6 +305,46 @@ fn stage_gemm_operands(
     Some(staged)
 }
 
+impl Gemm {
+    /// How the kernels read this product's operands: vec4 views where every offset, leading
+    /// dimension, batch stride and contiguous extent of A and B is a multiple of 4.
+    fn operands(&self, nf4: bool) -> Operands {
+        let p = &self.params;
+        let vec4 = [
+            p.a_off,
+            p.lda,
+            p.a_batch,
+            self.a_contig,
+            p.b_off,
+            p.ldb,
+            p.b_batch,
+            self.b_contig,
+        ]
+        .iter()
+        .all(|v| v % 4 == 0);
+        Operands {
+            vec4,
+            textures: false,
+            nf4,
+            bf16_b: self.b_bf16,
+            f16: self.f16,
+        }
+    }
+
+    /// The pipeline constants every matmul kernel takes: the transposes, and the NF4 block
+    /// size of an NF4 B.
+    fn constants(&self, nf4_block: Option<usize>) -> Vec<(&'static str, f64)> {
+        let mut constants = vec![
+            ("TRANS_A", self.trans_a as u32 as f64),
+            ("TRANS_B", self.trans_b as u32 as f64),
+        ];
+        if let Some(block) = nf4_block {
+            constants.push(("NF4_BLOCK", block as f64));
+        }
+        constants
+    }
+}
+
 /// A GEMM's bindings: A, B, C, bias, then the NF4 absmax; A, B and absmax as the textures
 /// `staged` holds (from [`stage_gemm_operands`]) where they were staged.
 fn gemm_bindings<'t>(
@@ -557,31 +597,14 @@ impl Gpu {
         nf4: Option<(BufView, usize)>,
     ) -> Result<()> {
         let p = &g.params;
-        let vec4 = [
-            p.a_off, p.lda, p.a_batch, g.a_contig, p.b_off, p.ldb, p.b_batch, g.b_contig,
-        ]
-        .iter()
-        .all(|v| v % 4 == 0);
         if g.f16 && !self.features().contains(wgpu::Features::SHADER_F16) {
             bail!(
                 "matmul_precision = \"f16\" needs an adapter with 16-bit float shaders (SHADER_F16), which {} lacks; use \"f32\"",
                 self.adapter_info().name
             );
         }
-        let operands = Operands {
-            vec4,
-            textures: false,
-            nf4: nf4.is_some(),
-            bf16_b: g.b_bf16,
-            f16: g.f16,
-        };
-        let mut constants = vec![
-            ("TRANS_A", g.trans_a as u32 as f64),
-            ("TRANS_B", g.trans_b as u32 as f64),
-        ];
-        if let Some((_, blocksize)) = &nf4 {
-            constants.push(("NF4_BLOCK", *blocksize as f64));
-        }
+        let operands = g.operands(nf4.is_some());
+        let mut constants = g.constants(nf4.as_ref().map(|(_, block)| *block));
         // A few rows against a [N, K] weight (decoding): the rows kernel, reading a frozen
         // weight from the texture it stays staged in during generation on CPU adapters (a weight
         // copied before every product would cost as much as the product), else the buffers.

@@ -106,7 +106,7 @@ impl Gpu {
             offset: 0,
             size: v.size,
         };
-        let make = || Gemm {
+        let gemm = Gemm {
             a: scratch(&g.a),
             b: scratch(&g.b),
             c: scratch(&g.c),
@@ -115,14 +115,7 @@ impl Gpu {
             ..*g
         };
         let scratch_nf4 = nf4.map(|(absmax, block)| (scratch(absmax), *block));
-        let mut constants = vec![
-            ("TRANS_A", g.trans_a as u32 as f64),
-            ("TRANS_B", g.trans_b as u32 as f64),
-        ];
-        if let Some((_, blocksize)) = nf4 {
-            constants.push(("NF4_BLOCK", *blocksize as f64));
-        }
-        let gemm = make();
+        let constants = g.constants(nf4.map(|(_, block)| *block));
         let mut times = Vec::new();
         for tiling in candidates(path) {
             let run = |timed: bool| -> Result<f64> {
@@ -204,13 +197,8 @@ impl Gpu {
             frozen_b: false,
         };
         let absmax = nf4.then(|| (view(4 * (n as u64 * k as u64).div_ceil(64)), 64usize));
-        let operands = Operands {
-            vec4: [lda, ldb, m * k, m * n].iter().all(|v| v % 4 == 0),
-            textures: false,
-            nf4,
-            bf16_b: false,
-            f16: false,
-        };
+        // the operand kinds (and so the shape class) a real product of this shape gets
+        let operands = g.operands(nf4);
         let path = self.matmul_path();
         let class = ShapeClass::new(m, n, k, trans_a, trans_b, &operands.features());
         let times = self.time_tilings(&g, operands, absmax.as_ref(), path)?;
