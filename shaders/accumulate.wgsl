@@ -1,6 +1,6 @@
 // In-place accumulation acc += addend with the addend repeating: residual connections (addend
 // of acc's shape) and the SigLIP position embedding ([patches, hidden] over [images*patches, hidden]).
-// Reference: ops/src/reference/accumulate.rs. One dispatch per storage chunk of acc: element i of
+// Reference: ops/engine/src/reference/accumulate.rs. One dispatch per storage chunk of acc: element i of
 // the chunk adds ADDEND[(offset + i) % period], offset = the chunk's first element modulo period.
 
 #include "lib/dispatch"

@@ -115,7 +115,7 @@ fn adamw4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 }
 
 #else
-// adamw4 reading its inputs from linear texture copies (ops/src/gpu/staging.rs: texel i at
+// adamw4 reading its inputs from linear texture copies (ops/engine/src/gpu/staging.rs: texel i at
 // (i % 4096, i / 4096)) on CPU adapters, where a texel fetch costs a tenth of a storage load.
 @group(0) @binding(1) var<storage, read_write> param: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> exp_avg: array<vec4<f32>>;

@@ -5,7 +5,7 @@
 // p % capacity (a sliding-window layer keeps only its window, as a ring; a full layer's
 // capacity exceeds every position). Row b sees the keys first_key(b) ..= pos, first_key being
 // past its left padding (start[b]) and inside the window. The plain-Rust truth is
-// ops/src/reference/decode_attention.rs.
+// ops/engine/src/reference/decode_attention.rs.
 
 #include "lib/dispatch"
 

@@ -1,10 +1,10 @@
 // LoRA dropout with a regenerable mask:
 // out[i] = beta·out[i] + in[i]·keep(seed, offset + i) / (1 − p).
 // keep(seed, j) = uniform24(lowbias32(j ^ lowbias32(seed))) ≥ p — the same function as
-// ops/src/reference/lora.rs, so backward redraws exactly the forward's mask from the seed.
+// ops/engine/src/reference/lora.rs, so backward redraws exactly the forward's mask from the seed.
 // `offset` (mod 2³²) is the index of in[0] in the tensor the mask is drawn over: a slice of
 // rows (one image of a batch) then draws exactly the mask a call on the whole tensor draws.
-// The LoRA products themselves run on the matmul kernel (see ops/src/gpu/kernels/lora.rs).
+// The LoRA products themselves run on the matmul kernel (see ops/engine/src/gpu/kernels/lora.rs).
 
 #include "lib/dispatch"
 

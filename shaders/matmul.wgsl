@@ -15,7 +15,7 @@
 // whatever the bounds-checked loads return and are never stored.
 
 #feature VEC4 A and B bound as vec4 views (offsets, leading dimensions and contiguous dimensions multiples of 4)
-#feature TEXTURES A and B (the NF4 words and absmax) read from staged linear textures (ops/src/gpu/staging.rs)
+#feature TEXTURES A and B (the NF4 words and absmax) read from staged linear textures (ops/engine/src/gpu/staging.rs)
 #feature NF4 B is a bitsandbytes NF4 weight (packed nibbles at binding 2, f32 absmax at binding 5) decoded in the tile loop: the fused NF4 matmul is this same kernel
 #feature BF16B B is a bf16 matrix packed two per u32 (element 2i in the low half; the NF4 words' binding and staging as u32): the trainable modules_to_save copies in bf16 storage
 #feature F16 every operand value (the dequantized NF4 weight included) rounded to f16 as it is loaded, products and sums in f32 (needs SHADER_F16)
@@ -194,7 +194,7 @@ fn matmul_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 
 #if TEXTURES
 // ---- matmul_rows_split: the rows kernel for staged operands, which exist only on CPU
-// adapters with one subgroup width (ops/src/gpu/staging.rs). A workgroup is one subgroup of
+// adapters with one subgroup width (ops/engine/src/gpu/staging.rs). A workgroup is one subgroup of
 // SPLIT_LANES lanes owning SPLIT_ROWS outputs of one row of A; its lanes split K, lane l
 // reading texels l, l + SPLIT_LANES, ... of A and of each of the B rows, so each fetch of the
 // subgroup is neighbouring texels (one lane per B row, as matmul_rows does, puts them rows

@@ -1,4 +1,4 @@
-// NF4 quantization in bitsandbytes' layout (see ops/src/reference/nf4.rs for the rules):
+// NF4 quantization in bitsandbytes' layout (see ops/engine/src/reference/nf4.rs for the rules):
 // blockwise absmax, f32 reciprocal scaling for full blocks and division for a partial last
 // block, code = number of midpoints strictly below the scaled value (ties to the lower code),
 // two codes per byte with the first element in the high nibble, bytes little-endian in u32.

@@ -1,7 +1,7 @@
 // SigLIP patch unfold: PIXELS [images, channels, size, size] -> PATCHES [images*side*side,
 // channels*patch*patch], row = image*side² + pr*side + pc, columns in (channel, kh, kw) order
 // (the conv weight's order, so the stride-`patch` conv is PATCHES · Wᵀ).
-// Reference: ops/src/reference/patch.rs. One invocation per output element.
+// Reference: ops/engine/src/reference/patch.rs. One invocation per output element.
 
 #include "lib/dispatch"
 

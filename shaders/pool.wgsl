@@ -1,5 +1,5 @@
 // 2-D average pooling of the Gemma 3 projector, forward and backward.
-// Reference: ops/src/reference/pool.rs. X is [batch, side*side, channels] (patch grid row-major),
+// Reference: ops/engine/src/reference/pool.rs. X is [batch, side*side, channels] (patch grid row-major),
 // Y is [batch, out_side*out_side, channels], kernel = stride = k; grid rows/columns past
 // out_side*k (a remainder torch's AvgPool2d drops) get zero gradient.
 

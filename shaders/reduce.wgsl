@@ -89,7 +89,7 @@ fn clip_scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     clip_x[i] = clip_x[i] * coef;
 }
 
-// The same kernels over a linear texture copy of x (ops/src/gpu/staging.rs: texel t at
+// The same kernels over a linear texture copy of x (ops/engine/src/gpu/staging.rs: texel t at
 // (t % 4096, t / 4096), four elements each), for CPU adapters where a texel fetch costs a tenth
 // of a storage load. `partial_tex` covers SEG elements per workgroup as `partial` does (texels
 // past n hold whatever followed x in its buffer and are masked); `clip_scale4_tex` writes four

@@ -32,22 +32,24 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-# Release builds of runner, gpu_bench, train_bench and the ops library's tests (the kernel
-# tests), stripped, into $kit/bin; the checkout they were built in (their tests find fixtures
+# Release builds of runner, gpu_bench, train_bench and the unit tests of the engine crate (the
+# kernel tests) and the model crate (the model's GPU passes), stripped, into $kit/bin; the checkout they were built in (their tests find fixtures
 # by that path) in $kit/build-root.
 build_binaries() {
     mkdir -p "$kit/bin"
     cargo build --release -p runner
     cargo build --release -p ops --example gpu_bench --example train_bench
-    local tests
-    tests=$(cargo test --release -p ops --lib --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import json,sys
+    local crate tests
+    cp target/release/runner target/release/examples/gpu_bench target/release/examples/train_bench "$kit/bin/"
+    for crate in engine model; do
+        tests=$(cargo test --release -p $crate --lib --no-run --message-format=json 2>/dev/null \
+            | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
         print(m["executable"])')
-    cp target/release/runner target/release/examples/gpu_bench target/release/examples/train_bench "$kit/bin/"
-    cp "$tests" "$kit/bin/ops-kernel-tests"
+        cp "$tests" "$kit/bin/$crate-tests"
+    done
     strip "$kit/bin/"* 2>/dev/null || true
     echo "$root" >"$kit/build-root"
 }
@@ -134,7 +136,7 @@ cpu_adapter=0
 grep -q '^adapter:.*(Cpu,' "$out/gpu.txt" && cpu_adapter=1
 
 step "kernel tests on this adapter (every family; f32 and f16 operands; cooperative matrices where present)"
-if (cd "$root/ops" && "$kit/bin/ops-kernel-tests" gpu:: 2>&1) >"$out/kernel-tests.txt"; then
+if (cd "$root/ops/engine" && "$kit/bin/engine-tests" gpu:: && cd "$root/ops/model" && "$kit/bin/model-tests" gpu::) >"$out/kernel-tests.txt" 2>&1; then
     grep '^test result' "$out/kernel-tests.txt"
 else
     status=1

@@ -317,6 +317,7 @@ fn main() -> Result<()> {
         seed: 0,
         drop_last: false,
         fail_on_error: true,
+        max_positions: ops::collate::max_positions(&model)?,
     };
     prepare_batches(&tdir, &model, &bdir, &spec, &|_| {})?;
     profile_stages(&templated, &files, &model)?;

@@ -131,6 +131,7 @@ impl Op for CollateOp {
             seed: p.seed.unwrap_or(ctx.recipe.seed),
             drop_last: p.drop_last,
             fail_on_error: p.on_error == "fail",
+            max_positions: max_positions(model.root())?,
         };
         let desc = prepare_batches(&templated.dir, model.root(), ctx.out_dir, &spec, &|n| {
             ctx.progress.inc(n as u64)
@@ -153,4 +154,18 @@ impl Op for CollateOp {
         }
         Ok(())
     }
+}
+
+/// The model's `max_position_embeddings`, when the model folder has a config.json (a tokenizer
+/// alone collates without the check).
+pub fn max_positions(model_dir: &std::path::Path) -> Result<Option<usize>> {
+    let config_path = model_dir.join("config.json");
+    if !config_path.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(
+        crate::model::ModelConfig::from_file(&config_path)?
+            .text()
+            .max_position_embeddings,
+    ))
 }

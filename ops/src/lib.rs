@@ -1,234 +1,57 @@
-//! Every op of a recipe, and the engines behind them.
+//! Every op of a recipe.
 //!
 //! An op file (`load.rs`, `unzip.rs`, ...) is thin glue: it declares its ports and parameters
-//! and calls a domain module (`data/`, `hub/`, `gpu/`, `model/`, `train/`).
+//! and calls a domain crate beside this one. The crates, bottom up (README, "Architecture"):
+//! `op-api` (the [`Op`] trait, artifacts, params) and `dist` (ranks); `engine` (the GPU: device,
+//! kernels and their references), `hub` and `data`; `model` (Gemma 3 on the engine); `train`
+//! (the loop). They are re-exported here under the module names they had when they were one
+//! crate, so `ops::gpu::Gpu` and `ops::train::trainer` read as before.
 
-pub mod artifact;
-pub mod atomic_file;
 pub mod collate;
-pub mod data;
-pub mod dist;
 pub mod eval;
 pub mod format;
 pub mod generate;
 pub mod generation;
-pub mod gpu;
-pub mod hub;
 pub mod load;
 pub mod lora_train;
-pub mod model;
-pub mod params;
 pub mod publish;
 pub mod push;
 pub mod quantize;
-pub mod reference;
 pub mod save;
 pub mod score;
 pub mod template;
-pub mod train;
 pub mod unzip;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+pub use ::data;
+pub use ::dist;
+pub use ::hub;
+pub use ::model;
+/// The `train` crate, plus the two modules that moved below it into `model` (the trait the
+/// trainer drives, and the PEFT adapter format) under their old names.
+pub mod train {
+    pub use ::model::peft as adapter;
+    pub use ::model::train_model as model;
+    pub use ::train::*;
+}
+pub use engine::{gpu, reference};
+pub use op_api::*;
+
 use std::sync::Arc;
 
-pub use artifact::{Artifact, ArtifactType};
-pub use params::{OpParams, ParamDefault, ParamError, ParamSpec};
-
-/// Marks an error (as `anyhow` context) that is no fault of the recipe, e.g. the Hub unreachable
-/// while `Op::fingerprint` resolves a revision: the runner exits 1 (a run-time failure), not 2.
-#[derive(Debug)]
-pub struct RunTimeFailure(pub String);
-
-impl std::fmt::Display for RunTimeFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// An input port of an op.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Port {
-    pub name: &'static str,
-    /// The artifact types this port accepts.
-    pub accepts: &'static [ArtifactType],
-    pub required: bool,
-    pub doc: &'static str,
-}
-
-/// Where an op's work runs: CPU ops may run concurrently; GPU ops run one at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Gpu,
-}
-
-/// What the runner knows about the recipe, handed to every op.
-#[derive(Debug, Clone)]
-pub struct RecipeInfo {
-    pub name: String,
-    pub seed: u64,
-    /// The recipe file; relative paths in params resolve against its folder.
-    pub path: PathBuf,
-    /// `[recipe] output_dir`, resolved against the recipe's folder.
-    pub output_dir: PathBuf,
-}
-
-impl RecipeInfo {
-    /// Resolves a path written in the recipe against the recipe's folder.
-    pub fn resolve(&self, p: impl AsRef<Path>) -> PathBuf {
-        let p = p.as_ref();
-        if p.is_absolute() {
-            return p.to_path_buf();
-        }
-        self.path.parent().unwrap_or(Path::new(".")).join(p)
-    }
-}
-
-/// Progress reporting for a running op (the runner draws it with indicatif).
-pub trait Progress: Send + Sync {
-    /// Sets the total amount of work (units are the op's: rows, bytes, steps).
-    fn set_length(&self, len: u64);
-    fn inc(&self, delta: u64);
-    /// A short status line (e.g. `loss 1.234`).
-    fn message(&self, msg: String);
-    /// A line printed above the progress bars (warnings, skipped-row reports, metrics).
-    fn println(&self, line: String);
-}
-
-/// Progress that goes nowhere (library use and tests).
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn set_length(&self, _: u64) {}
-    fn inc(&self, _: u64) {}
-    fn message(&self, _: String) {}
-    fn println(&self, _: String) {}
-}
-
-/// Everything an op's `run` gets.
-pub struct RunCtx<'a> {
-    /// The op's name in the recipe (`[ops.NAME]`), for messages.
-    pub name: &'a str,
-    /// The canonical params (defaults filled in), as checked by [`Op::check`].
-    pub params: &'a toml::Table,
-    /// The artifacts connected to the op's input ports, by port name.
-    pub inputs: &'a BTreeMap<String, Artifact>,
-    /// An empty directory: the op writes its whole output here. The runner publishes it into
-    /// the cache (atomically) only when `run` returns `Ok`.
-    pub out_dir: &'a Path,
-    pub recipe: &'a RecipeInfo,
-    pub progress: &'a dyn Progress,
-}
-
-impl RunCtx<'_> {
-    /// The artifact on a required port (the graph checker guarantees it is connected).
-    pub fn input(&self, port: &str) -> anyhow::Result<&Artifact> {
-        self.inputs
-            .get(port)
-            .ok_or_else(|| anyhow::anyhow!("op `{}`: input `{port}` is not connected", self.name))
-    }
-
-    pub fn optional_input(&self, port: &str) -> Option<&Artifact> {
-        self.inputs.get(port)
-    }
-}
-
-/// An op kind. Implementations are registered in [`Registry::builtin`].
-pub trait Op: Send + Sync {
-    /// The name recipes use: `op = "<kind>"`.
-    fn kind(&self) -> &'static str;
-    /// One line for `runner ops`.
-    fn doc(&self) -> &'static str;
-    fn inputs(&self) -> Vec<Port>;
-    fn params(&self) -> Vec<ParamSpec>;
-    /// Bumped whenever a change to the op changes its output; part of every cache key.
-    fn version(&self) -> u32;
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-    /// An op that every rank of a data-parallel run (under `mpirun`, see [`dist`]) runs
-    /// together, exchanging data as it goes (`lora-train`). Rank 0 decides whether it runs;
-    /// every rank starts the collective ops in the same order; only rank 0's output is kept.
-    /// Every other op runs on rank 0 alone, except the ones a collective op needs as input.
-    fn collective(&self) -> bool {
-        false
-    }
-    /// Validates params strictly and returns them canonical (defaults filled).
-    fn check(&self, params: &toml::Table) -> Result<toml::Table, ParamError>;
-    /// The type of the output, given valid params (e.g. `load` yields a dataset or a model).
-    fn output(&self, params: &toml::Table) -> ArtifactType;
-    /// Extra content the cache key must cover beyond params and inputs, e.g. a local file's
-    /// size and modification time. Called at plan time; must be cheap.
-    fn fingerprint(
-        &self,
-        _params: &toml::Table,
-        _recipe: &RecipeInfo,
-    ) -> anyhow::Result<Option<String>> {
-        Ok(None)
-    }
-    /// `Some(reason)` when the op will not do anything with these params (e.g. `push` with
-    /// `enabled = false`); `runner plan` shows it as skipped.
-    fn skip_reason(&self, _params: &toml::Table) -> Option<String> {
-        None
-    }
-    /// For an op that writes outside the cache (`save`'s output folder): `Some(reason)` when
-    /// what its cached output `entry` recorded writing is no longer there as written, so the op
-    /// runs again instead of being reused. Called at plan time on cached entries; must be cheap.
-    fn side_effects_missing(
-        &self,
-        _entry: &Path,
-        _params: &toml::Table,
-        _recipe: &RecipeInfo,
-    ) -> Option<String> {
-        None
-    }
-    fn run(&self, ctx: &RunCtx) -> anyhow::Result<()>;
-}
-
-/// Name → op.
-#[derive(Clone, Default)]
-pub struct Registry {
-    ops: BTreeMap<&'static str, Arc<dyn Op>>,
-}
-
-impl Registry {
-    pub fn empty() -> Self {
-        Self::default()
-    }
-
-    /// Every op the runner ships.
-    pub fn builtin() -> Self {
-        let mut registry = Self::empty();
-        registry.register(Arc::new(load::Load));
-        registry.register(Arc::new(push::PushOp));
-        registry.register(Arc::new(quantize::Quantize));
-        registry.register(Arc::new(save::SaveOp));
-        registry.register(Arc::new(unzip::Unzip));
-        registry.register(Arc::new(format::FormatOp));
-        registry.register(Arc::new(template::TemplateOp));
-        registry.register(Arc::new(collate::CollateOp));
-        registry.register(Arc::new(lora_train::LoraTrainOp::default()));
-        registry.register(Arc::new(eval::EvalOp));
-        registry.register(Arc::new(generate::GenerateOp));
-        registry.register(Arc::new(score::ScoreOp));
-        registry
-    }
-
-    pub fn register(&mut self, op: Arc<dyn Op>) -> &mut Self {
-        self.ops.insert(op.kind(), op);
-        self
-    }
-
-    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Op>> {
-        self.ops.get(kind)
-    }
-
-    pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.ops.keys().copied()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Op>> {
-        self.ops.values()
-    }
+/// Every op the runner ships.
+pub fn builtin() -> Registry {
+    let mut registry = Registry::empty();
+    registry.register(Arc::new(load::Load));
+    registry.register(Arc::new(push::PushOp));
+    registry.register(Arc::new(quantize::Quantize));
+    registry.register(Arc::new(save::SaveOp));
+    registry.register(Arc::new(unzip::Unzip));
+    registry.register(Arc::new(format::FormatOp));
+    registry.register(Arc::new(template::TemplateOp));
+    registry.register(Arc::new(collate::CollateOp));
+    registry.register(Arc::new(lora_train::LoraTrainOp::default()));
+    registry.register(Arc::new(eval::EvalOp));
+    registry.register(Arc::new(generate::GenerateOp));
+    registry.register(Arc::new(score::ScoreOp));
+    registry
 }

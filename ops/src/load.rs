@@ -13,8 +13,8 @@ use crate::data::holdout::Holdout;
 use crate::data::model_dir::{self, ModelManifest, SAFETENSORS_INDEX};
 use crate::hub::cache::{HubEnv, RepoType};
 use crate::hub::download::{Hub, RepoSnapshot};
+use crate::model::peft::{import_adapter_folder, ADAPTER_FILES};
 use crate::params::{OpParams, ParamError, ParamSpec};
-use crate::train::adapter_source::{import_adapter_folder, load_hub_adapter};
 use crate::{op_params, ArtifactType, Op, Port, Progress, RecipeInfo, RunCtx};
 
 op_params! {
@@ -528,6 +528,27 @@ fn local_fingerprint(path: &Path) -> Result<String> {
         files.len(),
         hex::encode(hasher.finalize())
     ))
+}
+
+/// Downloads (or finds in the HF cache) the adapter files of a Hub repo and imports them.
+pub fn load_hub_adapter(
+    hub: &Hub,
+    repo_id: &str,
+    revision: &str,
+    out_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let what = || format!("adapter repo `{repo_id}` at `{revision}`");
+    let snapshot = hub
+        .resolve(repo_id, RepoType::Model, revision)
+        .with_context(what)?;
+    if let Some(note) = &snapshot.note {
+        progress.println(format!("warning: {note}"));
+    }
+    for file in ADAPTER_FILES {
+        hub.fetch(&snapshot, file, progress).with_context(what)?;
+    }
+    import_adapter_folder(&snapshot.dir(), out_dir).with_context(what)
 }
 
 #[cfg(test)]
@@ -1068,5 +1089,162 @@ mod tests {
         assert!(model.file("chat_template.jinja").is_some());
         assert_eq!(model.config().unwrap()["model_type"], "gemma3");
         assert!(!model.safetensors().unwrap().is_empty());
+    }
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    }
+
+    /// The tiny model the PEFT fixture adapter (`golden/lora/adapter_step3`) was trained on.
+    fn tiny_model_config() -> crate::model::ModelConfig {
+        let dir = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3/snapshots");
+        let snap = std::fs::read_dir(&dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        crate::model::ModelConfig::from_file(&snap.join("config.json")).unwrap()
+    }
+
+    /// `load` with `holdout` on a local JSON Lines file: the two takes partition the rows, the
+    /// dataset artifact yields only its side (rows keep their global numbers), and the split
+    /// follows the content when the file's rows are reordered.
+    #[test]
+    fn holdout_through_the_load_op() {
+        let data = tempfile::tempdir().unwrap();
+        let lines: Vec<String> = (0..300)
+            .map(|i| format!("{{\"q\": \"question {i}\"}}"))
+            .collect();
+        let file = data.path().join("rows.jsonl");
+        let recipe = RecipeInfo {
+            name: "t".into(),
+            seed: 0,
+            path: data.path().join("r.toml"),
+            output_dir: data.path().join("out"),
+        };
+        let load = |take: &str| -> Vec<(usize, String)> {
+            let table: toml::Table = format!(
+                "path = \"{}\"\nholdout = {{ fraction = 0.1, seed = 5, take = \"{take}\" }}",
+                file.display()
+            )
+            .parse()
+            .unwrap();
+            let params = Load.check(&table).unwrap();
+            let out = tempfile::tempdir().unwrap();
+            Load.run(&RunCtx {
+                name: "raw",
+                params: &params,
+                inputs: &std::collections::BTreeMap::<String, Artifact>::new(),
+                out_dir: out.path(),
+                recipe: &recipe,
+                progress: &NoProgress,
+            })
+            .unwrap();
+            let ds = dataset::open(out.path()).unwrap();
+            let rows: Vec<(usize, String)> = ds
+                .rows()
+                .map(|r| {
+                    let r = r.unwrap();
+                    (r.index, r.get("q").unwrap().as_str().unwrap().to_string())
+                })
+                .collect();
+            assert_eq!(ds.len(), rows.len());
+            rows
+        };
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let train = load("train");
+        let held = load("holdout");
+        assert_eq!(train.len() + held.len(), 300);
+        assert!((10..=55).contains(&held.len()), "{} held out", held.len());
+        for (index, q) in held.iter().chain(&train) {
+            assert_eq!(q, &format!("question {index}"));
+        }
+        let mut all: Vec<usize> = train.iter().chain(&held).map(|(i, _)| *i).collect();
+        all.sort();
+        assert_eq!(all, (0..300).collect::<Vec<_>>());
+        // Reversed file: the same questions are held out, at other row numbers.
+        let mut reversed = lines.clone();
+        reversed.reverse();
+        std::fs::write(&file, reversed.join("\n")).unwrap();
+        let mut again: Vec<String> = load("holdout").into_iter().map(|(_, q)| q).collect();
+        let mut before: Vec<String> = held.into_iter().map(|(_, q)| q).collect();
+        again.sort();
+        before.sort();
+        assert_eq!(again, before);
+        // Holdout is for datasets only.
+        let err = Load
+            .check(
+                &"path = \"m\"\nrepo_type = \"model\"\nholdout = { fraction = 0.1, take = \"train\" }"
+                    .parse::<toml::Table>()
+                    .unwrap(),
+            )
+            .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("holdout"));
+    }
+
+    /// `load` with `repo_type = "adapter"`: a local folder and the same files as a Hub repo
+    /// (offline, from a cache made here) give an `adapter` artifact with the two files.
+    #[test]
+    fn adapter_through_the_load_op() {
+        use crate::hub::cache::HubEnv;
+        use crate::model::peft::{check_against_base, ADAPTER_FILES};
+
+        let src = fixtures().join("golden/lora/adapter_step3");
+        let tmp = tempfile::tempdir().unwrap();
+        let recipe = RecipeInfo {
+            name: "t".into(),
+            seed: 0,
+            path: tmp.path().join("r.toml"),
+            output_dir: tmp.path().join("out"),
+        };
+        let run = |toml_text: String| -> anyhow::Result<tempfile::TempDir> {
+            let params = Load
+                .check(&toml_text.parse::<toml::Table>().unwrap())
+                .map_err(anyhow::Error::msg)?;
+            assert_eq!(Load.output(&params), ArtifactType::Adapter);
+            let out = tempfile::tempdir().unwrap();
+            Load.run(&RunCtx {
+                name: "adapter",
+                params: &params,
+                inputs: &std::collections::BTreeMap::<String, Artifact>::new(),
+                out_dir: out.path(),
+                recipe: &recipe,
+                progress: &NoProgress,
+            })?;
+            Ok(out)
+        };
+        let out = run(format!(
+            "path = \"{}\"\nrepo_type = \"adapter\"",
+            src.display()
+        ))
+        .unwrap();
+        check_against_base(out.path(), &tiny_model_config()).unwrap();
+        let err = run(format!(
+            "path = \"{}\"\nrepo_type = \"adapter\"",
+            tmp.path().display()
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a PEFT LoRA adapter"),
+            "{err:#}"
+        );
+
+        // A Hub adapter repo in an offline cache: models--me--tiny-adapter/snapshots/<sha>/.
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let repo = tmp.path().join("hub/models--me--tiny-adapter");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), sha).unwrap();
+        let snap = repo.join("snapshots").join(sha);
+        std::fs::create_dir_all(&snap).unwrap();
+        for f in ADAPTER_FILES {
+            std::fs::copy(src.join(f), snap.join(f)).unwrap();
+        }
+        let hub = Hub::new(HubEnv::offline_at(tmp.path().join("hub")));
+        let out = tempfile::tempdir().unwrap();
+        load_hub_adapter(&hub, "me/tiny-adapter", "main", out.path(), &NoProgress).unwrap();
+        let err = load_hub_adapter(&hub, "me/other", "main", out.path(), &NoProgress).unwrap_err();
+        assert!(format!("{err:#}").contains("me/other"), "{err:#}");
+        check_against_base(out.path(), &tiny_model_config()).unwrap();
     }
 }

@@ -234,7 +234,7 @@ fn tune_command(args: &GpuArgs) -> anyhow::Result<String> {
         "adapter: {}\n\n| product | M×N×K | kept tiling | ms | default ms | speed-up |\n| --- | --- | --- | --- | --- | --- |\n",
         gpu.adapter_info().name
     );
-    for shape in ops::gpu::tune::model_products(&config, args.tokens, args.nf4) {
+    for shape in ops::model::products::model_products(&config, args.tokens, args.nf4) {
         eprintln!(
             "tuning {} ({}x{}x{})",
             shape.label, shape.m, shape.n, shape.k

@@ -1,6 +1,6 @@
 //! The pipeline machinery behind the `runner` binary: recipe parsing, the typed DAG, the
 //! content-addressed cache, the scheduler and the CLI. The binary is `cli::main_with` over
-//! `ops::Registry::builtin()`; tests call the same entry point with test-only ops registered.
+//! `ops::builtin()`; tests call the same entry point with test-only ops registered.
 
 pub mod cache;
 pub mod cli;

@@ -1,5 +1,5 @@
 //! `runner`: see the README. The subcommands live in `runner::cli`; the ops come from
-//! `ops::Registry::builtin()`.
+//! `ops::builtin()`.
 
 fn main() {
     quiet_vulkan_device_select();
@@ -7,7 +7,7 @@ fn main() {
 }
 
 fn cli() -> i32 {
-    runner::cli::main_with(ops::Registry::builtin(), std::env::args_os())
+    runner::cli::main_with(ops::builtin(), std::env::args_os())
 }
 
 /// Under an MPI launcher (`mpirun -n 4 runner run r.toml`, `srun --mpi=pmix`, an MPIJob) this

@@ -1,5 +1,5 @@
 // Flash-style attention (online softmax; never a seq×seq matrix), forward and backward.
-// Reference: ops/src/reference/attention.rs (layouts, mask rule, fully-masked rows).
+// Reference: ops/engine/src/reference/attention.rs (layouts, mask rule, fully-masked rows).
 //
 // Layout: Q, O, dO, dQ are [batch, seq, q_heads, head_dim]; K, V, dK, dV [batch, seq, kv_heads,
 // head_dim]; all bound as vec4 (head_dim is a multiple of 4). LSE is [batch, q_heads, seq];
@@ -17,7 +17,7 @@
 //
 // This module is the common header; each kernel is a module of its own in shaders/attention/
 // (its bindings and entry point) that includes it. The `sg_*` kernels for 8-lane CPU adapters
-// are generated in Rust (ops/src/gpu/kernels/attention/codegen.rs) after their bindings.
+// are generated in Rust (ops/engine/src/gpu/kernels/attention/codegen.rs) after their bindings.
 //
 // MASK buffer (i32): [0, batch*seq): per token (group + 1) * 2 + valid, where group is the image
 // group (-1 for text) and valid the attention_mask bit; then at q_ranges_off, per (batch, query

@@ -2,7 +2,7 @@
 
 // transformers' eager attention adds finfo.min to blocked scores, so a query that may see no key
 // (lse = +inf here, output 0) averages V over the whole sequence instead. This writes that mean
-// into such rows of O (reference: ops/src/model/reference/gemma3.rs eager_fully_masked_rows).
+// into such rows of O (reference: ops/engine/src/reference/attention.rs eager_fully_masked_rows).
 // Flat f32 views; one invocation per element of O.
 @group(0) @binding(1) var<storage, read> V: array<f32>;
 @group(0) @binding(2) var<storage, read> LSE: array<f32>;

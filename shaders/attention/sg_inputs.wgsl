@@ -1,9 +1,9 @@
 // Q, K and V of the generated subgroup kernels for 8-lane CPU adapters (lavapipe), whose entry
-// points are written, fully unrolled, by ops/src/gpu/kernels/attention/codegen.rs (`subgroup_forward`
+// points are written, fully unrolled, by ops/engine/src/gpu/kernels/attention/codegen.rs (`subgroup_forward`
 // etc., which document them). They read through ld_q, ld_k, ld_v: from storage buffers, or
 // with TEXTURES from staged linear textures, where lavapipe fetches ten times faster than it
 // loads storage.
-#feature TEXTURES Q, K, V (and dO) read from staged linear textures (ops/src/gpu/staging.rs)
+#feature TEXTURES Q, K, V (and dO) read from staged linear textures (ops/engine/src/gpu/staging.rs)
 #include "attention/common"
 #if TEXTURES
 #include "lib/staging"

@@ -1,6 +1,6 @@
-// Fused lm_head + cross-entropy over vocabulary chunks. Reference: ops/src/reference/cross_entropy.rs.
+// Fused lm_head + cross-entropy over vocabulary chunks. Reference: ops/engine/src/reference/cross_entropy.rs.
 //
-// The wrapper (ops/src/gpu/kernels/cross_entropy.rs) walks the vocabulary in blocks of at most
+// The wrapper (ops/engine/src/gpu/kernels/cross_entropy.rs) walks the vocabulary in blocks of at most
 // `vc` rows of W (inside the engine's storage chunks of W), so only a [tokens, vc] block of
 // logits ever exists (G, row stride ldg, a multiple of 8). The three products run on the matmul
 // kernels (shaders/matmul.wgsl); the modules of shaders/cross_entropy/ hold the softmax parts (each includes this header). Forward per block: G = X·W_cᵀ

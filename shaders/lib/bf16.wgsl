@@ -1,7 +1,7 @@
-// bf16 as the engine stores it (ops/src/gpu/tensor.rs `DType::Bf16`): two per u32 word, element
+// bf16 as the engine stores it (ops/engine/src/gpu/tensor.rs `DType::Bf16`): two per u32 word, element
 // 2i in the low half. Widening is exact (a bf16's bits are the high half of its f32); narrowing
 // rounds to nearest even as torch does, a NaN becoming a quiet NaN. Reference:
-// ops/src/reference/cast.rs.
+// ops/engine/src/reference/cast.rs.
 
 // The element in the low / high half of a word, widened.
 fn bf16_lo(w: u32) -> f32 { return bitcast<f32>(w << 16u); }

@@ -1,5 +1,5 @@
 // Dispatch grids are 2-D when a 1-D grid would pass the 65535-workgroups-per-dimension limit
-// (ops/src/gpu/recorder.rs groups_1d): workgroups are numbered row after row.
+// (ops/engine/src/gpu/recorder.rs groups_1d): workgroups are numbered row after row.
 
 // The flat number of workgroup `wid` in a grid of `nwg` workgroups.
 fn flat_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.x + wid.y * nwg.x; }

@@ -1,4 +1,4 @@
-"""Golden data for ops/src/data/image.rs: what PIL does to images before the Gemma 3 processor.
+"""Golden data for ops/data/src/image.rs: what PIL does to images before the Gemma 3 processor.
 
 Run by hand (not by CI):  /work/venv/bin/python tools/collate/make_image_golden.py
 Writes ops/tests/golden/images/: encoded inputs, and for each case the RGB bytes of

@@ -1,0 +1,395 @@
+//! Decoding with a KV cache on the GPU: `decode_attention` (one new query row per sequence
+//! against the cached keys and values; sliding-window layers keep only their window, as a ring)
+//! and `kv_append` (the new row's keys or values into the cache). Shapes and semantics are
+//! those of [`crate::reference::decode_attention`], the truth the tests compare with.
+
+use anyhow::{ensure, Result};
+use bytemuck::{Pod, Zeroable};
+
+use super::check;
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
+pub use crate::shapes::DecodeShape;
+
+/// The shader keeps a query row and its accumulator in workgroup memory of this size.
+pub const MAX_HEAD_DIM: usize = 256;
+
+fn shader() -> Result<Shader> {
+    Shader::compose("decode_attention", &[])
+}
+
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    Ok(vec![(shader()?, vec!["append", "prefill", "decode"])])
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct DecodeParams {
+    batch: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    capacity: u32,
+    pos: u32,
+    window: u32,
+    scale: f32,
+}
+
+impl DecodeParams {
+    fn new(op: &str, s: &DecodeShape) -> Result<Self> {
+        ensure!(
+            s.head_dim > 0 && s.head_dim <= MAX_HEAD_DIM,
+            "{op}: head_dim {} outside 1..={MAX_HEAD_DIM}",
+            s.head_dim
+        );
+        ensure!(
+            s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
+            "{op}: {} query heads are not a multiple of {} kv heads",
+            s.heads,
+            s.kv_heads
+        );
+        ensure!(s.capacity > 0, "{op}: the cache has no capacity");
+        // A full layer's cache must hold every position; a windowed one at least its window
+        // (older positions are overwritten in the ring, never read).
+        if s.window == 0 {
+            ensure!(
+                s.pos < s.capacity,
+                "{op}: position {} does not fit a full-attention cache of {} positions",
+                s.pos,
+                s.capacity
+            );
+        } else {
+            ensure!(
+                s.capacity >= s.window,
+                "{op}: a cache of {} positions cannot hold a window of {}",
+                s.capacity,
+                s.window
+            );
+        }
+        let u = |v: usize| u32::try_from(v).map_err(|_| anyhow::anyhow!("{op}: {v} exceeds u32"));
+        Ok(Self {
+            batch: u(s.batch)?,
+            heads: u(s.heads)?,
+            kv_heads: u(s.kv_heads)?,
+            head_dim: u(s.head_dim)?,
+            capacity: u(s.capacity)?,
+            pos: u(s.pos)?,
+            window: u(s.window)?,
+            scale: s.scale,
+        })
+    }
+}
+
+impl Gpu {
+    /// `cache[b, g, pos % capacity, :] = new[b, g, :]`. new: f32 [batch, kv_heads, head_dim];
+    /// cache: f32 [batch, kv_heads, capacity, head_dim].
+    pub fn kv_append(
+        &self,
+        rec: &mut Recorder,
+        s: &DecodeShape,
+        new: &GpuTensor,
+        cache: &GpuTensor,
+    ) -> Result<()> {
+        let p = DecodeParams::new("kv_append", s)?;
+        let rows = s.batch * s.kv_heads;
+        check("kv_append", "new", new, DType::F32, rows * s.head_dim)?;
+        check(
+            "kv_append",
+            "cache",
+            cache,
+            DType::F32,
+            rows * s.capacity * s.head_dim,
+        )?;
+        let k = self.kernel(&shader()?, "append", &[])?;
+        rec.dispatch(
+            &k,
+            bytemuck::bytes_of(&p),
+            &[new.view()?, cache.view()?],
+            groups_1d(self, (rows * s.head_dim).div_ceil(256) as u32),
+        );
+        Ok(())
+    }
+
+    /// The prompt's keys or values into the cache (`s.pos` = the prompt length n): new: f32
+    /// [batch, n, kv_heads, head_dim] (a prompt forward's rows); cache: f32 [batch, kv_heads,
+    /// capacity, head_dim]. Position p goes to slot p % capacity; a ring smaller than the prompt
+    /// keeps its last `capacity` positions.
+    pub fn kv_prefill(
+        &self,
+        rec: &mut Recorder,
+        s: &DecodeShape,
+        new: &GpuTensor,
+        cache: &GpuTensor,
+    ) -> Result<()> {
+        ensure!(s.pos > 0, "kv_prefill: the prompt is empty");
+        // The params' checks are those of the last prompt position.
+        let mut p = DecodeParams::new(
+            "kv_prefill",
+            &DecodeShape {
+                pos: s.pos - 1,
+                ..*s
+            },
+        )?;
+        p.pos = s.pos as u32;
+        let row = s.kv_heads * s.head_dim;
+        check("kv_prefill", "new", new, DType::F32, s.batch * s.pos * row)?;
+        check(
+            "kv_prefill",
+            "cache",
+            cache,
+            DType::F32,
+            s.batch * s.kv_heads * s.capacity * s.head_dim,
+        )?;
+        let kept = s.pos.min(s.capacity);
+        let k = self.kernel(&shader()?, "prefill", &[])?;
+        rec.dispatch(
+            &k,
+            bytemuck::bytes_of(&p),
+            &[new.view()?, cache.view()?],
+            groups_1d(self, (s.batch * kept * row).div_ceil(256) as u32),
+        );
+        Ok(())
+    }
+
+    /// out [batch, heads, head_dim] = softmax(q·Kᵀ·scale)·V over the keys row b sees
+    /// (past its left padding `start[b]`, inside the window, up to `pos`); a row that sees no
+    /// key gets zeros. q: f32 [batch, heads, head_dim]; k_cache, v_cache: f32
+    /// [batch, kv_heads, capacity, head_dim]; start: u32 [batch].
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention(
+        &self,
+        rec: &mut Recorder,
+        s: &DecodeShape,
+        q: &GpuTensor,
+        k_cache: &GpuTensor,
+        v_cache: &GpuTensor,
+        start: &GpuTensor,
+        out: &GpuTensor,
+    ) -> Result<()> {
+        let p = DecodeParams::new("decode_attention", s)?;
+        let rows = s.batch * s.heads;
+        let cache = s.batch * s.kv_heads * s.capacity * s.head_dim;
+        check("decode_attention", "q", q, DType::F32, rows * s.head_dim)?;
+        check("decode_attention", "k_cache", k_cache, DType::F32, cache)?;
+        check("decode_attention", "v_cache", v_cache, DType::F32, cache)?;
+        check("decode_attention", "start", start, DType::U32, s.batch)?;
+        check(
+            "decode_attention",
+            "out",
+            out,
+            DType::F32,
+            rows * s.head_dim,
+        )?;
+        let k = self.kernel(&shader()?, "decode", &[])?;
+        rec.dispatch(
+            &k,
+            bytemuck::bytes_of(&p),
+            &[
+                q.view()?,
+                k_cache.view()?,
+                v_cache.view()?,
+                start.view()?,
+                out.view()?,
+            ],
+            groups_1d(self, rows as u32),
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::testing::{rel_frobenius, test_gpu, TestRng};
+    use crate::reference::decode_attention as reference;
+
+    /// Decodes `steps` positions one at a time, appending each step's K and V through the GPU
+    /// and the reference alike, and compares every step's output with fresh random inputs.
+    /// Odd sizes (head_dim 37, 6 heads over 3 kv heads, more keys than a workgroup holds, a
+    /// ring smaller than the sequence), left padding per row (one row all padding for a while),
+    /// outputs poisoned before each dispatch.
+    fn decode_sequence(gpu: &Gpu, window: usize, capacity: usize, steps: usize, head_dim: usize) {
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let (batch, heads, kv_heads) = (3usize, 6usize, 3usize);
+        let start = [0u32, 5, (steps as u32).saturating_sub(3)];
+        let base = DecodeShape {
+            batch,
+            heads,
+            kv_heads,
+            head_dim,
+            capacity,
+            pos: 0,
+            window,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        let cache_len = batch * kv_heads * capacity * head_dim;
+        // Stale values in the cache must never be read: start from garbage, not zeros.
+        let mut k_ref = rng.vec_normal(cache_len);
+        let mut v_ref = rng.vec_normal(cache_len);
+        let k_gpu = gpu
+            .upload_f32(&[batch, kv_heads, capacity, head_dim], &k_ref)
+            .unwrap();
+        let v_gpu = gpu
+            .upload_f32(&[batch, kv_heads, capacity, head_dim], &v_ref)
+            .unwrap();
+        let gstart = gpu.upload_u32(&[batch], &start).unwrap();
+        let out = gpu.empty(&[batch, heads, head_dim], DType::F32).unwrap();
+        for pos in 0..steps {
+            let s = DecodeShape { pos, ..base };
+            // Scores of several units: a softmax far from uniform.
+            let k_new: Vec<f32> = rng.vec_normal(batch * kv_heads * head_dim);
+            let v_new = rng.vec_normal(batch * kv_heads * head_dim);
+            let q: Vec<f32> = rng
+                .vec_normal(batch * heads * head_dim)
+                .iter()
+                .map(|x| 3.0 * x)
+                .collect();
+            reference::append(&mut k_ref, &k_new, &s);
+            reference::append(&mut v_ref, &v_new, &s);
+            let gk = gpu
+                .upload_f32(&[batch, kv_heads, head_dim], &k_new)
+                .unwrap();
+            let gv = gpu
+                .upload_f32(&[batch, kv_heads, head_dim], &v_new)
+                .unwrap();
+            let gq = gpu.upload_f32(&[batch, heads, head_dim], &q).unwrap();
+            gpu.poison(&out);
+            let mut rec = Recorder::new(gpu);
+            gpu.kv_append(&mut rec, &s, &gk, &k_gpu).unwrap();
+            gpu.kv_append(&mut rec, &s, &gv, &v_gpu).unwrap();
+            gpu.decode_attention(&mut rec, &s, &gq, &k_gpu, &v_gpu, &gstart, &out)
+                .unwrap();
+            rec.submit();
+            assert_eq!(
+                gpu.read_f32(&k_gpu).unwrap(),
+                k_ref,
+                "seed {seed} pos {pos}: K cache"
+            );
+            assert_eq!(
+                gpu.read_f32(&v_gpu).unwrap(),
+                v_ref,
+                "seed {seed} pos {pos}: V cache"
+            );
+            let got = gpu.read_f32(&out).unwrap();
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "seed {seed} pos {pos}: an output was not written (poison left)"
+            );
+            let want = reference::decode(&q, &k_ref, &v_ref, &start, &s);
+            let err = rel_frobenius(&got, &want);
+            assert!(
+                err < 2e-6,
+                "seed {seed} pos {pos} window {window}: rel err {err}"
+            );
+        }
+    }
+
+    /// A prompt's rows into a full cache and into rings smaller and larger than the prompt
+    /// (garbage beforehand: untouched slots must keep it), against the reference, which equals
+    /// one `append` per position.
+    #[test]
+    fn prefill_matches_reference_and_appends() {
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let (batch, kv_heads, head_dim, n) = (2usize, 3usize, 5usize, 11usize);
+        for (capacity, window) in [(14usize, 0usize), (4, 4), (13, 6)] {
+            let s = DecodeShape {
+                batch,
+                heads: kv_heads,
+                kv_heads,
+                head_dim,
+                capacity,
+                pos: n,
+                window,
+                scale: 1.0,
+            };
+            let cache_len = batch * kv_heads * capacity * head_dim;
+            let mut want = rng.vec_normal(cache_len);
+            let gcache = gpu
+                .upload_f32(&[batch, kv_heads, capacity, head_dim], &want)
+                .unwrap();
+            let new = rng.vec_normal(batch * n * kv_heads * head_dim);
+            let mut by_append = want.clone();
+            for t in 0..n {
+                let rows: Vec<f32> = (0..batch)
+                    .flat_map(|b| {
+                        new[(b * n + t) * kv_heads * head_dim..][..kv_heads * head_dim].to_vec()
+                    })
+                    .collect();
+                reference::append(&mut by_append, &rows, &DecodeShape { pos: t, ..s });
+            }
+            reference::prefill(&mut want, &new, &s);
+            assert_eq!(
+                want, by_append,
+                "seed {seed} capacity {capacity}: reference"
+            );
+            let gnew = gpu
+                .upload_f32(&[batch, n, kv_heads, head_dim], &new)
+                .unwrap();
+            let mut rec = Recorder::new(gpu);
+            gpu.kv_prefill(&mut rec, &s, &gnew, &gcache).unwrap();
+            rec.submit();
+            assert_eq!(
+                gpu.read_f32(&gcache).unwrap(),
+                want,
+                "seed {seed} capacity {capacity} window {window}"
+            );
+        }
+    }
+
+    #[test]
+    fn full_attention_matches_reference() {
+        // 70 keys: more than the 64 keys of one tile.
+        decode_sequence(test_gpu(), 0, 73, 70, 37);
+    }
+
+    #[test]
+    fn sliding_window_ring_matches_reference() {
+        // Window 5 in a ring of 5, then a ring larger than its window.
+        decode_sequence(test_gpu(), 5, 5, 19, 37);
+        decode_sequence(test_gpu(), 7, 9, 23, 8);
+    }
+
+    #[test]
+    fn gemma_head_dim_256() {
+        decode_sequence(test_gpu(), 0, 12, 11, MAX_HEAD_DIM);
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        let gpu = test_gpu();
+        let s = DecodeShape {
+            batch: 1,
+            heads: 3,
+            kv_heads: 2,
+            head_dim: 4,
+            capacity: 4,
+            pos: 0,
+            window: 0,
+            scale: 1.0,
+        };
+        let t = gpu.empty(&[48], DType::F32).unwrap();
+        let u = gpu.empty(&[1], DType::U32).unwrap();
+        let mut rec = Recorder::new(gpu);
+        let err = gpu
+            .decode_attention(&mut rec, &s, &t, &t, &t, &u, &t)
+            .unwrap_err();
+        assert!(err.to_string().contains("kv heads"), "{err}");
+        let full = DecodeShape {
+            heads: 2,
+            pos: 4,
+            ..s
+        };
+        let err = gpu.kv_append(&mut rec, &full, &t, &t).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        let big = DecodeShape {
+            heads: 2,
+            head_dim: 257,
+            ..s
+        };
+        let err = gpu.kv_append(&mut rec, &big, &t, &t).unwrap_err();
+        assert!(err.to_string().contains("head_dim"), "{err}");
+    }
+}

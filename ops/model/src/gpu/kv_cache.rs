@@ -1,0 +1,353 @@
+//! Generation with a KV cache on the GPU: the prompt forward (vision tower once, bidirectional
+//! image blocks, left padding) fills every layer's cache through `kv_prefill`; each decode step
+//! then runs one new row per sequence through the decoder, appending its keys and values
+//! (`kv_append`) and attending over the cache (`decode_attention`). Full-attention layers keep
+//! every position (prompt + `max_new_tokens`); sliding-window layers keep only their window, as a
+//! ring. The twin of transformers' `generate` with its dynamic/hybrid cache: same positions
+//! (counted from each row's first real token), same masks, same token order.
+
+use anyhow::{ensure, Context, Result};
+
+use super::decoder::{add_into, GpuDecoderLayer};
+use super::linear::LoraRun;
+use super::model::Gemma3Gpu;
+use crate::reference::gemma3::TextDims;
+use data::collate::Batch;
+use engine::gpu::kernels::decode_attention::DecodeShape;
+use engine::gpu::{DType, Gpu, GpuTensor, Recorder, RopeTables};
+
+/// One layer's cache: keys (rotated) and values, f32 `[batch, kv_heads, capacity, head_dim]`.
+struct LayerKv {
+    k: GpuTensor,
+    v: GpuTensor,
+    capacity: usize,
+    /// 0: full attention.
+    window: usize,
+}
+
+/// The decoding state of one batch of prompts.
+pub struct KvCache {
+    pub batch: usize,
+    /// The (left-padded) prompt length: the absolute position of the first new token.
+    pub prompt_len: usize,
+    /// Prompt + `max_new_tokens`: the positions full-attention layers hold.
+    pub max_len: usize,
+    layers: Vec<LayerKv>,
+    /// `[batch]` u32: each row's left padding (the first key it sees).
+    start: GpuTensor,
+    /// RoPE tables per (base, factor), covering `max_len` positions.
+    ropes: Vec<((u64, u64), RopeTables)>,
+    /// The RoPE position of each row's next token (its real tokens so far).
+    next_position: Vec<u32>,
+    /// The absolute position (cache slot index) of the next token, shared by all rows.
+    pos: usize,
+    /// Keeps the frozen weights staged for the whole generation on CPU adapters.
+    _staged_weights: engine::gpu::staging::StagedWeightsHold,
+}
+
+impl KvCache {
+    /// Device bytes the caches hold.
+    pub fn bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| (l.k.numel() + l.v.numel()) as u64 * 4)
+            .sum()
+    }
+
+    /// New tokens decoded so far.
+    pub fn generated(&self) -> usize {
+        self.pos - self.prompt_len
+    }
+
+    fn rope(&self, layer: &GpuDecoderLayer) -> Result<&RopeTables> {
+        let key = (
+            layer.rope_theta.to_bits(),
+            layer.rope_linear_factor.to_bits(),
+        );
+        self.ropes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, t)| t)
+            .context("no RoPE tables for this layer")
+    }
+}
+
+/// Positions as transformers' generation computes them for a left-padded mask:
+/// `cumsum(mask) - 1`, padding at 0.
+pub fn left_padded_positions(attention_mask: &[i64], batch: usize, seq: usize) -> Vec<u32> {
+    let mut out = vec![0u32; batch * seq];
+    for b in 0..batch {
+        let mut n = 0u32;
+        for t in 0..seq {
+            if attention_mask[b * seq + t] != 0 {
+                out[b * seq + t] = n;
+                n += 1;
+            }
+        }
+    }
+    out
+}
+
+fn rmsnorm(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    eps: f32,
+) -> Result<GpuTensor> {
+    let y = gpu.empty(x.shape(), DType::F32)?;
+    let rstd = gpu.empty(&[x.numel() / w.numel()], DType::F32)?;
+    gpu.rmsnorm_forward(rec, x, w, &y, &rstd, eps)?;
+    Ok(y)
+}
+
+impl GpuDecoderLayer {
+    /// One decode step: `x [batch, hidden]` (one new token per row at RoPE `positions [batch]`
+    /// u32, absolute position `pos`) -> `[batch, hidden]`, its keys and values appended to the
+    /// layer's cache. The same computation as [`GpuDecoderLayer::forward`] with the attention
+    /// over the cache.
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        dims: &TextDims,
+        positions: &GpuTensor,
+        rope: &RopeTables,
+        kv: &LayerKv,
+        start: &GpuTensor,
+        pos: usize,
+        run: &LoraRun,
+    ) -> Result<GpuTensor> {
+        let eps = dims.rms_eps;
+        let rows = x.rows();
+        let (hd, heads, kvh) = (dims.head_dim, dims.heads, dims.kv_heads);
+        let n1 = rmsnorm(gpu, rec, x, &self.input_layernorm, eps)?;
+        let (q, _) = self.q_proj.forward(gpu, rec, &n1, run)?;
+        let (k, _) = self.k_proj.forward(gpu, rec, &n1, run)?;
+        let (v, _) = self.v_proj.forward(gpu, rec, &n1, run)?;
+        let q = rmsnorm(gpu, rec, &q.reshape(&[rows, heads, hd])?, &self.q_norm, eps)?;
+        let k = rmsnorm(gpu, rec, &k.reshape(&[rows, kvh, hd])?, &self.k_norm, eps)?;
+        gpu.rope(rec, &q, positions, rope, false)?;
+        gpu.rope(rec, &k, positions, rope, false)?;
+        let shape = DecodeShape {
+            batch: rows,
+            heads,
+            kv_heads: kvh,
+            head_dim: hd,
+            capacity: kv.capacity,
+            pos,
+            window: kv.window,
+            scale: dims.attn_scale,
+        };
+        gpu.kv_append(rec, &shape, &k, &kv.k)?;
+        gpu.kv_append(rec, &shape, &v.reshape(&[rows, kvh, hd])?, &kv.v)?;
+        let attn = gpu.empty(&[rows, heads, hd], DType::F32)?;
+        gpu.decode_attention(rec, &shape, &q, &kv.k, &kv.v, start, &attn)?;
+        let (o, _) = self
+            .o_proj
+            .forward(gpu, rec, &attn.reshape(&[rows, heads * hd])?, run)?;
+        let h = rmsnorm(gpu, rec, &o, &self.post_attention_layernorm, eps)?;
+        add_into(gpu, rec, x, &h)?;
+        let n2 = rmsnorm(gpu, rec, &h, &self.pre_feedforward_layernorm, eps)?;
+        let (gate, _) = self.gate_proj.forward(gpu, rec, &n2, run)?;
+        let (up, _) = self.up_proj.forward(gpu, rec, &n2, run)?;
+        let act = gpu.empty(gate.shape(), DType::F32)?;
+        gpu.geglu_forward(rec, &gate, &up, &act)?;
+        let (down, _) = self.down_proj.forward(gpu, rec, &act, run)?;
+        let out = rmsnorm(gpu, rec, &down, &self.post_feedforward_layernorm, eps)?;
+        add_into(gpu, rec, &h, &out)?;
+        Ok(out)
+    }
+}
+
+impl Gemma3Gpu {
+    fn eval_run(&self) -> LoraRun {
+        LoraRun {
+            settings: self.settings,
+            training: false,
+            call: 0,
+            precision: self.matmul_precision,
+        }
+    }
+
+    /// Runs the prompts of a left-padded `batch` (images included: the vision tower runs here,
+    /// once) and returns the cache, sized for `max_new_tokens` more positions, and the logits of
+    /// every row's last position, `[batch, vocab]`.
+    pub fn start_generation(
+        &self,
+        gpu: &Gpu,
+        batch: &Batch,
+        max_new_tokens: usize,
+    ) -> Result<(KvCache, Vec<f32>)> {
+        let (bsz, seq) = (batch.batch_size, batch.seq_len);
+        ensure!(seq > 0, "generation needs a prompt of at least one token");
+        ensure!(max_new_tokens > 0, "max_new_tokens must be at least 1");
+        let mut start = Vec::with_capacity(bsz);
+        let mut next_position = Vec::with_capacity(bsz);
+        for b in 0..bsz {
+            let mask = &batch.attention_mask[b * seq..(b + 1) * seq];
+            let pad = mask.iter().take_while(|&&m| m == 0).count();
+            ensure!(
+                pad < seq && mask[pad..].iter().all(|&m| m != 0),
+                "row {b}: generation needs left padding (its attention mask has zeros after its \
+                 first token, or no token at all)"
+            );
+            start.push(pad as u32);
+            next_position.push((seq - pad) as u32);
+        }
+        let max_len = seq + max_new_tokens;
+        let d = self.dims;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let capacity = l.sliding_window.unwrap_or(max_len);
+                let shape = [bsz, d.kv_heads, capacity, d.head_dim];
+                Ok(LayerKv {
+                    k: gpu.empty(&shape, DType::F32)?,
+                    v: gpu.empty(&shape, DType::F32)?,
+                    capacity,
+                    window: l.sliding_window.unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut ropes: Vec<((u64, u64), RopeTables)> = Vec::new();
+        for l in &self.layers {
+            let key = (l.rope_theta.to_bits(), l.rope_linear_factor.to_bits());
+            if !ropes.iter().any(|(k, _)| *k == key) {
+                let tables = gpu.rope_tables(
+                    l.rope_theta as f32,
+                    l.rope_linear_factor as f32,
+                    d.head_dim,
+                    max_len,
+                )?;
+                ropes.push((key, tables));
+            }
+        }
+        let positions = left_padded_positions(&batch.attention_mask, bsz, seq);
+        let staged_weights = gpu.hold_staged_weights();
+        let mut rec = Recorder::new(gpu);
+        let normed = self.prefill(gpu, &mut rec, batch, &positions, |rec, i, k, v| {
+            let kv = &layers[i];
+            let shape = DecodeShape {
+                batch: bsz,
+                heads: d.heads,
+                kv_heads: d.kv_heads,
+                head_dim: d.head_dim,
+                capacity: kv.capacity,
+                pos: seq,
+                window: kv.window,
+                scale: d.attn_scale,
+            };
+            gpu.kv_prefill(rec, &shape, k, &kv.k)?;
+            gpu.kv_prefill(rec, &shape, v, &kv.v)
+        })?;
+        let logits = self.logits_of(gpu, &mut rec, &normed)?;
+        rec.submit_and_wait()?;
+        let cache = KvCache {
+            batch: bsz,
+            prompt_len: seq,
+            max_len,
+            layers,
+            start: gpu.upload_u32(&[bsz], &start)?,
+            ropes,
+            next_position,
+            pos: seq,
+            _staged_weights: staged_weights,
+        };
+        Ok((cache, gpu.read_f32(&logits)?))
+    }
+
+    /// One decode step: `ids [batch]` (the token each row just produced; finished rows pass
+    /// anything, e.g. the pad id, as transformers does) -> the next logits `[batch, vocab]`.
+    pub fn decode_step(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut rec = Recorder::new(gpu);
+        let logits = self.record_decode_step(gpu, &mut rec, cache, ids)?;
+        rec.submit_and_wait()?;
+        gpu.read_f32(&logits)
+    }
+
+    /// [`Gemma3Gpu::decode_step`] with every kernel timed (timestamp queries, where the adapter
+    /// has them): the logits and the per-kernel GPU seconds (benchmarks).
+    pub fn decode_step_timed(
+        &self,
+        gpu: &Gpu,
+        cache: &mut KvCache,
+        ids: &[u32],
+    ) -> Result<(Vec<f32>, Vec<engine::gpu::KernelTime>)> {
+        let mut rec = Recorder::timed(gpu);
+        let logits = self.record_decode_step(gpu, &mut rec, cache, ids)?;
+        let times = rec.submit_timed()?.unwrap_or_default();
+        Ok((gpu.read_f32(&logits)?, times))
+    }
+
+    /// Records one decode step into `rec` and advances the cache; returns the logits tensor.
+    fn record_decode_step(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        cache: &mut KvCache,
+        ids: &[u32],
+    ) -> Result<GpuTensor> {
+        ensure!(
+            ids.len() == cache.batch,
+            "decode step: {} ids for a batch of {}",
+            ids.len(),
+            cache.batch
+        );
+        ensure!(
+            cache.pos < cache.max_len,
+            "decode step: the cache holds {} positions and is full",
+            cache.max_len
+        );
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.dims.vocab) {
+            anyhow::bail!(
+                "decode step: token {bad} is outside the vocabulary ({})",
+                self.dims.vocab
+            );
+        }
+        let run = self.eval_run();
+        let gids = gpu.upload_u32(&[ids.len()], ids)?;
+        let positions = gpu.upload_u32(&[ids.len()], &cache.next_position)?;
+        let mut x = self.embed_ids(gpu, rec, &gids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer
+                .decode(
+                    gpu,
+                    rec,
+                    &x,
+                    &self.dims,
+                    &positions,
+                    cache.rope(layer)?,
+                    &cache.layers[i],
+                    &cache.start,
+                    cache.pos,
+                    &run,
+                )
+                .with_context(|| format!("decoder layer {i} (decode step)"))?;
+        }
+        let normed = rmsnorm(gpu, rec, &x, &self.final_norm, self.dims.rms_eps)?;
+        let logits = self.logits_of(gpu, rec, &normed)?;
+        cache.pos += 1;
+        for p in &mut cache.next_position {
+            *p += 1;
+        }
+        Ok(logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_count_real_tokens_from_the_left_padding() {
+        let mask = [0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
+        assert_eq!(
+            left_padded_positions(&mask, 2, 5),
+            vec![0, 0, 0, 1, 2, 0, 1, 2, 3, 4]
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! The training loop's pieces: loss normalisation, optimizer, schedule, clipping, checkpoints,
+//! and metrics (metrics.jsonl and TensorBoard event files).
+
+pub mod checkpoint;
+pub mod grad_sync;
+pub mod lora_init;
+pub mod metrics;
+pub mod optimizer;
+pub mod reference_model;
+pub mod schedule;
+pub mod tensorboard;
+pub mod trainer;
