@@ -157,10 +157,10 @@ impl LoadParams {
         Ok(source)
     }
 
-    /// The process's Hugging Face environment with this op's `cache_dir` and
+    /// The recipe's Hugging Face environment with this op's `cache_dir` and
     /// `local_files_only` on top.
     fn hub_env(&self, recipe: &RecipeInfo) -> HubEnv {
-        let mut env = HubEnv::from_process_env();
+        let mut env = HubEnv::from_vars(|name| recipe.env.var(name));
         if let Some(dir) = &self.cache_dir {
             env.cache_dir = recipe.resolve(dir);
         }
@@ -828,6 +828,7 @@ mod tests {
             seed: 0,
             path: recipe_dir.path().join("r.toml"),
             output_dir: recipe_dir.path().join("out"),
+            env: crate::Environment::process(),
         };
         let op = Load;
         let table: toml::Table = format!("path = \"{}\"\nsplit = \"test\"", data.path().display())
@@ -1122,6 +1123,7 @@ mod tests {
             seed: 0,
             path: data.path().join("r.toml"),
             output_dir: data.path().join("out"),
+            env: crate::Environment::process(),
         };
         let load = |take: &str| -> Vec<(usize, String)> {
             let table: toml::Table = format!(
@@ -1197,6 +1199,7 @@ mod tests {
             seed: 0,
             path: tmp.path().join("r.toml"),
             output_dir: tmp.path().join("out"),
+            env: crate::Environment::process(),
         };
         let run = |toml_text: String| -> anyhow::Result<tempfile::TempDir> {
             let params = Load

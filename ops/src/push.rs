@@ -112,7 +112,7 @@ impl Op for PushOp {
     }
     fn run(&self, ctx: &RunCtx) -> anyhow::Result<()> {
         let p = PushParams::from_table(ctx.params)?;
-        let env = |k: &str| std::env::var(k).ok();
+        let env = |k: &str| ctx.recipe.env.var(k);
         push(
             ctx.name,
             &p,

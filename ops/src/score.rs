@@ -171,6 +171,7 @@ mod tests {
             seed: 0,
             path: input.path().join("r.toml"),
             output_dir: input.path().join("out"),
+            env: crate::Environment::process(),
         };
         ScoreOp.run(&RunCtx {
             name: "scores",

@@ -125,7 +125,7 @@ impl Op for Unzip {
         let p = UnzipParams::from_table(ctx.params)?;
         let dataset = DatasetManifest::read(&ctx.input("archives")?.dir)?;
         let names = select_archives(&dataset.files, p.archives.as_deref())?;
-        let mut env = HubEnv::from_process_env();
+        let mut env = HubEnv::from_vars(|name| ctx.recipe.env.var(name));
         // A Hub dataset's root is `<hub cache>/datasets--…/snapshots/<sha>`: archives it lacks
         // come into the cache `load` used (its `cache_dir` or the environment's).
         if let (Some(_), Some(cache)) = (&dataset.repo_id, dataset.root.ancestors().nth(3)) {
@@ -883,6 +883,7 @@ mod tests {
             seed: 0,
             path: "r.toml".into(),
             output_dir: "o".into(),
+            env: crate::Environment::process(),
         };
         Unzip
             .run(&RunCtx {

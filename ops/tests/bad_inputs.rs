@@ -5,34 +5,17 @@
 //! reason is reported. The bad data is made here from the shipped fixtures (the MMIU archives,
 //! extracted by the real `unzip` op, copied and damaged in a temporary folder).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use ops::data::collate::{BatchStream, StreamOptions};
-use ops::{Artifact, ArtifactType, Op, Progress, RecipeInfo, RunCtx};
+use ops::{Artifact, ArtifactType, Op};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Progress that keeps the lines an op prints (skip reports).
-#[derive(Default)]
-struct Captured(Mutex<Vec<String>>);
-
-impl Progress for Captured {
-    fn set_length(&self, _: u64) {}
-    fn inc(&self, _: u64) {}
-    fn message(&self, _: String) {}
-    fn println(&self, line: String) {
-        self.0.lock().unwrap().push(line);
-    }
-}
+mod common;
+use common::*;
 
 struct Env {
-    _tmp: tempfile::TempDir,
+    h: OpHarness,
     root: PathBuf,
-    recipe: RecipeInfo,
     model: Artifact,
     /// A copy of the extracted MMIU images, plus `damaged/corrupt.jpg`.
     files: Artifact,
@@ -42,20 +25,9 @@ struct Env {
 
 impl Env {
     fn new() -> Self {
-        // SAFETY: set before any op reads the environment; every test here sets the same values.
-        unsafe {
-            std::env::set_var("HF_HUB_CACHE", repo().join("tests/fixtures/hf-cache/hub"));
-            std::env::set_var("HF_HUB_OFFLINE", "1");
-        }
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
+        let h = OpHarness::new(7);
+        let root = h.root.clone();
         let mut env = Self {
-            recipe: RecipeInfo {
-                name: "t".into(),
-                seed: 7,
-                path: root.join("r.toml"),
-                output_dir: root.join("out"),
-            },
             model: Artifact {
                 ty: ArtifactType::Model,
                 dir: PathBuf::new(),
@@ -67,7 +39,7 @@ impl Env {
                 key: String::new(),
             },
             good_jpeg: String::new(),
-            _tmp: tmp,
+            h,
             root,
         };
         env.model = env
@@ -122,31 +94,7 @@ impl Env {
         params: &str,
         inputs: &[(&str, &Artifact)],
     ) -> anyhow::Result<(Artifact, Vec<String>)> {
-        let table: toml::Table = params.parse().unwrap();
-        let canonical = op.check(&table).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let out = self.root.join(name);
-        std::fs::create_dir_all(&out).unwrap();
-        let inputs: BTreeMap<String, Artifact> = inputs
-            .iter()
-            .map(|(k, a)| (k.to_string(), (*a).clone()))
-            .collect();
-        let progress = Captured::default();
-        op.run(&RunCtx {
-            name,
-            params: &canonical,
-            inputs: &inputs,
-            out_dir: &out,
-            recipe: &self.recipe,
-            progress: &progress,
-        })?;
-        Ok((
-            Artifact {
-                ty: op.output(&canonical),
-                dir: out,
-                key: name.into(),
-            },
-            progress.0.into_inner().unwrap(),
-        ))
+        self.h.try_run_capturing(op, name, params, inputs)
     }
 
     /// A local JSON Lines dataset `name/data.jsonl` (raw bytes, so lines may be non-UTF-8),

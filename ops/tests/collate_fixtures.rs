@@ -3,85 +3,29 @@
 //! with the guide's collate_fn outputs (tests/fixtures/golden): templated strings, input_ids,
 //! attention_mask, token_type_ids, labels exactly; pixel_values within one 8-bit level.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ops::data::collate::{BatchStream, StreamOptions};
-use ops::{Artifact, ArtifactType, NoProgress, Op, RecipeInfo, RunCtx};
+use ops::{Artifact, ArtifactType, Op};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::*;
+
+/// The chain of ops each test builds (seed 42), offline on the fixture Hub cache.
+type Chain = OpHarness;
 
 fn golden_json(name: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(repo().join("tests/fixtures/golden").join(name)).unwrap())
         .unwrap()
 }
 
-struct Chain {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    recipe: RecipeInfo,
-}
-
 impl Chain {
-    fn new() -> Self {
-        // SAFETY: set before any op reads the environment; tests in this file set the same values.
-        unsafe {
-            std::env::set_var("HF_HUB_CACHE", repo().join("tests/fixtures/hf-cache/hub"));
-            std::env::set_var("HF_HUB_OFFLINE", "1");
-        }
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let recipe = RecipeInfo {
-            name: "t".into(),
-            seed: 42,
-            path: root.join("r.toml"),
-            output_dir: root.join("out"),
-        };
-        Self {
-            _tmp: tmp,
-            root,
-            recipe,
-        }
-    }
-
-    fn run(
-        &self,
-        op: &dyn Op,
-        name: &str,
-        params: &str,
-        inputs: &[(&str, &Artifact)],
-    ) -> anyhow::Result<Artifact> {
-        let table: toml::Table = params.parse().unwrap();
-        let canonical = op.check(&table).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let out = self.root.join(name);
-        std::fs::create_dir_all(&out).unwrap();
-        let inputs: BTreeMap<String, Artifact> = inputs
-            .iter()
-            .map(|(k, a)| (k.to_string(), (*a).clone()))
-            .collect();
-        op.run(&RunCtx {
-            name,
-            params: &canonical,
-            inputs: &inputs,
-            out_dir: &out,
-            recipe: &self.recipe,
-            progress: &NoProgress,
-        })?;
-        Ok(Artifact {
-            ty: op.output(&canonical),
-            dir: out,
-            key: name.into(),
-        })
-    }
-
     /// The tiny model and the llava fixture rows as conversations (load → format), as the
     /// guide's single-image case.
     fn llava_chats(&self) -> (Artifact, Artifact) {
         let c = self;
         let raw = c
-            .run(
+            .try_run(
                 &ops::load::Load,
                 "raw",
                 "dataset = \"HuggingFaceH4/llava-instruct-mix-vsft\"\nsplit = \"train\"",
@@ -89,7 +33,7 @@ impl Chain {
             )
             .unwrap();
         let model = c
-            .run(
+            .try_run(
                 &ops::load::Load,
                 "base",
                 "model = \"runner-test/tiny-gemma-3\"",
@@ -97,7 +41,7 @@ impl Chain {
             )
             .unwrap();
         let chats = c
-            .run(&ops::format::FormatOp, "chats", "", &[("rows", &raw)])
+            .try_run(&ops::format::FormatOp, "chats", "", &[("rows", &raw)])
             .unwrap();
         (model, chats)
     }
@@ -107,7 +51,7 @@ impl Chain {
     fn mmiu_chats(&self) -> (Artifact, Artifact) {
         let c = self;
         let raw = c
-            .run(
+            .try_run(
                 &ops::load::Load,
                 "raw",
                 "dataset = \"FanqingM/MMIU-Benchmark\"\nsplit = \"test\"",
@@ -115,10 +59,10 @@ impl Chain {
             )
             .unwrap();
         let images = c
-            .run(&ops::unzip::Unzip, "images", "", &[("archives", &raw)])
+            .try_run(&ops::unzip::Unzip, "images", "", &[("archives", &raw)])
             .unwrap();
         let model = c
-            .run(
+            .try_run(
                 &ops::load::Load,
                 "base",
                 "model = \"runner-test/tiny-gemma-3\"",
@@ -126,7 +70,7 @@ impl Chain {
             )
             .unwrap();
         let chats = c
-            .run(
+            .try_run(
                 &ops::format::FormatOp,
                 "chats",
                 "system = \"{context}\"\nuser = { images = \"{input_image_path}\", text = \"{question}\" }\nassistant = \"{output}\"\non_error = \"fail\"",
@@ -278,11 +222,11 @@ fn check_batch(kind: &str, batches: &Artifact, batch_size: usize) {
 
 #[test]
 fn llava_chain_matches_the_guides_collate_fn() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let (model, chats) = c.llava_chats();
     assert_eq!(model.ty, ArtifactType::Model);
     let templated = c
-        .run(
+        .try_run(
             &ops::template::TemplateOp,
             "templated",
             "",
@@ -306,7 +250,7 @@ fn llava_chain_matches_the_guides_collate_fn() {
         );
     }
     let batches = c
-        .run(
+        .try_run(
             &ops::collate::CollateOp,
             "batches",
             "batch_size = 2\nshuffle = false",
@@ -318,10 +262,10 @@ fn llava_chain_matches_the_guides_collate_fn() {
 
 #[test]
 fn mmiu_chain_matches_the_guides_collate_fn() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let (model, chats) = c.mmiu_chats();
     let templated = c
-        .run(
+        .try_run(
             &ops::template::TemplateOp,
             "templated",
             "",
@@ -340,7 +284,7 @@ fn mmiu_chain_matches_the_guides_collate_fn() {
         );
     }
     let batches = c
-        .run(
+        .try_run(
             &ops::collate::CollateOp,
             "batches",
             "batch_size = 2\nshuffle = false",
@@ -351,7 +295,7 @@ fn mmiu_chain_matches_the_guides_collate_fn() {
 
     // The literal guide (boi masking a no-op) reproduces `labels_literal_guide`.
     let literal = c
-        .run(
+        .try_run(
             &ops::collate::CollateOp,
             "literal",
             "batch_size = 2\nshuffle = false\nmask_boi = false",
@@ -482,10 +426,10 @@ fn check_against_trl(kind: &str, templated: &Artifact, batches: &Artifact) {
 
 #[test]
 fn llava_assistant_only_loss_matches_trl() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let (model, chats) = c.llava_chats();
     let templated = c
-        .run(
+        .try_run(
             &ops::template::TemplateOp,
             "templated",
             "assistant_only_loss = true",
@@ -493,7 +437,7 @@ fn llava_assistant_only_loss_matches_trl() {
         )
         .unwrap();
     let batches = c
-        .run(
+        .try_run(
             &ops::collate::CollateOp,
             "batches",
             "batch_size = 3\nshuffle = false\nassistant_only_loss = true",
@@ -505,7 +449,7 @@ fn llava_assistant_only_loss_matches_trl() {
     // The guide's rendering (the model's template, no generation blocks) cannot say which tokens
     // are the assistant's: a clear error that names the fix, not a batch of all -100 labels.
     let plain = c
-        .run(
+        .try_run(
             &ops::template::TemplateOp,
             "plain",
             "",
@@ -513,7 +457,7 @@ fn llava_assistant_only_loss_matches_trl() {
         )
         .unwrap();
     let e = c
-        .run(
+        .try_run(
             &ops::collate::CollateOp,
             "plain_batches",
             "assistant_only_loss = true",
@@ -529,10 +473,10 @@ fn llava_assistant_only_loss_matches_trl() {
 
 #[test]
 fn mmiu_assistant_only_loss_matches_trl() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let (model, chats) = c.mmiu_chats();
     let templated = c
-        .run(
+        .try_run(
             &ops::template::TemplateOp,
             "templated",
             "assistant_only_loss = true",
@@ -540,7 +484,7 @@ fn mmiu_assistant_only_loss_matches_trl() {
         )
         .unwrap();
     let batches = c
-        .run(
+        .try_run(
             &ops::collate::CollateOp,
             "batches",
             "batch_size = 2\nshuffle = false\nassistant_only_loss = true",

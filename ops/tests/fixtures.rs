@@ -10,9 +10,8 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+mod common;
+use common::fixtures;
 
 fn hub() -> PathBuf {
     fixtures().join("hf-cache/hub")

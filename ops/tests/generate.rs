@@ -6,78 +6,18 @@
 //! decode of an NF4 base agreeing with the full forward of the same tokens.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use ops::generation::{read_generations, GenerationRecord};
-use ops::{Artifact, NoProgress, Op, RecipeInfo, RunCtx};
+use ops::Artifact;
 use serde_json::Value;
 
 mod common;
 use common::*;
 
-struct Chain {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    recipe: RecipeInfo,
-}
+/// The chain of ops each test builds (seed 42), offline on the fixture Hub cache.
+type Chain = OpHarness;
 
 impl Chain {
-    fn new() -> Self {
-        // SAFETY: set before any op reads the environment; every test here sets the same values.
-        unsafe {
-            std::env::set_var("HF_HUB_CACHE", repo().join("tests/fixtures/hf-cache/hub"));
-            std::env::set_var("HF_HUB_OFFLINE", "1");
-        }
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let recipe = RecipeInfo {
-            name: "t".into(),
-            seed: 42,
-            path: root.join("r.toml"),
-            output_dir: root.join("out"),
-        };
-        Self {
-            _tmp: tmp,
-            root,
-            recipe,
-        }
-    }
-
-    fn try_run(
-        &self,
-        op: &dyn Op,
-        name: &str,
-        params: &str,
-        inputs: &[(&str, &Artifact)],
-    ) -> anyhow::Result<Artifact> {
-        let table: toml::Table = params.parse().unwrap();
-        let canonical = op.check(&table).map_err(anyhow::Error::msg)?;
-        let out = self.root.join(name);
-        std::fs::create_dir_all(&out).unwrap();
-        let inputs: BTreeMap<String, Artifact> = inputs
-            .iter()
-            .map(|(k, a)| (k.to_string(), (*a).clone()))
-            .collect();
-        op.run(&RunCtx {
-            name,
-            params: &canonical,
-            inputs: &inputs,
-            out_dir: &out,
-            recipe: &self.recipe,
-            progress: &NoProgress,
-        })?;
-        Ok(Artifact {
-            ty: op.output(&canonical),
-            dir: out,
-            key: name.into(),
-        })
-    }
-
-    fn run(&self, op: &dyn Op, name: &str, params: &str, inputs: &[(&str, &Artifact)]) -> Artifact {
-        self.try_run(op, name, params, inputs)
-            .unwrap_or_else(|e| panic!("op {name}: {e:#}"))
-    }
-
     fn model(&self) -> Artifact {
         self.run(
             &ops::load::Load,
@@ -151,7 +91,7 @@ fn generations(a: &Artifact) -> Vec<GenerationRecord> {
 /// of a padded batch stop while the other goes on.
 #[test]
 fn greedy_answers_equal_transformers_token_for_token() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let golden = golden_cases();
     let max_new = golden["max_new_tokens"].as_u64().unwrap();
     let model = c.model();
@@ -215,7 +155,7 @@ fn greedy_answers_equal_transformers_token_for_token() {
 /// BOS, expanded image blocks) are those transformers' processor made for the golden.
 #[test]
 fn prompts_tokenize_as_transformers() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let golden = golden_cases();
     let model = c.model();
     let (root, _) = ops::model::artifact_model_root(&model.dir).unwrap();
@@ -246,7 +186,7 @@ fn prompts_tokenize_as_transformers() {
 /// padded batch (each row has its own random stream); another seed gives other answers.
 #[test]
 fn sampling_is_reproducible_for_a_seed() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let model = c.model();
     let adapter = c.adapter();
     let chats = c.chats("llava");
@@ -287,7 +227,7 @@ fn sampling_is_reproducible_for_a_seed() {
 /// (no cache) over the prompt and the tokens before it, at every step.
 #[test]
 fn nf4_decode_agrees_with_the_full_forward() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let model = c.model();
     let nf4 = c.run(
         &ops::quantize::Quantize,
@@ -362,7 +302,7 @@ fn nf4_decode_agrees_with_the_full_forward() {
 /// A score op reads a generate op's answers through its `generations` input.
 #[test]
 fn score_reads_the_generations_input() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let model = c.model();
     let chats = c.chats("mmiu");
     let gen = c.run(
@@ -387,7 +327,7 @@ fn score_reads_the_generations_input() {
 /// forward (no cache) over the padded prompts and the tokens fed so far.
 #[test]
 fn decode_logits_equal_the_full_forward_of_the_same_tokens() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let model = c.model();
     let adapter = c.adapter();
     let chats = c.chats("mmiu");
@@ -487,7 +427,7 @@ fn decode_logits_equal_the_full_forward_of_the_same_tokens() {
 /// Run-time errors name the op and say what to do.
 #[test]
 fn errors_name_the_op_and_the_fix() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let model = c.model();
     let chats = c.chats("llava");
     let err = c

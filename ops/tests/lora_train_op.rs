@@ -2,7 +2,6 @@
 //! collated batches, tiny Gemma 3), through the op's `build_model` seam, checked against the
 //! reference's own optimizer loop (`model::reference::train::train_step`) on the same batches.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ops::data::collate::{BatchStream, StreamOptions};
@@ -15,68 +14,17 @@ use ops::model::Weights;
 use ops::train::adapter;
 use ops::train::metrics::{read_metrics, METRICS_FILE};
 use ops::train::reference_model::to_reference_batch;
-use ops::{Artifact, NoProgress, Op, RecipeInfo, RunCtx};
+use ops::Op;
 
 mod common;
 use common::*;
 
-struct Chain {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    recipe: RecipeInfo,
-}
-
-impl Chain {
-    fn new() -> Self {
-        // SAFETY: set before any op reads the environment; every test here sets the same values.
-        unsafe {
-            std::env::set_var("HF_HUB_CACHE", repo().join("tests/fixtures/hf-cache/hub"));
-            std::env::set_var("HF_HUB_OFFLINE", "1");
-        }
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let recipe = RecipeInfo {
-            name: "t".into(),
-            seed: 42,
-            path: root.join("r.toml"),
-            output_dir: root.join("out"),
-        };
-        Self {
-            _tmp: tmp,
-            root,
-            recipe,
-        }
-    }
-
-    fn run(&self, op: &dyn Op, name: &str, params: &str, inputs: &[(&str, &Artifact)]) -> Artifact {
-        let table: toml::Table = params.parse().unwrap();
-        let canonical = op.check(&table).unwrap();
-        let out = self.root.join(name);
-        std::fs::create_dir_all(&out).unwrap();
-        let inputs: BTreeMap<String, Artifact> = inputs
-            .iter()
-            .map(|(k, a)| (k.to_string(), (*a).clone()))
-            .collect();
-        op.run(&RunCtx {
-            name,
-            params: &canonical,
-            inputs: &inputs,
-            out_dir: &out,
-            recipe: &self.recipe,
-            progress: &NoProgress,
-        })
-        .unwrap();
-        Artifact {
-            ty: op.output(&canonical),
-            dir: out,
-            key: name.into(),
-        }
-    }
-}
+/// The chain of ops each test builds (seed 42), offline on the fixture Hub cache.
+type Chain = OpHarness;
 
 #[test]
 fn lora_train_op_on_the_fixture_chain() {
-    let c = Chain::new();
+    let c = Chain::new(42);
     let raw = c.run(
         &ops::load::Load,
         "raw",

@@ -13,9 +13,8 @@ use ops::model::safetensors_io::{Dtype, SafetensorsSet};
 use ops::model::Weights;
 use ops::{Artifact, ArtifactType, NoProgress, Op, RecipeInfo, RunCtx};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+mod common;
+use common::fixtures;
 
 fn tiny() -> PathBuf {
     let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");
@@ -259,6 +258,7 @@ fn op_runs_and_checks_params() {
         seed: 0,
         path: tmp.path().join("r.toml"),
         output_dir: tmp.path().join("o"),
+        env: ops::Environment::process(),
     };
     let ctx = RunCtx {
         name: "nf4",

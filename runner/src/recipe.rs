@@ -267,6 +267,7 @@ impl Recipe {
             seed: self.seed,
             path: self.path.clone(),
             output_dir: self.output_dir.clone(),
+            env: ops::Environment::process(),
         }
     }
 }

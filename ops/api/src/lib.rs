@@ -50,6 +50,45 @@ pub struct RecipeInfo {
     pub path: PathBuf,
     /// `[recipe] output_dir`, resolved against the recipe's folder.
     pub output_dir: PathBuf,
+    /// The environment variables ops read (the Hugging Face ones: `HF_HUB_CACHE`, `HF_TOKEN`,
+    /// `HF_HUB_OFFLINE`, ...), both when they run and in `Op::fingerprint`.
+    pub env: Environment,
+}
+
+/// Environment variables as ops read them: the process's, with overrides on top. The runner
+/// passes the process's; tests pass overrides (an offline fixture Hub cache, a token) instead of
+/// changing the process environment, which other threads may be reading.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// name -> value, or `None` for a variable that reads as unset whatever the process has.
+    overrides: BTreeMap<String, Option<String>>,
+}
+
+impl Environment {
+    /// The process environment, unchanged.
+    pub fn process() -> Self {
+        Self::default()
+    }
+
+    /// `name` reads as `value`.
+    pub fn with(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.overrides.insert(name.to_string(), Some(value.into()));
+        self
+    }
+
+    /// `name` reads as unset.
+    pub fn without(mut self, name: &str) -> Self {
+        self.overrides.insert(name.to_string(), None);
+        self
+    }
+
+    /// The value of `name` (`None` when unset or not valid UTF-8).
+    pub fn var(&self, name: &str) -> Option<String> {
+        match self.overrides.get(name) {
+            Some(value) => value.clone(),
+            None => std::env::var(name).ok(),
+        }
+    }
 }
 
 impl RecipeInfo {
@@ -190,5 +229,27 @@ impl Registry {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Op>> {
         self.ops.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Overrides win over the process environment in both directions; other names read the
+    /// process's (PATH is set in every environment tests run in).
+    #[test]
+    fn environment_overrides_the_process_variables() {
+        let path = std::env::var("PATH").expect("PATH is set");
+        let env = Environment::process()
+            .with("RUNNER_TEST_ONLY_VARIABLE", "x")
+            .without("PATH");
+        assert_eq!(env.var("RUNNER_TEST_ONLY_VARIABLE").as_deref(), Some("x"));
+        assert_eq!(env.var("PATH"), None);
+        assert_eq!(Environment::process().var("PATH"), Some(path));
+        assert_eq!(
+            Environment::process().var("RUNNER_TEST_ONLY_VARIABLE"),
+            None
+        );
     }
 }

@@ -61,11 +61,6 @@ pub struct HubEnv {
 }
 
 impl HubEnv {
-    /// Reads the process environment.
-    pub fn from_process_env() -> Self {
-        Self::from_vars(|name| std::env::var(name).ok())
-    }
-
     /// Resolves the environment through `var` (a lookup of variable names), exactly as
     /// huggingface_hub's `constants.py` does:
     /// - `HF_HOME` = `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`

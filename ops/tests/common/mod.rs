@@ -12,6 +12,10 @@ use ops::model::reference::Batch;
 use ops::model::safetensors_io::{Dtype, SafetensorsSet};
 use ops::model::Weights;
 
+mod harness;
+#[allow(unused_imports)] // not every test crate runs ops
+pub use harness::{Captured, OpHarness};
+
 #[allow(unused_imports)] // not every test crate compares tensors
 pub use ops::gpu::testing::rel_frobenius;
 
