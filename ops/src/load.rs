@@ -566,8 +566,8 @@ mod tests {
 
     use crate::data::dataset;
     use crate::data::model_dir::ModelDir;
-    use crate::hub::download::test_server::{repo_reply, serve, Reply};
     use crate::hub::download::RetryPolicy;
+    use crate::hub::test_server::{repo_reply, serve, Response};
     use crate::unzip::{extract_all, locate_archives, select_archives};
     use crate::{Artifact, NoProgress};
 
@@ -751,12 +751,13 @@ mod tests {
             ("original/consolidated.safetensors", b"dup"),
         ];
         let server = serve(move |req, _| {
-            repo_reply(req, "models", "org/m", SHA, &files).unwrap_or_else(|| Reply::new(404, ""))
+            repo_reply(req, "models", "org/m", SHA, &files)
+                .unwrap_or_else(|| Response::new(404, ""))
         });
         let cache = tempfile::tempdir().unwrap();
         let hub = Hub::new(HubEnv {
             cache_dir: cache.path().to_path_buf(),
-            endpoint: server.endpoint.clone(),
+            endpoint: server.url.clone(),
             token: None,
             token_source: None,
             hf_home: cache.path().to_path_buf(),

@@ -595,175 +595,10 @@ struct LfsInfo {
     size: u64,
 }
 
-#[cfg(any(test, feature = "testing"))]
-pub mod test_server {
-    //! A minimal HTTP/1.1 server on 127.0.0.1 for tests: each connection gets one reply from
-    //! the handler and is closed. Raw sockets let a reply be cut off mid-body. Built for this
-    //! crate's tests and, with the `testing` feature, the tests of the crates above.
-    use std::collections::BTreeMap;
-    use std::io::{BufRead, BufReader, Write};
-    use std::net::TcpListener;
-    use std::sync::{Arc, Mutex};
-
-    pub struct Request {
-        pub path: String,
-        /// Lower-case header names.
-        pub headers: BTreeMap<String, String>,
-    }
-
-    pub struct Reply {
-        pub status: u16,
-        pub headers: Vec<(String, String)>,
-        pub body: Vec<u8>,
-        /// Send only this many body bytes (with the full Content-Length), then close.
-        pub cut_after: Option<usize>,
-    }
-
-    impl Reply {
-        pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
-            Self {
-                status,
-                headers: vec![],
-                body: body.into(),
-                cut_after: None,
-            }
-        }
-
-        pub fn header(mut self, name: &str, value: &str) -> Self {
-            self.headers.push((name.to_string(), value.to_string()));
-            self
-        }
-    }
-
-    pub struct Server {
-        pub endpoint: String,
-        /// Every request seen: (path, headers).
-        pub log: Arc<Mutex<Vec<Request>>>,
-    }
-
-    impl Server {
-        pub fn paths(&self) -> Vec<String> {
-            self.log
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|r| r.path.clone())
-                .collect()
-        }
-    }
-
-    pub fn serve(handler: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let log: Arc<Mutex<Vec<Request>>> = Arc::default();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                let mut headers = BTreeMap::new();
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = h.split_once(':') {
-                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-                    }
-                }
-                let request = Request { path, headers };
-                // How many earlier requests had this path (for fail-then-succeed replies).
-                let seen = log2
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|r: &&Request| r.path == request.path)
-                    .count();
-                let reply = handler(&request, seen);
-                log2.lock().unwrap().push(request);
-                let mut head = format!(
-                    "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-                    reply.status,
-                    reply.body.len()
-                );
-                for (k, v) in &reply.headers {
-                    head.push_str(&format!("{k}: {v}\r\n"));
-                }
-                head.push_str("\r\n");
-                let send = reply.cut_after.unwrap_or(reply.body.len());
-                let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(&reply.body[..send]);
-                let _ = stream.flush();
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-            }
-        });
-        Server { endpoint, log }
-    }
-
-    /// Serves `files` of one repo at `sha` as the Hub does: the revision API (blobs=true) and
-    /// resolve URLs with Range support. LFS entries (name ends `.parquet`/`.zip`) carry sha256.
-    pub fn repo_reply(
-        req: &Request,
-        kind_plural: &str,
-        repo_id: &str,
-        sha: &str,
-        files: &[(&str, &[u8])],
-    ) -> Option<Reply> {
-        use sha2::{Digest, Sha256};
-        let prefix = if kind_plural == "models" {
-            String::new()
-        } else {
-            format!("{kind_plural}/")
-        };
-        if req
-            .path
-            .starts_with(&format!("/api/{kind_plural}/{repo_id}/revision/"))
-        {
-            let siblings: Vec<serde_json::Value> = files
-                .iter()
-                .map(|(name, data)| {
-                    let lfs = name.ends_with(".parquet") || name.ends_with(".zip");
-                    let mut s = serde_json::json!({"rfilename": name, "size": data.len(), "blobId": &hex::encode(Sha256::digest([b"blob ", *data].concat()))[..40]});
-                    if lfs {
-                        s["lfs"] = serde_json::json!({"sha256": hex::encode(Sha256::digest(data)), "size": data.len(), "pointerSize": 130});
-                    }
-                    s
-                })
-                .collect();
-            return Some(Reply::new(
-                200,
-                serde_json::json!({"sha": sha, "siblings": siblings}).to_string(),
-            ));
-        }
-        let resolve = format!("/{prefix}{repo_id}/resolve/{sha}/");
-        let file = req.path.strip_prefix(&resolve)?;
-        let (_, data) = files.iter().find(|(n, _)| *n == file)?;
-        let start: usize = req
-            .headers
-            .get("range")
-            .and_then(|r| r.strip_prefix("bytes="))
-            .and_then(|r| r.trim_end_matches('-').parse().ok())
-            .unwrap_or(0);
-        Some(if start > 0 {
-            Reply::new(206, data[start..].to_vec()).header(
-                "Content-Range",
-                &format!("bytes {start}-{}/{}", data.len() - 1, data.len()),
-            )
-        } else {
-            Reply::new(200, data.to_vec())
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_server::{repo_reply, serve, Reply};
     use super::*;
+    use crate::test_server::{repo_reply, serve, Response};
     use op_api::NoProgress;
 
     const SHA: &str = "1111111111111111111111111111111111111111";
@@ -801,10 +636,10 @@ mod tests {
                     ("data/train-00000-of-00001.parquet", PARQUET),
                 ],
             )
-            .unwrap_or_else(|| Reply::new(404, ""))
+            .unwrap_or_else(|| Response::new(404, ""))
         });
         let cache = tempfile::tempdir().unwrap();
-        let h = hub(&server.endpoint, cache.path(), None);
+        let h = hub(&server.url, cache.path(), None);
         let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
         assert_eq!(snap.sha, SHA);
         assert_eq!(
@@ -890,13 +725,13 @@ mod tests {
         let server = serve(|req, seen| {
             // The listing and the file each fail twice with 500 first.
             if seen < 2 {
-                return Reply::new(500, "busy");
+                return Response::new(500, "busy");
             }
             repo_reply(req, "datasets", "org/ds", SHA, &[("x.parquet", PARQUET)])
-                .unwrap_or_else(|| Reply::new(404, ""))
+                .unwrap_or_else(|| Response::new(404, ""))
         });
         let cache = tempfile::tempdir().unwrap();
-        let h = hub(&server.endpoint, cache.path(), None);
+        let h = hub(&server.url, cache.path(), None);
         let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
         let path = h.fetch(&snap, "x.parquet", &NoProgress).unwrap();
         assert_eq!(std::fs::read(path).unwrap(), PARQUET);
@@ -907,11 +742,11 @@ mod tests {
 
     #[test]
     fn persistent_failure_is_a_clear_error() {
-        let server = serve(|_, _| Reply::new(503, "down"));
+        let server = serve(|_, _| Response::new(503, "down"));
         let cache = tempfile::tempdir().unwrap();
         let err = format!(
             "{:#}",
-            hub(&server.endpoint, cache.path(), None)
+            hub(&server.url, cache.path(), None)
                 .resolve("org/ds", RepoType::Dataset, "main")
                 .unwrap_err()
         );
@@ -928,18 +763,18 @@ mod tests {
     fn gated_repo_says_how_to_get_access() {
         let server = serve(|req, _| {
             if req.path.contains("/resolve/") {
-                return Reply::new(401, "")
-                    .header("X-Error-Code", "GatedRepo")
-                    .header(
+                return Response::new(401, "")
+                    .with_header("X-Error-Code", "GatedRepo")
+                    .with_header(
                         "X-Error-Message",
                         "Access to model org/gated is restricted.",
                     );
             }
             repo_reply(req, "models", "org/gated", SHA, &[("config.json", b"{}")])
-                .unwrap_or_else(|| Reply::new(404, ""))
+                .unwrap_or_else(|| Response::new(404, ""))
         });
         let cache = tempfile::tempdir().unwrap();
-        let h = hub(&server.endpoint, cache.path(), None);
+        let h = hub(&server.url, cache.path(), None);
         let snap = h.resolve("org/gated", RepoType::Model, "main").unwrap();
         let err = format!(
             "{:#}",
@@ -947,7 +782,7 @@ mod tests {
         );
         assert!(
             err.contains("Accept its license at")
-                && err.contains(&format!("{}/org/gated", server.endpoint)),
+                && err.contains(&format!("{}/org/gated", server.url)),
             "{err}"
         );
         assert!(
@@ -967,7 +802,7 @@ mod tests {
         );
 
         // With a token it is sent as a bearer token, and the message names its source.
-        let h = hub(&server.endpoint, cache.path(), Some("hf_secret"));
+        let h = hub(&server.url, cache.path(), Some("hf_secret"));
         let err = format!(
             "{:#}",
             h.fetch(&snap, "config.json", &NoProgress).unwrap_err()
@@ -976,7 +811,7 @@ mod tests {
             err.contains("the token in use (from the HF_TOKEN environment variable) has no access"),
             "{err}"
         );
-        let log = server.log.lock().unwrap();
+        let log = server.requests.lock().unwrap();
         assert_eq!(
             log.last()
                 .unwrap()
@@ -994,14 +829,14 @@ mod tests {
         // Always cut: every attempt fails.
         let server = serve(move |req, _| {
             let mut r = repo_reply(req, "datasets", "org/ds", SHA, &[("a.zip", &big2)])
-                .unwrap_or_else(|| Reply::new(404, ""));
+                .unwrap_or_else(|| Response::new(404, ""));
             if req.path.contains("/resolve/") {
                 r.cut_after = Some(r.body.len() / 3);
             }
             r
         });
         let cache = tempfile::tempdir().unwrap();
-        let h = hub(&server.endpoint, cache.path(), None);
+        let h = hub(&server.url, cache.path(), None);
         let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
         let err = format!("{:#}", h.fetch(&snap, "a.zip", &NoProgress).unwrap_err());
         assert!(
@@ -1023,18 +858,18 @@ mod tests {
         let big3 = big.clone();
         let server = serve(move |req, seen| {
             let mut r = repo_reply(req, "datasets", "org/ds", SHA, &[("a.zip", &big3)])
-                .unwrap_or_else(|| Reply::new(404, ""));
+                .unwrap_or_else(|| Response::new(404, ""));
             if req.path.contains("/resolve/") && seen == 0 {
                 r.cut_after = Some(r.body.len() / 3);
             }
             r
         });
         let cache = tempfile::tempdir().unwrap();
-        let h = hub(&server.endpoint, cache.path(), None);
+        let h = hub(&server.url, cache.path(), None);
         let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
         let path = h.fetch(&snap, "a.zip", &NoProgress).unwrap();
         assert_eq!(std::fs::read(path).unwrap(), big);
-        let log = server.log.lock().unwrap();
+        let log = server.requests.lock().unwrap();
         let ranges: Vec<Option<&String>> = log
             .iter()
             .filter(|r| r.path.contains("/resolve/"))
@@ -1052,14 +887,14 @@ mod tests {
     fn corrupted_content_is_rejected() {
         let server = serve(|req, _| {
             let mut r = repo_reply(req, "datasets", "org/ds", SHA, &[("x.parquet", PARQUET)])
-                .unwrap_or_else(|| Reply::new(404, ""));
+                .unwrap_or_else(|| Response::new(404, ""));
             if req.path.contains("/resolve/") {
                 r.body[3] ^= 1; // same size, different content
             }
             r
         });
         let cache = tempfile::tempdir().unwrap();
-        let h = hub(&server.endpoint, cache.path(), None);
+        let h = hub(&server.url, cache.path(), None);
         let snap = h.resolve("org/ds", RepoType::Dataset, "main").unwrap();
         let err = format!(
             "{:#}",

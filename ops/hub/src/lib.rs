@@ -3,4 +3,6 @@
 
 pub mod cache;
 pub mod download;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_server;
 pub mod upload;

@@ -910,7 +910,4 @@ fn is_transient(e: &ureq::Error) -> bool {
 }
 
 #[cfg(test)]
-pub(crate) mod test_server;
-
-#[cfg(test)]
 mod tests;

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::test_server::{Request, Response, TestServer};
 use super::*;
+use crate::test_server::{Request, Response, TestServer};
 
 const TOKEN: &str = "hf_SeCrEtTokenValue123";
 const REPO: &str = "me/adapter";
@@ -75,12 +75,7 @@ impl MockHub {
                     "{{\"error\":\"Invalid credentials in Authorization header: {}\"}}",
                     req.header("authorization").unwrap_or("")
                 );
-                return Response {
-                    status: 401,
-                    headers: vec![],
-                    body: echo.into_bytes(),
-                    drop_connection: false,
-                };
+                return Response::new(401, echo);
             }
             if !is_storage && !req.path.starts_with("/complete/") && !authed {
                 problem(format!(

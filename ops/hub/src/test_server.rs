@@ -1,5 +1,7 @@
-//! A minimal HTTP/1.1 server on 127.0.0.1 for tests: one thread per connection, keep-alive,
+//! A minimal HTTP/1.1 server on 127.0.0.1 for the download and upload tests (and, with the
+//! `testing` feature, the tests of the crates above): one thread per connection, keep-alive,
 //! Content-Length and chunked request bodies. The handler sees every request; each is recorded.
+//! Raw sockets let a reply be cut off mid-body or a connection dropped.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -29,15 +31,25 @@ pub struct Response {
     pub body: Vec<u8>,
     /// Close the connection without answering (a dropped connection).
     pub drop_connection: bool,
+    /// Send only this many body bytes (with the full Content-Length), then close.
+    pub cut_after: Option<usize>,
 }
 
 impl Response {
+    pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Self {
+            body: body.into(),
+            ..Self::empty(status)
+        }
+    }
+
     pub fn json(status: u16, v: &serde_json::Value) -> Self {
         Self {
             status,
             headers: vec![("content-type".into(), "application/json".into())],
             body: serde_json::to_vec(v).unwrap(),
             drop_connection: false,
+            cut_after: None,
         }
     }
 
@@ -47,6 +59,7 @@ impl Response {
             headers: vec![],
             body: vec![],
             drop_connection: false,
+            cut_after: None,
         }
     }
 
@@ -83,7 +96,7 @@ impl TestServer {
                 let Ok(stream) = stream else { continue };
                 let handler = handler.clone();
                 let log = log.clone();
-                std::thread::spawn(move || serve(stream, &*handler, &log));
+                std::thread::spawn(move || serve_connection(stream, &*handler, &log));
             }
         });
         Self { url, requests }
@@ -92,9 +105,29 @@ impl TestServer {
     pub fn requests(&self) -> Vec<Request> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// The path of every request so far, in order.
+    pub fn paths(&self) -> Vec<String> {
+        self.requests().into_iter().map(|r| r.path).collect()
+    }
 }
 
-fn serve(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
+/// A server whose handler also gets how many earlier requests had the same path (for replies
+/// that fail first and then succeed).
+pub fn serve(handler: impl Fn(&Request, usize) -> Response + Send + Sync + 'static) -> TestServer {
+    let seen: Mutex<BTreeMap<String, usize>> = Mutex::default();
+    TestServer::start(move |req| {
+        let earlier = {
+            let mut seen = seen.lock().unwrap();
+            let n = seen.entry(req.path.clone()).or_default();
+            *n += 1;
+            *n - 1
+        };
+        handler(req, earlier)
+    })
+}
+
+fn serve_connection(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     while let Some(req) = read_request(&mut reader) {
@@ -114,8 +147,13 @@ fn serve(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
         }
         out.push_str("\r\n");
         let mut bytes = out.into_bytes();
-        bytes.extend_from_slice(&resp.body);
+        let send = resp.cut_after.unwrap_or(resp.body.len());
+        bytes.extend_from_slice(&resp.body[..send]);
         if writer.write_all(&bytes).is_err() {
+            return;
+        }
+        if resp.cut_after.is_some() {
+            let _ = writer.shutdown(std::net::Shutdown::Both);
             return;
         }
     }
@@ -166,5 +204,59 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
         path,
         headers,
         body,
+    })
+}
+
+/// Serves `files` of one repo at `sha` as the Hub does: the revision API (blobs=true) and
+/// resolve URLs with Range support. LFS entries (name ends `.parquet`/`.zip`) carry sha256.
+pub fn repo_reply(
+    req: &Request,
+    kind_plural: &str,
+    repo_id: &str,
+    sha: &str,
+    files: &[(&str, &[u8])],
+) -> Option<Response> {
+    use sha2::{Digest, Sha256};
+    let prefix = if kind_plural == "models" {
+        String::new()
+    } else {
+        format!("{kind_plural}/")
+    };
+    if req
+        .path
+        .starts_with(&format!("/api/{kind_plural}/{repo_id}/revision/"))
+    {
+        let siblings: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(name, data)| {
+                let lfs = name.ends_with(".parquet") || name.ends_with(".zip");
+                let mut s = serde_json::json!({"rfilename": name, "size": data.len(), "blobId": &hex::encode(Sha256::digest([b"blob ", *data].concat()))[..40]});
+                if lfs {
+                    s["lfs"] = serde_json::json!({"sha256": hex::encode(Sha256::digest(data)), "size": data.len(), "pointerSize": 130});
+                }
+                s
+            })
+            .collect();
+        return Some(Response::new(
+            200,
+            serde_json::json!({"sha": sha, "siblings": siblings}).to_string(),
+        ));
+    }
+    let resolve = format!("/{prefix}{repo_id}/resolve/{sha}/");
+    let file = req.path.strip_prefix(&resolve)?;
+    let (_, data) = files.iter().find(|(n, _)| *n == file)?;
+    let start: usize = req
+        .headers
+        .get("range")
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.trim_end_matches('-').parse().ok())
+        .unwrap_or(0);
+    Some(if start > 0 {
+        Response::new(206, data[start..].to_vec()).with_header(
+            "Content-Range",
+            &format!("bytes {start}-{}/{}", data.len() - 1, data.len()),
+        )
+    } else {
+        Response::new(200, data.to_vec())
     })
 }
