@@ -25,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use super::config::{FloatDtype, ModelConfig};
 use super::names::{expected_tensors, ExpectedTensor, TensorKind, EMBED_TOKENS, LM_HEAD, VISION};
 use engine::gpu::engine::pooled_capacity;
-use engine::gpu::kernels::attention::ROWS as ATTENTION_ROWS;
+use engine::gpu::kernels::attention::mask_word_count;
 use engine::gpu::kernels::cross_entropy::{bf16_dw_rows, logits_block, LOGITS_SCRATCH_BYTES};
 use engine::gpu::staging::{texture_bytes, texture_rows, STAGING_TEXTURES};
 
@@ -1211,17 +1211,16 @@ impl Timeline {
     }
 }
 
-/// u32 words of one uploaded attention mask (`gpu::kernels::attention::mask_words`): a word
-/// per token plus four per block of query rows.
+/// u32 words of one uploaded attention mask, as the kernel sizes it.
 fn mask_words(batch: u64, seq: u64) -> u64 {
-    batch * seq + 4 * batch * seq.div_ceil(ATTENTION_ROWS as u64)
+    mask_word_count(batch as usize, seq as usize) as u64
 }
 
 /// The fused lm_head + cross-entropy's own scratch (`gpu::kernels::cross_entropy`): a
 /// `[tokens, block]` logits block over one vocabulary chunk at a time and `[tokens, 8]` row
 /// state. The block is as wide as the binding and `LOGITS_SCRATCH_BYTES` allow, at most `MAX_VOCAB_BLOCK`; the kernel
-/// refuses a token count for which not even 8 columns fit. Mirrors the kernel's own sizing:
-/// keep in step with it.
+/// refuses a token count for which not even 8 columns fit. The widths come from the kernel's
+/// own sizing functions (`logits_block`, `bf16_dw_rows`).
 /// `bf16_dw`: the trained lm_head copy is bf16, so each block's dW goes through an f32 scratch
 /// of `sub` rows of `hidden` (one matmul per sub-block).
 fn cross_entropy_scratch(

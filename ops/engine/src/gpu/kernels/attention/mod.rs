@@ -142,6 +142,13 @@ impl AttentionMaskGpu {
     }
 }
 
+/// u32 words of an uploaded mask of `batch` samples of `seq` tokens: a word per token, then a
+/// (lo, hi) key range per block of query rows and a (lo, hi) query range per block of keys.
+/// The memory plan sizes the mask with it.
+pub fn mask_word_count(batch: usize, seq: usize) -> usize {
+    batch * seq + 4 * batch * seq.div_ceil(ROWS)
+}
+
 /// Per token `(group + 1) * 2 + valid`, then the ranges — the MASK layout of the shader.
 fn mask_words(
     dims: &AttentionDims,
@@ -152,7 +159,7 @@ fn mask_words(
     let (batch, seq) = (dims.batch, dims.seq);
     let q_blocks = seq.div_ceil(ROWS);
     let k_blocks = q_blocks;
-    let mut words = Vec::with_capacity(batch * seq + 4 * batch * q_blocks);
+    let mut words = Vec::with_capacity(mask_word_count(batch, seq));
     for b in 0..batch {
         for t in 0..seq {
             let group = mask.image_groups.map_or(-1, |g| g[b * seq + t]);
@@ -228,6 +235,7 @@ fn mask_words(
     }
     let q_ranges_off = batch * seq;
     let k_ranges_off = q_ranges_off + batch * q_blocks * 2;
+    debug_assert_eq!(words.len(), mask_word_count(batch, seq));
     Ok((words, q_blocks, k_blocks, q_ranges_off, k_ranges_off))
 }
 
