@@ -19,6 +19,7 @@ pub mod push;
 pub mod quantize;
 pub mod save;
 pub mod score;
+pub mod sources;
 pub mod template;
 pub mod unzip;
 

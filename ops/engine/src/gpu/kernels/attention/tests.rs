@@ -318,7 +318,11 @@ fn ranges_cover_every_visible_pair() {
             key_padding: None,
         };
         let (words, q_blocks, k_blocks, q_off, k_off) = mask_words(&dims, &mask).unwrap();
-        assert_eq!(words.len(), mask_word_count(2, 37), "the memory plan's mask size");
+        assert_eq!(
+            words.len(),
+            mask_word_count(2, 37),
+            "the memory plan's mask size"
+        );
         for b in 0..2 {
             for q in 0..37 {
                 for kv in 0..37 {
