@@ -55,7 +55,7 @@ fn parse(params: &QuantizeParams) -> Result<Parsed, ParamError> {
             ))
         }
     }
-    let compute_dtype = FloatDtype::parse(&params.bnb_4bit_compute_dtype).map_err(|e| {
+    let compute_dtype = FloatDtype::parse_float(&params.bnb_4bit_compute_dtype).map_err(|e| {
         param_err(
             "bnb_4bit_compute_dtype",
             format!("bnb_4bit_compute_dtype: {e}"),
@@ -66,7 +66,7 @@ fn parse(params: &QuantizeParams) -> Result<Parsed, ParamError> {
     let load_dtype = match params.dtype.as_str() {
         "auto" => None,
         d => Some(
-            FloatDtype::parse(d)
+            FloatDtype::parse_float(d)
                 .map_err(|e| param_err("dtype", format!("dtype: {e} or \"auto\"")))?,
         ),
     };

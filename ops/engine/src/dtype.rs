@@ -1,12 +1,17 @@
 //! Element types: one enum for every tensor the runner holds, on the GPU (F32 and BF16 values,
-//! U32 and U8 for packed integer data such as NF4 codes) and on the host (adapter files hold F32,
-//! BF16 or F16 weights, and eval writes I64 token tensors beside them).
+//! U32 and U8 for packed integer data such as NF4 codes) and on the host (checkpoints and adapter
+//! files hold F32, BF16 or F16 weights, and eval writes I64 token tensors beside them). Where only
+//! a float type makes sense (a checkpoint's `torch_dtype`, a compute dtype), `model` names it
+//! `FloatDtype` and [`DType::parse_float`] reads it.
 //!
 //! On the GPU, WGSL has no bf16, f16 in storage or u8: each is stored packed in `array<u32>`
 //! (bf16: element 2i in the low half of word i, widened with `bitcast<f32>(h << 16)`; u8: byte
 //! 4i+j in bits 8j..8j+8, the little-endian byte order of the host data).
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DType {
     F32,
     F16,
@@ -34,6 +39,54 @@ impl DType {
     /// Bytes for `n` elements in a GPU buffer, padded to whole u32 words.
     pub fn bytes_for(self, n: usize) -> u64 {
         ((n * self.bits()).div_ceil(32) * 4) as u64
+    }
+
+    /// Parses torch / transformers spellings of a float type (`bfloat16`, `torch.bfloat16`,
+    /// `bf16`, ...).
+    pub fn parse_float(s: &str) -> Result<Self> {
+        match s.trim_start_matches("torch.") {
+            "float32" | "f32" | "fp32" | "float" => Ok(DType::F32),
+            "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
+            "bfloat16" | "bf16" => Ok(DType::BF16),
+            other => bail!("unknown float dtype `{other}` (expected bfloat16, float16 or float32)"),
+        }
+    }
+
+    /// The short name tables print (`bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I64 => "i64",
+            DType::U32 => "u32",
+            DType::U8 => "u8",
+        }
+    }
+
+    /// torch's name (`bfloat16`), as bitsandbytes writes it in a quant state.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::I64 => "int64",
+            DType::U32 => "uint32",
+            DType::U8 => "uint8",
+        }
+    }
+
+    /// Rounds an f32 to this type and back, as torch casts: floats to nearest even, integers to
+    /// the nearest value in range (torch truncates, but no caller rounds to an integer type).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            DType::F32 => x,
+            DType::F16 => half::f16::from_f32(x).to_f32(),
+            DType::BF16 => half::bf16::from_f32(x).to_f32(),
+            DType::I64 => x.round(),
+            DType::U32 => x.round().clamp(0.0, u32::MAX as f32),
+            DType::U8 => x.round().clamp(0.0, 255.0),
+        }
     }
 
     /// A float type (a weight's), as opposed to integer data.
@@ -88,5 +141,25 @@ mod tests {
         assert_eq!(DType::BF16.bytes_for(3), 8);
         assert_eq!(DType::U8.bytes_for(5), 8);
         assert_eq!(DType::from_safetensors(safetensors::Dtype::F64), None);
+    }
+
+    #[test]
+    fn torch_spellings_parse_and_round_as_torch_casts() {
+        for (s, d) in [
+            ("torch.bfloat16", DType::BF16),
+            ("bf16", DType::BF16),
+            ("float16", DType::F16),
+            ("half", DType::F16),
+            ("float32", DType::F32),
+        ] {
+            assert_eq!(DType::parse_float(s).unwrap(), d, "{s}");
+            assert_eq!(DType::parse_float(d.torch_name()).unwrap(), d);
+        }
+        assert!(DType::parse_float("int64").is_err());
+        // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: to even, 1.
+        assert_eq!(DType::BF16.round(1.0 + 1.0 / 256.0), 1.0);
+        // 1 + 3·2^-11 is halfway between f16's 1 + 2^-10 and 1 + 2^-9: to even, 1 + 2^-9.
+        assert_eq!(DType::F16.round(1.0 + 3.0 / 2048.0), 1.0 + 1.0 / 512.0);
+        assert_eq!(DType::F32.round(0.1), 0.1);
     }
 }

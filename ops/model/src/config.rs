@@ -718,50 +718,9 @@ impl Gemma3Config {
     }
 }
 
-/// Floating dtypes of weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum FloatDtype {
-    F32,
-    F16,
-    BF16,
-}
-
-impl FloatDtype {
-    /// Parses torch / transformers spellings (`bfloat16`, `torch.bfloat16`, `bf16`, ...).
-    pub fn parse(s: &str) -> Result<Self> {
-        match s.trim_start_matches("torch.") {
-            "float32" | "f32" | "fp32" | "float" => Ok(FloatDtype::F32),
-            "float16" | "f16" | "fp16" | "half" => Ok(FloatDtype::F16),
-            "bfloat16" | "bf16" => Ok(FloatDtype::BF16),
-            other => bail!("unknown float dtype `{other}` (expected bfloat16, float16 or float32)"),
-        }
-    }
-
-    /// torch's name (`bfloat16`), as bitsandbytes writes it in a quant state.
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            FloatDtype::F32 => "float32",
-            FloatDtype::F16 => "float16",
-            FloatDtype::BF16 => "bfloat16",
-        }
-    }
-
-    pub fn size(self) -> usize {
-        match self {
-            FloatDtype::F32 => 4,
-            FloatDtype::F16 | FloatDtype::BF16 => 2,
-        }
-    }
-
-    /// Rounds an f32 to this dtype (round-to-nearest-even, as torch casts) and back.
-    pub fn round(self, x: f32) -> f32 {
-        match self {
-            FloatDtype::F32 => x,
-            FloatDtype::F16 => half::f16::from_f32(x).to_f32(),
-            FloatDtype::BF16 => half::bf16::from_f32(x).to_f32(),
-        }
-    }
-}
+/// The float type of weights (a checkpoint's `torch_dtype`, a compute or storage dtype): the
+/// engine's one [`engine::dtype::DType`], of which only F32, F16 and BF16 occur here.
+pub use engine::dtype::DType as FloatDtype;
 
 #[cfg(test)]
 mod tests {

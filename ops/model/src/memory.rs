@@ -161,14 +161,6 @@ pub fn kv_cache_row(
     }
 }
 
-fn dtype_name(d: FloatDtype) -> &'static str {
-    match d {
-        FloatDtype::F32 => "f32",
-        FloatDtype::F16 => "f16",
-        FloatDtype::BF16 => "bf16",
-    }
-}
-
 /// Bytes of one NF4 linear of `n` values: packed codes, absmax, and (double quant) the nested
 /// absmax, the offset and the two code tables, as bitsandbytes keeps them per weight.
 pub fn nf4_state_bytes(n: u64, double_quant: bool) -> (u64, u64) {
@@ -370,7 +362,7 @@ impl MemoryPlan {
                 rows.push(PlanRow {
                     part: "weights",
                     item: format!("{} Linear weights", lin.len()),
-                    dtype: dtype_name(d),
+                    dtype: d.name(),
                     elements: lin_elems,
                     bytes: lin_elems * d.size() as u64,
                     device_bytes: on_device,
@@ -433,7 +425,7 @@ impl MemoryPlan {
                 },
                 if embed_replaced { replaced_note } else { "" }
             ),
-            dtype: dtype_name(td),
+            dtype: td.name(),
             elements: embed_elems,
             bytes: embed_elems * tb,
             device_bytes: if embed_replaced {
@@ -447,7 +439,7 @@ impl MemoryPlan {
             rows.push(PlanRow {
                 part: "weights",
                 item: format!("lm_head{}", if head_replaced { replaced_note } else { "" }),
-                dtype: dtype_name(td),
+                dtype: td.name(),
                 elements: n,
                 bytes: n * tb,
                 device_bytes: if head_replaced {
@@ -465,7 +457,7 @@ impl MemoryPlan {
         rows.push(PlanRow {
             part: "weights",
             item: "norms, biases, patch/position embeddings, projector".into(),
-            dtype: dtype_name(opts.base_dtype),
+            dtype: opts.base_dtype.name(),
             elements: rest_elems,
             bytes: rest_elems * bd,
             device_bytes: rest
@@ -529,7 +521,7 @@ impl MemoryPlan {
                         item: format!(
                             "modules_to_save copy of {m} (params + grads; AdamW on the host)"
                         ),
-                        dtype: dtype_name(d),
+                        dtype: d.name(),
                         elements: n,
                         bytes: 2 * one,
                         device_bytes: 2 * one_dev,
@@ -546,7 +538,7 @@ impl MemoryPlan {
                     rows.push(PlanRow {
                         part: "trainable",
                         item: format!("modules_to_save copy of {m} (params + grads + AdamW m, v)"),
-                        dtype: dtype_name(d),
+                        dtype: d.name(),
                         elements: n,
                         bytes: 4 * one,
                         device_bytes: 4 * one_dev,

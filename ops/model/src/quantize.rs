@@ -107,14 +107,16 @@ fn float_bytes(values: &[f32], dtype: FloatDtype) -> Vec<u8> {
             .iter()
             .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
             .collect(),
-    }
-}
-
-fn st_dtype(d: FloatDtype) -> Dtype {
-    match d {
-        FloatDtype::F32 => Dtype::F32,
-        FloatDtype::F16 => Dtype::F16,
-        FloatDtype::BF16 => Dtype::BF16,
+        // Integer types (not a weight's; here for completeness): the nearest value in range.
+        FloatDtype::I64 => values
+            .iter()
+            .flat_map(|v| (dtype.round(*v) as i64).to_le_bytes())
+            .collect(),
+        FloatDtype::U32 => values
+            .iter()
+            .flat_map(|v| (dtype.round(*v) as u32).to_le_bytes())
+            .collect(),
+        FloatDtype::U8 => values.iter().map(|v| dtype.round(*v) as u8).collect(),
     }
 }
 
@@ -273,7 +275,7 @@ pub fn quantize_checkpoint(
         let src = t.float_dtype().expect("dense tensors are float");
         let out = match opts.load_dtype {
             Some(d) if d != src => OutTensor {
-                dtype: st_dtype(d),
+                dtype: d.to_safetensors(),
                 shape: t.shape.to_vec(),
                 data: Cow::Owned(float_bytes(&t.to_f32()?, d)),
             },

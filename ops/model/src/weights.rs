@@ -178,7 +178,7 @@ impl Nf4Tensor<'_> {
 
     /// What `dequantize_4bit` returns: the f32 product rounded to the state's dtype (bf16 ...).
     pub fn dequantize_as_stored_dtype(&self) -> Result<Vec<f32>> {
-        let dtype = FloatDtype::parse(&self.state.dtype)?;
+        let dtype = FloatDtype::parse_float(&self.state.dtype)?;
         let mut w = self.dequantize();
         w.par_iter_mut().for_each(|x| *x = dtype.round(*x));
         Ok(w)
