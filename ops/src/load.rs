@@ -336,11 +336,12 @@ mod tests {
     use arrow_schema::{Field, Schema};
     use parquet::arrow::ArrowWriter;
 
+    use crate::data::archive::{extract_all, select_archives, Limits};
     use crate::data::dataset;
     use crate::data::model_dir::ModelDir;
     use crate::hub::download::RetryPolicy;
     use crate::hub::test_server::{repo_reply, serve, Response};
-    use crate::unzip::{extract_all, locate_archives, select_archives};
+    use crate::sources::locate_archives;
     use crate::{Artifact, NoProgress};
 
     const SHA: &str = "abcdefabcdefabcdefabcdefabcdefabcdefabcd";
@@ -468,7 +469,7 @@ mod tests {
         let listing = extract_all(
             &names.into_iter().zip(paths).collect::<Vec<_>>(),
             extracted.path(),
-            &crate::unzip::Limits {
+            &Limits {
                 max_total_bytes: 1 << 20,
                 max_compression_ratio: 100.0,
             },
@@ -810,7 +811,7 @@ mod tests {
         extract_all(
             &names.into_iter().zip(paths).collect::<Vec<_>>(),
             out.path(),
-            &crate::unzip::Limits {
+            &Limits {
                 max_total_bytes: 1 << 30,
                 max_compression_ratio: 100.0,
             },

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::data::data_files::{select_split, DataFilesSpec};
@@ -273,4 +273,41 @@ pub fn load_hub_adapter(
         hub.fetch(&snapshot, file, progress).with_context(what)?;
     }
     import_adapter_folder(&snapshot.dir(), out_dir).with_context(what)
+}
+
+/// Local paths of the archives: in the Hub cache (downloaded when missing), or in the
+/// dataset's local folder.
+pub fn locate_archives(
+    dataset: &DatasetManifest,
+    names: &[String],
+    hub: &Hub,
+    progress: &dyn Progress,
+) -> Result<Vec<PathBuf>> {
+    match (&dataset.repo_id, &dataset.revision) {
+        // Archives already in the snapshot are read there, without asking the Hub.
+        (Some(_), Some(_)) if names.iter().all(|n| dataset.root.join(n).is_file()) => {
+            Ok(names.iter().map(|n| dataset.root.join(n)).collect())
+        }
+        (Some(repo_id), Some(sha)) => {
+            let snapshot = hub.resolve(repo_id, RepoType::Dataset, sha)?;
+            names
+                .iter()
+                .map(|name| {
+                    progress.message(format!("{repo_id}: {name}"));
+                    hub.fetch(&snapshot, name, progress)
+                })
+                .collect()
+        }
+        _ => names
+            .iter()
+            .map(|name| {
+                let path = dataset.root.join(name);
+                if path.is_file() {
+                    Ok(path)
+                } else {
+                    Err(anyhow!("archive {} not found", path.display()))
+                }
+            })
+            .collect(),
+    }
 }

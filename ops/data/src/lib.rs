@@ -1,6 +1,7 @@
 //! Datasets (parquet/json/jsonl rows as typed values), model folders, and what turns rows into
 //! training batches: conversations, chat templates, images, tokenization, collation.
 
+pub mod archive;
 pub mod chat_template;
 pub mod collate;
 pub mod conversation;
