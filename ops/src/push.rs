@@ -178,7 +178,7 @@ pub fn push(
         "op `{op_name}`: uploading to {endpoint}/{} (token from {source})",
         p.repo_id
     ));
-    let files = crate::save::saved_files(saved_dir)?;
+    let files = crate::publish::folder::saved_files(saved_dir)?;
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let client = HubClient::new(&endpoint, token).with_log(move |l| {
         let _ = tx.send(l.to_string());

@@ -3,4 +3,5 @@
 //! Uploads to the Hub live in [`crate::hub::upload`].
 
 pub mod card;
+pub mod folder;
 pub mod merge;
