@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::check;
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
+use crate::gpu::{groups_1d, Chunk, DType, Gpu, GpuTensor, Recorder, Shader};
 
 fn shader() -> Result<Shader> {
     Shader::compose("embedding", &[])
@@ -35,6 +35,31 @@ struct EmbParams {
     skip_id: u32,
     scale: f32,
     round_bf16: u32,
+}
+
+impl EmbParams {
+    /// The uniform of one dispatch over `chunk` of a `[vocab, dim]` table; `tokens` is what the
+    /// kernel walks (tokens, or the distinct ids of the bf16 scatter).
+    fn for_chunk(
+        chunk: &Chunk,
+        tokens: usize,
+        vocab: usize,
+        dim: usize,
+        skip_id: Option<u32>,
+        scale: f32,
+        round_bf16: bool,
+    ) -> Self {
+        Self {
+            tokens: tokens as u32,
+            dim: dim as u32,
+            first: chunk.first_row as u32,
+            rows: chunk.rows as u32,
+            vocab: vocab as u32,
+            skip_id: skip_id.unwrap_or(u32::MAX),
+            scale,
+            round_bf16: round_bf16 as u32,
+        }
+    }
 }
 
 impl Gpu {
@@ -67,16 +92,7 @@ impl Gpu {
         };
         let k = self.kernel(&shader()?, entry, &[])?;
         for chunk in table.chunks() {
-            let p = EmbParams {
-                tokens: tokens as u32,
-                dim: dim as u32,
-                first: chunk.first_row as u32,
-                rows: chunk.rows as u32,
-                vocab: vocab as u32,
-                skip_id: u32::MAX,
-                scale,
-                round_bf16: round_bf16 as u32,
-            };
+            let p = EmbParams::for_chunk(chunk, tokens, vocab, dim, None, scale, round_bf16);
             rec.dispatch(
                 &k,
                 bytemuck::bytes_of(&p),
@@ -116,16 +132,7 @@ impl Gpu {
         check("embedding_scatter_add", "dy", dy, DType::F32, tokens * dim)?;
         let k = self.kernel(&shader()?, "scatter_add", &[])?;
         for chunk in dtable.chunks() {
-            let p = EmbParams {
-                tokens: tokens as u32,
-                dim: dim as u32,
-                first: chunk.first_row as u32,
-                rows: chunk.rows as u32,
-                vocab: vocab as u32,
-                skip_id: skip_id.unwrap_or(u32::MAX),
-                scale,
-                round_bf16: 0,
-            };
+            let p = EmbParams::for_chunk(chunk, tokens, vocab, dim, skip_id, scale, false);
             rec.dispatch(
                 &k,
                 bytemuck::bytes_of(&p),
@@ -192,16 +199,7 @@ impl Gpu {
         );
         let k = self.kernel(&shader()?, "scatter_add_bf16", &[])?;
         for chunk in dtable.chunks() {
-            let p = EmbParams {
-                tokens: uniq.len() as u32,
-                dim: dim as u32,
-                first: chunk.first_row as u32,
-                rows: chunk.rows as u32,
-                vocab: vocab as u32,
-                skip_id: skip_id.unwrap_or(u32::MAX),
-                scale,
-                round_bf16: 0,
-            };
+            let p = EmbParams::for_chunk(chunk, uniq.len(), vocab, dim, skip_id, scale, false);
             rec.dispatch(
                 &k,
                 bytemuck::bytes_of(&p),
