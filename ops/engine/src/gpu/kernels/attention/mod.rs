@@ -355,24 +355,25 @@ impl Gpu {
                 d.batch as u32,
             ];
             let staged = stage_inputs(rec, &views[..3]);
-            let source = subgroup_module("sg_forward", &shape, staged.is_some())?;
-            let kernel = self.kernel(&source, "attention_sg_forward", &[])?;
-            let bindings = bind_staged(&staged, &views);
-            rec.dispatch_bound(&kernel, bytemuck::bytes_of(&params), &bindings, groups);
-            return Ok(());
+            let bytes = bytemuck::bytes_of(&params);
+            return self.dispatch_subgroup(
+                rec,
+                "sg_forward",
+                &shape,
+                &staged,
+                bytes,
+                &views,
+                groups,
+            );
         }
-        let kernel = self.kernel(
-            &module("forward", lane_features(self))?,
-            "attention_forward",
+        self.dispatch_general(
+            rec,
+            "forward",
             &constants,
-        )?;
-        rec.dispatch(
-            &kernel,
             bytemuck::bytes_of(&params),
             &views,
             [mask.q_blocks as u32, d.q_heads as u32, d.batch as u32],
-        );
-        Ok(())
+        )
     }
 
     /// Records the backward pass: writes `dq`, `dk`, `dv` (shaped like q, k, v; overwritten,
@@ -410,18 +411,15 @@ impl Gpu {
         let maskv = mask.buffer.view()?;
         let bytes = bytemuck::bytes_of(&params);
 
-        let delta = self.kernel(
-            &module("delta", lane_features(self))?,
-            "attention_delta",
-            &[],
-        )?;
         let rows = (d.batch * d.seq * d.q_heads) as u32;
-        rec.dispatch(
-            &delta,
+        self.dispatch_general(
+            rec,
+            "delta",
+            &[],
             bytes,
             &[out, d_out.clone(), lse, stats.clone()],
             groups_1d(self, rows.div_ceil(64)),
-        );
+        )?;
 
         let dq_views = [
             q.clone(),
@@ -447,54 +445,33 @@ impl Gpu {
             ];
             // Q, K, V, dO staged once serve both kernels.
             let staged = stage_inputs(rec, &dq_views[..4]);
-            let textures = staged.is_some();
-            let dq_kernel = self.kernel(
-                &subgroup_module("sg_dq", &rows, textures)?,
-                "attention_sg_dq",
-                &[],
-            )?;
-            rec.dispatch_bound(
-                &dq_kernel,
+            self.dispatch_subgroup(rec, "sg_dq", &rows, &staged, bytes, &dq_views, dq_groups)?;
+            return self.dispatch_subgroup(
+                rec,
+                "sg_dkdv",
+                &keys,
+                &staged,
                 bytes,
-                &bind_staged(&staged, &dq_views),
-                dq_groups,
-            );
-            let dkdv = self.kernel(
-                &subgroup_module("sg_dkdv", &keys, textures)?,
-                "attention_sg_dkdv",
-                &[],
-            )?;
-            rec.dispatch_bound(
-                &dkdv,
-                bytes,
-                &bind_staged(&staged, &dkdv_views),
+                &dkdv_views,
                 dkdv_groups,
             );
-            return Ok(());
         }
-        let dq_kernel = self.kernel(
-            &module("dq", lane_features(self))?,
-            "attention_dq",
+        self.dispatch_general(
+            rec,
+            "dq",
             &constants,
-        )?;
-        rec.dispatch(
-            &dq_kernel,
             bytes,
             &dq_views,
             [mask.q_blocks as u32, d.q_heads as u32, d.batch as u32],
-        );
-        let dkdv = self.kernel(
-            &module("dkdv", lane_features(self))?,
-            "attention_dkdv",
-            &constants,
         )?;
-        rec.dispatch(
-            &dkdv,
+        self.dispatch_general(
+            rec,
+            "dkdv",
+            &constants,
             bytes,
             &dkdv_views,
             [mask.k_blocks as u32, d.kv_heads as u32, d.batch as u32],
-        );
-        Ok(())
+        )
     }
 }
 
@@ -533,17 +510,49 @@ impl Gpu {
             check_tensor("lse", lse, d.lse_len())?,
             check_tensor("out", out, d.q_len())?,
         ];
-        let kernel = self.kernel(
-            &module("masked_rows", lane_features(self))?,
-            "attention_masked_rows",
+        self.dispatch_general(
+            rec,
+            "masked_rows",
             &[],
-        )?;
-        rec.dispatch(
-            &kernel,
             bytemuck::bytes_of(&params),
             &views,
             groups_1d(self, d.q_len().div_ceil(64) as u32),
-        );
+        )
+    }
+
+    /// Records one of attention's general kernels: `attention/<name>.wgsl` composed for this
+    /// adapter's lanes, entry point `attention_<name>`.
+    fn dispatch_general(
+        &self,
+        rec: &mut Recorder,
+        name: &str,
+        constants: &[(&str, f64)],
+        params: &[u8],
+        views: &[BufView],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let source = module(name, lane_features(self))?;
+        let kernel = self.kernel(&source, &format!("attention_{name}"), constants)?;
+        rec.dispatch(&kernel, params, views, groups);
+        Ok(())
+    }
+
+    /// Records a generated subgroup kernel (`attention_<name>`, e.g. `sg_dq`) of `shape`, its
+    /// first inputs read from the `staged` textures when there are any.
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_subgroup(
+        &self,
+        rec: &mut Recorder,
+        name: &str,
+        shape: &SubgroupShape,
+        staged: &Option<Vec<Arc<StagedTexture>>>,
+        params: &[u8],
+        views: &[BufView],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let source = subgroup_module(name, shape, staged.is_some())?;
+        let kernel = self.kernel(&source, &format!("attention_{name}"), &[])?;
+        rec.dispatch_bound(&kernel, params, &bind_staged(staged, views), groups);
         Ok(())
     }
 }
