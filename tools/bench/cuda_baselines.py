@@ -61,8 +61,10 @@ def matmul(shapes, reps):
 
 
 def train(config_path, seq, steps, nf4, bf16, checkpointing):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from bench_batch import lora_config, step_batch
 
     config = Gemma3Config.from_dict(json.load(open(config_path)))
     config._attn_implementation = "eager"
@@ -87,11 +89,7 @@ def train(config_path, seq, steps, nf4, bf16, checkpointing):
             )
     else:
         model = Gemma3ForConditionalGeneration._from_config(config, torch_dtype=dtype).cuda()
-    peft_config = LoraConfig(
-        r=16, lora_alpha=16, lora_dropout=0.05, bias="none", target_modules="all-linear",
-        task_type="CAUSAL_LM", modules_to_save=["lm_head", "embed_tokens"],
-    )
-    model = get_peft_model(model, peft_config)
+    model = get_peft_model(model, lora_config())
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -99,20 +97,7 @@ def train(config_path, seq, steps, nf4, bf16, checkpointing):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
-    mm = config.mm_tokens_per_image
-    ids = torch.randint(10, config.boi_token_index, (1, seq))
-    ids[0, 4] = config.boi_token_index
-    ids[0, 5:5 + mm] = config.image_token_index
-    ids[0, 5 + mm] = config.eoi_token_index
-    token_type_ids = (ids == config.image_token_index).long()
-    labels = ids.clone()
-    labels[token_type_ids == 1] = -100
-    side = config.vision_config.image_size
-    data = dict(
-        input_ids=ids.cuda(), attention_mask=torch.ones_like(ids).cuda(),
-        token_type_ids=token_type_ids.cuda(),
-        pixel_values=torch.randn(1, 3, side, side, dtype=dtype).cuda(), labels=labels.cuda(),
-    )
+    data = {k: v.cuda() for k, v in step_batch(config, seq, pixel_dtype=dtype).items()}
     torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(steps + 1):
