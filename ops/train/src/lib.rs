@@ -8,5 +8,7 @@ pub mod metrics;
 pub mod optimizer;
 pub mod reference_model;
 pub mod schedule;
+pub mod sources;
 pub mod tensorboard;
+pub mod train_config;
 pub mod trainer;

@@ -15,260 +15,30 @@
 //! accuracies and tokens in the global order, so every rank takes the step one process with
 //! `world_size ×` the accumulation takes; rank 0 alone writes logs, checkpoints and the adapter.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, HostTensors, LogWindow, TrainerState};
 use super::grad_sync::{GradSync, ReadbackPool};
 use super::metrics::{self, LogRecord, MetricsWriter};
-use super::optimizer::{record_norm_and_clip, write_f32, zero_grads, AdamWConfig, GpuAdamW, Optim};
-use super::schedule::{warmup_steps, LrSchedule, ScheduleKind};
+use super::optimizer::{record_norm_and_clip, write_f32, zero_grads, GpuAdamW, Optim};
+use super::schedule::{warmup_steps, LrSchedule};
 use super::tensorboard::EventWriter;
-use data::collate::{Batch, BatchStream, BatchesDescriptor, StreamOptions};
+use data::collate::Batch;
 use dist::distinct_rows;
-use dist::Shard;
 use engine::gpu::{DType, Gpu, Recorder};
 use model::peft::{self, AdapterConfig, HostTensor};
 use model::reference::loss::{count_label_tokens, shift_labels};
 use model::train_model::{Parameter, TrainModel};
 use op_api::Progress;
 
-/// How a micro-batch's summed cross-entropy is scaled (see
-/// [`model::reference::loss::LossNormalization`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossNormalizationKind {
-    /// Σ CE / label tokens of the whole accumulation cycle (transformers 5.24 + TRL 1.16). A
-    /// cycle without label tokens divides by 1 (TRL clamps the count).
-    TokenMean,
-    /// Each micro-batch's token mean / the cycle's micro-batch count (the guide-era stack).
-    MicroBatchMean,
-}
-
-/// `save_strategy` (+ `save_steps`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SaveStrategy {
-    No,
-    Epoch,
-    Steps(u64),
-}
-
-/// Everything the loop needs to know (TrainingArguments names).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    pub learning_rate: f64,
-    pub lr_scheduler_type: ScheduleKind,
-    pub warmup_steps: f64,
-    pub warmup_ratio: f64,
-    pub adamw: AdamWConfig,
-    /// ≤ 0: no clipping (the norm is still computed and logged).
-    pub max_grad_norm: f64,
-    pub gradient_accumulation_steps: usize,
-    pub num_train_epochs: f64,
-    /// Overrides `num_train_epochs` when set.
-    pub max_steps: Option<u64>,
-    pub logging_steps: u64,
-    pub save_strategy: SaveStrategy,
-    pub save_total_limit: Option<usize>,
-    pub loss_normalization: LossNormalizationKind,
-    /// Dropout masks derive from it (the data order is fixed by the `batches` artifact).
-    pub seed: u64,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            learning_rate: 5e-5,
-            lr_scheduler_type: ScheduleKind::Linear,
-            warmup_steps: 0.0,
-            warmup_ratio: 0.0,
-            adamw: AdamWConfig::default(),
-            max_grad_norm: 1.0,
-            gradient_accumulation_steps: 1,
-            num_train_epochs: 3.0,
-            max_steps: None,
-            logging_steps: 500,
-            save_strategy: SaveStrategy::Steps(500),
-            save_total_limit: None,
-            loss_normalization: LossNormalizationKind::TokenMean,
-            seed: 42,
-        }
-    }
-}
-
-/// Micro-batches, epoch after epoch, from any position.
-pub trait BatchSource {
-    fn batches_per_epoch(&self) -> usize;
-    /// Batches from batch `start_batch` of epoch `start_epoch` to the end of epoch `epochs − 1`,
-    /// each carrying its `epoch` and `index_in_epoch`.
-    fn open(
-        &self,
-        epochs: usize,
-        start_epoch: usize,
-        start_batch: usize,
-    ) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>>;
-}
-
-/// The `batches` artifact: batches made lazily by [`BatchStream`] on worker threads.
-pub struct StreamSource {
-    pub dir: PathBuf,
-    pub descriptor: BatchesDescriptor,
-    /// Which of the epoch's batches this process trains on (all of them in one process).
-    pub shard: Shard,
-}
-
-impl StreamSource {
-    pub fn open_dir(dir: &Path) -> Result<Self> {
-        Self::open_shard(dir, Shard::default())
-    }
-
-    /// This rank's share of the stream ([`Shard`]).
-    pub fn open_shard(dir: &Path, shard: Shard) -> Result<Self> {
-        let descriptor = BatchesDescriptor::read(dir)?;
-        let source = Self {
-            dir: dir.to_path_buf(),
-            descriptor,
-            shard,
-        };
-        ensure!(
-            source.batches_per_epoch() > 0,
-            "{} examples in batches of {} (drop_last = {}) give rank {} of {} no batch: use fewer ranks or a smaller batch_size",
-            source.descriptor.num_examples,
-            source.descriptor.batch_size,
-            source.descriptor.drop_last,
-            shard.rank,
-            shard.world
-        );
-        Ok(source)
-    }
-}
-
-impl BatchSource for StreamSource {
-    fn batches_per_epoch(&self) -> usize {
-        if self.shard.world <= 1 {
-            return self.descriptor.batches_per_epoch;
-        }
-        self.shard.batches_per_epoch(
-            self.descriptor.num_examples,
-            self.descriptor.batch_size,
-            self.descriptor.drop_last,
-        )
-    }
-    fn open(
-        &self,
-        epochs: usize,
-        start_epoch: usize,
-        start_batch: usize,
-    ) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
-        let stream = BatchStream::open(
-            &self.dir,
-            StreamOptions {
-                epochs,
-                start_epoch,
-                start_batch,
-                shard: self.shard,
-                ..Default::default()
-            },
-        )?;
-        Ok(Box::new(stream))
-    }
-}
-
-/// Batches held in memory, one list per epoch (tests, replays of a recorded order). Epochs
-/// past the last list repeat the lists cyclically.
-pub struct VecSource {
-    pub epochs: Vec<Vec<Batch>>,
-}
-
-impl BatchSource for VecSource {
-    fn batches_per_epoch(&self) -> usize {
-        self.epochs.first().map_or(0, Vec::len)
-    }
-    fn open(
-        &self,
-        epochs: usize,
-        start_epoch: usize,
-        start_batch: usize,
-    ) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
-        ensure!(
-            !self.epochs.is_empty() && self.epochs.iter().all(|e| e.len() == self.epochs[0].len()),
-            "every epoch must hold the same number of batches"
-        );
-        let bpe = self.batches_per_epoch();
-        Ok(Box::new(
-            (start_epoch * bpe + start_batch..epochs * bpe).map(move |g| {
-                let (e, i) = (g / bpe, g % bpe);
-                let mut b = self.epochs[e % self.epochs.len()][i].clone();
-                b.epoch = e;
-                b.index_in_epoch = i;
-                Ok(b)
-            }),
-        ))
-    }
-}
-
-/// Where the loop writes.
-#[derive(Debug, Clone)]
-pub struct TrainOutputs {
-    /// The adapter, `metrics.jsonl` and `trainer_state.json` go here.
-    pub out_dir: PathBuf,
-    /// TensorBoard run folder (e.g. `out_dir/runs/<date>_<host>`), or none (`report_to = "none"`).
-    pub tensorboard_dir: Option<PathBuf>,
-    /// Where `checkpoint-<step>` folders go.
-    pub checkpoint_dir: PathBuf,
-}
-
-/// `resume_from_checkpoint`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Resume {
-    No,
-    /// The newest checkpoint in the checkpoint folder (an error when there is none, as
-    /// transformers).
-    Latest,
-    Path(PathBuf),
-}
-
-/// A non-finite loss or gradient norm stopped the run.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "training stopped at step {step}: the {what} is not finite (loss {loss}, gradient norm {grad_norm}); {}",
-    match last_checkpoint {
-        Some(p) => format!("the last good checkpoint is {}", p.display()),
-        None => "no checkpoint was written before it".to_string(),
-    }
-)]
-pub struct NonFiniteError {
-    pub step: u64,
-    pub what: &'static str,
-    pub loss: f64,
-    pub grad_norm: f64,
-    pub last_checkpoint: Option<PathBuf>,
-}
-
-/// What a finished run reports.
-#[derive(Debug, Clone)]
-pub struct TrainSummary {
-    pub global_step: u64,
-    pub total_steps: u64,
-    pub epoch: f64,
-    /// Mean step loss over the whole run (transformers' `train_loss`).
-    pub train_loss: f64,
-    pub records: Vec<LogRecord>,
-    pub resumed_from: Option<PathBuf>,
-    pub last_checkpoint: Option<PathBuf>,
-    pub seconds: f64,
-    /// Optimizer steps this call took (fewer than `global_step` after a resume).
-    pub steps_run: u64,
-    /// Data-parallel ranks (1: one process).
-    pub world_size: usize,
-    /// Bytes this rank gave to the gradient all-reduces, over the steps this run took, and the
-    /// most in one step (0 in one process).
-    pub allreduce_bytes_total: u64,
-    pub allreduce_bytes_max: u64,
-}
+pub use super::sources::{BatchSource, StreamSource, VecSource};
+pub use super::train_config::{
+    LossNormalizationKind, NonFiniteError, Resume, SaveStrategy, TrainConfig, TrainOutputs,
+    TrainSummary,
+};
 
 /// The steps a run takes: `(updates per epoch, total steps, epochs to stream)`, as
 /// transformers' `set_initial_training_values`.
