@@ -11,5 +11,7 @@ pub mod format;
 pub mod holdout;
 pub mod image;
 pub mod model_dir;
+pub mod prepare;
 pub mod processor;
+pub mod stream;
 pub mod value;
