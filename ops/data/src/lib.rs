@@ -13,5 +13,6 @@ pub mod image;
 pub mod model_dir;
 pub mod prepare;
 pub mod processor;
+pub mod resize;
 pub mod stream;
 pub mod value;
