@@ -1,4 +1,5 @@
-//! Device setup, the buffer pool and the pipeline cache.
+//! Device setup and the pipeline cache; adapter choice in `engine/adapter.rs`, the buffer pool in
+//! `engine/pool.rs`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -7,6 +8,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::shader::Shader;
+
+mod adapter;
+mod pool;
+
+use adapter::*;
+use pool::*;
+pub use pool::{pooled_capacity, PooledBuffer, StorageStats};
 
 /// How kernels with a tiled inner loop (matmul, fused NF4 matmul) are shaped on this adapter.
 ///
@@ -602,160 +610,6 @@ impl Gpu {
 pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
-
-fn choose_adapter(infos: &[wgpu::AdapterInfo], spec: &str) -> Result<usize> {
-    let list = || {
-        infos
-            .iter()
-            .enumerate()
-            .map(|(k, a)| format!("  {k}: {} ({:?}, {:?})", a.name, a.device_type, a.backend))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    if let Ok(k) = spec.parse::<usize>() {
-        if k < infos.len() {
-            return Ok(k);
-        }
-        bail!(
-            "adapter index {k} is out of range; adapters found:\n{}",
-            list()
-        );
-    }
-    let needle = spec.to_lowercase();
-    let matches: Vec<usize> = (0..infos.len())
-        .filter(|&k| infos[k].name.to_lowercase().contains(&needle))
-        .collect();
-    match matches.as_slice() {
-        [] => bail!(
-            "no adapter name contains `{spec}`; adapters found:\n{}",
-            list()
-        ),
-        // Same device on several backends: prefer the native one.
-        many => Ok(*many
-            .iter()
-            .min_by_key(|&&k| backend_rank(infos[k].backend))
-            .expect("non-empty")),
-    }
-}
-
-fn backend_rank(b: wgpu::Backend) -> u32 {
-    match b {
-        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
-        wgpu::Backend::Gl => 1,
-        _ => 2,
-    }
-}
-
-/// The `local_rank`-th (cyclically) of the adapters that share the preferred adapter's device
-/// type and backend, in enumeration order: rank 0 gets [`preferred_adapter`].
-fn preferred_adapter_for_rank(infos: &[wgpu::AdapterInfo], local_rank: usize) -> usize {
-    let best = preferred_adapter(infos);
-    let peers: Vec<usize> = (0..infos.len())
-        .filter(|&k| {
-            infos[k].device_type == infos[best].device_type
-                && infos[k].backend == infos[best].backend
-        })
-        .collect();
-    peers[local_rank % peers.len()]
-}
-
-fn preferred_adapter(infos: &[wgpu::AdapterInfo]) -> usize {
-    let type_rank = |t: wgpu::DeviceType| match t {
-        wgpu::DeviceType::DiscreteGpu => 0,
-        wgpu::DeviceType::IntegratedGpu => 1,
-        wgpu::DeviceType::VirtualGpu => 2,
-        wgpu::DeviceType::Cpu => 3,
-        wgpu::DeviceType::Other => 4,
-    };
-    (0..infos.len())
-        .min_by_key(|&k| {
-            (
-                type_rank(infos[k].device_type),
-                backend_rank(infos[k].backend),
-                k,
-            )
-        })
-        .expect("at least one adapter")
-}
-
-/// Device bytes the pool gives a request of `bytes` (what a buffer of that size really costs;
-/// the memory plan rounds with it).
-pub fn pooled_capacity(bytes: u64) -> u64 {
-    bucket_size(bytes.max(16))
-}
-
-/// Rounds an allocation up so that buffers of similar sizes are shared across steps:
-/// multiples of 256 bytes up to 64 KiB, then four size classes per power of two (≤ 19% waste).
-fn bucket_size(bytes: u64) -> u64 {
-    if bytes <= 65536 {
-        return bytes.div_ceil(256) * 256;
-    }
-    let top = 63 - bytes.leading_zeros() as u64; // 2^top <= bytes
-    let step = 1u64 << (top - 2);
-    bytes.div_ceil(step) * step
-}
-
-/// Live storage bytes and their high-water mark (see [`Gpu::storage_stats`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StorageStats {
-    pub live: u64,
-    pub peak: u64,
-    /// Textures that CPU adapters stage kernel operands in (`gpu::staging`), counted apart.
-    pub staging_live: u64,
-    pub staging_peak: u64,
-}
-
-/// Free buffers by (usage, size class), and the storage bytes on loan.
-#[derive(Default)]
-pub(crate) struct BufferPool {
-    free: HashMap<(u32, u64), Vec<wgpu::Buffer>>,
-    free_bytes: u64,
-    live_storage: u64,
-    peak_storage: u64,
-}
-
-impl BufferPool {
-    fn take(&mut self, bucket: u64, usage: wgpu::BufferUsages) -> Option<wgpu::Buffer> {
-        let b = self.free.get_mut(&(usage.bits(), bucket))?.pop()?;
-        self.free_bytes -= bucket;
-        Some(b)
-    }
-}
-
-/// A buffer on loan from the pool; returned to it when the last reference drops. Recorders
-/// hold a reference to every buffer they bind until their submission, so a buffer is never
-/// handed out again while recorded work that uses it is pending.
-pub struct PooledBuffer {
-    buffer: Option<wgpu::Buffer>,
-    capacity: u64,
-    usage: wgpu::BufferUsages,
-    pool: Arc<Mutex<BufferPool>>,
-}
-
-impl PooledBuffer {
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        self.buffer.as_ref().expect("live buffer")
-    }
-    pub fn capacity(&self) -> u64 {
-        self.capacity
-    }
-}
-
-impl Drop for PooledBuffer {
-    fn drop(&mut self) {
-        if let Some(b) = self.buffer.take() {
-            let mut pool = self.pool.lock().unwrap();
-            pool.free_bytes += self.capacity;
-            if self.usage.contains(wgpu::BufferUsages::STORAGE) {
-                pool.live_storage -= self.capacity;
-            }
-            pool.free
-                .entry((self.usage.bits(), self.capacity))
-                .or_default()
-                .push(b);
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
