@@ -317,7 +317,7 @@ fn finish_dataset(manifest: DatasetManifest, ctx: &RunCtx) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
 
@@ -383,7 +383,8 @@ mod tests {
         out
     }
 
-    fn zip_bytes(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    /// A zip archive of `entries` (name, bytes), in memory.
+    pub(crate) fn zip_bytes(entries: &[(&str, &[u8])]) -> Vec<u8> {
         let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
         for (name, data) in entries {
             w.start_file(*name, zip::write::SimpleFileOptions::default())

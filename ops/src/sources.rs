@@ -266,9 +266,7 @@ pub fn load_hub_adapter(
     let snapshot = hub
         .resolve(repo_id, RepoType::Model, revision)
         .with_context(what)?;
-    if let Some(note) = &snapshot.note {
-        progress.println(format!("warning: {note}"));
-    }
+    note(&snapshot, progress);
     for file in ADAPTER_FILES {
         hub.fetch(&snapshot, file, progress).with_context(what)?;
     }

@@ -103,29 +103,16 @@ impl Op for Unzip {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::File;
-    use std::path::Path;
-
     use super::*;
     use crate::data::archive::{ArchiveSummary, FilesManifest};
+    use crate::load::tests::zip_bytes;
     use crate::NoProgress;
-
-    /// A zip of `entries` (name, bytes) at `path`.
-    fn make_zip(path: &Path, entries: &[(&str, &[u8])]) {
-        let mut w = zip::ZipWriter::new(File::create(path).unwrap());
-        for (name, data) in entries {
-            w.start_file(*name, zip::write::SimpleFileOptions::default())
-                .unwrap();
-            std::io::Write::write_all(&mut w, data).unwrap();
-        }
-        w.finish().unwrap();
-    }
 
     #[test]
     fn op_extracts_a_local_dataset_and_writes_files_json() {
         let data = tempfile::tempdir().unwrap();
-        make_zip(&data.path().join("A.zip"), &[("t/1.jpg", b"one")]);
-        make_zip(&data.path().join("B.zip"), &[("u/2.jpg", b"two")]);
+        std::fs::write(data.path().join("A.zip"), zip_bytes(&[("t/1.jpg", b"one")])).unwrap();
+        std::fs::write(data.path().join("B.zip"), zip_bytes(&[("u/2.jpg", b"two")])).unwrap();
         let input = tempfile::tempdir().unwrap();
         DatasetManifest {
             repo_id: None,
