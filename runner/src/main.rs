@@ -1,5 +1,9 @@
-//! `runner`: see the README. The subcommands live in `runner::cli`; the ops come from
-//! `ops::builtin()`.
+//! `runner`: see the README. The subcommands live in `runner_core::cli`; the ops come from
+//! `ops::builtin()` and the GPU commands from the engine (`gpu.rs`).
+
+mod gpu;
+
+use runner_core::cli;
 
 fn main() {
     quiet_vulkan_device_select();
@@ -7,7 +11,7 @@ fn main() {
 }
 
 fn cli() -> i32 {
-    runner::cli::main_with(ops::builtin(), std::env::args_os())
+    cli::main_with(ops::builtin(), &gpu::Engine, std::env::args_os())
 }
 
 /// Under an MPI launcher (`mpirun -n 4 runner run r.toml`, `srun --mpi=pmix`, an MPIJob) this
@@ -20,7 +24,7 @@ fn run() -> i32 {
         Ok(s) => s,
         Err(e) => {
             eprintln!("runner: {e:#}");
-            return runner::cli::EXIT_OP_FAILED;
+            return cli::EXIT_OP_FAILED;
         }
     };
     let Some(session) = session else {
@@ -29,7 +33,7 @@ fn run() -> i32 {
     let world = session.world();
     if let Err(e) = ops::gpu::select_local_rank(world.local_rank) {
         eprintln!("rank {}: runner: {e:#}", world.rank);
-        return session.finish(runner::cli::EXIT_OP_FAILED);
+        return session.finish(cli::EXIT_OP_FAILED);
     }
     let code = cli();
     session.finish(code)
@@ -45,7 +49,7 @@ fn run() -> i32 {
                 "runner: an MPI launcher started this process as rank {rank}{}, but this runner was built without MPI; rebuild it with `cargo build --release --features distributed` (needs libopenmpi-dev and libclang-dev), or run one process without mpirun",
                 if size > 1 { format!(" of {size}") } else { String::new() }
             );
-            return runner::cli::EXIT_INVALID;
+            return cli::EXIT_INVALID;
         }
     }
     cli()

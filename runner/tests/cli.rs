@@ -1,7 +1,7 @@
 //! End-to-end tests of the `runner` CLI, with test-only ops.
 //!
 //! This binary has its own `main`: started with `RUNNER_TEST_CLI=1` it *is* the CLI
-//! (`runner::cli::main_with` over the test ops), otherwise it runs the tests, each of which
+//! (`runner_core::cli::main_with` over the test ops), otherwise it runs the tests, each of which
 //! starts the binary again as the CLI — so every test sees real exit codes, stdout and stderr,
 //! and can SIGKILL a run.
 
@@ -21,8 +21,9 @@ const AS_CLI: &str = "RUNNER_TEST_CLI";
 
 fn main() {
     if std::env::var_os(AS_CLI).is_some() {
-        std::process::exit(runner::cli::main_with(
+        std::process::exit(runner_core::cli::main_with(
             support::testops::registry(),
+            &support::testops::NoEngine,
             std::env::args_os(),
         ));
     }
@@ -148,7 +149,7 @@ impl Workspace {
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.env(AS_CLI, "1")
-            .env_remove(runner::cli::CACHE_ENV)
+            .env_remove(runner_core::cli::CACHE_ENV)
             .current_dir(self.path())
             .args(args)
             .stdin(Stdio::null())
@@ -813,7 +814,7 @@ fn cache_dir_precedence() -> Result {
     assert!(ws.path().join("from-recipe").is_dir());
     let out = ws
         .command(&["run", "recipe.toml"])
-        .env(runner::cli::CACHE_ENV, ws.path().join("from-env"))
+        .env(runner_core::cli::CACHE_ENV, ws.path().join("from-env"))
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -823,7 +824,7 @@ fn cache_dir_precedence() -> Result {
     );
     let out = ws
         .command(&["run", "recipe.toml", "--cache-dir", "from-flag"])
-        .env(runner::cli::CACHE_ENV, ws.path().join("from-env2"))
+        .env(runner_core::cli::CACHE_ENV, ws.path().join("from-env2"))
         .output()
         .unwrap();
     assert!(out.status.success());

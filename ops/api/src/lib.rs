@@ -1,6 +1,7 @@
 //! The op API: what an op is ([`Op`]: ports, params, output type, `run`), what it gets
 //! ([`RunCtx`]), the artifacts that flow between ops, and the registry the runner schedules from.
-//! The runner's library needs only this crate; the ops themselves live in the `ops` crate.
+//! The runner's pipeline machinery (`runner-core`) needs only this crate and `dist`; the ops
+//! themselves live in the `ops` crate.
 
 pub mod artifact;
 pub mod atomic_file;

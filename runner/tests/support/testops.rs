@@ -12,6 +12,24 @@ use ops::{
     op_params, ArtifactType, Device, Op, ParamError, ParamSpec, Port, RecipeInfo, Registry, RunCtx,
 };
 
+/// The CLI tests' GPU commands. Their ops never touch a GPU; `--adapter` and `runner gpu` are
+/// tested against the real binary (`hostile.rs`).
+pub struct NoEngine;
+
+impl runner_core::cli::GpuCommands for NoEngine {
+    fn select_adapter(&self, spec: &str) -> anyhow::Result<()> {
+        anyhow::bail!("the CLI test binary has no GPU engine (asked for adapter `{spec}`)")
+    }
+
+    fn describe(&self) -> anyhow::Result<String> {
+        anyhow::bail!("the CLI test binary has no GPU engine")
+    }
+
+    fn tune(&self, _: &runner_core::cli::TuneRequest) -> anyhow::Result<String> {
+        anyhow::bail!("the CLI test binary has no GPU engine")
+    }
+}
+
 pub fn registry() -> Registry {
     let mut r = Registry::empty();
     r.register(Arc::new(Text))

@@ -101,7 +101,7 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 /// Formats a "did you mean" hint for `wrong` among `candidates`, or lists them all when none is close.
 pub fn suggestion<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
     let candidates: Vec<&str> = candidates.into_iter().collect();
-    match ops::params::nearest(wrong, candidates.iter().copied()) {
+    match op_api::params::nearest(wrong, candidates.iter().copied()) {
         Some(n) => format!("; did you mean `{n}`?"),
         None => {
             let all: Vec<String> = candidates.into_iter().map(|c| format!("`{c}`")).collect();

@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 
-use ops::{ArtifactType, Device, Op, Registry};
+use op_api::{ArtifactType, Device, Op, Registry};
 use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
@@ -234,7 +234,7 @@ pub fn build(recipe: Recipe, registry: &Registry) -> Result<Pipeline, Vec<Diagno
 }
 
 /// What to do about a param error, beyond the op's own message.
-fn param_fix_hint(e: &ops::ParamError, decl: &OpDecl, op: &dyn Op) -> String {
+fn param_fix_hint(e: &op_api::ParamError, decl: &OpDecl, op: &dyn Op) -> String {
     if e.key.is_none() {
         if let Some(spec) = op.params().iter().find(|s| {
             e.message.contains(&format!("`{}`", s.name)) && !decl.params.contains_key(s.name)

@@ -84,7 +84,7 @@ pub(super) fn dedup_into(diags: &mut Vec<Diagnostic>, new: Vec<Diagnostic>) {
 
 pub(super) fn undefined_var<'a>(name: &str, defined: impl Iterator<Item = &'a String>) -> String {
     let defined: Vec<&str> = defined.map(String::as_str).collect();
-    match ops::params::nearest(name, defined.iter().copied()) {
+    match op_api::params::nearest(name, defined.iter().copied()) {
         Some(near) => format!("undefined variable `${{vars.{name}}}`; did you mean `{near}`?"),
         None => format!("undefined variable `${{vars.{name}}}`: define `{name}` under `[vars]`"),
     }

@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use ops::{ParamDefault, Registry};
+use op_api::{ParamDefault, Registry};
 
 use crate::cache::Cache;
 use crate::diag::{suggestion, Diagnostic};
@@ -95,9 +95,6 @@ struct GpuArgs {
     nf4: bool,
 }
 
-/// The guide's model config (Gemma 3 4B-it), which `runner gpu --tune` tunes by default.
-const GUIDE_MODEL_CONFIG: &str = include_str!("../../recipes/configs/gemma-3-4b-it.config.json");
-
 #[derive(Args, Debug)]
 struct RecipeArgs {
     /// The recipe file (TOML).
@@ -127,9 +124,34 @@ struct RunArgs {
     jobs: Option<usize>,
 }
 
-/// Runs the CLI with `args` (the first item is the program name) against `registry`; returns
-/// the exit code. Tests call it with test-only ops registered.
-pub fn main_with<I, T>(registry: Registry, args: I) -> i32
+/// The GPU side of the command line, supplied by the binary. `--adapter` and `runner gpu` need
+/// the compute engine; the recipe machinery in this crate does not, so it builds with the op API
+/// alone (no wgpu, arrow or tokenizers) and its tests link only that.
+pub trait GpuCommands {
+    /// `--adapter NAME|INDEX`: the adapter every GPU op of this process uses.
+    fn select_adapter(&self, spec: &str) -> anyhow::Result<()>;
+    /// `runner gpu`: the adapter that would be used (backend, features, limits) and every
+    /// adapter found.
+    fn describe(&self) -> anyhow::Result<String>;
+    /// `runner gpu --tune`: times the candidate tilings of a model's training-step products and
+    /// keeps the fastest; returns the table.
+    fn tune(&self, request: &TuneRequest) -> anyhow::Result<String>;
+}
+
+/// What `runner gpu --tune` was asked to tune.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TuneRequest {
+    /// The model's config.json; `None`: the guide's model (Gemma 3 4B-it).
+    pub config: Option<PathBuf>,
+    /// Text tokens per micro-batch.
+    pub tokens: usize,
+    /// The products of an NF4 (QLoRA) base.
+    pub nf4: bool,
+}
+
+/// Runs the CLI with `args` (the first item is the program name) against `registry`, with `gpu`
+/// for the GPU commands; returns the exit code. Tests call it with test-only ops registered.
+pub fn main_with<I, T>(registry: Registry, gpu: &dyn GpuCommands, args: I) -> i32
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -147,16 +169,16 @@ where
         }
     };
     if let Some(adapter) = &cli.adapter {
-        if let Err(e) = ops::gpu::select_adapter(adapter) {
+        if let Err(e) = gpu.select_adapter(adapter) {
             eprintln!("runner: --adapter {adapter}: {e:#}");
             return EXIT_INVALID;
         }
     }
-    match dispatch(&registry, cli.command) {
+    match dispatch(&registry, gpu, cli.command) {
         Ok(code) => code,
         Err(diags) => {
             for d in diags {
-                eprintln!("{}{d}", ops::dist::rank_prefix());
+                eprintln!("{}{d}", dist::rank_prefix());
             }
             EXIT_INVALID
         }
@@ -165,7 +187,7 @@ where
 
 type Outcome = Result<i32, Vec<Diagnostic>>;
 
-fn dispatch(registry: &Registry, command: Command) -> Outcome {
+fn dispatch(registry: &Registry, gpu: &dyn GpuCommands, command: Command) -> Outcome {
     match command {
         Command::Validate(args) => {
             let pipeline = load(registry, &args)?;
@@ -188,8 +210,12 @@ fn dispatch(registry: &Registry, command: Command) -> Outcome {
         Command::Ops { kind } => ops_command(registry, kind.as_deref()),
         Command::Gpu(args) => {
             let result = match args.tune {
-                false => ops::gpu::describe(),
-                true => tune_command(&args),
+                false => gpu.describe(),
+                true => gpu.tune(&TuneRequest {
+                    config: args.config,
+                    tokens: args.tokens,
+                    nf4: args.nf4,
+                }),
             };
             match result {
                 Ok(text) => {
@@ -203,66 +229,6 @@ fn dispatch(registry: &Registry, command: Command) -> Outcome {
             }
         }
     }
-}
-
-/// `runner gpu --tune`: tunes the products of a model's training step; returns the table.
-fn tune_command(args: &GpuArgs) -> anyhow::Result<String> {
-    use anyhow::Context;
-    let json = match &args.config {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading the model config {}", path.display()))?,
-        None => GUIDE_MODEL_CONFIG.to_string(),
-    };
-    let config = ops::model::ModelConfig::from_json(&json).with_context(|| {
-        format!(
-            "{} is not a model config.json (a Gemma 3 one)",
-            args.config
-                .as_ref()
-                .map_or("the default config".into(), |p| p.display().to_string())
-        )
-    })?;
-    anyhow::ensure!(args.tokens > 0, "--tokens must be at least 1");
-    let gpu = ops::gpu::Gpu::get()?;
-    // cooperative matrices are used only once checked here, on this adapter and driver
-    for (cfg, result) in gpu.verify_coop_matmul() {
-        match result {
-            Ok(err) => eprintln!("cooperative matrices {cfg}: match the reference (largest relative error {err:.1e}); selected"),
-            Err(e) => eprintln!("cooperative matrices {cfg}: NOT selected: {e:#}"),
-        }
-    }
-    let mut table = format!(
-        "adapter: {}\n\n| product | M×N×K | kept tiling | ms | default ms | speed-up |\n| --- | --- | --- | --- | --- | --- |\n",
-        gpu.adapter_info().name
-    );
-    for shape in ops::model::products::model_products(&config, args.tokens, args.nf4) {
-        eprintln!(
-            "tuning {} ({}x{}x{})",
-            shape.label, shape.m, shape.n, shape.k
-        );
-        let (_, entry) = gpu.tune_matmul(&shape)?;
-        let best = entry
-            .times
-            .iter()
-            .find(|t| t.0 == entry.tiling)
-            .map_or(0.0, |t| t.1);
-        let default = entry.times.first().map_or(0.0, |t| t.1);
-        table.push_str(&format!(
-            "| {} | {}×{}×{} | {} | {:.3} | {:.3} | {:.2}× |\n",
-            shape.label,
-            shape.m,
-            shape.n,
-            shape.k,
-            entry.tiling,
-            best * 1e3,
-            default * 1e3,
-            default / best.max(1e-12)
-        ));
-    }
-    match gpu.tune_file() {
-        Some(f) => table.push_str(&format!("\nkept in {}\n", f.display())),
-        None => table.push_str("\nnot kept: no tuning folder (set RUNNER_TUNE_DIR or HOME)\n"),
-    }
-    Ok(table)
 }
 
 fn load(registry: &Registry, args: &RecipeArgs) -> Result<Pipeline, Vec<Diagnostic>> {
@@ -326,7 +292,7 @@ fn plan_checked(
         Ok(plan) => Ok(Ok(plan)),
         Err(e) if e.run_time => {
             for d in e.diags {
-                eprintln!("{}{d}", ops::dist::rank_prefix());
+                eprintln!("{}{d}", dist::rank_prefix());
             }
             Ok(Err(EXIT_OP_FAILED))
         }
@@ -411,8 +377,8 @@ fn run_command(registry: &Registry, args: &RunArgs) -> Outcome {
     let jobs = args
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let world = ops::dist::world();
-    let plan = match ops::dist::comm() {
+    let world = dist::world();
+    let plan = match dist::comm() {
         Some(comm) => match schedule::follow_rank_zero(&pipeline, &cache, &selection, plan, comm) {
             Ok(plan) => plan,
             Err(e) => {
@@ -470,15 +436,15 @@ fn ops_command(registry: &Registry, kind: Option<&str>) -> Outcome {
 }
 
 /// The `runner ops` listing, generated from the op definitions themselves.
-pub fn describe_ops(ops: &[std::sync::Arc<dyn ops::Op>]) -> String {
+pub fn describe_ops(ops: &[std::sync::Arc<dyn op_api::Op>]) -> String {
     let mut out = String::new();
     for (n, op) in ops.iter().enumerate() {
         if n > 0 {
             out.push('\n');
         }
         let device = match op.device() {
-            ops::Device::Cpu => "cpu",
-            ops::Device::Gpu => "gpu",
+            op_api::Device::Cpu => "cpu",
+            op_api::Device::Gpu => "gpu",
         };
         out.push_str(&format!("{} — {}\n", op.kind(), op.doc()));
         out.push_str(&format!("  device: {device}, version: {}\n", op.version()));

@@ -67,7 +67,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, selection: &Selection) -> Result
         let fingerprint = match step.op.fingerprint(&step.params, &info) {
             Ok(f) => f,
             Err(e) => {
-                run_time |= e.downcast_ref::<ops::RunTimeFailure>().is_some();
+                run_time |= e.downcast_ref::<op_api::RunTimeFailure>().is_some();
                 diags.push(pipeline.recipe.file.at(
                     &pipeline.recipe.ops[i].header,
                     format!("op `{}` ({}): {e:#}", step.name, step.kind),

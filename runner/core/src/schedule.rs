@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use ops::{Artifact, Device, RunCtx};
+use op_api::{Artifact, Device, RunCtx};
 
 use crate::cache::{self, Cache};
 use crate::graph::Pipeline;
@@ -56,7 +56,7 @@ pub fn follow_rank_zero(
     cache: &Cache,
     selection: &Selection,
     plan: Plan,
-    comm: &dyn ops::dist::Comm,
+    comm: &dyn dist::Comm,
 ) -> anyhow::Result<Plan> {
     use sha2::Digest;
     let mut digest = sha2::Sha256::new();
@@ -152,7 +152,7 @@ impl OpProgress {
 /// ends, as the ops after them read them.
 type Private = std::sync::Mutex<Vec<cache::Pending>>;
 
-impl ops::Progress for OpProgress {
+impl op_api::Progress for OpProgress {
     fn set_length(&self, len: u64) {
         self.bar.set_style(Self::bar_style());
         self.bar.set_length(len);
@@ -269,7 +269,7 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                 let Some(inputs) = inputs else { continue };
                 // Every rank must enter the collective ops in one order: plan order.
                 if step.op.collective()
-                    && ops::dist::world().is_distributed()
+                    && dist::world().is_distributed()
                     && plan.steps.iter().take_while(|o| o.step != i).any(|o| {
                         pipeline.steps[o.step].op.collective()
                             && matches!(states[o.step], State::Waiting | State::Running)
@@ -329,13 +329,13 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                     .unwrap_or_else(|panic| {
                         Err(anyhow::anyhow!("panicked: {}", panic_message(&panic)))
                     });
-                    if let (Err(e), Some(comm)) = (&result, ops::dist::comm()) {
+                    if let (Err(e), Some(comm)) = (&result, dist::comm()) {
                         if step.op.collective() {
                             // The other ranks are inside this op's collectives: waiting for the
                             // running ops to finish first could leave them waiting forever.
                             eprintln!(
                                 "{}error: op `{}` ({}) failed: {e:#}",
-                                ops::dist::rank_prefix(),
+                                dist::rank_prefix(),
                                 step.name,
                                 step.kind
                             );
@@ -380,7 +380,7 @@ pub fn execute(pipeline: &Pipeline, plan: &Plan, cache: &Cache, options: &RunOpt
                 multi.suspend(|| {
                     eprintln!(
                         "{}error: op `{}` ({}) failed: {e:#}",
-                        ops::dist::rank_prefix(),
+                        dist::rank_prefix(),
                         step.name,
                         step.kind
                     );
@@ -412,14 +412,14 @@ fn run_one(
     key: &str,
     replace: bool,
     inputs: &BTreeMap<String, Artifact>,
-    info: &ops::RecipeInfo,
+    info: &op_api::RecipeInfo,
     cache: &Cache,
     progress: &OpProgress,
     private: &Private,
 ) -> anyhow::Result<Artifact> {
     let step = &pipeline.steps[i];
-    let world = ops::dist::world();
-    if let (true, Some(comm)) = (step.op.collective(), ops::dist::comm()) {
+    let world = dist::world();
+    if let (true, Some(comm)) = (step.op.collective(), dist::comm()) {
         // Waits, sleeping, for every rank to reach this op (rank 0 may still be running other
         // ops), then checks that they all entered the same one.
         comm.idle_barrier();

@@ -203,13 +203,13 @@ impl Recipe {
         self.ops.iter().find(|o| o.name == name)
     }
 
-    pub fn info(&self) -> ops::RecipeInfo {
-        ops::RecipeInfo {
+    pub fn info(&self) -> op_api::RecipeInfo {
+        op_api::RecipeInfo {
             name: self.name.clone(),
             seed: self.seed,
             path: self.path.clone(),
             output_dir: self.output_dir.clone(),
-            env: ops::Environment::process(),
+            env: op_api::Environment::process(),
         }
     }
 }
