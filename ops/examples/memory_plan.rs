@@ -14,12 +14,12 @@
 //!
 //! `cargo run --release -p ops --example memory_plan -- [config.json]`
 
-use ops::lora_train::plan_options;
 use ops::model::config::{FloatDtype, ModelConfig, GEMMA_3_4B_IT_CONFIG_JSON};
 use ops::model::memory::{
     bnb_parameter_footprint, nf4_state_bytes, ActivationPlan, LoraPlan, MemoryPlan,
 };
 use ops::model::names::{expected_tensors, TensorKind};
+use ops::train::setup::plan_options;
 
 const GIB: f64 = (1u64 << 30) as f64;
 

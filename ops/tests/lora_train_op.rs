@@ -180,7 +180,7 @@ fn bad_params_name_the_key() {
         .unwrap();
     op.check(&ok).unwrap();
     assert_eq!(
-        ops::lora_train::default_checkpoint_dir(Path::new("/x/gemma-sft")),
+        ops::train::setup::default_checkpoint_dir(Path::new("/x/gemma-sft")),
         PathBuf::from("/x/gemma-sft-checkpoints")
     );
 }

@@ -11,7 +11,6 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use ops::data::collate::Batch;
 use ops::gpu::{DType, Gpu, Recorder};
-use ops::lora_train::plan_options;
 use ops::model::bnb::{QuantStorage, SkipRule};
 use ops::model::config::FloatDtype;
 use ops::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
@@ -24,6 +23,7 @@ use ops::reference::cast::f32_to_bf16;
 use ops::train::lora_init::new_adapter;
 use ops::train::model::TrainModel;
 use ops::train::optimizer::{record_norm_and_clip, zero_grads, AdamWConfig, GpuAdamW};
+use ops::train::setup::plan_options;
 
 const GIB: f64 = (1u64 << 30) as f64;
 const SHARD_BYTES: usize = 1 << 30;
