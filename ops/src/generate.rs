@@ -11,20 +11,13 @@
 //! Output: `generations.jsonl` (one [`GenerationRecord`] per conversation, in order) and
 //! `generate.json` (rows, new tokens, decode time, tokens/s, KV cache bytes).
 
-use std::io::Write;
-use std::time::Instant;
-
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::data::chat_template::ChatTemplate;
-use crate::data::collate::{DatasetImages, ImageResolver, RowImages};
-use crate::data::conversation::{read_jsonl, ConversationRecord, ImageRef, ImageSources};
 use crate::data::processor::Processor;
-use crate::generation::decode::{
-    build_prompt, generate_batch, left_padded_batch, load_images, DecodeOptions, Prompt,
-};
-use crate::generation::GenerationRecord;
+use crate::generation::config::GenerationConfig;
+use crate::generation::decode::{answer_all, read_prompts, DecodeOptions};
 use crate::gpu::MatmulPrecision;
 use crate::model::gpu::model::Gemma3Gpu;
 use crate::model::ModelConfig;
@@ -106,16 +99,6 @@ impl GenerateParams {
     }
 }
 
-/// What generation_config.json says (transformers reads the same file).
-#[derive(Debug, Default, serde::Deserialize)]
-struct GenerationConfig {
-    eos_token_id: Option<crate::params::OneOrMany<i64>>,
-    pad_token_id: Option<i64>,
-    temperature: Option<f64>,
-    top_k: Option<usize>,
-    top_p: Option<f64>,
-}
-
 pub struct GenerateOp;
 
 impl Op for GenerateOp {
@@ -178,28 +161,8 @@ impl Op for GenerateOp {
         let op = format!("op `{}` (generate)", ctx.name);
         let (root, _) = crate::model::artifact_model_root(&ctx.input("model")?.dir)?;
         let config = ModelConfig::from_file(&root.join("config.json"))?;
-        let gen_config: GenerationConfig = match std::fs::read(root.join("generation_config.json"))
-        {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("{op}: reading generation_config.json"))?,
-            Err(_) => GenerationConfig::default(),
-        };
-        let stop_ids: Vec<u32> = gen_config
-            .eos_token_id
-            .as_ref()
-            .or(match &config {
-                ModelConfig::ConditionalGeneration(g) => g.eos_token_id.as_ref(),
-                _ => None,
-            })
-            .or(config.text().eos_token_id.as_ref())
-            .map(|e| e.to_vec().into_iter().map(|v| v as u32).collect())
-            .unwrap_or_default();
-        if stop_ids.is_empty() {
-            bail!(
-                "{op}: the model names no `eos_token_id` (generation_config.json or config.json): \
-                 answers would never stop before max_new_tokens; add it to the model folder"
-            );
-        }
+        let gen_config = GenerationConfig::read(&root).with_context(|| op.clone())?;
+        let stop_ids = gen_config.stop_ids(&config).with_context(|| op.clone())?;
         let adapter = ctx.optional_input("adapter");
         let processor = Processor::from_model_dir(&root).with_context(|| op.clone())?;
         let template = ChatTemplate::from_model_dir(&root, None).with_context(|| op.clone())?;
@@ -216,25 +179,14 @@ impl Op for GenerateOp {
                 .map(|p| p as u32)
                 .unwrap_or(processor.ids.pad),
         };
-
-        let conv_dir = &ctx.input("conversations")?.dir;
-        let records: Vec<ConversationRecord> = read_jsonl(&conv_dir.join("conversations.jsonl"))
-            .with_context(|| format!("{op}: reading the conversations"))?;
-        let sources = ImageSources::read(conv_dir)
-            .with_context(|| format!("{op}: the conversations artifact has no source.json"))?;
-        let rows: Option<std::sync::Arc<dyn RowImages>> = match &sources.dataset_dir {
-            Some(d) => Some(std::sync::Arc::new(DatasetImages(
-                crate::data::dataset::open(d)?,
-            ))),
-            None => None,
-        };
-        let resolver = ImageResolver { sources, rows };
-        let limit = params.max_rows.unwrap_or(records.len()).min(records.len());
-        let prompts = records[..limit]
-            .iter()
-            .map(|r| build_prompt(r, &template, &processor, params.add_special_tokens))
-            .collect::<Result<Vec<Prompt>>>()
-            .with_context(|| op.clone())?;
+        let (prompts, resolver) = read_prompts(
+            &ctx.input("conversations")?.dir,
+            &template,
+            &processor,
+            params.add_special_tokens,
+            params.max_rows,
+        )
+        .with_context(|| op.clone())?;
         if prompts.is_empty() {
             bail!("{op}: there are no conversations to answer");
         }
@@ -266,10 +218,7 @@ impl Op for GenerateOp {
             longest + params.max_new_tokens,
             gpu.max_binding_bytes(),
         );
-        let cache_bytes = kv_plan.bytes;
 
-        ctx.progress
-            .set_length((prompts.len() * params.max_new_tokens) as u64);
         let out_path = ctx.out_dir.join(GENERATIONS_FILE);
         let mut out = std::io::BufWriter::new(
             std::fs::File::create(&out_path)
@@ -277,79 +226,42 @@ impl Op for GenerateOp {
         );
         // frozen weights staged once for all batches (CPU adapters), not once per batch
         let _staged_weights = gpu.hold_staged_weights();
-        let started = Instant::now();
-        let (mut new_tokens, mut stopped) = (0usize, 0usize);
-        for chunk in prompts.chunks(params.batch_size) {
-            let images = chunk
-                .iter()
-                .map(|p| load_images(&resolver, p))
-                .collect::<Result<Vec<_>>>()
-                .with_context(|| op.clone())?;
-            let batch = left_padded_batch(&processor, chunk, &images);
-            let before = new_tokens;
-            let answers = generate_batch(&model, gpu, &batch, &opts, |n| {
-                new_tokens += n;
-                let secs = started.elapsed().as_secs_f64();
-                ctx.progress.inc(n as u64);
-                ctx.progress.message(format!(
-                    "{:.1} tokens/s",
-                    new_tokens as f64 / secs.max(1e-9)
-                ));
-            })
-            .with_context(|| format!("{op}: rows {:?}", batch.rows))?;
-            for (prompt, answer) in chunk.iter().zip(answers) {
-                stopped += answer.stopped as usize;
-                let record = GenerationRecord {
-                    row: prompt.row,
-                    prompt: prompt.text.clone(),
-                    reference: prompt.reference.clone(),
-                    text: processor
-                        .tokenizer
-                        .decode(&answer.token_ids, true)
-                        .map_err(|e| anyhow::anyhow!("{op}: decoding the answer: {e}"))?,
-                    token_ids: answer.token_ids,
-                    finish_reason: Some(if answer.stopped { "eos" } else { "length" }.into()),
-                    images: prompt.images.iter().map(image_name).collect(),
-                };
-                serde_json::to_writer(&mut out, &record)?;
-                out.write_all(b"\n")?;
-            }
-            // Rows that stopped early leave part of their budget: the bar counts it as done.
-            ctx.progress.inc(
-                (chunk.len() * params.max_new_tokens).saturating_sub(new_tokens - before) as u64,
-            );
-        }
-        out.flush()?;
-        let secs = started.elapsed().as_secs_f64();
-        let rate = new_tokens as f64 / secs.max(1e-9);
+        let totals = answer_all(
+            &model,
+            gpu,
+            &processor,
+            &resolver,
+            &prompts,
+            params.batch_size,
+            &opts,
+            &mut out,
+            ctx.progress,
+        )
+        .with_context(|| op.clone())?;
+        let rate = totals.new_tokens as f64 / totals.seconds.max(1e-9);
         std::fs::write(
             ctx.out_dir.join(GENERATE_JSON),
             serde_json::to_string_pretty(&json!({
                 "rows": prompts.len(),
-                "new_tokens": new_tokens,
-                "stopped_on_eos": stopped,
-                "seconds": secs,
+                "new_tokens": totals.new_tokens,
+                "stopped_on_eos": totals.stopped,
+                "seconds": totals.seconds,
                 "tokens_per_second": rate,
-                "kv_cache_bytes": cache_bytes,
+                "kv_cache_bytes": kv_plan.bytes,
                 "kv_cache_device_bytes": kv_plan.device_bytes,
                 "do_sample": opts.do_sample,
                 "adapter": adapter.is_some(),
             }))?,
         )?;
         ctx.progress.println(format!(
-            "{} answers, {new_tokens} new tokens in {secs:.2}s ({rate:.1} tokens/s), {stopped} stopped on eos; KV cache {:.1} MiB",
+            "{} answers, {} new tokens in {:.2}s ({rate:.1} tokens/s), {} stopped on eos; KV cache {:.1} MiB",
             prompts.len(),
-            cache_bytes as f64 / (1 << 20) as f64
+            totals.new_tokens,
+            totals.seconds,
+            totals.stopped,
+            kv_plan.bytes as f64 / (1 << 20) as f64
         ));
         Ok(())
-    }
-}
-
-/// An image as the dataset names it (MMIU's task is the folder of its file path).
-fn image_name(r: &ImageRef) -> String {
-    match r {
-        ImageRef::File { path } => path.clone(),
-        other => other.describe(),
     }
 }
 

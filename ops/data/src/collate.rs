@@ -203,6 +203,35 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// `[batch_size, seq_len]` of nothing but padding (`pad_id`, masked out, ignored by the
+    /// loss) and no images yet: the start of a batch that the caller writes its examples into,
+    /// right-padded (training) or left-padded (generation).
+    pub fn padding(
+        batch_size: usize,
+        seq_len: usize,
+        pad_id: u32,
+        image_height: usize,
+        image_width: usize,
+    ) -> Batch {
+        let n = batch_size * seq_len;
+        Batch {
+            batch_size,
+            seq_len,
+            input_ids: vec![pad_id as i64; n],
+            attention_mask: vec![0; n],
+            token_type_ids: vec![0; n],
+            labels: vec![IGNORE_INDEX; n],
+            pixel_values: Vec::new(),
+            num_images: 0,
+            image_height,
+            image_width,
+            images_per_sample: vec![0; batch_size],
+            rows: Vec::new(),
+            epoch: 0,
+            index_in_epoch: 0,
+        }
+    }
+
     /// Number of label tokens that count in the loss.
     pub fn num_label_tokens(&self) -> usize {
         self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
@@ -225,22 +254,7 @@ pub fn collate(
         .max()
         .unwrap_or(0);
     let pad = p.ids.pad as i64;
-    let mut batch = Batch {
-        batch_size: b,
-        seq_len: t,
-        input_ids: vec![pad; b * t],
-        attention_mask: vec![0; b * t],
-        token_type_ids: vec![0; b * t],
-        labels: vec![IGNORE_INDEX; b * t],
-        pixel_values: Vec::new(),
-        num_images: 0,
-        image_height: p.image.height,
-        image_width: p.image.width,
-        images_per_sample: Vec::with_capacity(b),
-        rows: Vec::new(),
-        epoch: 0,
-        index_in_epoch: 0,
-    };
+    let mut batch = Batch::padding(b, t, p.ids.pad, p.image.height, p.image.width);
     for (i, ex) in examples.iter().enumerate() {
         for (j, (&id, &keep)) in ex.input_ids.iter().zip(&ex.trainable).enumerate() {
             let k = i * t + j;

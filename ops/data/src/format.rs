@@ -3,7 +3,10 @@
 //! pass-through for rows that already hold conversations (llava's `messages` + `images`).
 //!
 //! Unlike the guide (which prints and silently drops an image that fails to open), a bad row is
-//! skipped and counted, or fails the op (`on_error`); never silent.
+//! skipped and counted, or fails the op (`on_error`); never silent. A whole dataset goes
+//! through [`rows::format_dataset`].
+
+pub mod rows;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+
+use op_api::ParamError;
 
 use super::conversation::{count_image_items, ConversationRecord, ImageRef};
 use super::dataset::Row;
@@ -131,6 +136,86 @@ pub enum Mapping {
         messages: String,
         images: Option<String>,
     },
+}
+
+impl Mapping {
+    /// The mapping the `format` op's params describe: `system`, `user` (a text template, or a
+    /// table of `text` and `images`) and `assistant` templates, or, with none of them set,
+    /// conversations already in the rows' `messages` and `images` fields. Errors name the param.
+    pub fn from_params(
+        system: Option<&str>,
+        user: Option<&toml::Value>,
+        assistant: Option<&str>,
+        messages: &str,
+        images: &str,
+    ) -> Result<Mapping, ParamError> {
+        if system.is_none() && user.is_none() && assistant.is_none() {
+            return Ok(Mapping::PassThrough {
+                messages: messages.to_string(),
+                images: Some(images.to_string()),
+            });
+        }
+        let tmpl = |key: &str, s: &str| {
+            TextTemplate::parse(s).map_err(|e| param_error(key, format!("`{key}`: {e}")))
+        };
+        let (user_text, user_images) = match user {
+            None => (None, None),
+            Some(toml::Value::String(s)) => (Some(tmpl("user", s)?), None),
+            Some(toml::Value::Table(t)) => {
+                for k in t.keys() {
+                    if k != "text" && k != "images" {
+                        return Err(param_error(
+                            "user",
+                            format!("`user` has unknown key `{k}` (expected `text`, `images`)"),
+                        ));
+                    }
+                }
+                let text = match t.get("text") {
+                    None => None,
+                    Some(toml::Value::String(s)) => Some(tmpl("user", s)?),
+                    Some(_) => {
+                        return Err(param_error(
+                            "user",
+                            "`user.text` must be a string template".into(),
+                        ))
+                    }
+                };
+                let images = match t.get("images") {
+                    None => None,
+                    Some(toml::Value::String(s)) => Some(
+                        tmpl("user", s)?
+                            .single_field()
+                            .map(str::to_string)
+                            .ok_or_else(|| param_error("user", format!("`user.images` must name one field, like \"{{input_image_path}}\", got {s:?}")))?,
+                    ),
+                    Some(_) => return Err(param_error("user", "`user.images` must be a string like \"{input_image_path}\"".into())),
+                };
+                (text, images)
+            }
+            Some(other) => {
+                return Err(param_error(
+                    "user",
+                    format!(
+                        "`user` must be a string or a table, got {}",
+                        other.type_str()
+                    ),
+                ))
+            }
+        };
+        Ok(Mapping::Build {
+            system: system.map(|s| tmpl("system", s)).transpose()?,
+            user_text,
+            user_images,
+            assistant: assistant.map(|s| tmpl("assistant", s)).transpose()?,
+        })
+    }
+}
+
+fn param_error(key: &str, message: String) -> ParamError {
+    ParamError {
+        key: Some(key.to_string()),
+        message,
+    }
 }
 
 /// How images are checked while formatting.

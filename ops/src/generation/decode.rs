@@ -7,13 +7,22 @@ use anyhow::{bail, ensure, Context, Result};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
 use crate::data::chat_template::ChatTemplate;
-use crate::data::collate::{zeroed_pixel_buffer, Batch, ImageResolver, IGNORE_INDEX};
-use crate::data::conversation::{count_image_items, ConversationRecord, ImageRef};
+use crate::data::collate::{zeroed_pixel_buffer, Batch, DatasetImages, ImageResolver, RowImages};
+use crate::data::conversation::{
+    count_image_items, read_jsonl, ConversationRecord, ImageRef, ImageSources,
+};
 use crate::data::image::RgbImage;
 use crate::data::processor::Processor;
+use crate::generation::GenerationRecord;
 use crate::gpu::Gpu;
 use crate::model::gpu::model::Gemma3Gpu;
+use crate::Progress;
 
 /// One conversation made into a prompt.
 #[derive(Debug, Clone)]
@@ -98,6 +107,32 @@ pub fn build_prompt(
     })
 }
 
+/// The prompts of a `conversations` artifact (format's output), the first `max_rows` of them,
+/// with the resolver of their images.
+pub fn read_prompts(
+    conversations_dir: &Path,
+    template: &ChatTemplate,
+    processor: &Processor,
+    add_special_tokens: bool,
+    max_rows: Option<usize>,
+) -> Result<(Vec<Prompt>, ImageResolver)> {
+    let records: Vec<ConversationRecord> =
+        read_jsonl(&conversations_dir.join("conversations.jsonl"))
+            .context("reading the conversations")?;
+    let sources = ImageSources::read(conversations_dir)
+        .context("the conversations artifact has no source.json")?;
+    let rows: Option<Arc<dyn RowImages>> = match &sources.dataset_dir {
+        Some(d) => Some(Arc::new(DatasetImages(crate::data::dataset::open(d)?))),
+        None => None,
+    };
+    let limit = max_rows.unwrap_or(records.len()).min(records.len());
+    let prompts = records[..limit]
+        .iter()
+        .map(|r| build_prompt(r, template, processor, add_special_tokens))
+        .collect::<Result<Vec<Prompt>>>()?;
+    Ok((prompts, ImageResolver { sources, rows }))
+}
+
 /// Left-pads prompts into one batch (transformers' `padding_side = "left"` for generation) with
 /// their images resized and normalised as in training. Labels are all ignored.
 pub fn left_padded_batch(
@@ -107,23 +142,15 @@ pub fn left_padded_batch(
 ) -> Batch {
     let b = prompts.len();
     let t = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
-    let pad = processor.ids.pad as i64;
-    let mut batch = Batch {
-        batch_size: b,
-        seq_len: t,
-        input_ids: vec![pad; b * t],
-        attention_mask: vec![0; b * t],
-        token_type_ids: vec![0; b * t],
-        labels: vec![IGNORE_INDEX; b * t],
-        pixel_values: Vec::new(),
-        num_images: 0,
-        image_height: processor.image.height,
-        image_width: processor.image.width,
-        images_per_sample: images.iter().map(Vec::len).collect(),
-        rows: prompts.iter().map(|p| p.row).collect(),
-        epoch: 0,
-        index_in_epoch: 0,
-    };
+    let mut batch = Batch::padding(
+        b,
+        t,
+        processor.ids.pad,
+        processor.image.height,
+        processor.image.width,
+    );
+    batch.images_per_sample = images.iter().map(Vec::len).collect();
+    batch.rows = prompts.iter().map(|p| p.row).collect();
     for (i, p) in prompts.iter().enumerate() {
         let offset = t - p.input_ids.len();
         for (j, &id) in p.input_ids.iter().enumerate() {
@@ -370,5 +397,89 @@ mod tests {
         assert_eq!(draws(1, 4), draws(1, 4));
         assert_ne!(draws(1, 4), draws(1, 5));
         assert_ne!(draws(1, 4), draws(2, 4));
+    }
+}
+
+/// What [`answer_all`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AnswerTotals {
+    pub new_tokens: usize,
+    /// Answers that ended on a stop id (the others reached `max_new_tokens`).
+    pub stopped: usize,
+    pub seconds: f64,
+}
+
+/// Answers `prompts` in batches of `batch_size`, writing one [`GenerationRecord`] per prompt, in
+/// order, to `out` (JSON lines). `progress` counts new tokens against `max_new_tokens` per
+/// prompt and shows the decode rate.
+#[allow(clippy::too_many_arguments)]
+pub fn answer_all(
+    model: &Gemma3Gpu,
+    gpu: &Gpu,
+    processor: &Processor,
+    resolver: &ImageResolver,
+    prompts: &[Prompt],
+    batch_size: usize,
+    opts: &DecodeOptions,
+    out: &mut dyn Write,
+    progress: &dyn Progress,
+) -> Result<AnswerTotals> {
+    ensure!(batch_size > 0, "batch_size must be at least 1");
+    progress.set_length((prompts.len() * opts.max_new_tokens) as u64);
+    let started = Instant::now();
+    let (mut new_tokens, mut stopped) = (0usize, 0usize);
+    for chunk in prompts.chunks(batch_size) {
+        let images = chunk
+            .iter()
+            .map(|p| load_images(resolver, p))
+            .collect::<Result<Vec<_>>>()?;
+        let batch = left_padded_batch(processor, chunk, &images);
+        let before = new_tokens;
+        let answers = generate_batch(model, gpu, &batch, opts, |n| {
+            new_tokens += n;
+            let secs = started.elapsed().as_secs_f64();
+            progress.inc(n as u64);
+            progress.message(format!(
+                "{:.1} tokens/s",
+                new_tokens as f64 / secs.max(1e-9)
+            ));
+        })
+        .with_context(|| format!("rows {:?}", batch.rows))?;
+        for (prompt, answer) in chunk.iter().zip(answers) {
+            stopped += answer.stopped as usize;
+            let record = GenerationRecord {
+                row: prompt.row,
+                prompt: prompt.text.clone(),
+                reference: prompt.reference.clone(),
+                text: processor
+                    .tokenizer
+                    .decode(&answer.token_ids, true)
+                    .map_err(|e| {
+                        anyhow::anyhow!("decoding the answer of row {}: {e}", prompt.row)
+                    })?,
+                token_ids: answer.token_ids,
+                finish_reason: Some(if answer.stopped { "eos" } else { "length" }.into()),
+                images: prompt.images.iter().map(image_name).collect(),
+            };
+            serde_json::to_writer(&mut *out, &record)?;
+            out.write_all(b"\n")?;
+        }
+        // Rows that stopped early leave part of their budget: the bar counts it as done.
+        progress
+            .inc((chunk.len() * opts.max_new_tokens).saturating_sub(new_tokens - before) as u64);
+    }
+    out.flush()?;
+    Ok(AnswerTotals {
+        new_tokens,
+        stopped,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// An image as the dataset names it (MMIU's task is the folder of its file path).
+fn image_name(r: &ImageRef) -> String {
+    match r {
+        ImageRef::File { path } => path.clone(),
+        other => other.describe(),
     }
 }

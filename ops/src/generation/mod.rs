@@ -3,6 +3,7 @@
 //! A `generations.jsonl` file holds one [`GenerationRecord`] per line (the format issue #15
 //! specifies for the `generate` op); `score` reads it.
 
+pub mod config;
 pub mod decode;
 pub mod score;
 
