@@ -76,7 +76,8 @@ impl Response {
     }
 }
 
-type Handler = dyn Fn(&Request) -> Response + Send + Sync;
+/// Replies to a request; the count is how many earlier requests had the same path.
+type Handler = dyn Fn(&Request, usize) -> Response + Send + Sync;
 
 pub struct TestServer {
     /// `http://127.0.0.1:<port>`
@@ -86,6 +87,12 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(handler: impl Fn(&Request) -> Response + Send + Sync + 'static) -> Self {
+        Self::start_counting(move |req, _| handler(req))
+    }
+
+    fn start_counting(
+        handler: impl Fn(&Request, usize) -> Response + Send + Sync + 'static,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -115,24 +122,21 @@ impl TestServer {
 /// A server whose handler also gets how many earlier requests had the same path (for replies
 /// that fail first and then succeed).
 pub fn serve(handler: impl Fn(&Request, usize) -> Response + Send + Sync + 'static) -> TestServer {
-    let seen: Mutex<BTreeMap<String, usize>> = Mutex::default();
-    TestServer::start(move |req| {
-        let earlier = {
-            let mut seen = seen.lock().unwrap();
-            let n = seen.entry(req.path.clone()).or_default();
-            *n += 1;
-            *n - 1
-        };
-        handler(req, earlier)
-    })
+    TestServer::start_counting(handler)
 }
 
 fn serve_connection(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     while let Some(req) = read_request(&mut reader) {
-        log.lock().unwrap().push(req.clone());
-        let resp = handler(&req);
+        // Counted and logged under one lock, so concurrent requests of a path count in order.
+        let earlier = {
+            let mut log = log.lock().unwrap();
+            let earlier = log.iter().filter(|r| r.path == req.path).count();
+            log.push(req.clone());
+            earlier
+        };
+        let resp = handler(&req, earlier);
         if resp.drop_connection {
             let _ = writer.shutdown(std::net::Shutdown::Both);
             return;
