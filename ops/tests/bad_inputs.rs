@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use ops::data::collate::{BatchStream, StreamOptions};
 use ops::{Artifact, ArtifactType, Op};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 struct Env {
     h: OpHarness,

@@ -8,8 +8,7 @@ use std::path::Path;
 use ops::data::collate::{BatchStream, StreamOptions};
 use ops::{Artifact, ArtifactType, Op};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// The chain of ops each test builds (seed 42), offline on the fixture Hub cache.
 type Chain = OpHarness;

@@ -10,8 +10,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-mod common;
-use common::fixtures;
+use crate::common::fixtures;
 
 fn hub() -> PathBuf {
     fixtures().join("hf-cache/hub")

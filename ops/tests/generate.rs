@@ -11,8 +11,7 @@ use ops::generation::{read_generations, GenerationRecord};
 use ops::Artifact;
 use serde_json::Value;
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// The chain of ops each test builds (seed 42), offline on the fixture Hub cache.
 type Chain = OpHarness;

@@ -12,8 +12,7 @@ use ops::model::reference::loss::{count_label_tokens, LossNormalization};
 use ops::model::reference::{Batch, Gemma3Reference};
 use ops::train::model::TrainModel;
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// The golden batch without its images: image soft tokens become "\n" (265) text tokens.
 fn text_only(mut b: Batch) -> Batch {

@@ -16,8 +16,7 @@ use ops::model::reference::Gemma3Reference;
 use ops::model::safetensors_io::SafetensorsSet;
 use ops::model::Weights;
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn tiny() -> (ModelConfig, Weights) {
     let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");

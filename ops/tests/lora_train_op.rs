@@ -16,8 +16,7 @@ use ops::train::metrics::{read_metrics, METRICS_FILE};
 use ops::train::reference_model::to_reference_batch;
 use ops::Op;
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// The chain of ops each test builds (seed 42), offline on the fixture Hub cache.
 type Chain = OpHarness;

@@ -17,8 +17,7 @@ use ops::model::reference::lora::{Adapter, LoraSettings};
 use ops::train::model::TrainModel;
 use ops::train::optimizer::{AdamWConfig, GpuAdamW};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// Plan vs measured, per part, for one configuration: `(plan, measured)` device bytes of
 /// weights + trainable (after the model and AdamW are set up) and of the step's activations

@@ -13,8 +13,7 @@ use ops::model::safetensors_io::{Dtype, SafetensorsSet};
 use ops::model::Weights;
 use ops::{Artifact, ArtifactType, NoProgress, Op, RecipeInfo, RunCtx};
 
-mod common;
-use common::fixtures;
+use crate::common::fixtures;
 
 fn tiny() -> PathBuf {
     let hub = fixtures().join("hf-cache/hub/models--runner-test--tiny-gemma-3");

@@ -10,8 +10,7 @@ use ops::model::names::TensorKind;
 use ops::model::safetensors_io::{write_safetensors, Dtype, OutTensor, SafetensorsSet};
 use ops::model::Weights;
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn hub_layout() -> PathBuf {
     snapshot("tiny-gemma-3-hub-layout")

@@ -14,8 +14,7 @@ use ops::model::gpu::model::Gemma3Gpu;
 use ops::model::reference::lora::LoraCall;
 use ops::model::reference::{Batch, Gemma3Reference};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn golden_dir() -> std::path::PathBuf {
     golden("nf4_report_shape")

@@ -16,8 +16,7 @@ use ops::model::quantize::{quantize_checkpoint, QuantizeOptions};
 use ops::model::safetensors_io::{write_safetensors, Dtype, OutTensor};
 use ops::model::Weights;
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// The text and vision sizes of one random model.
 #[derive(Debug, Clone, Copy)]

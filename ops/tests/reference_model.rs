@@ -9,8 +9,7 @@ use ops::model::reference::loss::LossNormalization;
 use ops::model::reference::{Batch, Gemma3Reference};
 use ops::model::Weights;
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn model_from(dir: &Path, config_dir: &Path) -> Gemma3Reference {
     let config = ModelConfig::from_file(&config_dir.join("config.json")).unwrap();

@@ -26,8 +26,7 @@ use ops::train::trainer::{
 };
 use ops::NoProgress;
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn tiny_model() -> Gemma3Reference {
     let dir = tiny();

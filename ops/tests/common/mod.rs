@@ -1,9 +1,6 @@
 //! Helpers shared by the ops integration tests: where the committed fixtures live, how to read
 //! the golden safetensors files, and the error measure every comparison uses.
 
-// Each test crate includes this module and uses a different subset of it.
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -13,10 +10,8 @@ use ops::model::safetensors_io::{Dtype, SafetensorsSet};
 use ops::model::Weights;
 
 mod harness;
-#[allow(unused_imports)] // not every test crate runs ops
-pub use harness::{Captured, OpHarness};
+pub use harness::OpHarness;
 
-#[allow(unused_imports)] // not every test crate compares tensors
 pub use ops::gpu::testing::rel_frobenius;
 
 /// A safetensors file held in memory: key → (dtype, shape, little-endian bytes).
