@@ -312,6 +312,11 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, OutTensor<'_>>)
         &tmp,
     )
     .with_context(|| format!("writing {}", tmp.display()))?;
+    // on disk before the rename publishes it, as atomic_file does (safetensors writes only
+    // to a path, so that helper cannot stream it)
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("flushing {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} into place", tmp.display()))?;
     Ok(())

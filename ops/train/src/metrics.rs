@@ -74,18 +74,25 @@ impl MetricsWriter {
     /// later ones came from the interrupted run and will be logged again) and opens for appending.
     /// The rewrite goes through a temporary file and a rename, so a crash leaves either file whole.
     pub fn resume(path: &Path, last_step: u64) -> anyhow::Result<Self> {
-        if path.exists() {
-            let kept: Vec<LogRecord> = read_metrics(path)?
-                .into_iter()
-                .filter(|r| r.step <= last_step)
-                .collect();
-            op_api::atomic_file::write_with(path, |w| {
-                for r in &kept {
-                    writeln!(w, "{}", serde_json::to_string(r)?)?;
-                }
-                Ok(())
-            })?;
+        if !path.exists() {
+            return Self::open(path);
         }
+        let kept: Vec<LogRecord> = read_metrics(path)?
+            .into_iter()
+            .filter(|r| r.step <= last_step)
+            .collect();
+        Self::create_with(path, &kept)
+    }
+
+    /// Replaces `path` with exactly `records` (atomically: a crash leaves the old file or the
+    /// new one whole) and opens it for appending.
+    pub fn create_with(path: &Path, records: &[LogRecord]) -> anyhow::Result<Self> {
+        op_api::atomic_file::write_with(path, |w| {
+            for r in records {
+                writeln!(w, "{}", serde_json::to_string(r)?)?;
+            }
+            Ok(())
+        })?;
         Self::open(path)
     }
 

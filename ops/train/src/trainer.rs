@@ -15,7 +15,6 @@
 //! accuracies and tokens in the global order, so every rank takes the step one process with
 //! `world_size ×` the accumulation takes; rank 0 alone writes logs, checkpoints and the adapter.
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -120,18 +119,6 @@ fn gpu_errors_to_result(
         bail!("GPU error at step {step}: {e}");
     }
     Ok(())
-}
-
-fn write_records(path: &Path, records: &[LogRecord]) -> Result<MetricsWriter> {
-    let tmp = path.with_extension("jsonl.tmp");
-    {
-        let mut w = MetricsWriter::open(&tmp)?;
-        for r in records {
-            w.log(r)?;
-        }
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    MetricsWriter::open(path)
 }
 
 /// Trains `model` on `data`; writes the final adapter (PEFT folder with `adapter_config`) into
@@ -285,7 +272,7 @@ pub fn train_with_optim(
 
     std::fs::create_dir_all(&outputs.out_dir)?;
     let mut metrics_out = main
-        .then(|| write_records(&outputs.out_dir.join(metrics::METRICS_FILE), &records))
+        .then(|| MetricsWriter::create_with(&outputs.out_dir.join(metrics::METRICS_FILE), &records))
         .transpose()?;
     let mut tensorboard = match &outputs.tensorboard_dir {
         Some(dir) if main => {
