@@ -15,6 +15,23 @@ struct Case {
     batched_b: bool,
 }
 
+impl Case {
+    /// `[m, k] · [k, n]`, one batch, no transposes, beta 0, no bias; fields override.
+    fn new(m: usize, n: usize, k: usize) -> Case {
+        Case {
+            batch: 1,
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+            beta: 0.0,
+            bias: false,
+            batched_b: false,
+        }
+    }
+}
+
 fn run_case(gpu: &Gpu, c: &Case, rng: &mut TestRng, seed: u64) {
     let shape = |z: usize, r: usize, cc: usize, batched: bool| {
         if batched {
@@ -189,15 +206,12 @@ fn sweep(gpu: &Gpu) {
                 };
                 let bias = rng.unit() < 0.5;
                 let case = Case {
-                    batch: 1,
-                    m,
-                    n,
-                    k,
                     trans_a: ta,
                     trans_b: tb,
                     beta,
                     bias,
                     batched_b: true,
+                    ..Case::new(m, n, k)
                 };
                 run_case(gpu, &case, &mut rng, seed);
             }
@@ -206,39 +220,27 @@ fn sweep(gpu: &Gpu) {
     for batched_b in [true, false] {
         let case = Case {
             batch: 3,
-            m: 19,
-            n: 21,
-            k: 12,
-            trans_a: false,
             trans_b: true,
-            beta: 0.0,
             bias: true,
             batched_b,
+            ..Case::new(19, 21, 12)
         };
         run_case(gpu, &case, &mut rng, seed);
         // the rows kernel over a batch
         let case = Case {
             batch: 2,
-            m: 3,
-            n: 21,
-            k: 12,
-            trans_a: false,
             trans_b: true,
-            beta: 0.0,
             bias: true,
             batched_b,
+            ..Case::new(3, 21, 12)
         };
         run_case(gpu, &case, &mut rng, seed);
         let case = Case {
             batch: 2,
-            m: 16,
-            n: 8,
-            k: 17,
             trans_a: true,
-            trans_b: false,
             beta: 1.0,
-            bias: false,
             batched_b,
+            ..Case::new(16, 8, 17)
         };
         run_case(gpu, &case, &mut rng, seed);
     }
@@ -303,15 +305,9 @@ fn matmul_with_bf16_b_matches_reference() {
     let mut rng = TestRng::new(seed);
     for tb in [false, true] {
         let case = Case {
-            batch: 1,
-            m: 40,
-            n: 36,
-            k: 64,
-            trans_a: false,
             trans_b: tb,
             beta: 0.7,
-            bias: false,
-            batched_b: false,
+            ..Case::new(40, 36, 64)
         };
         run_case(small, &case, &mut rng, seed);
     }
@@ -481,27 +477,17 @@ fn matmul_over_chunked_operands() {
     for ta in [false, true] {
         for tb in [false, true] {
             let case = Case {
-                batch: 1,
-                m: 45,
-                n: 51,
-                k: 67,
                 trans_a: ta,
                 trans_b: tb,
-                beta: 0.0,
                 bias: true,
-                batched_b: false,
+                ..Case::new(45, 51, 67)
             };
             run_case(gpu, &case, &mut rng, seed);
             let case = Case {
-                batch: 1,
-                m: 40,
-                n: 36,
-                k: 64,
                 trans_a: ta,
                 trans_b: tb,
                 beta: 0.7,
-                bias: false,
-                batched_b: false,
+                ..Case::new(40, 36, 64)
             };
             run_case(gpu, &case, &mut rng, seed);
         }
