@@ -7,14 +7,15 @@
 //! same run (tools/bench/generate_baseline.py; "skipped" without python3 + torch + transformers;
 //! `RUNNER_BENCH_PYTHON` names the interpreter).
 //!
-//! `cargo run --release -p ops --example generate_bench -- [PROMPT=256] [NEW=64] [--nf4]`
+//! `cargo run --release -p ops --example generate_bench -- [PROMPT=256] [NEW=64] [--nf4] [--f16]`
+//! (`--f16`: the base's linear layers with f16 operands, `matmul_precision = "f16"`)
 
 use std::process::Command;
 use std::time::Instant;
 
 use ops::data::collate::Batch;
 use ops::generation::decode::argmax;
-use ops::gpu::Gpu;
+use ops::gpu::{Gpu, MatmulPrecision};
 use ops::model::bnb::{QuantStorage, SkipRule};
 use ops::model::config::FloatDtype;
 use ops::model::gpu::model::{Gemma3Gpu, Gemma3GpuOptions};
@@ -104,6 +105,7 @@ fn prompt(config: &ModelConfig, seq: usize) -> Batch {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let nf4 = args.iter().any(|a| a == "--nf4");
+    let f16 = args.iter().any(|a| a == "--f16");
     let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let seq = nums.first().copied().unwrap_or(256);
     let new = nums.get(1).copied().unwrap_or(64).max(2);
@@ -134,7 +136,15 @@ fn main() -> anyhow::Result<()> {
     let weights = Weights::open(&root, &config)?;
     let gpu = Gpu::get()?;
     println!("adapter: {}", gpu.describe());
-    let model = Gemma3Gpu::from_weights(gpu, &config, &weights, None, Gemma3GpuOptions::default())?;
+    let options = Gemma3GpuOptions {
+        matmul_precision: if f16 {
+            MatmulPrecision::F16
+        } else {
+            MatmulPrecision::F32
+        },
+        ..Gemma3GpuOptions::default()
+    };
+    let model = Gemma3Gpu::from_weights(gpu, &config, &weights, None, options)?;
     let batch = prompt(&config, seq);
     let run = |n: usize| -> anyhow::Result<(f64, f64, u64)> {
         let started = Instant::now();
@@ -176,7 +186,12 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "runner ({}): prompt {seq} tokens + 1 image, {new} new tokens: time to first token {:.3} s, decode {:.1} tokens/s, KV cache {:.1} MiB",
-        if nf4 { "NF4" } else { "f32" },
+        match (nf4, f16) {
+            (true, true) => "NF4, f16 operands",
+            (true, false) => "NF4",
+            (false, true) => "f32, f16 operands",
+            (false, false) => "f32",
+        },
         ttft,
         rate,
         bytes as f64 / (1 << 20) as f64
