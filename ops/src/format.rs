@@ -33,13 +33,6 @@ op_params! {
 
 pub struct FormatOp;
 
-fn param_err(key: &str, message: String) -> ParamError {
-    ParamError {
-        key: Some(key.to_string()),
-        message,
-    }
-}
-
 impl FormatParams {
     fn mapping(&self) -> Result<Mapping, ParamError> {
         Mapping::from_params(
@@ -54,7 +47,7 @@ impl FormatParams {
     fn validate(&self) -> Result<(), ParamError> {
         self.mapping()?;
         if !matches!(self.on_error.as_str(), "skip" | "fail") {
-            return Err(param_err(
+            return Err(ParamError::at(
                 "on_error",
                 format!(
                     "on_error must be \"skip\" or \"fail\", got {:?}",
@@ -63,7 +56,7 @@ impl FormatParams {
             ));
         }
         if !matches!(self.verify_images.as_str(), "decode" | "exists") {
-            return Err(param_err(
+            return Err(ParamError::at(
                 "verify_images",
                 format!(
                     "verify_images must be \"decode\" or \"exists\", got {:?}",

@@ -54,30 +54,23 @@ op_params! {
     }
 }
 
-fn param_error(key: &str, message: String) -> ParamError {
-    ParamError {
-        key: Some(key.into()),
-        message,
-    }
-}
-
 impl GenerateParams {
     fn validate(&self) -> Result<(), ParamError> {
         if self.max_new_tokens == 0 {
-            return Err(param_error(
+            return Err(ParamError::at(
                 "max_new_tokens",
-                "`max_new_tokens` must be at least 1".into(),
+                "`max_new_tokens` must be at least 1",
             ));
         }
         if self.batch_size == 0 {
-            return Err(param_error(
+            return Err(ParamError::at(
                 "batch_size",
-                "`batch_size` must be at least 1".into(),
+                "`batch_size` must be at least 1",
             ));
         }
         if let Some(t) = self.temperature {
             if !(t > 0.0 && t.is_finite()) {
-                return Err(param_error(
+                return Err(ParamError::at(
                     "temperature",
                     format!(
                         "`temperature` must be a positive number, got {t} (for greedy decoding set `do_sample = false`)"
@@ -87,14 +80,14 @@ impl GenerateParams {
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(param_error(
+                return Err(ParamError::at(
                     "top_p",
                     format!("`top_p` must be in (0, 1], got {p}"),
                 ));
             }
         }
         MatmulPrecision::parse(&self.matmul_precision)
-            .map_err(|e| param_error("matmul_precision", format!("matmul_precision: {e}")))?;
+            .map_err(|e| ParamError::at("matmul_precision", format!("matmul_precision: {e}")))?;
         Ok(())
     }
 }

@@ -32,50 +32,43 @@ struct Parsed {
     options: QuantizeOptions,
 }
 
-fn param_err(key: &str, message: String) -> ParamError {
-    ParamError {
-        key: Some(key.to_string()),
-        message,
-    }
-}
-
 fn parse(params: &QuantizeParams) -> Result<Parsed, ParamError> {
     match params.bnb_4bit_quant_type.as_str() {
         "nf4" => {}
         "fp4" => {
-            return Err(param_err(
+            return Err(ParamError::at(
                 "bnb_4bit_quant_type",
-                "bnb_4bit_quant_type = \"fp4\" is not supported: only NF4 (the QLoRA setting) is implemented; use \"nf4\"".into(),
+                "bnb_4bit_quant_type = \"fp4\" is not supported: only NF4 (the QLoRA setting) is implemented; use \"nf4\"",
             ))
         }
         other => {
-            return Err(param_err(
+            return Err(ParamError::at(
                 "bnb_4bit_quant_type",
                 format!("bnb_4bit_quant_type must be \"nf4\", got \"{other}\""),
             ))
         }
     }
     let compute_dtype = FloatDtype::parse_float(&params.bnb_4bit_compute_dtype).map_err(|e| {
-        param_err(
+        ParamError::at(
             "bnb_4bit_compute_dtype",
             format!("bnb_4bit_compute_dtype: {e}"),
         )
     })?;
     let quant_storage = QuantStorage::parse(&params.bnb_4bit_quant_storage)
-        .map_err(|e| param_err("bnb_4bit_quant_storage", e.to_string()))?;
+        .map_err(|e| ParamError::at("bnb_4bit_quant_storage", e.to_string()))?;
     let load_dtype = match params.dtype.as_str() {
         "auto" => None,
         d => Some(
             FloatDtype::parse_float(d)
-                .map_err(|e| param_err("dtype", format!("dtype: {e} or \"auto\"")))?,
+                .map_err(|e| ParamError::at("dtype", format!("dtype: {e} or \"auto\"")))?,
         ),
     };
     let skip_rule = SkipRule::parse(&params.skip_modules_rule)
-        .map_err(|e| param_err("skip_modules_rule", format!("skip_modules_rule: {e}")))?;
+        .map_err(|e| ParamError::at("skip_modules_rule", format!("skip_modules_rule: {e}")))?;
     if let Some(skip) = &params.llm_int8_skip_modules {
         for p in skip {
             regex::Regex::new(p).map_err(|e| {
-                param_err(
+                ParamError::at(
                     "llm_int8_skip_modules",
                     format!("llm_int8_skip_modules: `{p}` is not a valid pattern: {e}"),
                 )

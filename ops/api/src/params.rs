@@ -61,6 +61,16 @@ pub struct ParamError {
     pub message: String,
 }
 
+impl ParamError {
+    /// A problem with the param `key`.
+    pub fn at(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: Some(key.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
 impl fmt::Display for ParamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)

@@ -156,7 +156,7 @@ impl Mapping {
             });
         }
         let tmpl = |key: &str, s: &str| {
-            TextTemplate::parse(s).map_err(|e| param_error(key, format!("`{key}`: {e}")))
+            TextTemplate::parse(s).map_err(|e| ParamError::at(key, format!("`{key}`: {e}")))
         };
         let (user_text, user_images) = match user {
             None => (None, None),
@@ -164,7 +164,7 @@ impl Mapping {
             Some(toml::Value::Table(t)) => {
                 for k in t.keys() {
                     if k != "text" && k != "images" {
-                        return Err(param_error(
+                        return Err(ParamError::at(
                             "user",
                             format!("`user` has unknown key `{k}` (expected `text`, `images`)"),
                         ));
@@ -174,9 +174,9 @@ impl Mapping {
                     None => None,
                     Some(toml::Value::String(s)) => Some(tmpl("user", s)?),
                     Some(_) => {
-                        return Err(param_error(
+                        return Err(ParamError::at(
                             "user",
-                            "`user.text` must be a string template".into(),
+                            "`user.text` must be a string template",
                         ))
                     }
                 };
@@ -186,14 +186,14 @@ impl Mapping {
                         tmpl("user", s)?
                             .single_field()
                             .map(str::to_string)
-                            .ok_or_else(|| param_error("user", format!("`user.images` must name one field, like \"{{input_image_path}}\", got {s:?}")))?,
+                            .ok_or_else(|| ParamError::at("user", format!("`user.images` must name one field, like \"{{input_image_path}}\", got {s:?}")))?,
                     ),
-                    Some(_) => return Err(param_error("user", "`user.images` must be a string like \"{input_image_path}\"".into())),
+                    Some(_) => return Err(ParamError::at("user", "`user.images` must be a string like \"{input_image_path}\"")),
                 };
                 (text, images)
             }
             Some(other) => {
-                return Err(param_error(
+                return Err(ParamError::at(
                     "user",
                     format!(
                         "`user` must be a string or a table, got {}",
@@ -208,13 +208,6 @@ impl Mapping {
             user_images,
             assistant: assistant.map(|s| tmpl("assistant", s)).transpose()?,
         })
-    }
-}
-
-fn param_error(key: &str, message: String) -> ParamError {
-    ParamError {
-        key: Some(key.to_string()),
-        message,
     }
 }
 

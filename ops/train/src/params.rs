@@ -89,13 +89,6 @@ op_params! {
     }
 }
 
-fn param_error(key: &str, message: String) -> ParamError {
-    ParamError {
-        key: Some(key.into()),
-        message,
-    }
-}
-
 /// Everything the params say, checked.
 #[derive(Debug, Clone)]
 pub struct TrainPlan {
@@ -117,13 +110,13 @@ const MAX_ACCUMULATION: usize = 1 << 20;
 pub fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<TrainPlan, ParamError> {
     let seed = p.seed.unwrap_or(recipe_seed);
     if p.bias != "none" {
-        return Err(param_error(
+        return Err(ParamError::at(
             "bias",
             format!("bias = {:?} is not supported; only \"none\"", p.bias),
         ));
     }
     if !(1..=MAX_LORA_R).contains(&p.r) {
-        return Err(param_error(
+        return Err(ParamError::at(
             "r",
             format!(
                 "r must be between 1 and {MAX_LORA_R}, got {} (the guide uses 16)",
@@ -135,7 +128,10 @@ pub fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<TrainPlan, ParamErr
         if v.is_finite() && ok {
             Ok(())
         } else {
-            Err(param_error(key, format!("{key} must be {what}, got {v}")))
+            Err(ParamError::at(
+                key,
+                format!("{key} must be {what}, got {v}"),
+            ))
         }
     };
     finite("lora_alpha", p.lora_alpha, true, "a finite number")?;
@@ -187,7 +183,7 @@ pub fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<TrainPlan, ParamErr
         )?;
     }
     if p.gradient_accumulation_steps > MAX_ACCUMULATION {
-        return Err(param_error(
+        return Err(ParamError::at(
             "gradient_accumulation_steps",
             format!(
                 "gradient_accumulation_steps must be at most {MAX_ACCUMULATION}, got {}",
@@ -196,48 +192,48 @@ pub fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<TrainPlan, ParamErr
         ));
     }
     if !(0.0..1.0).contains(&p.lora_dropout) {
-        return Err(param_error(
+        return Err(ParamError::at(
             "lora_dropout",
             format!("lora_dropout must be in [0, 1), got {}", p.lora_dropout),
         ));
     }
     if p.learning_rate.is_nan() || p.learning_rate <= 0.0 {
-        return Err(param_error(
+        return Err(ParamError::at(
             "learning_rate",
-            "learning_rate must be positive".into(),
+            "learning_rate must be positive",
         ));
     }
     for m in &p.modules_to_save {
         if m != "lm_head" && m != "embed_tokens" {
-            return Err(param_error(
+            return Err(ParamError::at(
                 "modules_to_save",
                 format!("modules_to_save entry {m:?} is not supported; use \"lm_head\" and/or \"embed_tokens\""),
             ));
         }
     }
-    let optim = Optim::parse(&p.optim).map_err(|e| param_error("optim", e))?;
+    let optim = Optim::parse(&p.optim).map_err(|e| ParamError::at("optim", e))?;
     MatmulPrecision::parse(&p.matmul_precision)
-        .map_err(|e| param_error("matmul_precision", format!("matmul_precision: {e}")))?;
+        .map_err(|e| ParamError::at("matmul_precision", format!("matmul_precision: {e}")))?;
     let lr_scheduler_type = ScheduleKind::parse(&p.lr_scheduler_type)
-        .map_err(|e| param_error("lr_scheduler_type", format!("{e:#}")))?;
+        .map_err(|e| ParamError::at("lr_scheduler_type", format!("{e:#}")))?;
     crate::schedule::warmup_steps(1, p.warmup_steps, p.warmup_ratio)
-        .map_err(|e| param_error("warmup_steps", format!("{e:#}")))?;
+        .map_err(|e| ParamError::at("warmup_steps", format!("{e:#}")))?;
     if p.gradient_accumulation_steps == 0 {
-        return Err(param_error(
+        return Err(ParamError::at(
             "gradient_accumulation_steps",
-            "gradient_accumulation_steps must be at least 1".into(),
+            "gradient_accumulation_steps must be at least 1",
         ));
     }
     if p.logging_steps == 0 {
-        return Err(param_error(
+        return Err(ParamError::at(
             "logging_steps",
-            "logging_steps must be at least 1".into(),
+            "logging_steps must be at least 1",
         ));
     }
     if p.max_steps <= 0 && (p.num_train_epochs.is_nan() || p.num_train_epochs <= 0.0) {
-        return Err(param_error(
+        return Err(ParamError::at(
             "num_train_epochs",
-            "num_train_epochs must be positive (or set max_steps)".into(),
+            "num_train_epochs must be positive (or set max_steps)",
         ));
     }
     let save_strategy = match p.save_strategy.as_str() {
@@ -245,13 +241,13 @@ pub fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<TrainPlan, ParamErr
         "epoch" => SaveStrategy::Epoch,
         "steps" if p.save_steps > 0 => SaveStrategy::Steps(p.save_steps),
         "steps" => {
-            return Err(param_error(
+            return Err(ParamError::at(
                 "save_steps",
-                "save_steps must be at least 1".into(),
+                "save_steps must be at least 1",
             ))
         }
         other => {
-            return Err(param_error(
+            return Err(ParamError::at(
                 "save_strategy",
                 format!("save_strategy must be \"steps\", \"epoch\" or \"no\", got {other:?}"),
             ))
@@ -261,7 +257,7 @@ pub fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<TrainPlan, ParamErr
         "token_mean" => LossNormalizationKind::TokenMean,
         "micro_batch_mean" => LossNormalizationKind::MicroBatchMean,
         other => {
-            return Err(param_error(
+            return Err(ParamError::at(
                 "loss_normalization",
                 format!(
                 "loss_normalization must be \"token_mean\" or \"micro_batch_mean\", got {other:?}"
@@ -276,7 +272,7 @@ pub fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<TrainPlan, ParamErr
             "tensorboard" => tensorboard = true,
             "none" => {}
             other => {
-                return Err(param_error(
+                return Err(ParamError::at(
                     "report_to",
                     format!(
                         "report_to {other:?} is not supported; use \"tensorboard\" or \"none\""
@@ -289,7 +285,7 @@ pub fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<TrainPlan, ParamErr
         OneOrMany::One(s) if s == "all-linear" => TargetSpec::AllLinear,
         OneOrMany::One(re) => {
             regex::Regex::new(re).map_err(|e| {
-                param_error(
+                ParamError::at(
                     "target_modules",
                     format!(
                         "target_modules {re:?} is neither \"all-linear\" nor a valid regex: {e}"
@@ -299,9 +295,9 @@ pub fn plan(p: &LoraTrainParams, recipe_seed: u64) -> Result<TrainPlan, ParamErr
             TargetSpec::Regex(re.clone())
         }
         OneOrMany::Many(v) if v.is_empty() => {
-            return Err(param_error(
+            return Err(ParamError::at(
                 "target_modules",
-                "target_modules is an empty list".into(),
+                "target_modules is an empty list",
             ))
         }
         OneOrMany::Many(v) => TargetSpec::Names(v.clone()),
