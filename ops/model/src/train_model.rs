@@ -7,6 +7,29 @@ use anyhow::Result;
 use data::collate::Batch;
 use engine::gpu::{Gpu, GpuTensor, Recorder};
 
+/// torch.optim.AdamW hyper-parameters (transformers' defaults: betas (0.9, 0.999), eps 1e-8,
+/// weight_decay 0), of the GPU trainer (`train::optimizer`) and the CPU reference's loop
+/// (`reference::train`) alike. Decay applies to every trainable tensor: LoRA A/B and the
+/// modules_to_save copies hold no bias or norm weight (transformers' no-decay group).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
 /// One trainable tensor on the GPU: its PEFT key (`base_model.model.<module>.lora_A.weight`,
 /// `base_model.model.lm_head.weight` for a `modules_to_save` copy, as PEFT saves them), the f32
 /// value the optimizer updates in place, and its f32 gradient of the same shape.

@@ -59,27 +59,7 @@ pub struct HostMoments {
     pub exp_avg_sq: Vec<f32>,
 }
 
-/// torch.optim.AdamW hyper-parameters (transformers' defaults: betas (0.9, 0.999), eps 1e-8,
-/// weight_decay 0). Decay applies to every trainable tensor: LoRA A/B and the modules_to_save
-/// copies hold no bias or norm weight (transformers' no-decay group).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct AdamWConfig {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
-    }
-}
+pub use model::train_model::AdamWConfig;
 
 /// First and second moments of one parameter, shaped like it.
 pub struct Moments {

@@ -1,5 +1,5 @@
 //! A small CPU optimizer loop for the reference: torch AdamW, global-norm clipping and the
-//! linear schedule exactly as transformers' Trainer runs them (spec §8), so the reference can
+//! linear schedule exactly as transformers' Trainer runs them, so the reference can
 //! replay a recorded SFTTrainer run step for step.
 
 use std::collections::BTreeMap;
@@ -9,26 +9,7 @@ use anyhow::{ensure, Context, Result};
 use super::lora::{Adapter, AdapterGrads, LoraCall};
 use super::loss::{count_label_tokens, LossNormalization};
 use super::{Batch, Gemma3Reference};
-
-/// torch.optim.AdamW hyper-parameters (transformers' defaults except the learning rate).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWConfig {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
-    }
-}
+pub use crate::train_model::AdamWConfig;
 
 /// AdamW state of every tensor (first and second moments, f64), by PEFT key.
 #[derive(Debug, Clone, Default)]
