@@ -38,7 +38,7 @@ struct Diff {
 }
 
 /// Compares two checkpoints key by key: everything byte-identical except what bitsandbytes'
-/// summation order may change (facts.md): double-quant 8-bit absmax codes within one code, the
+/// summation order may change: double-quant 8-bit absmax codes within one code, the
 /// nested absmax and the offset within 1e-6 relative.
 fn compare(ours: &Path, theirs: &Path) -> Diff {
     let a = SafetensorsSet::open_file(&ours.join("model.safetensors")).unwrap();

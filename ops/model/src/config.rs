@@ -20,7 +20,7 @@ mod vision;
 pub use text::*;
 pub use vision::*;
 
-/// google/gemma-3-4b-it's `config.json` as on the Hub (transformers 4.50 layout, keys per spec §2),
+/// google/gemma-3-4b-it's `config.json` as on the Hub (transformers 4.50 layout),
 /// for the device memory plan without weights.
 pub const GEMMA_3_4B_IT_CONFIG_JSON: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -285,7 +285,7 @@ mod tests {
             (t.hidden_size, t.intermediate_size, t.num_hidden_layers),
             (2560, 10240, 34)
         );
-        // Defaults transformers fills in (spec §2 table).
+        // Defaults transformers fills in (`Gemma3TextConfig`'s).
         assert_eq!(
             (t.num_attention_heads, t.num_key_value_heads, t.head_dim),
             (8, 4, 256)

@@ -1,6 +1,6 @@
 //! Canonical tensor names and the tensors a config implies.
 //!
-//! Checkpoints name the same tensor differently (spec §5, facts "Saved key layout"):
+//! Checkpoints name the same tensor differently, by the transformers version that wrote them:
 //!
 //! | layout | text | vision | projector | head |
 //! |---|---|---|---|---|
@@ -304,7 +304,7 @@ mod tests {
         );
     }
 
-    /// Parameter count of gemma-3-4b-it from its config: spec §2 estimate 4,300,079,472;
+    /// Parameter count of gemma-3-4b-it from its config: 4,300,079,472 by the config's shapes;
     /// 238 text + 162 vision linears (the 400 LoRA all-linear modules).
     #[test]
     fn gemma_3_4b_tensor_inventory() {

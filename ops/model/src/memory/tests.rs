@@ -25,7 +25,7 @@ fn guide_options() -> PlanOptions {
     }
 }
 
-/// Hand-computed figures for gemma-3-4b-it (spec §2 shapes).
+/// Hand-computed figures for gemma-3-4b-it (the shapes of its config.json).
 #[test]
 fn gemma_3_4b_weights_by_hand() {
     let c = ModelConfig::from_json(GEMMA_3_4B_IT_CONFIG_JSON).unwrap();

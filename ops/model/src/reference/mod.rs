@@ -2,8 +2,9 @@
 //! `Gemma3ForConditionalGeneration` forward and of the backward that LoRA training with PEFT needs:
 //! the oracle the GPU model is tested against layer by layer.
 //!
-//! Semantics are transformers 5.24 eager + PEFT 0.21 (spec: facts.md, gemma3-qlora-sources.md §1,
-//! §3, §7, §8), checked against the golden fixtures in `ops/tests/reference_model.rs`.
+//! Semantics are transformers 5.24 eager (`modeling_gemma3.py`, `modeling_siglip.py`) + PEFT 0.21
+//! (`tuners/lora/layer.py`), checked against the golden fixtures that `tools/fixtures/make.py`
+//! dumps from them, in `ops/tests/reference_model.rs`.
 //! The backward computes only what the trainable tensors need: every LoRA A/B (text and vision
 //! linears), the `modules_to_save` copies of lm_head and embed_tokens (independent, untied), and
 //! the input gradients through the frozen layers on the way.
