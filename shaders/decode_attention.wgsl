@@ -9,6 +9,8 @@
 
 #include "lib/dispatch"
 
+#feature VEC4 q, the caches and out read as vec4 (head_dim a multiple of 4): the decode kernel only
+
 struct Params {
     batch: u32,
     heads: u32,
@@ -66,31 +68,89 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
 }
 
 // ---- decode: one workgroup per (row, query head) ---------------------------------------------
-// Pass 1: the maximum score (each lane over keys lane, lane + 64, ...). Pass 2, over tiles of 64
-// keys: each lane computes one key's weight exp(s - max) into shared memory, then each lane
-// accumulates weight x value for the dimensions it owns (d = lane, lane + 64, ...). The q row
-// and the accumulator live in workgroup memory (no private arrays: lavapipe spills them).
+// One pass over the keys in tiles of TILE (online softmax): each lane scores keys l, l + WG, ...
+// of the tile into `sc` (the q row in workgroup memory), the tile's maximum rescales the running
+// sums, the scores become weights exp(s - max), and lane l accumulates weight × value for the
+// dimensions it owns in a private vec4: the fourth l of the row (VEC4), else dimensions l,
+// l + 64, l + 128, l + 192. Lane partials are combined by every lane reading all WG of them
+// after one barrier (llvmpipe pays per barrier, not per workgroup-memory read). A Gemma sliding
+// window (1024 keys) is one tile.
 
+const TILE: u32 = 1024u;
+
+var<workgroup> q_sh: array<vec4<f32>, 64>;   // MAX_HEAD_DIM / 4; zero past head_dim
+var<workgroup> sc: array<f32, TILE>;
+var<workgroup> red: array<f32, WG>;
+var<workgroup> lo_sh: u32;
+
+@group(0) @binding(4) var<storage, read> start: array<u32>;         // [batch]
+#if VEC4
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;       // [batch, heads, head_dim]
+@group(0) @binding(2) var<storage, read> k_cache: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v_cache: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>; // [batch, heads, head_dim]
+
+fn load_q(qbase: u32, i: u32) -> vec4<f32> {
+    if (i < p.head_dim / 4u) { return q[qbase / 4u + i]; }
+    return vec4<f32>(0.0);
+}
+
+fn score(b: u32, g: u32, position: u32) -> f32 {
+    let base = slot_base(b, g, position) / 4u;
+    var s = vec4<f32>(0.0);
+    for (var i = 0u; i < p.head_dim / 4u; i++) {
+        s = fma(q_sh[i], k_cache[base + i], s);
+    }
+    return ((s.x + s.y) + (s.z + s.w)) * p.scale;
+}
+
+fn owns_dims(l: u32) -> bool { return l < p.head_dim / 4u; }
+
+fn value(base: u32, l: u32) -> vec4<f32> { return v_cache[base / 4u + l]; }
+
+fn store_out(qbase: u32, l: u32, v: vec4<f32>) { out[qbase / 4u + l] = v; }
+#else
 @group(0) @binding(1) var<storage, read> q: array<f32>;             // [batch, heads, head_dim]
 @group(0) @binding(2) var<storage, read> k_cache: array<f32>;
 @group(0) @binding(3) var<storage, read> v_cache: array<f32>;
-@group(0) @binding(4) var<storage, read> start: array<u32>;         // [batch]
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;     // [batch, heads, head_dim]
 
-var<workgroup> q_sh: array<f32, MAX_HEAD_DIM>;
-var<workgroup> acc_sh: array<f32, MAX_HEAD_DIM>;
-var<workgroup> w_sh: array<f32, WG>;
-var<workgroup> red: array<f32, WG>;
-var<workgroup> lo_sh: u32;
+fn q_at(qbase: u32, d: u32) -> f32 {
+    if (d < p.head_dim) { return q[qbase + d]; }
+    return 0.0;
+}
+
+fn load_q(qbase: u32, i: u32) -> vec4<f32> {
+    return vec4<f32>(q_at(qbase, 4u * i), q_at(qbase, 4u * i + 1u), q_at(qbase, 4u * i + 2u),
+                     q_at(qbase, 4u * i + 3u));
+}
 
 fn score(b: u32, g: u32, position: u32) -> f32 {
     let base = slot_base(b, g, position);
     var s = 0.0;
     for (var d = 0u; d < p.head_dim; d++) {
-        s += q_sh[d] * k_cache[base + d];
+        s = fma(q_sh[d >> 2u][d & 3u], k_cache[base + d], s);
     }
     return s * p.scale;
 }
+
+fn owns_dims(l: u32) -> bool { return l < p.head_dim; }
+
+fn v_at(base: u32, d: u32) -> f32 {
+    if (d < p.head_dim) { return v_cache[base + d]; }
+    return 0.0;
+}
+
+fn value(base: u32, l: u32) -> vec4<f32> {
+    return vec4<f32>(v_at(base, l), v_at(base, l + WG), v_at(base, l + 2u * WG), v_at(base, l + 3u * WG));
+}
+
+fn store_out(qbase: u32, l: u32, v: vec4<f32>) {
+    for (var j = 0u; j < 4u; j++) {
+        if (l + j * WG < p.head_dim) { out[qbase + l + j * WG] = v[j]; }
+    }
+}
+#endif
 
 @compute @workgroup_size(64)
 fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -100,10 +160,7 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let b = bh / p.heads;
     let g = (bh % p.heads) / (p.heads / p.kv_heads);
     let qbase = bh * p.head_dim;
-    for (var d = l; d < p.head_dim; d += WG) {
-        q_sh[d] = q[qbase + d];
-        acc_sh[d] = 0.0;
-    }
+    q_sh[l] = load_q(qbase, l);
     if (l == 0u) {
         var lo = start[b];
         if (p.window != 0u && p.pos + 1u > p.window) {
@@ -111,51 +168,50 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
         lo_sh = lo;
     }
-    // The key range is the same for the whole workgroup: loops with barriers below need it so.
+    // The key range is the same for the whole workgroup: loops with barriers below need it so
+    // (workgroupUniformLoad is also the barrier that publishes q_sh).
     let lo = workgroupUniformLoad(&lo_sh);
 
-    var m = -3.0e38;
-    for (var j = lo + l; j <= p.pos; j += WG) {
-        m = max(m, score(b, g, j));
-    }
-    red[l] = m;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (l < s) { red[l] = max(red[l], red[l + s]); }
-        workgroupBarrier();
-    }
-    let row_max = red[0];
-    workgroupBarrier();
-
-    var sum = 0.0;
-    for (var t0 = lo; t0 <= p.pos; t0 += WG) {
-        let j = t0 + l;
-        var w = 0.0;
-        if (j <= p.pos) {
-            w = exp(score(b, g, j) - row_max);
+    var m = -3.0e38;        // the running maximum (the same in every lane)
+    var lane_sum = 0.0;     // this lane's keys' share of sum(exp(s - m))
+    var acc = vec4<f32>(0.0);
+    for (var t0 = lo; t0 <= p.pos; t0 += TILE) {
+        let n = min(TILE, p.pos + 1u - t0);
+        var tile_max = -3.0e38;
+        for (var i = l; i < n; i += WG) {
+            let s = score(b, g, t0 + i);
+            sc[i] = s;
+            tile_max = max(tile_max, s);
         }
-        sum += w;
-        w_sh[l] = w;
+        red[l] = tile_max;
         workgroupBarrier();
-        let n = min(WG, p.pos + 1u - t0);
-        for (var d = l; d < p.head_dim; d += WG) {
-            var a = acc_sh[d];
+        var m_new = m;
+        for (var i = 0u; i < WG; i++) { m_new = max(m_new, red[i]); }
+        // On the first tile m is -3e38: the factor is 0 and so are the sums it scales.
+        let rescale = exp(m - m_new);
+        m = m_new;
+        lane_sum *= rescale;
+        acc *= rescale;
+        for (var i = l; i < n; i += WG) {
+            let w = exp(sc[i] - m);
+            sc[i] = w;
+            lane_sum += w;
+        }
+        workgroupBarrier();
+        if (owns_dims(l)) {
             for (var k = 0u; k < n; k++) {
-                a += w_sh[k] * v_cache[slot_base(b, g, t0 + k) + d];
+                acc = fma(vec4<f32>(sc[k]), value(slot_base(b, g, t0 + k), l), acc);
             }
-            acc_sh[d] = a;
         }
+        // sc and red are rewritten by the next tile
         workgroupBarrier();
     }
-    red[l] = sum;
+    red[l] = lane_sum;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (l < s) { red[l] = red[l] + red[l + s]; }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    for (var d = l; d < p.head_dim; d += WG) {
+    var total = 0.0;
+    for (var i = 0u; i < WG; i++) { total += red[i]; }
+    if (owns_dims(l)) {
         // A row that sees no key (all padding) gets zeros, not NaN.
-        out[qbase + d] = select(0.0, acc_sh[d] / total, total > 0.0);
+        store_out(qbase, l, select(vec4<f32>(0.0), acc / total, total > 0.0));
     }
 }
