@@ -120,10 +120,10 @@ fn adamw4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 @group(0) @binding(1) var<storage, read_write> param: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> exp_avg: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> exp_avg_sq: array<vec4<f32>>;
-@group(0) @binding(4) var param_t: texture_2d<f32>;
-@group(0) @binding(5) var grad_t: texture_2d<f32>;
-@group(0) @binding(6) var exp_avg_t: texture_2d<f32>;
-@group(0) @binding(7) var exp_avg_sq_t: texture_2d<f32>;
+@group(0) @binding(4) var param_t: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(5) var grad_t: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(6) var exp_avg_t: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(7) var exp_avg_sq_t: texture_storage_2d<rgba32float, read>;
 
 @compute @workgroup_size(256)
 fn adamw4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -132,10 +132,10 @@ fn adamw4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     if (i >= p.n) { return; }
     let at = stage_texel(i);
     let r = update4(
-        textureLoad(param_t, at, 0),
-        textureLoad(grad_t, at, 0),
-        textureLoad(exp_avg_t, at, 0),
-        textureLoad(exp_avg_sq_t, at, 0),
+        textureLoad(param_t, at),
+        textureLoad(grad_t, at),
+        textureLoad(exp_avg_t, at),
+        textureLoad(exp_avg_sq_t, at),
     );
     param[i] = r.w;
     exp_avg[i] = r.m;

@@ -31,8 +31,8 @@ enable wgpu_cooperative_matrix;
 #endif
 
 #if TEXTURES
-@group(0) @binding(1) var A_in: texture_2d<f32>;
-fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A_in, stage_texel(t), 0); }
+@group(0) @binding(1) var A_in: texture_storage_2d<rgba32float, read>;
+fn a_texel(t: u32) -> vec4<f32> { return textureLoad(A_in, stage_texel(t)); }
 fn a1_load(e: u32) -> f32 { return a_texel(e >> 2u)[e & 3u]; }
 #if VEC4
 fn a4_load(e: u32) -> vec4<f32> { return a_texel(e >> 2u); }
@@ -55,10 +55,10 @@ fn a1_load(e: u32) -> f32 { return A_in[e]; }
 // words), high nibble for even e; value = code[nibble] * absmax[e / NF4_BLOCK].
 override NF4_BLOCK: u32 = 64u;
 #if TEXTURES
-@group(0) @binding(2) var Wq: texture_2d<u32>;
-@group(0) @binding(5) var Wabsmax: texture_2d<f32>;
-fn wq_word(w: u32) -> u32 { return textureLoad(Wq, stage_texel(w >> 2u), 0)[w & 3u]; }
-fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, stage_texel(i >> 2u), 0)[i & 3u]; }
+@group(0) @binding(2) var Wq: texture_storage_2d<rgba32uint, read>;
+@group(0) @binding(5) var Wabsmax: texture_storage_2d<rgba32float, read>;
+fn wq_word(w: u32) -> u32 { return textureLoad(Wq, stage_texel(w >> 2u))[w & 3u]; }
+fn absmax(i: u32) -> f32 { return textureLoad(Wabsmax, stage_texel(i >> 2u))[i & 3u]; }
 #else
 @group(0) @binding(2) var<storage, read> Wq: array<u32>;
 @group(0) @binding(5) var<storage, read> Wabsmax: array<f32>;
@@ -79,8 +79,8 @@ fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), 
 #elif BF16B
 #include "lib/bf16"
 #if TEXTURES
-@group(0) @binding(2) var Bw: texture_2d<u32>;
-fn b_word(w: u32) -> u32 { return textureLoad(Bw, stage_texel(w >> 2u), 0)[w & 3u]; }
+@group(0) @binding(2) var Bw: texture_storage_2d<rgba32uint, read>;
+fn b_word(w: u32) -> u32 { return textureLoad(Bw, stage_texel(w >> 2u))[w & 3u]; }
 #else
 @group(0) @binding(2) var<storage, read> Bw: array<u32>;
 fn b_word(w: u32) -> u32 { return Bw[w]; }
@@ -100,8 +100,8 @@ fn b4_load(e: u32) -> vec4<f32> {
 fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), b1_load(e + 2u), b1_load(e + 3u)); }
 #endif
 #elif TEXTURES
-@group(0) @binding(2) var B_in: texture_2d<f32>;
-fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B_in, stage_texel(t), 0); }
+@group(0) @binding(2) var B_in: texture_storage_2d<rgba32float, read>;
+fn b_texel(t: u32) -> vec4<f32> { return textureLoad(B_in, stage_texel(t)); }
 fn b1_load(e: u32) -> f32 { return b_texel(e >> 2u)[e & 3u]; }
 #if VEC4
 fn b4_load(e: u32) -> vec4<f32> { return b_texel(e >> 2u); }

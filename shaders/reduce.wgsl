@@ -95,9 +95,9 @@ fn clip_scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 // past n hold whatever followed x in its buffer and are masked); `clip_scale4_tex` writes four
 // elements per invocation through a vec4 view (n a multiple of 4; p.n counts vec4s).
 @group(0) @binding(1) var<storage, read_write> tex_partials: array<f32>;
-@group(0) @binding(2) var xt: texture_2d<f32>;
+@group(0) @binding(2) var xt: texture_storage_2d<rgba32float, read>;
 
-fn x_texel(t: u32) -> vec4<f32> { return textureLoad(xt, stage_texel(t), 0); }
+fn x_texel(t: u32) -> vec4<f32> { return textureLoad(xt, stage_texel(t)); }
 
 fn fold_element(acc: f32, v: f32, i: u32) -> f32 {
     if (i >= p.n) { return acc; }
@@ -126,7 +126,7 @@ fn partial_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 
 @group(0) @binding(1) var<storage, read_write> clip_out4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> clip_norm4: array<f32>;
-@group(0) @binding(3) var clip_xt: texture_2d<f32>;
+@group(0) @binding(3) var clip_xt: texture_storage_2d<rgba32float, read>;
 
 @compute @workgroup_size(256)
 fn clip_scale4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -134,7 +134,7 @@ fn clip_scale4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let i = flat_invocation(wid, nwg, lid, WG);
     if (i >= p.n) { return; }
     let coef = min(p.max_norm / (clip_norm4[0] + 1e-6), 1.0);
-    clip_out4[i] = textureLoad(clip_xt, stage_texel(i), 0) * coef;
+    clip_out4[i] = textureLoad(clip_xt, stage_texel(i)) * coef;
 }
 
 // The same over a bf16 tensor (two elements per u32 word; p.n counts elements): `partial_bf16`

@@ -1,7 +1,8 @@
-//! Probe: the cost of a subgroup-wide vec4 load on this adapter from a storage buffer and from a
-//! sampled texture, per-lane and uniform addresses, with and without wgpu's bounds checks:
-//! `cargo run --release -p ops --example load_probe`. It is why CPU adapters stage matmul
-//! operands in textures (`ops::gpu::staging`).
+//! Probe: the cost of a subgroup-wide vec4 load on this adapter from a storage buffer, a
+//! sampled texture and a read-only storage texture, per-lane and uniform addresses, with and
+//! without wgpu's bounds checks: `cargo run --release -p ops --example load_probe`. It is why
+//! CPU adapters stage matmul operands in storage textures (`ops::gpu::staging`); the
+//! `gemv_probe` example measures the same loads inside a decode-shaped product.
 use std::time::Instant;
 
 use anyhow::Result;
@@ -11,6 +12,7 @@ const SRC: &str = r#"
 @group(0) @binding(0) var<storage, read> buf: array<vec4<f32>>;
 @group(0) @binding(1) var tex: texture_2d<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(3) var img: texture_storage_2d<rgba32float, read>;
 
 const ITERS: u32 = 4096u;
 
@@ -45,6 +47,19 @@ fn tex_lane(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
         let e1 = (base + i * 8u + 8u + lane) & 262143u;
         s0 += textureLoad(tex, vec2<u32>(e0 & 511u, e0 >> 9u), 0);
         s1 += textureLoad(tex, vec2<u32>(e1 & 511u, e1 >> 9u), 0);
+    }
+    out[wg.x * 8u + lane] = s0 + s1;
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn img_lane(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    var s0 = vec4<f32>(0.0); var s1 = vec4<f32>(0.0);
+    let base = wg.x * 64u;
+    for (var i = 0u; i < ITERS; i += 2u) {
+        let e0 = (base + i * 8u + lane) & 262143u;
+        let e1 = (base + i * 8u + 8u + lane) & 262143u;
+        s0 += textureLoad(img, vec2<u32>(e0 & 511u, e0 >> 9u));
+        s1 += textureLoad(img, vec2<u32>(e1 & 511u, e1 >> 9u));
     }
     out[wg.x * 8u + lane] = s0 + s1;
 }
@@ -90,7 +105,9 @@ fn main() -> Result<()> {
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
         format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING
+            | wgpu::TextureUsages::STORAGE_BINDING
+            | wgpu::TextureUsages::COPY_DST,
         view_formats: &[],
     });
     let view = tex.create_view(&Default::default());
@@ -113,6 +130,7 @@ fn main() -> Result<()> {
         (&module, "ssbo_uniform"),
         (&module, "tex_lane"),
         (&module, "tex_uniform"),
+        (&module, "img_lane"),
         (&trusted, "ssbo_lane"),
         (&trusted, "ssbo_uniform"),
         (&trusted, "tex_lane"),
@@ -131,6 +149,11 @@ fn main() -> Result<()> {
             entries.push(wgpu::BindGroupEntry {
                 binding: 0,
                 resource: buf.as_entire_binding(),
+            });
+        } else if entry.starts_with("img") {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 3,
+                resource: wgpu::BindingResource::TextureView(&view),
             });
         } else {
             entries.push(wgpu::BindGroupEntry {

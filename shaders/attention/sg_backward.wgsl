@@ -1,8 +1,8 @@
 // dO, the statistics and the mask of the generated subgroup backward kernels (dQ; dK and dV).
 #include "attention/sg_inputs"
 #if TEXTURES
-@group(0) @binding(4) var DO: texture_2d<f32>;
-fn ld_do(i: u32) -> vec4<f32> { return textureLoad(DO, stage_texel(i), 0); }
+@group(0) @binding(4) var DO: texture_storage_2d<rgba32float, read>;
+fn ld_do(i: u32) -> vec4<f32> { return textureLoad(DO, stage_texel(i)); }
 #else
 @group(0) @binding(4) var<storage, read> DO: array<vec4<f32>>;
 fn ld_do(i: u32) -> vec4<f32> { return DO[i]; }

@@ -7,12 +7,12 @@
 #include "attention/common"
 #if TEXTURES
 #include "lib/staging"
-@group(0) @binding(1) var Q: texture_2d<f32>;
-fn ld_q(i: u32) -> vec4<f32> { return textureLoad(Q, stage_texel(i), 0); }
-@group(0) @binding(2) var K: texture_2d<f32>;
-fn ld_k(i: u32) -> vec4<f32> { return textureLoad(K, stage_texel(i), 0); }
-@group(0) @binding(3) var V: texture_2d<f32>;
-fn ld_v(i: u32) -> vec4<f32> { return textureLoad(V, stage_texel(i), 0); }
+@group(0) @binding(1) var Q: texture_storage_2d<rgba32float, read>;
+fn ld_q(i: u32) -> vec4<f32> { return textureLoad(Q, stage_texel(i)); }
+@group(0) @binding(2) var K: texture_storage_2d<rgba32float, read>;
+fn ld_k(i: u32) -> vec4<f32> { return textureLoad(K, stage_texel(i)); }
+@group(0) @binding(3) var V: texture_storage_2d<rgba32float, read>;
+fn ld_v(i: u32) -> vec4<f32> { return textureLoad(V, stage_texel(i)); }
 #else
 @group(0) @binding(1) var<storage, read> Q: array<vec4<f32>>;
 fn ld_q(i: u32) -> vec4<f32> { return Q[i]; }

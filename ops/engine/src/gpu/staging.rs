@@ -1,11 +1,14 @@
 //! Operands staged in textures for kernels on CPU adapters.
 //!
-//! Why: Mesa's llvmpipe (lavapipe 22.x) turns every storage-buffer load into a loop over the
-//! SIMD lanes with a bounds check and a branch per component, while a texel fetch is built by
-//! its texture code as straight-line vector code. Measured on lavapipe (`load_probe`, idle
-//! machine): a subgroup-wide vec4 load costs ~240 ns from a storage buffer and ~27 ns from a
-//! sampled texture per core, and the matmul's inner loop is dominated by its loads. Kernels whose loads are
-//! their bottleneck copy their inputs into a *linear texture* first: the bytes of a buffer range
+//! Why: Mesa's llvmpipe (lavapipe 22.x) builds a storage-buffer load as a loop over the SIMD
+//! lanes with a bounds check per lane, while it reads a texel through its texture code as
+//! straight-line vector code, and a read-only *storage* texture (an image load) through a
+//! shorter path than a sampled one. Measured on lavapipe 22.3.6 (`load_probe`, idle machine, per
+//! core): a subgroup-wide vec4 load costs ~22 ns from a storage buffer, ~17 ns from a sampled
+//! texture and ~8 ns from a read-only storage texture (`gemv_probe`, a decode-shaped x·Wᵀ of
+//! 32768 × 640: 6.8, 6.9 and 15.2 GB/s), and the matmul's inner loop is dominated by its loads.
+//! Kernels whose loads are their bottleneck copy their inputs into a *linear texture* first and
+//! read it as `texture_storage_2d<rgba32float | rgba32uint, read>`: the bytes of a buffer range
 //! laid out row after row, [`STAGE_WIDTH`] texels of 16 bytes per row, so texel `t` sits at
 //! `(t % STAGE_WIDTH, t / STAGE_WIDTH)` and element `e` of an f32 (u32) range is component
 //! `e % 4` of texel `e / 4`. The copy is a plain buffer→texture copy (a memcpy on lavapipe).
@@ -200,7 +203,7 @@ impl StagingSlots {
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
             format: format.wgpu(),
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
             view_formats: &[],
         });
         let view = texture.create_view(&Default::default());
@@ -371,14 +374,14 @@ mod tests {
     const READBACK: &str = r#"
 #include "lib/staging"
 @group(0) @binding(0) var<uniform> p: vec4<u32>;
-@group(0) @binding(1) var T: texture_2d<f32>;
+@group(0) @binding(1) var T: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @compute @workgroup_size(64, 1, 1)
 fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {
     let e = gid.x + gid.y * 65535u * 64u;
     if (e >= p.x) { return; }
     let t = e >> 2u;
-    out[e] = textureLoad(T, stage_texel(t), 0)[e & 3u];
+    out[e] = textureLoad(T, stage_texel(t))[e & 3u];
 }
 "#;
 
