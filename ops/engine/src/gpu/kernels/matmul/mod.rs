@@ -145,8 +145,9 @@ fn stage_operands() -> bool {
 /// output) instead of a tiled one: decoding multiplies one row per sequence.
 pub const ROWS_KERNEL_MAX_M: u32 = 8;
 
-/// Outputs per workgroup of the staged rows kernel (`matmul_rows_split`'s SPLIT_ROWS).
-const SPLIT_ROWS: u32 = 8;
+/// Outputs per workgroup of the staged rows kernel (`matmul_rows_split`'s SPLIT_ROWS outputs
+/// per subgroup times its SPLIT_SUBGROUPS).
+const SPLIT_ROWS_PER_WORKGROUP: u32 = 64;
 
 /// Whether the rows kernel is used (env `RUNNER_MATMUL_ROWS=0`: never, for benchmarking).
 fn rows_kernel() -> bool {
@@ -625,7 +626,7 @@ impl Gpu {
                     constants.push(("SPLIT_LANES", lanes as f64));
                     (
                         "matmul_rows_split",
-                        [p.n.div_ceil(SPLIT_ROWS), p.m, g.batch],
+                        [p.n.div_ceil(SPLIT_ROWS_PER_WORKGROUP), p.m, g.batch],
                     )
                 }
                 None => ("matmul_rows", [p.n.div_ceil(64), p.m, g.batch]),
