@@ -245,7 +245,8 @@ impl Gemma3Gpu {
             gpu.kv_prefill(rec, &shape, v, &kv.v)
         })?;
         let logits = self.logits_of(gpu, &mut rec, &normed)?;
-        rec.submit_and_wait()?;
+        // no wait here: the readback's own submission runs after this one (one queue)
+        rec.submit();
         let cache = KvCache {
             batch: bsz,
             prompt_len: seq,
@@ -265,7 +266,8 @@ impl Gemma3Gpu {
     pub fn decode_step(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
         let mut rec = Recorder::new(gpu);
         let logits = self.record_decode_step(gpu, &mut rec, cache, ids)?;
-        rec.submit_and_wait()?;
+        // no wait here: the readback's own submission runs after this one (one queue)
+        rec.submit();
         gpu.read_f32(&logits)
     }
 
