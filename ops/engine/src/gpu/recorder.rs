@@ -162,6 +162,45 @@ impl<'g> Recorder<'g> {
         Some(texture)
     }
 
+    /// Frozen f32 weights `views` staged together in one texture, each from the start of a
+    /// texture row, once and kept while a [`crate::gpu::staging::StagedWeightsHold`] lives
+    /// (`Gpu::matmul_grouped`). `None` as [`Recorder::stage_frozen`].
+    pub fn stage_frozen_group(&mut self, views: &[BufView]) -> Option<staging::FrozenGroup> {
+        let max_dim = self.gpu.limits().max_texture_dimension_2d;
+        if !self.gpu.stages_operands() || !views.iter().all(|v| staging::can_stage(v, max_dim)) {
+            return None;
+        }
+        let mut frozen = self.gpu.frozen.lock().unwrap();
+        if !frozen.held() {
+            return None;
+        }
+        if let Some(g) = frozen.group(views) {
+            return Some(g);
+        }
+        let mut first_rows = Vec::with_capacity(views.len());
+        let mut rows = 0u32;
+        for v in views {
+            first_rows.push(rows);
+            rows += staging::rows_for(v.size);
+        }
+        if rows > max_dim {
+            return None;
+        }
+        let texture =
+            self.gpu
+                .staging
+                .lock()
+                .unwrap()
+                .texture(&self.gpu.device, StageFormat::F32, rows);
+        self.pass = None;
+        for (v, &first) in views.iter().zip(&first_rows) {
+            staging::record_copy_at(self.encoder.as_mut().expect("open"), v, &texture, first);
+            self.keep.push(v.buffer.clone());
+        }
+        frozen.insert_group(views, texture, first_rows);
+        frozen.group(views)
+    }
+
     /// [`Recorder::dispatch`] with buffers and staged textures: `bindings` bind to 1, 2, ...
     pub fn dispatch_bound(
         &mut self,

@@ -251,6 +251,17 @@ impl StagingSlots {
 pub struct FrozenTextures {
     holds: usize,
     textures: HashMap<FrozenKey, (Arc<PooledBuffer>, Arc<StagedTexture>)>,
+    /// Weights multiplied by one x in one dispatch (`Gpu::matmul_grouped`), staged together:
+    /// each from the start of a texture row (the rows where each starts).
+    groups: HashMap<Vec<FrozenKey>, FrozenGroup>,
+}
+
+/// Several frozen weights in one texture, each from texture row `first_rows[j]`.
+#[derive(Clone)]
+pub struct FrozenGroup {
+    pub texture: Arc<StagedTexture>,
+    pub first_rows: Vec<u32>,
+    _buffers: Vec<Arc<PooledBuffer>>,
 }
 
 /// A buffer range (the buffer's address, offset, size) and the texel format it is staged as.
@@ -276,8 +287,34 @@ impl FrozenTextures {
 
     /// Whether no weight is kept staged.
     pub fn is_empty(&self) -> bool {
-        self.textures.is_empty()
+        self.textures.is_empty() && self.groups.is_empty()
     }
+
+    /// The texture already holding the weights `views` together, if any.
+    pub fn group(&self, views: &[BufView]) -> Option<FrozenGroup> {
+        self.groups.get(&group_key(views)).cloned()
+    }
+
+    pub(crate) fn insert_group(
+        &mut self,
+        views: &[BufView],
+        texture: Arc<StagedTexture>,
+        first_rows: Vec<u32>,
+    ) {
+        let group = FrozenGroup {
+            texture,
+            first_rows,
+            _buffers: views.iter().map(|v| v.buffer.clone()).collect(),
+        };
+        self.groups.insert(group_key(views), group);
+    }
+}
+
+fn group_key(views: &[BufView]) -> Vec<FrozenKey> {
+    views
+        .iter()
+        .map(|v| frozen_key(v, StageFormat::F32))
+        .collect()
 }
 
 fn frozen_key(view: &BufView, format: StageFormat) -> FrozenKey {
@@ -301,6 +338,7 @@ impl Drop for StagedWeightsHold {
         f.holds -= 1;
         if f.holds == 0 {
             f.textures.clear();
+            f.groups.clear();
         }
     }
 }
@@ -320,6 +358,17 @@ impl Gpu {
 /// Records the copy of `view`'s bytes into `texture` (rounded up to whole texels; see
 /// [`can_stage`]).
 pub fn record_copy(encoder: &mut wgpu::CommandEncoder, view: &BufView, texture: &StagedTexture) {
+    record_copy_at(encoder, view, texture, 0);
+}
+
+/// [`record_copy`] into the texture's rows from `first_row` on (texel `first_row * STAGE_WIDTH`
+/// holds the view's first 16 bytes).
+pub fn record_copy_at(
+    encoder: &mut wgpu::CommandEncoder,
+    view: &BufView,
+    texture: &StagedTexture,
+    first_row: u32,
+) {
     let texels = view.size.div_ceil(16);
     let full_rows = (texels / STAGE_WIDTH as u64) as u32;
     let rest = (texels % STAGE_WIDTH as u64) as u32;
@@ -348,13 +397,13 @@ pub fn record_copy(encoder: &mut wgpu::CommandEncoder, view: &BufView, texture: 
         );
     };
     if full_rows > 0 {
-        copy(encoder, view.offset, 0, STAGE_WIDTH, full_rows);
+        copy(encoder, view.offset, first_row, STAGE_WIDTH, full_rows);
     }
     if rest > 0 {
         copy(
             encoder,
             view.offset + full_rows as u64 * row_bytes,
-            full_rows,
+            first_row + full_rows,
             rest,
             1,
         );

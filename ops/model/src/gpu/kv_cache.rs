@@ -9,7 +9,7 @@
 use anyhow::{ensure, Context, Result};
 
 use super::decoder::{add_into, GpuDecoderLayer};
-use super::linear::LoraRun;
+use super::linear::{GpuLinear, LoraRun};
 use super::model::Gemma3Gpu;
 use crate::reference::gemma3::TextDims;
 use data::collate::Batch;
@@ -124,9 +124,15 @@ impl GpuDecoderLayer {
         let rows = x.rows();
         let (hd, heads, kvh) = (dims.head_dim, dims.heads, dims.kv_heads);
         let n1 = rmsnorm(gpu, rec, x, &self.input_layernorm, eps)?;
-        let (q, _) = self.q_proj.forward(gpu, rec, &n1, run)?;
-        let (k, _) = self.k_proj.forward(gpu, rec, &n1, run)?;
-        let (v, _) = self.v_proj.forward(gpu, rec, &n1, run)?;
+        // q, k and v read the same n1, gate and up the same n2: one dispatch each where it can
+        let qkv = GpuLinear::forward_inference_group(
+            gpu,
+            rec,
+            &n1,
+            &[&self.q_proj, &self.k_proj, &self.v_proj],
+            run,
+        )?;
+        let [q, k, v] = <[GpuTensor; 3]>::try_from(qkv).expect("three outputs");
         let q = rmsnorm(gpu, rec, &q.reshape(&[rows, heads, hd])?, &self.q_norm, eps)?;
         let k = rmsnorm(gpu, rec, &k.reshape(&[rows, kvh, hd])?, &self.k_norm, eps)?;
         gpu.rope(rec, &q, positions, rope, false)?;
@@ -151,8 +157,14 @@ impl GpuDecoderLayer {
         let h = rmsnorm(gpu, rec, &o, &self.post_attention_layernorm, eps)?;
         add_into(gpu, rec, x, &h)?;
         let n2 = rmsnorm(gpu, rec, &h, &self.pre_feedforward_layernorm, eps)?;
-        let (gate, _) = self.gate_proj.forward(gpu, rec, &n2, run)?;
-        let (up, _) = self.up_proj.forward(gpu, rec, &n2, run)?;
+        let gate_up = GpuLinear::forward_inference_group(
+            gpu,
+            rec,
+            &n2,
+            &[&self.gate_proj, &self.up_proj],
+            run,
+        )?;
+        let [gate, up] = <[GpuTensor; 2]>::try_from(gate_up).expect("two outputs");
         let act = gpu.empty(gate.shape(), DType::F32)?;
         gpu.geglu_forward(rec, &gate, &up, &act)?;
         let (down, _) = self.down_proj.forward(gpu, rec, &act, run)?;

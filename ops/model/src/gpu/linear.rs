@@ -204,35 +204,109 @@ impl GpuLinear {
             offset: 0,
         };
         if let Some(pair) = &self.lora {
-            let p = if run.training {
-                run.settings.dropout
-            } else {
-                0.0
-            };
-            let seed = lora_dropout_seed(run.settings.dropout_seed, &self.module, run.call);
-            // The kernel's mask index is a u32 (as the whole call's element index is).
-            let offset = u32::try_from(first_row * self.in_features).with_context(|| {
-                format!(
-                    "{}: row {first_row} of {} features is past 2^32 mask elements",
-                    self.module, self.in_features
-                )
-            })?;
-            let xa = gpu.empty(&[rows, pair.rank()], DType::F32)?;
-            let lora = Lora {
-                a: &pair.a,
-                b: &pair.b,
-                scale: run.settings.scaling,
-                dropout: p,
-                seed,
-                offset,
-            };
-            gpu.lora_forward(rec, &x2, &lora, &y, &xa)?;
+            let (xa, p, seed, offset) = self.add_lora(gpu, rec, pair, &x2, &y, run, first_row)?;
             cache.xa = Some(xa);
             cache.dropout = p;
             cache.seed = seed;
             cache.offset = offset;
         }
         Ok((y, cache))
+    }
+
+    /// `y += scaling · dropout(x)·Aᵀ·Bᵀ` for rows `first_row..` of the call: returns `x·Aᵀ`
+    /// (kept for the backward), the dropout probability, its seed and the mask offset.
+    #[allow(clippy::too_many_arguments)]
+    fn add_lora(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        pair: &GpuLoraPair,
+        x2: &GpuTensor,
+        y: &GpuTensor,
+        run: &LoraRun,
+        first_row: usize,
+    ) -> Result<(GpuTensor, f32, u32, u32)> {
+        let rows = x2.rows();
+        let p = if run.training {
+            run.settings.dropout
+        } else {
+            0.0
+        };
+        let seed = lora_dropout_seed(run.settings.dropout_seed, &self.module, run.call);
+        // The kernel's mask index is a u32 (as the whole call's element index is).
+        let offset = u32::try_from(first_row * self.in_features).with_context(|| {
+            format!(
+                "{}: row {first_row} of {} features is past 2^32 mask elements",
+                self.module, self.in_features
+            )
+        })?;
+        let xa = gpu.empty(&[rows, pair.rank()], DType::F32)?;
+        let lora = Lora {
+            a: &pair.a,
+            b: &pair.b,
+            scale: run.settings.scaling,
+            dropout: p,
+            seed,
+            offset,
+        };
+        gpu.lora_forward(rec, x2, &lora, y, &xa)?;
+        Ok((xa, p, seed, offset))
+    }
+
+    /// The outputs of several layers that read the same `x` (q/k/v, gate/up), for inference
+    /// (`run.training` false: no caches): their dense f32 base products in one dispatch where
+    /// [`Gpu::matmul_grouped`] can (generation on CPU adapters), then each layer's LoRA pair.
+    /// Layers with an NF4 weight or a bias run their own [`GpuLinear::forward`].
+    pub fn forward_inference_group(
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        layers: &[&GpuLinear],
+        run: &LoraRun,
+    ) -> Result<Vec<GpuTensor>> {
+        ensure!(
+            !run.training,
+            "grouped linear forward is for inference only"
+        );
+        let dense: Option<Vec<&GpuTensor>> = layers
+            .iter()
+            .map(|l| match (&l.weight, &l.bias) {
+                (BaseWeight::Dense(w), None) => Some(w),
+                _ => None,
+            })
+            .collect();
+        let in_features = layers.first().map_or(0, |l| l.in_features);
+        let (Some(weights), true) = (dense, layers.iter().all(|l| l.in_features == in_features))
+        else {
+            return layers
+                .iter()
+                .map(|l| Ok(l.forward(gpu, rec, x, run)?.0))
+                .collect();
+        };
+        let rows = x.numel() / in_features.max(1);
+        ensure!(
+            rows * in_features == x.numel(),
+            "input {:?} is not a multiple of {in_features} features",
+            x.shape()
+        );
+        let x2 = x.reshape(&[rows, in_features])?;
+        let outs = layers
+            .iter()
+            .map(|l| gpu.empty(&[rows, l.out_features], DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        gpu.matmul_grouped(
+            rec,
+            &x2,
+            &weights,
+            &outs.iter().collect::<Vec<_>>(),
+            run.precision,
+        )?;
+        for (l, y) in layers.iter().zip(&outs) {
+            if let Some(pair) = &l.lora {
+                l.add_lora(gpu, rec, pair, &x2, y, run, 0)?;
+            }
+        }
+        Ok(outs)
     }
 
     /// Accumulates `dA`, `dB` (when the layer has a pair) and returns `dx [rows, in]` when

@@ -129,7 +129,7 @@ pub(crate) type Variant = (super::Shader, Vec<&'static str>);
 
 /// Every module every family dispatches ([`super::shader::all_variants`]).
 pub(crate) fn shader_variants() -> Result<Vec<Variant>> {
-    let families: [fn() -> Result<Vec<Variant>>; 16] = [
+    let families: [fn() -> Result<Vec<Variant>>; 17] = [
         accumulate::variants,
         activation::variants,
         adamw::variants,
@@ -140,6 +140,7 @@ pub(crate) fn shader_variants() -> Result<Vec<Variant>> {
         embedding::variants,
         lora::variants,
         matmul::variants,
+        matmul::grouped::variants,
         nf4::variants,
         norm::variants,
         patch::variants,

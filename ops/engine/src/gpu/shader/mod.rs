@@ -164,6 +164,7 @@ shader_files!(
     "embedding",
     "lora",
     "matmul",
+    "matmul_rows_group",
     "nf4",
     "norm",
     "patch",

@@ -12,6 +12,7 @@ use crate::gpu::{BufView, DType, Gpu, GpuTensor, Recorder, Shader, Tiling};
 
 mod codegen;
 mod coop;
+pub mod grouped;
 mod tuning;
 pub use codegen::CoopConfig;
 pub(crate) use codegen::{register_tile, subgroup_kernel, unrolled_register_kernel};

@@ -1,0 +1,273 @@
+//! Several products of one x in one dispatch (`shaders/matmul_rows_group.wgsl`): decoding's
+//! q/k/v and gate/up projections on CPU adapters, where each dispatch has a fixed cost near a
+//! small product's and a product with few outputs keeps few workgroups busy.
+
+use anyhow::{ensure, Result};
+use bytemuck::{Pod, Zeroable};
+
+use super::{subgroup_width, MatmulOpts, MatmulPrecision, ROWS_KERNEL_MAX_M};
+use crate::gpu::recorder::Bound;
+use crate::gpu::staging::{StageFormat, STAGE_WIDTH};
+use crate::gpu::{DType, Gpu, GpuTensor, Recorder, Shader};
+
+/// Products one grouped dispatch takes (the shader's output bindings).
+pub const MAX_GROUP: usize = 3;
+
+/// Outputs per workgroup of the grouped kernel (its ROWS × SUBGROUPS).
+const ROWS_PER_WORKGROUP: u32 = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct GroupParams {
+    m: u32,
+    k: u32,
+    members: u32,
+    _pad: u32,
+    n: [u32; 4],
+    b_off: [u32; 4],
+    first_group: [u32; 4],
+}
+
+fn shader() -> Result<Shader> {
+    Shader::compose("matmul_rows_group", &[])
+}
+
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::super::Variant>> {
+    Ok(vec![(shader()?, vec!["matmul_rows_group"])])
+}
+
+impl Gpu {
+    /// `outs[j] [M, N_j] = x [M, K] · weights[j]ᵀ` for frozen f32 weights `weights[j] [N_j, K]`
+    /// (generation: the weights do not change while a [`Gpu::hold_staged_weights`] lives).
+    /// One dispatch for all of them where this adapter stages operands, a hold is alive, M is at
+    /// most [`ROWS_KERNEL_MAX_M`], K % 4 == 0 and at most [`MAX_GROUP`] weights come; otherwise
+    /// one [`Gpu::matmul`] each (`precision` applies there; the grouped kernel is f32).
+    pub fn matmul_grouped(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        weights: &[&GpuTensor],
+        outs: &[&GpuTensor],
+        precision: MatmulPrecision,
+    ) -> Result<()> {
+        ensure!(
+            weights.len() == outs.len() && !weights.is_empty(),
+            "matmul_grouped: {} weights for {} outputs",
+            weights.len(),
+            outs.len()
+        );
+        let (m, k) = (x.rows(), x.row_len());
+        for (j, (w, out)) in weights.iter().zip(outs).enumerate() {
+            ensure!(
+                w.shape().len() == 2 && w.shape()[1] == k,
+                "matmul_grouped: weight {j} {:?} does not take {k} inputs",
+                w.shape()
+            );
+            ensure!(
+                out.numel() == m * w.shape()[0],
+                "matmul_grouped: output {j} {:?} is not {m} x {}",
+                out.shape(),
+                w.shape()[0]
+            );
+        }
+        if !self.group_fits(rec, x, weights, outs, precision)? {
+            let opts = MatmulOpts {
+                trans_b: true,
+                frozen_b: true,
+                precision,
+                ..Default::default()
+            };
+            for (w, out) in weights.iter().zip(outs) {
+                self.matmul(rec, x, w, out, opts)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the grouped dispatch when it applies (see [`Gpu::matmul_grouped`]); false when
+    /// it does not and nothing was recorded.
+    fn group_fits(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        weights: &[&GpuTensor],
+        outs: &[&GpuTensor],
+        precision: MatmulPrecision,
+    ) -> Result<bool> {
+        let (m, k) = (x.rows(), x.row_len());
+        let plain_f32 = |t: &GpuTensor| t.dtype() == DType::F32 && !t.is_chunked();
+        let Some(lanes) = subgroup_width(self) else {
+            return Ok(false);
+        };
+        if !self.stages_operands()
+            || precision != MatmulPrecision::F32
+            || weights.len() > MAX_GROUP
+            || m == 0
+            || m > ROWS_KERNEL_MAX_M as usize
+            || k == 0
+            || !k.is_multiple_of(4)
+            || !plain_f32(x)
+            || !weights.iter().chain(outs).all(|t| plain_f32(t))
+        {
+            return Ok(false);
+        }
+        let views = weights
+            .iter()
+            .map(|w| w.view())
+            .collect::<Result<Vec<_>>>()?;
+        let Some(group) = rec.stage_frozen_group(&views) else {
+            return Ok(false);
+        };
+        let Some(a) = rec.stage(0, &x.view()?, StageFormat::F32) else {
+            return Ok(false);
+        };
+        let mut params = GroupParams {
+            m: m as u32,
+            k: k as u32,
+            members: weights.len() as u32,
+            _pad: 0,
+            n: [0; 4],
+            b_off: [0; 4],
+            first_group: [0; 4],
+        };
+        let mut groups = 0u32;
+        for (j, w) in weights.iter().enumerate() {
+            let n = u32::try_from(w.shape()[0])?;
+            params.n[j] = n;
+            // texel (first_row * STAGE_WIDTH) of the packed texture, 4 elements a texel
+            params.b_off[j] = u32::try_from(group.first_rows[j] as u64 * STAGE_WIDTH as u64 * 4)?;
+            params.first_group[j] = groups;
+            groups += n.div_ceil(ROWS_PER_WORKGROUP);
+        }
+        let kernel = self.kernel(
+            &shader()?,
+            "matmul_rows_group",
+            &[("SPLIT_LANES", lanes as f64)],
+        )?;
+        let dummy = self.dummy_buffer();
+        let mut bindings = vec![Bound::Texture(&a), Bound::Texture(&group.texture)];
+        for j in 0..MAX_GROUP {
+            bindings.push(Bound::Buffer(match outs.get(j) {
+                Some(out) => out.view()?,
+                None => dummy.clone(),
+            }));
+        }
+        rec.dispatch_bound(
+            &kernel,
+            bytemuck::bytes_of(&params),
+            &bindings,
+            [groups, m as u32, 1],
+        );
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::testing::{rel_frobenius, test_gpu, TestRng};
+    use crate::reference::matmul as reference;
+
+    /// Each output against one reference product, with fresh random inputs, poisoned outputs
+    /// and odd sizes: N past a workgroup and inside one, a member of 3 rows, M of 1, 3 and 8;
+    /// two and three members; the same group again (its texture reused); `grouped` says whether
+    /// the group must have been staged together (else the per-weight fallback ran: odd K, four
+    /// members, M past ROWS_KERNEL_MAX_M).
+    fn check_group(
+        gpu: &Gpu,
+        (m, k): (usize, usize),
+        ns: &[usize],
+        grouped: Option<bool>,
+        rng: &mut TestRng,
+        seed: u64,
+    ) {
+        let x = rng.vec_normal(m * k);
+        let gx = gpu.upload_f32(&[m, k], &x).unwrap();
+        let ws: Vec<Vec<f32>> = ns.iter().map(|&n| rng.vec_normal(n * k)).collect();
+        let gws: Vec<GpuTensor> = ws
+            .iter()
+            .zip(ns)
+            .map(|(w, &n)| gpu.upload_f32(&[n, k], w).unwrap())
+            .collect();
+        for _ in 0..2 {
+            let outs: Vec<GpuTensor> = ns
+                .iter()
+                .map(|&n| gpu.empty(&[m, n], DType::F32).unwrap())
+                .collect();
+            for o in &outs {
+                gpu.poison(o);
+            }
+            let mut rec = Recorder::new(gpu);
+            gpu.matmul_grouped(
+                &mut rec,
+                &gx,
+                &gws.iter().collect::<Vec<_>>(),
+                &outs.iter().collect::<Vec<_>>(),
+                MatmulPrecision::F32,
+            )
+            .unwrap();
+            rec.submit();
+            if let Some(grouped) = grouped.filter(|_| gpu.stages_operands()) {
+                let views: Vec<_> = gws.iter().map(|w| w.view().unwrap()).collect();
+                let staged = gpu.frozen.lock().unwrap().group(&views).is_some();
+                assert_eq!(staged, grouped, "seed {seed}: {m}x{k} {ns:?} grouped");
+            }
+            for (j, (&n, w)) in ns.iter().zip(&ws).enumerate() {
+                let mut want = vec![0.0; m * n];
+                let g = reference::Gemm {
+                    trans_b: true,
+                    ..Default::default()
+                };
+                reference::matmul_batched(&x, w, &mut want, 1, m, n, k, g, None);
+                let got = gpu.read_f32(&outs[j]).unwrap();
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "seed {seed}: {m}x{k} member {j} of {ns:?}: an output was not written"
+                );
+                let err = rel_frobenius(&got, &want);
+                assert!(
+                    err < 1e-5,
+                    "seed {seed}: {m}x{k} member {j} of {ns:?}: rel err {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_products_match_one_reference_product_each() {
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let hold = gpu.hold_staged_weights();
+        check_group(gpu, (1, 36), &[70, 3, 129], Some(true), &mut rng, seed);
+        check_group(gpu, (3, 64), &[64, 65], Some(true), &mut rng, seed);
+        check_group(gpu, (8, 20), &[5, 200, 17], Some(true), &mut rng, seed);
+        // the fallback: odd K, four members, more than ROWS_KERNEL_MAX_M rows
+        check_group(gpu, (2, 13), &[9, 31], Some(false), &mut rng, seed);
+        check_group(gpu, (1, 8), &[4, 5, 6, 7], Some(false), &mut rng, seed);
+        check_group(gpu, (9, 8), &[4, 5], Some(false), &mut rng, seed);
+        drop(hold);
+        // without this test's hold (another test's may be alive: either path must be right)
+        check_group(gpu, (1, 36), &[70, 3, 129], None, &mut rng, seed);
+    }
+
+    #[test]
+    fn mismatched_shapes_are_refused() {
+        let gpu = test_gpu();
+        let x = gpu.empty(&[1, 8], DType::F32).unwrap();
+        let w = gpu.empty(&[4, 6], DType::F32).unwrap();
+        let out = gpu.empty(&[1, 4], DType::F32).unwrap();
+        let mut rec = Recorder::new(gpu);
+        let err = gpu
+            .matmul_grouped(&mut rec, &x, &[&w], &[&out], MatmulPrecision::F32)
+            .unwrap_err();
+        assert!(err.to_string().contains("does not take 8 inputs"), "{err}");
+        let w = gpu.empty(&[4, 8], DType::F32).unwrap();
+        let small = gpu.empty(&[1, 3], DType::F32).unwrap();
+        let err = gpu
+            .matmul_grouped(&mut rec, &x, &[&w], &[&small], MatmulPrecision::F32)
+            .unwrap_err();
+        assert!(err.to_string().contains("is not 1 x 4"), "{err}");
+    }
+}

@@ -1,0 +1,80 @@
+// Up to three products of one x in one dispatch: C_j [M, N_j] = x [M, K] · W_jᵀ (W_j [N_j, K],
+// f32, K % 4 == 0), for decoding (q/k/v, gate/up) on CPU adapters, where every dispatch has a fixed cost
+// comparable to a small product's and a product with few rows (k_proj: 256) keeps few workgroups
+// busy. x and the packed weights are staged linear textures (ops/engine/src/gpu/staging.rs): x
+// [M, K] from element 0, W_j from element b_off[j] (each member starts on a texture row). The
+// plain-Rust truth is one reference matmul per member (kernels/matmul/grouped.rs's tests).
+//
+// The body is matmul_rows_split's (shaders/matmul.wgsl): SUBGROUPS subgroups of SPLIT_LANES
+// lanes per workgroup, each owning ROWS consecutive outputs of one row of x, its lanes splitting
+// K over neighbouring texels, partial sums added by subgroupAdd. A workgroup's outputs lie in one
+// member: member j owns workgroups first_group[j] .. first_group[j + 1], so the member, its offset
+// and its output binding are the same for the whole workgroup.
+
+#include "lib/staging"
+
+struct Params {
+    m: u32,
+    k: u32,
+    members: u32,
+    _pad: u32,
+    n: vec4<u32>,            // N_j
+    b_off: vec4<u32>,        // element of W_j[0, 0] in the packed texture
+    first_group: vec4<u32>,  // first workgroup (x) of member j
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var A_in: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(2) var B_in: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(3) var<storage, read_write> C0: array<f32>;
+@group(0) @binding(4) var<storage, read_write> C1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> C2: array<f32>;
+
+// Four elements from e % 4 == 0: the caller keeps K % 4 == 0, so every row starts on a texel.
+fn a4(e: u32) -> vec4<f32> { return textureLoad(A_in, stage_texel(e >> 2u)); }
+fn b4(e: u32) -> vec4<f32> { return textureLoad(B_in, stage_texel(e >> 2u)); }
+
+fn store(j: u32, idx: u32, v: f32) {
+    switch j {
+        case 0u: { C0[idx] = v; }
+        case 1u: { C1[idx] = v; }
+        default: { C2[idx] = v; }
+    }
+}
+
+override SPLIT_LANES: u32 = 8u;
+const ROWS: u32 = 8u;
+const SUBGROUPS: u32 = 8u;
+
+@compute @workgroup_size(SPLIT_LANES * SUBGROUPS)
+fn matmul_rows_group(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    var j = 0u;
+    if (p.members > 1u && wid.x >= p.first_group[1]) { j = 1u; }
+    if (p.members > 2u && wid.x >= p.first_group[2]) { j = 2u; }
+    let n_j = p.n[j];
+    let b_off = p.b_off[j];
+    // subgroups are consecutive invocations on these adapters (one width, 1-D workgroups)
+    let lane = lid % SPLIT_LANES;
+    let n0 = ((wid.x - p.first_group[j]) * SUBGROUPS + lid / SPLIT_LANES) * ROWS;
+    let m = wid.y;
+    let a_base = m * p.k;
+    // rows past N_j read row N_j - 1 (every lane must reach subgroupAdd) and are not stored
+    var b_base: array<u32, 8>;
+    for (var r = 0u; r < ROWS; r++) {
+        b_base[r] = b_off + min(n0 + r, n_j - 1u) * p.k;
+    }
+    var acc: array<vec4<f32>, 8>;
+    for (var r = 0u; r < ROWS; r++) { acc[r] = vec4<f32>(0.0); }
+    for (var k = 4u * lane; k < p.k; k += 4u * SPLIT_LANES) {
+        let a = a4(a_base + k);
+        for (var r = 0u; r < ROWS; r++) {
+            acc[r] = fma(a, b4(b_base[r] + k), acc[r]);
+        }
+    }
+    for (var r = 0u; r < ROWS; r++) {
+        let total = subgroupAdd((acc[r].x + acc[r].y) + (acc[r].z + acc[r].w));
+        if (lane == r % SPLIT_LANES && n0 + r < n_j) {
+            store(j, m * n_j + n0 + r, total);
+        }
+    }
+}
