@@ -64,6 +64,9 @@ pub struct Gpu {
     adapter_info: wgpu::AdapterInfo,
     features: wgpu::Features,
     limits: wgpu::Limits,
+    /// Whether the linear staging textures' formats can be bound as read-only storage textures
+    /// (how the staged kernels read them; [`Gpu::stages_operands`] needs it).
+    storage_texture_reads: bool,
     max_binding_bytes: u64,
     tiling: Tiling,
     all_adapters: Vec<wgpu::AdapterInfo>,
@@ -227,6 +230,15 @@ impl Gpu {
             features |= coop;
         }
         let limits = adapter.limits();
+        let storage_texture_reads = super::staging::StageFormat::ALL.iter().all(|f| {
+            let features = adapter.get_texture_format_features(f.wgpu());
+            features
+                .allowed_usages
+                .contains(wgpu::TextureUsages::STORAGE_BINDING)
+                && features
+                    .flags
+                    .contains(wgpu::TextureFormatFeatureFlags::STORAGE_READ_ONLY)
+        });
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("runner"),
             required_features: features,
@@ -293,6 +305,7 @@ impl Gpu {
             }
         };
         Ok(Gpu {
+            storage_texture_reads,
             tuner: Mutex::new(tuner),
             coop_configs,
             coop_trial: Mutex::new(None),
@@ -320,6 +333,10 @@ impl Gpu {
     }
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.adapter_info
+    }
+    /// Whether staging textures can be read as read-only storage textures here.
+    pub(crate) fn storage_texture_reads(&self) -> bool {
+        self.storage_texture_reads
     }
     /// The optional features actually enabled on the device.
     pub fn features(&self) -> wgpu::Features {

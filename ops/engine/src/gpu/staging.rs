@@ -34,10 +34,13 @@ impl Gpu {
     }
 
     /// Whether kernels stage their operands in textures on this adapter: CPU adapters whose
-    /// subgroups of one width run the generated subgroup kernels (lavapipe).
+    /// subgroups of one width run the generated subgroup kernels (lavapipe) and that can read
+    /// both staging formats as read-only storage textures (elsewhere the kernels read the
+    /// buffers).
     pub fn stages_operands(&self) -> bool {
         !forced_off()
             && self.adapter_info().device_type == wgpu::DeviceType::Cpu
+            && self.storage_texture_reads()
             && crate::gpu::kernels::matmul::subgroup_width(self).is_some()
     }
 }
@@ -78,7 +81,9 @@ pub enum StageFormat {
 }
 
 impl StageFormat {
-    fn wgpu(self) -> wgpu::TextureFormat {
+    pub const ALL: [StageFormat; 2] = [StageFormat::F32, StageFormat::U32];
+
+    pub(crate) fn wgpu(self) -> wgpu::TextureFormat {
         match self {
             StageFormat::F32 => wgpu::TextureFormat::Rgba32Float,
             StageFormat::U32 => wgpu::TextureFormat::Rgba32Uint,
@@ -484,6 +489,19 @@ fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {
         roundtrip(4 * 100 + 3, 0);
         roundtrip(4 * STAGE_WIDTH as usize * 3 + 4 * 17 + 2, 8);
         roundtrip(4 * STAGE_WIDTH as usize * 2, 4);
+    }
+
+    /// Staging is chosen by capability, so a driver losing read-only storage textures would
+    /// silently move every CPU-adapter kernel to the slower storage-buffer paths: on a CPU
+    /// adapter with one subgroup width (lavapipe) both staging formats must be readable.
+    #[test]
+    fn cpu_adapters_with_subgroups_stage() {
+        let gpu = test_gpu();
+        let cpu = gpu.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        if cpu && crate::gpu::kernels::matmul::subgroup_width(gpu).is_some() {
+            assert!(gpu.storage_texture_reads(), "{}", gpu.describe());
+            assert!(gpu.stages_operands());
+        }
     }
 
     #[test]
