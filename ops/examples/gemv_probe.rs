@@ -2,8 +2,10 @@
 //! weights read from a sampled texture, a storage buffer and a read-only storage texture, with
 //! the layouts tried for the rows kernel: `split8` (the shipped `matmul_rows_split`: one
 //! subgroup per workgroup owning 8 rows, lanes splitting K), `split8u` (the same unrolled),
-//! `split8x8` (8 such subgroups per workgroup), `lane_row` (one lane per row), and `fetch_only`
-//! (every weight read once, no product: the load floor). Prints time, GB/s of weights and the
+//! `split8x8` (8 such subgroups per workgroup), `split16x8_img` (16 rows per subgroup: x read
+//! half as often; faster at 32768 rows, slower at 2048 where fewer workgroups remain),
+//! `lane_row` (one lane per row), and `fetch_only` (every weight read once, no product: the
+//! load floor). Prints time, GB/s of weights and the
 //! max error against an f64 product.
 //!
 //! `cargo run --release -p ops --example gemv_probe -- [N=32768] [K=640]`
@@ -221,6 +223,25 @@ fn fetch_only_img(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let s = subgroupAdd(dot(c0 + c1, vec4(1.0)));
     if (lane == 0u) { C[wid.x] = s; }
 }
+
+// split8x8_img with 16 rows per subgroup (x fetched once per 16 rows)
+@compute @workgroup_size(64)
+fn split16x8_img(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let lane = lid & 7u;
+    let n0 = (wid.x * 8u + (lid >> 3u)) * 16u;
+    var b: array<u32, 16>;
+    for (var r = 0u; r < 16u; r++) { b[r] = min(n0 + r, N - 1u) * K; }
+    var c: array<vec4<f32>, 16>;
+    for (var r = 0u; r < 16u; r++) { c[r] = vec4<f32>(0.0); }
+    for (var k = 4u * lane; k < K; k += 32u) {
+        let a = ai4(k);
+        for (var r = 0u; r < 16u; r++) { c[r] = fma(a, bi4(b[r] + k), c[r]); }
+    }
+    for (var r = 0u; r < 16u; r++) {
+        let s = subgroupAdd((c[r].x + c[r].y) + (c[r].z + c[r].w));
+        if (lane == (r & 7u) && n0 + r < N) { C[n0 + r] = s; }
+    }
+}
 "#;
 
 const REPEAT: usize = 10;
@@ -324,6 +345,7 @@ fn main() -> Result<()> {
         ("split8x8_ssbo", n.div_ceil(64)),
         ("split8x8_img", n.div_ceil(64)),
         ("split8u_img", n.div_ceil(8)),
+        ("split16x8_img", n.div_ceil(128)),
     ] {
         let pipe = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: None,
