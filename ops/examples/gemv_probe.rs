@@ -1,111 +1,127 @@
-//! Probe: a decode-shaped product (one row x [K] times Wᵀ, W [N, K] f32) on this adapter, the
-//! weights read from a sampled texture, a storage buffer and a read-only storage texture, with
-//! the layouts tried for the rows kernel: `split8` (the shipped `matmul_rows_split`: one
-//! subgroup per workgroup owning 8 rows, lanes splitting K), `split8u` (the same unrolled),
-//! `split8x8` (8 such subgroups per workgroup), `split16x8_img` (16 rows per subgroup: x read
-//! half as often; faster at 32768 rows, slower at 2048 where fewer workgroups remain),
-//! `lane_row` (one lane per row), and `fetch_only` (every weight read once, no product: the
-//! load floor). Prints time, GB/s of weights and the
-//! max error against an f64 product.
+//! Probe: a decode-shaped product (one row x [K] times Wᵀ, W [N, K] f32) on this adapter, x and
+//! the weights read from a sampled texture (`tex`), a storage buffer (`ssbo`) or a read-only
+//! storage texture (`img`), in the layouts tried for the rows kernel: `split R×S` (S subgroups
+//! of 8 lanes per workgroup, each owning R rows, its lanes splitting K over neighbouring texels:
+//! `matmul_rows_split` was 8×1 and is 8×8; 16×8 reads x half as often: 10–25% faster at
+//! 32768 × 640, within noise of 8×8 at 2048 × 640 and 640 × 2048), `lane_row` (one lane per
+//! row), and `fetch_only` (every weight read once, no product: the load floor). Each variant is
+//! its own module. Prints time, GB/s of weights and the max error against an f64 product.
 //!
 //! `cargo run --release -p ops --example gemv_probe -- [N=32768] [K=640]`
-use std::time::Instant;
 
 use anyhow::Result;
 use ops::gpu::Gpu;
 
-const SRC: &str = r#"
-@group(0) @binding(0) var A: texture_2d<f32>;
+#[path = "support/probe.rs"]
+mod probe;
+
+/// Where x and W are read from.
+#[derive(Clone, Copy, PartialEq)]
+enum Source {
+    Tex,
+    Ssbo,
+    Img,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Tex => "tex",
+            Source::Ssbo => "ssbo",
+            Source::Img => "img",
+        }
+    }
+
+    /// Bindings 0 (x) and 1 (W) and their vec4 loads `a4`, `b4` from an element index.
+    fn declarations(self) -> &'static str {
+        match self {
+            Source::Tex => {
+                "@group(0) @binding(0) var A: texture_2d<f32>;
 @group(0) @binding(1) var B: texture_2d<f32>;
-@group(0) @binding(2) var<storage, read_write> C: array<f32>;
+fn a4(e: u32) -> vec4<f32> { return textureLoad(A, st(e >> 2u), 0); }
+fn b4(e: u32) -> vec4<f32> { return textureLoad(B, st(e >> 2u), 0); }"
+            }
+            Source::Ssbo => {
+                "@group(0) @binding(0) var<storage, read> A: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> B: array<vec4<f32>>;
+fn a4(e: u32) -> vec4<f32> { return A[e >> 2u]; }
+fn b4(e: u32) -> vec4<f32> { return B[e >> 2u]; }"
+            }
+            Source::Img => {
+                "@group(0) @binding(0) var A: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(1) var B: texture_storage_2d<rgba32float, read>;
+fn a4(e: u32) -> vec4<f32> { return textureLoad(A, st(e >> 2u)); }
+fn b4(e: u32) -> vec4<f32> { return textureLoad(B, st(e >> 2u)); }"
+            }
+        }
+    }
+}
+
+/// How the outputs are spread over lanes.
+#[derive(Clone, Copy)]
+enum Layout {
+    Split { rows: u32, subgroups: u32 },
+    LaneRow,
+    FetchOnly,
+}
+
+impl Layout {
+    fn name(self) -> String {
+        match self {
+            Layout::Split { rows, subgroups } => format!("split {rows}x{subgroups}"),
+            Layout::LaneRow => "lane_row".into(),
+            Layout::FetchOnly => "fetch_only".into(),
+        }
+    }
+
+    /// Outputs (rows of W) per workgroup.
+    fn rows_per_workgroup(self) -> usize {
+        match self {
+            Layout::Split { rows, subgroups } => (rows * subgroups) as usize,
+            Layout::LaneRow | Layout::FetchOnly => 8,
+        }
+    }
+
+    fn kernel(self) -> String {
+        match self {
+            Layout::Split { rows, subgroups } => SPLIT
+                .replace("ROWS", &format!("{rows}u"))
+                .replace("SUBGROUPS", &format!("{subgroups}u")),
+            Layout::LaneRow => LANE_ROW.into(),
+            Layout::FetchOnly => FETCH_ONLY.into(),
+        }
+    }
+}
+
+const PRELUDE: &str = "@group(0) @binding(2) var<storage, read_write> C: array<f32>;
 override N: u32 = 1u;
 override K: u32 = 4u;
 fn st(t: u32) -> vec2<u32> { return vec2<u32>(t & 4095u, t >> 12u); }
-fn a4(e: u32) -> vec4<f32> { return textureLoad(A, st(e >> 2u), 0); }
-fn b4(e: u32) -> vec4<f32> { return textureLoad(B, st(e >> 2u), 0); }
-@group(0) @binding(3) var<storage, read> As: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> Bs: array<vec4<f32>>;
-@group(0) @binding(5) var Ai: texture_storage_2d<rgba32float, read>;
-@group(0) @binding(6) var Bi: texture_storage_2d<rgba32float, read>;
-fn as4(e: u32) -> vec4<f32> { return As[e >> 2u]; }
-fn bs4(e: u32) -> vec4<f32> { return Bs[e >> 2u]; }
-fn ai4(e: u32) -> vec4<f32> { return textureLoad(Ai, st(e >> 2u)); }
-fn bi4(e: u32) -> vec4<f32> { return textureLoad(Bi, st(e >> 2u)); }
+";
 
-@compute @workgroup_size(8)
-fn split8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let n0 = wid.x * 8u;
-    var b_base: array<u32, 8>;
-    for (var r = 0u; r < 8u; r++) { b_base[r] = min(n0 + r, N - 1u) * K; }
-    var acc: array<vec4<f32>, 8>;
-    for (var r = 0u; r < 8u; r++) { acc[r] = vec4<f32>(0.0); }
+const SPLIT: &str = "
+@compute @workgroup_size(8u * SUBGROUPS)
+fn probe(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let lane = lid & 7u;
+    let n0 = (wid.x * SUBGROUPS + (lid >> 3u)) * ROWS;
+    var b: array<u32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) { b[r] = min(n0 + r, N - 1u) * K; }
+    var c: array<vec4<f32>, ROWS>;
+    for (var r = 0u; r < ROWS; r++) { c[r] = vec4<f32>(0.0); }
     for (var k = 4u * lane; k < K; k += 32u) {
         let a = a4(k);
-        for (var r = 0u; r < 8u; r++) { acc[r] = fma(a, b4(b_base[r] + k), acc[r]); }
+        for (var r = 0u; r < ROWS; r++) { c[r] = fma(a, b4(b[r] + k), c[r]); }
     }
-    for (var r = 0u; r < 8u; r++) {
-        let s = subgroupAdd((acc[r].x + acc[r].y) + (acc[r].z + acc[r].w));
-        if (lane == r && n0 + r < N) { C[n0 + r] = s; }
-    }
-}
-
-// the same with the 8 rows written out (no private arrays)
-@compute @workgroup_size(8)
-fn split8u(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let n0 = wid.x * 8u;
-    let b0 = min(n0, N - 1u) * K; let b1 = min(n0 + 1u, N - 1u) * K;
-    let b2 = min(n0 + 2u, N - 1u) * K; let b3 = min(n0 + 3u, N - 1u) * K;
-    let b5 = min(n0 + 5u, N - 1u) * K; let b4_ = min(n0 + 4u, N - 1u) * K;
-    let b6 = min(n0 + 6u, N - 1u) * K; let b7 = min(n0 + 7u, N - 1u) * K;
-    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
-    var c4 = vec4<f32>(0.0); var c5 = vec4<f32>(0.0); var c6 = vec4<f32>(0.0); var c7 = vec4<f32>(0.0);
-    for (var k = 4u * lane; k < K; k += 32u) {
-        let a = a4(k);
-        c0 = fma(a, b4(b0 + k), c0); c1 = fma(a, b4(b1 + k), c1);
-        c2 = fma(a, b4(b2 + k), c2); c3 = fma(a, b4(b3 + k), c3);
-        c4 = fma(a, b4(b4_ + k), c4); c5 = fma(a, b4(b5 + k), c5);
-        c6 = fma(a, b4(b6 + k), c6); c7 = fma(a, b4(b7 + k), c7);
-    }
-    let s0 = subgroupAdd(dot(c0, vec4(1.0))); let s1 = subgroupAdd(dot(c1, vec4(1.0)));
-    let s2 = subgroupAdd(dot(c2, vec4(1.0))); let s3 = subgroupAdd(dot(c3, vec4(1.0)));
-    let s4 = subgroupAdd(dot(c4, vec4(1.0))); let s5 = subgroupAdd(dot(c5, vec4(1.0)));
-    let s6 = subgroupAdd(dot(c6, vec4(1.0))); let s7 = subgroupAdd(dot(c7, vec4(1.0)));
-    if (lane == 0u) {
-        C[n0] = s0; C[n0 + 1u] = s1; C[n0 + 2u] = s2; C[n0 + 3u] = s3;
-        C[n0 + 4u] = s4; C[n0 + 5u] = s5; C[n0 + 6u] = s6; C[n0 + 7u] = s7;
+    for (var r = 0u; r < ROWS; r++) {
+        let s = subgroupAdd((c[r].x + c[r].y) + (c[r].z + c[r].w));
+        if (lane == (r & 7u) && n0 + r < N) { C[n0 + r] = s; }
     }
 }
+";
 
-// the same with the 8 rows written out (no private arrays)
+const LANE_ROW: &str = "
 @compute @workgroup_size(8)
-fn split8u_img(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let n0 = wid.x * 8u;
-    let b0 = min(n0, N - 1u) * K; let b1 = min(n0 + 1u, N - 1u) * K;
-    let b2 = min(n0 + 2u, N - 1u) * K; let b3 = min(n0 + 3u, N - 1u) * K;
-    let b5 = min(n0 + 5u, N - 1u) * K; let bq = min(n0 + 4u, N - 1u) * K;
-    let b6 = min(n0 + 6u, N - 1u) * K; let b7 = min(n0 + 7u, N - 1u) * K;
-    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
-    var c4 = vec4<f32>(0.0); var c5 = vec4<f32>(0.0); var c6 = vec4<f32>(0.0); var c7 = vec4<f32>(0.0);
-    for (var k = 4u * lane; k < K; k += 32u) {
-        let a = ai4(k);
-        c0 = fma(a, bi4(b0 + k), c0); c1 = fma(a, bi4(b1 + k), c1);
-        c2 = fma(a, bi4(b2 + k), c2); c3 = fma(a, bi4(b3 + k), c3);
-        c4 = fma(a, bi4(bq + k), c4); c5 = fma(a, bi4(b5 + k), c5);
-        c6 = fma(a, bi4(b6 + k), c6); c7 = fma(a, bi4(b7 + k), c7);
-    }
-    let s0 = subgroupAdd(dot(c0, vec4(1.0))); let s1 = subgroupAdd(dot(c1, vec4(1.0)));
-    let s2 = subgroupAdd(dot(c2, vec4(1.0))); let s3 = subgroupAdd(dot(c3, vec4(1.0)));
-    let s4 = subgroupAdd(dot(c4, vec4(1.0))); let s5 = subgroupAdd(dot(c5, vec4(1.0)));
-    let s6 = subgroupAdd(dot(c6, vec4(1.0))); let s7 = subgroupAdd(dot(c7, vec4(1.0)));
-    if (lane == 0u) {
-        C[n0] = s0; C[n0 + 1u] = s1; C[n0 + 2u] = s2; C[n0 + 3u] = s3;
-        C[n0 + 4u] = s4; C[n0 + 5u] = s5; C[n0 + 6u] = s6; C[n0 + 7u] = s7;
-    }
-}
-
-// one lane per output row, 4 outputs' worth of K per texel, lanes rows apart
-@compute @workgroup_size(8)
-fn lane_row(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn probe(@builtin(global_invocation_id) gid: vec3<u32>) {
     let n = min(gid.x, N - 1u);
     var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0);
     for (var k = 0u; k < K; k += 8u) {
@@ -114,94 +130,11 @@ fn lane_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     if (gid.x < N) { C[gid.x] = dot(c0 + c1, vec4(1.0)); }
 }
+";
 
-// 8 subgroups per workgroup, each the split8u body over its own 8 rows
-@compute @workgroup_size(64)
-fn split8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let lane = lid & 7u;
-    let n0 = (wid.x * 8u + (lid >> 3u)) * 8u;
-    let b0 = min(n0, N - 1u) * K; let b1 = min(n0 + 1u, N - 1u) * K;
-    let b2 = min(n0 + 2u, N - 1u) * K; let b3 = min(n0 + 3u, N - 1u) * K;
-    let b5 = min(n0 + 5u, N - 1u) * K; let b4_ = min(n0 + 4u, N - 1u) * K;
-    let b6 = min(n0 + 6u, N - 1u) * K; let b7 = min(n0 + 7u, N - 1u) * K;
-    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
-    var c4 = vec4<f32>(0.0); var c5 = vec4<f32>(0.0); var c6 = vec4<f32>(0.0); var c7 = vec4<f32>(0.0);
-    for (var k = 4u * lane; k < K; k += 32u) {
-        let a = a4(k);
-        c0 = fma(a, b4(b0 + k), c0); c1 = fma(a, b4(b1 + k), c1);
-        c2 = fma(a, b4(b2 + k), c2); c3 = fma(a, b4(b3 + k), c3);
-        c4 = fma(a, b4(b4_ + k), c4); c5 = fma(a, b4(b5 + k), c5);
-        c6 = fma(a, b4(b6 + k), c6); c7 = fma(a, b4(b7 + k), c7);
-    }
-    let s0 = subgroupAdd(dot(c0, vec4(1.0))); let s1 = subgroupAdd(dot(c1, vec4(1.0)));
-    let s2 = subgroupAdd(dot(c2, vec4(1.0))); let s3 = subgroupAdd(dot(c3, vec4(1.0)));
-    let s4 = subgroupAdd(dot(c4, vec4(1.0))); let s5 = subgroupAdd(dot(c5, vec4(1.0)));
-    let s6 = subgroupAdd(dot(c6, vec4(1.0))); let s7 = subgroupAdd(dot(c7, vec4(1.0)));
-    if (lane == 0u && n0 < N) {
-        C[n0] = s0; C[n0 + 1u] = s1; C[n0 + 2u] = s2; C[n0 + 3u] = s3;
-        C[n0 + 4u] = s4; C[n0 + 5u] = s5; C[n0 + 6u] = s6; C[n0 + 7u] = s7;
-    }
-}
-
-// 8 subgroups per workgroup, each the split8u body over its own 8 rows
-@compute @workgroup_size(64)
-fn split8x8_ssbo(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let lane = lid & 7u;
-    let n0 = (wid.x * 8u + (lid >> 3u)) * 8u;
-    let b0 = min(n0, N - 1u) * K; let b1 = min(n0 + 1u, N - 1u) * K;
-    let b2 = min(n0 + 2u, N - 1u) * K; let b3 = min(n0 + 3u, N - 1u) * K;
-    let b5 = min(n0 + 5u, N - 1u) * K; let bq = min(n0 + 4u, N - 1u) * K;
-    let b6 = min(n0 + 6u, N - 1u) * K; let b7 = min(n0 + 7u, N - 1u) * K;
-    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
-    var c4 = vec4<f32>(0.0); var c5 = vec4<f32>(0.0); var c6 = vec4<f32>(0.0); var c7 = vec4<f32>(0.0);
-    for (var k = 4u * lane; k < K; k += 32u) {
-        let a = as4(k);
-        c0 = fma(a, bs4(b0 + k), c0); c1 = fma(a, bs4(b1 + k), c1);
-        c2 = fma(a, bs4(b2 + k), c2); c3 = fma(a, bs4(b3 + k), c3);
-        c4 = fma(a, bs4(bq + k), c4); c5 = fma(a, bs4(b5 + k), c5);
-        c6 = fma(a, bs4(b6 + k), c6); c7 = fma(a, bs4(b7 + k), c7);
-    }
-    let s0 = subgroupAdd(dot(c0, vec4(1.0))); let s1 = subgroupAdd(dot(c1, vec4(1.0)));
-    let s2 = subgroupAdd(dot(c2, vec4(1.0))); let s3 = subgroupAdd(dot(c3, vec4(1.0)));
-    let s4 = subgroupAdd(dot(c4, vec4(1.0))); let s5 = subgroupAdd(dot(c5, vec4(1.0)));
-    let s6 = subgroupAdd(dot(c6, vec4(1.0))); let s7 = subgroupAdd(dot(c7, vec4(1.0)));
-    if (lane == 0u && n0 < N) {
-        C[n0] = s0; C[n0 + 1u] = s1; C[n0 + 2u] = s2; C[n0 + 3u] = s3;
-        C[n0 + 4u] = s4; C[n0 + 5u] = s5; C[n0 + 6u] = s6; C[n0 + 7u] = s7;
-    }
-}
-
-// 8 subgroups per workgroup, each the split8u body over its own 8 rows
-@compute @workgroup_size(64)
-fn split8x8_img(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let lane = lid & 7u;
-    let n0 = (wid.x * 8u + (lid >> 3u)) * 8u;
-    let b0 = min(n0, N - 1u) * K; let b1 = min(n0 + 1u, N - 1u) * K;
-    let b2 = min(n0 + 2u, N - 1u) * K; let b3 = min(n0 + 3u, N - 1u) * K;
-    let b5 = min(n0 + 5u, N - 1u) * K; let bq = min(n0 + 4u, N - 1u) * K;
-    let b6 = min(n0 + 6u, N - 1u) * K; let b7 = min(n0 + 7u, N - 1u) * K;
-    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
-    var c4 = vec4<f32>(0.0); var c5 = vec4<f32>(0.0); var c6 = vec4<f32>(0.0); var c7 = vec4<f32>(0.0);
-    for (var k = 4u * lane; k < K; k += 32u) {
-        let a = ai4(k);
-        c0 = fma(a, bi4(b0 + k), c0); c1 = fma(a, bi4(b1 + k), c1);
-        c2 = fma(a, bi4(b2 + k), c2); c3 = fma(a, bi4(b3 + k), c3);
-        c4 = fma(a, bi4(bq + k), c4); c5 = fma(a, bi4(b5 + k), c5);
-        c6 = fma(a, bi4(b6 + k), c6); c7 = fma(a, bi4(b7 + k), c7);
-    }
-    let s0 = subgroupAdd(dot(c0, vec4(1.0))); let s1 = subgroupAdd(dot(c1, vec4(1.0)));
-    let s2 = subgroupAdd(dot(c2, vec4(1.0))); let s3 = subgroupAdd(dot(c3, vec4(1.0)));
-    let s4 = subgroupAdd(dot(c4, vec4(1.0))); let s5 = subgroupAdd(dot(c5, vec4(1.0)));
-    let s6 = subgroupAdd(dot(c6, vec4(1.0))); let s7 = subgroupAdd(dot(c7, vec4(1.0)));
-    if (lane == 0u && n0 < N) {
-        C[n0] = s0; C[n0 + 1u] = s1; C[n0 + 2u] = s2; C[n0 + 3u] = s3;
-        C[n0 + 4u] = s4; C[n0 + 5u] = s5; C[n0 + 6u] = s6; C[n0 + 7u] = s7;
-    }
-}
-
-// floor: fetch every texel of B once, neighbouring lanes neighbouring texels, sum
+const FETCH_ONLY: &str = "
 @compute @workgroup_size(8)
-fn fetch_only(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+fn probe(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let base = wid.x * 8u * K;
     var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0);
     for (var k = 4u * lane; k < 8u * K; k += 64u) {
@@ -211,40 +144,11 @@ fn fetch_only(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let s = subgroupAdd(dot(c0 + c1, vec4(1.0)));
     if (lane == 0u) { C[wid.x] = s; }
 }
-// the same floor from the storage texture: fetch every texel of B once, neighbouring lanes neighbouring texels, sum
-@compute @workgroup_size(8)
-fn fetch_only_img(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let base = wid.x * 8u * K;
-    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0);
-    for (var k = 4u * lane; k < 8u * K; k += 64u) {
-        c0 += bi4(base + k);
-        c1 += bi4(base + k + 32u);
-    }
-    let s = subgroupAdd(dot(c0 + c1, vec4(1.0)));
-    if (lane == 0u) { C[wid.x] = s; }
-}
+";
 
-// split8x8_img with 16 rows per subgroup (x fetched once per 16 rows)
-@compute @workgroup_size(64)
-fn split16x8_img(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let lane = lid & 7u;
-    let n0 = (wid.x * 8u + (lid >> 3u)) * 16u;
-    var b: array<u32, 16>;
-    for (var r = 0u; r < 16u; r++) { b[r] = min(n0 + r, N - 1u) * K; }
-    var c: array<vec4<f32>, 16>;
-    for (var r = 0u; r < 16u; r++) { c[r] = vec4<f32>(0.0); }
-    for (var k = 4u * lane; k < K; k += 32u) {
-        let a = ai4(k);
-        for (var r = 0u; r < 16u; r++) { c[r] = fma(a, bi4(b[r] + k), c[r]); }
-    }
-    for (var r = 0u; r < 16u; r++) {
-        let s = subgroupAdd((c[r].x + c[r].y) + (c[r].z + c[r].w));
-        if (lane == (r & 7u) && n0 + r < N) { C[n0 + r] = s; }
-    }
-}
-"#;
-
-const REPEAT: usize = 10;
+/// Dispatches per timed submission, and timed submissions (the best is kept).
+const DISPATCHES: usize = 10;
+const REPS: usize = 5;
 
 fn main() -> Result<()> {
     let gpu = Gpu::get()?;
@@ -265,18 +169,19 @@ fn main() -> Result<()> {
                 .sum::<f64>() as f32
         })
         .collect();
-    let texture = |data: &[f32]| {
-        let texels = data.len().div_ceil(4);
-        let rows = texels.div_ceil(4096) as u32;
+    // each operand as a linear texture (4096 texels a row) and as a storage buffer
+    let upload = |data: &[f32]| {
+        let rows = data.len().div_ceil(4).div_ceil(4096) as u32;
         let mut padded = data.to_vec();
         padded.resize(rows as usize * 4096 * 4, 0.0);
+        let size = wgpu::Extent3d {
+            width: 4096,
+            height: rows,
+            depth_or_array_layers: 1,
+        };
         let tex = dev.create_texture(&wgpu::TextureDescriptor {
             label: None,
-            size: wgpu::Extent3d {
-                width: 4096,
-                height: rows,
-                depth_or_array_layers: 1,
-            },
+            size,
             mip_level_count: 1,
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
@@ -294,11 +199,7 @@ fn main() -> Result<()> {
                 bytes_per_row: Some(4096 * 16),
                 rows_per_image: None,
             },
-            wgpu::Extent3d {
-                width: 4096,
-                height: rows,
-                depth_or_array_layers: 1,
-            },
+            size,
         );
         let buf = dev.create_buffer(&wgpu::BufferDescriptor {
             label: None,
@@ -310,8 +211,7 @@ fn main() -> Result<()> {
             .write_buffer(&buf, 0, bytemuck::cast_slice(&padded));
         (tex.create_view(&Default::default()), buf)
     };
-    let a = texture(&x);
-    let b = texture(&w);
+    let operands = [upload(&x), upload(&w)];
     let out_size = (n as u64 + 64) * 4;
     let out = dev.create_buffer(&wgpu::BufferDescriptor {
         label: None,
@@ -325,109 +225,74 @@ fn main() -> Result<()> {
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    let module = unsafe {
-        dev.create_shader_module_trusted(
-            wgpu::ShaderModuleDescriptor {
-                label: None,
-                source: wgpu::ShaderSource::Wgsl(SRC.into()),
-            },
-            wgpu::ShaderRuntimeChecks::unchecked(),
-        )
-    };
     let constants = [("N", n as f64), ("K", k as f64)];
-    for (entry, groups) in [
-        ("fetch_only", n.div_ceil(8)),
-        ("fetch_only_img", n.div_ceil(8)),
-        ("split8", n.div_ceil(8)),
-        ("split8u", n.div_ceil(8)),
-        ("split8x8", n.div_ceil(64)),
-        ("lane_row", n.div_ceil(8)),
-        ("split8x8_ssbo", n.div_ceil(64)),
-        ("split8x8_img", n.div_ceil(64)),
-        ("split8u_img", n.div_ceil(8)),
-        ("split16x8_img", n.div_ceil(128)),
+    let split = |rows, subgroups| Layout::Split { rows, subgroups };
+    for (layout, source) in [
+        (Layout::FetchOnly, Source::Tex),
+        (Layout::FetchOnly, Source::Img),
+        (split(8, 1), Source::Tex),
+        (split(8, 1), Source::Img),
+        (split(8, 8), Source::Tex),
+        (split(8, 8), Source::Ssbo),
+        (split(8, 8), Source::Img),
+        (split(16, 8), Source::Img),
+        (Layout::LaneRow, Source::Tex),
     ] {
+        let src = format!("{PRELUDE}{}\n{}", source.declarations(), layout.kernel());
+        let module = unsafe {
+            dev.create_shader_module_trusted(
+                wgpu::ShaderModuleDescriptor {
+                    label: None,
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                },
+                wgpu::ShaderRuntimeChecks::unchecked(),
+            )
+        };
         let pipe = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: None,
             layout: None,
             module: &module,
-            entry_point: Some(entry),
+            entry_point: Some("probe"),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &constants,
                 ..Default::default()
             },
             cache: None,
         });
-        let layout = pipe.get_bind_group_layout(0);
-        let mut entries = vec![];
-        if entry.ends_with("_ssbo") {
-            entries.push(wgpu::BindGroupEntry {
-                binding: 3,
-                resource: a.1.as_entire_binding(),
-            });
-            entries.push(wgpu::BindGroupEntry {
-                binding: 4,
-                resource: b.1.as_entire_binding(),
-            });
-        } else if entry == "fetch_only_img" {
-            entries.push(wgpu::BindGroupEntry {
-                binding: 6,
-                resource: wgpu::BindingResource::TextureView(&b.0),
-            });
-        } else if entry.ends_with("_img") {
-            entries.push(wgpu::BindGroupEntry {
-                binding: 5,
-                resource: wgpu::BindingResource::TextureView(&a.0),
-            });
-            entries.push(wgpu::BindGroupEntry {
-                binding: 6,
-                resource: wgpu::BindingResource::TextureView(&b.0),
-            });
-        } else {
-            if entry != "fetch_only" {
-                entries.push(wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: wgpu::BindingResource::TextureView(&a.0),
-                });
-            }
-            entries.push(wgpu::BindGroupEntry {
-                binding: 1,
-                resource: wgpu::BindingResource::TextureView(&b.0),
-            });
-        }
+        // fetch_only reads no x: its binding 0 is not in the layout
+        let fetch_only = matches!(layout, Layout::FetchOnly);
+        let mut entries: Vec<wgpu::BindGroupEntry> = operands
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !(fetch_only && i == 0))
+            .map(|(i, (view, buf))| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: match source {
+                    Source::Ssbo => buf.as_entire_binding(),
+                    Source::Tex | Source::Img => wgpu::BindingResource::TextureView(view),
+                },
+            })
+            .collect();
         entries.push(wgpu::BindGroupEntry {
             binding: 2,
             resource: out.as_entire_binding(),
         });
         let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
-            layout: &layout,
+            layout: &pipe.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let mut enc = dev.create_command_encoder(&Default::default());
-            {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                pass.set_pipeline(&pipe);
-                pass.set_bind_group(0, &bg, &[]);
-                // several dispatches per submission: the submission's own cost is not the kernel's
-                for _ in 0..REPEAT {
-                    pass.dispatch_workgroups(groups as u32, 1, 1);
-                }
-            }
-            enc.copy_buffer_to_buffer(&out, 0, &readback, 0, out_size);
-            let t = Instant::now();
-            gpu.queue().submit([enc.finish()]);
-            gpu.wait()?;
-            best = best.min(t.elapsed().as_secs_f64() / REPEAT as f64);
-        }
+        let groups = n.div_ceil(layout.rows_per_workgroup()) as u32;
+        let best = probe::seconds_per_dispatch(gpu, &pipe, &bg, groups, DISPATCHES, REPS)?;
+        let mut enc = dev.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&out, 0, &readback, 0, out_size);
+        gpu.queue().submit([enc.finish()]);
         let slice = readback.slice(..);
         slice.map_async(wgpu::MapMode::Read, |_| {});
         gpu.wait()?;
         let got: Vec<f32> = bytemuck::cast_slice(&slice.get_mapped_range().unwrap()).to_vec();
         readback.unmap();
-        let err = if entry.starts_with("fetch_only") {
+        let err = if fetch_only {
             f32::NAN
         } else {
             (0..n)
@@ -436,7 +301,9 @@ fn main() -> Result<()> {
         };
         let gb = (n * k * 4) as f64 / best / 1e9;
         println!(
-            "{entry:>10}: {:.2} ms, {gb:.1} GB/s, max err {err:.2e}",
+            "{:>12} {:>4}: {:.2} ms, {gb:.1} GB/s, max err {err:.2e}",
+            layout.name(),
+            source.name(),
             best * 1e3
         );
     }

@@ -3,10 +3,11 @@
 //! without wgpu's bounds checks: `cargo run --release -p ops --example load_probe`. It is why
 //! CPU adapters stage matmul operands in storage textures (`ops::gpu::staging`); the
 //! `gemv_probe` example measures the same loads inside a decode-shaped product.
-use std::time::Instant;
-
 use anyhow::Result;
 use ops::gpu::Gpu;
+
+#[path = "support/probe.rs"]
+mod probe;
 
 const SRC: &str = r#"
 @group(0) @binding(0) var<storage, read> buf: array<vec4<f32>>;
@@ -170,20 +171,7 @@ fn main() -> Result<()> {
             layout: &layout,
             entries: &entries,
         });
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
-            let mut enc = dev.create_command_encoder(&Default::default());
-            {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                pass.set_pipeline(&pipe);
-                pass.set_bind_group(0, &bg, &[]);
-                pass.dispatch_workgroups(groups, 1, 1);
-            }
-            let t = Instant::now();
-            gpu.queue().submit([enc.finish()]);
-            gpu.wait()?;
-            best = best.min(t.elapsed().as_secs_f64());
-        }
+        let best = probe::seconds_per_dispatch(gpu, &pipe, &bg, groups, 1, 3)?;
         let loads = groups as f64 * 4096.0; // subgroup-wide vec4 loads
                                             // llvmpipe runs workgroups on every core
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
