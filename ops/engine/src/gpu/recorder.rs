@@ -197,8 +197,7 @@ impl<'g> Recorder<'g> {
             staging::record_copy_at(self.encoder.as_mut().expect("open"), v, &texture, first);
             self.keep.push(v.buffer.clone());
         }
-        frozen.insert_group(views, texture, first_rows);
-        frozen.group(views)
+        Some(frozen.insert_group(views, texture, first_rows))
     }
 
     /// [`Recorder::dispatch`] with buffers and staged textures: `bindings` bind to 1, 2, ...

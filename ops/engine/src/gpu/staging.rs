@@ -300,18 +300,20 @@ impl FrozenTextures {
         self.groups.get(&group_key(views)).cloned()
     }
 
+    /// Keeps `texture` as the group of `views` and returns it.
     pub(crate) fn insert_group(
         &mut self,
         views: &[BufView],
         texture: Arc<StagedTexture>,
         first_rows: Vec<u32>,
-    ) {
+    ) -> FrozenGroup {
         let group = FrozenGroup {
             texture,
             first_rows,
             _buffers: views.iter().map(|v| v.buffer.clone()).collect(),
         };
-        self.groups.insert(group_key(views), group);
+        self.groups.insert(group_key(views), group.clone());
+        group
     }
 }
 

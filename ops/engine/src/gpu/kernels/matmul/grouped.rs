@@ -71,7 +71,7 @@ impl Gpu {
                 w.shape()[0]
             );
         }
-        if !self.group_fits(rec, x, weights, outs, precision)? {
+        if !self.record_group(rec, x, weights, outs, precision)? {
             let opts = MatmulOpts {
                 trans_b: true,
                 frozen_b: true,
@@ -86,8 +86,8 @@ impl Gpu {
     }
 
     /// Records the grouped dispatch when it applies (see [`Gpu::matmul_grouped`]); false when
-    /// it does not and nothing was recorded.
-    fn group_fits(
+    /// it does not and no product was recorded.
+    fn record_group(
         &self,
         rec: &mut Recorder,
         x: &GpuTensor,
