@@ -193,23 +193,13 @@ fn matmul_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 }
 
 #if TEXTURES
-// ---- matmul_rows_split: the rows kernel for staged operands, which exist only on CPU
-// adapters with one subgroup width (ops/engine/src/gpu/staging.rs). A workgroup is
-// SPLIT_SUBGROUPS subgroups of SPLIT_LANES lanes, each owning SPLIT_ROWS outputs of one row of
-// A; its lanes split K, lane l reading texels l, l + SPLIT_LANES, ... of A and of each of the B
-// rows, so each fetch of the subgroup is neighbouring texels (one lane per B row, as matmul_rows
-// does, puts them rows apart: several times slower on llvmpipe). The partial dot products are
-// summed by subgroupAdd. Several subgroups per workgroup because llvmpipe runs a workgroup's
-// subgroups in one loop: with one, its per-workgroup cost was as large as a decoder product's
-// (gemv_probe, 2048 x 640: 0.53 ms with one subgroup, 0.28 ms with eight).
-override SPLIT_LANES: u32 = 8u;
-const SPLIT_ROWS: u32 = 8u;
-const SPLIT_SUBGROUPS: u32 = 8u;
+// ---- matmul_rows_split: the rows kernel for staged operands (layout and inner loop in
+// lib/rows_split), with this module's batches, K % 4 tail and store.
+#include "lib/rows_split"
 @compute @workgroup_size(SPLIT_LANES * SPLIT_SUBGROUPS)
 fn matmul_rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    // subgroups are consecutive invocations on these adapters (one width, 1-D workgroups)
     let lane = lid % SPLIT_LANES;
-    let n0 = (wid.x * SPLIT_SUBGROUPS + lid / SPLIT_LANES) * SPLIT_ROWS;
+    let n0 = split_first_row(wid.x, lid);
     let m = wid.y;
     let a_base = p.a_off + wid.z * p.a_batch + m * p.lda;
     let k4 = p.k & ~3u;
@@ -218,14 +208,7 @@ fn matmul_rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     for (var r = 0u; r < SPLIT_ROWS; r++) {
         b_base[r] = p.b_off + wid.z * p.b_batch + min(n0 + r, p.n - 1u) * p.ldb;
     }
-    var acc: array<vec4<f32>, 8>;
-    for (var r = 0u; r < SPLIT_ROWS; r++) { acc[r] = vec4<f32>(0.0); }
-    for (var k = 4u * lane; k < k4; k += 4u * SPLIT_LANES) {
-        let a = a4(a_base + k);
-        for (var r = 0u; r < SPLIT_ROWS; r++) {
-            acc[r] = fma(a, b4(b_base[r] + k), acc[r]);
-        }
-    }
+    let acc = split_partials(a_base, b_base, k4, lane);
     for (var r = 0u; r < SPLIT_ROWS; r++) {
         var s = (acc[r].x + acc[r].y) + (acc[r].z + acc[r].w);
         // K's last K % 4 elements: lane j takes element k4 + j (every width has >= 4 lanes)

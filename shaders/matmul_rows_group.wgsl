@@ -5,13 +5,12 @@
 // [M, K] from element 0, W_j from element b_off[j] (each member starts on a texture row). The
 // plain-Rust truth is one reference matmul per member (kernels/matmul/grouped.rs's tests).
 //
-// The body is matmul_rows_split's (shaders/matmul.wgsl): SUBGROUPS subgroups of SPLIT_LANES
-// lanes per workgroup, each owning ROWS consecutive outputs of one row of x, its lanes splitting
-// K over neighbouring texels, partial sums added by subgroupAdd. A workgroup's outputs lie in one
-// member: member j owns workgroups first_group[j] .. first_group[j + 1], so the member, its offset
-// and its output binding are the same for the whole workgroup.
+// The layout and inner loop are matmul_rows_split's (lib/rows_split). A workgroup's outputs lie
+// in one member: member j owns workgroups first_group[j] .. first_group[j + 1], so the member,
+// its offset and its output binding are the same for the whole workgroup.
 
 #include "lib/staging"
+#include "lib/rows_split"
 
 struct Params {
     m: u32,
@@ -42,36 +41,22 @@ fn store(j: u32, idx: u32, v: f32) {
     }
 }
 
-override SPLIT_LANES: u32 = 8u;
-const ROWS: u32 = 8u;
-const SUBGROUPS: u32 = 8u;
-
-@compute @workgroup_size(SPLIT_LANES * SUBGROUPS)
+@compute @workgroup_size(SPLIT_LANES * SPLIT_SUBGROUPS)
 fn matmul_rows_group(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     var j = 0u;
     if (p.members > 1u && wid.x >= p.first_group[1]) { j = 1u; }
     if (p.members > 2u && wid.x >= p.first_group[2]) { j = 2u; }
     let n_j = p.n[j];
-    let b_off = p.b_off[j];
-    // subgroups are consecutive invocations on these adapters (one width, 1-D workgroups)
     let lane = lid % SPLIT_LANES;
-    let n0 = ((wid.x - p.first_group[j]) * SUBGROUPS + lid / SPLIT_LANES) * ROWS;
+    let n0 = split_first_row(wid.x - p.first_group[j], lid);
     let m = wid.y;
-    let a_base = m * p.k;
     // rows past N_j read row N_j - 1 (every lane must reach subgroupAdd) and are not stored
     var b_base: array<u32, 8>;
-    for (var r = 0u; r < ROWS; r++) {
-        b_base[r] = b_off + min(n0 + r, n_j - 1u) * p.k;
+    for (var r = 0u; r < SPLIT_ROWS; r++) {
+        b_base[r] = p.b_off[j] + min(n0 + r, n_j - 1u) * p.k;
     }
-    var acc: array<vec4<f32>, 8>;
-    for (var r = 0u; r < ROWS; r++) { acc[r] = vec4<f32>(0.0); }
-    for (var k = 4u * lane; k < p.k; k += 4u * SPLIT_LANES) {
-        let a = a4(a_base + k);
-        for (var r = 0u; r < ROWS; r++) {
-            acc[r] = fma(a, b4(b_base[r] + k), acc[r]);
-        }
-    }
-    for (var r = 0u; r < ROWS; r++) {
+    let acc = split_partials(m * p.k, b_base, p.k, lane);
+    for (var r = 0u; r < SPLIT_ROWS; r++) {
         let total = subgroupAdd((acc[r].x + acc[r].y) + (acc[r].z + acc[r].w));
         if (lane == r % SPLIT_LANES && n0 + r < n_j) {
             store(j, m * n_j + n0 + r, total);

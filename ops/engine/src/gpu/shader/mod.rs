@@ -139,6 +139,7 @@ shader_files!(
     "lib/bf16",
     "lib/dispatch",
     "lib/nf4",
+    "lib/rows_split",
     "lib/staging",
     "accumulate",
     "activation",

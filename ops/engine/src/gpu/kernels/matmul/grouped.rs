@@ -5,16 +5,15 @@
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use super::{subgroup_width, MatmulOpts, MatmulPrecision, ROWS_KERNEL_MAX_M};
+use super::{
+    subgroup_width, MatmulOpts, MatmulPrecision, ROWS_KERNEL_MAX_M, SPLIT_ROWS_PER_WORKGROUP,
+};
 use crate::gpu::recorder::Bound;
 use crate::gpu::staging::{StageFormat, STAGE_WIDTH};
 use crate::gpu::{DType, Gpu, GpuTensor, Recorder, Shader};
 
 /// Products one grouped dispatch takes (the shader's output bindings).
 pub const MAX_GROUP: usize = 3;
-
-/// Outputs per workgroup of the grouped kernel (its ROWS × SUBGROUPS).
-const ROWS_PER_WORKGROUP: u32 = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -138,7 +137,7 @@ impl Gpu {
             // texel (first_row * STAGE_WIDTH) of the packed texture, 4 elements a texel
             params.b_off[j] = u32::try_from(group.first_rows[j] as u64 * STAGE_WIDTH as u64 * 4)?;
             params.first_group[j] = groups;
-            groups += n.div_ceil(ROWS_PER_WORKGROUP);
+            groups += n.div_ceil(SPLIT_ROWS_PER_WORKGROUP);
         }
         let kernel = self.kernel(
             &shader()?,

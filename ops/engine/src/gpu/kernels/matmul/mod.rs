@@ -146,9 +146,9 @@ fn stage_operands() -> bool {
 /// output) instead of a tiled one: decoding multiplies one row per sequence.
 pub const ROWS_KERNEL_MAX_M: u32 = 8;
 
-/// Outputs per workgroup of the staged rows kernel (`matmul_rows_split`'s SPLIT_ROWS outputs
-/// per subgroup times its SPLIT_SUBGROUPS).
-const SPLIT_ROWS_PER_WORKGROUP: u32 = 64;
+/// Outputs per workgroup of the staged rows kernels (`shaders/lib/rows_split.wgsl`: SPLIT_ROWS
+/// outputs per subgroup times SPLIT_SUBGROUPS).
+pub(crate) const SPLIT_ROWS_PER_WORKGROUP: u32 = 64;
 
 /// Whether the rows kernel is used (env `RUNNER_MATMUL_ROWS=0`: never, for benchmarking).
 fn rows_kernel() -> bool {

@@ -1,0 +1,34 @@
+// The staged rows kernels' layout and inner loop (matmul_rows_split in matmul.wgsl,
+// matmul_rows_group.wgsl; staged operands exist only on CPU adapters with one subgroup width,
+// ops/engine/src/gpu/staging.rs). A workgroup is SPLIT_SUBGROUPS subgroups of SPLIT_LANES lanes,
+// each owning SPLIT_ROWS outputs of one row of x; its lanes split K, lane l reading texels l,
+// l + SPLIT_LANES, ... of x and of each W row, so each fetch of the subgroup is neighbouring
+// texels (one lane per W row, as matmul_rows does, puts them rows apart: several times slower
+// on llvmpipe), and the partial dot products are summed by subgroupAdd. Several subgroups per
+// workgroup because llvmpipe runs a workgroup's subgroups in one loop: with one, its
+// per-workgroup cost was as large as a decoder product's (gemv_probe, 2048 x 640: 0.53 ms with
+// one subgroup, 0.28 ms with eight). Subgroups are consecutive invocations on these adapters
+// (one width, 1-D workgroups). The including module defines a4(e) and b4(e): four elements of
+// x and W from element e, e % 4 == 0.
+override SPLIT_LANES: u32 = 8u;
+const SPLIT_ROWS: u32 = 8u;
+const SPLIT_SUBGROUPS: u32 = 8u;
+
+// The first of the SPLIT_ROWS outputs that invocation `lid` of workgroup `group` helps with.
+fn split_first_row(group: u32, lid: u32) -> u32 {
+    return (group * SPLIT_SUBGROUPS + lid / SPLIT_LANES) * SPLIT_ROWS;
+}
+
+// Lane `lane`'s partial sums of x[a_base + k] · W[b_base[r] + k] over k < k4 (a multiple of 4),
+// one vec4 per row r.
+fn split_partials(a_base: u32, b_base: array<u32, 8>, k4: u32, lane: u32) -> array<vec4<f32>, 8> {
+    var acc: array<vec4<f32>, 8>;
+    for (var r = 0u; r < SPLIT_ROWS; r++) { acc[r] = vec4<f32>(0.0); }
+    for (var k = 4u * lane; k < k4; k += 4u * SPLIT_LANES) {
+        let a = a4(a_base + k);
+        for (var r = 0u; r < SPLIT_ROWS; r++) {
+            acc[r] = fma(a, b4(b_base[r] + k), acc[r]);
+        }
+    }
+    return acc;
+}
