@@ -81,6 +81,8 @@ fn b4_load(e: u32) -> vec4<f32> { return vec4<f32>(b1_load(e), b1_load(e + 1u), 
 #if TEXTURES
 @group(0) @binding(2) var Bw: texture_storage_2d<rgba32uint, read>;
 fn b_word(w: u32) -> u32 { return textureLoad(Bw, stage_texel(w >> 2u))[w & 3u]; }
+// The texel holding elements e .. e + 8 (e % 8 == 0): words e/2 .. e/2 + 4.
+fn b8(e: u32) -> vec4<u32> { return textureLoad(Bw, stage_texel(e >> 3u)); }
 #else
 @group(0) @binding(2) var<storage, read> Bw: array<u32>;
 fn b_word(w: u32) -> u32 { return Bw[w]; }
@@ -89,7 +91,14 @@ fn b1_load(e: u32) -> f32 {
     let w = b_word(e >> 1u);
     return select(bf16_hi(w), bf16_lo(w), (e & 1u) == 0u);
 }
-#if VEC4
+#if VEC4 && TEXTURES
+// Four consecutive elements from e (e % 4 == 0): half of one texel, fetched once.
+fn b4_load(e: u32) -> vec4<f32> {
+    let t = b8(e & ~7u);
+    let w = select(t.xy, t.zw, (e & 4u) != 0u);
+    return vec4<f32>(bf16_lo(w.x), bf16_hi(w.x), bf16_lo(w.y), bf16_hi(w.y));
+}
+#elif VEC4
 // Four consecutive elements from e (e % 4 == 0): two whole words.
 fn b4_load(e: u32) -> vec4<f32> {
     let w0 = b_word(e >> 1u);
@@ -202,18 +211,24 @@ fn matmul_rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let n0 = split_first_row(wid.x, lid);
     let m = wid.y;
     let a_base = p.a_off + wid.z * p.a_batch + m * p.lda;
-    let k4 = p.k & ~3u;
     // rows past N read row N - 1 (every lane must reach subgroupAdd) and are not stored
     var b_base: array<u32, 8>;
     for (var r = 0u; r < SPLIT_ROWS; r++) {
         b_base[r] = p.b_off + wid.z * p.b_batch + min(n0 + r, p.n - 1u) * p.ldb;
     }
-    let acc = split_partials(a_base, b_base, k4, lane);
+#if BF16B && VEC4
+    // a bf16 B's vec4 variant keeps its offsets and leading dimension multiples of 8
+    let k_main = p.k & ~7u;
+    let acc = split_partials_bf16(a_base, b_base, k_main, lane);
+#else
+    let k_main = p.k & ~3u;
+    let acc = split_partials(a_base, b_base, k_main, lane);
+#endif
     for (var r = 0u; r < SPLIT_ROWS; r++) {
         var s = (acc[r].x + acc[r].y) + (acc[r].z + acc[r].w);
-        // K's last K % 4 elements: lane j takes element k4 + j (every width has >= 4 lanes)
-        if (k4 + lane < p.k) {
-            s = fma(a1(a_base + k4 + lane), b1(b_base[r] + k4 + lane), s);
+        // K's last elements past k_main: lane j takes elements k_main + j, + SPLIT_LANES, ...
+        for (var k = k_main + lane; k < p.k; k += SPLIT_LANES) {
+            s = fma(a1(a_base + k), b1(b_base[r] + k), s);
         }
         let total = subgroupAdd(s);
         if (lane == r % SPLIT_LANES && n0 + r < p.n) {

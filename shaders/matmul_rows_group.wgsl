@@ -1,5 +1,5 @@
 // Up to three products of one x in one dispatch: C_j [M, N_j] = x [M, K] · W_jᵀ (W_j [N_j, K],
-// f32, K % 4 == 0), for decoding (q/k/v, gate/up) on CPU adapters, where every dispatch has a fixed cost
+// f32 with K % 4 == 0, or all bf16 with K % 8 == 0), for decoding (q/k/v, gate/up) on CPU adapters, where every dispatch has a fixed cost
 // comparable to a small product's and a product with few rows (k_proj: 256) keeps few workgroups
 // busy. x and the packed weights are staged linear textures (ops/engine/src/gpu/staging.rs): x
 // [M, K] from element 0, W_j from element b_off[j] (each member starts on a texture row). The
@@ -9,7 +9,12 @@
 // in one member: member j owns workgroups first_group[j] .. first_group[j + 1], so the member,
 // its offset and its output binding are the same for the whole workgroup.
 
+#feature BF16B the weights are bf16, staged as u32 words (eight elements per texel)
+
 #include "lib/staging"
+#if BF16B
+#include "lib/bf16"
+#endif
 #include "lib/rows_split"
 
 struct Params {
@@ -24,14 +29,26 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var A_in: texture_storage_2d<rgba32float, read>;
+#if BF16B
+@group(0) @binding(2) var B_in: texture_storage_2d<rgba32uint, read>;
+#else
 @group(0) @binding(2) var B_in: texture_storage_2d<rgba32float, read>;
+#endif
 @group(0) @binding(3) var<storage, read_write> C0: array<f32>;
 @group(0) @binding(4) var<storage, read_write> C1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> C2: array<f32>;
 
 // Four elements from e % 4 == 0: the caller keeps K % 4 == 0, so every row starts on a texel.
 fn a4(e: u32) -> vec4<f32> { return textureLoad(A_in, stage_texel(e >> 2u)); }
+#if BF16B
+fn b8(e: u32) -> vec4<u32> { return textureLoad(B_in, stage_texel(e >> 3u)); }
+fn b4(e: u32) -> vec4<f32> {
+    let w = select(b8(e & ~7u).xy, b8(e & ~7u).zw, (e & 4u) != 0u);
+    return vec4<f32>(bf16_lo(w.x), bf16_hi(w.x), bf16_lo(w.y), bf16_hi(w.y));
+}
+#else
 fn b4(e: u32) -> vec4<f32> { return textureLoad(B_in, stage_texel(e >> 2u)); }
+#endif
 
 fn store(j: u32, idx: u32, v: f32) {
     switch j {
@@ -55,7 +72,11 @@ fn matmul_rows_group(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     for (var r = 0u; r < SPLIT_ROWS; r++) {
         b_base[r] = p.b_off[j] + min(n0 + r, n_j - 1u) * p.k;
     }
+#if BF16B
+    let acc = split_partials_bf16(m * p.k, b_base, p.k, lane);
+#else
     let acc = split_partials(m * p.k, b_base, p.k, lane);
+#endif
     for (var r = 0u; r < SPLIT_ROWS; r++) {
         let total = subgroupAdd((acc[r].x + acc[r].y) + (acc[r].z + acc[r].w));
         if (lane == r % SPLIT_LANES && n0 + r < n_j) {

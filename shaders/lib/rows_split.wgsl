@@ -9,7 +9,8 @@
 // per-workgroup cost was as large as a decoder product's (gemv_probe, 2048 x 640: 0.53 ms with
 // one subgroup, 0.28 ms with eight). Subgroups are consecutive invocations on these adapters
 // (one width, 1-D workgroups). The including module defines a4(e) and b4(e): four elements of
-// x and W from element e, e % 4 == 0.
+// x and W from element e, e % 4 == 0; with its feature BF16B (W bf16, staged as u32 words, eight
+// elements per texel) also b8(e): the texel holding W's elements e .. e + 8, e % 8 == 0.
 override SPLIT_LANES: u32 = 8u;
 const SPLIT_ROWS: u32 = 8u;
 const SPLIT_SUBGROUPS: u32 = 8u;
@@ -32,3 +33,24 @@ fn split_partials(a_base: u32, b_base: array<u32, 8>, k4: u32, lane: u32) -> arr
     }
     return acc;
 }
+
+#if BF16B
+// split_partials for a bf16 W over k < k8 (a multiple of 8, as is every b_base[r]): lane l
+// reads W's texels l, l + SPLIT_LANES, ... (eight weights each), so a row of W costs half the
+// loads of an f32 one, which is what bounds these products on llvmpipe. The sums are taken in
+// another order than split_partials'.
+fn split_partials_bf16(a_base: u32, b_base: array<u32, 8>, k8: u32, lane: u32) -> array<vec4<f32>, 8> {
+    var acc: array<vec4<f32>, 8>;
+    for (var r = 0u; r < SPLIT_ROWS; r++) { acc[r] = vec4<f32>(0.0); }
+    for (var k = 8u * lane; k < k8; k += 8u * SPLIT_LANES) {
+        let a_lo = a4(a_base + k);
+        let a_hi = a4(a_base + k + 4u);
+        for (var r = 0u; r < SPLIT_ROWS; r++) {
+            let w = b8(b_base[r] + k);
+            acc[r] = fma(a_lo, vec4<f32>(bf16_lo(w.x), bf16_hi(w.x), bf16_lo(w.y), bf16_hi(w.y)), acc[r]);
+            acc[r] = fma(a_hi, vec4<f32>(bf16_lo(w.z), bf16_hi(w.z), bf16_lo(w.w), bf16_hi(w.w)), acc[r]);
+        }
+    }
+    return acc;
+}
+#endif

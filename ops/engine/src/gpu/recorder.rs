@@ -162,10 +162,15 @@ impl<'g> Recorder<'g> {
         Some(texture)
     }
 
-    /// Frozen f32 weights `views` staged together in one texture, each from the start of a
-    /// texture row, once and kept while a [`crate::gpu::staging::StagedWeightsHold`] lives
-    /// (`Gpu::matmul_grouped`). `None` as [`Recorder::stage_frozen`].
-    pub fn stage_frozen_group(&mut self, views: &[BufView]) -> Option<staging::FrozenGroup> {
+    /// Frozen weights `views` (all f32 or all packed words, as `format` reads them) staged
+    /// together in one texture, each from the start of a texture row, once and kept while a
+    /// [`crate::gpu::staging::StagedWeightsHold`] lives (`Gpu::matmul_grouped`). `None` as
+    /// [`Recorder::stage_frozen`].
+    pub fn stage_frozen_group(
+        &mut self,
+        views: &[BufView],
+        format: StageFormat,
+    ) -> Option<staging::FrozenGroup> {
         let max_dim = self.gpu.limits().max_texture_dimension_2d;
         if !self.gpu.stages_operands() || !views.iter().all(|v| staging::can_stage(v, max_dim)) {
             return None;
@@ -186,12 +191,12 @@ impl<'g> Recorder<'g> {
         if rows > max_dim {
             return None;
         }
-        let texture =
-            self.gpu
-                .staging
-                .lock()
-                .unwrap()
-                .texture(&self.gpu.device, StageFormat::F32, rows);
+        let texture = self
+            .gpu
+            .staging
+            .lock()
+            .unwrap()
+            .texture(&self.gpu.device, format, rows);
         self.pass = None;
         for (v, &first) in views.iter().zip(&first_rows) {
             staging::record_copy_at(self.encoder.as_mut().expect("open"), v, &texture, first);

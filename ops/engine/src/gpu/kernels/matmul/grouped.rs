@@ -27,21 +27,26 @@ struct GroupParams {
     first_group: [u32; 4],
 }
 
-fn shader() -> Result<Shader> {
-    Shader::compose("matmul_rows_group", &[])
+/// The grouped module for f32 or bf16 weights.
+fn shader(bf16: bool) -> Result<Shader> {
+    Shader::compose("matmul_rows_group", if bf16 { &["BF16B"] } else { &[] })
 }
 
 /// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
 pub(crate) fn variants() -> Result<Vec<super::super::Variant>> {
-    Ok(vec![(shader()?, vec!["matmul_rows_group"])])
+    [false, true]
+        .into_iter()
+        .map(|bf16| Ok((shader(bf16)?, vec!["matmul_rows_group"])))
+        .collect()
 }
 
 impl Gpu {
-    /// `outs[j] [M, N_j] = x [M, K] · weights[j]ᵀ` for frozen f32 weights `weights[j] [N_j, K]`
-    /// (generation: the weights do not change while a [`Gpu::hold_staged_weights`] lives).
-    /// One dispatch for all of them where this adapter stages operands, a hold is alive, M is at
-    /// most [`ROWS_KERNEL_MAX_M`], K % 4 == 0 and at most [`MAX_GROUP`] weights come; otherwise
-    /// one [`Gpu::matmul`] each (`precision` applies there; the grouped kernel is f32).
+    /// `outs[j] [M, N_j] = x [M, K] · weights[j]ᵀ` for frozen weights `weights[j] [N_j, K]`, f32
+    /// or bf16 (generation: the weights do not change while a [`Gpu::hold_staged_weights`]
+    /// lives). One dispatch for all of them where this adapter stages operands, a hold is alive,
+    /// M is at most [`ROWS_KERNEL_MAX_M`], the weights share one dtype, K % 4 == 0 (f32) or
+    /// K % 8 == 0 (bf16) and at most [`MAX_GROUP`] weights come; otherwise one [`Gpu::matmul`]
+    /// each (`precision` applies there; the grouped kernel's operands are f32).
     pub fn matmul_grouped(
         &self,
         rec: &mut Recorder,
@@ -95,9 +100,19 @@ impl Gpu {
         precision: MatmulPrecision,
     ) -> Result<bool> {
         let (m, k) = (x.rows(), x.row_len());
-        let plain_f32 = |t: &GpuTensor| t.dtype() == DType::F32 && !t.is_chunked();
+        let plain = |t: &GpuTensor, dtype: DType| t.dtype() == dtype && !t.is_chunked();
         let Some(lanes) = subgroup_width(self) else {
             return Ok(false);
+        };
+        let Some(first) = weights.first() else {
+            return Ok(false);
+        };
+        let bf16 = first.dtype() == DType::BF16;
+        // a bf16 row of K % 8 == 0 elements is whole texels, as lib/rows_split reads them
+        let (weight_dtype, k_align) = if bf16 {
+            (DType::BF16, 8)
+        } else {
+            (DType::F32, 4)
         };
         if !self.stages_operands()
             || precision != MatmulPrecision::F32
@@ -105,9 +120,10 @@ impl Gpu {
             || m == 0
             || m > ROWS_KERNEL_MAX_M as usize
             || k == 0
-            || !k.is_multiple_of(4)
-            || !plain_f32(x)
-            || !weights.iter().chain(outs).all(|t| plain_f32(t))
+            || !k.is_multiple_of(k_align)
+            || !plain(x, DType::F32)
+            || !weights.iter().all(|w| plain(w, weight_dtype))
+            || !outs.iter().all(|o| plain(o, DType::F32))
         {
             return Ok(false);
         }
@@ -115,7 +131,12 @@ impl Gpu {
             .iter()
             .map(|w| w.view())
             .collect::<Result<Vec<_>>>()?;
-        let Some(group) = rec.stage_frozen_group(&views) else {
+        let format = if bf16 {
+            StageFormat::U32
+        } else {
+            StageFormat::F32
+        };
+        let Some(group) = rec.stage_frozen_group(&views, format) else {
             return Ok(false);
         };
         let Some(a) = rec.stage(0, &x.view()?, StageFormat::F32) else {
@@ -134,13 +155,15 @@ impl Gpu {
         for (j, w) in weights.iter().enumerate() {
             let n = u32::try_from(w.shape()[0])?;
             params.n[j] = n;
-            // texel (first_row * STAGE_WIDTH) of the packed texture, 4 elements a texel
-            params.b_off[j] = u32::try_from(group.first_rows[j] as u64 * STAGE_WIDTH as u64 * 4)?;
+            // texel (first_row * STAGE_WIDTH) of the packed texture, 4 f32 or 8 bf16 a texel
+            let per_texel = if bf16 { 8 } else { 4 };
+            params.b_off[j] =
+                u32::try_from(group.first_rows[j] as u64 * STAGE_WIDTH as u64 * per_texel)?;
             params.first_group[j] = groups;
             groups += n.div_ceil(SPLIT_ROWS_PER_WORKGROUP);
         }
         let kernel = self.kernel(
-            &shader()?,
+            &shader(bf16)?,
             "matmul_rows_group",
             &[("SPLIT_LANES", lanes as f64)],
         )?;
@@ -181,13 +204,32 @@ mod tests {
         rng: &mut TestRng,
         seed: u64,
     ) {
+        check_group_of(gpu, (m, k), ns, grouped, DType::F32, rng, seed)
+    }
+
+    /// [`check_group`] with weights stored in `dtype` (bf16: the reference multiplies the
+    /// widened values, which are exact).
+    fn check_group_of(
+        gpu: &Gpu,
+        (m, k): (usize, usize),
+        ns: &[usize],
+        grouped: Option<bool>,
+        dtype: DType,
+        rng: &mut TestRng,
+        seed: u64,
+    ) {
         let x = rng.vec_normal(m * k);
         let gx = gpu.upload_f32(&[m, k], &x).unwrap();
-        let ws: Vec<Vec<f32>> = ns.iter().map(|&n| rng.vec_normal(n * k)).collect();
+        let mut ws: Vec<Vec<f32>> = ns.iter().map(|&n| rng.vec_normal(n * k)).collect();
+        if dtype == DType::BF16 {
+            for w in &mut ws {
+                crate::reference::cast::round_to_bf16(w);
+            }
+        }
         let gws: Vec<GpuTensor> = ws
             .iter()
             .zip(ns)
-            .map(|(w, &n)| gpu.upload_f32(&[n, k], w).unwrap())
+            .map(|(w, &n)| gpu.upload_f32_as(&[n, k], w, dtype).unwrap())
             .collect();
         for _ in 0..2 {
             let outs: Vec<GpuTensor> = ns
@@ -246,6 +288,45 @@ mod tests {
         check_group(gpu, (2, 13), &[9, 31], Some(false), &mut rng, seed);
         check_group(gpu, (1, 8), &[4, 5, 6, 7], Some(false), &mut rng, seed);
         check_group(gpu, (9, 8), &[4, 5], Some(false), &mut rng, seed);
+        // bf16 weights: whole texels of 8 (K % 8 == 0), one and several rounds of the lanes;
+        // K % 8 != 0 and a mix of dtypes fall back
+        let bf16 = DType::BF16;
+        check_group_of(
+            gpu,
+            (1, 40),
+            &[70, 3, 129],
+            Some(true),
+            bf16,
+            &mut rng,
+            seed,
+        );
+        check_group_of(gpu, (5, 136), &[64, 65], Some(true), bf16, &mut rng, seed);
+        check_group_of(gpu, (2, 36), &[9, 31], Some(false), bf16, &mut rng, seed);
+        let (x, w32, w16) = (
+            gpu.upload_f32(&[1, 16], &rng.vec_normal(16)).unwrap(),
+            gpu.upload_f32(&[3, 16], &rng.vec_normal(48)).unwrap(),
+            gpu.upload_f32_as(&[5, 16], &rng.vec_normal(80), bf16)
+                .unwrap(),
+        );
+        let outs = [
+            gpu.empty(&[1, 3], DType::F32).unwrap(),
+            gpu.empty(&[1, 5], DType::F32).unwrap(),
+        ];
+        let mut rec = Recorder::new(gpu);
+        gpu.matmul_grouped(
+            &mut rec,
+            &x,
+            &[&w32, &w16],
+            &[&outs[0], &outs[1]],
+            MatmulPrecision::F32,
+        )
+        .unwrap();
+        rec.submit();
+        let views = [w32.view().unwrap(), w16.view().unwrap()];
+        assert!(
+            gpu.frozen.lock().unwrap().group(&views).is_none(),
+            "a mix of dtypes is not grouped"
+        );
         drop(hold);
         // without this test's hold (another test's may be alive: either path must be right)
         check_group(gpu, (1, 36), &[70, 3, 129], None, &mut rng, seed);

@@ -309,21 +309,17 @@ fn stage_gemm_operands(
 
 impl Gemm {
     /// How the kernels read this product's operands: vec4 views where every offset, leading
-    /// dimension, batch stride and contiguous extent of A and B is a multiple of 4.
+    /// dimension, batch stride and contiguous extent of A and B is a multiple of 4 — of 8 for a
+    /// bf16 B, whose staged rows kernel reads whole texels of eight elements.
     fn operands(&self, nf4: bool) -> Operands {
         let p = &self.params;
-        let vec4 = [
-            p.a_off,
-            p.lda,
-            p.a_batch,
-            self.a_contig,
-            p.b_off,
-            p.ldb,
-            p.b_batch,
-            self.b_contig,
-        ]
-        .iter()
-        .all(|v| v % 4 == 0);
+        let b_align = if self.b_bf16 { 8 } else { 4 };
+        let vec4 = [p.a_off, p.lda, p.a_batch, self.a_contig]
+            .iter()
+            .all(|v| v % 4 == 0)
+            && [p.b_off, p.ldb, p.b_batch, self.b_contig]
+                .iter()
+                .all(|v| v % b_align == 0);
         Operands {
             vec4,
             textures: false,

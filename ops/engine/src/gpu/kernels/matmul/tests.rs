@@ -196,6 +196,10 @@ fn sweep(gpu: &Gpu) {
         // The rows kernel (M <= 8 with Bᵀ): aligned (vec4) and odd K.
         (4, 260, 36),
         (2, 67, 13),
+        // K a multiple of 8 (a bf16 B's rows kernel reads whole texels), one and several
+        // rounds of the lanes
+        (1, 70, 48),
+        (6, 75, 136),
     ] {
         for ta in [false, true] {
             for tb in [false, true] {
