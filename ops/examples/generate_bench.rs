@@ -24,9 +24,10 @@ use ops::model::{ModelConfig, Weights};
 
 const CONFIG: &str = include_str!("../../recipes/configs/bench-small-gemma-3.config.json");
 
-/// `config.json` and a `model.safetensors` of random weights (f32, canonical names): N(0, 0.02)
-/// matrices and embeddings, zero biases, Gemma RMSNorm weights 0 (scale 1 + w), LayerNorms 1.
-fn write_random_model(dir: &std::path::Path) -> anyhow::Result<()> {
+/// `config.json` and a `model.safetensors` of random weights (canonical names; f32, or bf16 as
+/// Gemma 3's checkpoints are stored): N(0, 0.02) matrices and embeddings, zero biases, Gemma
+/// RMSNorm weights 0 (scale 1 + w), LayerNorms 1.
+fn write_random_model(dir: &std::path::Path, bf16: bool) -> anyhow::Result<()> {
     use ops::model::names::expected_tensors;
     let config = ModelConfig::from_json(CONFIG)?;
     std::fs::write(dir.join("config.json"), CONFIG)?;
@@ -46,17 +47,29 @@ fn write_random_model(dir: &std::path::Path) -> anyhow::Result<()> {
             (e.name, e.shape, values)
         })
         .collect();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| match bf16 {
+            true => v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            false => bytemuck::cast_slice(v).to_vec(),
+        })
+        .collect();
+    let dtype = if bf16 {
+        safetensors::Dtype::BF16
+    } else {
+        safetensors::Dtype::F32
+    };
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(name, shape, v)| {
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
             (
                 name.clone(),
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    shape.clone(),
-                    bytemuck::cast_slice(v),
-                )
-                .expect("shape matches"),
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), b)
+                    .expect("shape matches"),
             )
         })
         .collect();
@@ -106,11 +119,12 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let nf4 = args.iter().any(|a| a == "--nf4");
     let f16 = args.iter().any(|a| a == "--f16");
+    let bf16 = args.iter().any(|a| a == "--bf16");
     let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let seq = nums.first().copied().unwrap_or(256);
     let new = nums.get(1).copied().unwrap_or(64).max(2);
     let dir = tempfile::tempdir()?;
-    write_random_model(dir.path())?;
+    write_random_model(dir.path(), bf16)?;
     let root = if nf4 {
         let out = dir.path().join("nf4");
         std::fs::create_dir_all(&out)?;
@@ -186,11 +200,13 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "runner ({}): prompt {seq} tokens + 1 image, {new} new tokens: time to first token {:.3} s, decode {:.1} tokens/s, KV cache {:.1} MiB",
-        match (nf4, f16) {
-            (true, true) => "NF4, f16 operands",
-            (true, false) => "NF4",
-            (false, true) => "f32, f16 operands",
-            (false, false) => "f32",
+        match (nf4, f16, bf16) {
+            (true, true, _) => "NF4, f16 operands",
+            (true, false, _) => "NF4",
+            (false, true, false) => "f32, f16 operands",
+            (false, true, true) => "bf16 checkpoint widened to f32, f16 operands",
+            (false, false, false) => "f32",
+            (false, false, true) => "bf16 weights, f32 operands",
         },
         ttft,
         rate,

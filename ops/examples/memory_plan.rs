@@ -16,7 +16,7 @@
 
 use ops::model::config::{FloatDtype, ModelConfig, GEMMA_3_4B_IT_CONFIG_JSON};
 use ops::model::memory::{
-    bnb_parameter_footprint, nf4_state_bytes, ActivationPlan, LoraPlan, MemoryPlan,
+    bnb_parameter_footprint, nf4_state_bytes, ActivationPlan, BaseFormat, LoraPlan, MemoryPlan,
 };
 use ops::model::names::{expected_tensors, TensorKind};
 use ops::train::setup::plan_options;
@@ -56,7 +56,12 @@ fn plan(config: &ModelConfig, g: &Guide, offload: bool) -> anyhow::Result<Memory
     MemoryPlan::build(
         config,
         &plan_options(
-            true,
+            // the quantize op's NF4 (absmax widened to f32 on the device); the tables are
+            // bf16 under the recipes' `bf16 = true`
+            BaseFormat::Nf4 {
+                double_quant: false,
+            },
+            FloatDtype::BF16,
             LoraPlan {
                 r: 16,
                 modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],

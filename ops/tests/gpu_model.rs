@@ -416,3 +416,120 @@ fn gradients_are_reported_final_once_each_in_backward_order() {
         "lm_head is dense"
     );
 }
+
+/// Row 0 of a right-padded golden batch without its padding, with its own images.
+fn first_row(b: &Batch) -> Batch {
+    let len = b.attention_mask[..b.seq]
+        .iter()
+        .filter(|&&m| m == 1)
+        .count();
+    let ids = b.input_ids[..len].to_vec();
+    let image_tokens_per_image = b.input_ids.iter().filter(|&&id| id == 572).count() / b.images;
+    let images = ids.iter().filter(|&&id| id == 572).count() / image_tokens_per_image;
+    let per_image = b.pixel_values.len() / b.images;
+    Batch {
+        batch: 1,
+        seq: len,
+        input_ids: ids,
+        attention_mask: vec![1; len],
+        token_type_ids: b.token_type_ids[..len].to_vec(),
+        labels: Some(vec![-100; len]),
+        pixel_values: b.pixel_values[..images * per_image].to_vec(),
+        images,
+    }
+}
+
+/// A bf16 checkpoint (the dtype of Gemma 3's Hub checkpoints) keeps its linears and its frozen
+/// (tied) table in bf16 on the device (`DenseStorage::AsStored`), which hold exactly the values
+/// the checkpoint widened to f32 holds: so the logits of an image batch, a LoRA training step's
+/// loss and gradients, and greedy decoding with the KV cache (the bf16 rows kernels) equal the
+/// widened model's up to the order of f32 sums.
+#[test]
+fn bf16_checkpoint_kept_as_stored_matches_its_f32_widening() {
+    use ops::generation::decode::argmax;
+    use ops::gpu::DType;
+    use ops::model::gpu::{BaseWeight, DenseStorage};
+
+    let gpu = test_gpu();
+    let dir = bf16_copy(&tiny());
+    let (config, weights) = load(dir.path());
+    let b = golden_batch("mmiu");
+    let build = |dense: DenseStorage, adapter: Option<&Adapter>| {
+        Gemma3Gpu::from_weights(
+            gpu,
+            &config,
+            &weights,
+            adapter,
+            Gemma3GpuOptions {
+                lora: adapter.map(|a| a.settings),
+                dense,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let dtype_of = |m: &Gemma3Gpu| match &m.layers[0].q_proj.weight {
+        BaseWeight::Dense(w) => (w.dtype(), m.embed_tokens.as_ref().unwrap().dtype()),
+        BaseWeight::Nf4(_) => panic!("a dense checkpoint"),
+    };
+    let stored = build(DenseStorage::AsStored, None);
+    let widened = build(DenseStorage::F32, None);
+    assert_eq!(dtype_of(&stored), (DType::BF16, DType::BF16));
+    assert_eq!(dtype_of(&widened), (DType::F32, DType::F32));
+
+    let batch = to_gpu_batch(&b);
+    let e = rel_frobenius(
+        &stored.logits(gpu, &batch).unwrap(),
+        &widened.logits(gpu, &batch).unwrap(),
+    );
+    eprintln!("bf16 as stored vs widened: logits {e:.2e}");
+    assert!(e <= 1e-5, "logits {e}");
+
+    // greedy decoding of the batch's first row, its images included (the training batch is
+    // right-padded; generation takes left padding)
+    let prompt = to_gpu_batch(&first_row(&b));
+    let generate = |m: &Gemma3Gpu| {
+        let (mut cache, mut logits) = m.start_generation(gpu, &prompt, 6).unwrap();
+        let mut tokens = Vec::new();
+        let mut all_logits = Vec::new();
+        for step in 0..6 {
+            let id = argmax(&logits);
+            all_logits.extend_from_slice(&logits);
+            tokens.push(id);
+            if step < 5 {
+                logits = m.decode_step(gpu, &mut cache, &[id]).unwrap();
+            }
+        }
+        (tokens, all_logits)
+    };
+    let (tokens, logits) = generate(&stored);
+    let (want_tokens, want_logits) = generate(&widened);
+    let e = rel_frobenius(&logits, &want_logits);
+    eprintln!("bf16 as stored vs widened: tokens {tokens:?}, decode logits {e:.2e}");
+    assert_eq!(tokens, want_tokens);
+    assert!(e <= 1e-5, "decode logits {e}");
+
+    // a training step with LoRA on every linear, the tower's included
+    let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    let labels = Gemma3Reference::shifted_labels(&b, true).unwrap();
+    let num_items = count_label_tokens(&labels);
+    let (loss, grads) = gpu_step(
+        gpu,
+        &mut build(DenseStorage::AsStored, Some(&adapter)),
+        &b,
+        num_items,
+        2,
+    );
+    let (want_loss, want_grads) = gpu_step(
+        gpu,
+        &mut build(DenseStorage::F32, Some(&adapter)),
+        &b,
+        num_items,
+        2,
+    );
+    assert!(rel(loss, want_loss) <= 1e-6, "loss {loss} vs {want_loss}");
+    for (key, g) in &want_grads {
+        let e = rel_frobenius(&grads[key], g);
+        assert!(e <= 1e-4, "{key}: {e}");
+    }
+}

@@ -44,7 +44,7 @@ fn golden(file: &str, key: &str) -> (Vec<usize>, Vec<f32>) {
 fn vision_forward_matches_transformers() {
     let gpu = test_gpu();
     let (config, weights) = tiny();
-    let tower = GpuVisionTower::from_weights(gpu, &config, &weights).unwrap();
+    let tower = GpuVisionTower::from_weights(gpu, &config, &weights, Default::default()).unwrap();
     let projector = GpuProjector::from_weights(gpu, &config, &weights).unwrap();
     assert!(!tower.has_lora());
     let (shape, pixels) = golden("collate_mmiu.safetensors", "pixel_values");
@@ -125,7 +125,8 @@ fn vision_lora_backward_matches_reference() {
         assert!(all_shape[0] >= images, "{file} has {} images", all_shape[0]);
         let shape = [images, all_shape[1], all_shape[2], all_shape[3]];
         let pixels = &all_pixels[..shape.iter().product::<usize>()];
-        let mut tower = GpuVisionTower::from_weights(gpu, &config, &weights).unwrap();
+        let mut tower =
+            GpuVisionTower::from_weights(gpu, &config, &weights, Default::default()).unwrap();
         let projector = GpuProjector::from_weights(gpu, &config, &weights).unwrap();
         let settings = LoraSettings {
             dropout_seed: rng.next_u64(),

@@ -22,10 +22,51 @@ use crate::common::*;
 /// Plan vs measured, per part, for one configuration: `(plan, measured)` device bytes of
 /// weights + trainable (after the model and AdamW are set up) and of the step's activations
 /// (peak during `accumulate` minus what was live before it).
-fn plan_and_measure(checkpointing: bool, dropout: f32, bf16: bool) -> [(u64, u64); 2] {
+fn plan_and_measure(
+    checkpointing: bool,
+    dropout: f32,
+    bf16: bool,
+    bf16_checkpoint: bool,
+) -> [(u64, u64); 2] {
     let gpu = Gpu::new(GpuOptions::default()).unwrap();
-    let (config, weights) = load(&tiny());
-    let adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    let copy = bf16_checkpoint.then(|| bf16_copy(&tiny()));
+    let (config, weights) = load(
+        copy.as_ref()
+            .map_or(tiny(), |d| d.path().to_path_buf())
+            .as_path(),
+    );
+    let model_options = Gemma3GpuOptions {
+        gradient_checkpointing: checkpointing,
+        bf16,
+        ..Default::default()
+    };
+    let (base, frozen_tables) =
+        Gemma3Gpu::device_storage(&config, &weights, &model_options).unwrap();
+    assert_eq!(
+        base,
+        BaseFormat::Dense(if bf16_checkpoint {
+            FloatDtype::BF16
+        } else {
+            FloatDtype::F32
+        }),
+        "a bf16 checkpoint's linears stay bf16"
+    );
+    let mut adapter = Adapter::load(&golden("lora/adapter_init")).unwrap();
+    if bf16_checkpoint {
+        // without trainable copies the frozen (tied) table is on the device: bf16 as stored
+        adapter.lm_head = None;
+        adapter.embed_tokens = None;
+    }
+    let modules_to_save: Vec<String> = [
+        adapter.lm_head.as_ref().map(|_| "lm_head".to_string()),
+        adapter
+            .embed_tokens
+            .as_ref()
+            .map(|_| "embed_tokens".to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let b = golden_batch("mmiu");
     assert!(
         b.images > 0 && b.images.is_multiple_of(b.batch),
@@ -39,11 +80,12 @@ fn plan_and_measure(checkpointing: bool, dropout: f32, bf16: bool) -> [(u64, u64
     let plan = MemoryPlan::build(
         &config,
         &PlanOptions {
-            base: BaseFormat::Dense(FloatDtype::F32),
+            base,
             base_dtype: FloatDtype::F32,
+            frozen_tables,
             lora: Some(LoraPlan {
                 r: adapter.pairs.values().map(|p| p.rank).max().unwrap(),
-                modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
+                modules_to_save,
                 modules_to_save_dtype: if bf16 {
                     FloatDtype::BF16
                 } else {
@@ -72,10 +114,8 @@ fn plan_and_measure(checkpointing: bool, dropout: f32, bf16: bool) -> [(u64, u64
         &weights,
         Some(&adapter),
         Gemma3GpuOptions {
-            gradient_checkpointing: checkpointing,
             lora: Some(settings),
-            bf16,
-            ..Default::default()
+            ..model_options
         },
     )
     .unwrap();
@@ -106,7 +146,7 @@ fn plan_and_measure(checkpointing: bool, dropout: f32, bf16: bool) -> [(u64, u64
     );
 
     println!(
-        "checkpointing {checkpointing}, dropout {dropout}, bf16 {bf16}: batch {} x {} tokens, {} images\n{}",
+        "checkpointing {checkpointing}, dropout {dropout}, bf16 {bf16}, bf16 checkpoint {bf16_checkpoint}: batch {} x {} tokens, {} images\n{}",
         b.batch,
         b.seq,
         b.images,
@@ -126,13 +166,18 @@ fn plan_and_measure(checkpointing: bool, dropout: f32, bf16: bool) -> [(u64, u64
 /// shows as a difference.
 #[test]
 fn plan_matches_the_gpu_models_allocations() {
-    for (checkpointing, dropout, bf16) in
-        [(false, 0.0, false), (true, 0.1, false), (true, 0.1, true)]
-    {
+    // the last: a bf16 checkpoint, whose linears and frozen table stay bf16 on the device
+    for (checkpointing, dropout, bf16, bf16_checkpoint) in [
+        (false, 0.0, false, false),
+        (true, 0.1, false, false),
+        (true, 0.1, true, false),
+        (false, 0.1, false, true),
+    ] {
         let [(res_plan, res_got), (act_plan, act_got)] =
-            plan_and_measure(checkpointing, dropout, bf16);
+            plan_and_measure(checkpointing, dropout, bf16, bf16_checkpoint);
         eprintln!(
-            "checkpointing {checkpointing}, dropout {dropout}, bf16 {bf16}: weights + trainable \
+            "checkpointing {checkpointing}, dropout {dropout}, bf16 {bf16}, bf16 checkpoint \
+             {bf16_checkpoint}: weights + trainable \
              plan {res_plan} vs measured {res_got}; activations plan {act_plan} vs measured peak \
              {act_got}"
         );
@@ -163,7 +208,8 @@ fn vision_tower_plan_matches_the_towers_allocations() {
         (2, false, 0.0, true),
     ] {
         let gpu = Gpu::new(GpuOptions::default()).unwrap();
-        let mut tower = GpuVisionTower::from_weights(&gpu, &config, &weights).unwrap();
+        let mut tower =
+            GpuVisionTower::from_weights(&gpu, &config, &weights, Default::default()).unwrap();
         tower.bf16 = bf16;
         let mut ranks = Vec::new();
         for linear in tower.linears_mut() {

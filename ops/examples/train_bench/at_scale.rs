@@ -251,10 +251,18 @@ pub fn main() -> Result<()> {
     let b = batch(&config, a.seq, a.images)?;
     let gpu = Gpu::get()?;
     let (_, adapter) = new_adapter(&config, &weights, &super::guide_lora())?;
+    let model_options = Gemma3GpuOptions {
+        gradient_checkpointing: a.checkpointing,
+        lora: Some(adapter.settings),
+        bf16: a.bf16,
+        ..Default::default()
+    };
+    let (base, frozen_tables) = Gemma3Gpu::device_storage(&config, &weights, &model_options)?;
     let plan = MemoryPlan::build(
         &config,
         &plan_options(
-            a.nf4,
+            base,
+            frozen_tables,
             LoraPlan {
                 r: 16,
                 modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
@@ -295,18 +303,7 @@ pub fn main() -> Result<()> {
         memory_budget: None,
     })?;
     gpu.reserve_staging(plan.staging_reserve_bytes(gpu.max_binding_bytes()));
-    let mut model = Gemma3Gpu::from_weights(
-        gpu,
-        &config,
-        &weights,
-        Some(&adapter),
-        Gemma3GpuOptions {
-            gradient_checkpointing: a.checkpointing,
-            lora: Some(adapter.settings),
-            bf16: a.bf16,
-            ..Default::default()
-        },
-    )?;
+    let mut model = Gemma3Gpu::from_weights(gpu, &config, &weights, Some(&adapter), model_options)?;
     drop(adapter);
     let params = model.parameters();
     let mut adamw = GpuAdamW::new(gpu, &params, AdamWConfig::default())?;

@@ -46,6 +46,42 @@ pub fn tiny() -> PathBuf {
     snapshot("tiny-gemma-3")
 }
 
+/// A copy of the model folder `dir` (every file) whose `model.safetensors` holds every
+/// floating-point tensor rounded to bf16 and stored as bf16, as Gemma 3's Hub checkpoints are.
+pub fn bf16_copy(dir: &Path) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name != "model.safetensors" {
+            std::fs::copy(&path, out.path().join(name)).unwrap();
+        }
+    }
+    let converted: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
+        tensors(&dir.join("model.safetensors"))
+            .into_iter()
+            .map(|(name, (dtype, shape, bytes))| match dtype {
+                Dtype::F32 => {
+                    let bf16 = bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                        .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                        .collect();
+                    (name, Dtype::BF16, shape, bf16)
+                }
+                _ => (name, dtype, shape, bytes),
+            })
+            .collect();
+    let views = converted.iter().map(|(name, dtype, shape, bytes)| {
+        (
+            name.clone(),
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+        )
+    });
+    safetensors::serialize_to_file(views, None, &out.path().join("model.safetensors")).unwrap();
+    out
+}
+
 /// A model folder's config and weights.
 pub fn load(dir: &Path) -> (ModelConfig, Weights) {
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();

@@ -72,6 +72,7 @@ pub fn build_model(
             lora: Some(adapter.settings),
             matmul_precision: opts.matmul_precision,
             bf16: opts.bf16,
+            ..Default::default()
         },
     )?))
 }
@@ -138,9 +139,12 @@ fn memory_plan(
     max_binding_bytes: u64,
     staged_operands: bool,
 ) -> Result<MemoryPlan> {
-    let nf4 = model::names::expected_tensors(config)
-        .iter()
-        .any(|e| weights.is_nf4(&e.name));
+    let model_opts = Gemma3GpuOptions {
+        matmul_precision: MatmulPrecision::parse(&p.matmul_precision)?,
+        bf16: p.bf16,
+        ..Default::default()
+    };
+    let (base, frozen_tables) = Gemma3Gpu::device_storage(config, weights, &model_opts)?;
     let d = &data.descriptor;
     let seq_len = d.max_tokens.max(1);
     let mut modules_to_save = Vec::new();
@@ -153,7 +157,8 @@ fn memory_plan(
     MemoryPlan::build(
         config,
         &plan_options(
-            nf4,
+            base,
+            frozen_tables,
             LoraPlan {
                 r: adapter.pairs.values().map(|p| p.rank).max().unwrap_or(p.r),
                 modules_to_save,
@@ -179,20 +184,20 @@ fn memory_plan(
     )
 }
 
-/// The plan options of a lora-train run (what `Gemma3Gpu` holds: NF4 linears as stored with
-/// the absmax widened to f32, or dense f32 ones; every other tensor in f32, since the kernels
-/// compute in f32) for a LoRA setup and a micro-batch shape. The `memory_plan` example plans
-/// the guide's recipes with it.
-pub fn plan_options(nf4: bool, lora: LoraPlan, activations: ActivationPlan) -> PlanOptions {
+/// The plan options of a lora-train run (what `Gemma3Gpu` holds: the linears in `base` and the
+/// frozen vocabulary tables in `frozen_tables`, as [`Gemma3Gpu::device_storage`] says; every
+/// other tensor in f32, since the kernels compute in f32) for a LoRA setup and a micro-batch
+/// shape. The `memory_plan` example plans the guide's recipes with it.
+pub fn plan_options(
+    base: BaseFormat,
+    frozen_tables: FloatDtype,
+    lora: LoraPlan,
+    activations: ActivationPlan,
+) -> PlanOptions {
     PlanOptions {
-        base: if nf4 {
-            BaseFormat::Nf4 {
-                double_quant: false,
-            }
-        } else {
-            BaseFormat::Dense(FloatDtype::F32)
-        },
+        base,
         base_dtype: FloatDtype::F32,
+        frozen_tables,
         lora: Some(lora),
         activations: Some(activations),
     }

@@ -9,7 +9,7 @@
 
 use anyhow::{ensure, Context, Result};
 
-use super::linear::{GpuLinear, GpuLinearCache, LoraRun};
+use super::linear::{DenseStorage, GpuLinear, GpuLinearCache, LoraRun};
 use crate::config::ModelConfig;
 use crate::names::TEXT;
 use crate::reference::gemma3::TextDims;
@@ -270,6 +270,7 @@ impl GpuDecoderLayer {
         config: &ModelConfig,
         weights: &Weights,
         l: usize,
+        dense: DenseStorage,
     ) -> Result<Self> {
         let t = config.text();
         let p = format!("{TEXT}layers.{l}.");
@@ -277,7 +278,7 @@ impl GpuDecoderLayer {
             let v = weights.to_f32(&format!("{p}{n}.weight"))?;
             gpu.upload_f32(&[v.len()], &v)
         };
-        let lin = |n: &str| GpuLinear::from_weights(gpu, weights, &format!("{p}{n}"), false);
+        let lin = |n: &str| GpuLinear::from_weights(gpu, weights, &format!("{p}{n}"), false, dense);
         let rope = t.rope(l);
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,

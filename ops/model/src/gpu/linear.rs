@@ -10,6 +10,7 @@
 
 use anyhow::{ensure, Context, Result};
 
+use crate::config::FloatDtype;
 use crate::reference::lora::{lora_dropout_seed, LoraPair, LoraSettings};
 use crate::Weights;
 use engine::gpu::{DType, Gpu, GpuTensor, Lora, MatmulOpts, MatmulPrecision, Nf4Weight, Recorder};
@@ -17,10 +18,40 @@ use engine::gpu::{DType, Gpu, GpuTensor, Lora, MatmulOpts, MatmulPrecision, Nf4W
 /// The frozen base weight of a linear layer.
 #[derive(Debug, Clone)]
 pub enum BaseWeight {
-    /// `[out, in]` f32.
+    /// `[out, in]` f32, or bf16 as the checkpoint stores it ([`DenseStorage::AsStored`]).
     Dense(GpuTensor),
     /// bitsandbytes NF4 (absmax already dequantized to f32), dequantized inside the matmul tile loop.
     Nf4(Nf4Weight),
+}
+
+/// How the dense (unquantized) base weights are kept on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenseStorage {
+    /// A bf16 checkpoint tensor stays bf16: the same values as widened to f32 (widening is
+    /// exact), in half the memory, and half the bytes each product reads (decoding reads every
+    /// weight once per token). Other dtypes widen to f32.
+    #[default]
+    AsStored,
+    /// Every dense weight widened to f32: products with f16 operands read only f32 weights.
+    F32,
+}
+
+impl DenseStorage {
+    /// What products of `precision` can read: `self`, or f32 for f16 operands.
+    pub fn for_precision(self, precision: MatmulPrecision) -> Self {
+        match precision {
+            MatmulPrecision::F32 => self,
+            MatmulPrecision::F16 => DenseStorage::F32,
+        }
+    }
+
+    /// The device dtype of a dense tensor stored in `stored`.
+    pub fn device_dtype(self, stored: Option<FloatDtype>) -> DType {
+        match (self, stored) {
+            (DenseStorage::AsStored, Some(FloatDtype::BF16)) => DType::BF16,
+            _ => DType::F32,
+        }
+    }
 }
 
 /// A trainable LoRA pair with its gradient buffers (same shapes, f32).
@@ -104,12 +135,14 @@ pub struct GpuLinear {
 }
 
 impl GpuLinear {
-    /// Uploads `<module>.weight` (dense → f32, or NF4 as stored) and `<module>.bias` when asked.
+    /// Uploads `<module>.weight` (dense as `dense` says, or NF4 as stored) and `<module>.bias`
+    /// (f32) when asked.
     pub fn from_weights(
         gpu: &Gpu,
         weights: &Weights,
         module: &str,
         with_bias: bool,
+        dense: DenseStorage,
     ) -> Result<Self> {
         let name = format!("{module}.weight");
         let (weight, shape) = if weights.is_nf4(&name) {
@@ -129,7 +162,11 @@ impl GpuLinear {
             );
             let shape = [t.shape[0], t.shape[1]];
             let host = t.to_f32()?;
-            (BaseWeight::Dense(gpu.upload_f32(&shape, &host)?), shape)
+            let dtype = dense.device_dtype(t.float_dtype());
+            (
+                BaseWeight::Dense(gpu.upload_f32_as(&shape, &host, dtype)?),
+                shape,
+            )
         };
         let bias = if with_bias {
             let b = weights.to_f32(&format!("{module}.bias"))?;

@@ -3,7 +3,7 @@
 
 pub mod linear;
 
-pub use linear::{BaseWeight, GpuLinear, GpuLinearCache, GpuLoraPair, LoraRun};
+pub use linear::{BaseWeight, DenseStorage, GpuLinear, GpuLinearCache, GpuLoraPair, LoraRun};
 pub mod decoder;
 pub mod kv_cache;
 pub mod model;

@@ -14,10 +14,11 @@
 use anyhow::{bail, ensure, Context, Result};
 
 use super::decoder::{GpuDecoderLayer, GpuSequence};
-use super::linear::{GpuLinear, GpuLoraPair, LoraRun};
+use super::linear::{DenseStorage, GpuLinear, GpuLoraPair, LoraRun};
 use super::projector::{GpuProjector, GpuProjectorCache};
 use super::siglip::{GpuVisionCache, GpuVisionTower};
 use crate::config::{FloatDtype, ModelConfig};
+use crate::memory::BaseFormat;
 use crate::names::{EMBED_TOKENS, LM_HEAD, TEXT};
 use crate::reference::gemma3::TextDims;
 use crate::reference::lora::{Adapter, LoraPair, LoraSettings};
@@ -45,6 +46,9 @@ pub struct Gemma3GpuOptions {
     /// frozen embedding / lm_head — and the scaled embeddings rounded to bf16 as torch computes
     /// them. Everything else stays f32.
     pub bf16: bool,
+    /// How the dense base weights and the frozen vocabulary tables are kept (bf16 checkpoint
+    /// tensors stay bf16 by default; always f32 with f16 operands).
+    pub dense: DenseStorage,
 }
 
 /// A trainable full tensor (a `modules_to_save` copy) and its gradient, `[vocab, hidden]`, both
@@ -62,6 +66,14 @@ fn table_dtype(bf16: bool) -> DType {
     } else {
         DType::F32
     }
+}
+
+/// The dtype of a frozen vocabulary table stored in `stored`: bf16 under `bf16`, or where
+/// `dense` keeps the checkpoint's bf16 (its values exactly, at half the size: the output
+/// projection is the largest product of a decode step); f32 otherwise. The products that read it take f32
+/// operands whatever `matmul_precision` says.
+fn frozen_table_dtype(bf16: bool, dense: DenseStorage, stored: Option<FloatDtype>) -> DType {
+    table_dtype(bf16 || dense.device_dtype(stored) == DType::BF16)
 }
 
 impl TrainedTable {
@@ -181,6 +193,7 @@ impl Gemma3Gpu {
                 lora: adapter.as_ref().map(|a| a.settings),
                 matmul_precision,
                 bf16,
+                dense: DenseStorage::AsStored,
             },
         )
         .context("loading the model")
@@ -216,6 +229,7 @@ impl Gemma3Gpu {
             attn_scale: t.attn_scale() as f32,
         };
         let table_shape = [dims.vocab, dims.hidden];
+        let dense = opts.dense.for_precision(opts.matmul_precision);
         let embed = weights.tensor(EMBED_TOKENS)?;
         // torch multiplies by the normalizer in the embedding's dtype (bf16 under `bf16`)
         let embed_scale = t.embed_scale(if opts.bf16 {
@@ -232,21 +246,23 @@ impl Gemma3Gpu {
         let embed_tokens = if replaced {
             None
         } else {
-            Some(gpu.upload_f32_as(&table_shape, &embed.to_f32()?, table_dtype(opts.bf16))?)
+            let dtype = frozen_table_dtype(opts.bf16, dense, embed.float_dtype());
+            Some(gpu.upload_f32_as(&table_shape, &embed.to_f32()?, dtype)?)
         };
         let layers = (0..t.num_hidden_layers)
             .map(|l| {
-                GpuDecoderLayer::from_weights(gpu, config, weights, l)
+                GpuDecoderLayer::from_weights(gpu, config, weights, l, dense)
                     .with_context(|| format!("decoder layer {l}"))
             })
             .collect::<Result<Vec<_>>>()?;
         let final_norm_host = weights.to_f32(&format!("{TEXT}norm.weight"))?;
         let final_norm = gpu.upload_f32(&[dims.hidden], &final_norm_host)?;
         let lm_head = if untied_head && adapter.is_none_or(|a| a.lm_head.is_none()) {
+            let head = weights.tensor(LM_HEAD)?;
             Some(gpu.upload_f32_as(
                 &table_shape,
-                &weights.to_f32(LM_HEAD)?,
-                table_dtype(opts.bf16),
+                &head.to_f32()?,
+                frozen_table_dtype(opts.bf16, dense, head.float_dtype()),
             )?)
         } else {
             None
@@ -260,7 +276,7 @@ impl Gemma3Gpu {
         let (vision, projector) = match config {
             ModelConfig::ConditionalGeneration(_) => (
                 Some({
-                    let mut tower = GpuVisionTower::from_weights(gpu, config, weights)
+                    let mut tower = GpuVisionTower::from_weights(gpu, config, weights, dense)
                         .context("vision tower")?;
                     tower.bf16 = opts.bf16;
                     tower
@@ -297,6 +313,37 @@ impl Gemma3Gpu {
             model.attach(gpu, adapter)?;
         }
         Ok(model)
+    }
+
+    /// What [`Gemma3Gpu::from_weights`] keeps of `weights` under `opts`, for the memory plan:
+    /// the linears' format (NF4 as stored with the absmax widened to f32; dense in f32, or bf16
+    /// where a bf16 checkpoint is kept as stored) and the frozen vocabulary tables' dtype.
+    pub fn device_storage(
+        config: &ModelConfig,
+        weights: &Weights,
+        opts: &Gemma3GpuOptions,
+    ) -> Result<(BaseFormat, FloatDtype)> {
+        let dense = opts.dense.for_precision(opts.matmul_precision);
+        let to_float = |d: DType| match d {
+            DType::BF16 => FloatDtype::BF16,
+            _ => FloatDtype::F32,
+        };
+        let linears: Vec<_> = crate::names::expected_tensors(config)
+            .into_iter()
+            .filter(|e| e.kind == crate::names::TensorKind::LinearWeight)
+            .collect();
+        let base = if linears.iter().any(|e| weights.is_nf4(&e.name)) {
+            BaseFormat::Nf4 {
+                double_quant: false,
+            }
+        } else {
+            let first = linears.first().context("the model has no linear layer")?;
+            let stored = weights.tensor(&first.name)?.float_dtype();
+            BaseFormat::Dense(to_float(dense.device_dtype(stored)))
+        };
+        let stored = weights.tensor(EMBED_TOKENS)?.float_dtype();
+        let tables = to_float(frozen_table_dtype(opts.bf16, dense, stored));
+        Ok((base, tables))
     }
 
     fn linears(&self) -> impl Iterator<Item = &GpuLinear> {

@@ -16,7 +16,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::linear::{GpuLinear, GpuLinearCache, LoraRun};
+use super::linear::{DenseStorage, GpuLinear, GpuLinearCache, LoraRun};
 use crate::config::ModelConfig;
 use crate::names::VISION;
 use crate::reference::siglip::VisionDims;
@@ -129,7 +129,12 @@ fn upload_vector(gpu: &Gpu, weights: &Weights, name: &str, len: usize) -> Result
 
 impl GpuVisionTower {
     /// Uploads the tower (linears dense or NF4 as stored; norms and embeddings as f32).
-    pub fn from_weights(gpu: &Gpu, config: &ModelConfig, weights: &Weights) -> Result<Self> {
+    pub fn from_weights(
+        gpu: &Gpu,
+        config: &ModelConfig,
+        weights: &Weights,
+        dense: DenseStorage,
+    ) -> Result<Self> {
         let Some(vc) = config.vision() else {
             bail!("a text-only model has no vision tower");
         };
@@ -169,8 +174,9 @@ impl GpuVisionTower {
         let mut layers = Vec::with_capacity(vc.num_hidden_layers);
         for l in 0..vc.num_hidden_layers {
             let p = format!("encoder.layers.{l}.");
-            let lin =
-                |m: &str| GpuLinear::from_weights(gpu, weights, &format!("{VISION}{p}{m}"), true);
+            let lin = |m: &str| {
+                GpuLinear::from_weights(gpu, weights, &format!("{VISION}{p}{m}"), true, dense)
+            };
             layers.push(GpuEncoderLayer {
                 layer_norm1_weight: vec(&format!("{p}layer_norm1.weight"), h)?,
                 layer_norm1_bias: vec(&format!("{p}layer_norm1.bias"), h)?,

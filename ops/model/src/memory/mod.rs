@@ -89,6 +89,10 @@ pub struct PlanOptions {
     pub base: BaseFormat,
     /// dtype of the tensors that are not quantized (embeddings, norms, biases, projector).
     pub base_dtype: FloatDtype,
+    /// dtype of the frozen vocabulary tables (embed_tokens, an untied lm_head) on the device:
+    /// bf16 under lora-train's `bf16` or where a bf16 checkpoint's tables are kept as stored
+    /// (`Gemma3Gpu::device_storage`).
+    pub frozen_tables: FloatDtype,
     pub lora: Option<LoraPlan>,
     pub activations: Option<ActivationPlan>,
 }
@@ -271,6 +275,7 @@ pub fn allreduce_payload(
         &PlanOptions {
             base: BaseFormat::Nf4 { double_quant: true },
             base_dtype: FloatDtype::BF16,
+            frozen_tables: FloatDtype::BF16,
             lora: Some(lora.clone()),
             activations: None,
         },
@@ -391,9 +396,9 @@ impl MemoryPlan {
                     || (e.kind == TensorKind::OutputEmbedding && !e.optional)
             })
             .collect();
-        // The vocabulary tables are stored like the trainable copies (bf16 under lora-train's
-        // `bf16`), and the frozen ones are not uploaded at all where the copies replace them
-        // (`Gemma3Gpu::from_weights`): embed_tokens when both roles have a trainable copy.
+        // The frozen vocabulary tables are stored in `frozen_tables`, and not uploaded at all
+        // where the trainable copies replace them (`Gemma3Gpu::from_weights`): embed_tokens when
+        // both roles have a trainable copy.
         let copies = opts
             .lora
             .as_ref()
@@ -402,10 +407,7 @@ impl MemoryPlan {
         let untied_head = others.iter().any(|e| e.name == LM_HEAD);
         let embed_replaced = has_copy("embed_tokens") && (has_copy("lm_head") || untied_head);
         let head_replaced = has_copy("lm_head");
-        let td = opts
-            .lora
-            .as_ref()
-            .map_or(opts.base_dtype, |l| l.modules_to_save_dtype);
+        let td = opts.frozen_tables;
         let tb = td.size() as u64;
         for e in &others {
             let is_table = e.name == EMBED_TOKENS || e.name == LM_HEAD;

@@ -5,6 +5,7 @@ fn guide_options() -> PlanOptions {
     PlanOptions {
         base: BaseFormat::Nf4 { double_quant: true },
         base_dtype: FloatDtype::BF16,
+        frozen_tables: FloatDtype::BF16,
         lora: Some(LoraPlan {
             r: 16,
             modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
