@@ -226,10 +226,16 @@ fn matmul_rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
 #endif
     for (var r = 0u; r < SPLIT_ROWS; r++) {
         var s = (acc[r].x + acc[r].y) + (acc[r].z + acc[r].w);
+#if !VEC4
         // K's last elements past k_main: lane j takes elements k_main + j, + SPLIT_LANES, ...
+        // The vec4 variants have none (K, A's contiguous extent, is a multiple of 4, of 8 for a
+        // bf16 B) and must not carry the loop: on llvmpipe a loop of texel fetches that never
+        // runs still cost a third of the lm_head product (gemv_probe's 32768 x 640, f32: 10.5
+        // ms with it, 6.5 ms without).
         for (var k = k_main + lane; k < p.k; k += SPLIT_LANES) {
             s = fma(a1(a_base + k), b1(b_base[r] + k), s);
         }
+#endif
         let total = subgroupAdd(s);
         if (lane == r % SPLIT_LANES && n0 + r < p.n) {
             store(m, n0 + r, p.c_off + wid.z * p.c_batch, total);
