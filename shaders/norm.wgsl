@@ -57,6 +57,47 @@ fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     if (lid == 0u) { fstats[row] = rstd; }
 }
 
+// ---- a Gemma sublayer's end and the next one's start, for decoding (one dispatch for three):
+// h = residual + rmsnorm(x; w_post), y = rmsnorm(h; w_pre); x, residual, h, y [rows, cols].
+// Each step computes what rmsnorm_forward and the residual add compute, in the same order, so
+// the results are the same bits as the three dispatches'.
+@group(0) @binding(1) var<storage, read> rx: array<f32>;
+@group(0) @binding(2) var<storage, read> rres: array<f32>;
+@group(0) @binding(3) var<storage, read> rw_post: array<f32>;
+@group(0) @binding(4) var<storage, read> rw_pre: array<f32>;
+@group(0) @binding(5) var<storage, read_write> rh: array<f32>;
+@group(0) @binding(6) var<storage, read_write> ry: array<f32>;
+
+@compute @workgroup_size(64)
+fn rmsnorm_residual_rmsnorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) lid: u32) {
+    let row = flat_workgroup(wid, nwg);
+    if (row >= p.rows) { return; } // uniform per workgroup
+    let base = row * p.cols;
+    var ss = 0.0;
+    for (var j = lid; j < p.cols; j += WG) { let v = rx[base + j]; ss += v * v; }
+    red_a[lid] = ss;
+    red_b[lid] = 0.0;
+    reduce2(lid);
+    let rstd = inverseSqrt(red_a[0] / f32(p.cols) + p.eps);
+    // every lane has read red_a[0] before the second reduction overwrites it
+    workgroupBarrier();
+    // lane lid owns the same columns in both passes: its h values are its own writes
+    var ss_h = 0.0;
+    for (var j = lid; j < p.cols; j += WG) {
+        let h = rx[base + j] * rstd * (1.0 + rw_post[j]) + rres[base + j];
+        rh[base + j] = h;
+        ss_h += h * h;
+    }
+    red_a[lid] = ss_h;
+    red_b[lid] = 0.0;
+    reduce2(lid);
+    let rstd_h = inverseSqrt(red_a[0] / f32(p.cols) + p.eps);
+    for (var j = lid; j < p.cols; j += WG) {
+        ry[base + j] = rh[base + j] * rstd_h * (1.0 + rw_pre[j]);
+    }
+}
+
 @compute @workgroup_size(64)
 fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {

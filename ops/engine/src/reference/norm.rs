@@ -24,6 +24,23 @@ pub fn rmsnorm_forward(
 }
 
 /// Returns (dx, dw) of [`rmsnorm_forward`].
+/// `h = residual + rmsnorm(x; w_post)`, `y = rmsnorm(h; w_pre)` ([`rmsnorm_forward`] twice
+/// around the residual add, the output rounded to f32 at each step as the GPU stores it).
+pub fn rmsnorm_residual_rmsnorm(
+    x: &[f32],
+    residual: &[f32],
+    w_post: &[f32],
+    w_pre: &[f32],
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (n, _) = rmsnorm_forward(x, w_post, rows, cols, eps);
+    let h: Vec<f32> = n.iter().zip(residual).map(|(a, b)| a + b).collect();
+    let (y, _) = rmsnorm_forward(&h, w_pre, rows, cols, eps);
+    (h, y)
+}
+
 pub fn rmsnorm_backward(
     x: &[f32],
     w: &[f32],

@@ -8,7 +8,7 @@
 
 use anyhow::{ensure, Context, Result};
 
-use super::decoder::{add_into, GpuDecoderLayer};
+use super::decoder::GpuDecoderLayer;
 use super::linear::{GpuLinear, LoraRun};
 use super::model::Gemma3Gpu;
 use crate::reference::gemma3::TextDims;
@@ -101,17 +101,38 @@ fn rmsnorm(
     Ok(y)
 }
 
+/// `(h, y)`: `h = residual + rmsnorm(x; w_post)`, `y = rmsnorm(h; w_pre)`, one dispatch.
+fn norm_residual_norm(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    residual: &GpuTensor,
+    w_post: &GpuTensor,
+    w_pre: &GpuTensor,
+    eps: f32,
+) -> Result<(GpuTensor, GpuTensor)> {
+    let h = gpu.empty(residual.shape(), DType::F32)?;
+    let y = gpu.empty(residual.shape(), DType::F32)?;
+    gpu.rmsnorm_residual_rmsnorm(rec, x, residual, w_post, w_pre, &h, &y, eps)?;
+    Ok((h, y))
+}
+
 impl GpuDecoderLayer {
     /// One decode step: `x [batch, hidden]` (one new token per row at RoPE `positions [batch]`
-    /// u32, absolute position `pos`) -> `[batch, hidden]`, its keys and values appended to the
-    /// layer's cache. The same computation as [`GpuDecoderLayer::forward`] with the attention
-    /// over the cache.
+    /// u32, absolute position `pos`) and `n1`, its input_layernorm, -> the layer's output
+    /// `[batch, hidden]` and that output normed by `next_norm` (the next layer's
+    /// input_layernorm, or the final norm), its keys and values appended to the layer's cache.
+    /// The same computation as [`GpuDecoderLayer::forward`] with the attention over the cache;
+    /// each sublayer's post-norm, residual add and the next pre-norm are one dispatch
+    /// ([`Gpu::rmsnorm_residual_rmsnorm`], the same bits as three).
     #[allow(clippy::too_many_arguments)]
     fn decode(
         &self,
         gpu: &Gpu,
         rec: &mut Recorder,
         x: &GpuTensor,
+        n1: &GpuTensor,
+        next_norm: &GpuTensor,
         dims: &TextDims,
         positions: &GpuTensor,
         rope: &RopeTables,
@@ -119,16 +140,15 @@ impl GpuDecoderLayer {
         start: &GpuTensor,
         pos: usize,
         run: &LoraRun,
-    ) -> Result<GpuTensor> {
+    ) -> Result<(GpuTensor, GpuTensor)> {
         let eps = dims.rms_eps;
         let rows = x.rows();
         let (hd, heads, kvh) = (dims.head_dim, dims.heads, dims.kv_heads);
-        let n1 = rmsnorm(gpu, rec, x, &self.input_layernorm, eps)?;
         // q, k and v read the same n1, gate and up the same n2: one dispatch each where it can
         let qkv = GpuLinear::forward_inference_group(
             gpu,
             rec,
-            &n1,
+            n1,
             &[&self.q_proj, &self.k_proj, &self.v_proj],
             run,
         )?;
@@ -154,9 +174,15 @@ impl GpuDecoderLayer {
         let (o, _) = self
             .o_proj
             .forward(gpu, rec, &attn.reshape(&[rows, heads * hd])?, run)?;
-        let h = rmsnorm(gpu, rec, &o, &self.post_attention_layernorm, eps)?;
-        add_into(gpu, rec, x, &h)?;
-        let n2 = rmsnorm(gpu, rec, &h, &self.pre_feedforward_layernorm, eps)?;
+        let (h, n2) = norm_residual_norm(
+            gpu,
+            rec,
+            &o,
+            x,
+            &self.post_attention_layernorm,
+            &self.pre_feedforward_layernorm,
+            eps,
+        )?;
         let gate_up = GpuLinear::forward_inference_group(
             gpu,
             rec,
@@ -168,9 +194,15 @@ impl GpuDecoderLayer {
         let act = gpu.empty(gate.shape(), DType::F32)?;
         gpu.geglu_forward(rec, &gate, &up, &act)?;
         let (down, _) = self.down_proj.forward(gpu, rec, &act, run)?;
-        let out = rmsnorm(gpu, rec, &down, &self.post_feedforward_layernorm, eps)?;
-        add_into(gpu, rec, &h, &out)?;
-        Ok(out)
+        norm_residual_norm(
+            gpu,
+            rec,
+            &down,
+            &h,
+            &self.post_feedforward_layernorm,
+            next_norm,
+            eps,
+        )
     }
 }
 
@@ -326,12 +358,24 @@ impl Gemma3Gpu {
         let gids = gpu.upload_u32(&[ids.len()], ids)?;
         let positions = gpu.upload_u32(&[ids.len()], &cache.next_position)?;
         let mut x = self.embed_ids(gpu, rec, &gids)?;
+        let first_norm = self
+            .layers
+            .first()
+            .map_or(&self.final_norm, |l| &l.input_layernorm);
+        // every layer's input arrives normed by the previous layer's last dispatch
+        let mut normed = rmsnorm(gpu, rec, &x, first_norm, self.dims.rms_eps)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer
+            let next_norm = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.final_norm, |l| &l.input_layernorm);
+            (x, normed) = layer
                 .decode(
                     gpu,
                     rec,
                     &x,
+                    &normed,
+                    next_norm,
                     &self.dims,
                     &positions,
                     cache.rope(layer)?,
@@ -342,7 +386,7 @@ impl Gemma3Gpu {
                 )
                 .with_context(|| format!("decoder layer {i} (decode step)"))?;
         }
-        let normed = rmsnorm(gpu, rec, &x, &self.final_norm, self.dims.rms_eps)?;
+        drop(x);
         let logits = self.logits_of(gpu, rec, &normed)?;
         cache.pos += 1;
         for p in &mut cache.next_position {

@@ -16,6 +16,7 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
         shader()?,
         vec![
             "rmsnorm_forward",
+            "rmsnorm_residual_rmsnorm",
             "rmsnorm_backward_dx",
             "rmsnorm_backward_dw",
             "layernorm_forward",
@@ -62,6 +63,53 @@ impl Gpu {
             &k,
             bytemuck::bytes_of(&p),
             &[x.view()?, w.view()?, y.view()?, rstd.view()?],
+            groups_1d(self, rows as u32),
+        );
+        Ok(())
+    }
+
+    /// A Gemma decoder sublayer's end and the next one's start in one dispatch (decoding):
+    /// `h = residual + rmsnorm(x; w_post)` and `y = rmsnorm(h; w_pre)`, the same bits as
+    /// [`Gpu::rmsnorm_forward`], the add and [`Gpu::rmsnorm_forward`] again. x, residual, h, y:
+    /// [..., cols]; w_post, w_pre: [cols]. No rstd is kept (no backward follows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_residual_rmsnorm(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        residual: &GpuTensor,
+        w_post: &GpuTensor,
+        w_pre: &GpuTensor,
+        h: &GpuTensor,
+        y: &GpuTensor,
+        eps: f32,
+    ) -> Result<()> {
+        let name = "rmsnorm_residual_rmsnorm";
+        let (rows, cols) = rows_cols(x);
+        check(name, "x", x, DType::F32, rows * cols)?;
+        check(name, "residual", residual, DType::F32, rows * cols)?;
+        check(name, "w_post", w_post, DType::F32, cols)?;
+        check(name, "w_pre", w_pre, DType::F32, cols)?;
+        check(name, "h", h, DType::F32, rows * cols)?;
+        check(name, "y", y, DType::F32, rows * cols)?;
+        let p = NormParams {
+            rows: rows as u32,
+            cols: cols as u32,
+            eps,
+            accumulate: 0,
+        };
+        let k = self.kernel(&shader()?, name, &[])?;
+        rec.dispatch(
+            &k,
+            bytemuck::bytes_of(&p),
+            &[
+                x.view()?,
+                residual.view()?,
+                w_post.view()?,
+                w_pre.view()?,
+                h.view()?,
+                y.view()?,
+            ],
             groups_1d(self, rows as u32),
         );
         Ok(())
@@ -206,6 +254,65 @@ mod tests {
         let t = gpu.empty(shape, DType::F32).unwrap();
         gpu.poison(&t);
         t
+    }
+
+    /// The fused decode kernel against the reference (fresh random inputs, poisoned outputs,
+    /// odd sizes, a row wider than the workgroup), and bit for bit against the three dispatches
+    /// it replaces (rmsnorm_forward, the residual add, rmsnorm_forward).
+    #[test]
+    fn rmsnorm_residual_rmsnorm_matches_reference_and_the_unfused_kernels() {
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        for &(rows, cols) in &[(1usize, 640usize), (3, 37), (2, 130), (1, 5)] {
+            let x: Vec<f32> = rng
+                .vec_normal(rows * cols)
+                .iter()
+                .map(|v| v * 4.0)
+                .collect();
+            let res = rng.vec_normal(rows * cols);
+            let w_post: Vec<f32> = rng.vec_normal(cols).iter().map(|v| v * 0.3).collect();
+            let w_pre: Vec<f32> = rng.vec_normal(cols).iter().map(|v| v * 0.3).collect();
+            let eps = 1e-6;
+            let up = |v: &[f32], shape: &[usize]| gpu.upload_f32(shape, v).unwrap();
+            let (gx, gres) = (up(&x, &[rows, cols]), up(&res, &[rows, cols]));
+            let (gw_post, gw_pre) = (up(&w_post, &[cols]), up(&w_pre, &[cols]));
+            let (h, y) = (poisoned(gpu, &[rows, cols]), poisoned(gpu, &[rows, cols]));
+            let mut rec = Recorder::new(gpu);
+            gpu.rmsnorm_residual_rmsnorm(&mut rec, &gx, &gres, &gw_post, &gw_pre, &h, &y, eps)
+                .unwrap();
+            // the unfused path: n = rmsnorm(x), n += residual (the decoder's add), rmsnorm(n)
+            let (n, rstd) = (poisoned(gpu, &[rows, cols]), poisoned(gpu, &[rows]));
+            let (y2, rstd2) = (poisoned(gpu, &[rows, cols]), poisoned(gpu, &[rows]));
+            gpu.rmsnorm_forward(&mut rec, &gx, &gw_post, &n, &rstd, eps)
+                .unwrap();
+            gpu.dropout(&mut rec, &gres, &n, 0.0, 0, 0, 1.0).unwrap();
+            gpu.rmsnorm_forward(&mut rec, &n, &gw_pre, &y2, &rstd2, eps)
+                .unwrap();
+            rec.submit();
+            let (got_h, got_y) = (gpu.read_f32(&h).unwrap(), gpu.read_f32(&y).unwrap());
+            let (want_h, want_y) =
+                reference::rmsnorm_residual_rmsnorm(&x, &res, &w_post, &w_pre, rows, cols, eps);
+            let (eh, ey) = (
+                rel_frobenius(&got_h, &want_h),
+                rel_frobenius(&got_y, &want_y),
+            );
+            assert!(
+                eh < 1e-6 && ey < 1e-6,
+                "seed {seed}: {rows}x{cols}: h {eh}, y {ey}"
+            );
+            let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(got_h),
+                bits(gpu.read_f32(&n).unwrap()),
+                "seed {seed}: h"
+            );
+            assert_eq!(
+                bits(got_y),
+                bits(gpu.read_f32(&y2).unwrap()),
+                "seed {seed}: y"
+            );
+        }
     }
 
     #[test]
