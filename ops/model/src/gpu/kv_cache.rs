@@ -153,10 +153,10 @@ impl GpuDecoderLayer {
             run,
         )?;
         let [q, k, v] = <[GpuTensor; 3]>::try_from(qkv).expect("three outputs");
-        let q = rmsnorm(gpu, rec, &q.reshape(&[rows, heads, hd])?, &self.q_norm, eps)?;
-        let k = rmsnorm(gpu, rec, &k.reshape(&[rows, kvh, hd])?, &self.k_norm, eps)?;
-        gpu.rope(rec, &q, positions, rope, false)?;
-        gpu.rope(rec, &k, positions, rope, false)?;
+        // q_norm and RoPE on q in place; k_norm and RoPE on k into the key cache, v into the
+        // value cache: two dispatches (the same bits as norm, rope and append separately)
+        let q = q.reshape(&[rows, heads, hd])?;
+        gpu.decode_q_norm_rope(rec, &q, heads, &self.q_norm, positions, rope, eps)?;
         let shape = DecodeShape {
             batch: rows,
             heads,
@@ -167,8 +167,18 @@ impl GpuDecoderLayer {
             window: kv.window,
             scale: dims.attn_scale,
         };
-        gpu.kv_append(rec, &shape, &k, &kv.k)?;
-        gpu.kv_append(rec, &shape, &v.reshape(&[rows, kvh, hd])?, &kv.v)?;
+        gpu.decode_kv_norm_rope_append(
+            rec,
+            &shape,
+            &k.reshape(&[rows, kvh, hd])?,
+            &v.reshape(&[rows, kvh, hd])?,
+            &self.k_norm,
+            positions,
+            rope,
+            eps,
+            &kv.k,
+            &kv.v,
+        )?;
         let attn = gpu.empty(&[rows, heads, hd], DType::F32)?;
         gpu.decode_attention(rec, &shape, &q, &kv.k, &kv.v, start, &attn)?;
         let (o, _) = self

@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::check;
-use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, Shader};
+use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, RopeTables, Shader};
 pub use crate::shapes::DecodeShape;
 
 /// The shader keeps a query row and its accumulator in workgroup memory of this size.
@@ -23,12 +23,31 @@ fn vec4_shader() -> Result<Shader> {
     Shader::compose("decode_attention", &["VEC4"])
 }
 
+/// The per-head norm, RoPE and append of a decode step (`shaders/decode_qk.wgsl`).
+fn qk_shader() -> Result<Shader> {
+    Shader::compose("decode_qk", &[])
+}
+
 /// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
     Ok(vec![
         (shader()?, vec!["append", "prefill", "decode"]),
         (vec4_shader()?, vec!["decode"]),
+        (qk_shader()?, vec!["q_norm_rope", "kv_norm_rope_append"]),
     ])
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct QkParams {
+    rows: u32,
+    heads: u32,
+    head_dim: u32,
+    n_pos: u32,
+    capacity: u32,
+    pos: u32,
+    eps: f32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -89,7 +108,138 @@ impl DecodeParams {
     }
 }
 
+/// The checks both fused per-head kernels share: `x [rows, heads, head_dim]` with an even
+/// head_dim the shader's workgroup memory holds, `w [head_dim]`, `positions [rows]` u32, tables
+/// for that head_dim.
+fn check_norm_rope(
+    op: &str,
+    x: &GpuTensor,
+    heads: usize,
+    w: &GpuTensor,
+    positions: &GpuTensor,
+    tables: &RopeTables,
+) -> Result<usize> {
+    let head_dim = tables.head_dim;
+    ensure!(
+        head_dim > 0 && head_dim <= MAX_HEAD_DIM && head_dim.is_multiple_of(2),
+        "{op}: head_dim {head_dim} must be even and at most {MAX_HEAD_DIM}"
+    );
+    ensure!(heads > 0, "{op}: no heads");
+    let rows = x.numel() / (heads * head_dim);
+    check(op, "x", x, DType::F32, rows * heads * head_dim)?;
+    check(op, "w", w, DType::F32, head_dim)?;
+    check(op, "positions", positions, DType::U32, rows)?;
+    Ok(rows)
+}
+
 impl Gpu {
+    /// Decoding's `q = rope(rmsnorm(q; w))` per head, in place, in one dispatch: the same bits
+    /// as [`Gpu::rmsnorm_forward`] over each head then [`Gpu::rope`]. q: f32 [rows, heads,
+    /// head_dim]; w: [head_dim] (Gemma's q_norm); positions: [rows] u32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_q_norm_rope(
+        &self,
+        rec: &mut Recorder,
+        q: &GpuTensor,
+        heads: usize,
+        w: &GpuTensor,
+        positions: &GpuTensor,
+        tables: &RopeTables,
+        eps: f32,
+    ) -> Result<()> {
+        let rows = check_norm_rope("decode_q_norm_rope", q, heads, w, positions, tables)?;
+        let p = QkParams {
+            rows: rows as u32,
+            heads: heads as u32,
+            head_dim: tables.head_dim as u32,
+            n_pos: tables.n_pos as u32,
+            capacity: 0,
+            pos: 0,
+            eps,
+            _pad: 0,
+        };
+        let k = self.kernel(&qk_shader()?, "q_norm_rope", &[])?;
+        rec.dispatch(
+            &k,
+            bytemuck::bytes_of(&p),
+            &[
+                q.view()?,
+                w.view()?,
+                positions.view()?,
+                tables.cos.view()?,
+                tables.sin.view()?,
+            ],
+            groups_1d(self, (rows * heads) as u32),
+        );
+        Ok(())
+    }
+
+    /// Decoding's new keys and values into the caches in one dispatch: `rope(rmsnorm(k; w))` per
+    /// kv head into the key cache and `v` into the value cache at slot `s.pos % s.capacity` — the
+    /// same bits as [`Gpu::rmsnorm_forward`], [`Gpu::rope`] and two [`Gpu::kv_append`]s. k, v:
+    /// f32 [batch, kv_heads, head_dim]; w: [head_dim] (Gemma's k_norm); positions: [batch] u32;
+    /// caches: f32 [batch, kv_heads, capacity, head_dim].
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_kv_norm_rope_append(
+        &self,
+        rec: &mut Recorder,
+        s: &DecodeShape,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        w: &GpuTensor,
+        positions: &GpuTensor,
+        tables: &RopeTables,
+        eps: f32,
+        k_cache: &GpuTensor,
+        v_cache: &GpuTensor,
+    ) -> Result<()> {
+        let op = "decode_kv_norm_rope_append";
+        let d = DecodeParams::new(op, s)?;
+        ensure!(
+            tables.head_dim == s.head_dim,
+            "{op}: head_dim {} but RoPE tables for {}",
+            s.head_dim,
+            tables.head_dim
+        );
+        let rows = check_norm_rope(op, k, s.kv_heads, w, positions, tables)?;
+        ensure!(
+            rows == s.batch,
+            "{op}: k has {rows} rows, the batch {}",
+            s.batch
+        );
+        check(op, "v", v, DType::F32, rows * s.kv_heads * s.head_dim)?;
+        let cache_len = rows * s.kv_heads * s.capacity * s.head_dim;
+        check(op, "k_cache", k_cache, DType::F32, cache_len)?;
+        check(op, "v_cache", v_cache, DType::F32, cache_len)?;
+        let p = QkParams {
+            rows: d.batch,
+            heads: d.kv_heads,
+            head_dim: d.head_dim,
+            n_pos: tables.n_pos as u32,
+            capacity: d.capacity,
+            pos: d.pos,
+            eps,
+            _pad: 0,
+        };
+        let kernel = self.kernel(&qk_shader()?, "kv_norm_rope_append", &[])?;
+        rec.dispatch(
+            &kernel,
+            bytemuck::bytes_of(&p),
+            &[
+                k.view()?,
+                v.view()?,
+                w.view()?,
+                positions.view()?,
+                tables.cos.view()?,
+                tables.sin.view()?,
+                k_cache.view()?,
+                v_cache.view()?,
+            ],
+            groups_1d(self, (rows * s.kv_heads) as u32),
+        );
+        Ok(())
+    }
+
     /// `cache[b, g, pos % capacity, :] = new[b, g, :]`. new: f32 [batch, kv_heads, head_dim];
     /// cache: f32 [batch, kv_heads, capacity, head_dim].
     pub fn kv_append(
@@ -216,6 +366,122 @@ mod tests {
     use super::*;
     use crate::gpu::testing::{rel_frobenius, test_gpu, TestRng};
     use crate::reference::decode_attention as reference;
+
+    /// The fused per-head kernels of a decode step against the references composed (rmsnorm
+    /// per head, rope, append) and bit for bit against the kernels they replace: fresh random
+    /// inputs, caches of garbage, a head_dim of four columns per lane (256) and an odd one (38),
+    /// a ring (pos past the capacity), a position per row.
+    #[test]
+    fn fused_norm_rope_append_match_the_unfused_kernels() {
+        use crate::reference::{norm, rope};
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        for &(batch, heads, kv_heads, head_dim, capacity, pos) in &[
+            (2usize, 4usize, 1usize, 256usize, 9usize, 12usize),
+            (3, 6, 3, 38, 5, 3),
+        ] {
+            let n_pos = 64;
+            let eps = 1e-6;
+            let tables = gpu.rope_tables(10000.0, 1.0, head_dim, n_pos).unwrap();
+            let (cos, sin) = (
+                gpu.read_f32(&tables.cos).unwrap(),
+                gpu.read_f32(&tables.sin).unwrap(),
+            );
+            let positions: Vec<u32> = (0..batch).map(|_| (rng.next_u64() % 60) as u32).collect();
+            let gpos = gpu.upload_u32(&[batch], &positions).unwrap();
+            let scaled = |rng: &mut TestRng, n: usize, by: f32| -> Vec<f32> {
+                rng.vec_normal(n).iter().map(|v| v * by).collect()
+            };
+            let q = scaled(&mut rng, batch * heads * head_dim, 3.0);
+            let k = scaled(&mut rng, batch * kv_heads * head_dim, 3.0);
+            let v = rng.vec_normal(batch * kv_heads * head_dim);
+            let (wq, wk) = (
+                scaled(&mut rng, head_dim, 0.3),
+                scaled(&mut rng, head_dim, 0.3),
+            );
+            let cache_shape = [batch, kv_heads, capacity, head_dim];
+            let garbage = rng.vec_normal(batch * kv_heads * capacity * head_dim);
+            let s = DecodeShape {
+                batch,
+                heads,
+                kv_heads,
+                head_dim,
+                capacity,
+                pos,
+                window: capacity,
+                scale: 1.0,
+            };
+            let up = |v: &[f32], shape: &[usize]| gpu.upload_f32(shape, v).unwrap();
+            let (gwq, gwk) = (up(&wq, &[head_dim]), up(&wk, &[head_dim]));
+            let (gk, gv) = (
+                up(&k, &[batch, kv_heads, head_dim]),
+                up(&v, &[batch, kv_heads, head_dim]),
+            );
+
+            // fused
+            let fused_q = up(&q, &[batch, heads, head_dim]);
+            let (fused_k, fused_v) = (up(&garbage, &cache_shape), up(&garbage, &cache_shape));
+            let mut rec = Recorder::new(gpu);
+            gpu.decode_q_norm_rope(&mut rec, &fused_q, heads, &gwq, &gpos, &tables, eps)
+                .unwrap();
+            gpu.decode_kv_norm_rope_append(
+                &mut rec, &s, &gk, &gv, &gwk, &gpos, &tables, eps, &fused_k, &fused_v,
+            )
+            .unwrap();
+            // unfused: rmsnorm_forward, rope, kv_append
+            let gq = up(&q, &[batch, heads, head_dim]);
+            let nq = gpu.empty(&[batch, heads, head_dim], DType::F32).unwrap();
+            let nk = gpu.empty(&[batch, kv_heads, head_dim], DType::F32).unwrap();
+            let (rstd_q, rstd_k) = (
+                gpu.empty(&[batch * heads], DType::F32).unwrap(),
+                gpu.empty(&[batch * kv_heads], DType::F32).unwrap(),
+            );
+            let (plain_k, plain_v) = (up(&garbage, &cache_shape), up(&garbage, &cache_shape));
+            gpu.rmsnorm_forward(&mut rec, &gq, &gwq, &nq, &rstd_q, eps)
+                .unwrap();
+            gpu.rmsnorm_forward(&mut rec, &gk, &gwk, &nk, &rstd_k, eps)
+                .unwrap();
+            gpu.rope(&mut rec, &nq, &gpos, &tables, false).unwrap();
+            gpu.rope(&mut rec, &nk, &gpos, &tables, false).unwrap();
+            gpu.kv_append(&mut rec, &s, &nk, &plain_k).unwrap();
+            gpu.kv_append(&mut rec, &s, &gv, &plain_v).unwrap();
+            rec.submit();
+
+            let read = |t: &GpuTensor| gpu.read_f32(t).unwrap();
+            let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let what = format!("seed {seed}: head_dim {head_dim}");
+            assert_eq!(bits(read(&fused_q)), bits(read(&nq)), "{what}: q");
+            assert_eq!(
+                bits(read(&fused_k)),
+                bits(read(&plain_k)),
+                "{what}: k cache"
+            );
+            assert_eq!(
+                bits(read(&fused_v)),
+                bits(read(&plain_v)),
+                "{what}: v cache"
+            );
+
+            // the references composed
+            let (want_q, _) = norm::rmsnorm_forward(&q, &wq, batch * heads, head_dim, eps);
+            let want_q = rope::rope(&want_q, &positions, &cos, &sin, heads, head_dim, false);
+            let (want_k, _) = norm::rmsnorm_forward(&k, &wk, batch * kv_heads, head_dim, eps);
+            let want_k = rope::rope(&want_k, &positions, &cos, &sin, kv_heads, head_dim, false);
+            let (mut want_kc, mut want_vc) = (garbage.clone(), garbage.clone());
+            reference::append(&mut want_kc, &want_k, &s);
+            reference::append(&mut want_vc, &v, &s);
+            assert!(
+                rel_frobenius(&read(&fused_q), &want_q) < 1e-6,
+                "{what}: q vs reference"
+            );
+            assert!(
+                rel_frobenius(&read(&fused_k), &want_kc) < 1e-6,
+                "{what}: k cache vs reference"
+            );
+            assert_eq!(read(&fused_v), want_vc, "{what}: v cache vs reference");
+        }
+    }
 
     /// Decodes `steps` positions one at a time, appending each step's K and V through the GPU
     /// and the reference alike, and compares every step's output with fresh random inputs.

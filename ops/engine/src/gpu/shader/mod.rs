@@ -162,6 +162,7 @@ shader_files!(
     "cross_entropy/finish",
     "cross_entropy/dlogits",
     "decode_attention",
+    "decode_qk",
     "embedding",
     "lora",
     "matmul",

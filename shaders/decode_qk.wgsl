@@ -1,0 +1,110 @@
+// Decoding's per-head steps between the q/k/v products and the attention in two dispatches
+// instead of six: q_norm_rope (Gemma's q_norm, then RoPE, in place on q) and
+// kv_norm_rope_append (k_norm and RoPE on k, written into the key cache; v into the value
+// cache). Each step is what the separate kernels compute, in their order: rmsnorm_forward's
+// lane-strided sum of squares and tree (norm.wgsl), rope's rotate-half (rope.wgsl), append's
+// slot (decode_attention.wgsl); the tests compare bit for bit with those kernels and with their
+// references composed (kernels/decode_attention.rs).
+//
+// One workgroup of 64 per (row, head); a head's normed values pass through workgroup memory.
+// x: [rows, heads, head_dim]; positions [rows] u32; cos/sin [n_pos, head_dim / 2]; caches
+// [rows, kv_heads, capacity, head_dim], position pos in slot pos % capacity.
+
+#include "lib/dispatch"
+
+struct Params {
+    rows: u32,
+    heads: u32,       // of x: the query heads, or the kv heads
+    head_dim: u32,    // even, <= MAX_HEAD_DIM
+    n_pos: u32,
+    capacity: u32,
+    pos: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+const WG: u32 = 64u;
+const MAX_HEAD_DIM: u32 = 256u;
+var<workgroup> head_sh: array<f32, MAX_HEAD_DIM>;
+var<workgroup> red: array<f32, WG>;
+
+// The workgroup's sum of every lane's `v`, in the tree order of norm.wgsl's reduce2.
+fn reduce(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s /= 2u) {
+        if (lid < s) { red[lid] += red[lid + s]; }
+        workgroupBarrier();
+    }
+    return red[0];
+}
+
+// ---- q_norm_rope: q = rope(rmsnorm(q; w)), in place -----------------------------------------
+@group(0) @binding(1) var<storage, read_write> q: array<f32>;
+@group(0) @binding(2) var<storage, read> q_w: array<f32>;
+@group(0) @binding(3) var<storage, read> q_positions: array<u32>;
+@group(0) @binding(4) var<storage, read> q_cos: array<f32>;
+@group(0) @binding(5) var<storage, read> q_sin: array<f32>;
+
+@compute @workgroup_size(64)
+fn q_norm_rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let rh = flat_workgroup(wid, nwg);
+    if (rh >= p.rows * p.heads) { return; } // uniform per workgroup
+    let base = rh * p.head_dim;
+    var ss = 0.0;
+    for (var j = lid; j < p.head_dim; j += WG) { let v = q[base + j]; ss += v * v; }
+    let rstd = inverseSqrt(reduce(lid, ss) / f32(p.head_dim) + p.eps);
+    for (var j = lid; j < p.head_dim; j += WG) { head_sh[j] = q[base + j] * rstd * (1.0 + q_w[j]); }
+    workgroupBarrier();
+    let half = p.head_dim / 2u;
+    let pos = min(q_positions[rh / p.heads], p.n_pos - 1u);
+    for (var i = lid; i < half; i += WG) {
+        let c = q_cos[pos * half + i];
+        let s = q_sin[pos * half + i];
+        let a = head_sh[i];
+        let b = head_sh[i + half];
+        q[base + i] = a * c - b * s;
+        q[base + i + half] = b * c + a * s;
+    }
+}
+
+// ---- kv_norm_rope_append: k_cache[slot] = rope(rmsnorm(k; w)), v_cache[slot] = v -----------
+@group(0) @binding(1) var<storage, read> kv_k: array<f32>;
+@group(0) @binding(2) var<storage, read> kv_v: array<f32>;
+@group(0) @binding(3) var<storage, read> kv_w: array<f32>;
+@group(0) @binding(4) var<storage, read> kv_positions: array<u32>;
+@group(0) @binding(5) var<storage, read> kv_cos: array<f32>;
+@group(0) @binding(6) var<storage, read> kv_sin: array<f32>;
+@group(0) @binding(7) var<storage, read_write> k_cache: array<f32>;
+@group(0) @binding(8) var<storage, read_write> v_cache: array<f32>;
+
+@compute @workgroup_size(64)
+fn kv_norm_rope_append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let rg = flat_workgroup(wid, nwg);
+    if (rg >= p.rows * p.heads) { return; } // uniform per workgroup
+    let base = rg * p.head_dim;
+    let slot = (rg * p.capacity + p.pos % p.capacity) * p.head_dim;
+    var ss = 0.0;
+    for (var j = lid; j < p.head_dim; j += WG) {
+        let v = kv_k[base + j];
+        ss += v * v;
+        v_cache[slot + j] = kv_v[base + j];
+    }
+    let rstd = inverseSqrt(reduce(lid, ss) / f32(p.head_dim) + p.eps);
+    for (var j = lid; j < p.head_dim; j += WG) { head_sh[j] = kv_k[base + j] * rstd * (1.0 + kv_w[j]); }
+    workgroupBarrier();
+    let half = p.head_dim / 2u;
+    let pos = min(kv_positions[rg / p.heads], p.n_pos - 1u);
+    for (var i = lid; i < half; i += WG) {
+        let c = kv_cos[pos * half + i];
+        let s = kv_sin[pos * half + i];
+        let a = head_sh[i];
+        let b = head_sh[i + half];
+        k_cache[slot + i] = a * c - b * s;
+        k_cache[slot + i + half] = b * c + a * s;
+    }
+}
