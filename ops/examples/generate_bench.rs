@@ -1,14 +1,16 @@
 //! Issue #15's benchmark: greedy generation with the KV cache on the GPU kernels on the small
 //! Gemma-3-shaped bench model (recipes/configs/bench-small-gemma-3.config.json: text hidden
 //! 640, 4 layers, 4 heads × 256, 1 KV head, vocab 32768; SigLIP 224 px, 4 layers; 64 image
-//! tokens), random f32 weights, one prompt of PROMPT tokens holding one image. Prints the time to
-//! first token (vision tower + prompt forward + the first token's logits), the decode speed in
-//! tokens/s, the KV cache size, and transformers' `generate` on the CPU on the same config in the
-//! same run (tools/bench/generate_baseline.py; "skipped" without python3 + torch + transformers;
-//! `RUNNER_BENCH_PYTHON` names the interpreter).
+//! tokens), random weights (f32, or bf16), one prompt of PROMPT tokens holding one image.
+//! Prints the time to first token (vision tower + prompt forward + the first token's logits),
+//! the decode speed in tokens/s, the KV cache size, and transformers' `generate` on the CPU on
+//! the same config in the same run (tools/bench/generate_baseline.py; "skipped" without
+//! python3 + torch + transformers; `RUNNER_BENCH_PYTHON` names the interpreter).
 //!
-//! `cargo run --release -p ops --example generate_bench -- [PROMPT=256] [NEW=64] [--nf4] [--f16]`
-//! (`--f16`: the base's linear layers with f16 operands, `matmul_precision = "f16"`)
+//! `cargo run --release -p ops --example generate_bench -- [PROMPT=256] [NEW=64] [--bf16] [--nf4]
+//! [--f16] [--dispatches]` (`--bf16`: the weights stored in bf16, as Gemma 3's checkpoints are;
+//! `--f16`: the base's linear layers with f16 operands, `matmul_precision = "f16"`;
+//! `--dispatches`: the timed step's every dispatch in order, not only the totals by kernel)
 
 use std::process::Command;
 use std::time::Instant;
@@ -120,6 +122,7 @@ fn main() -> anyhow::Result<()> {
     let nf4 = args.iter().any(|a| a == "--nf4");
     let f16 = args.iter().any(|a| a == "--f16");
     let bf16 = args.iter().any(|a| a == "--bf16");
+    let dispatches = args.iter().any(|a| a == "--dispatches");
     let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let seq = nums.first().copied().unwrap_or(256);
     let new = nums.get(1).copied().unwrap_or(64).max(2);
@@ -178,11 +181,18 @@ fn main() -> anyhow::Result<()> {
     };
     run(4)?; // warm-up: pipelines compiled, buffers pooled
     let (ttft, rate, bytes) = run(new)?;
-    // One more decode step, timed kernel by kernel.
+    // One more decode step, timed kernel by kernel: the second of a generation (the first
+    // also stages the frozen weights into textures on CPU adapters).
     {
-        let (mut cache, logits) = model.start_generation(gpu, &batch, 2)?;
+        let (mut cache, logits) = model.start_generation(gpu, &batch, 3)?;
+        let logits = model.decode_step(gpu, &mut cache, &[argmax(&logits)])?;
         let (_, times) = model.decode_step_timed(gpu, &mut cache, &[argmax(&logits)])?;
         let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
+        if dispatches {
+            for (i, k) in times.iter().enumerate() {
+                println!("  #{i:<3} {:<45} {:>7.3} ms", k.name, k.seconds * 1e3);
+            }
+        }
         for k in times {
             *by_name.entry(k.name).or_default() += k.seconds;
         }
