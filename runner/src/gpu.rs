@@ -53,7 +53,13 @@ fn tune(args: &TuneRequest) -> Result<String> {
         "adapter: {}\n\n| product | M×N×K | kept tiling | ms | default ms | speed-up |\n| --- | --- | --- | --- | --- | --- |\n",
         gpu.adapter_info().name
     );
-    for shape in ops::model::products::model_products(&config, args.tokens, args.nf4) {
+    use ops::model::products::{model_products, BaseWeights};
+    let base = match (args.nf4, args.bf16_weights) {
+        (true, _) => BaseWeights::Nf4,
+        (false, true) => BaseWeights::Bf16,
+        (false, false) => BaseWeights::F32,
+    };
+    for shape in model_products(&config, args.tokens, base) {
         eprintln!(
             "tuning {} ({}x{}x{})",
             shape.label, shape.m, shape.n, shape.k

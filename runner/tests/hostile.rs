@@ -639,6 +639,40 @@ fn gpu_tune_keeps_the_fastest_tiling_per_shape_class() {
         assert_eq!(kept[1].as_f64().unwrap(), best, "{key}: {entry}");
     }
 
+    // a dense bf16 base: its products' classes are the bf16-weight kernels' (BF16B), kept
+    // beside the f32 ones in the same file
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args([
+            "gpu",
+            "--tune",
+            "--bf16-weights",
+            "--tokens",
+            "24",
+            "--config",
+        ])
+        .arg(&config)
+        .env("RUNNER_TUNE_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let table: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let bf16_classes = table["classes"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.contains("BF16B"))
+        .count();
+    assert!(bf16_classes >= 10, "{table}");
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["gpu", "--tune", "--nf4", "--bf16-weights"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--bf16-weights"),
+        "{stderr}"
+    );
+
     // a file that is not a model config is refused with its name
     let bad = dir.path().join("not-a-config.json");
     std::fs::write(&bad, "{\"model_type\": \"llama\"}").unwrap();

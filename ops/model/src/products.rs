@@ -7,10 +7,22 @@ use engine::gpu::tune::{ShapeClass, TuneShape};
 
 use crate::ModelConfig;
 
+/// How the base's linear weights are stored, which decides the products' kernel variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseWeights {
+    /// Dense, widened to f32 (f32 or f16 checkpoints).
+    F32,
+    /// Dense bf16, kept as stored (Gemma 3's Hub checkpoints).
+    Bf16,
+    /// bitsandbytes NF4 (QLoRA).
+    Nf4,
+}
+
 /// The products of one training step of a Gemma 3 model over `tokens` text tokens and one
-/// image per example: every linear layer's forward `x·Wᵀ` and input gradient `dy·W` (on an NF4
-/// base with `nf4`), text decoder and SigLIP tower; one entry per shape class.
-pub fn model_products(config: &ModelConfig, tokens: usize, nf4: bool) -> Vec<TuneShape> {
+/// image per example: every linear layer's forward `x·Wᵀ` and input gradient `dy·W` on a base
+/// stored as `base`, text decoder and SigLIP tower; one entry per shape class.
+pub fn model_products(config: &ModelConfig, tokens: usize, base: BaseWeights) -> Vec<TuneShape> {
+    let (nf4, bf16_b) = (base == BaseWeights::Nf4, base == BaseWeights::Bf16);
     let t = config.text();
     let mut layers = vec![
         (
@@ -65,8 +77,13 @@ pub fn model_products(config: &ModelConfig, tokens: usize, nf4: bool) -> Vec<Tun
                 trans_a: false,
                 trans_b,
                 nf4,
+                bf16_b,
             };
-            let features: &[&str] = if nf4 { &["NF4"] } else { &[] };
+            let features: &[&str] = match base {
+                BaseWeights::Nf4 => &["NF4"],
+                BaseWeights::Bf16 => &["BF16B"],
+                BaseWeights::F32 => &[],
+            };
             if seen.insert(ShapeClass::new(m, n, k, false, trans_b, features).key()) {
                 out.push(shape);
             }

@@ -93,6 +93,10 @@ struct GpuArgs {
     /// Tune the products of an NF4 (QLoRA) base, as the guide's recipes train.
     #[arg(long, requires = "tune")]
     nf4: bool,
+    /// Tune the products of a dense base stored in bf16 (Gemma 3's Hub checkpoints, which stay
+    /// bf16 on the device).
+    #[arg(long, requires = "tune", conflicts_with = "nf4")]
+    bf16_weights: bool,
 }
 
 #[derive(Args, Debug)]
@@ -147,6 +151,8 @@ pub struct TuneRequest {
     pub tokens: usize,
     /// The products of an NF4 (QLoRA) base.
     pub nf4: bool,
+    /// The products of a dense bf16 base.
+    pub bf16_weights: bool,
 }
 
 /// Runs the CLI with `args` (the first item is the program name) against `registry`, with `gpu`
@@ -215,6 +221,7 @@ fn dispatch(registry: &Registry, gpu: &dyn GpuCommands, command: Command) -> Out
                     config: args.config,
                     tokens: args.tokens,
                     nf4: args.nf4,
+                    bf16_weights: args.bf16_weights,
                 }),
             };
             match result {

@@ -274,7 +274,10 @@ pub struct TuneShape {
     pub k: u32,
     pub trans_a: bool,
     pub trans_b: bool,
+    /// B is an NF4 weight.
     pub nf4: bool,
+    /// B is a bf16 weight (a dense bf16 checkpoint kept as stored).
+    pub bf16_b: bool,
 }
 
 /// The tuning state of one device: its table, where it is saved, and whether first uses tune.

@@ -156,6 +156,7 @@ impl Gpu {
             trans_a,
             trans_b,
             nf4,
+            bf16_b,
             ..
         } = *shape;
         ensure!(
@@ -163,13 +164,18 @@ impl Gpu {
             "tuning needs a non-empty product, got {m}x{n}x{k}"
         );
         ensure!(!(nf4 && trans_a), "an NF4 product never transposes A");
+        ensure!(!(nf4 && bf16_b), "B is NF4 or bf16, not both");
         let view = |bytes: u64| BufView {
             buffer: self.alloc_scratch(bytes),
             offset: 0,
             size: bytes.max(4),
         };
         let (lda, ldb) = (if trans_a { m } else { k }, if trans_b { k } else { n });
-        let b_bytes = if nf4 { (n * k).div_ceil(2) } else { 4 * n * k };
+        let b_bytes = match (nf4, bf16_b) {
+            (true, _) => (n * k).div_ceil(2),
+            (false, true) => 2 * n * k,
+            (false, false) => 4 * n * k,
+        };
         let g = Gemm {
             a: view(4 * m as u64 * k as u64),
             b: view(b_bytes as u64),
@@ -193,7 +199,7 @@ impl Gpu {
             a_contig: lda,
             b_contig: ldb,
             f16: false,
-            b_bf16: false,
+            b_bf16: bf16_b,
             frozen_b: false,
         };
         let absmax = nf4.then(|| (view(4 * (n as u64 * k as u64).div_ceil(64)), 64usize));
