@@ -12,6 +12,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::config::FloatDtype;
 use crate::reference::lora::{lora_dropout_seed, LoraPair, LoraSettings};
+use crate::weights::TensorRef;
 use crate::Weights;
 use engine::gpu::{DType, Gpu, GpuTensor, Lora, MatmulOpts, MatmulPrecision, Nf4Weight, Recorder};
 
@@ -51,6 +52,21 @@ impl DenseStorage {
             (DenseStorage::AsStored, Some(FloatDtype::BF16)) => DType::BF16,
             _ => DType::F32,
         }
+    }
+}
+
+/// Uploads checkpoint tensor `t` as `dtype` (f32 or bf16): a bf16 tensor's bits go up as they
+/// are, without an f32 copy on the host (Gemma 3 4B's embedding table: 1.3 GB of bits against
+/// 2.7 GB of f32); other dtypes are widened, and rounded to bf16 where `dtype` says so.
+pub(crate) fn upload_tensor(
+    gpu: &Gpu,
+    t: &TensorRef,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<GpuTensor> {
+    match dtype {
+        DType::BF16 => gpu.upload_bf16(shape, &t.to_bf16_bits()?),
+        _ => gpu.upload_f32(shape, &t.to_f32()?),
     }
 }
 
@@ -161,10 +177,9 @@ impl GpuLinear {
                 t.shape
             );
             let shape = [t.shape[0], t.shape[1]];
-            let host = t.to_f32()?;
             let dtype = dense.device_dtype(t.float_dtype());
             (
-                BaseWeight::Dense(gpu.upload_f32_as(&shape, &host, dtype)?),
+                BaseWeight::Dense(upload_tensor(gpu, &t, &shape, dtype)?),
                 shape,
             )
         };

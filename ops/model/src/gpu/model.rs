@@ -14,7 +14,7 @@
 use anyhow::{bail, ensure, Context, Result};
 
 use super::decoder::{GpuDecoderLayer, GpuSequence};
-use super::linear::{DenseStorage, GpuLinear, GpuLoraPair, LoraRun};
+use super::linear::{upload_tensor, DenseStorage, GpuLinear, GpuLoraPair, LoraRun};
 use super::projector::{GpuProjector, GpuProjectorCache};
 use super::siglip::{GpuVisionCache, GpuVisionTower};
 use crate::config::{FloatDtype, ModelConfig};
@@ -70,8 +70,8 @@ fn table_dtype(bf16: bool) -> DType {
 
 /// The dtype of a frozen vocabulary table stored in `stored`: bf16 under `bf16`, or where
 /// `dense` keeps the checkpoint's bf16 (its values exactly, at half the size: the output
-/// projection is the largest product of a decode step); f32 otherwise. The products that read it take f32
-/// operands whatever `matmul_precision` says.
+/// projection is the largest product of a decode step); f32 otherwise. The products that read
+/// it take f32 operands whatever `matmul_precision` says.
 fn frozen_table_dtype(bf16: bool, dense: DenseStorage, stored: Option<FloatDtype>) -> DType {
     table_dtype(bf16 || dense.device_dtype(stored) == DType::BF16)
 }
@@ -247,7 +247,7 @@ impl Gemma3Gpu {
             None
         } else {
             let dtype = frozen_table_dtype(opts.bf16, dense, embed.float_dtype());
-            Some(gpu.upload_f32_as(&table_shape, &embed.to_f32()?, dtype)?)
+            Some(upload_tensor(gpu, &embed, &table_shape, dtype)?)
         };
         let layers = (0..t.num_hidden_layers)
             .map(|l| {
@@ -259,11 +259,8 @@ impl Gemma3Gpu {
         let final_norm = gpu.upload_f32(&[dims.hidden], &final_norm_host)?;
         let lm_head = if untied_head && adapter.is_none_or(|a| a.lm_head.is_none()) {
             let head = weights.tensor(LM_HEAD)?;
-            Some(gpu.upload_f32_as(
-                &table_shape,
-                &head.to_f32()?,
-                frozen_table_dtype(opts.bf16, dense, head.float_dtype()),
-            )?)
+            let dtype = frozen_table_dtype(opts.bf16, dense, head.float_dtype());
+            Some(upload_tensor(gpu, &head, &table_shape, dtype)?)
         } else {
             None
         };
