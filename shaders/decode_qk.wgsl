@@ -41,12 +41,35 @@ fn reduce(lid: u32, v: f32) -> f32 {
     return red[0];
 }
 
+// ---- what both entries share: bindings 2..5 and the per-head steps
+@group(0) @binding(2) var<storage, read> norm_w: array<f32>;      // [head_dim]
+@group(0) @binding(3) var<storage, read> positions: array<u32>;   // [rows]
+@group(0) @binding(4) var<storage, read> cos_t: array<f32>;
+@group(0) @binding(5) var<storage, read> sin_t: array<f32>;
+
+// head_sh[0 .. head_dim] holds a head of row `row`, each lane having written its own columns
+// j = lid, lid + WG, ... and summed their squares into `ss`: leaves rope(rmsnorm(head; norm_w))
+// there, published to the whole workgroup. A lane reads and writes only its own columns, then
+// only its own rotation pairs.
+fn norm_rope_in_shared(lid: u32, row: u32, ss: f32) {
+    let rstd = inverseSqrt(reduce(lid, ss) / f32(p.head_dim) + p.eps);
+    for (var j = lid; j < p.head_dim; j += WG) { head_sh[j] = head_sh[j] * rstd * (1.0 + norm_w[j]); }
+    workgroupBarrier();
+    let half = p.head_dim / 2u;
+    let pos = min(positions[row], p.n_pos - 1u);
+    for (var i = lid; i < half; i += WG) {
+        let c = cos_t[pos * half + i];
+        let s = sin_t[pos * half + i];
+        let a = head_sh[i];
+        let b = head_sh[i + half];
+        head_sh[i] = a * c - b * s;
+        head_sh[i + half] = b * c + a * s;
+    }
+    workgroupBarrier();
+}
+
 // ---- q_norm_rope: q = rope(rmsnorm(q; w)), in place -----------------------------------------
 @group(0) @binding(1) var<storage, read_write> q: array<f32>;
-@group(0) @binding(2) var<storage, read> q_w: array<f32>;
-@group(0) @binding(3) var<storage, read> q_positions: array<u32>;
-@group(0) @binding(4) var<storage, read> q_cos: array<f32>;
-@group(0) @binding(5) var<storage, read> q_sin: array<f32>;
 
 @compute @workgroup_size(64)
 fn q_norm_rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -55,29 +78,14 @@ fn q_norm_rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (rh >= p.rows * p.heads) { return; } // uniform per workgroup
     let base = rh * p.head_dim;
     var ss = 0.0;
-    for (var j = lid; j < p.head_dim; j += WG) { let v = q[base + j]; ss += v * v; }
-    let rstd = inverseSqrt(reduce(lid, ss) / f32(p.head_dim) + p.eps);
-    for (var j = lid; j < p.head_dim; j += WG) { head_sh[j] = q[base + j] * rstd * (1.0 + q_w[j]); }
-    workgroupBarrier();
-    let half = p.head_dim / 2u;
-    let pos = min(q_positions[rh / p.heads], p.n_pos - 1u);
-    for (var i = lid; i < half; i += WG) {
-        let c = q_cos[pos * half + i];
-        let s = q_sin[pos * half + i];
-        let a = head_sh[i];
-        let b = head_sh[i + half];
-        q[base + i] = a * c - b * s;
-        q[base + i + half] = b * c + a * s;
-    }
+    for (var j = lid; j < p.head_dim; j += WG) { let v = q[base + j]; head_sh[j] = v; ss += v * v; }
+    norm_rope_in_shared(lid, rh / p.heads, ss);
+    for (var j = lid; j < p.head_dim; j += WG) { q[base + j] = head_sh[j]; }
 }
 
 // ---- kv_norm_rope_append: k_cache[slot] = rope(rmsnorm(k; w)), v_cache[slot] = v -----------
 @group(0) @binding(1) var<storage, read> kv_k: array<f32>;
-@group(0) @binding(2) var<storage, read> kv_v: array<f32>;
-@group(0) @binding(3) var<storage, read> kv_w: array<f32>;
-@group(0) @binding(4) var<storage, read> kv_positions: array<u32>;
-@group(0) @binding(5) var<storage, read> kv_cos: array<f32>;
-@group(0) @binding(6) var<storage, read> kv_sin: array<f32>;
+@group(0) @binding(6) var<storage, read> kv_v: array<f32>;
 @group(0) @binding(7) var<storage, read_write> k_cache: array<f32>;
 @group(0) @binding(8) var<storage, read_write> v_cache: array<f32>;
 
@@ -91,20 +99,10 @@ fn kv_norm_rope_append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     var ss = 0.0;
     for (var j = lid; j < p.head_dim; j += WG) {
         let v = kv_k[base + j];
+        head_sh[j] = v;
         ss += v * v;
         v_cache[slot + j] = kv_v[base + j];
     }
-    let rstd = inverseSqrt(reduce(lid, ss) / f32(p.head_dim) + p.eps);
-    for (var j = lid; j < p.head_dim; j += WG) { head_sh[j] = kv_k[base + j] * rstd * (1.0 + kv_w[j]); }
-    workgroupBarrier();
-    let half = p.head_dim / 2u;
-    let pos = min(kv_positions[rg / p.heads], p.n_pos - 1u);
-    for (var i = lid; i < half; i += WG) {
-        let c = kv_cos[pos * half + i];
-        let s = kv_sin[pos * half + i];
-        let a = head_sh[i];
-        let b = head_sh[i + half];
-        k_cache[slot + i] = a * c - b * s;
-        k_cache[slot + i + half] = b * c + a * s;
-    }
+    norm_rope_in_shared(lid, rg / p.heads, ss);
+    for (var j = lid; j < p.head_dim; j += WG) { k_cache[slot + j] = head_sh[j]; }
 }

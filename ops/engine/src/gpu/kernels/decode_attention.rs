@@ -227,11 +227,11 @@ impl Gpu {
             bytemuck::bytes_of(&p),
             &[
                 k.view()?,
-                v.view()?,
                 w.view()?,
                 positions.view()?,
                 tables.cos.view()?,
                 tables.sin.view()?,
+                v.view()?,
                 k_cache.view()?,
                 v_cache.view()?,
             ],
