@@ -10,6 +10,7 @@
 #include "lib/dispatch"
 
 #feature VEC4 q, the caches and out read as vec4 (head_dim a multiple of 4): the decode kernel only
+#feature TEXTURES only `decode_subgroup`, the decode kernel for CPU adapters: the caches read from staged linear textures (ops/engine/src/gpu/staging.rs)
 
 struct Params {
     batch: u32,
@@ -27,10 +28,16 @@ struct Params {
 const WG: u32 = 64u;
 const MAX_HEAD_DIM: u32 = 256u;
 
-fn slot_base(b: u32, g: u32, position: u32) -> u32 {
-    return ((b * p.kv_heads + g) * p.capacity + position % p.capacity) * p.head_dim;
+// A slot one step past the ring's end wrapped to its start (the keys a query sees never
+// exceed the capacity, so one subtraction suffices): a division per key costs on CPUs, where
+// it is emulated lane by lane.
+fn wrap(slot: u32) -> u32 {
+    return select(slot, slot - p.capacity, slot >= p.capacity);
 }
 
+@group(0) @binding(4) var<storage, read> start: array<u32>;         // [batch]
+
+#if !TEXTURES
 // ---- append: cache[b, g, pos % capacity, :] = new[b, g, :] ---------------------------------
 
 @group(0) @binding(1) var<storage, read> new_rows: array<f32>;      // [batch, kv_heads, head_dim]
@@ -83,11 +90,12 @@ var<workgroup> sc: array<f32, TILE>;
 var<workgroup> red: array<f32, WG>;
 var<workgroup> lo_sh: u32;
 
-@group(0) @binding(4) var<storage, read> start: array<u32>;         // [batch]
 #if VEC4
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;       // [batch, heads, head_dim]
 @group(0) @binding(2) var<storage, read> k_cache: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> v_cache: array<vec4<f32>>;
+fn k4(t: u32) -> vec4<f32> { return k_cache[t]; }
+fn v4(t: u32) -> vec4<f32> { return v_cache[t]; }
 @group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>; // [batch, heads, head_dim]
 
 fn load_q(qbase: u32, i: u32) -> vec4<f32> {
@@ -95,18 +103,18 @@ fn load_q(qbase: u32, i: u32) -> vec4<f32> {
     return vec4<f32>(0.0);
 }
 
-fn score(b: u32, g: u32, position: u32) -> f32 {
-    let base = slot_base(b, g, position) / 4u;
+fn score(cache_row: u32, slot: u32) -> f32 {
+    let base = (cache_row + slot * p.head_dim) / 4u;
     var s = vec4<f32>(0.0);
     for (var i = 0u; i < p.head_dim / 4u; i++) {
-        s = fma(q_sh[i], k_cache[base + i], s);
+        s = fma(q_sh[i], k4(base + i), s);
     }
     return ((s.x + s.y) + (s.z + s.w)) * p.scale;
 }
 
 fn owns_dims(l: u32) -> bool { return l < p.head_dim / 4u; }
 
-fn value(base: u32, l: u32) -> vec4<f32> { return v_cache[base / 4u + l]; }
+fn value(base: u32, l: u32) -> vec4<f32> { return v4(base / 4u + l); }
 
 fn store_out(qbase: u32, l: u32, v: vec4<f32>) { out[qbase / 4u + l] = v; }
 #else
@@ -125,8 +133,8 @@ fn load_q(qbase: u32, i: u32) -> vec4<f32> {
                      q_at(qbase, 4u * i + 3u));
 }
 
-fn score(b: u32, g: u32, position: u32) -> f32 {
-    let base = slot_base(b, g, position);
+fn score(cache_row: u32, slot: u32) -> f32 {
+    let base = cache_row + slot * p.head_dim;
     var s = 0.0;
     for (var d = 0u; d < p.head_dim; d++) {
         s = fma(q_sh[d >> 2u][d & 3u], k_cache[base + d], s);
@@ -160,6 +168,7 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let b = bh / p.heads;
     let g = (bh % p.heads) / (p.heads / p.kv_heads);
     let qbase = bh * p.head_dim;
+    let cache_row = (b * p.kv_heads + g) * p.capacity * p.head_dim;
     q_sh[l] = load_q(qbase, l);
     if (l == 0u) {
         var lo = start[b];
@@ -178,8 +187,9 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     for (var t0 = lo; t0 <= p.pos; t0 += TILE) {
         let n = min(TILE, p.pos + 1u - t0);
         var tile_max = -3.0e38;
+        let first_slot = t0 % p.capacity;
         for (var i = l; i < n; i += WG) {
-            let s = score(b, g, t0 + i);
+            let s = score(cache_row, wrap(first_slot + i));
             sc[i] = s;
             tile_max = max(tile_max, s);
         }
@@ -199,8 +209,11 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
         workgroupBarrier();
         if (owns_dims(l)) {
+            var slot = first_slot;
             for (var k = 0u; k < n; k++) {
-                acc = fma(vec4<f32>(sc[k]), value(slot_base(b, g, t0 + k), l), acc);
+                acc = fma(vec4<f32>(sc[k]), value(cache_row + slot * p.head_dim, l), acc);
+                slot += 1u;
+                if (slot == p.capacity) { slot = 0u; }
             }
         }
         // sc and red are rewritten by the next tile
@@ -215,3 +228,90 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         store_out(qbase, l, select(vec4<f32>(0.0), acc / total, total > 0.0));
     }
 }
+#endif
+
+#if TEXTURES
+// ---- decode_subgroup: the decode kernel for CPU adapters (staged caches, one subgroup width) ---
+// One workgroup of one subgroup per (row, query head), laid out for SIMD lanes: the subgroup
+// walks the keys one at a time with its LANES lanes across head_dim (lane l holds texels
+// l, l + LANES, ... of q, of each key and value row, and of its accumulator, in
+// registers), so every load of a key or value row is neighbouring texels of a staged texture,
+// the score is a subgroupAdd, and neither workgroup memory nor a barrier is touched. `decode`
+// keeps q and the weights in workgroup memory and spreads the keys over lanes: llvmpipe ran it
+// 2.5-3x slower (per-lane loads of workgroup memory and storage buffers), and splitting the
+// keys over several subgroups of a workgroup gained nothing there (llvmpipe runs a workgroup
+// on one thread) while their merge's barrier cost more than the walk of a 128-key window.
+#include "lib/staging"
+
+override LANES: u32 = 8u;
+// texels of a head row per lane at the narrowest subgroup the engine stages for (4 lanes)
+const MAX_LANE_TEXELS: u32 = MAX_HEAD_DIM / 16u;
+
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;           // [batch, heads, head_dim]
+@group(0) @binding(2) var k_tex: texture_storage_2d<rgba32float, read>; // k_cache, staged
+@group(0) @binding(3) var v_tex: texture_storage_2d<rgba32float, read>; // v_cache, staged
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;   // [batch, heads, head_dim]
+
+@compute @workgroup_size(LANES)
+fn decode_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lane: u32) {
+    let bh = flat_workgroup(wid, nwg);
+    if (bh >= p.batch * p.heads) { return; }
+    let b = bh / p.heads;
+    let g = (bh % p.heads) / (p.heads / p.kv_heads);
+    let row_texels = p.head_dim / 4u;
+    let lane_texels = (row_texels + LANES - 1u) / LANES;
+    let q_base = bh * row_texels;
+    let cache_base = (b * p.kv_heads + g) * p.capacity * row_texels;
+
+    // lane_texels of these are used; a texel past the row (t >= row_texels) is zero in q and
+    // never stored, and its loads are clamped into the row
+    var qr: array<vec4<f32>, MAX_LANE_TEXELS>;
+    var acc: array<vec4<f32>, MAX_LANE_TEXELS>;
+    for (var j = 0u; j < MAX_HEAD_DIM / 4u / LANES; j++) {
+        let t = lane + j * LANES;
+        qr[j] = select(vec4<f32>(0.0), q[q_base + min(t, row_texels - 1u)], t < row_texels);
+        acc[j] = vec4<f32>(0.0);
+    }
+
+    // keys lo ..= pos: past the row's left padding, inside the window
+    var lo = start[b];
+    if (p.window != 0u && p.pos + 1u > p.window) { lo = max(lo, p.pos + 1u - p.window); }
+    // the ring slot of key lo, then stepped (at most capacity keys are visible)
+    var slot = lo % p.capacity;
+    var m = -3.0e38;   // the maximum score so far
+    var sum = 0.0;     // sum of exp(score - m) over the keys so far
+    for (var key = lo; key <= p.pos; key++) {
+        let row = cache_base + slot * row_texels;
+        var d = vec4<f32>(0.0);
+        for (var j = 0u; j < MAX_HEAD_DIM / 4u / LANES; j++) {
+            if (j < lane_texels) {
+                let t = min(lane + j * LANES, row_texels - 1u);
+                d = fma(qr[j], textureLoad(k_tex, stage_texel(row + t)), d);
+            }
+        }
+        let s = subgroupAdd((d.x + d.y) + (d.z + d.w)) * p.scale;
+        let m_new = max(m, s);
+        // at the first key m is -3e38: the factor is 0 and so is everything it scales
+        let rescale = exp(m - m_new);
+        let w = exp(s - m_new);
+        sum = fma(sum, rescale, w);
+        for (var j = 0u; j < MAX_HEAD_DIM / 4u / LANES; j++) {
+            if (j < lane_texels) {
+                let t = min(lane + j * LANES, row_texels - 1u);
+                acc[j] = fma(vec4<f32>(w), textureLoad(v_tex, stage_texel(row + t)), acc[j] * rescale);
+            }
+        }
+        m = m_new;
+        slot += 1u;
+        if (slot == p.capacity) { slot = 0u; }
+    }
+    for (var j = 0u; j < MAX_HEAD_DIM / 4u / LANES; j++) {
+        let t = lane + j * LANES;
+        if (t < row_texels) {
+            // A row that sees no key (all padding) gets zeros, not NaN.
+            out[q_base + t] = select(vec4<f32>(0.0), acc[j] / sum, sum > 0.0);
+        }
+    }
+}
+#endif

@@ -7,6 +7,8 @@ use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::check;
+use crate::gpu::recorder::Bound;
+use crate::gpu::staging::StageFormat;
 use crate::gpu::{groups_1d, DType, Gpu, GpuTensor, Recorder, RopeTables, Shader};
 pub use crate::shapes::DecodeShape;
 
@@ -23,6 +25,12 @@ fn vec4_shader() -> Result<Shader> {
     Shader::compose("decode_attention", &["VEC4"])
 }
 
+/// `decode_subgroup`, the decode kernel for adapters that stage operands (CPU adapters with one
+/// subgroup width): the caches read from staged textures, lanes across head_dim.
+fn subgroup_shader() -> Result<Shader> {
+    Shader::compose("decode_attention", &["TEXTURES"])
+}
+
 /// The per-head norm, RoPE and append of a decode step (`shaders/decode_qk.wgsl`).
 fn qk_shader() -> Result<Shader> {
     Shader::compose("decode_qk", &[])
@@ -33,6 +41,7 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
     Ok(vec![
         (shader()?, vec!["append", "prefill", "decode"]),
         (vec4_shader()?, vec!["decode"]),
+        (subgroup_shader()?, vec!["decode_subgroup"]),
         (qk_shader()?, vec!["q_norm_rope", "kv_norm_rope_append"]),
     ])
 }
@@ -339,6 +348,34 @@ impl Gpu {
             DType::F32,
             rows * s.head_dim,
         )?;
+        // CPU adapters: the caches staged into textures (a copy per step, cheap beside the
+        // per-lane storage-buffer loads it replaces) for `decode_subgroup`
+        let lanes = crate::gpu::kernels::matmul::subgroup_width(self);
+        if let Some(lanes) = lanes.filter(|_| s.head_dim.is_multiple_of(4)) {
+            let staged = rec
+                .stage(1, &k_cache.view()?, StageFormat::F32)
+                .zip(rec.stage(2, &v_cache.view()?, StageFormat::F32));
+            if let Some((kt, vt)) = staged {
+                let k = self.kernel(
+                    &subgroup_shader()?,
+                    "decode_subgroup",
+                    &[("LANES", lanes as f64)],
+                )?;
+                rec.dispatch_bound(
+                    &k,
+                    bytemuck::bytes_of(&p),
+                    &[
+                        Bound::Buffer(q.view()?),
+                        Bound::Texture(&kt),
+                        Bound::Texture(&vt),
+                        Bound::Buffer(start.view()?),
+                        Bound::Buffer(out.view()?),
+                    ],
+                    groups_1d(self, rows as u32),
+                );
+                return Ok(());
+            }
+        }
         let module = if s.head_dim.is_multiple_of(4) {
             vec4_shader()?
         } else {
@@ -648,6 +685,19 @@ mod tests {
     #[test]
     fn gemma_head_dim_256() {
         decode_sequence(test_gpu(), 0, 12, 11, MAX_HEAD_DIM);
+    }
+
+    /// Where the adapter stages operands (lavapipe) the tests above run `decode_subgroup` for
+    /// every head_dim % 4 == 0; this runs the storage-buffer kernel that GPUs get on the same
+    /// cases: full, past one tile, a ring, and Gemma's head_dim.
+    #[test]
+    fn storage_buffer_kernel_matches_reference() {
+        crate::gpu::staging::without_staging(|| {
+            decode_sequence(test_gpu(), 0, 73, 70, 36);
+            decode_sequence(test_gpu(), 0, 1100, 1100, 8);
+            decode_sequence(test_gpu(), 7, 9, 23, 8);
+            decode_sequence(test_gpu(), 0, 12, 11, MAX_HEAD_DIM);
+        });
     }
 
     #[test]
