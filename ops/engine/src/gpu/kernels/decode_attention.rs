@@ -143,7 +143,8 @@ fn check_norm_rope(
 
 impl Gpu {
     /// Decoding's `q = rope(rmsnorm(q; w))` per head, in place, in one dispatch: the same bits
-    /// as [`Gpu::rmsnorm_forward`] over each head then [`Gpu::rope`]. q: f32 [rows, heads,
+    /// as [`Gpu::rmsnorm_forward`] over each head then [`Gpu::rope`] (rmsnorm_forward's
+    /// workgroup-per-row kernel, which GPUs run; CPU adapters sum its rows in another order). q: f32 [rows, heads,
     /// head_dim]; w: [head_dim] (Gemma's q_norm); positions: [rows] u32.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_q_norm_rope(
@@ -185,7 +186,8 @@ impl Gpu {
 
     /// Decoding's new keys and values into the caches in one dispatch: `rope(rmsnorm(k; w))` per
     /// kv head into the key cache and `v` into the value cache at slot `s.pos % s.capacity` — the
-    /// same bits as [`Gpu::rmsnorm_forward`], [`Gpu::rope`] and two [`Gpu::kv_append`]s. k, v:
+    /// same bits as [`Gpu::rmsnorm_forward`] (its GPUs' kernel, as above), [`Gpu::rope`] and two
+    /// [`Gpu::kv_append`]s. k, v:
     /// f32 [batch, kv_heads, head_dim]; w: [head_dim] (Gemma's k_norm); positions: [batch] u32;
     /// caches: f32 [batch, kv_heads, capacity, head_dim].
     #[allow(clippy::too_many_arguments)]
@@ -408,8 +410,14 @@ mod tests {
     /// per head, rope, append) and bit for bit against the kernels they replace: fresh random
     /// inputs, caches of garbage, a head_dim of four columns per lane (256) and an odd one (38),
     /// a ring (pos past the capacity), a position per row.
+    /// Bit for bit against `rmsnorm_forward`'s workgroup-per-row kernel, which GPUs run: CPU
+    /// adapters run its `_rows` kernel, whose sums are in another order.
     #[test]
     fn fused_norm_rope_append_match_the_unfused_kernels() {
+        crate::gpu::staging::without_staging(compare_with_unfused);
+    }
+
+    fn compare_with_unfused() {
         use crate::reference::{norm, rope};
         let gpu = test_gpu();
         let seed = TestRng::fresh_seed();

@@ -10,20 +10,57 @@ fn shader() -> Result<Shader> {
     Shader::compose("norm", &[])
 }
 
+/// The forward kernels for CPU adapters: one subgroup per row.
+fn rows_shader() -> Result<Shader> {
+    Shader::compose("norm", &["SUBGROUP_ROWS"])
+}
+
+/// Rows normalized per workgroup by the `_rows` kernels (norm.wgsl's ROW_SUBGROUPS).
+const ROW_SUBGROUPS: usize = 8;
+
+impl Gpu {
+    /// The `_rows` forward kernel for `entry` and its workgroup count, where it runs: adapters
+    /// that stage operands (CPU adapters with one subgroup width, where a workgroup of 64 with
+    /// seven barriers per row costs more than the row) and rows of whole texels. Elsewhere
+    /// `None`: the workgroup-per-row kernel, tested on GPUs.
+    fn norm_rows_kernel(
+        &self,
+        entry: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<(std::sync::Arc<crate::gpu::Kernel>, [u32; 3])>> {
+        let lanes = crate::gpu::kernels::matmul::subgroup_width(self);
+        let Some(lanes) = lanes.filter(|_| self.stages_operands() && cols.is_multiple_of(4)) else {
+            return Ok(None);
+        };
+        let k = self.kernel(&rows_shader()?, entry, &[("LANES", lanes as f64)])?;
+        Ok(Some((
+            k,
+            groups_1d(self, rows.div_ceil(ROW_SUBGROUPS) as u32),
+        )))
+    }
+}
+
 /// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
-    Ok(vec![(
-        shader()?,
-        vec![
-            "rmsnorm_forward",
-            "rmsnorm_residual_rmsnorm",
-            "rmsnorm_backward_dx",
-            "rmsnorm_backward_dw",
-            "layernorm_forward",
-            "layernorm_backward_dx",
-            "layernorm_backward_dw",
-        ],
-    )])
+    Ok(vec![
+        (
+            rows_shader()?,
+            vec!["rmsnorm_forward_rows", "layernorm_forward_rows"],
+        ),
+        (
+            shader()?,
+            vec![
+                "rmsnorm_forward",
+                "rmsnorm_residual_rmsnorm",
+                "rmsnorm_backward_dx",
+                "rmsnorm_backward_dw",
+                "layernorm_forward",
+                "layernorm_backward_dx",
+                "layernorm_backward_dw",
+            ],
+        ),
+    ])
 }
 
 #[repr(C)]
@@ -58,11 +95,16 @@ impl Gpu {
             eps,
             accumulate: 0,
         };
+        let bindings = [x.view()?, w.view()?, y.view()?, rstd.view()?];
+        if let Some((k, groups)) = self.norm_rows_kernel("rmsnorm_forward_rows", rows, cols)? {
+            rec.dispatch(&k, bytemuck::bytes_of(&p), &bindings, groups);
+            return Ok(());
+        }
         let k = self.kernel(&shader()?, "rmsnorm_forward", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&p),
-            &[x.view()?, w.view()?, y.view()?, rstd.view()?],
+            &bindings,
             groups_1d(self, rows as u32),
         );
         Ok(())
@@ -70,7 +112,8 @@ impl Gpu {
 
     /// A Gemma decoder sublayer's end and the next one's start in one dispatch (decoding):
     /// `h = residual + rmsnorm(x; w_post)` and `y = rmsnorm(h; w_pre)`, the same bits as
-    /// [`Gpu::rmsnorm_forward`], the add and [`Gpu::rmsnorm_forward`] again. x, residual, h, y:
+    /// [`Gpu::rmsnorm_forward`], the add and [`Gpu::rmsnorm_forward`] again (rmsnorm_forward's
+    /// workgroup-per-row kernel, which GPUs run; CPU adapters sum its rows in another order). x, residual, h, y:
     /// [..., cols]; w_post, w_pre: [cols]. No rstd is kept (no backward follows).
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_residual_rmsnorm(
@@ -186,11 +229,16 @@ impl Gpu {
             eps,
             accumulate: 0,
         };
+        let bindings = [x.view()?, w.view()?, y.view()?, stats.view()?, b.view()?];
+        if let Some((k, groups)) = self.norm_rows_kernel("layernorm_forward_rows", rows, cols)? {
+            rec.dispatch(&k, bytemuck::bytes_of(&p), &bindings, groups);
+            return Ok(());
+        }
         let k = self.kernel(&shader()?, "layernorm_forward", &[])?;
         rec.dispatch(
             &k,
             bytemuck::bytes_of(&p),
-            &[x.view()?, w.view()?, y.view()?, stats.view()?, b.view()?],
+            &bindings,
             groups_1d(self, rows as u32),
         );
         Ok(())
@@ -259,8 +307,14 @@ mod tests {
     /// The fused decode kernel against the reference (fresh random inputs, poisoned outputs,
     /// odd sizes, a row wider than the workgroup), and bit for bit against the three dispatches
     /// it replaces (rmsnorm_forward, the residual add, rmsnorm_forward).
+    /// Bit for bit against `rmsnorm_forward`'s workgroup-per-row kernel, which GPUs run: CPU
+    /// adapters run its `_rows` kernel, whose sums are in another order.
     #[test]
     fn rmsnorm_residual_rmsnorm_matches_reference_and_the_unfused_kernels() {
+        crate::gpu::staging::without_staging(compare_with_unfused);
+    }
+
+    fn compare_with_unfused() {
         let gpu = test_gpu();
         let seed = TestRng::fresh_seed();
         let mut rng = TestRng::new(seed);
@@ -315,12 +369,28 @@ mod tests {
         }
     }
 
+    /// Odd sizes read scalars (the workgroup-per-row kernels everywhere); rows of whole texels
+    /// run the `_rows` kernels where the adapter stages operands (lavapipe), with row counts that
+    /// leave a workgroup's last subgroups idle; `without_staging` runs the GPUs' kernels on them.
+    const NORM_SHAPES: [(usize, usize); 5] = [(7, 37), (3, 130), (1, 5), (11, 640), (9, 256)];
+
     #[test]
     fn rmsnorm_forward_backward_match_reference() {
+        check_rmsnorm();
+        crate::gpu::staging::without_staging(check_rmsnorm);
+    }
+
+    #[test]
+    fn layernorm_forward_backward_match_reference() {
+        check_layernorm();
+        crate::gpu::staging::without_staging(check_layernorm);
+    }
+
+    fn check_rmsnorm() {
         let gpu = test_gpu();
         let seed = TestRng::fresh_seed();
         let mut rng = TestRng::new(seed);
-        for &(rows, cols) in &[(7usize, 37usize), (3, 130), (1, 5)] {
+        for &(rows, cols) in &NORM_SHAPES {
             let x = rng.vec_normal(rows * cols);
             let w: Vec<f32> = rng.vec_normal(cols).iter().map(|v| v * 0.3).collect();
             let dy = rng.vec_normal(rows * cols);
@@ -361,12 +431,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn layernorm_forward_backward_match_reference() {
+    fn check_layernorm() {
         let gpu = test_gpu();
         let seed = TestRng::fresh_seed();
         let mut rng = TestRng::new(seed);
-        for &(rows, cols) in &[(9usize, 45usize), (2, 131)] {
+        for &(rows, cols) in NORM_SHAPES.iter().chain(&[(9, 45), (2, 131)]) {
             let x: Vec<f32> = rng
                 .vec_normal(rows * cols)
                 .iter()
@@ -404,11 +473,13 @@ mod tests {
             )
             .unwrap();
             rec.submit();
-            let (want_y, _, _) = reference::layernorm_forward(&x, &w, &b, rows, cols, eps);
+            let (want_y, mean, rstd) = reference::layernorm_forward(&x, &w, &b, rows, cols, eps);
+            let want_stats: Vec<f32> = mean.iter().zip(&rstd).flat_map(|(&m, &r)| [m, r]).collect();
             let (want_dx, want_dw, want_db) =
                 reference::layernorm_backward(&x, &w, &dy, rows, cols, eps);
             for (name, got, want) in [
                 ("y", gpu.read_f32(&y).unwrap(), want_y),
+                ("stats", gpu.read_f32(&stats).unwrap(), want_stats),
                 ("dx", gpu.read_f32(&dx).unwrap(), want_dx),
                 ("dw", gpu.read_f32(&dw).unwrap(), want_dw),
                 ("db", gpu.read_f32(&db).unwrap(), want_db),
