@@ -154,9 +154,8 @@ impl GpuDecoderLayer {
         )?;
         let [q, k, v] = <[GpuTensor; 3]>::try_from(qkv).expect("three outputs");
         // q_norm and RoPE on q in place; k_norm and RoPE on k into the key cache, v into the
-        // value cache: two dispatches (the same bits as norm, rope and append separately)
+        // value cache: one dispatch (the same bits as norm, rope and append separately)
         let q = q.reshape(&[rows, heads, hd])?;
-        gpu.decode_q_norm_rope(rec, &q, heads, &self.q_norm, positions, rope, eps)?;
         let shape = DecodeShape {
             batch: rows,
             heads,
@@ -167,11 +166,13 @@ impl GpuDecoderLayer {
             window: kv.window,
             scale: dims.attn_scale,
         };
-        gpu.decode_kv_norm_rope_append(
+        gpu.decode_qkv_norm_rope_append(
             rec,
             &shape,
+            &q,
             &k.reshape(&[rows, kvh, hd])?,
             &v.reshape(&[rows, kvh, hd])?,
+            &self.q_norm,
             &self.k_norm,
             positions,
             rope,

@@ -36,6 +36,14 @@ fn qk_shader() -> Result<Shader> {
     Shader::compose("decode_qk", &[])
 }
 
+/// `qkv_norm_rope_append`: both of `qk_shader`'s entries in one dispatch.
+fn qkv_shader() -> Result<Shader> {
+    Shader::compose("decode_qk", &["FUSED"])
+}
+
+/// Storage buffers `qkv_norm_rope_append` binds (WebGPU's default limit is 8).
+const QKV_STORAGE_BUFFERS: u32 = 10;
+
 /// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
     Ok(vec![
@@ -43,6 +51,7 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
         (vec4_shader()?, vec!["decode"]),
         (subgroup_shader()?, vec!["decode_subgroup"]),
         (qk_shader()?, vec!["q_norm_rope", "kv_norm_rope_append"]),
+        (qkv_shader()?, vec!["qkv_norm_rope_append"]),
     ])
 }
 
@@ -56,7 +65,8 @@ struct QkParams {
     capacity: u32,
     pos: u32,
     eps: f32,
-    _pad: u32,
+    /// qkv_norm_rope_append: the kv heads (`heads` being the query heads)
+    kv_heads: u32,
 }
 
 #[repr(C)]
@@ -144,8 +154,8 @@ fn check_norm_rope(
 impl Gpu {
     /// Decoding's `q = rope(rmsnorm(q; w))` per head, in place, in one dispatch: the same bits
     /// as [`Gpu::rmsnorm_forward`] over each head then [`Gpu::rope`] (rmsnorm_forward's
-    /// workgroup-per-row kernel, which GPUs run; CPU adapters sum its rows in another order). q: f32 [rows, heads,
-    /// head_dim]; w: [head_dim] (Gemma's q_norm); positions: [rows] u32.
+    /// workgroup-per-row kernel, which GPUs run; CPU adapters sum its rows in another order).
+    /// q: f32 [rows, heads, head_dim]; w: [head_dim] (Gemma's q_norm); positions: [rows] u32.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_q_norm_rope(
         &self,
@@ -166,7 +176,7 @@ impl Gpu {
             capacity: 0,
             pos: 0,
             eps,
-            _pad: 0,
+            kv_heads: 0,
         };
         let k = self.kernel(&qk_shader()?, "q_norm_rope", &[])?;
         rec.dispatch(
@@ -187,9 +197,8 @@ impl Gpu {
     /// Decoding's new keys and values into the caches in one dispatch: `rope(rmsnorm(k; w))` per
     /// kv head into the key cache and `v` into the value cache at slot `s.pos % s.capacity` — the
     /// same bits as [`Gpu::rmsnorm_forward`] (its GPUs' kernel, as above), [`Gpu::rope`] and two
-    /// [`Gpu::kv_append`]s. k, v:
-    /// f32 [batch, kv_heads, head_dim]; w: [head_dim] (Gemma's k_norm); positions: [batch] u32;
-    /// caches: f32 [batch, kv_heads, capacity, head_dim].
+    /// [`Gpu::kv_append`]s. k, v: f32 [batch, kv_heads, head_dim]; w: [head_dim] (Gemma's
+    /// k_norm); positions: [batch] u32; caches: f32 [batch, kv_heads, capacity, head_dim].
     #[allow(clippy::too_many_arguments)]
     pub fn decode_kv_norm_rope_append(
         &self,
@@ -230,7 +239,7 @@ impl Gpu {
             capacity: d.capacity,
             pos: d.pos,
             eps,
-            _pad: 0,
+            kv_heads: 0,
         };
         let kernel = self.kernel(&qk_shader()?, "kv_norm_rope_append", &[])?;
         rec.dispatch(
@@ -247,6 +256,83 @@ impl Gpu {
                 v_cache.view()?,
             ],
             groups_1d(self, (rows * s.kv_heads) as u32),
+        );
+        Ok(())
+    }
+
+    /// [`Gpu::decode_q_norm_rope`] (q with `wq`, `s.heads` heads) and
+    /// [`Gpu::decode_kv_norm_rope_append`] (k with `wk`) in one dispatch where the adapter
+    /// allows its ten storage buffers, else those two: the same bits either way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_qkv_norm_rope_append(
+        &self,
+        rec: &mut Recorder,
+        s: &DecodeShape,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        wq: &GpuTensor,
+        wk: &GpuTensor,
+        positions: &GpuTensor,
+        tables: &RopeTables,
+        eps: f32,
+        k_cache: &GpuTensor,
+        v_cache: &GpuTensor,
+    ) -> Result<()> {
+        if self.limits().max_storage_buffers_per_shader_stage < QKV_STORAGE_BUFFERS {
+            self.decode_q_norm_rope(rec, q, s.heads, wq, positions, tables, eps)?;
+            return self.decode_kv_norm_rope_append(
+                rec, s, k, v, wk, positions, tables, eps, k_cache, v_cache,
+            );
+        }
+        let op = "decode_qkv_norm_rope_append";
+        let d = DecodeParams::new(op, s)?;
+        ensure!(
+            tables.head_dim == s.head_dim,
+            "{op}: head_dim {} but RoPE tables for {}",
+            s.head_dim,
+            tables.head_dim
+        );
+        let rows = check_norm_rope(op, q, s.heads, wq, positions, tables)?;
+        ensure!(
+            rows == s.batch,
+            "{op}: q has {rows} rows, the batch {}",
+            s.batch
+        );
+        check_norm_rope(op, k, s.kv_heads, wk, positions, tables)?;
+        let row = rows * s.kv_heads * s.head_dim;
+        check(op, "k", k, DType::F32, row)?;
+        check(op, "v", v, DType::F32, row)?;
+        let cache_len = rows * s.kv_heads * s.capacity * s.head_dim;
+        check(op, "k_cache", k_cache, DType::F32, cache_len)?;
+        check(op, "v_cache", v_cache, DType::F32, cache_len)?;
+        let p = QkParams {
+            rows: d.batch,
+            heads: d.heads,
+            head_dim: d.head_dim,
+            n_pos: tables.n_pos as u32,
+            capacity: d.capacity,
+            pos: d.pos,
+            eps,
+            kv_heads: d.kv_heads,
+        };
+        let kernel = self.kernel(&qkv_shader()?, "qkv_norm_rope_append", &[])?;
+        rec.dispatch(
+            &kernel,
+            bytemuck::bytes_of(&p),
+            &[
+                q.view()?,
+                wq.view()?,
+                positions.view()?,
+                tables.cos.view()?,
+                tables.sin.view()?,
+                v.view()?,
+                k_cache.view()?,
+                v_cache.view()?,
+                k.view()?,
+                wk.view()?,
+            ],
+            groups_1d(self, (rows * (s.heads + s.kv_heads)) as u32),
         );
         Ok(())
     }
@@ -407,7 +493,8 @@ mod tests {
     use crate::reference::decode_attention as reference;
 
     /// The fused per-head kernels of a decode step against the references composed (rmsnorm
-    /// per head, rope, append) and bit for bit against the kernels they replace: fresh random
+    /// per head, rope, append) and bit for bit against the kernels they replace, and the single
+    /// dispatch of both against the two: fresh random
     /// inputs, caches of garbage, a head_dim of four columns per lane (256) and an odd one (38),
     /// a ring (pos past the capacity), a position per row.
     /// Bit for bit against `rmsnorm_forward`'s workgroup-per-row kernel, which GPUs run: CPU
@@ -474,6 +561,14 @@ mod tests {
                 &mut rec, &s, &gk, &gv, &gwk, &gpos, &tables, eps, &fused_k, &fused_v,
             )
             .unwrap();
+            // all three in one dispatch (this adapter allows ten storage buffers)
+            assert!(gpu.limits().max_storage_buffers_per_shader_stage >= QKV_STORAGE_BUFFERS);
+            let one_q = up(&q, &[batch, heads, head_dim]);
+            let (one_k, one_v) = (up(&garbage, &cache_shape), up(&garbage, &cache_shape));
+            gpu.decode_qkv_norm_rope_append(
+                &mut rec, &s, &one_q, &gk, &gv, &gwq, &gwk, &gpos, &tables, eps, &one_k, &one_v,
+            )
+            .unwrap();
             // unfused: rmsnorm_forward, rope, kv_append
             let gq = up(&q, &[batch, heads, head_dim]);
             let nq = gpu.empty(&[batch, heads, head_dim], DType::F32).unwrap();
@@ -507,6 +602,17 @@ mod tests {
                 bits(read(&plain_v)),
                 "{what}: v cache"
             );
+            for (name, one, two) in [
+                ("q", &one_q, &fused_q),
+                ("k cache", &one_k, &fused_k),
+                ("v cache", &one_v, &fused_v),
+            ] {
+                assert_eq!(
+                    bits(read(one)),
+                    bits(read(two)),
+                    "{what}: {name}, one dispatch vs two"
+                );
+            }
 
             // the references composed
             let (want_q, _) = norm::rmsnorm_forward(&q, &wq, batch * heads, head_dim, eps);
