@@ -225,7 +225,7 @@ fn matmul_rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let acc = split_partials(a_base, b_base, k_main, lane);
 #endif
     for (var r = 0u; r < SPLIT_ROWS; r++) {
-        var s = (acc[r].x + acc[r].y) + (acc[r].z + acc[r].w);
+        var s = acc[r].x + acc[r].y;
 #if !VEC4
         // K's last elements past k_main: lane j takes elements k_main + j, + SPLIT_LANES, ...
         // The vec4 variants have none (K, A's contiguous extent, is a multiple of 4, of 8 for a

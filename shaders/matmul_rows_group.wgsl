@@ -78,7 +78,7 @@ fn matmul_rows_group(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let acc = split_partials(m * p.k, b_base, p.k, lane);
 #endif
     for (var r = 0u; r < SPLIT_ROWS; r++) {
-        let total = subgroupAdd((acc[r].x + acc[r].y) + (acc[r].z + acc[r].w));
+        let total = subgroupAdd(acc[r].x + acc[r].y);
         if (lane == r % SPLIT_LANES && n0 + r < n_j) {
             store(j, m * n_j + n0 + r, total);
         }
