@@ -3,7 +3,8 @@
 //! 640, 4 layers, 4 heads × 256, 1 KV head, vocab 32768; SigLIP 224 px, 4 layers; 64 image
 //! tokens), random weights (f32, or bf16), one prompt of PROMPT tokens holding one image.
 //! Prints the time to first token (vision tower + prompt forward + the first token's logits),
-//! the decode speed in tokens/s, the KV cache size, and transformers' `generate` on the CPU on
+//! the decode speed in tokens/s (and the median step's, which a shared machine's slow steps
+//! move less), the KV cache size, and transformers' `generate` on the CPU on
 //! the same config in the same run (tools/bench/generate_baseline.py; "skipped" without
 //! python3 + torch + transformers; `RUNNER_BENCH_PYTHON` names the interpreter).
 //!
@@ -163,24 +164,30 @@ fn main() -> anyhow::Result<()> {
     };
     let model = Gemma3Gpu::from_weights(gpu, &config, &weights, None, options)?;
     let batch = prompt(&config, seq);
-    let run = |n: usize| -> anyhow::Result<(f64, f64, u64)> {
+    // (time to first token, decode tokens/s, the median step's seconds, cache bytes)
+    let run = |n: usize| -> anyhow::Result<(f64, f64, f64, u64)> {
         let started = Instant::now();
         let (mut cache, mut logits) = model.start_generation(gpu, &batch, n)?;
         let mut id = argmax(&logits);
         let ttft = started.elapsed().as_secs_f64();
         let decode = Instant::now();
+        let mut steps = Vec::with_capacity(n);
         for _ in 1..n {
+            let step = Instant::now();
             logits = model.decode_step(gpu, &mut cache, &[id])?;
             id = argmax(&logits);
+            steps.push(step.elapsed().as_secs_f64());
         }
+        steps.sort_by(f64::total_cmp);
         Ok((
             ttft,
             (n - 1) as f64 / decode.elapsed().as_secs_f64(),
+            steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN),
             cache.bytes(),
         ))
     };
     run(4)?; // warm-up: pipelines compiled, buffers pooled
-    let (ttft, rate, bytes) = run(new)?;
+    let (ttft, rate, median_step, bytes) = run(new)?;
     // One more decode step, timed kernel by kernel: the second of a generation (the first
     // also stages the frozen weights into textures on CPU adapters).
     {
@@ -209,7 +216,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "runner ({}): prompt {seq} tokens + 1 image, {new} new tokens: time to first token {:.3} s, decode {:.1} tokens/s, KV cache {:.1} MiB",
+        "runner ({}): prompt {seq} tokens + 1 image, {new} new tokens: time to first token {:.3} s, decode {:.1} tokens/s (the median step {:.2} ms: {:.1} tokens/s), KV cache {:.1} MiB",
         match (nf4, f16, bf16) {
             (true, true, _) => "NF4, f16 operands",
             (true, false, _) => "NF4",
@@ -220,6 +227,8 @@ fn main() -> anyhow::Result<()> {
         },
         ttft,
         rate,
+        median_step * 1e3,
+        1.0 / median_step,
         bytes as f64 / (1 << 20) as f64
     );
     let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
