@@ -94,8 +94,6 @@ var<workgroup> lo_sh: u32;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;       // [batch, heads, head_dim]
 @group(0) @binding(2) var<storage, read> k_cache: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> v_cache: array<vec4<f32>>;
-fn k4(t: u32) -> vec4<f32> { return k_cache[t]; }
-fn v4(t: u32) -> vec4<f32> { return v_cache[t]; }
 @group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>; // [batch, heads, head_dim]
 
 fn load_q(qbase: u32, i: u32) -> vec4<f32> {
@@ -107,14 +105,14 @@ fn score(cache_row: u32, slot: u32) -> f32 {
     let base = (cache_row + slot * p.head_dim) / 4u;
     var s = vec4<f32>(0.0);
     for (var i = 0u; i < p.head_dim / 4u; i++) {
-        s = fma(q_sh[i], k4(base + i), s);
+        s = fma(q_sh[i], k_cache[base + i], s);
     }
     return ((s.x + s.y) + (s.z + s.w)) * p.scale;
 }
 
 fn owns_dims(l: u32) -> bool { return l < p.head_dim / 4u; }
 
-fn value(base: u32, l: u32) -> vec4<f32> { return v4(base / 4u + l); }
+fn value(base: u32, l: u32) -> vec4<f32> { return v_cache[base / 4u + l]; }
 
 fn store_out(qbase: u32, l: u32, v: vec4<f32>) { out[qbase / 4u + l] = v; }
 #else
@@ -212,8 +210,7 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             var slot = first_slot;
             for (var k = 0u; k < n; k++) {
                 acc = fma(vec4<f32>(sc[k]), value(cache_row + slot * p.head_dim, l), acc);
-                slot += 1u;
-                if (slot == p.capacity) { slot = 0u; }
+                slot = wrap(slot + 1u);
             }
         }
         // sc and red are rewritten by the next tile
@@ -303,8 +300,7 @@ fn decode_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
             }
         }
         m = m_new;
-        slot += 1u;
-        if (slot == p.capacity) { slot = 0u; }
+        slot = wrap(slot + 1u);
     }
     for (var j = 0u; j < MAX_HEAD_DIM / 4u / LANES; j++) {
         let t = lane + j * LANES;

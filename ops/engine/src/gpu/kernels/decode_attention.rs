@@ -151,6 +151,41 @@ fn check_norm_rope(
     Ok(rows)
 }
 
+/// What a step's keys and values into the caches need (`decode_kv_norm_rope_append`, alone or
+/// fused with q's): a valid shape, RoPE tables for its head_dim, `k` and `v` [batch, kv_heads,
+/// head_dim] with k's norm weight and positions, caches [batch, kv_heads, capacity, head_dim].
+#[allow(clippy::too_many_arguments)]
+fn check_kv_append(
+    op: &str,
+    s: &DecodeShape,
+    k: &GpuTensor,
+    v: &GpuTensor,
+    w: &GpuTensor,
+    positions: &GpuTensor,
+    tables: &RopeTables,
+    k_cache: &GpuTensor,
+    v_cache: &GpuTensor,
+) -> Result<DecodeParams> {
+    let d = DecodeParams::new(op, s)?;
+    ensure!(
+        tables.head_dim == s.head_dim,
+        "{op}: head_dim {} but RoPE tables for {}",
+        s.head_dim,
+        tables.head_dim
+    );
+    let rows = check_norm_rope(op, k, s.kv_heads, w, positions, tables)?;
+    ensure!(
+        rows == s.batch,
+        "{op}: k has {rows} rows, the batch {}",
+        s.batch
+    );
+    check(op, "v", v, DType::F32, rows * s.kv_heads * s.head_dim)?;
+    let cache_len = rows * s.kv_heads * s.capacity * s.head_dim;
+    check(op, "k_cache", k_cache, DType::F32, cache_len)?;
+    check(op, "v_cache", v_cache, DType::F32, cache_len)?;
+    Ok(d)
+}
+
 impl Gpu {
     /// Decoding's `q = rope(rmsnorm(q; w))` per head, in place, in one dispatch: the same bits
     /// as [`Gpu::rmsnorm_forward`] over each head then [`Gpu::rope`] (rmsnorm_forward's
@@ -214,23 +249,7 @@ impl Gpu {
         v_cache: &GpuTensor,
     ) -> Result<()> {
         let op = "decode_kv_norm_rope_append";
-        let d = DecodeParams::new(op, s)?;
-        ensure!(
-            tables.head_dim == s.head_dim,
-            "{op}: head_dim {} but RoPE tables for {}",
-            s.head_dim,
-            tables.head_dim
-        );
-        let rows = check_norm_rope(op, k, s.kv_heads, w, positions, tables)?;
-        ensure!(
-            rows == s.batch,
-            "{op}: k has {rows} rows, the batch {}",
-            s.batch
-        );
-        check(op, "v", v, DType::F32, rows * s.kv_heads * s.head_dim)?;
-        let cache_len = rows * s.kv_heads * s.capacity * s.head_dim;
-        check(op, "k_cache", k_cache, DType::F32, cache_len)?;
-        check(op, "v_cache", v_cache, DType::F32, cache_len)?;
+        let d = check_kv_append(op, s, k, v, w, positions, tables, k_cache, v_cache)?;
         let p = QkParams {
             rows: d.batch,
             heads: d.kv_heads,
@@ -255,7 +274,7 @@ impl Gpu {
                 k_cache.view()?,
                 v_cache.view()?,
             ],
-            groups_1d(self, (rows * s.kv_heads) as u32),
+            groups_1d(self, (s.batch * s.kv_heads) as u32),
         );
         Ok(())
     }
@@ -286,26 +305,13 @@ impl Gpu {
             );
         }
         let op = "decode_qkv_norm_rope_append";
-        let d = DecodeParams::new(op, s)?;
-        ensure!(
-            tables.head_dim == s.head_dim,
-            "{op}: head_dim {} but RoPE tables for {}",
-            s.head_dim,
-            tables.head_dim
-        );
+        let d = check_kv_append(op, s, k, v, wk, positions, tables, k_cache, v_cache)?;
         let rows = check_norm_rope(op, q, s.heads, wq, positions, tables)?;
         ensure!(
             rows == s.batch,
             "{op}: q has {rows} rows, the batch {}",
             s.batch
         );
-        check_norm_rope(op, k, s.kv_heads, wk, positions, tables)?;
-        let row = rows * s.kv_heads * s.head_dim;
-        check(op, "k", k, DType::F32, row)?;
-        check(op, "v", v, DType::F32, row)?;
-        let cache_len = rows * s.kv_heads * s.capacity * s.head_dim;
-        check(op, "k_cache", k_cache, DType::F32, cache_len)?;
-        check(op, "v_cache", v_cache, DType::F32, cache_len)?;
         let p = QkParams {
             rows: d.batch,
             heads: d.heads,
