@@ -19,6 +19,7 @@
 #feature NF4 B is a bitsandbytes NF4 weight (packed nibbles at binding 2, f32 absmax at binding 5) decoded in the tile loop: the fused NF4 matmul is this same kernel
 #feature BF16B B is a bf16 matrix packed two per u32 (element 2i in the low half; the NF4 words' binding and staging as u32): the trainable modules_to_save copies in bf16 storage
 #feature F16 every operand value (the dequantized NF4 weight included) rounded to f16 as it is loaded, products and sums in f32 (needs SHADER_F16)
+#feature ROW_BLOCKS matmul_rows_split reads B (VEC4, TEXTURES) staged in row blocks (shaders/row_blocks.wgsl) instead of linearly
 #feature COOP the cooperative-matrix kernel `matmul_coop` is appended (generated in kernels/matmul/codegen.rs; wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX)
 #if F16
 enable f16;
@@ -211,11 +212,7 @@ fn matmul_rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let n0 = split_first_row(wid.x, lid);
     let m = wid.y;
     let a_base = p.a_off + wid.z * p.a_batch + m * p.lda;
-    // rows past N read row N - 1 (every lane must reach subgroupAdd) and are not stored
-    var b_base: array<u32, 8>;
-    for (var r = 0u; r < SPLIT_ROWS; r++) {
-        b_base[r] = p.b_off + wid.z * p.b_batch + min(n0 + r, p.n - 1u) * p.ldb;
-    }
+    let b_base = split_b_bases(p.b_off + wid.z * p.b_batch, p.ldb, n0, p.n);
 #if BF16B && VEC4
     // a bf16 B's vec4 variant keeps its offsets and leading dimension multiples of 8
     let k_main = p.k & ~7u;

@@ -10,6 +10,7 @@
 // its offset and its output binding are the same for the whole workgroup.
 
 #feature BF16B the weights are bf16, staged as u32 words (eight elements per texel)
+#feature ROW_BLOCKS the weights are staged in row blocks (shaders/row_blocks.wgsl), each from its texture row, instead of linearly
 
 #include "lib/staging"
 #if BF16B
@@ -67,11 +68,7 @@ fn matmul_rows_group(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let lane = lid % SPLIT_LANES;
     let n0 = split_first_row(wid.x - p.first_group[j], lid);
     let m = wid.y;
-    // rows past N_j read row N_j - 1 (every lane must reach subgroupAdd) and are not stored
-    var b_base: array<u32, 8>;
-    for (var r = 0u; r < SPLIT_ROWS; r++) {
-        b_base[r] = p.b_off[j] + min(n0 + r, n_j - 1u) * p.k;
-    }
+    let b_base = split_b_bases(p.b_off[j], p.k, n0, n_j);
 #if BF16B
     let acc = split_partials_bf16(m * p.k, b_base, p.k, lane);
 #else

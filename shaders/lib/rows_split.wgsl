@@ -10,10 +10,45 @@
 // one subgroup, 0.28 ms with eight). Subgroups are consecutive invocations on these adapters
 // (one width, 1-D workgroups). The including module defines a4(e) and b4(e): four elements of
 // x and W from element e, e % 4 == 0; with its feature BF16B (W bf16, staged as u32 words, eight
-// elements per texel) also b8(e): the texel holding W's elements e .. e + 8, e % 8 == 0.
+// elements per texel) also b8(e): the texel holding W's elements e .. e + 8, e % 8 == 0. With
+// its feature ROW_BLOCKS W is staged in row blocks (shaders/row_blocks.wgsl), else linearly.
 override SPLIT_LANES: u32 = 8u;
 const SPLIT_ROWS: u32 = 8u;
 const SPLIT_SUBGROUPS: u32 = 8u;
+
+#if ROW_BLOCKS
+#if BF16B
+const SPLIT_B_TEXEL: u32 = 8u;
+#else
+const SPLIT_B_TEXEL: u32 = 4u;
+#endif
+// The element where each of the SPLIT_ROWS rows from n0 (of n, leading dimension ld, from
+// element `first`) starts its K steps: n0 starts a block (the layout pads the last one with
+// zero rows, never stored); a subgroup wholly past n reads the last block (every lane must
+// reach subgroupAdd). Row r's texels of a K step sit r · SPLIT_LANES texels into the step.
+fn split_b_bases(first: u32, ld: u32, n0: u32, n: u32) -> array<u32, 8> {
+    let block = min(n0, (n - 1u) / SPLIT_ROWS * SPLIT_ROWS);
+    var b: array<u32, 8>;
+    for (var r = 0u; r < SPLIT_ROWS; r++) { b[r] = first + block * ld + r * SPLIT_LANES * SPLIT_B_TEXEL; }
+    return b;
+}
+// Where, from its row's base, the texel holding elements k .. k + per_texel sits when lane
+// `lane` reads it: K step i = (k - per_texel · lane) / (per_texel · SPLIT_LANES) is SPLIT_ROWS
+// rows' runs into the block.
+fn split_b_step(k: u32, lane: u32, per_texel: u32) -> u32 {
+    return SPLIT_ROWS * (k - per_texel * lane) + per_texel * lane;
+}
+#else
+// The first element of each of the SPLIT_ROWS rows from n0 (of n, leading dimension ld, from
+// element `first`); rows past n read row n - 1 (every lane must reach subgroupAdd) and are not
+// stored.
+fn split_b_bases(first: u32, ld: u32, n0: u32, n: u32) -> array<u32, 8> {
+    var b: array<u32, 8>;
+    for (var r = 0u; r < SPLIT_ROWS; r++) { b[r] = first + min(n0 + r, n - 1u) * ld; }
+    return b;
+}
+fn split_b_step(k: u32, lane: u32, per_texel: u32) -> u32 { return k; }
+#endif
 
 // The first of the SPLIT_ROWS outputs that invocation `lid` of workgroup `group` helps with.
 fn split_first_row(group: u32, lid: u32) -> u32 {
@@ -30,7 +65,7 @@ fn split_partials(a_base: u32, b_base: array<u32, 8>, k4: u32, lane: u32) -> arr
     for (var k = 4u * lane; k < k4; k += 4u * SPLIT_LANES) {
         let a = a4(a_base + k);
         for (var r = 0u; r < SPLIT_ROWS; r++) {
-            let b = b4(b_base[r] + k);
+            let b = b4(b_base[r] + split_b_step(k, lane, 4u));
             acc[r] = fma(a.zw, b.zw, fma(a.xy, b.xy, acc[r]));
         }
     }
@@ -49,7 +84,7 @@ fn split_partials_bf16(a_base: u32, b_base: array<u32, 8>, k8: u32, lane: u32) -
         let a_lo = a4(a_base + k);
         let a_hi = a4(a_base + k + 4u);
         for (var r = 0u; r < SPLIT_ROWS; r++) {
-            let w = b8(b_base[r] + k);
+            let w = b8(b_base[r] + split_b_step(k, lane, 8u));
             var s = acc[r];
             s = fma(a_lo.xy, vec2<f32>(bf16_lo(w.x), bf16_hi(w.x)), s);
             s = fma(a_lo.zw, vec2<f32>(bf16_lo(w.y), bf16_hi(w.y)), s);

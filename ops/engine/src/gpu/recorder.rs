@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 
 use super::engine::{Gpu, Kernel, PooledBuffer};
-use super::staging::{self, StageFormat, StagedTexture};
+use super::staging::{self, RowBlocks, StageFormat, StagedTexture, WeightLayout};
 use super::tensor::BufView;
 
 /// Most dispatches a timed recorder measures (two timestamps each; wgpu caps a query set at 4096).
@@ -147,7 +147,7 @@ impl<'g> Recorder<'g> {
         if !frozen.held() {
             return None;
         }
-        if let Some(t) = frozen.get(view, format) {
+        if let Some(t) = frozen.get(view, format, WeightLayout::Linear) {
             return Some(t);
         }
         let texture = self.gpu.staging.lock().unwrap().texture(
@@ -158,51 +158,136 @@ impl<'g> Recorder<'g> {
         self.pass = None;
         staging::record_copy(self.encoder.as_mut().expect("open"), view, &texture);
         self.keep.push(view.buffer.clone());
-        frozen.insert(view, format, texture.clone());
+        frozen.insert(view, format, WeightLayout::Linear, texture.clone());
         Some(texture)
+    }
+
+    /// `view`, a frozen weight of `rows` rows of `row_texels` texels, staged once in the rows
+    /// kernels' row-block layout for `lanes` lanes ([`crate::gpu::kernels::row_blocks`]) and
+    /// kept while a [`crate::gpu::staging::StagedWeightsHold`] lives. `None` as
+    /// [`Recorder::stage_frozen`] (and where the layout's texture would pass the adapter's
+    /// texture size).
+    pub fn stage_frozen_row_blocks(
+        &mut self,
+        view: &BufView,
+        format: StageFormat,
+        rows: usize,
+        row_texels: u32,
+        lanes: u32,
+    ) -> Result<Option<Arc<StagedTexture>>> {
+        use super::kernels::row_blocks::row_block_texture_rows;
+        let gpu = self.gpu;
+        let texture_rows = row_block_texture_rows(rows, row_texels);
+        if !gpu.stages_operands() || texture_rows > gpu.limits().max_texture_dimension_2d {
+            return Ok(None);
+        }
+        let layout = WeightLayout::RowBlocks { lanes };
+        {
+            let frozen = gpu.frozen.lock().unwrap();
+            if !frozen.held() {
+                return Ok(None);
+            }
+            if let Some(t) = frozen.get(view, format, layout) {
+                return Ok(Some(t));
+            }
+        }
+        let texture = gpu
+            .staging
+            .lock()
+            .unwrap()
+            .texture(&gpu.device, format, texture_rows);
+        gpu.record_row_blocks(self, view, &texture, 0, rows, row_texels, lanes)?;
+        self.keep.push(view.buffer.clone());
+        gpu.frozen
+            .lock()
+            .unwrap()
+            .insert(view, format, layout, texture.clone());
+        Ok(Some(texture))
     }
 
     /// Frozen weights `views` (all f32 or all packed words, as `format` reads them) staged
     /// together in one texture, each from the start of a texture row, once and kept while a
-    /// [`crate::gpu::staging::StagedWeightsHold`] lives (`Gpu::matmul_grouped`). `None` as
-    /// [`Recorder::stage_frozen`].
+    /// [`crate::gpu::staging::StagedWeightsHold`] lives (`Gpu::matmul_grouped`): linearly, or
+    /// with `row_blocks` each in the rows kernels' row-block layout (its rows of
+    /// `row_texels` texels). `None` as [`Recorder::stage_frozen`].
     pub fn stage_frozen_group(
         &mut self,
         views: &[BufView],
         format: StageFormat,
-    ) -> Option<staging::FrozenGroup> {
-        let max_dim = self.gpu.limits().max_texture_dimension_2d;
-        if !self.gpu.stages_operands() || !views.iter().all(|v| staging::can_stage(v, max_dim)) {
-            return None;
+        row_blocks: Option<RowBlocks>,
+    ) -> Result<Option<staging::FrozenGroup>> {
+        use super::kernels::row_blocks::row_block_texture_rows;
+        let gpu = self.gpu;
+        let max_dim = gpu.limits().max_texture_dimension_2d;
+        if !gpu.stages_operands() || !views.iter().all(|v| staging::can_stage(v, max_dim)) {
+            return Ok(None);
         }
-        let mut frozen = self.gpu.frozen.lock().unwrap();
-        if !frozen.held() {
-            return None;
-        }
-        if let Some(g) = frozen.group(views) {
-            return Some(g);
+        let layout = match row_blocks {
+            Some(b) => WeightLayout::RowBlocks { lanes: b.lanes },
+            None => WeightLayout::Linear,
+        };
+        {
+            let frozen = gpu.frozen.lock().unwrap();
+            if !frozen.held() {
+                return Ok(None);
+            }
+            if let Some(g) = frozen.group(views, format, layout) {
+                return Ok(Some(g));
+            }
         }
         let mut first_rows = Vec::with_capacity(views.len());
+        let mut member_rows = Vec::with_capacity(views.len());
         let mut rows = 0u32;
         for v in views {
             first_rows.push(rows);
-            rows += staging::rows_for(v.size);
+            let texture_rows = match row_blocks {
+                Some(b) => {
+                    let weight_rows = v.size / (b.row_texels as u64 * 16);
+                    member_rows.push(weight_rows as usize);
+                    row_block_texture_rows(weight_rows as usize, b.row_texels)
+                }
+                None => staging::rows_for(v.size),
+            };
+            rows = rows.saturating_add(texture_rows);
         }
         if rows > max_dim {
-            return None;
+            return Ok(None);
         }
-        let texture = self
-            .gpu
+        let texture = gpu
             .staging
             .lock()
             .unwrap()
-            .texture(&self.gpu.device, format, rows);
-        self.pass = None;
-        for (v, &first) in views.iter().zip(&first_rows) {
-            staging::record_copy_at(self.encoder.as_mut().expect("open"), v, &texture, first);
-            self.keep.push(v.buffer.clone());
+            .texture(&gpu.device, format, rows);
+        match row_blocks {
+            Some(b) => {
+                for ((v, &first), &weight_rows) in views.iter().zip(&first_rows).zip(&member_rows) {
+                    gpu.record_row_blocks(
+                        self,
+                        v,
+                        &texture,
+                        first,
+                        weight_rows,
+                        b.row_texels,
+                        b.lanes,
+                    )?;
+                    self.keep.push(v.buffer.clone());
+                }
+            }
+            None => {
+                self.pass = None;
+                for (v, &first) in views.iter().zip(&first_rows) {
+                    let encoder = self.encoder.as_mut().expect("open");
+                    staging::record_copy_at(encoder, v, &texture, first);
+                    self.keep.push(v.buffer.clone());
+                }
+            }
         }
-        Some(frozen.insert_group(views, texture, first_rows))
+        let group = gpu
+            .frozen
+            .lock()
+            .unwrap()
+            .insert_group(views, format, layout, texture, first_rows);
+        Ok(Some(group))
     }
 
     /// [`Recorder::dispatch`] with buffers and staged textures: `bindings` bind to 1, 2, ...

@@ -108,6 +108,10 @@ impl StagedTexture {
     pub fn bytes(&self) -> u64 {
         texture_bytes(self.rows)
     }
+
+    pub fn format(&self) -> StageFormat {
+        self.format
+    }
 }
 
 impl Drop for StagedTexture {
@@ -251,7 +255,9 @@ impl StagingSlots {
 /// once, so copying them into the slots each step would cost as much as the products. Keyed by
 /// the buffer range; each entry keeps its buffer alive, so a key cannot be reused by another
 /// allocation while the entry exists. Only matmuls whose B is marked frozen
-/// (`MatmulOpts::frozen_b`) use it: a weight whose bytes change would be read stale.
+/// (`MatmulOpts::frozen_b`) use it: a weight whose bytes change would be read stale. A weight is
+/// kept once: staging it in another layout, or in or out of a group, drops the other copy (a
+/// generation's prompt reads the linear layout, its decode steps the rows kernels' row blocks).
 #[derive(Default)]
 pub struct FrozenTextures {
     holds: usize,
@@ -269,8 +275,26 @@ pub struct FrozenGroup {
     _buffers: Vec<Arc<PooledBuffer>>,
 }
 
-/// A buffer range (the buffer's address, offset, size) and the texel format it is staged as.
-type FrozenKey = (usize, u64, u64, StageFormat);
+/// How a frozen weight's bytes sit in its texture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightLayout {
+    /// The buffer's bytes in order (what every staged kernel reads).
+    Linear,
+    /// The rows kernels' row blocks for `lanes` lanes
+    /// ([`crate::gpu::kernels::row_blocks`]): for weights only single rows multiply.
+    RowBlocks { lanes: u32 },
+}
+
+/// A row-block layout's shape: rows of `row_texels` texels, for a rows kernel of `lanes` lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowBlocks {
+    pub row_texels: u32,
+    pub lanes: u32,
+}
+
+/// A buffer range (the buffer's address, offset, size), the texel format it is staged as and
+/// its layout there.
+type FrozenKey = (usize, u64, u64, StageFormat, WeightLayout);
 
 impl FrozenTextures {
     /// Whether a hold is alive (frozen weights may be kept).
@@ -278,16 +302,39 @@ impl FrozenTextures {
         self.holds > 0
     }
 
-    /// The texture already holding `view` as `format`, if any.
-    pub fn get(&self, view: &BufView, format: StageFormat) -> Option<Arc<StagedTexture>> {
+    /// The texture already holding `view` as `format` in `layout`, if any.
+    pub fn get(
+        &self,
+        view: &BufView,
+        format: StageFormat,
+        layout: WeightLayout,
+    ) -> Option<Arc<StagedTexture>> {
         self.textures
-            .get(&frozen_key(view, format))
+            .get(&frozen_key(view, format, layout))
             .map(|(_, t)| t.clone())
     }
 
-    pub fn insert(&mut self, view: &BufView, format: StageFormat, texture: Arc<StagedTexture>) {
-        self.textures
-            .insert(frozen_key(view, format), (view.buffer.clone(), texture));
+    pub fn insert(
+        &mut self,
+        view: &BufView,
+        format: StageFormat,
+        layout: WeightLayout,
+        texture: Arc<StagedTexture>,
+    ) {
+        self.forget(&[view]);
+        self.textures.insert(
+            frozen_key(view, format, layout),
+            (view.buffer.clone(), texture),
+        );
+    }
+
+    /// Drops every copy of the ranges `views`, alone or in a group (recorders that bound one
+    /// keep it alive until they submit).
+    fn forget(&mut self, views: &[&BufView]) {
+        let ranges: Vec<_> = views.iter().map(|v| range_of(v)).collect();
+        let same = |k: &FrozenKey| ranges.contains(&(k.0, k.1, k.2));
+        self.textures.retain(|k, _| !same(k));
+        self.groups.retain(|members, _| !members.iter().any(same));
     }
 
     /// Whether no weight is kept staged.
@@ -295,42 +342,52 @@ impl FrozenTextures {
         self.textures.is_empty() && self.groups.is_empty()
     }
 
-    /// The texture already holding the weights `views` together, if any.
-    pub fn group(&self, views: &[BufView]) -> Option<FrozenGroup> {
-        self.groups.get(&group_key(views)).cloned()
+    /// The texture already holding the weights `views` together as `format` in `layout`, if
+    /// any.
+    pub fn group(
+        &self,
+        views: &[BufView],
+        format: StageFormat,
+        layout: WeightLayout,
+    ) -> Option<FrozenGroup> {
+        self.groups.get(&group_key(views, format, layout)).cloned()
     }
 
     /// Keeps `texture` as the group of `views` and returns it.
     pub(crate) fn insert_group(
         &mut self,
         views: &[BufView],
+        format: StageFormat,
+        layout: WeightLayout,
         texture: Arc<StagedTexture>,
         first_rows: Vec<u32>,
     ) -> FrozenGroup {
+        self.forget(&views.iter().collect::<Vec<_>>());
         let group = FrozenGroup {
             texture,
             first_rows,
             _buffers: views.iter().map(|v| v.buffer.clone()).collect(),
         };
-        self.groups.insert(group_key(views), group.clone());
+        self.groups
+            .insert(group_key(views, format, layout), group.clone());
         group
     }
 }
 
-fn group_key(views: &[BufView]) -> Vec<FrozenKey> {
+fn group_key(views: &[BufView], format: StageFormat, layout: WeightLayout) -> Vec<FrozenKey> {
     views
         .iter()
-        .map(|v| frozen_key(v, StageFormat::F32))
+        .map(|v| frozen_key(v, format, layout))
         .collect()
 }
 
-fn frozen_key(view: &BufView, format: StageFormat) -> FrozenKey {
-    (
-        Arc::as_ptr(&view.buffer) as usize,
-        view.offset,
-        view.size,
-        format,
-    )
+fn range_of(view: &BufView) -> (usize, u64, u64) {
+    (Arc::as_ptr(&view.buffer) as usize, view.offset, view.size)
+}
+
+fn frozen_key(view: &BufView, format: StageFormat, layout: WeightLayout) -> FrozenKey {
+    let (buffer, offset, size) = range_of(view);
+    (buffer, offset, size, format, layout)
 }
 
 /// Keeps frozen weights staged (see [`FrozenTextures`]) until dropped; the last hold to drop

@@ -17,3 +17,4 @@ pub mod patch;
 pub mod pool;
 pub mod reduce;
 pub mod rope;
+pub mod row_blocks;

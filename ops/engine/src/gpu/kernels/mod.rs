@@ -22,6 +22,7 @@ pub mod patch;
 pub mod pool;
 pub mod reduce;
 pub mod rope;
+pub mod row_blocks;
 
 pub use adamw::AdamWStep;
 pub use lora::Lora;
@@ -129,7 +130,7 @@ pub(crate) type Variant = (super::Shader, Vec<&'static str>);
 
 /// Every module every family dispatches ([`super::shader::all_variants`]).
 pub(crate) fn shader_variants() -> Result<Vec<Variant>> {
-    let families: [fn() -> Result<Vec<Variant>>; 17] = [
+    let families: [fn() -> Result<Vec<Variant>>; 18] = [
         accumulate::variants,
         activation::variants,
         adamw::variants,
@@ -147,6 +148,7 @@ pub(crate) fn shader_variants() -> Result<Vec<Variant>> {
         pool::variants,
         reduce::variants,
         rope::variants,
+        row_blocks::variants,
     ];
     let mut all = Vec::new();
     for family in families {

@@ -173,6 +173,7 @@ shader_files!(
     "pool",
     "reduce",
     "rope",
+    "row_blocks",
 );
 
 /// The text of module `name`: a file under `shaders/`, or a `gen/` module written from Rust.

@@ -8,8 +8,9 @@ use bytemuck::{Pod, Zeroable};
 use super::{
     subgroup_width, MatmulOpts, MatmulPrecision, ROWS_KERNEL_MAX_M, SPLIT_ROWS_PER_WORKGROUP,
 };
+use crate::gpu::kernels::row_blocks::row_block_texels;
 use crate::gpu::recorder::Bound;
-use crate::gpu::staging::{StageFormat, STAGE_WIDTH};
+use crate::gpu::staging::{RowBlocks, StageFormat, STAGE_WIDTH};
 use crate::gpu::{DType, Gpu, GpuTensor, Recorder, Shader};
 
 /// Products one grouped dispatch takes (the shader's output bindings).
@@ -27,17 +28,24 @@ struct GroupParams {
     first_group: [u32; 4],
 }
 
-/// The grouped module for f32 or bf16 weights.
-fn shader(bf16: bool) -> Result<Shader> {
-    Shader::compose("matmul_rows_group", if bf16 { &["BF16B"] } else { &[] })
+/// The grouped module for f32 or bf16 weights, staged linearly or in row blocks.
+fn shader(bf16: bool, row_blocks: bool) -> Result<Shader> {
+    let features: Vec<&str> = [(bf16, "BF16B"), (row_blocks, "ROW_BLOCKS")]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+    Shader::compose("matmul_rows_group", &features)
 }
 
 /// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
 pub(crate) fn variants() -> Result<Vec<super::super::Variant>> {
-    [false, true]
-        .into_iter()
-        .map(|bf16| Ok((shader(bf16)?, vec!["matmul_rows_group"])))
-        .collect()
+    let mut all = Vec::new();
+    for bf16 in [false, true] {
+        for row_blocks in [false, true] {
+            all.push((shader(bf16, row_blocks)?, vec!["matmul_rows_group"]));
+        }
+    }
+    Ok(all)
 }
 
 impl Gpu {
@@ -136,7 +144,12 @@ impl Gpu {
         } else {
             StageFormat::F32
         };
-        let Some(group) = rec.stage_frozen_group(&views, format) else {
+        // in row blocks where K is whole steps of the kernel (every Gemma 3 size), which
+        // stream through memory faster than the linear layout
+        let row_blocks = row_block_texels(k, bf16, lanes)
+            .filter(|_| super::row_blocks_enabled())
+            .map(|row_texels| RowBlocks { row_texels, lanes });
+        let Some(group) = rec.stage_frozen_group(&views, format, row_blocks)? else {
             return Ok(false);
         };
         let Some(a) = rec.stage(0, &x.view()?, StageFormat::F32) else {
@@ -163,7 +176,7 @@ impl Gpu {
             groups += n.div_ceil(SPLIT_ROWS_PER_WORKGROUP);
         }
         let kernel = self.kernel(
-            &shader(bf16)?,
+            &shader(bf16, row_blocks.is_some())?,
             "matmul_rows_group",
             &[("SPLIT_LANES", lanes as f64)],
         )?;
@@ -188,6 +201,7 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::staging::WeightLayout;
     use crate::gpu::testing::{rel_frobenius, test_gpu, TestRng};
     use crate::reference::matmul as reference;
 
@@ -251,8 +265,23 @@ mod tests {
             rec.submit();
             if let Some(grouped) = grouped.filter(|_| gpu.stages_operands()) {
                 let views: Vec<_> = gws.iter().map(|w| w.view().unwrap()).collect();
-                let staged = gpu.frozen.lock().unwrap().group(&views).is_some();
-                assert_eq!(staged, grouped, "seed {seed}: {m}x{k} {ns:?} grouped");
+                // in row blocks where K is whole steps of the kernel's lanes
+                let bf16 = dtype == DType::BF16;
+                let lanes = subgroup_width(gpu).expect("staging adapters have one width");
+                let blocks =
+                    row_block_texels(k, bf16, lanes).filter(|_| super::super::row_blocks_enabled());
+                let (format, layout) = match (bf16, blocks) {
+                    (true, Some(_)) => (StageFormat::U32, WeightLayout::RowBlocks { lanes }),
+                    (false, Some(_)) => (StageFormat::F32, WeightLayout::RowBlocks { lanes }),
+                    (true, None) => (StageFormat::U32, WeightLayout::Linear),
+                    (false, None) => (StageFormat::F32, WeightLayout::Linear),
+                };
+                let staged = gpu.frozen.lock().unwrap().group(&views, format, layout);
+                assert_eq!(
+                    staged.is_some(),
+                    grouped,
+                    "seed {seed}: {m}x{k} {ns:?} grouped ({layout:?})"
+                );
             }
             for (j, (&n, w)) in ns.iter().zip(&ws).enumerate() {
                 let mut want = vec![0.0; m * n];
@@ -284,6 +313,8 @@ mod tests {
         check_group(gpu, (1, 36), &[70, 3, 129], Some(true), &mut rng, seed);
         check_group(gpu, (3, 64), &[64, 65], Some(true), &mut rng, seed);
         check_group(gpu, (8, 20), &[5, 200, 17], Some(true), &mut rng, seed);
+        // K of whole steps at 4, 8 and 16 lanes: in row blocks (the last block part padding)
+        check_group(gpu, (2, 128), &[37, 9, 64], Some(true), &mut rng, seed);
         // the fallback: odd K, four members, more than ROWS_KERNEL_MAX_M rows
         check_group(gpu, (2, 13), &[9, 31], Some(false), &mut rng, seed);
         check_group(gpu, (1, 8), &[4, 5, 6, 7], Some(false), &mut rng, seed);
@@ -301,6 +332,24 @@ mod tests {
             seed,
         );
         check_group_of(gpu, (5, 136), &[64, 65], Some(true), bf16, &mut rng, seed);
+        check_group_of(
+            gpu,
+            (1, 128),
+            &[70, 3, 129],
+            Some(true),
+            bf16,
+            &mut rng,
+            seed,
+        );
+        check_group_of(
+            gpu,
+            (8, 256),
+            &[64, 65, 300],
+            Some(true),
+            bf16,
+            &mut rng,
+            seed,
+        );
         check_group_of(gpu, (2, 36), &[9, 31], Some(false), bf16, &mut rng, seed);
         let (x, w32, w16) = (
             gpu.upload_f32(&[1, 16], &rng.vec_normal(16)).unwrap(),
@@ -323,10 +372,14 @@ mod tests {
         .unwrap();
         rec.submit();
         let views = [w32.view().unwrap(), w16.view().unwrap()];
-        assert!(
-            gpu.frozen.lock().unwrap().group(&views).is_none(),
-            "a mix of dtypes is not grouped"
-        );
+        let frozen = gpu.frozen.lock().unwrap();
+        let any_group = StageFormat::ALL.iter().any(|&f| {
+            [WeightLayout::Linear, WeightLayout::RowBlocks { lanes: 8 }]
+                .iter()
+                .any(|&l| frozen.group(&views, f, l).is_some())
+        });
+        drop(frozen);
+        assert!(!any_group, "a mix of dtypes is not grouped");
         drop(hold);
         // without this test's hold (another test's may be alive: either path must be right)
         check_group(gpu, (1, 36), &[70, 3, 129], None, &mut rng, seed);

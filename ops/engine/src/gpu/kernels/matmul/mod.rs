@@ -30,6 +30,8 @@ pub(crate) struct Operands {
     /// B stored as bf16 (two per u32 word).
     pub bf16_b: bool,
     pub f16: bool,
+    /// B staged in the rows kernel's row-block layout (`matmul_rows_split` only).
+    pub row_blocks: bool,
 }
 
 impl Operands {
@@ -40,6 +42,7 @@ impl Operands {
             (self.nf4, "NF4"),
             (self.bf16_b, "BF16B"),
             (self.f16, "F16"),
+            (self.row_blocks, "ROW_BLOCKS"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -92,6 +95,7 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
             nf4,
             bf16_b,
             f16,
+            row_blocks: false,
         };
         all.push((
             shader(operands)?,
@@ -102,6 +106,13 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
             ..operands
         };
         all.push((shader(staged)?, vec!["matmul_rows_split"]));
+        if vec4 && !nf4 && !f16 {
+            let row_blocks = Operands {
+                row_blocks: true,
+                ..staged
+            };
+            all.push((shader(row_blocks)?, vec!["matmul_rows_split"]));
+        }
         for cfg in [
             CoopConfig {
                 size: 8,
@@ -154,6 +165,13 @@ pub(crate) const SPLIT_ROWS_PER_WORKGROUP: u32 = 64;
 fn rows_kernel() -> bool {
     static R: OnceLock<bool> = OnceLock::new();
     *R.get_or_init(|| std::env::var("RUNNER_MATMUL_ROWS").map_or(true, |v| v != "0"))
+}
+
+/// Whether frozen weights of decode products are kept in row blocks where they qualify
+/// ([`crate::gpu::kernels::row_blocks`]; env `RUNNER_ROW_BLOCKS=0`: linearly, for benchmarking).
+pub(crate) fn row_blocks_enabled() -> bool {
+    static R: OnceLock<bool> = OnceLock::new();
+    *R.get_or_init(|| std::env::var("RUNNER_ROW_BLOCKS").map_or(true, |v| v != "0"))
 }
 
 /// Options of [`Gpu::matmul`]. `Default`: plain `C = A·B`.
@@ -326,6 +344,7 @@ impl Gemm {
             nf4,
             bf16_b: self.b_bf16,
             f16: self.f16,
+            row_blocks: false,
         }
     }
 
@@ -607,6 +626,22 @@ impl Gpu {
         // weight from the texture it stays staged in during generation on CPU adapters (a weight
         // copied before every product would cost as much as the product), else the buffers.
         if g.trans_b && !g.trans_a && p.m <= ROWS_KERNEL_MAX_M && rows_kernel() {
+            if nf4.is_none() && operands.vec4 && !g.f16 {
+                if let Some((staged, lanes)) = self.stage_row_blocks_gemm(rec, &g)? {
+                    let source = shader(Operands {
+                        textures: true,
+                        row_blocks: true,
+                        ..operands
+                    })?;
+                    constants.push(("SPLIT_LANES", lanes as f64));
+                    let kernel = self.kernel(&source, "matmul_rows_split", &constants)?;
+                    let bias = g.bias.clone().unwrap_or_else(|| self.dummy_buffer());
+                    let bindings = gemm_bindings(&g, Some(&staged), None, bias);
+                    let groups = [p.n.div_ceil(SPLIT_ROWS_PER_WORKGROUP), p.m, 1];
+                    rec.dispatch_bound(&kernel, bytemuck::bytes_of(p), &bindings, groups);
+                    return Ok(());
+                }
+            }
             let staged = g
                 .frozen_b
                 .then(|| stage_gemm_operands(rec, &g, nf4.as_ref()))
@@ -640,6 +675,46 @@ impl Gpu {
         let path = self.matmul_path();
         let tiling = self.matmul_tiling(&g, operands, nf4.as_ref(), path)?;
         self.record_gemm_tiled(rec, g, nf4, operands, constants, tiling)
+    }
+
+    /// A and B of a rows product with a frozen B, staged for `matmul_rows_split` with
+    /// `ROW_BLOCKS`: A in slot 0, B kept in row blocks while a hold lives (replacing a linear
+    /// copy a prompt's product kept); and the kernel's lanes. `None` where the product does not
+    /// qualify (B not one whole [N, K] weight of whole K steps, no hold, or an adapter that does
+    /// not stage): the caller takes the linear path.
+    fn stage_row_blocks_gemm(
+        &self,
+        rec: &mut Recorder,
+        g: &Gemm,
+    ) -> Result<Option<(Vec<std::sync::Arc<StagedTexture>>, u32)>> {
+        use crate::gpu::kernels::row_blocks::row_block_texels;
+        let p = &g.params;
+        let Some(lanes) = subgroup_width(self) else {
+            return Ok(None);
+        };
+        let Some(row_texels) = row_block_texels(p.k as usize, g.b_bf16, lanes) else {
+            return Ok(None);
+        };
+        let element_bytes = if g.b_bf16 { 2 } else { 4 };
+        if !g.frozen_b
+            || !row_blocks_enabled()
+            || g.batch != 1
+            || p.b_off != 0
+            || p.ldb != p.k
+            || g.b.size != p.n as u64 * p.k as u64 * element_bytes
+        {
+            return Ok(None);
+        }
+        let format = if g.b_bf16 {
+            StageFormat::U32
+        } else {
+            StageFormat::F32
+        };
+        let Some(a) = rec.stage(0, &g.a, StageFormat::F32) else {
+            return Ok(None);
+        };
+        let b = rec.stage_frozen_row_blocks(&g.b, format, p.n as usize, row_texels, lanes)?;
+        Ok(b.map(|b| (vec![a, b], lanes)))
     }
 
     /// Which of the tiled kernels this adapter runs.

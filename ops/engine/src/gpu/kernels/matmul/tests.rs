@@ -1,4 +1,5 @@
 use super::*;
+use crate::gpu::staging::WeightLayout;
 use crate::gpu::testing::{other_tiling_gpu, rel_frobenius, test_gpu, tiny_binding_gpu, TestRng};
 use crate::gpu::tune::candidates;
 use crate::reference::matmul as reference;
@@ -394,6 +395,7 @@ fn tuning_times_every_candidate() {
         nf4: false,
         bf16_b: false,
         f16: false,
+        row_blocks: false,
     };
     let times = gpu.time_tilings(&g, operands, None, path).unwrap();
     assert_eq!(
@@ -458,7 +460,11 @@ fn frozen_weights_staged_for_generation_match_reference() {
         assert!(err < 1e-5, "seed {seed}: frozen {m}x{n}x{k}: rel err {err}");
         if gpu.stages_operands() {
             let view = gw.view().unwrap();
-            let staged = gpu.frozen.lock().unwrap().get(&view, StageFormat::F32);
+            let staged =
+                gpu.frozen
+                    .lock()
+                    .unwrap()
+                    .get(&view, StageFormat::F32, WeightLayout::Linear);
             let staged = staged.expect("the frozen weight stays staged");
             let first = first.get_or_insert_with(|| staged.clone());
             assert!(std::sync::Arc::ptr_eq(first, &staged), "restaged");
@@ -470,6 +476,125 @@ fn frozen_weights_staged_for_generation_match_reference() {
     if !frozen.held() {
         assert!(frozen.is_empty(), "the last hold frees the textures");
     }
+}
+
+/// Generation's decode products: on CPU adapters a frozen weight whose K is whole steps of the
+/// rows kernel is kept in row blocks for products of a few rows, odd N leaving the last block
+/// part padding; other K stay linear. f32 and bf16, with a bias and an accumulating epilogue,
+/// poisoned outputs, the texture reused by the next product; a prompt-sized product before
+/// them keeps the linear layout, which the row blocks then replace (a weight is kept once).
+#[test]
+fn frozen_weights_in_row_blocks_match_reference() {
+    use crate::gpu::kernels::row_blocks::row_block_texels;
+    let gpu = test_gpu();
+    let hold = gpu.hold_staged_weights();
+    let seed = TestRng::fresh_seed();
+    let mut rng = TestRng::new(seed);
+    let lanes = subgroup_width(gpu);
+    // K = 128 and 256 are whole steps at 4, 8 and 16 lanes for bf16 (and f32); 72 and 36 are not
+    let cases = [
+        (37, 256, true),
+        (300, 128, true),
+        (8, 128, false),
+        (45, 64, false),
+        (29, 72, true),
+        (19, 36, false),
+    ];
+    for (n, k, bf16) in cases {
+        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        let mut w = rng.vec_normal(n * k);
+        if bf16 {
+            crate::reference::cast::round_to_bf16(&mut w);
+        }
+        let gw = gpu.upload_f32_as(&[n, k], &w, dtype).unwrap();
+        let bias = rng.vec_normal(n);
+        let gbias = gpu.upload_f32(&[n], &bias).unwrap();
+        let mut first = None;
+        for (m, with_bias, beta) in [
+            (20, false, 0.0),
+            (1, false, 0.0),
+            (3, true, 0.0),
+            (8, false, 1.0),
+        ] {
+            let x = rng.vec_normal(m * k);
+            let start = rng.vec_normal(m * n);
+            let gx = gpu.upload_f32(&[m, k], &x).unwrap();
+            let gy = gpu.upload_f32(&[m, n], &start).unwrap();
+            if beta == 0.0 {
+                gpu.poison(&gy);
+            }
+            let opts = MatmulOpts {
+                trans_b: true,
+                frozen_b: true,
+                beta,
+                bias: with_bias.then_some(&gbias),
+                ..Default::default()
+            };
+            let mut rec = Recorder::new(gpu);
+            gpu.matmul(&mut rec, &gx, &gw, &gy, opts).unwrap();
+            rec.submit();
+            let mut want = if beta == 0.0 {
+                vec![0.0; m * n]
+            } else {
+                start.clone()
+            };
+            let g = reference::Gemm {
+                trans_b: true,
+                beta,
+                ..Default::default()
+            };
+            reference::matmul_batched(
+                &x,
+                &w,
+                &mut want,
+                1,
+                m,
+                n,
+                k,
+                g,
+                with_bias.then_some(&bias[..]),
+            );
+            let err = rel_frobenius(&gpu.read_f32(&gy).unwrap(), &want);
+            let what =
+                format!("seed {seed}: {m}x{n}x{k}, bf16 {bf16}, bias {with_bias}, beta {beta}");
+            assert!(err < 1e-5, "{what}: rel err {err}");
+            if !gpu.stages_operands() {
+                continue;
+            }
+            let lanes = lanes.expect("staging adapters have one subgroup width");
+            let view = gw.view().unwrap();
+            let format = if bf16 {
+                StageFormat::U32
+            } else {
+                StageFormat::F32
+            };
+            let frozen = gpu.frozen.lock().unwrap();
+            let blocks = frozen.get(&view, format, WeightLayout::RowBlocks { lanes });
+            let linear = frozen.get(&view, format, WeightLayout::Linear);
+            drop(frozen);
+            let staged = if m > ROWS_KERNEL_MAX_M as usize {
+                // the tiled kernel: linear, replaced by the row blocks below
+                assert!(blocks.is_none(), "{what}: row blocks for a tiled product");
+                linear.expect("kept linearly")
+            } else if row_block_texels(k, bf16, lanes).is_some() && row_blocks_enabled() {
+                assert!(linear.is_none(), "{what}: staged twice");
+                let blocks = blocks.expect("kept in row blocks");
+                if let Some(tiled) = first.take().filter(|t| !std::sync::Arc::ptr_eq(t, &blocks)) {
+                    assert!(
+                        std::sync::Arc::strong_count(&tiled) == 1,
+                        "{what}: the linear copy is still kept"
+                    );
+                }
+                blocks
+            } else {
+                assert!(blocks.is_none(), "{what}: row blocks without whole K steps");
+                linear.expect("kept linearly")
+            };
+            let first = first.get_or_insert_with(|| staged.clone());
+            assert!(std::sync::Arc::ptr_eq(first, &staged), "{what}: restaged");
+        }
+    }
+    drop(hold);
 }
 
 #[test]

@@ -1,0 +1,227 @@
+//! Frozen weights staged in the rows kernels' row-block layout (`shaders/row_blocks.wgsl`, read
+//! by `matmul_rows_split` and `matmul_rows_group` with `ROW_BLOCKS`): on CPU adapters, the
+//! weights a generation's decode steps multiply by a few rows.
+
+use anyhow::{ensure, Result};
+use bytemuck::{Pod, Zeroable};
+
+use crate::gpu::recorder::Bound;
+use crate::gpu::staging::{self, StageFormat, StagedTexture};
+use crate::gpu::{groups_1d, BufView, Gpu, Recorder, Shader};
+pub use crate::reference::row_blocks::BLOCK_ROWS;
+
+fn shader(format: StageFormat) -> Result<Shader> {
+    match format {
+        StageFormat::F32 => Shader::compose("row_blocks", &["F32"]),
+        StageFormat::U32 => Shader::compose("row_blocks", &[]),
+    }
+}
+
+/// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
+pub(crate) fn variants() -> Result<Vec<super::Variant>> {
+    StageFormat::ALL
+        .iter()
+        .map(|&f| Ok((shader(f)?, vec!["row_blocks"])))
+        .collect()
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct RowBlockParams {
+    rows: u32,
+    row_texels: u32,
+    lanes: u32,
+    texels: u32,
+    dst_first: u32,
+    _pad: [u32; 3],
+}
+
+/// Texels per row of a `[rows, k]` weight (f32, or bf16 with `bf16`: 4 or 8 elements per
+/// texel) when a rows kernel of `lanes` lanes can read it in row blocks: its rows must be whole
+/// texels, and whole K steps of `lanes` texels (every hidden and intermediate size of Gemma 3).
+pub fn row_block_texels(k: usize, bf16: bool, lanes: u32) -> Option<u32> {
+    let per_texel = if bf16 { 8 } else { 4 };
+    let texels = k / per_texel;
+    (k > 0 && k.is_multiple_of(per_texel) && texels.is_multiple_of(lanes as usize))
+        .then_some(texels as u32)
+}
+
+/// Texels of the row-block layout of `rows` rows of `row_texels` texels (whole blocks).
+pub fn row_block_layout_texels(rows: usize, row_texels: u32) -> u64 {
+    rows.next_multiple_of(BLOCK_ROWS) as u64 * row_texels as u64
+}
+
+impl Gpu {
+    /// Records the row-block layout of `view` (`rows` rows of `row_texels` texels, as
+    /// `shaders/row_blocks.wgsl` describes) into `texture` from its row `first_row` on, for a
+    /// rows kernel of `lanes` lanes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record_row_blocks(
+        &self,
+        rec: &mut Recorder,
+        view: &BufView,
+        texture: &StagedTexture,
+        first_row: u32,
+        rows: usize,
+        row_texels: u32,
+        lanes: u32,
+    ) -> Result<()> {
+        ensure!(
+            view.size == rows as u64 * row_texels as u64 * 16,
+            "row blocks: a view of {} bytes is not {rows} rows of {row_texels} texels",
+            view.size
+        );
+        ensure!(
+            lanes > 0 && row_texels.is_multiple_of(lanes),
+            "row blocks: {row_texels} texels per row are not whole chunks of {lanes} lanes"
+        );
+        let texels = row_block_layout_texels(rows, row_texels);
+        let dst_first = first_row as u64 * staging::STAGE_WIDTH as u64;
+        ensure!(
+            (dst_first + texels) * 16 <= texture.bytes(),
+            "row blocks: {texels} texels from texture row {first_row} do not fit a texture of {} bytes",
+            texture.bytes()
+        );
+        let params = RowBlockParams {
+            rows: rows as u32,
+            row_texels,
+            lanes,
+            texels: texels as u32,
+            dst_first: u32::try_from(dst_first)?,
+            _pad: [0; 3],
+        };
+        let kernel = self.kernel(&shader(texture.format())?, "row_blocks", &[])?;
+        rec.dispatch_bound(
+            &kernel,
+            bytemuck::bytes_of(&params),
+            &[Bound::Buffer(view.clone()), Bound::Texture(texture)],
+            groups_1d(self, (texels as u32).div_ceil(64)),
+        );
+        Ok(())
+    }
+}
+
+/// Texture rows of the row-block layout of `rows` rows of `row_texels` texels.
+pub fn row_block_texture_rows(rows: usize, row_texels: u32) -> u32 {
+    staging::rows_for(row_block_layout_texels(rows, row_texels) * 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::testing::{test_gpu, TestRng};
+    use crate::gpu::DType;
+
+    /// Reads `p.x` words of a u32 linear texture back through `stage_texel`, from texel `p.y`.
+    const READBACK: &str = r#"
+#include "lib/staging"
+@group(0) @binding(0) var<uniform> p: vec4<u32>;
+@group(0) @binding(1) var T: texture_storage_2d<rgba32uint, read>;
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(64, 1, 1)
+fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let e = gid.x;
+    if (e >= p.x) { return; }
+    out[e] = textureLoad(T, stage_texel(p.y + (e >> 2u)))[e & 3u];
+}
+"#;
+
+    /// The layout of a random weight, read back word for word, against the reference.
+    fn check(first_row: u32, rows: usize, row_texels: u32, lanes: u32) {
+        let gpu = test_gpu();
+        if !gpu.stages_operands() {
+            eprintln!("this adapter does not stage operands");
+            return;
+        }
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let words: Vec<u32> = (0..rows * row_texels as usize * 4)
+            .map(|_| rng.next_u64() as u32)
+            .collect();
+        let src = gpu.upload_u32(&[words.len()], &words).unwrap();
+        let texels = row_block_layout_texels(rows, row_texels);
+        let texture = gpu.staging.lock().unwrap().texture(
+            &gpu.device,
+            StageFormat::U32,
+            first_row + row_block_texture_rows(rows, row_texels),
+        );
+        let n = (texels * 4) as usize;
+        let poison = gpu.upload_u32(&[n], &vec![0xDEAD_BEEF; n]).unwrap();
+        let mut rec = Recorder::new(gpu);
+        // every texel poisoned first (a layout of as many rows as the blocks hold), so the
+        // padding rows must be written as zeros
+        let padded = rows.next_multiple_of(BLOCK_ROWS);
+        gpu.record_row_blocks(
+            &mut rec,
+            &poison.view().unwrap(),
+            &texture,
+            first_row,
+            padded,
+            row_texels,
+            lanes,
+        )
+        .unwrap();
+        gpu.record_row_blocks(
+            &mut rec,
+            &src.view().unwrap(),
+            &texture,
+            first_row,
+            rows,
+            row_texels,
+            lanes,
+        )
+        .unwrap();
+        let out = gpu.empty(&[n], DType::U32).unwrap();
+        let kernel = gpu
+            .kernel(
+                &Shader::inline("row_blocks_readback", READBACK).unwrap(),
+                "readback",
+                &[],
+            )
+            .unwrap();
+        rec.dispatch_bound(
+            &kernel,
+            bytemuck::cast_slice(&[n as u32, first_row * staging::STAGE_WIDTH, 0, 0]),
+            &[Bound::Texture(&texture), Bound::Buffer(out.view().unwrap())],
+            [(n as u32).div_ceil(64), 1, 1],
+        );
+        rec.submit_and_wait().unwrap();
+        let want = crate::reference::row_blocks::row_blocks(
+            &words,
+            rows,
+            row_texels as usize,
+            lanes as usize,
+        );
+        let got = gpu.read_u32(&out).unwrap();
+        assert_eq!(got.len(), want.len());
+        if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
+            panic!(
+                "seed {seed}: {rows} rows x {row_texels} texels, {lanes} lanes, from texture row {first_row}: word {i} is {:#x}, want {:#x}",
+                got[i], want[i]
+            );
+        }
+    }
+
+    #[test]
+    fn layout_matches_the_reference() {
+        // whole and partial last blocks, one and several chunks per row, 4 to 16 lanes
+        check(0, 16, 8, 8);
+        check(0, 37, 80, 8);
+        check(0, 3, 4, 4);
+        check(0, 70, 32, 16);
+        // past one texture row (4096 texels); from a later texture row (a group's member)
+        check(0, 75, 160, 8);
+        check(2, 37, 80, 8);
+    }
+
+    #[test]
+    fn only_whole_k_steps_use_row_blocks() {
+        assert_eq!(row_block_texels(640, true, 8), Some(80));
+        assert_eq!(row_block_texels(640, false, 8), Some(160));
+        assert_eq!(row_block_texels(2560, true, 16), Some(320));
+        // 72 bf16 elements: 9 texels, not whole steps of 8 lanes; K not whole texels
+        assert_eq!(row_block_texels(72, true, 8), None);
+        assert_eq!(row_block_texels(36, true, 4), None);
+        assert_eq!(row_block_texels(0, true, 8), None);
+    }
+}
