@@ -133,7 +133,8 @@ impl<'g> Recorder<'g> {
 
     /// `view` (a frozen weight) staged once and kept while a
     /// [`crate::gpu::staging::StagedWeightsHold`] lives: the copy is recorded on first use only.
-    /// `None` where this adapter does not stage, no hold is alive, or `view` cannot be staged.
+    /// `None` where this adapter does not stage, no hold is alive, `view` cannot be staged, or it
+    /// is kept in another layout (the caller stages it into a slot).
     pub fn stage_frozen(
         &mut self,
         view: &BufView,
@@ -149,6 +150,11 @@ impl<'g> Recorder<'g> {
         }
         if let Some(t) = frozen.get(view, format, WeightLayout::Linear) {
             return Some(t);
+        }
+        if frozen.keeps(view) {
+            // kept for the decode steps' rows kernels (row blocks, a group): a prompt's product
+            // copies it into a slot rather than replace that copy, which every step reads
+            return None;
         }
         let texture = self.gpu.staging.lock().unwrap().texture(
             &self.gpu.device,

@@ -256,8 +256,10 @@ impl StagingSlots {
 /// the buffer range; each entry keeps its buffer alive, so a key cannot be reused by another
 /// allocation while the entry exists. Only matmuls whose B is marked frozen
 /// (`MatmulOpts::frozen_b`) use it: a weight whose bytes change would be read stale. A weight is
-/// kept once: staging it in another layout, or in or out of a group, drops the other copy (a
-/// generation's prompt reads the linear layout, its decode steps the rows kernels' row blocks).
+/// kept once: the rows kernels' layouts (row blocks, a group) replace a linear copy, and a
+/// weight kept in one of them is not kept linearly again (a prompt's product copies it into a
+/// slot). So a generate op's decode steps keep reading the row blocks across its batches, and
+/// its prompts the linear bytes of a slot.
 #[derive(Default)]
 pub struct FrozenTextures {
     holds: usize,
@@ -326,6 +328,13 @@ impl FrozenTextures {
             frozen_key(view, format, layout),
             (view.buffer.clone(), texture),
         );
+    }
+
+    /// Whether the range of `view` is kept in any layout, alone or in a group.
+    pub fn keeps(&self, view: &BufView) -> bool {
+        let range = range_of(view);
+        let same = |k: &FrozenKey| (k.0, k.1, k.2) == range;
+        self.textures.keys().any(same) || self.groups.keys().any(|m| m.iter().any(same))
     }
 
     /// Drops every copy of the ranges `views`, alone or in a group (recorders that bound one

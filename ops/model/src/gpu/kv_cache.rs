@@ -236,6 +236,36 @@ impl Gemma3Gpu {
         batch: &Batch,
         max_new_tokens: usize,
     ) -> Result<(KvCache, Vec<f32>)> {
+        let mut rec = Recorder::new(gpu);
+        let (cache, logits) = self.record_start(gpu, &mut rec, batch, max_new_tokens)?;
+        // no wait here: the readback's own submission runs after this one (one queue)
+        rec.submit();
+        Ok((cache, gpu.read_f32(&logits)?))
+    }
+
+    /// [`Gemma3Gpu::start_generation`] with every kernel timed (timestamp queries, where the
+    /// adapter has them): the cache, the logits and the per-kernel GPU seconds (benchmarks).
+    pub fn start_generation_timed(
+        &self,
+        gpu: &Gpu,
+        batch: &Batch,
+        max_new_tokens: usize,
+    ) -> Result<(KvCache, Vec<f32>, Vec<engine::gpu::KernelTime>)> {
+        let mut rec = Recorder::timed(gpu);
+        let (cache, logits) = self.record_start(gpu, &mut rec, batch, max_new_tokens)?;
+        let times = rec.submit_timed()?.unwrap_or_default();
+        Ok((cache, gpu.read_f32(&logits)?, times))
+    }
+
+    /// Records [`Gemma3Gpu::start_generation`]'s work (flushing after each decoder layer) and
+    /// returns the cache and the logits tensor.
+    fn record_start(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        batch: &Batch,
+        max_new_tokens: usize,
+    ) -> Result<(KvCache, GpuTensor)> {
         let (bsz, seq) = (batch.batch_size, batch.seq_len);
         ensure!(seq > 0, "generation needs a prompt of at least one token");
         ensure!(max_new_tokens > 0, "max_new_tokens must be at least 1");
@@ -283,8 +313,7 @@ impl Gemma3Gpu {
         }
         let positions = left_padded_positions(&batch.attention_mask, bsz, seq);
         let staged_weights = gpu.hold_staged_weights();
-        let mut rec = Recorder::new(gpu);
-        let normed = self.prefill(gpu, &mut rec, batch, &positions, |rec, i, k, v| {
+        let normed = self.prefill(gpu, rec, batch, &positions, |rec, i, k, v| {
             let kv = &layers[i];
             let shape = DecodeShape {
                 batch: bsz,
@@ -299,9 +328,7 @@ impl Gemma3Gpu {
             gpu.kv_prefill(rec, &shape, k, &kv.k)?;
             gpu.kv_prefill(rec, &shape, v, &kv.v)
         })?;
-        let logits = self.logits_of(gpu, &mut rec, &normed)?;
-        // no wait here: the readback's own submission runs after this one (one queue)
-        rec.submit();
+        let logits = self.logits_of(gpu, rec, &normed)?;
         let cache = KvCache {
             batch: bsz,
             prompt_len: seq,
@@ -313,7 +340,7 @@ impl Gemma3Gpu {
             pos: seq,
             _staged_weights: staged_weights,
         };
-        Ok((cache, gpu.read_f32(&logits)?))
+        Ok((cache, logits))
     }
 
     /// One decode step: `ids [batch]` (the token each row just produced; finished rows pass

@@ -7,7 +7,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::recorder::Bound;
 use crate::gpu::staging::{self, StageFormat, StagedTexture};
-use crate::gpu::{groups_1d, BufView, Gpu, Recorder, Shader};
+use crate::gpu::{BufView, Gpu, Recorder, Shader};
 pub use crate::reference::row_blocks::BLOCK_ROWS;
 
 fn shader(format: StageFormat) -> Result<Shader> {
@@ -30,20 +30,24 @@ pub(crate) fn variants() -> Result<Vec<super::Variant>> {
 struct RowBlockParams {
     rows: u32,
     row_texels: u32,
-    lanes: u32,
-    texels: u32,
+    lane_bits: u32,
+    padded_rows: u32,
     dst_first: u32,
     _pad: [u32; 3],
 }
 
 /// Texels per row of a `[rows, k]` weight (f32, or bf16 with `bf16`: 4 or 8 elements per
 /// texel) when a rows kernel of `lanes` lanes can read it in row blocks: its rows must be whole
-/// texels, and whole K steps of `lanes` texels (every hidden and intermediate size of Gemma 3).
+/// texels, and whole K steps of `lanes` texels (every hidden and intermediate size of Gemma 3),
+/// `lanes` a power of two (as every subgroup width is).
 pub fn row_block_texels(k: usize, bf16: bool, lanes: u32) -> Option<u32> {
     let per_texel = if bf16 { 8 } else { 4 };
     let texels = k / per_texel;
-    (k > 0 && k.is_multiple_of(per_texel) && texels.is_multiple_of(lanes as usize))
-        .then_some(texels as u32)
+    (k > 0
+        && k.is_multiple_of(per_texel)
+        && lanes.is_power_of_two()
+        && texels.is_multiple_of(lanes as usize))
+    .then_some(texels as u32)
 }
 
 /// Texels of the row-block layout of `rows` rows of `row_texels` texels (whole blocks).
@@ -72,8 +76,8 @@ impl Gpu {
             view.size
         );
         ensure!(
-            lanes > 0 && row_texels.is_multiple_of(lanes),
-            "row blocks: {row_texels} texels per row are not whole chunks of {lanes} lanes"
+            lanes.is_power_of_two() && row_texels.is_multiple_of(lanes),
+            "row blocks: {row_texels} texels per row are not whole chunks of {lanes} lanes (a power of two)"
         );
         let texels = row_block_layout_texels(rows, row_texels);
         let dst_first = first_row as u64 * staging::STAGE_WIDTH as u64;
@@ -82,20 +86,27 @@ impl Gpu {
             "row blocks: {texels} texels from texture row {first_row} do not fit a texture of {} bytes",
             texture.bytes()
         );
+        let padded_rows = u32::try_from(rows.next_multiple_of(BLOCK_ROWS))?;
         let params = RowBlockParams {
             rows: rows as u32,
             row_texels,
-            lanes,
-            texels: texels as u32,
+            lane_bits: lanes.trailing_zeros(),
+            padded_rows,
             dst_first: u32::try_from(dst_first)?,
             _pad: [0; 3],
         };
         let kernel = self.kernel(&shader(texture.format())?, "row_blocks", &[])?;
+        let groups = [row_texels.div_ceil(8), padded_rows / 8, 1];
+        let max = self.limits().max_compute_workgroups_per_dimension;
+        ensure!(
+            groups[1] <= max,
+            "row blocks: {rows} rows pass the adapter's {max} workgroups per dimension"
+        );
         rec.dispatch_bound(
             &kernel,
             bytemuck::bytes_of(&params),
             &[Bound::Buffer(view.clone()), Bound::Texture(texture)],
-            groups_1d(self, (texels as u32).div_ceil(64)),
+            groups,
         );
         Ok(())
     }

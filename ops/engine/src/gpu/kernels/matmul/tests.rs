@@ -482,7 +482,8 @@ fn frozen_weights_staged_for_generation_match_reference() {
 /// rows kernel is kept in row blocks for products of a few rows, odd N leaving the last block
 /// part padding; other K stay linear. f32 and bf16, with a bias and an accumulating epilogue,
 /// poisoned outputs, the texture reused by the next product; a prompt-sized product before
-/// them keeps the linear layout, which the row blocks then replace (a weight is kept once).
+/// them keeps the linear layout, which the row blocks then replace, and one after them leaves
+/// the row blocks kept (a weight is kept once).
 #[test]
 fn frozen_weights_in_row_blocks_match_reference() {
     use crate::gpu::kernels::row_blocks::row_block_texels;
@@ -515,6 +516,7 @@ fn frozen_weights_in_row_blocks_match_reference() {
             (1, false, 0.0),
             (3, true, 0.0),
             (8, false, 1.0),
+            (20, true, 1.0),
         ] {
             let x = rng.vec_normal(m * k);
             let start = rng.vec_normal(m * n);
@@ -572,11 +574,20 @@ fn frozen_weights_in_row_blocks_match_reference() {
             let blocks = frozen.get(&view, format, WeightLayout::RowBlocks { lanes });
             let linear = frozen.get(&view, format, WeightLayout::Linear);
             drop(frozen);
-            let staged = if m > ROWS_KERNEL_MAX_M as usize {
-                // the tiled kernel: linear, replaced by the row blocks below
-                assert!(blocks.is_none(), "{what}: row blocks for a tiled product");
+            let in_blocks = row_block_texels(k, bf16, lanes).is_some() && row_blocks_enabled();
+            let tiled = m > ROWS_KERNEL_MAX_M as usize;
+            let staged = if let (true, Some(blocks)) = (tiled, blocks.clone()) {
+                // a prompt's product after the decode steps': copied into a slot, the row
+                // blocks kept
+                assert!(
+                    linear.is_none(),
+                    "{what}: kept linearly beside the row blocks"
+                );
+                blocks
+            } else if tiled {
+                // the tiled kernel first: linear, replaced by the row blocks below
                 linear.expect("kept linearly")
-            } else if row_block_texels(k, bf16, lanes).is_some() && row_blocks_enabled() {
+            } else if in_blocks {
                 assert!(linear.is_none(), "{what}: staged twice");
                 let blocks = blocks.expect("kept in row blocks");
                 if let Some(tiled) = first.take().filter(|t| !std::sync::Arc::ptr_eq(t, &blocks)) {
