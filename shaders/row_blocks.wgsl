@@ -7,33 +7,23 @@
 // x 640 bf16 product that misses the caches took 4.8-5.1 ms linear, 3.9-4.2 ms in row blocks
 // (rows_probe).
 //
-// Texel t of the destination is texel (chunk · LANES + lane) of row (block · 8 + r) of the
-// source, where t = ((block · chunks + chunk) · 8 + r) · LANES + lane and chunks = row_texels /
-// LANES. The source is bound as vec4<u32> words (f32 bits, or two bf16 per word); the texture
-// has the staging format of what the kernel reads (rgba32float with F32, else rgba32uint).
-
-#feature F32 the destination is an rgba32float texture (an f32 weight), else rgba32uint (bf16 words)
-
-#include "lib/staging"
+// Texel t of the layout is texel (chunk · LANES + lane) of row (block · 8 + r) of the source,
+// where t = ((block · chunks + chunk) · 8 + r) · LANES + lane and chunks = row_texels / LANES.
+// Both are bound as vec4<u32> words (f32 bits, or two bf16 per word): the layout is written to
+// a buffer, which a plain copy then moves into the texture (kernels/row_blocks.rs). Storing
+// texels straight into a storage texture took 1.4x as long on llvmpipe (its image stores go
+// lane by lane through the format conversion).
 
 struct Params {
-    rows: u32,       // N
-    row_texels: u32, // texels of one source row (K / 4 for f32, K / 8 for bf16), a multiple of lanes
-    lane_bits: u32,  // log2 of the reading kernel's SPLIT_LANES (a power of two)
+    rows: u32,        // N
+    row_texels: u32,  // texels of one source row (K / 4 for f32, K / 8 for bf16), a multiple of lanes
+    lane_bits: u32,   // log2 of the reading kernel's SPLIT_LANES (a power of two)
     padded_rows: u32, // N rounded up to a multiple of 8
-    dst_first: u32,  // the destination texel of the layout's texel 0 (a group's member starts on a texture row)
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<vec4<u32>>;
-#if F32
-@group(0) @binding(2) var dst: texture_storage_2d<rgba32float, write>;
-#else
-@group(0) @binding(2) var dst: texture_storage_2d<rgba32uint, write>;
-#endif
+@group(0) @binding(2) var<storage, read_write> dst: array<vec4<u32>>;
 
 // One invocation per texel (j, row) of the source (rows past N write the padding's zeros). No
 // division: llvmpipe divides lane by lane, and dividing each texel's flat index by the row
@@ -50,9 +40,5 @@ fn row_blocks(@builtin(global_invocation_id) gid: vec3<u32>) {
     let t = ((((row >> 3u) * chunks + chunk) << 3u) + (row & 7u)) * lanes + lane;
     var v = vec4<u32>(0u);
     if (row < p.rows) { v = src[row * p.row_texels + j]; }
-#if F32
-    textureStore(dst, stage_texel(p.dst_first + t), bitcast<vec4<f32>>(v));
-#else
-    textureStore(dst, stage_texel(p.dst_first + t), v);
-#endif
+    dst[t] = v;
 }

@@ -181,12 +181,12 @@ impl<'g> Recorder<'g> {
         row_texels: u32,
         lanes: u32,
     ) -> Result<Option<Arc<StagedTexture>>> {
-        use super::kernels::row_blocks::row_block_texture_rows;
+        use super::kernels::row_blocks::{row_block_texture_rows, row_blocks_fit};
         let gpu = self.gpu;
-        let texture_rows = row_block_texture_rows(rows, row_texels);
-        if !gpu.stages_operands() || texture_rows > gpu.limits().max_texture_dimension_2d {
+        if !gpu.stages_operands() || !row_blocks_fit(gpu, rows, row_texels) {
             return Ok(None);
         }
+        let texture_rows = row_block_texture_rows(rows, row_texels);
         let layout = WeightLayout::RowBlocks { lanes };
         {
             let frozen = gpu.frozen.lock().unwrap();
@@ -211,6 +211,24 @@ impl<'g> Recorder<'g> {
         Ok(Some(texture))
     }
 
+    /// Records the copy of `view` into `texture` from its row `first_row` on (see
+    /// [`staging::record_copy_at`]), keeping `view` alive until the submit.
+    pub(crate) fn copy_to_texture(
+        &mut self,
+        view: &BufView,
+        texture: &StagedTexture,
+        first_row: u32,
+    ) {
+        self.pass = None;
+        staging::record_copy_at(
+            self.encoder.as_mut().expect("open"),
+            view,
+            texture,
+            first_row,
+        );
+        self.keep.push(view.buffer.clone());
+    }
+
     /// Frozen weights `views` (all f32 or all packed words, as `format` reads them) staged
     /// together in one texture, each from the start of a texture row, once and kept while a
     /// [`crate::gpu::staging::StagedWeightsHold`] lives (`Gpu::matmul_grouped`): linearly, or
@@ -222,7 +240,7 @@ impl<'g> Recorder<'g> {
         format: StageFormat,
         row_blocks: Option<RowBlocks>,
     ) -> Result<Option<staging::FrozenGroup>> {
-        use super::kernels::row_blocks::row_block_texture_rows;
+        use super::kernels::row_blocks::{row_block_texture_rows, row_blocks_fit};
         let gpu = self.gpu;
         let max_dim = gpu.limits().max_texture_dimension_2d;
         if !gpu.stages_operands() || !views.iter().all(|v| staging::can_stage(v, max_dim)) {
@@ -248,9 +266,12 @@ impl<'g> Recorder<'g> {
             first_rows.push(rows);
             let texture_rows = match row_blocks {
                 Some(b) => {
-                    let weight_rows = v.size / (b.row_texels as u64 * 16);
-                    member_rows.push(weight_rows as usize);
-                    row_block_texture_rows(weight_rows as usize, b.row_texels)
+                    let weight_rows = (v.size / (b.row_texels as u64 * 16)) as usize;
+                    if !row_blocks_fit(gpu, weight_rows, b.row_texels) {
+                        return Ok(None);
+                    }
+                    member_rows.push(weight_rows);
+                    row_block_texture_rows(weight_rows, b.row_texels)
                 }
                 None => staging::rows_for(v.size),
             };

@@ -6,23 +6,17 @@ use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::recorder::Bound;
-use crate::gpu::staging::{self, StageFormat, StagedTexture};
+use crate::gpu::staging::{self, StagedTexture};
 use crate::gpu::{BufView, Gpu, Recorder, Shader};
 pub use crate::reference::row_blocks::BLOCK_ROWS;
 
-fn shader(format: StageFormat) -> Result<Shader> {
-    match format {
-        StageFormat::F32 => Shader::compose("row_blocks", &["F32"]),
-        StageFormat::U32 => Shader::compose("row_blocks", &[]),
-    }
+fn shader() -> Result<Shader> {
+    Shader::compose("row_blocks", &[])
 }
 
 /// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
-    StageFormat::ALL
-        .iter()
-        .map(|&f| Ok((shader(f)?, vec!["row_blocks"])))
-        .collect()
+    Ok(vec![(shader()?, vec!["row_blocks"])])
 }
 
 #[repr(C)]
@@ -32,8 +26,6 @@ struct RowBlockParams {
     row_texels: u32,
     lane_bits: u32,
     padded_rows: u32,
-    dst_first: u32,
-    _pad: [u32; 3],
 }
 
 /// Texels per row of a `[rows, k]` weight (f32, or bf16 with `bf16`: 4 or 8 elements per
@@ -58,7 +50,8 @@ pub fn row_block_layout_texels(rows: usize, row_texels: u32) -> u64 {
 impl Gpu {
     /// Records the row-block layout of `view` (`rows` rows of `row_texels` texels, as
     /// `shaders/row_blocks.wgsl` describes) into `texture` from its row `first_row` on, for a
-    /// rows kernel of `lanes` lanes.
+    /// rows kernel of `lanes` lanes: laid out into a pooled buffer, then copied. The layout
+    /// must fit one binding ([`row_blocks_fit`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn record_row_blocks(
         &self,
@@ -92,24 +85,35 @@ impl Gpu {
             row_texels,
             lane_bits: lanes.trailing_zeros(),
             padded_rows,
-            dst_first: u32::try_from(dst_first)?,
-            _pad: [0; 3],
         };
-        let kernel = self.kernel(&shader(texture.format())?, "row_blocks", &[])?;
+        let kernel = self.kernel(&shader()?, "row_blocks", &[])?;
         let groups = [row_texels.div_ceil(8), padded_rows / 8, 1];
         let max = self.limits().max_compute_workgroups_per_dimension;
         ensure!(
             groups[1] <= max,
             "row blocks: {rows} rows pass the adapter's {max} workgroups per dimension"
         );
+        let laid_out = BufView {
+            buffer: self.alloc_storage(texels * 16),
+            offset: 0,
+            size: texels * 16,
+        };
         rec.dispatch_bound(
             &kernel,
             bytemuck::bytes_of(&params),
-            &[Bound::Buffer(view.clone()), Bound::Texture(texture)],
+            &[Bound::Buffer(view.clone()), Bound::Buffer(laid_out.clone())],
             groups,
         );
+        rec.copy_to_texture(&laid_out, texture, first_row);
         Ok(())
     }
+}
+
+/// Whether the row-block layout of `rows` rows of `row_texels` texels fits one storage
+/// binding (the layout kernel writes it whole) and the adapter's texture height.
+pub fn row_blocks_fit(gpu: &Gpu, rows: usize, row_texels: u32) -> bool {
+    row_block_layout_texels(rows, row_texels) * 16 <= gpu.max_binding_bytes()
+        && row_block_texture_rows(rows, row_texels) <= gpu.limits().max_texture_dimension_2d
 }
 
 /// Texture rows of the row-block layout of `rows` rows of `row_texels` texels.
@@ -120,6 +124,7 @@ pub fn row_block_texture_rows(rows: usize, row_texels: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::staging::StageFormat;
     use crate::gpu::testing::{test_gpu, TestRng};
     use crate::gpu::DType;
 
