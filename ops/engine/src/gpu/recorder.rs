@@ -170,9 +170,9 @@ impl<'g> Recorder<'g> {
 
     /// `view`, a frozen weight of `rows` rows of `row_texels` texels, staged once in the rows
     /// kernels' row-block layout for `lanes` lanes ([`crate::gpu::kernels::row_blocks`]) and
-    /// kept while a [`crate::gpu::staging::StagedWeightsHold`] lives. `None` as
-    /// [`Recorder::stage_frozen`] (and where the layout's texture would pass the adapter's
-    /// texture size).
+    /// kept while a [`crate::gpu::staging::StagedWeightsHold`] lives, replacing a linear copy.
+    /// `None` as [`Recorder::stage_frozen`], and where the layout would pass one binding or the
+    /// adapter's texture height ([`crate::gpu::kernels::row_blocks::row_blocks_fit`]).
     pub fn stage_frozen_row_blocks(
         &mut self,
         view: &BufView,

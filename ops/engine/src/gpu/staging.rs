@@ -108,10 +108,6 @@ impl StagedTexture {
     pub fn bytes(&self) -> u64 {
         texture_bytes(self.rows)
     }
-
-    pub fn format(&self) -> StageFormat {
-        self.format
-    }
 }
 
 impl Drop for StagedTexture {
@@ -283,7 +279,7 @@ pub enum WeightLayout {
     /// The buffer's bytes in order (what every staged kernel reads).
     Linear,
     /// The rows kernels' row blocks for `lanes` lanes
-    /// ([`crate::gpu::kernels::row_blocks`]): for weights only single rows multiply.
+    /// ([`crate::gpu::kernels::row_blocks`]): what a generation's decode steps read.
     RowBlocks { lanes: u32 },
 }
 

@@ -270,11 +270,14 @@ mod tests {
                 let lanes = subgroup_width(gpu).expect("staging adapters have one width");
                 let blocks =
                     row_block_texels(k, bf16, lanes).filter(|_| super::super::row_blocks_enabled());
-                let (format, layout) = match (bf16, blocks) {
-                    (true, Some(_)) => (StageFormat::U32, WeightLayout::RowBlocks { lanes }),
-                    (false, Some(_)) => (StageFormat::F32, WeightLayout::RowBlocks { lanes }),
-                    (true, None) => (StageFormat::U32, WeightLayout::Linear),
-                    (false, None) => (StageFormat::F32, WeightLayout::Linear),
+                let format = if bf16 {
+                    StageFormat::U32
+                } else {
+                    StageFormat::F32
+                };
+                let layout = match blocks {
+                    Some(_) => WeightLayout::RowBlocks { lanes },
+                    None => WeightLayout::Linear,
                 };
                 let staged = gpu.frozen.lock().unwrap().group(&views, format, layout);
                 assert_eq!(
@@ -372,9 +375,10 @@ mod tests {
         .unwrap();
         rec.submit();
         let views = [w32.view().unwrap(), w16.view().unwrap()];
+        let lanes = subgroup_width(gpu).unwrap_or(8);
         let frozen = gpu.frozen.lock().unwrap();
         let any_group = StageFormat::ALL.iter().any(|&f| {
-            [WeightLayout::Linear, WeightLayout::RowBlocks { lanes: 8 }]
+            [WeightLayout::Linear, WeightLayout::RowBlocks { lanes }]
                 .iter()
                 .any(|&l| frozen.group(&views, f, l).is_some())
         });
