@@ -124,9 +124,7 @@ impl<'g> Recorder<'g> {
                 .lock()
                 .unwrap()
                 .get(&self.gpu.device, slot, format, rows, max_dim);
-        self.pass = None;
-        staging::record_copy(self.encoder.as_mut().expect("open"), view, &texture);
-        self.keep.push(view.buffer.clone());
+        self.copy_to_texture(view, &texture, 0);
         self.staged.push(texture.clone());
         Some(texture)
     }
@@ -140,11 +138,12 @@ impl<'g> Recorder<'g> {
         view: &BufView,
         format: StageFormat,
     ) -> Option<Arc<StagedTexture>> {
-        let max_dim = self.gpu.limits().max_texture_dimension_2d;
-        if !self.gpu.stages_operands() || !staging::can_stage(view, max_dim) {
+        let gpu = self.gpu;
+        let max_dim = gpu.limits().max_texture_dimension_2d;
+        if !gpu.stages_operands() || !staging::can_stage(view, max_dim) {
             return None;
         }
-        let mut frozen = self.gpu.frozen.lock().unwrap();
+        let mut frozen = gpu.frozen.lock().unwrap();
         if !frozen.held() {
             return None;
         }
@@ -156,14 +155,12 @@ impl<'g> Recorder<'g> {
             // copies it into a slot rather than replace that copy, which every step reads
             return None;
         }
-        let texture = self.gpu.staging.lock().unwrap().texture(
-            &self.gpu.device,
-            format,
-            staging::rows_for(view.size),
-        );
-        self.pass = None;
-        staging::record_copy(self.encoder.as_mut().expect("open"), view, &texture);
-        self.keep.push(view.buffer.clone());
+        let texture =
+            gpu.staging
+                .lock()
+                .unwrap()
+                .texture(&gpu.device, format, staging::rows_for(view.size));
+        self.copy_to_texture(view, &texture, 0);
         frozen.insert(view, format, WeightLayout::Linear, texture.clone());
         Some(texture)
     }
@@ -203,7 +200,6 @@ impl<'g> Recorder<'g> {
             .unwrap()
             .texture(&gpu.device, format, texture_rows);
         gpu.record_row_blocks(self, view, &texture, 0, rows, row_texels, lanes)?;
-        self.keep.push(view.buffer.clone());
         gpu.frozen
             .lock()
             .unwrap()
@@ -297,15 +293,11 @@ impl<'g> Recorder<'g> {
                         b.row_texels,
                         b.lanes,
                     )?;
-                    self.keep.push(v.buffer.clone());
                 }
             }
             None => {
-                self.pass = None;
                 for (v, &first) in views.iter().zip(&first_rows) {
-                    let encoder = self.encoder.as_mut().expect("open");
-                    staging::record_copy_at(encoder, v, &texture, first);
-                    self.keep.push(v.buffer.clone());
+                    self.copy_to_texture(v, &texture, first);
                 }
             }
         }

@@ -424,14 +424,9 @@ impl Gpu {
     }
 }
 
-/// Records the copy of `view`'s bytes into `texture` (rounded up to whole texels; see
-/// [`can_stage`]).
-pub fn record_copy(encoder: &mut wgpu::CommandEncoder, view: &BufView, texture: &StagedTexture) {
-    record_copy_at(encoder, view, texture, 0);
-}
-
-/// [`record_copy`] into the texture's rows from `first_row` on (texel `first_row * STAGE_WIDTH`
-/// holds the view's first 16 bytes).
+/// Records the copy of `view`'s bytes (rounded up to whole texels; see [`can_stage`]) into
+/// `texture`'s rows from `first_row` on (texel `first_row * STAGE_WIDTH` holds the view's first
+/// 16 bytes).
 pub fn record_copy_at(
     encoder: &mut wgpu::CommandEncoder,
     view: &BufView,
@@ -479,29 +474,63 @@ pub fn record_copy_at(
     }
 }
 
+/// Tests: `words` u32 words (f32 bits in an f32 texture) of a staged texture from texel
+/// `first_texel` on, read back through textureLoad addressed by the kernels' own `stage_texel`
+/// (shaders/lib/staging.wgsl), which ties the WGSL address to [`STAGE_WIDTH`].
+#[cfg(test)]
+pub(crate) fn read_texture_words(
+    gpu: &Gpu,
+    texture: &StagedTexture,
+    first_texel: u32,
+    words: usize,
+) -> Vec<u32> {
+    use crate::gpu::recorder::{Bound, Recorder};
+    use crate::gpu::{DType, Shader};
+    let (texel, value) = match texture.format {
+        StageFormat::F32 => ("rgba32float", "bitcast<vec4<u32>>(textureLoad(T, at))"),
+        StageFormat::U32 => ("rgba32uint", "textureLoad(T, at)"),
+    };
+    let source = format!(
+        r#"
+#include "lib/staging"
+@group(0) @binding(0) var<uniform> p: vec4<u32>;
+@group(0) @binding(1) var T: texture_storage_2d<{texel}, read>;
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(64, 1, 1)
+fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let e = gid.x + gid.y * 65535u * 64u;
+    if (e >= p.x) {{ return; }}
+    let at = stage_texel(p.y + (e >> 2u));
+    out[e] = {value}[e & 3u];
+}}
+"#
+    );
+    let kernel = gpu
+        .kernel(
+            &Shader::inline(&format!("staging_readback_{texel}"), &source).unwrap(),
+            "readback",
+            &[],
+        )
+        .unwrap();
+    let out = gpu.empty(&[words], DType::U32).unwrap();
+    gpu.poison(&out);
+    let mut rec = Recorder::new(gpu);
+    let groups = (words as u32).div_ceil(64);
+    rec.dispatch_bound(
+        &kernel,
+        bytemuck::cast_slice(&[words as u32, first_texel, 0, 0]),
+        &[Bound::Texture(texture), Bound::Buffer(out.view().unwrap())],
+        [groups.min(65535), groups.div_ceil(65535), 1],
+    );
+    rec.submit();
+    gpu.read_u32(&out).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::recorder::Bound;
     use crate::gpu::testing::{test_gpu, TestRng};
-    use crate::gpu::{BufView, DType, Recorder, Shader};
-
-    /// Reads every element of a staged linear texture back into a buffer through textureLoad,
-    /// addressed by the kernels' own `stage_texel` (shaders/lib/staging.wgsl): this ties the
-    /// WGSL address to [`STAGE_WIDTH`].
-    const READBACK: &str = r#"
-#include "lib/staging"
-@group(0) @binding(0) var<uniform> p: vec4<u32>;
-@group(0) @binding(1) var T: texture_storage_2d<rgba32float, read>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
-@compute @workgroup_size(64, 1, 1)
-fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let e = gid.x + gid.y * 65535u * 64u;
-    if (e >= p.x) { return; }
-    let t = e >> 2u;
-    out[e] = textureLoad(T, stage_texel(t))[e & 3u];
-}
-"#;
+    use crate::gpu::{BufView, Recorder};
 
     fn roundtrip(floats: usize, skip: usize) {
         let gpu = test_gpu();
@@ -520,29 +549,13 @@ fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {
             offset: whole.offset + 4 * skip as u64,
             size: 4 * floats as u64,
         };
-        let out = gpu.empty(&[floats], DType::F32).unwrap();
-        gpu.poison(&out);
-        let kernel = gpu
-            .kernel(
-                &Shader::inline("staging_readback", READBACK).unwrap(),
-                "readback",
-                &[],
-            )
-            .unwrap();
         let mut rec = Recorder::new(gpu);
         let staged = rec.stage(3, &view, StageFormat::F32).expect("stageable");
-        let groups = (floats as u32).div_ceil(64);
-        let params = [floats as u32, 0, 0, 0];
-        rec.dispatch_bound(
-            &kernel,
-            bytemuck::cast_slice(&params),
-            &[Bound::Texture(&staged), Bound::Buffer(out.view().unwrap())],
-            [groups.min(65535), groups.div_ceil(65535), 1],
-        );
-        rec.submit_and_wait().unwrap();
+        rec.submit();
+        let want: Vec<u32> = host[skip..].iter().map(|v| v.to_bits()).collect();
         assert_eq!(
-            gpu.read_f32(&out).unwrap(),
-            host[skip..],
+            read_texture_words(gpu, &staged, 0, floats),
+            want,
             "seed {seed}: {floats} floats from {skip}"
         );
     }

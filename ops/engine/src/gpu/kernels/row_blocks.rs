@@ -126,21 +126,6 @@ mod tests {
     use super::*;
     use crate::gpu::staging::StageFormat;
     use crate::gpu::testing::{test_gpu, TestRng};
-    use crate::gpu::DType;
-
-    /// Reads `p.x` words of a u32 linear texture back through `stage_texel`, from texel `p.y`.
-    const READBACK: &str = r#"
-#include "lib/staging"
-@group(0) @binding(0) var<uniform> p: vec4<u32>;
-@group(0) @binding(1) var T: texture_storage_2d<rgba32uint, read>;
-@group(0) @binding(2) var<storage, read_write> out: array<u32>;
-@compute @workgroup_size(64, 1, 1)
-fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let e = gid.x;
-    if (e >= p.x) { return; }
-    out[e] = textureLoad(T, stage_texel(p.y + (e >> 2u)))[e & 3u];
-}
-"#;
 
     /// The layout of a random weight, read back word for word, against the reference.
     fn check(first_row: u32, rows: usize, row_texels: u32, lanes: u32) {
@@ -187,28 +172,14 @@ fn readback(@builtin(global_invocation_id) gid: vec3<u32>) {
             lanes,
         )
         .unwrap();
-        let out = gpu.empty(&[n], DType::U32).unwrap();
-        let kernel = gpu
-            .kernel(
-                &Shader::inline("row_blocks_readback", READBACK).unwrap(),
-                "readback",
-                &[],
-            )
-            .unwrap();
-        rec.dispatch_bound(
-            &kernel,
-            bytemuck::cast_slice(&[n as u32, first_row * staging::STAGE_WIDTH, 0, 0]),
-            &[Bound::Texture(&texture), Bound::Buffer(out.view().unwrap())],
-            [(n as u32).div_ceil(64), 1, 1],
-        );
-        rec.submit_and_wait().unwrap();
+        rec.submit();
+        let got = staging::read_texture_words(gpu, &texture, first_row * staging::STAGE_WIDTH, n);
         let want = crate::reference::row_blocks::row_blocks(
             &words,
             rows,
             row_texels as usize,
             lanes as usize,
         );
-        let got = gpu.read_u32(&out).unwrap();
         assert_eq!(got.len(), want.len());
         if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
             panic!(
