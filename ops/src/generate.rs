@@ -171,6 +171,7 @@ impl Op for GenerateOp {
                 .pad_token_id
                 .map(|p| p as u32)
                 .unwrap_or(processor.ids.pad),
+            run_ahead: None,
         };
         let (prompts, resolver) = read_prompts(
             &ctx.input("conversations")?.dir,

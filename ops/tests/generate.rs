@@ -324,9 +324,16 @@ fn score_reads_the_generations_input() {
 /// (145 and 59 tokens: 86 of padding, sliding layers' windows of 16 wrapped many times) decoded
 /// greedily with the generation adapter; at every step each row's logits equal those of the full
 /// forward (no cache) over the padded prompts and the tokens fed so far.
-#[test]
-fn decode_logits_equal_the_full_forward_of_the_same_tokens() {
-    let c = Chain::new(42);
+/// The tiny model with the generation adapter on the GPU, its config and processor, and the
+/// first two MMIU miniature prompts as a left-padded batch.
+fn tiny_model_and_batch(
+    c: &Chain,
+) -> (
+    ops::model::gpu::model::Gemma3Gpu,
+    ops::model::ModelConfig,
+    ops::data::processor::Processor,
+    ops::data::collate::Batch,
+) {
     let model = c.model();
     let adapter = c.adapter();
     let chats = c.chats("mmiu");
@@ -359,7 +366,81 @@ fn decode_logits_equal_the_full_forward_of_the_same_tokens() {
         .iter()
         .map(|p| ops::generation::decode::load_images(&resolver, p).unwrap())
         .collect();
-    let mut batch = ops::generation::decode::left_padded_batch(&processor, &prompts, &images);
+    let batch = ops::generation::decode::left_padded_batch(&processor, &prompts, &images);
+    (gm, config, processor, batch)
+}
+
+/// Greedy generation with the tokens chosen on the GPU gives the host loop's tokens (each
+/// step's logits read back, torch's argmax on the host, stopped rows fed the pad id), running a
+/// step ahead of the host or not: a padded batch where one row stops on a stop id while the
+/// other goes on.
+#[test]
+fn greedy_on_the_gpu_equals_the_host_loop_ahead_or_not() {
+    use ops::generation::decode::{argmax, generate_batch, DecodeOptions};
+    let c = Chain::new(42);
+    let (gm, _, processor, batch) = tiny_model_and_batch(&c);
+    let gpu = ops::gpu::Gpu::get().unwrap();
+    let (steps, vocab, pad) = (10, gm.dims.vocab, processor.ids.pad);
+    let host_loop = |stop_ids: &[u32]| -> Vec<Vec<u32>> {
+        let (mut cache, mut logits) = gm.start_generation(gpu, &batch, steps).unwrap();
+        let mut out = vec![Vec::new(); 2];
+        let mut stopped = [false; 2];
+        for s in 0..steps {
+            let mut next = [pad; 2];
+            for r in 0..2 {
+                if stopped[r] {
+                    continue;
+                }
+                let id = argmax(&logits[r * vocab..(r + 1) * vocab]);
+                out[r].push(id);
+                stopped[r] = stop_ids.contains(&id);
+                next[r] = id;
+            }
+            if s + 1 == steps || stopped.iter().all(|&s| s) {
+                break;
+            }
+            logits = gm.decode_step(gpu, &mut cache, &next).unwrap();
+        }
+        out
+    };
+    let free = host_loop(&[]);
+    // a token row 0 makes for the first time at step k ≥ 2 and row 1 never makes
+    let k = (2..steps)
+        .find(|&k| !free[0][..k].contains(&free[0][k]) && !free[1].contains(&free[0][k]))
+        .expect("row 0 makes a token row 1 never does");
+    let stop = [free[0][k]];
+    let want = host_loop(&stop);
+    assert_eq!(want[0].len(), k + 1, "row 0 stops on its stop id");
+    assert_eq!(want[1].len(), steps, "row 1 goes on");
+    for run_ahead in [Some(false), Some(true), None] {
+        let opts = DecodeOptions {
+            max_new_tokens: steps,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            stop_ids: stop.to_vec(),
+            pad_id: pad,
+            run_ahead,
+        };
+        let mut produced = Vec::new();
+        let got = generate_batch(&gm, gpu, &batch, &opts, |n| produced.push(n)).unwrap();
+        let ids: Vec<Vec<u32>> = got.iter().map(|g| g.token_ids.clone()).collect();
+        assert_eq!(ids, want, "run ahead {run_ahead:?}");
+        assert_eq!(
+            got.iter().map(|g| g.stopped).collect::<Vec<_>>(),
+            [true, false]
+        );
+        assert_eq!(produced.iter().sum::<usize>(), k + 1 + steps);
+    }
+}
+
+#[test]
+fn decode_logits_equal_the_full_forward_of_the_same_tokens() {
+    let c = Chain::new(42);
+    let (gm, config, _, mut batch) = tiny_model_and_batch(&c);
+    let gpu = ops::gpu::Gpu::get().unwrap();
     let (b, t, vocab) = (2, batch.seq_len, gm.dims.vocab);
     let steps = 8;
     let (mut cache, mut logits) = gm.start_generation(gpu, &batch, steps).unwrap();

@@ -53,4 +53,4 @@ pub use engine::{
 pub use kernels::*;
 pub use recorder::{groups_1d, KernelTime, Recorder};
 pub use shader::Shader;
-pub use tensor::{BufView, Chunk, DType, GpuTensor};
+pub use tensor::{BufView, Chunk, DType, GpuTensor, PendingRead};

@@ -6,7 +6,7 @@ use anyhow::{anyhow, Result};
 
 use super::engine::{Gpu, Kernel, PooledBuffer};
 use super::staging::{self, RowBlocks, StageFormat, StagedTexture, WeightLayout};
-use super::tensor::BufView;
+use super::tensor::{BufView, GpuTensor, PendingRead};
 
 /// Most dispatches a timed recorder measures (two timestamps each; wgpu caps a query set at 4096).
 const MAX_TIMED: u32 = 2048;
@@ -510,6 +510,17 @@ impl<'g> Recorder<'g> {
                 })
                 .collect(),
         ))
+    }
+
+    /// Submits everything recorded followed by a copy of `t` to the host, and returns without
+    /// waiting: [`PendingRead::wait`] blocks until this submission has run, not until later
+    /// ones have, so the host can record and submit more work meanwhile.
+    pub fn submit_reading(mut self, t: &GpuTensor) -> PendingRead {
+        self.pass = None;
+        let mut enc = self.encoder.take().expect("open");
+        let read = PendingRead::record(self.gpu, &mut enc, t);
+        let index = self.gpu.queue.submit([enc.finish()]);
+        read.submitted(index)
     }
 
     /// Submits and waits for completion (tests, and the end of a step before reading scalars).

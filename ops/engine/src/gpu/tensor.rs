@@ -279,46 +279,11 @@ impl Gpu {
 
     /// Copies a tensor's bytes to the host (submits and waits: tests and scalars only).
     pub fn read_bytes(&self, t: &GpuTensor) -> Result<Vec<u8>> {
-        let total: u64 = t.chunks.iter().map(|c| c.bytes).sum();
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: total.max(4),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
         let mut enc = self.device.create_command_encoder(&Default::default());
-        let mut at = 0;
-        for c in &t.chunks {
-            enc.copy_buffer_to_buffer(c.buffer.buffer(), 0, &staging, at, c.bytes);
-            at += c.bytes;
-        }
-        self.queue.submit([enc.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        rx.recv()
-            .map_err(|_| anyhow!("GPU readback was dropped"))?
-            .map_err(|e| anyhow!("mapping GPU readback buffer: {e}"))?;
-        let view = staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| anyhow!("mapping GPU readback buffer: {e:?}"))?;
-        // Strip the per-chunk word padding so the bytes are the dense tensor.
-        let row_bytes_bits = t.row_len * t.dtype.bits();
-        let mut out = Vec::with_capacity(t.numel() * t.dtype.bits() / 8);
-        let mut at = 0usize;
-        for c in &t.chunks {
-            let data_bytes = c.rows * row_bytes_bits / 8;
-            out.extend_from_slice(&view[at..at + data_bytes]);
-            at += c.bytes as usize;
-        }
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        let read = PendingRead::record(self, &mut enc, t);
+        let index = self.queue.submit([enc.finish()]);
+        read.submitted(index).wait()
     }
-
     /// Reads chunk `k` of an f32 (or bf16, widened) tensor (its `rows × row_len` values; submits and waits): the
     /// host optimizer walks a large tensor a chunk at a time, so no host or device copy of the
     /// whole tensor is ever made.
@@ -481,6 +446,103 @@ fn f32_chunk<'t>(what: &str, t: &'t GpuTensor, k: usize) -> Result<&'t Chunk> {
         .with_context(|| format!("the tensor has {} chunks, not {}", t.chunks.len(), k + 1))
 }
 
+/// A tensor's bytes on their way to the host: a copy recorded after some work and mapped once
+/// that work's submission has run. [`crate::gpu::Recorder::submit_reading`] makes one without
+/// waiting, so the host can go on recording (a pipelined decode reads step s's tokens while
+/// step s+1 runs).
+pub struct PendingRead {
+    device: wgpu::Device,
+    staging: wgpu::Buffer,
+    /// Each chunk's data bytes (without its padding to whole words) and its padded size.
+    chunks: Vec<(usize, usize)>,
+    submission: Option<wgpu::SubmissionIndex>,
+    mapped: Option<std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>>,
+}
+
+impl PendingRead {
+    /// Records the copy of `t` into a fresh host-mappable buffer at the end of `enc`.
+    pub(crate) fn record(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, t: &GpuTensor) -> Self {
+        let total: u64 = t.chunks.iter().map(|c| c.bytes).sum();
+        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: total.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut at = 0;
+        for c in &t.chunks {
+            enc.copy_buffer_to_buffer(c.buffer.buffer(), 0, &staging, at, c.bytes);
+            at += c.bytes;
+        }
+        let row_bits = t.row_len * t.dtype.bits();
+        PendingRead {
+            device: gpu.device.clone(),
+            staging,
+            chunks: t
+                .chunks
+                .iter()
+                .map(|c| (c.rows * row_bits / 8, c.bytes as usize))
+                .collect(),
+            submission: None,
+            mapped: None,
+        }
+    }
+
+    /// Marks the copy submitted (as submission `index`) and asks for the mapping.
+    pub(crate) fn submitted(mut self, index: wgpu::SubmissionIndex) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+        self.submission = Some(index);
+        self.mapped = Some(rx);
+        self
+    }
+
+    /// Waits for the submission that holds the copy (not for later ones) and returns the
+    /// tensor's dense bytes.
+    pub fn wait(self) -> Result<Vec<u8>> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(self.submission.clone().expect("submitted")),
+                timeout: None,
+            })
+            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        self.take()
+    }
+
+    /// Waits as [`PendingRead::wait`] and reads u32 words.
+    pub fn wait_u32(self) -> Result<Vec<u32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.wait()?))
+    }
+
+    /// The bytes of a completed mapping, padding stripped.
+    fn take(self) -> Result<Vec<u8>> {
+        self.mapped
+            .as_ref()
+            .expect("submitted")
+            .recv()
+            .map_err(|_| anyhow!("GPU readback was dropped"))?
+            .map_err(|e| anyhow!("mapping GPU readback buffer: {e}"))?;
+        let view = self
+            .staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| anyhow!("mapping GPU readback buffer: {e:?}"))?;
+        let mut out = Vec::with_capacity(self.chunks.iter().map(|c| c.0).sum());
+        let mut at = 0usize;
+        for &(data, padded) in &self.chunks {
+            out.extend_from_slice(&view[at..at + data]);
+            at += padded;
+        }
+        drop(view);
+        self.staging.unmap();
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,6 +559,33 @@ mod tests {
             assert!(err.to_string().contains(&format!("{dtype:?}")), "{err}");
         }
         assert!(test_gpu().empty(&[3, 5], DType::U8).is_ok());
+    }
+
+    /// A read submitted with the work before it returns the values as that work left them,
+    /// while later work on the same tensor is already queued: chunked (4 KiB bindings, odd row
+    /// length, so each chunk's word padding is stripped) and whole.
+    #[test]
+    fn submit_reading_sees_its_own_submission() {
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        for gpu in [test_gpu(), tiny_binding_gpu()] {
+            let (rows, cols) = (37, 53);
+            let start = rng.vec_normal(rows * cols);
+            let addend = rng.vec_normal(rows * cols);
+            let x = gpu.upload_f32(&[rows, cols], &start).unwrap();
+            let a = gpu.upload_f32(&[rows, cols], &addend).unwrap();
+            let mut rec = Recorder::new(gpu);
+            gpu.accumulate(&mut rec, &x, &a).unwrap();
+            let pending = rec.submit_reading(&x);
+            let mut rec = Recorder::new(gpu);
+            gpu.accumulate(&mut rec, &x, &a).unwrap();
+            rec.submit();
+            let once: Vec<f32> = start.iter().zip(&addend).map(|(s, a)| s + a).collect();
+            let twice: Vec<f32> = once.iter().zip(&addend).map(|(s, a)| s + a).collect();
+            let got: Vec<f32> = bytemuck::pod_collect_to_vec(&pending.wait().unwrap());
+            assert_eq!(got, once, "seed {seed}: the pending read");
+            assert_eq!(gpu.read_f32(&x).unwrap(), twice, "seed {seed}: after both");
+        }
     }
 
     /// Row copies between chunked and whole tensors land exactly where asked and nowhere else:

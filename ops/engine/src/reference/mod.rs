@@ -9,6 +9,7 @@ pub mod cast;
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod embedding;
+pub mod greedy;
 pub mod lora;
 pub mod matmul;
 pub mod nf4;

@@ -6,6 +6,8 @@
 //! ring. The twin of transformers' `generate` with its dynamic/hybrid cache: same positions
 //! (counted from each row's first real token), same masks, same token order.
 
+use std::collections::VecDeque;
+
 use anyhow::{ensure, Context, Result};
 
 use super::decoder::GpuDecoderLayer;
@@ -14,7 +16,8 @@ use super::model::Gemma3Gpu;
 use crate::reference::gemma3::TextDims;
 use data::collate::Batch;
 use engine::gpu::kernels::decode_attention::DecodeShape;
-use engine::gpu::{DType, Gpu, GpuTensor, Recorder, RopeTables};
+use engine::gpu::kernels::greedy::GreedyRows;
+use engine::gpu::{DType, Gpu, GpuTensor, PendingRead, Recorder, RopeTables};
 
 /// One layer's cache: keys (rotated) and values, f32 `[batch, kv_heads, capacity, head_dim]`.
 struct LayerKv {
@@ -347,7 +350,8 @@ impl Gemma3Gpu {
     /// anything, e.g. the pad id, as transformers does) -> the next logits `[batch, vocab]`.
     pub fn decode_step(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
         let mut rec = Recorder::new(gpu);
-        let logits = self.record_decode_step(gpu, &mut rec, cache, ids)?;
+        let ids = self.upload_ids(gpu, cache, ids)?;
+        let logits = self.record_decode_step(gpu, &mut rec, cache, &ids)?;
         // no wait here: the readback's own submission runs after this one (one queue)
         rec.submit();
         gpu.read_f32(&logits)
@@ -362,29 +366,19 @@ impl Gemma3Gpu {
         ids: &[u32],
     ) -> Result<(Vec<f32>, Vec<engine::gpu::KernelTime>)> {
         let mut rec = Recorder::timed(gpu);
-        let logits = self.record_decode_step(gpu, &mut rec, cache, ids)?;
+        let ids = self.upload_ids(gpu, cache, ids)?;
+        let logits = self.record_decode_step(gpu, &mut rec, cache, &ids)?;
         let times = rec.submit_timed()?.unwrap_or_default();
         Ok((gpu.read_f32(&logits)?, times))
     }
 
-    /// Records one decode step into `rec` and advances the cache; returns the logits tensor.
-    fn record_decode_step(
-        &self,
-        gpu: &Gpu,
-        rec: &mut Recorder,
-        cache: &mut KvCache,
-        ids: &[u32],
-    ) -> Result<GpuTensor> {
+    /// Host ids for a decode step, checked: one per row, each in the vocabulary.
+    fn upload_ids(&self, gpu: &Gpu, cache: &KvCache, ids: &[u32]) -> Result<GpuTensor> {
         ensure!(
             ids.len() == cache.batch,
             "decode step: {} ids for a batch of {}",
             ids.len(),
             cache.batch
-        );
-        ensure!(
-            cache.pos < cache.max_len,
-            "decode step: the cache holds {} positions and is full",
-            cache.max_len
         );
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.dims.vocab) {
             anyhow::bail!(
@@ -392,10 +386,32 @@ impl Gemma3Gpu {
                 self.dims.vocab
             );
         }
+        gpu.upload_u32(&[ids.len()], ids)
+    }
+
+    /// Records one decode step into `rec` and advances the cache; `gids [batch]` u32 are the
+    /// rows' input tokens (on the GPU, in the vocabulary). Returns the logits tensor.
+    fn record_decode_step(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        cache: &mut KvCache,
+        gids: &GpuTensor,
+    ) -> Result<GpuTensor> {
+        ensure!(
+            gids.numel() == cache.batch,
+            "decode step: {} ids for a batch of {}",
+            gids.numel(),
+            cache.batch
+        );
+        ensure!(
+            cache.pos < cache.max_len,
+            "decode step: the cache holds {} positions and is full",
+            cache.max_len
+        );
         let run = self.eval_run();
-        let gids = gpu.upload_u32(&[ids.len()], ids)?;
-        let positions = gpu.upload_u32(&[ids.len()], &cache.next_position)?;
-        let mut x = self.embed_ids(gpu, rec, &gids)?;
+        let positions = gpu.upload_u32(&[cache.batch], &cache.next_position)?;
+        let mut x = self.embed_ids(gpu, rec, gids)?;
         let first_norm = self
             .layers
             .first()
@@ -431,6 +447,98 @@ impl Gemma3Gpu {
             *p += 1;
         }
         Ok(logits)
+    }
+}
+
+/// A greedy generation whose tokens are chosen on the GPU ([`Gpu::choose_greedy`]: torch's
+/// argmax, the pad id for rows that have stopped). Each decode step reads its input ids from the
+/// previous step's choice, so the logits never leave the device, and the host may record and
+/// submit step s+1 before it reads step s's tokens (its recording and the readback then overlap
+/// the device's work; `ops::generation::decode::runs_ahead` says when that pays). The tokens are
+/// the ones the host loop over [`Gemma3Gpu::decode_step`] picks.
+pub struct GreedyGeneration {
+    cache: KvCache,
+    rows: GreedyRows,
+    /// The latest submitted choice: the next step's input ids.
+    last_ids: GpuTensor,
+    /// Choices submitted and not yet read, oldest first.
+    pending: VecDeque<PendingRead>,
+}
+
+impl GreedyGeneration {
+    /// Waits for the oldest choice not yet read (the first is the prompt's): `[batch]` ids,
+    /// the pad id for rows that had stopped before it.
+    pub fn next_ids(&mut self) -> Result<Vec<u32>> {
+        let read = self
+            .pending
+            .pop_front()
+            .context("every submitted greedy choice has been read")?;
+        let ids = read.wait_u32()?;
+        ensure!(
+            ids.len() == self.cache.batch,
+            "greedy choice: {} ids for a batch of {}",
+            ids.len(),
+            self.cache.batch
+        );
+        Ok(ids)
+    }
+}
+
+impl Gemma3Gpu {
+    /// Submits the prompts of a left-padded `batch` (as [`Gemma3Gpu::start_generation`]) and the
+    /// greedy choice of each row's first token, without waiting. A row stops after producing one
+    /// of `stop_ids` and is fed `pad_id` from then on.
+    pub fn start_greedy(
+        &self,
+        gpu: &Gpu,
+        batch: &Batch,
+        max_new_tokens: usize,
+        stop_ids: &[u32],
+        pad_id: u32,
+    ) -> Result<GreedyGeneration> {
+        ensure!(
+            (pad_id as usize) < self.dims.vocab,
+            "the pad id {pad_id} is outside the vocabulary ({}): rows that stop are fed it",
+            self.dims.vocab
+        );
+        let rows = gpu.greedy_rows(batch.batch_size, stop_ids, pad_id)?;
+        let mut rec = Recorder::new(gpu);
+        let (cache, logits) = self.record_start(gpu, &mut rec, batch, max_new_tokens)?;
+        let ids = gpu.choose_greedy(&mut rec, &logits, &rows)?;
+        let read = rec.submit_reading(&ids);
+        Ok(GreedyGeneration {
+            cache,
+            rows,
+            last_ids: ids,
+            pending: VecDeque::from([read]),
+        })
+    }
+
+    /// Submits one decode step on the latest choice and the greedy choice after it, without
+    /// waiting; [`GreedyGeneration::next_ids`] reads the choices in order.
+    pub fn submit_greedy_step(&self, gpu: &Gpu, g: &mut GreedyGeneration) -> Result<()> {
+        let mut rec = Recorder::new(gpu);
+        let logits = self.record_decode_step(gpu, &mut rec, &mut g.cache, &g.last_ids)?;
+        let ids = gpu.choose_greedy(&mut rec, &logits, &g.rows)?;
+        g.pending.push_back(rec.submit_reading(&ids));
+        g.last_ids = ids;
+        Ok(())
+    }
+
+    /// [`Gemma3Gpu::submit_greedy_step`] with every kernel timed (timestamp queries, where the
+    /// adapter has them), waiting for it: the per-kernel GPU seconds (benchmarks).
+    pub fn greedy_step_timed(
+        &self,
+        gpu: &Gpu,
+        g: &mut GreedyGeneration,
+    ) -> Result<Vec<engine::gpu::KernelTime>> {
+        let mut rec = Recorder::timed(gpu);
+        let logits = self.record_decode_step(gpu, &mut rec, &mut g.cache, &g.last_ids)?;
+        let ids = gpu.choose_greedy(&mut rec, &logits, &g.rows)?;
+        let times = rec.submit_timed()?.unwrap_or_default();
+        g.pending.push_back(Recorder::new(gpu).submit_reading(&ids));
+        g.last_ids = ids;
+        Ok(times)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod cast;
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod embedding;
+pub mod greedy;
 pub mod lora;
 pub mod matmul;
 pub mod nf4;
@@ -130,7 +131,7 @@ pub(crate) type Variant = (super::Shader, Vec<&'static str>);
 
 /// Every module every family dispatches ([`super::shader::all_variants`]).
 pub(crate) fn shader_variants() -> Result<Vec<Variant>> {
-    let families: [fn() -> Result<Vec<Variant>>; 18] = [
+    let families: [fn() -> Result<Vec<Variant>>; 19] = [
         accumulate::variants,
         activation::variants,
         adamw::variants,
@@ -139,6 +140,7 @@ pub(crate) fn shader_variants() -> Result<Vec<Variant>> {
         cross_entropy::variants,
         decode_attention::variants,
         embedding::variants,
+        greedy::variants,
         lora::variants,
         matmul::variants,
         matmul::grouped::variants,

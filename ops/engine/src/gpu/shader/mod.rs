@@ -164,6 +164,7 @@ shader_files!(
     "decode_attention",
     "decode_qk",
     "embedding",
+    "greedy",
     "lora",
     "matmul",
     "matmul_rows_group",
