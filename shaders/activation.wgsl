@@ -2,6 +2,7 @@
 // out = gelu(gate) · up (Gemma's MLP), forward and backward. Elementwise over n values.
 
 #include "lib/dispatch"
+#include "lib/gelu"
 
 struct Params {
     n: u32,
@@ -12,13 +13,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
-const COEF: f32 = 0.044715;
-
-fn gelu(x: f32) -> f32 {
-    let inner = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-    return 0.5 * x * (1.0 + tanh(inner));
-}
 
 fn gelu_grad(x: f32) -> f32 {
     let inner = SQRT_2_OVER_PI * (x + COEF * x * x * x);

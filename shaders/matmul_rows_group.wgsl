@@ -8,6 +8,11 @@
 // The layout and inner loop are matmul_rows_split's (lib/rows_split). A workgroup's outputs lie
 // in one member: member j owns workgroups first_group[j] .. first_group[j + 1], so the member,
 // its offset and its output binding are the same for the whole workgroup.
+//
+// `matmul_rows_geglu` takes two members of equal N, gate and up (Gemma's MLP): each workgroup
+// computes the same rows of both and stores C0 = gelu(gate) · up, what `geglu_forward`
+// (shaders/activation.wgsl, the same lib/gelu) computes from the two products' outputs, in one
+// dispatch instead of two and without writing gate and up.
 
 #feature BF16B the weights are bf16, staged as u32 words (eight elements per texel)
 #feature ROW_BLOCKS the weights are staged in row blocks (shaders/row_blocks.wgsl), each from its texture row, instead of linearly
@@ -17,6 +22,7 @@
 #include "lib/bf16"
 #endif
 #include "lib/rows_split"
+#include "lib/gelu"
 
 struct Params {
     m: u32,
@@ -78,6 +84,35 @@ fn matmul_rows_group(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         let total = subgroupAdd(acc[r].x + acc[r].y);
         if (lane == r % SPLIT_LANES && n0 + r < n_j) {
             store(j, m * n_j + n0 + r, total);
+        }
+    }
+}
+
+// A lane's partial sums of member j's rows from n0 (see matmul_rows_group).
+fn member_partials(j: u32, m: u32, n0: u32, lane: u32) -> array<vec2<f32>, 8> {
+    let b_base = split_b_bases(p.b_off[j], p.k, n0, p.n[j]);
+#if BF16B
+    return split_partials_bf16(m * p.k, b_base, p.k, lane);
+#else
+    return split_partials(m * p.k, b_base, p.k, lane);
+#endif
+}
+
+@compute @workgroup_size(SPLIT_LANES * SPLIT_SUBGROUPS)
+fn matmul_rows_geglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = p.n[0];
+    let lane = lid % SPLIT_LANES;
+    let n0 = split_first_row(wid.x, lid);
+    let m = wid.y;
+    // every lane holds every row's gate total (subgroupAdd is uniform); the up totals follow
+    var gate: array<f32, 8>;
+    let gate_acc = member_partials(0u, m, n0, lane);
+    for (var r = 0u; r < SPLIT_ROWS; r++) { gate[r] = subgroupAdd(gate_acc[r].x + gate_acc[r].y); }
+    let up_acc = member_partials(1u, m, n0, lane);
+    for (var r = 0u; r < SPLIT_ROWS; r++) {
+        let up = subgroupAdd(up_acc[r].x + up_acc[r].y);
+        if (lane == r % SPLIT_LANES && n0 + r < n) {
+            C0[m * n + n0 + r] = gelu(gate[r]) * up;
         }
     }
 }

@@ -197,16 +197,8 @@ impl GpuDecoderLayer {
             &self.pre_feedforward_layernorm,
             eps,
         )?;
-        let gate_up = GpuLinear::forward_inference_group(
-            gpu,
-            rec,
-            &n2,
-            &[&self.gate_proj, &self.up_proj],
-            run,
-        )?;
-        let [gate, up] = <[GpuTensor; 2]>::try_from(gate_up).expect("two outputs");
-        let act = gpu.empty(gate.shape(), DType::F32)?;
-        gpu.geglu_forward(rec, &gate, &up, &act)?;
+        let act =
+            GpuLinear::forward_inference_geglu(gpu, rec, &n2, &self.gate_proj, &self.up_proj, run)?;
         let (down, _) = self.down_proj.forward(gpu, rec, &act, run)?;
         norm_residual_norm(
             gpu,

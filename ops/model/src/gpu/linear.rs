@@ -361,6 +361,46 @@ impl GpuLinear {
         Ok(outs)
     }
 
+    /// Gemma's gated MLP activation for inference: `gelu(gate(x)) ⊙ up(x)` `[rows, out]`. Dense
+    /// layers without bias or LoRA pair take [`Gpu::matmul_geglu`] (on CPU adapters one dispatch
+    /// that never writes the two products); otherwise both outputs as
+    /// [`GpuLinear::forward_inference_group`] gives them, then [`Gpu::geglu_forward`].
+    pub fn forward_inference_geglu(
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        gate: &GpuLinear,
+        up: &GpuLinear,
+        run: &LoraRun,
+    ) -> Result<GpuTensor> {
+        fn plain(l: &GpuLinear) -> Option<&GpuTensor> {
+            match (&l.weight, &l.bias, &l.lora) {
+                (BaseWeight::Dense(w), None, None) => Some(w),
+                _ => None,
+            }
+        }
+        if let (Some(g), Some(u), false) = (plain(gate), plain(up), run.training) {
+            if gate.in_features == up.in_features && gate.out_features == up.out_features {
+                let rows = x.numel() / gate.in_features.max(1);
+                ensure!(
+                    rows * gate.in_features == x.numel(),
+                    "input {:?} is not a multiple of {} features",
+                    x.shape(),
+                    gate.in_features
+                );
+                let act = gpu.empty(&[rows, gate.out_features], DType::F32)?;
+                let x2 = x.reshape(&[rows, gate.in_features])?;
+                gpu.matmul_geglu(rec, &x2, g, u, &act, run.precision)?;
+                return Ok(act);
+            }
+        }
+        let outs = Self::forward_inference_group(gpu, rec, x, &[gate, up], run)?;
+        let [g, u] = <[GpuTensor; 2]>::try_from(outs).expect("two outputs");
+        let act = gpu.empty(g.shape(), DType::F32)?;
+        gpu.geglu_forward(rec, &g, &u, &act)?;
+        Ok(act)
+    }
+
     /// Accumulates `dA`, `dB` (when the layer has a pair) and returns `dx [rows, in]` when
     /// `need_dx` (the first layer of a frozen stack needs none).
     pub fn backward(

@@ -138,6 +138,7 @@ macro_rules! shader_files {
 shader_files!(
     "lib/bf16",
     "lib/dispatch",
+    "lib/gelu",
     "lib/nf4",
     "lib/rows_split",
     "lib/staging",

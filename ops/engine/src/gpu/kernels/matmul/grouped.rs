@@ -42,7 +42,10 @@ pub(crate) fn variants() -> Result<Vec<super::super::Variant>> {
     let mut all = Vec::new();
     for bf16 in [false, true] {
         for row_blocks in [false, true] {
-            all.push((shader(bf16, row_blocks)?, vec!["matmul_rows_group"]));
+            all.push((
+                shader(bf16, row_blocks)?,
+                vec!["matmul_rows_group", "matmul_rows_geglu"],
+            ));
         }
     }
     Ok(all)
@@ -83,7 +86,7 @@ impl Gpu {
                 w.shape()[0]
             );
         }
-        if !self.record_group(rec, x, weights, outs, precision)? {
+        if !self.record_group(rec, x, weights, outs, precision, false)? {
             let opts = MatmulOpts {
                 trans_b: true,
                 frozen_b: true,
@@ -97,8 +100,48 @@ impl Gpu {
         Ok(())
     }
 
+    /// Gemma's gated MLP activation of two frozen products of one x:
+    /// `out [M, N] = gelu(x [M, K] · gateᵀ) ⊙ (x · upᵀ)` for `gate`, `up` `[N, K]`
+    /// (gelu_pytorch_tanh). One dispatch that stores only the result where
+    /// [`Gpu::matmul_grouped`] would group the two; otherwise the two products and
+    /// [`Gpu::geglu_forward`]. Either way the same bits: the fused kernel sums each row as the
+    /// grouped one does and applies the same GELU.
+    pub fn matmul_geglu(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        gate: &GpuTensor,
+        up: &GpuTensor,
+        out: &GpuTensor,
+        precision: MatmulPrecision,
+    ) -> Result<()> {
+        let (m, k) = (x.rows(), x.row_len());
+        ensure!(
+            gate.shape().len() == 2 && gate.shape() == up.shape() && gate.shape()[1] == k,
+            "matmul_geglu: gate {:?} and up {:?} must both be [N, {k}]",
+            gate.shape(),
+            up.shape()
+        );
+        let n = gate.shape()[0];
+        ensure!(
+            out.numel() == m * n && out.dtype() == DType::F32,
+            "matmul_geglu: output {:?} {:?} is not f32 {m} x {n}",
+            out.dtype(),
+            out.shape()
+        );
+        if self.record_group(rec, x, &[gate, up], &[out], precision, true)? {
+            return Ok(());
+        }
+        let gate_out = self.empty(&[m, n], DType::F32)?;
+        let up_out = self.empty(&[m, n], DType::F32)?;
+        self.matmul_grouped(rec, x, &[gate, up], &[&gate_out, &up_out], precision)?;
+        self.geglu_forward(rec, &gate_out, &up_out, &out.reshape(&[m, n])?)
+    }
+
     /// Records the grouped dispatch when it applies (see [`Gpu::matmul_grouped`]); false when
     /// it does not and no product was recorded.
+    /// With `geglu`, `weights` are gate and up and `outs` their activation (see
+    /// [`Gpu::matmul_geglu`]).
     fn record_group(
         &self,
         rec: &mut Recorder,
@@ -106,6 +149,7 @@ impl Gpu {
         weights: &[&GpuTensor],
         outs: &[&GpuTensor],
         precision: MatmulPrecision,
+        geglu: bool,
     ) -> Result<bool> {
         let (m, k) = (x.rows(), x.row_len());
         let plain = |t: &GpuTensor, dtype: DType| t.dtype() == dtype && !t.is_chunked();
@@ -175,14 +219,23 @@ impl Gpu {
             params.first_group[j] = groups;
             groups += n.div_ceil(SPLIT_ROWS_PER_WORKGROUP);
         }
+        let entry = if geglu {
+            // both members' rows in each workgroup
+            groups = params.n[0].div_ceil(SPLIT_ROWS_PER_WORKGROUP);
+            "matmul_rows_geglu"
+        } else {
+            "matmul_rows_group"
+        };
         let kernel = self.kernel(
             &shader(bf16, row_blocks.is_some())?,
-            "matmul_rows_group",
+            entry,
             &[("SPLIT_LANES", lanes as f64)],
         )?;
         let dummy = self.dummy_buffer();
         let mut bindings = vec![Bound::Texture(&a), Bound::Texture(&group.texture)];
-        for j in 0..MAX_GROUP {
+        // the fused activation writes C0 only (and its layout binds no other output)
+        let bound_outputs = if geglu { 1 } else { MAX_GROUP };
+        for j in 0..bound_outputs {
             bindings.push(Bound::Buffer(match outs.get(j) {
                 Some(out) => out.view()?,
                 None => dummy.clone(),
@@ -387,6 +440,89 @@ mod tests {
         drop(hold);
         // without this test's hold (another test's may be alive: either path must be right)
         check_group(gpu, (1, 36), &[70, 3, 129], None, &mut rng, seed);
+    }
+
+    /// One fused gate/up activation against the same weights' two grouped products followed by
+    /// `geglu_forward` (bit for bit: same sums, same GELU) and against the reference (two
+    /// reference products, the reference GeGLU). `fused`: whether a repeat records one dispatch
+    /// (the fused kernel) where this adapter groups; else the two products and the activation.
+    fn check_geglu(
+        gpu: &Gpu,
+        (m, k, n): (usize, usize, usize),
+        dtype: DType,
+        fused: bool,
+        rng: &mut TestRng,
+        seed: u64,
+    ) {
+        let what = format!("seed {seed}: geglu {m}x{k}x{n} {dtype:?}");
+        let x = rng.vec_normal(m * k);
+        let mut ws: Vec<Vec<f32>> = (0..2).map(|_| rng.vec_normal(n * k)).collect();
+        if dtype == DType::BF16 {
+            ws.iter_mut()
+                .for_each(|w| crate::reference::cast::round_to_bf16(w));
+        }
+        let gx = gpu.upload_f32(&[m, k], &x).unwrap();
+        let gate = gpu.upload_f32_as(&[n, k], &ws[0], dtype).unwrap();
+        let up = gpu.upload_f32_as(&[n, k], &ws[1], dtype).unwrap();
+        let act = gpu.empty(&[m, n], DType::F32).unwrap();
+        for round in 0..2 {
+            gpu.poison(&act);
+            let mut rec = Recorder::new(gpu);
+            gpu.matmul_geglu(&mut rec, &gx, &gate, &up, &act, MatmulPrecision::F32)
+                .unwrap();
+            if round == 1 {
+                // the first round may also lay the weights out
+                let one = fused && gpu.stages_operands();
+                assert_eq!(rec.dispatch_count() == 1, one, "{what}: fused");
+            }
+            rec.submit();
+        }
+        let [g_out, u_out, unfused] = [(); 3].map(|_| gpu.empty(&[m, n], DType::F32).unwrap());
+        let mut rec = Recorder::new(gpu);
+        gpu.matmul_grouped(
+            &mut rec,
+            &gx,
+            &[&gate, &up],
+            &[&g_out, &u_out],
+            MatmulPrecision::F32,
+        )
+        .unwrap();
+        gpu.geglu_forward(&mut rec, &g_out, &u_out, &unfused)
+            .unwrap();
+        rec.submit();
+        let got = gpu.read_f32(&act).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&gpu.read_f32(&unfused).unwrap()), "{what}");
+        let g = reference::Gemm {
+            trans_b: true,
+            ..Default::default()
+        };
+        let [mut gate_ref, mut up_ref] = [vec![0.0; m * n], vec![0.0; m * n]];
+        reference::matmul_batched(&x, &ws[0], &mut gate_ref, 1, m, n, k, g, None);
+        reference::matmul_batched(&x, &ws[1], &mut up_ref, 1, m, n, k, g, None);
+        let want = crate::reference::activation::geglu_forward(&gate_ref, &up_ref);
+        let err = rel_frobenius(&got, &want);
+        assert!(err < 1e-5, "{what}: rel err {err}");
+    }
+
+    #[test]
+    fn fused_geglu_equals_the_products_then_geglu() {
+        let gpu = test_gpu();
+        let seed = TestRng::fresh_seed();
+        let mut rng = TestRng::new(seed);
+        let hold = gpu.hold_staged_weights();
+        // row blocks (K whole steps at 4-16 lanes) and linear; N past a workgroup, odd, small
+        check_geglu(gpu, (1, 128, 70), DType::F32, true, &mut rng, seed);
+        check_geglu(gpu, (5, 256, 300), DType::BF16, true, &mut rng, seed);
+        check_geglu(gpu, (1, 40, 129), DType::BF16, true, &mut rng, seed);
+        check_geglu(gpu, (3, 36, 5), DType::F32, true, &mut rng, seed);
+        // the fallback: K % 4 != 0, more than ROWS_KERNEL_MAX_M rows
+        check_geglu(gpu, (2, 13, 9), DType::F32, false, &mut rng, seed);
+        check_geglu(gpu, (9, 16, 33), DType::F32, false, &mut rng, seed);
+        drop(hold);
+        crate::gpu::staging::without_staging(|| {
+            check_geglu(gpu, (1, 128, 70), DType::BF16, false, &mut rng, seed)
+        });
     }
 
     #[test]
