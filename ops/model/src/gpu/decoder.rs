@@ -226,14 +226,14 @@ impl GpuSequence {
     }
 }
 
-/// `dst += src` (same shape, unchunked f32): the seeded dropout kernel with p = 0 and beta = 1.
+/// `dst += src` (same shape, f32): [`Gpu::accumulate`], four elements an invocation where it can.
 pub(crate) fn add_into(
     gpu: &Gpu,
     rec: &mut Recorder,
     src: &GpuTensor,
     dst: &GpuTensor,
 ) -> Result<()> {
-    gpu.dropout(rec, src, dst, 0.0, 0, 0, 1.0)
+    gpu.accumulate(rec, dst, src)
 }
 
 fn rmsnorm(

@@ -3,24 +3,41 @@
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use super::elementwise;
+use super::{elementwise, elementwise_vec4, StagedVec4, Vec4Kernels};
 use crate::gpu::{DType, Gpu, GpuTensor, Recorder, Shader};
 
 fn shader() -> Result<Shader> {
     Shader::compose("activation", &[])
 }
 
+/// The forward kernels' four-elements-an-invocation modules: vec4 storage, staged textures.
+fn shader4(textures: bool) -> Result<Shader> {
+    let features: &[&str] = if textures {
+        &["VEC4", "TEXTURES"]
+    } else {
+        &["VEC4"]
+    };
+    Shader::compose("activation", features)
+}
+
 /// Every module and entry point this family dispatches (validated by `gpu::shader`'s tests).
 pub(crate) fn variants() -> Result<Vec<super::Variant>> {
-    Ok(vec![(
-        shader()?,
-        vec![
-            "gelu_forward",
-            "gelu_backward",
-            "geglu_forward",
-            "geglu_backward",
-        ],
-    )])
+    Ok(vec![
+        (
+            shader()?,
+            vec![
+                "gelu_forward",
+                "gelu_backward",
+                "geglu_forward",
+                "geglu_backward",
+            ],
+        ),
+        (shader4(false)?, vec!["gelu_forward4", "geglu_forward4"]),
+        (
+            shader4(true)?,
+            vec!["gelu_forward4_tex", "geglu_forward4_tex"],
+        ),
+    ])
 }
 
 #[repr(C)]
@@ -44,7 +61,17 @@ impl Gpu {
     pub fn gelu_forward(&self, rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
         ensure!(x.dtype() == DType::F32, "gelu_forward: x must be f32");
         let k = self.kernel(&shader()?, "gelu_forward", &[])?;
-        elementwise(self, rec, &k, &[x, y], params(false))
+        let k4 = self.kernel(&shader4(false)?, "gelu_forward4", &[])?;
+        let k4_tex = self.kernel(&shader4(true)?, "gelu_forward4_tex", &[])?;
+        let kernels4 = Vec4Kernels {
+            plain: &k4,
+            staged: Some(StagedVec4 {
+                kernel: &k4_tex,
+                written: &[1],
+                read: &[0],
+            }),
+        };
+        elementwise_vec4(self, rec, &k, Some(kernels4), &[x, y], params(false))
     }
 
     /// `dx = dy · gelu'(x)` (or `dx +=` with `accumulate`).
@@ -74,7 +101,24 @@ impl Gpu {
             "geglu_forward: gate must be f32"
         );
         let k = self.kernel(&shader()?, "geglu_forward", &[])?;
-        elementwise(self, rec, &k, &[gate, out, up], params(false))
+        let k4 = self.kernel(&shader4(false)?, "geglu_forward4", &[])?;
+        let k4_tex = self.kernel(&shader4(true)?, "geglu_forward4_tex", &[])?;
+        let kernels4 = Vec4Kernels {
+            plain: &k4,
+            staged: Some(StagedVec4 {
+                kernel: &k4_tex,
+                written: &[1],
+                read: &[0, 2],
+            }),
+        };
+        elementwise_vec4(
+            self,
+            rec,
+            &k,
+            Some(kernels4),
+            &[gate, out, up],
+            params(false),
+        )
     }
 
     /// `dgate = dout · up · gelu'(gate)`, `dup = dout · gelu(gate)` (or `+=` with `accumulate`).
@@ -190,14 +234,19 @@ mod tests {
         }
     }
 
+    /// Odd sizes (one element an invocation) and whole vec4s (the forward kernels take four,
+    /// from staged textures on CPU adapters, from vec4 storage without staging).
     #[test]
     fn activations_match_reference() {
         check_all(test_gpu(), &[13, 77]);
+        check_all(test_gpu(), &[24, 68]);
+        crate::gpu::staging::without_staging(|| check_all(test_gpu(), &[24, 68]));
     }
 
     #[test]
     fn activations_over_chunked_tensors() {
-        // 4 KiB bindings: 41 rows of 53 f32 span several chunks.
+        // 4 KiB bindings: 41 rows of 53 f32 span several chunks; rows of 52, whole vec4s.
         check_all(tiny_binding_gpu(), &[41, 53]);
+        check_all(tiny_binding_gpu(), &[41, 52]);
     }
 }

@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 use bytemuck::{Pod, Zeroable};
 
-use super::{elementwise_vec4, Vec4Kernels};
+use super::{elementwise_vec4, StagedVec4, Vec4Kernels};
 use crate::gpu::{DType, Gpu, GpuTensor, Recorder, Shader};
 pub use crate::shapes::AdamWStep;
 
@@ -79,7 +79,11 @@ impl Gpu {
         // the staged kernel writes param and the moments, and reads all four from textures
         let kernels4 = Vec4Kernels {
             plain: &k4,
-            staged: Some((&k4_tex, &[0, 2, 3])),
+            staged: Some(StagedVec4 {
+                kernel: &k4_tex,
+                written: &[0, 2, 3],
+                read: &[0, 1, 2, 3],
+            }),
         };
         elementwise_vec4(self, rec, &k, Some(kernels4), &tensors, params)
     }

@@ -63,11 +63,18 @@ pub(crate) fn elementwise<P: bytemuck::Pod>(
 
 /// The four-elements-per-invocation kernels of an elementwise op (their params get the chunk's
 /// vec4 count): `plain` over vec4 views of every tensor, and `staged` for adapters that stage
-/// operands, reading every tensor from a staged copy (slots 0..) and binding the tensors
-/// `written` first as vec4 storage, then the textures in tensor order.
+/// operands.
 pub(crate) struct Vec4Kernels<'a> {
     pub plain: &'a super::Kernel,
-    pub staged: Option<(&'a super::Kernel, &'a [usize])>,
+    pub staged: Option<StagedVec4<'a>>,
+}
+
+/// An elementwise kernel that reads the tensors `read` from staged copies (slots 0.. in that
+/// order) and binds the tensors `written` first as vec4 storage, then the textures.
+pub(crate) struct StagedVec4<'a> {
+    pub kernel: &'a super::Kernel,
+    pub written: &'a [usize],
+    pub read: &'a [usize],
 }
 
 /// [`elementwise`] that runs `kernels4` on every chunk whose element count is a multiple of 4
@@ -104,21 +111,22 @@ pub(crate) fn elementwise_vec4<P: bytemuck::Pod>(
         };
         let p = params((n / 4) as u32);
         let groups = super::groups_1d(gpu, (n / 4).div_ceil(256) as u32);
-        let staged: Option<Vec<_>> = k4.staged.and_then(|_| {
-            views
+        let staged: Option<Vec<_>> = k4.staged.as_ref().and_then(|st| {
+            st.read
                 .iter()
                 .enumerate()
-                .map(|(slot, v)| rec.stage(slot, v, super::staging::StageFormat::F32))
+                .map(|(slot, &i)| rec.stage(slot, &views[i], super::staging::StageFormat::F32))
                 .collect()
         });
-        match (k4.staged, staged) {
-            (Some((k, written)), Some(staged)) => {
-                let bindings: Vec<Bound> = written
+        match (&k4.staged, staged) {
+            (Some(st), Some(staged)) => {
+                let bindings: Vec<Bound> = st
+                    .written
                     .iter()
                     .map(|&i| Bound::Buffer(views[i].clone()))
                     .chain(staged.iter().map(|t| Bound::Texture(t)))
                     .collect();
-                rec.dispatch_bound(k, bytemuck::bytes_of(&p), &bindings, groups);
+                rec.dispatch_bound(st.kernel, bytemuck::bytes_of(&p), &bindings, groups);
             }
             _ => rec.dispatch(k4.plain, bytemuck::bytes_of(&p), &views, groups),
         }
