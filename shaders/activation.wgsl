@@ -16,6 +16,9 @@ struct Params {
 #feature VEC4 the forward kernels four elements per invocation over vec4 views, p.n counting vec4s (on lavapipe a storage access is a loop over the SIMD lanes, so a vec4 moves four elements for about the cost of one)
 #feature TEXTURES with VEC4: the inputs read from staged linear textures (ops/engine/src/gpu/staging.rs)
 
+// The VEC4 kernels' GELU of four values (lib/gelu's, component by component).
+fn gelu4(v: vec4<f32>) -> vec4<f32> { return vec4<f32>(gelu(v.x), gelu(v.y), gelu(v.z), gelu(v.w)); }
+
 #if !VEC4
 fn gelu_grad(x: f32) -> f32 {
     let inner = SQRT_2_OVER_PI * (x + COEF * x * x * x);
@@ -79,8 +82,6 @@ fn geglu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 @group(0) @binding(2) var<storage, read_write> out_a4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> in_b4: array<vec4<f32>>;
 
-fn gelu4(v: vec4<f32>) -> vec4<f32> { return vec4<f32>(gelu(v.x), gelu(v.y), gelu(v.z), gelu(v.w)); }
-
 @compute @workgroup_size(256)
 fn gelu_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) l: u32) {
@@ -102,8 +103,6 @@ fn geglu_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 @group(0) @binding(1) var<storage, read_write> out_a4: array<vec4<f32>>;
 @group(0) @binding(2) var in_a_t: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(3) var in_b_t: texture_storage_2d<rgba32float, read>;
-
-fn gelu4(v: vec4<f32>) -> vec4<f32> { return vec4<f32>(gelu(v.x), gelu(v.y), gelu(v.z), gelu(v.w)); }
 
 @compute @workgroup_size(256)
 fn gelu_forward4_tex(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
