@@ -324,7 +324,7 @@ fn empty_answers(rows: usize) -> Vec<Generated> {
 /// Whether greedy decoding keeps a step in flight while the host reads the previous one's tokens
 /// (`RUNNER_DECODE_AHEAD=1` or `0` decides; by default GPUs do and CPU adapters do not). On
 /// lavapipe the host and the device share the cores and a submission waits on the CPU for the
-/// one before it: measured with `generate_bench`, running ahead made the median step 11.8–12.1
+/// one before it: measured with `generate_bench`, running ahead made the median step 11.4–12.4
 /// → 14.6–17.5 ms, recording ahead and submitting after the wait as much.
 pub fn runs_ahead(gpu: &Gpu) -> bool {
     match std::env::var("RUNNER_DECODE_AHEAD").as_deref() {
