@@ -277,8 +277,8 @@ pub struct Generated {
 }
 
 /// Generates for one left-padded batch; `on_tokens(n)` is told how many new tokens each step
-/// produced (rows still going). Greedy decoding chooses on the GPU and runs one step ahead of
-/// the host ([`Gemma3Gpu::start_greedy`]); sampling reads each step's logits.
+/// produced (rows still going). Greedy decoding chooses on the GPU ([`Gemma3Gpu::start_greedy`];
+/// one step ahead of the host where [`runs_ahead`]); sampling reads each step's logits.
 pub fn generate_batch(
     model: &Gemma3Gpu,
     gpu: &Gpu,

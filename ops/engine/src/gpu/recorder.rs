@@ -517,10 +517,7 @@ impl<'g> Recorder<'g> {
     /// ones have, so the host can record and submit more work meanwhile.
     pub fn submit_reading(mut self, t: &GpuTensor) -> PendingRead {
         self.pass = None;
-        let mut enc = self.encoder.take().expect("open");
-        let read = PendingRead::record(self.gpu, &mut enc, t);
-        let index = self.gpu.queue.submit([enc.finish()]);
-        read.submitted(index)
+        PendingRead::submit(self.gpu, self.encoder.take().expect("open"), t)
     }
 
     /// Submits and waits for completion (tests, and the end of a step before reading scalars).

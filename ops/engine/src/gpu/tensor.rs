@@ -279,11 +279,10 @@ impl Gpu {
 
     /// Copies a tensor's bytes to the host (submits and waits: tests and scalars only).
     pub fn read_bytes(&self, t: &GpuTensor) -> Result<Vec<u8>> {
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        let read = PendingRead::record(self, &mut enc, t);
-        let index = self.queue.submit([enc.finish()]);
-        read.submitted(index).wait()
+        let enc = self.device.create_command_encoder(&Default::default());
+        PendingRead::submit(self, enc, t).wait()
     }
+
     /// Reads chunk `k` of an f32 (or bf16, widened) tensor (its `rows × row_len` values; submits and waits): the
     /// host optimizer walks a large tensor a chunk at a time, so no host or device copy of the
     /// whole tensor is ever made.
@@ -455,13 +454,14 @@ pub struct PendingRead {
     staging: wgpu::Buffer,
     /// Each chunk's data bytes (without its padding to whole words) and its padded size.
     chunks: Vec<(usize, usize)>,
-    submission: Option<wgpu::SubmissionIndex>,
-    mapped: Option<std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>>,
+    submission: wgpu::SubmissionIndex,
+    mapped: std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
 }
 
 impl PendingRead {
-    /// Records the copy of `t` into a fresh host-mappable buffer at the end of `enc`.
-    pub(crate) fn record(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, t: &GpuTensor) -> Self {
+    /// Ends `enc` with the copy of `t` into a fresh host-mappable buffer, submits it and asks
+    /// for the mapping.
+    pub(crate) fn submit(gpu: &Gpu, mut enc: wgpu::CommandEncoder, t: &GpuTensor) -> Self {
         let total: u64 = t.chunks.iter().map(|c| c.bytes).sum();
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
@@ -474,6 +474,11 @@ impl PendingRead {
             enc.copy_buffer_to_buffer(c.buffer.buffer(), 0, &staging, at, c.bytes);
             at += c.bytes;
         }
+        let submission = gpu.queue.submit([enc.finish()]);
+        let (tx, mapped) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
         let row_bits = t.row_len * t.dtype.bits();
         PendingRead {
             device: gpu.device.clone(),
@@ -483,22 +488,9 @@ impl PendingRead {
                 .iter()
                 .map(|c| (c.rows * row_bits / 8, c.bytes as usize))
                 .collect(),
-            submission: None,
-            mapped: None,
+            submission,
+            mapped,
         }
-    }
-
-    /// Marks the copy submitted (as submission `index`) and asks for the mapping.
-    pub(crate) fn submitted(mut self, index: wgpu::SubmissionIndex) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.staging
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-        self.submission = Some(index);
-        self.mapped = Some(rx);
-        self
     }
 
     /// Waits for the submission that holds the copy (not for later ones) and returns the
@@ -506,7 +498,7 @@ impl PendingRead {
     pub fn wait(self) -> Result<Vec<u8>> {
         self.device
             .poll(wgpu::PollType::Wait {
-                submission_index: Some(self.submission.clone().expect("submitted")),
+                submission_index: Some(self.submission.clone()),
                 timeout: None,
             })
             .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
@@ -521,8 +513,6 @@ impl PendingRead {
     /// The bytes of a completed mapping, padding stripped.
     fn take(self) -> Result<Vec<u8>> {
         self.mapped
-            .as_ref()
-            .expect("submitted")
             .recv()
             .map_err(|_| anyhow!("GPU readback was dropped"))?
             .map_err(|e| anyhow!("mapping GPU readback buffer: {e}"))?;

@@ -510,11 +510,21 @@ impl Gemma3Gpu {
     /// waiting; [`GreedyGeneration::next_ids`] reads the choices in order.
     pub fn submit_greedy_step(&self, gpu: &Gpu, g: &mut GreedyGeneration) -> Result<()> {
         let mut rec = Recorder::new(gpu);
-        let logits = self.record_decode_step(gpu, &mut rec, &mut g.cache, &g.last_ids)?;
-        let ids = gpu.choose_greedy(&mut rec, &logits, &g.rows)?;
+        let ids = self.record_greedy_step(gpu, &mut rec, g)?;
         g.pending.push_back(rec.submit_reading(&ids));
         g.last_ids = ids;
         Ok(())
+    }
+
+    /// Records a decode step on the latest choice and the greedy choice after it: the new ids.
+    fn record_greedy_step(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        g: &mut GreedyGeneration,
+    ) -> Result<GpuTensor> {
+        let logits = self.record_decode_step(gpu, rec, &mut g.cache, &g.last_ids)?;
+        gpu.choose_greedy(rec, &logits, &g.rows)
     }
 
     /// [`Gemma3Gpu::submit_greedy_step`] with every kernel timed (timestamp queries, where the
@@ -525,8 +535,7 @@ impl Gemma3Gpu {
         g: &mut GreedyGeneration,
     ) -> Result<Vec<engine::gpu::KernelTime>> {
         let mut rec = Recorder::timed(gpu);
-        let logits = self.record_decode_step(gpu, &mut rec, &mut g.cache, &g.last_ids)?;
-        let ids = gpu.choose_greedy(&mut rec, &logits, &g.rows)?;
+        let ids = self.record_greedy_step(gpu, &mut rec, g)?;
         let times = rec.submit_timed()?.unwrap_or_default();
         g.pending.push_back(Recorder::new(gpu).submit_reading(&ids));
         g.last_ids = ids;

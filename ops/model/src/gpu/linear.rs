@@ -335,13 +335,8 @@ impl GpuLinear {
                 .map(|l| Ok(l.forward(gpu, rec, x, run)?.0))
                 .collect();
         };
-        let rows = x.numel() / in_features.max(1);
-        ensure!(
-            rows * in_features == x.numel(),
-            "input {:?} is not a multiple of {in_features} features",
-            x.shape()
-        );
-        let x2 = x.reshape(&[rows, in_features])?;
+        let x2 = as_rows(x, in_features)?;
+        let rows = x2.rows();
         let outs = layers
             .iter()
             .map(|l| gpu.empty(&[rows, l.out_features], DType::F32))
@@ -381,15 +376,8 @@ impl GpuLinear {
         }
         if let (Some(g), Some(u), false) = (plain(gate), plain(up), run.training) {
             if gate.in_features == up.in_features && gate.out_features == up.out_features {
-                let rows = x.numel() / gate.in_features.max(1);
-                ensure!(
-                    rows * gate.in_features == x.numel(),
-                    "input {:?} is not a multiple of {} features",
-                    x.shape(),
-                    gate.in_features
-                );
-                let act = gpu.empty(&[rows, gate.out_features], DType::F32)?;
-                let x2 = x.reshape(&[rows, gate.in_features])?;
+                let x2 = as_rows(x, gate.in_features)?;
+                let act = gpu.empty(&[x2.rows(), gate.out_features], DType::F32)?;
                 gpu.matmul_geglu(rec, &x2, g, u, &act, run.precision)?;
                 return Ok(act);
             }
@@ -463,6 +451,17 @@ impl GpuLinear {
         }
         Ok(dx)
     }
+}
+
+/// `x` seen as `[rows, in_features]` (the inference products' input).
+fn as_rows(x: &GpuTensor, in_features: usize) -> Result<GpuTensor> {
+    let rows = x.numel() / in_features.max(1);
+    ensure!(
+        rows * in_features == x.numel(),
+        "input {:?} is not a multiple of {in_features} features",
+        x.shape()
+    );
+    x.reshape(&[rows, in_features])
 }
 
 #[cfg(test)]

@@ -87,15 +87,28 @@ impl Gpu {
             );
         }
         if !self.record_group(rec, x, weights, outs, precision, false)? {
-            let opts = MatmulOpts {
-                trans_b: true,
-                frozen_b: true,
-                precision,
-                ..Default::default()
-            };
-            for (w, out) in weights.iter().zip(outs) {
-                self.matmul(rec, x, w, out, opts)?;
-            }
+            self.matmul_each(rec, x, weights, outs, precision)?;
+        }
+        Ok(())
+    }
+
+    /// The grouped products' fallback: one [`Gpu::matmul`] per frozen weight.
+    fn matmul_each(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        weights: &[&GpuTensor],
+        outs: &[&GpuTensor],
+        precision: MatmulPrecision,
+    ) -> Result<()> {
+        let opts = MatmulOpts {
+            trans_b: true,
+            frozen_b: true,
+            precision,
+            ..Default::default()
+        };
+        for (w, out) in weights.iter().zip(outs) {
+            self.matmul(rec, x, w, out, opts)?;
         }
         Ok(())
     }
@@ -134,7 +147,8 @@ impl Gpu {
         }
         let gate_out = self.empty(&[m, n], DType::F32)?;
         let up_out = self.empty(&[m, n], DType::F32)?;
-        self.matmul_grouped(rec, x, &[gate, up], &[&gate_out, &up_out], precision)?;
+        // the grouped kernel applies exactly where the fused one does: the products one by one
+        self.matmul_each(rec, x, &[gate, up], &[&gate_out, &up_out], precision)?;
         self.geglu_forward(rec, &gate_out, &up_out, &out.reshape(&[m, n])?)
     }
 
